@@ -3,4 +3,6 @@ use super::ConfigError;
 use std::path::Path;
 
 pub struct RawConfig;
-pub fn from_str(_path: &Path, _text: &str) -> Result<RawConfig, ConfigError> { todo!() }
+pub fn from_str(_path: &Path, _text: &str) -> Result<RawConfig, ConfigError> {
+    todo!()
+}

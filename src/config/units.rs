@@ -2,5 +2,9 @@
 use super::Rate;
 use std::time::Duration;
 
-pub fn parse_duration(_s: &str) -> Result<Duration, String> { todo!() }
-pub fn parse_rate(_s: &str) -> Result<Rate, String> { todo!() }
+pub fn parse_duration(_s: &str) -> Result<Duration, String> {
+    todo!()
+}
+pub fn parse_rate(_s: &str) -> Result<Rate, String> {
+    todo!()
+}

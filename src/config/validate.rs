@@ -1,5 +1,7 @@
 //! Raw config -> runtime types.
-use super::{raw::RawConfig, Config, ConfigError};
+use super::{Config, ConfigError, raw::RawConfig};
 use std::path::Path;
 
-pub fn validate(_path: &Path, _text: &str, _raw: RawConfig) -> Result<Config, ConfigError> { todo!() }
+pub fn validate(_path: &Path, _text: &str, _raw: RawConfig) -> Result<Config, ConfigError> {
+    todo!()
+}

@@ -1,0 +1,100 @@
+//! Hop-by-hop header handling (RFC 9110 §7.6.1).
+//!
+//! A proxy must not forward headers that describe only the connection it
+//! received them on: the fixed list below, plus every name the `Connection`
+//! header lists. Our own `x-pacegate-*` request headers are instructions to
+//! pacegate and are removed too.
+
+use http::HeaderMap;
+use http::header::{self, HeaderName};
+
+/// Headers that are always connection-specific.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+];
+
+/// Non-standard but widely sent by clients configured for a proxy.
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Prefix of the request headers that steer pacegate itself.
+const OWN_PREFIX: &str = "x-pacegate-";
+
+/// Removes hop-by-hop headers, including those named by `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(PROXY_CONNECTION);
+}
+
+/// Removes pacegate's own request headers so they never reach an upstream.
+pub fn strip_own(headers: &mut HeaderMap) {
+    let own: Vec<HeaderName> =
+        headers.keys().filter(|name| name.as_str().starts_with(OWN_PREFIX)).cloned().collect();
+    for name in own {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    #[test]
+    fn strips_fixed_and_connection_listed_names() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Trace"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("x-trace", HeaderValue::from_static("1"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("token"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key(header::AUTHORIZATION));
+    }
+
+    #[test]
+    fn strips_own_headers_only() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-pacegate-max-wait", HeaderValue::from_static("5s"));
+        headers.insert("x-pacegate-priority", HeaderValue::from_static("high"));
+        headers.insert("x-other", HeaderValue::from_static("1"));
+        strip_own(&mut headers);
+        assert_eq!(headers.len(), 1);
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_and_removes_every_listed_name(names in proptest::collection::vec("[a-z][a-z0-9-]{0,12}", 0..6)) {
+            let mut headers = HeaderMap::new();
+            for name in &names {
+                headers.insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_static("v"));
+            }
+            let listed = names.join(" , ");
+            if let Ok(value) = HeaderValue::from_str(&listed) {
+                headers.insert(header::CONNECTION, value);
+            }
+            strip_hop_by_hop(&mut headers);
+            for name in &names {
+                prop_assert!(!headers.contains_key(name.as_str()));
+            }
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Routing: which upstream a request belongs to, and the URI it is sent to.
+//!
+//! Forward mode (absolute-form target, `HTTP_PROXY`) matches the target's host
+//! against every upstream's `hosts`; reverse mode (origin-form target) matches
+//! the path against `route` prefixes on segment boundaries. Either way the
+//! upstream's `base_url` decides scheme, host and port, and the caller's path
+//! and query are appended to base_url's path.
+
+use std::collections::HashMap;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Uri, Version};
+
+use crate::config::{BaseUrl, Config, UnknownHosts};
+use crate::error::ProxyError;
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// To the upstream at this index of the config, at this URI.
+    Upstream { index: usize, uri: Uri },
+    /// Forwarded unpaced to a host no upstream claims (`unknown_hosts = "pass"`).
+    PassThrough { uri: Uri },
+}
+
+/// Lookup tables built once per config.
+#[derive(Debug)]
+pub struct Router {
+    /// Each upstream's base_url, by config index.
+    bases: Vec<BaseUrl>,
+    /// `host` and `host:port` (lower case) -> upstream index.
+    hosts: HashMap<String, usize>,
+    /// Route prefixes, longest first, with their upstream index.
+    routes: Vec<(String, usize)>,
+    unknown_hosts: UnknownHosts,
+}
+
+impl Router {
+    pub fn new(config: &Config) -> Self {
+        let mut hosts = HashMap::new();
+        let mut routes = Vec::new();
+        for (index, upstream) in config.upstreams.iter().enumerate() {
+            for host in &upstream.hosts {
+                hosts.insert(host.clone(), index);
+            }
+            if let Some(route) = &upstream.route {
+                routes.push((route.clone(), index));
+            }
+        }
+        routes.sort_by_key(|(route, _)| std::cmp::Reverse(route.len()));
+        Self {
+            bases: config.upstreams.iter().map(|u| u.base_url.clone()).collect(),
+            hosts,
+            routes,
+            unknown_hosts: config.forward.unknown_hosts,
+        }
+    }
+
+    /// Decides where a request with this target goes.
+    pub fn route(&self, uri: &Uri, version: Version) -> Result<Target, ProxyError> {
+        let path_and_query = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        if let Some(authority) = uri.authority() {
+            if let Some(index) = self.upstream_for_host(authority) {
+                return self.upstream(index, path_and_query);
+            }
+            // HTTP/2 always carries an authority: there it may name the proxy itself.
+            if version != Version::HTTP_2 {
+                return self.unknown_host(uri, authority);
+            }
+        }
+        self.reverse(path_and_query)
+    }
+
+    /// The upstream claiming a host, as `host:port` first, then as `host`.
+    pub fn upstream_for_host(&self, authority: &Authority) -> Option<usize> {
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        if let Some(port) = authority.port_u16()
+            && let Some(index) = self.hosts.get(&format!("{host}:{port}"))
+        {
+            return Some(*index);
+        }
+        self.hosts.get(&host).copied()
+    }
+
+    fn unknown_host(&self, uri: &Uri, authority: &Authority) -> Result<Target, ProxyError> {
+        match self.unknown_hosts {
+            UnknownHosts::Pass if uri.scheme() == Some(&Scheme::HTTP) => {
+                Ok(Target::PassThrough { uri: uri.clone() })
+            }
+            _ => Err(ProxyError::UnknownHost { host: authority.host().to_string() }),
+        }
+    }
+
+    fn upstream(&self, index: usize, rest: &str) -> Result<Target, ProxyError> {
+        Ok(Target::Upstream { index, uri: join(&self.bases[index], rest)? })
+    }
+
+    fn reverse(&self, path_and_query: &str) -> Result<Target, ProxyError> {
+        let path = path_and_query.split('?').next().unwrap_or("/");
+        for (route, index) in &self.routes {
+            if let Some(rest) = strip_route(path_and_query, route) {
+                return self.upstream(*index, rest);
+            }
+        }
+        Err(ProxyError::NoRoute { path: path.to_string() })
+    }
+}
+
+/// The rest of `path_and_query` after `route`, when the route matches whole
+/// path segments ("/github" matches "/github/x" and "/github?q", not "/githubx").
+fn strip_route<'a>(path_and_query: &'a str, route: &str) -> Option<&'a str> {
+    if route == "/" {
+        return Some(path_and_query);
+    }
+    let rest = path_and_query.strip_prefix(route)?;
+    match rest.as_bytes().first() {
+        None | Some(b'/') | Some(b'?') => Some(rest),
+        Some(_) => None,
+    }
+}
+
+/// base_url + the caller's path and query.
+pub fn join(base: &BaseUrl, rest: &str) -> Result<Uri, ProxyError> {
+    // "/github?q" keeps base_url's path as is: "/v1?q", not "/v1/?q".
+    let path_and_query = match (base.path.is_empty(), rest.is_empty() || rest.starts_with('?')) {
+        (true, true) => format!("/{rest}"),
+        _ => format!("{}{rest}", base.path),
+    };
+    Uri::builder()
+        .scheme(base.scheme.clone())
+        .authority(base.authority.clone())
+        .path_and_query(path_and_query.as_str())
+        .build()
+        .map_err(|e| ProxyError::BadRequest(format!("invalid request target: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn base(path: &str) -> BaseUrl {
+        BaseUrl {
+            scheme: Scheme::HTTPS,
+            authority: Authority::from_static("api.example.com"),
+            host: "api.example.com".into(),
+            port: 443,
+            path: path.into(),
+        }
+    }
+
+    #[test]
+    fn route_matches_whole_segments() {
+        assert_eq!(strip_route("/github/x?y=1", "/github"), Some("/x?y=1"));
+        assert_eq!(strip_route("/github", "/github"), Some(""));
+        assert_eq!(strip_route("/github?y", "/github"), Some("?y"));
+        assert_eq!(strip_route("/githubx", "/github"), None);
+        assert_eq!(strip_route("/anything", "/"), Some("/anything"));
+    }
+
+    #[test]
+    fn join_keeps_prefix_path_and_query() {
+        assert_eq!(join(&base("/v1"), "/x?y=1").unwrap(), "https://api.example.com/v1/x?y=1");
+        assert_eq!(join(&base("/v1"), "").unwrap(), "https://api.example.com/v1");
+        assert_eq!(join(&base("/v1"), "?q=2").unwrap(), "https://api.example.com/v1?q=2");
+        assert_eq!(join(&base(""), "").unwrap(), "https://api.example.com/");
+        assert_eq!(join(&base(""), "/a/b").unwrap(), "https://api.example.com/a/b");
+    }
+
+    proptest! {
+        #[test]
+        fn join_appends_the_path_unchanged(segments in proptest::collection::vec("[a-zA-Z0-9_.~-]{1,8}", 0..5), query in proptest::option::of("[a-z0-9=&]{0,12}")) {
+            let mut rest = String::new();
+            for s in &segments { rest.push('/'); rest.push_str(s); }
+            if let Some(q) = &query { rest.push('?'); rest.push_str(q); }
+            let uri = join(&base("/v1"), &rest).unwrap();
+            let path = uri.path();
+            prop_assert!(path.starts_with("/v1"));
+            prop_assert_eq!(&path[3..], rest.split('?').next().unwrap_or(""));
+            prop_assert_eq!(uri.query(), query.as_deref());
+        }
+
+        #[test]
+        fn strip_route_never_panics(path in "[/a-z?=]{0,20}", route in "/[a-z]{0,6}") {
+            if let Some(rest) = strip_route(&path, &route) {
+                prop_assert!(path.ends_with(rest));
+            }
+        }
+    }
+}

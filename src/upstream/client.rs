@@ -1,0 +1,89 @@
+//! The pooled upstream client: keep-alive HTTP/1.1 and h2 over rustls.
+
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::ProxyBody;
+
+/// How long an idle pooled connection is kept for reuse.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Why one attempt got no response head.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// Nothing was sent: DNS, TCP connect or TLS handshake failed.
+    #[error("connect failed: {0}")]
+    Connect(String),
+    /// No response head within the attempt's timeout.
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    /// The connection broke after (part of) the request may have been sent.
+    #[error("connection broken: {0}")]
+    Broken(String),
+}
+
+/// Sends requests upstream over pooled connections.
+#[derive(Clone, Debug)]
+pub struct UpstreamClient {
+    inner: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+}
+
+impl UpstreamClient {
+    /// A client trusting the webpki roots, speaking h2 where ALPN offers it.
+    pub fn new() -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let inner = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(https);
+        Self { inner }
+    }
+
+    /// Sends one attempt; `timeout` covers connect to the last byte of the head.
+    pub async fn send(
+        &self,
+        request: Request<ProxyBody>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, SendError> {
+        match tokio::time::timeout(timeout, self.inner.request(request)).await {
+            Err(_) => Err(SendError::Timeout(timeout)),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) if e.is_connect() => Err(SendError::Connect(error_chain(&e))),
+            Ok(Err(e)) => Err(SendError::Broken(error_chain(&e))),
+        }
+    }
+}
+
+impl Default for UpstreamClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The error and its causes on one line, for logs and error bodies.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
