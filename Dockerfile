@@ -1,0 +1,26 @@
+# syntax=docker/dockerfile:1
+# Build: docker build -t pacegate .
+# Run:   docker run -p 8080:8080 -p 127.0.0.1:9090:9090 \
+#          -v "$PWD/config/pacegate.toml:/etc/pacegate/pacegate.toml:ro" pacegate
+# In a container the listeners must bind 0.0.0.0 (see config/docker.toml for the
+# admin opt-in); publish the admin port on the host's loopback only.
+
+FROM rust:1-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY examples ./examples
+RUN cargo build --release --locked --bin pacegate
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin pacegate
+COPY --from=build /src/target/release/pacegate /usr/local/bin/pacegate
+COPY config/docker.toml /etc/pacegate/pacegate.toml
+USER pacegate
+ENV PACEGATE_CONFIG=/etc/pacegate/pacegate.toml PACEGATE_LOG=info
+EXPOSE 8080 9090
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/pacegate"]
