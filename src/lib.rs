@@ -9,6 +9,7 @@
 //! - [`upstream`]: an upstream at run time: its [`upstream::dispatcher`] (queue,
 //!   pacing, concurrency) and the pooled rustls [`upstream::client`].
 //! - [`limit`]: the governor-based pacer.
+//! - [`retry`]: what is retryable, backoff, Retry-After and rate-limit hints, budget.
 //! - [`admin`]: health, metrics, status and reload endpoints.
 //! - [`error`]: SPEC's error table, the one mapping from errors to answers.
 //! - [`body`]: buffered (replayable) and streamed bodies.
@@ -21,5 +22,6 @@ pub mod config;
 pub mod error;
 pub mod limit;
 pub mod proxy;
+pub mod retry;
 pub mod server;
 pub mod upstream;
