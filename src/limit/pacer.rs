@@ -97,6 +97,10 @@ pub struct Pacer {
     promised: Option<Duration>,
     /// Long-run requests per second the quotas allow together.
     rate_per_second: f64,
+    /// An extra, lower pace (adaptive rate or an upstream's rate-limit hint).
+    cap: Option<(f64, Limiter)>,
+    /// State of the cap's limiter, kept across changes of the cap.
+    cap_cell: TatCell,
 }
 
 impl Pacer {
@@ -112,7 +116,31 @@ impl Pacer {
             cells,
             promised: None,
             rate_per_second: long_run_rate(rates),
+            cap: None,
+            cap_cell: TatCell::default(),
         }
+    }
+
+    /// Paces at most `cap` requests per second on top of the quotas, evenly
+    /// spaced; `None` (or a cap at or above the quotas) removes it.
+    pub fn set_cap(&mut self, cap: Option<f64>) {
+        let cap = cap.filter(|c| *c < self.rate_per_second && *c > 0.0);
+        if cap == self.cap.as_ref().map(|(rate, _)| *rate) {
+            return;
+        }
+        self.cap = cap.map(|rate| {
+            let period = Duration::try_from_secs_f64(1.0 / rate).unwrap_or(Duration::MAX);
+            let quota = Quota::with_period(period).unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN));
+            let limiter = with_origin(&self.clock, || {
+                RateLimiter::new(quota, self.cap_cell.clone(), self.clock.clone())
+            });
+            (rate, limiter)
+        });
+    }
+
+    /// Requests per second the pacer lets through now, cap included.
+    pub fn effective_rate(&self) -> f64 {
+        self.cap.as_ref().map_or(self.rate_per_second, |(rate, _)| *rate)
     }
 
     /// Requests per second these quotas allow in the long run.
@@ -129,9 +157,9 @@ impl Pacer {
             _ => real,
         };
         self.clock.present(presented);
-        let saved = Taken(self.cells.iter().map(|c| c.0.load(Ordering::Acquire)).collect());
+        let saved = Taken(self.all_cells().map(|c| c.0.load(Ordering::Acquire)).collect());
         let mut earliest: Option<Duration> = None;
-        for limiter in &self.limiters {
+        for limiter in self.limiters.iter().chain(self.cap.as_ref().map(|(_, l)| l)) {
             if let Err(not_until) = limiter.check() {
                 let at = not_until.earliest_possible();
                 earliest = Some(earliest.map_or(at, |e| e.max(at)));
@@ -152,10 +180,24 @@ impl Pacer {
 
     /// Gives back a slot that was taken but not used.
     pub fn undo(&mut self, taken: Taken) {
-        for (cell, tat) in self.cells.iter().zip(taken.0) {
+        let cells: Vec<TatCell> = self.all_cells().cloned().collect();
+        for (cell, tat) in cells.iter().zip(taken.0) {
             cell.0.store(tat, Ordering::Release);
         }
     }
+
+    fn all_cells(&self) -> impl Iterator<Item = &TatCell> {
+        self.cells.iter().chain(std::iter::once(&self.cap_cell))
+    }
+}
+
+/// Builds a limiter whose start instant is our origin, whatever time it is.
+fn with_origin<T>(clock: &PresentedClock, build: impl FnOnce() -> T) -> T {
+    let saved = clock.now();
+    clock.present(Duration::ZERO);
+    let built = build();
+    clock.present(saved);
+    built
 }
 
 fn build_limiters(
@@ -165,8 +207,6 @@ fn build_limiters(
     clock: &PresentedClock,
 ) -> Vec<Limiter> {
     let tightest = rates.iter().map(interval).min().unwrap_or(Duration::MAX);
-    // governor takes its start instant from the clock: make it our origin.
-    clock.present(Duration::ZERO);
     rates
         .iter()
         .zip(cells)
@@ -175,7 +215,7 @@ fn build_limiters(
             let quota = Quota::with_period(interval(rate))
                 .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
                 .allow_burst(burst);
-            RateLimiter::new(quota, cell.clone(), clock.clone())
+            with_origin(clock, || RateLimiter::new(quota, cell.clone(), clock.clone()))
         })
         .collect()
 }
@@ -267,6 +307,19 @@ mod tests {
             assert!(pacer.try_acquire(now).is_ok());
         }
         assert!(pacer.try_acquire(now).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cap_paces_below_the_quota_and_can_be_lifted() {
+        let mut pacer = Pacer::new(&[rate(100, 1000)], ONE);
+        pacer.set_cap(Some(10.0));
+        assert_eq!(pacer.effective_rate(), 10.0);
+        let start = Instant::now();
+        let times = admissions(&mut pacer, start, 11, Duration::ZERO);
+        assert!(times[10] >= Duration::from_millis(999), "{times:?}");
+        pacer.set_cap(None);
+        let times = admissions(&mut pacer, start + times[10], 11, Duration::ZERO);
+        assert!(times[10] <= Duration::from_millis(150), "{times:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -13,15 +13,16 @@
 //! entries without spending quota.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::config;
-use crate::limit::Pacer;
+use crate::limit::{Adaptive, Pacer};
+use crate::retry::{RateLimitHint, RetryBudget};
 
 /// Permission to send one attempt: holds a concurrency slot until dropped.
 #[derive(Debug)]
@@ -45,6 +46,21 @@ enum Command {
     Join(Waiter),
     /// A retry, back at the head: it already waited its turn once.
     Rejoin(Waiter),
+    /// What an answer said about the upstream's limits.
+    Feedback(Feedback),
+}
+
+/// What one attempt's answer says about the upstream's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Feedback {
+    /// When the attempt left (its ticket was handed out).
+    pub sent_at: Instant,
+    /// The upstream answered 429.
+    pub rate_limited: bool,
+    /// Pause the whole upstream this long (429, or 503 with Retry-After).
+    pub cooldown: Option<Duration>,
+    /// Remaining quota and reset time the upstream reported.
+    pub hint: Option<RateLimitHint>,
 }
 
 struct Waiter {
@@ -62,8 +78,33 @@ struct Shared {
     /// Bounds attempts in flight; a ticket holds one permit.
     inflight: Arc<Semaphore>,
     max_inflight: usize,
-    /// Long-run requests per second, for honest Retry-After estimates.
-    rate_per_second: f64,
+    /// What the task decided lately, for estimates, status and metrics.
+    observed: Mutex<Observed>,
+    /// Retries allowed as a share of first attempts (SPEC `budget`).
+    budget: Mutex<RetryBudget>,
+}
+
+/// The dispatcher's pacing state as callers and the admin side see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Observed {
+    /// Requests per second the pacer uses now (adaptive rate and hints included).
+    pub effective_rate: f64,
+    /// No attempt leaves before this instant.
+    pub cooldown_until: Option<Instant>,
+}
+
+impl Shared {
+    fn observed(&self) -> Observed {
+        *self.observed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn observe(&self, update: impl FnOnce(&mut Observed)) {
+        update(&mut self.observed.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    fn budget(&self) -> std::sync::MutexGuard<'_, RetryBudget> {
+        self.budget.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Handle to an upstream's dispatcher task; cheap to share.
@@ -78,17 +119,54 @@ impl Dispatcher {
     pub fn spawn(upstream: &config::Upstream) -> Self {
         let pacer = Pacer::new(&upstream.rate, upstream.burst);
         let max_inflight = upstream.max_concurrency.get() as usize;
+        let observed = Observed { effective_rate: pacer.effective_rate(), cooldown_until: None };
         let shared = Arc::new(Shared {
             depth: AtomicUsize::new(0),
             capacity: AtomicUsize::new(upstream.queue_size),
             inflight: Arc::new(Semaphore::new(max_inflight)),
             max_inflight,
-            rate_per_second: pacer.rate_per_second(),
+            observed: Mutex::new(observed),
+            budget: Mutex::new(RetryBudget::from_config(&upstream.retry)),
         });
         let (commands, receiver) = mpsc::unbounded_channel();
-        let task = Task { receiver, open: true, queue: VecDeque::new(), pacer, shared: shared.clone() };
+        let tightest_window = upstream.rate.iter().map(|r| r.per / r.count.get()).min();
+        let window = upstream.rate.iter().find(|r| Some(r.per / r.count.get()) == tightest_window);
+        let task = Task {
+            name: upstream.name.clone(),
+            receiver,
+            open: true,
+            queue: VecDeque::new(),
+            adaptive: upstream.adaptive.then(|| Adaptive::new(pacer.rate_per_second())),
+            pacer,
+            shared: shared.clone(),
+            cooldown_until: None,
+            hint_cap: None,
+            grants: VecDeque::new(),
+            window: window.map_or(Duration::from_secs(1), |r| r.per),
+        };
         tokio::spawn(task.run());
         Self { commands, shared }
+    }
+
+    /// The pacing state now.
+    pub fn observed(&self) -> Observed {
+        self.shared.observed()
+    }
+
+    /// Tells the dispatcher what an answer said about the upstream's limits.
+    pub fn report(&self, feedback: Feedback) {
+        // Only fails once the task is gone, when nothing is left to pace.
+        let _ = self.commands.send(Command::Feedback(feedback));
+    }
+
+    /// Counts a first attempt towards the retry budget.
+    pub fn record_first_attempt(&self) {
+        self.shared.budget().record_request(Instant::now());
+    }
+
+    /// Takes one retry from the budget; false when the budget is spent.
+    pub fn withdraw_retry(&self) -> bool {
+        self.shared.budget().try_withdraw(Instant::now())
     }
 
     /// Callers waiting in the queue now.
@@ -143,10 +221,14 @@ impl Dispatcher {
         Refusal::Timeout { waited: since.elapsed(), retry_after: self.estimate_wait() }
     }
 
-    /// How long the queue as it stands takes to drain at the quota's pace.
+    /// How long the queue as it stands takes to drain at the current pace,
+    /// after any cooldown.
     fn estimate_wait(&self) -> Duration {
+        let observed = self.shared.observed();
         let ahead = self.depth() as f64 + 1.0;
-        Duration::try_from_secs_f64(ahead / self.shared.rate_per_second).unwrap_or(Duration::MAX)
+        let drain = Duration::try_from_secs_f64(ahead / observed.effective_rate).unwrap_or(Duration::MAX);
+        let cooldown = observed.cooldown_until.map_or(Duration::ZERO, |until| until.saturating_duration_since(Instant::now()));
+        drain.saturating_add(cooldown)
     }
 }
 
@@ -185,12 +267,24 @@ impl Drop for QueueSlot<'_> {
 
 /// The dispatcher task's own state.
 struct Task {
+    /// Upstream name, for logs.
+    name: String,
     receiver: mpsc::UnboundedReceiver<Command>,
     /// False once every handle is gone: serve what is queued, then stop.
     open: bool,
     queue: VecDeque<Waiter>,
     pacer: Pacer,
     shared: Arc<Shared>,
+    /// Lowers the pace after 429s; `None` when `adaptive = false`.
+    adaptive: Option<Adaptive>,
+    /// Nothing leaves before this instant (429, Retry-After, Remaining: 0).
+    cooldown_until: Option<Instant>,
+    /// Remaining quota spread until its reset: (requests per second, reset).
+    hint_cap: Option<(f64, Instant)>,
+    /// Recent ticket instants, to measure what the upstream accepted.
+    grants: VecDeque<Instant>,
+    /// Window of the pacing quota: how far back `grants` reaches.
+    window: Duration,
 }
 
 impl Task {
@@ -217,9 +311,19 @@ impl Task {
                 }
                 continue;
             };
-            match self.pacer.try_acquire(Instant::now()) {
+            let now = Instant::now();
+            self.refresh_cap(now);
+            if let Some(until) = self.cooldown_until.filter(|until| *until > now) {
+                permit = Some(held);
+                tokio::select! {
+                    () = tokio::time::sleep_until(until) => {}
+                    open = self.next_command(), if self.open => { let _ = open; }
+                }
+                continue;
+            }
+            match self.pacer.try_acquire(now) {
                 Ok(taken) => match self.serve_head(held) {
-                    Ok(()) => {}
+                    Ok(()) => self.record_grant(now),
                     Err(unused) => {
                         self.pacer.undo(taken);
                         permit = Some(unused);
@@ -254,11 +358,78 @@ impl Task {
         match command {
             Command::Join(waiter) => self.queue.push_back(waiter),
             Command::Rejoin(waiter) => self.queue.push_front(waiter),
+            Command::Feedback(feedback) => return self.learn(feedback),
         }
         // Callers that gave up stay queued until reached; bound that leftover.
         let capacity = self.shared.capacity.load(Ordering::Relaxed);
         if self.queue.len() > 2 * capacity + 64 {
             self.queue.retain(|w| !w.tickets.is_closed());
+        }
+    }
+
+    /// Applies what an answer said: cooldown, adaptive rate, quota hints.
+    fn learn(&mut self, feedback: Feedback) {
+        let now = Instant::now();
+        if let Some(pause) = feedback.cooldown {
+            self.cool_down(now, pause, if feedback.rate_limited { "rate_limited" } else { "retry_after" });
+        }
+        if feedback.rate_limited
+            && let Some(adaptive) = &mut self.adaptive
+        {
+            let accepted = self.grants.iter().filter(|at| now.duration_since(**at) <= self.window).count();
+            let accepted_rate = accepted as f64 / self.window.as_secs_f64();
+            if let Some(rate) = adaptive.on_rate_limited(now, feedback.sent_at, accepted_rate) {
+                tracing::info!(upstream = %self.name, rate, reason = "rate_limited", "adaptive rate lowered");
+            }
+        }
+        if let Some(hint) = feedback.hint {
+            if hint.remaining == 0 && !hint.reset_after.is_zero() {
+                self.cool_down(now, hint.reset_after, "ratelimit_remaining");
+                self.hint_cap = None;
+            } else if !hint.reset_after.is_zero() {
+                let rate = hint.remaining as f64 / hint.reset_after.as_secs_f64();
+                self.hint_cap = Some((rate, now + hint.reset_after));
+            }
+        }
+        self.refresh_cap(now);
+    }
+
+    fn cool_down(&mut self, now: Instant, pause: Duration, reason: &'static str) {
+        let until = now + pause;
+        if self.cooldown_until.is_some_and(|current| current >= until) {
+            return;
+        }
+        tracing::warn!(upstream = %self.name, delay_ms = pause.as_millis() as u64, reason, "cooldown");
+        self.cooldown_until = Some(until);
+        self.shared.observe(|o| o.cooldown_until = Some(until));
+    }
+
+    /// Recomputes the pace below the quotas: adaptive rate and quota hints.
+    fn refresh_cap(&mut self, now: Instant) {
+        if self.hint_cap.is_some_and(|(_, until)| until <= now) {
+            self.hint_cap = None;
+        }
+        if let Some(adaptive) = &mut self.adaptive
+            && let Some(rate) = adaptive.on_tick(now)
+        {
+            tracing::info!(upstream = %self.name, rate = rate.unwrap_or(f64::NAN), "adaptive rate probed up");
+        }
+        let adaptive = self.adaptive.as_ref().and_then(Adaptive::current);
+        let hint = self.hint_cap.map(|(rate, _)| rate);
+        let cap = match (adaptive, hint) {
+            (Some(a), Some(h)) => Some(a.min(h)),
+            (a, h) => a.or(h),
+        };
+        self.pacer.set_cap(cap);
+        let effective_rate = self.pacer.effective_rate();
+        let cooldown_until = self.cooldown_until.filter(|until| *until > now);
+        self.shared.observe(|o| *o = Observed { effective_rate, cooldown_until });
+    }
+
+    fn record_grant(&mut self, now: Instant) {
+        self.grants.push_back(now);
+        while self.grants.front().is_some_and(|at| now.duration_since(*at) > self.window) {
+            self.grants.pop_front();
         }
     }
 
