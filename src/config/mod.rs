@@ -7,6 +7,7 @@
 //! non-zero where zero would make no sense.
 
 mod authority;
+mod claims;
 mod error;
 mod raw;
 mod units;

@@ -5,7 +5,9 @@
 //! deserializing (see [`Dur`] and [`Rates`]), which lets toml point at the bad
 //! value itself. Values that cross-field checks in `validate` must point at
 //! are kept as `toml::Spanned`; a default value carries an empty span at the
-//! start of the file.
+//! start of the file. What each key means is documented once, on the runtime
+//! types in `config` and in the shipped `config/pacegate.toml`; the comments
+//! here only say why a field has the shape it has.
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

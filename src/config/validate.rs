@@ -1,10 +1,8 @@
 //! Raw config -> runtime types: every rule that serde alone cannot express.
 //!
 //! Checks run in file order and stop at the first problem, which is reported
-//! at the line and column of the value at fault. Rules that involve several
-//! upstreams (unique names and routes, routes that shadow each other, hosts
-//! claimed twice) name both upstreams and the line of the earlier one, so the
-//! user can find the other half of the conflict.
+//! at the line and column of the value at fault. Rules between upstreams
+//! (names, routes, hosts) live in `claims`.
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::ops::Range;
@@ -16,6 +14,7 @@ use http::{HeaderName, StatusCode};
 use toml::Spanned;
 
 use super::authority::{HostPort, parse_base_url, parse_host_port};
+use super::claims::{Claims, HostClaim};
 use super::error::line_col;
 use super::raw::{Dur, RawConfig, RawRedis, RawRetry, RawServer, RawUpstream};
 use super::units::format_duration;
@@ -39,10 +38,10 @@ pub fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, Confi
     };
     let redis = raw.redis.map(|r| redis(&cx, r)).transpose()?;
 
-    let mut seen = Seen::default();
+    let mut claims = Claims::default();
     let mut upstreams = Vec::with_capacity(raw.upstreams.len());
     for raw in raw.upstreams {
-        upstreams.push(upstream(&cx, &mut seen, raw)?);
+        upstreams.push(upstream(&cx, &mut claims, raw)?);
     }
     Ok(Config {
         server,
@@ -54,17 +53,18 @@ pub fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, Confi
 }
 
 /// What errors need: the file's name and text.
-struct Cx<'a> {
+pub struct Cx<'a> {
     path: &'a Path,
     text: &'a str,
 }
 
 impl Cx<'_> {
-    fn err(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+    pub fn err(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
         ConfigError::at(self.path, self.text, span, message)
     }
 
-    fn line(&self, span: &Range<usize>) -> usize {
+    /// 1-based line of a span's start, to name the other half of a conflict.
+    pub fn line(&self, span: &Range<usize>) -> usize {
         line_col(self.text, span.start).0
     }
 }
@@ -163,49 +163,17 @@ fn positive(cx: &Cx<'_>, key: &str, raw: &Spanned<Dur>) -> Result<Duration, Conf
 
 // === [[upstream]] ===
 
-/// Names, routes and hosts of the upstreams checked so far, with where they are.
-#[derive(Default)]
-struct Seen {
-    names: Vec<(String, Range<usize>)>,
-    /// (route, upstream name, span of the route)
-    routes: Vec<(String, String, Range<usize>)>,
-    hosts: Vec<HostClaim>,
-}
-
-/// One upstream's claim on a host, explicit or through its base_url.
-struct HostClaim {
-    host: HostPort,
-    upstream: String,
-    span: Range<usize>,
-    from_base_url: bool,
-}
-
-impl HostClaim {
-    fn describe(&self, cx: &Cx<'_>) -> String {
-        let how = if self.from_base_url {
-            " through its base_url"
-        } else {
-            ""
-        };
-        format!(
-            "upstream {:?} (line {}){how}",
-            self.upstream,
-            cx.line(&self.span)
-        )
-    }
-}
-
-fn upstream(cx: &Cx<'_>, seen: &mut Seen, raw: RawUpstream) -> Result<Upstream, ConfigError> {
-    let name = upstream_name(cx, seen, &raw.name)?;
+fn upstream(cx: &Cx<'_>, claims: &mut Claims, raw: RawUpstream) -> Result<Upstream, ConfigError> {
+    let name = claims.name(cx, &raw.name)?;
     let base_url = parse_base_url(raw.base_url.get_ref())
         .map_err(|msg| cx.err(raw.base_url.span(), format!("invalid base_url: {msg}")))?;
     let route = match &raw.route {
-        Some(route) => Some(check_route(cx, seen, &name, route)?),
+        Some(route) => Some(claims.route(cx, &name, route)?),
         None => None,
     };
 
     // Explicit hosts, or the base_url's host when the key is absent.
-    let claims: Vec<HostClaim> = match &raw.hosts {
+    let host_claims: Vec<HostClaim> = match &raw.hosts {
         Some(hosts) => {
             if hosts.get_ref().is_empty() && route.is_none() {
                 return Err(cx.err(
@@ -216,7 +184,7 @@ fn upstream(cx: &Cx<'_>, seen: &mut Seen, raw: RawUpstream) -> Result<Upstream, 
                     ),
                 ));
             }
-            let mut claims = Vec::new();
+            let mut host_claims = Vec::new();
             for entry in hosts.get_ref() {
                 let host = parse_host_port(entry.get_ref()).map_err(|msg| {
                     cx.err(
@@ -224,14 +192,14 @@ fn upstream(cx: &Cx<'_>, seen: &mut Seen, raw: RawUpstream) -> Result<Upstream, 
                         format!("invalid host {:?}: {msg}", entry.get_ref()),
                     )
                 })?;
-                claims.push(HostClaim {
+                host_claims.push(HostClaim {
                     host,
                     upstream: name.clone(),
                     span: entry.span(),
                     from_base_url: false,
                 });
             }
-            claims
+            host_claims
         }
         None => vec![HostClaim {
             host: HostPort {
@@ -244,7 +212,7 @@ fn upstream(cx: &Cx<'_>, seen: &mut Seen, raw: RawUpstream) -> Result<Upstream, 
             from_base_url: true,
         }],
     };
-    let hosts = claim_hosts(cx, seen, claims)?;
+    let hosts = claims.hosts(cx, host_claims)?;
 
     let rates = raw.rate.get_ref().0.clone();
     if rates.is_empty() {
@@ -293,143 +261,6 @@ fn upstream(cx: &Cx<'_>, seen: &mut Seen, raw: RawUpstream) -> Result<Upstream, 
         ca_file: raw.ca_file.map(Spanned::into_inner),
         name,
     })
-}
-
-/// `[a-z0-9_-]+`, not used by an earlier upstream.
-fn upstream_name(
-    cx: &Cx<'_>,
-    seen: &mut Seen,
-    raw: &Spanned<String>,
-) -> Result<String, ConfigError> {
-    let name = raw.get_ref();
-    let valid = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    if !valid {
-        return Err(cx.err(
-            raw.span(),
-            format!("invalid upstream name {name:?}: use lower-case letters, digits, '_' and '-'"),
-        ));
-    }
-    if let Some((_, first)) = seen.names.iter().find(|(n, _)| n == name) {
-        return Err(cx.err(
-            raw.span(),
-            format!(
-                "duplicate upstream name {name:?} (first defined at line {})",
-                cx.line(first)
-            ),
-        ));
-    }
-    seen.names.push((name.clone(), raw.span()));
-    Ok(name.clone())
-}
-
-/// Normalises a route and checks it against the earlier ones.
-fn check_route(
-    cx: &Cx<'_>,
-    seen: &mut Seen,
-    name: &str,
-    raw: &Spanned<String>,
-) -> Result<String, ConfigError> {
-    let route = normalise_route(raw.get_ref()).map_err(|msg| {
-        cx.err(
-            raw.span(),
-            format!("invalid route {:?}: {msg}", raw.get_ref()),
-        )
-    })?;
-    for (other, other_name, other_span) in &seen.routes {
-        let line = cx.line(other_span);
-        let message = if *other == route {
-            format!("route {route:?} is already used by upstream {other_name:?} (line {line})")
-        } else if other == "/" || route == "/" {
-            format!(
-                "route \"/\" catches every path, so it must be the only route; \
-                 upstream {other_name:?} (line {line}) has route {other:?}"
-            )
-        } else if segment_prefix(other, &route) {
-            format!(
-                "route {route:?} of upstream {name:?} is shadowed by route {other:?} \
-                 of upstream {other_name:?} (line {line})"
-            )
-        } else if segment_prefix(&route, other) {
-            format!(
-                "route {route:?} of upstream {name:?} shadows route {other:?} \
-                 of upstream {other_name:?} (line {line})"
-            )
-        } else {
-            continue;
-        };
-        return Err(cx.err(raw.span(), message));
-    }
-    seen.routes
-        .push((route.clone(), name.to_owned(), raw.span()));
-    Ok(route)
-}
-
-/// `/x/y/` -> `/x/y`; `/` stays `/` (the catch-all).
-fn normalise_route(route: &str) -> Result<String, String> {
-    if !route.starts_with('/') {
-        return Err("a route must start with '/'".to_owned());
-    }
-    let trimmed = route.trim_end_matches('/');
-    if trimmed.is_empty() {
-        return Ok("/".to_owned());
-    }
-    if trimmed.contains(['?', '#']) {
-        return Err("a route is a path prefix, without ?query or #fragment".to_owned());
-    }
-    if trimmed.parse::<http::uri::PathAndQuery>().is_err() {
-        return Err("not a valid URL path".to_owned());
-    }
-    if trimmed[1..]
-        .split('/')
-        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
-    {
-        return Err("empty, '.' and '..' path segments are not allowed".to_owned());
-    }
-    Ok(trimmed.to_owned())
-}
-
-/// Whether every path matched by route `long` is also matched by `short`.
-/// Matching is on segment boundaries: `/api` covers `/api/v2`, not `/apix`.
-fn segment_prefix(short: &str, long: &str) -> bool {
-    short == "/"
-        || long
-            .strip_prefix(short)
-            .is_some_and(|rest| rest.starts_with('/'))
-}
-
-/// Records the claims, refusing a host some other upstream already claims.
-fn claim_hosts(
-    cx: &Cx<'_>,
-    seen: &mut Seen,
-    claims: Vec<HostClaim>,
-) -> Result<Vec<String>, ConfigError> {
-    let mut hosts: Vec<String> = Vec::with_capacity(claims.len());
-    for claim in &claims {
-        let other = seen
-            .hosts
-            .iter()
-            .find(|o| o.upstream != claim.upstream && o.host.overlaps(&claim.host));
-        if let Some(other) = other {
-            return Err(cx.err(
-                claim.span.clone(),
-                format!(
-                    "host {:?} is claimed by {} and by {}; a host belongs to at most one upstream",
-                    claim.host.canonical(),
-                    other.describe(cx),
-                    claim.describe(cx),
-                ),
-            ));
-        }
-        let canonical = claim.host.canonical();
-        if !hosts.contains(&canonical) {
-            hosts.push(canonical);
-        }
-    }
-    seen.hosts.extend(claims);
-    Ok(hosts)
 }
 
 fn at_least_one(cx: &Cx<'_>, key: &str, raw: &Spanned<u32>) -> Result<NonZeroU32, ConfigError> {
