@@ -6,10 +6,15 @@
 //! durations are `Duration`, rates are parsed, URLs are split, counts are
 //! non-zero where zero would make no sense.
 
+mod authority;
+mod claims;
 mod error;
 mod raw;
 mod units;
 mod validate;
+
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -20,7 +25,7 @@ use http::StatusCode;
 use http::uri::{Authority, Scheme};
 
 pub use error::ConfigError;
-pub use units::{parse_duration, parse_rate};
+pub use units::{MAX_DURATION, format_duration, parse_duration, parse_rate};
 
 /// Reads, parses and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -88,6 +93,7 @@ pub enum UnknownHosts {
 /// `[forward]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Forward {
+    /// Whether requests for hosts no upstream claims are refused or passed on.
     pub unknown_hosts: UnknownHosts,
     /// Let pass-through traffic reach loopback/private/link-local addresses.
     pub allow_private: bool,
@@ -96,8 +102,11 @@ pub struct Forward {
 /// `[mitm]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mitm {
+    /// Off by default: interception needs a CA the callers trust.
     pub enabled: bool,
+    /// PEM certificate of the CA that signs per-host certificates.
     pub ca_cert: PathBuf,
+    /// PEM private key of that CA.
     pub ca_key: PathBuf,
 }
 
@@ -113,14 +122,18 @@ pub enum RedisOnError {
 /// `[redis]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Redis {
+    /// `redis://` or `rediss://` URL of the shared store.
     pub url: String,
+    /// What pacing does while Redis cannot be reached.
     pub on_error: RedisOnError,
 }
 
 /// One quota: `count` requests per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Rate {
+    /// Requests allowed per window; at least one.
     pub count: NonZeroU32,
+    /// Length of the window; longer than zero, and at least `count` nanoseconds.
     pub per: Duration,
 }
 
@@ -134,6 +147,7 @@ impl Rate {
 /// Where a real request goes: scheme, authority and path prefix of the API.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BaseUrl {
+    /// `http` or `https`, nothing else.
     pub scheme: Scheme,
     /// Host and explicit port as written (used for the `Host` header).
     pub authority: Authority,
@@ -158,11 +172,17 @@ pub enum Jitter {
 pub struct Retry {
     /// Attempts in all, the first one included.
     pub max_attempts: NonZeroU32,
+    /// Statuses worth another attempt (100..=599, no duplicates, file order).
     pub on_status: Vec<StatusCode>,
+    /// First backoff; later ones double. Never longer than `max_delay`.
     pub base_delay: Duration,
+    /// Cap of one backoff.
     pub max_delay: Duration,
+    /// How backoffs are randomised so callers do not retry in lockstep.
     pub jitter: Jitter,
+    /// Wait at least what the upstream's `Retry-After` asks for.
     pub respect_retry_after: bool,
+    /// A longer `Retry-After` is not waited: the answer goes back as is.
     pub max_retry_after: Duration,
     /// Retries may add at most this share on top of first attempts.
     pub budget: f64,
@@ -180,24 +200,38 @@ pub enum KeySource {
 /// One `[[upstream]]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
+    /// `[a-z0-9_-]+`, unique: the label in metrics, logs and errors.
     pub name: String,
+    /// Where attempts go, whichever way the request came in.
     pub base_url: BaseUrl,
-    /// Reverse-mode path prefix (starts with `/`, no trailing slash).
+    /// Reverse-mode path prefix (starts with `/`, no trailing slash; `"/"`
+    /// alone is a catch-all and then the only route). Matches whole segments.
     pub route: Option<String>,
-    /// Forward-mode hosts: lower-cased `host` or `host:port` (default: base_url's host).
+    /// Forward-mode hosts: lower-cased `host` or `host:port`, IPv6 in brackets
+    /// (default: base_url's host, without port). An entry without a port
+    /// matches the host on any port. Empty: reverse mode only.
     pub hosts: Vec<String>,
     /// Every quota is enforced; at least one.
     pub rate: Vec<Rate>,
+    /// Requests that may leave back to back; 1 spaces them evenly.
     pub burst: NonZeroU32,
+    /// Lower the effective rate after upstream 429s, then probe back up.
     pub adaptive: bool,
+    /// In-flight attempts to this upstream.
     pub max_concurrency: NonZeroU32,
+    /// Waiting requests; beyond, 503 `queue_full` at once (0: no waiting).
     pub queue_size: usize,
+    /// Longest wait in the queue before 503 `queue_timeout`; longer than zero.
     pub queue_timeout: Duration,
     /// One attempt, connect to the last byte of the response head.
     pub timeout: Duration,
+    /// When and how attempts are repeated.
     pub retry: Retry,
+    /// Separate quotas and cooldown per distinct key (e.g. per API token).
     pub partition_by: Option<KeySource>,
+    /// Bound on distinct partitions kept; beyond, 503 `too_many_partitions`.
     pub max_partitions: NonZeroUsize,
+    /// Round-robin between callers with distinct keys inside the queue.
     pub fair_by: Option<KeySource>,
     /// Extra PEM root certificates trusted for this upstream only.
     pub ca_file: Option<PathBuf>,

@@ -1,8 +1,391 @@
-//! serde structs mirroring the TOML file.
-use super::ConfigError;
-use std::path::Path;
+//! serde structs mirroring `pacegate.toml`, defaults included.
+//!
+//! Every table denies unknown keys, so a typo is an error rather than a
+//! silently ignored setting. Durations and rates are parsed while
+//! deserializing (see [`Dur`] and [`Rates`]), which lets toml point at the bad
+//! value itself. Values that cross-field checks in `validate` must point at
+//! are kept as `toml::Spanned`; a default value carries an empty span at the
+//! start of the file. What each key means is documented once, on the runtime
+//! types in `config` and in the shipped `config/pacegate.toml`; the comments
+//! here only say why a field has the shape it has.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-pub struct RawConfig;
-pub fn from_str(_path: &Path, _text: &str) -> Result<RawConfig, ConfigError> {
-    todo!()
+use serde::Deserialize;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use toml::Spanned;
+
+use super::units::{parse_duration, parse_rate};
+use super::{ConfigError, Jitter, Rate, RedisOnError, UnknownHosts};
+
+/// Parses config text into the raw structs; `path` only names the file in errors.
+pub fn from_str(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|err| {
+        ConfigError::at(
+            path,
+            text,
+            err.span().unwrap_or(0..0),
+            one_line(err.message()),
+        )
+    })
+}
+
+/// toml messages are single sentences, but keep the promise of one line.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub forward: RawForward,
+    #[serde(default)]
+    pub mitm: RawMitm,
+    /// Present only when the `[redis]` table is.
+    pub redis: Option<RawRedis>,
+    /// `[[upstream]]` tables, in file order.
+    #[serde(default, rename = "upstream")]
+    pub upstreams: Vec<RawUpstream>,
+}
+
+/// `[server]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    /// Spanned: a bad socket address is reported where it is written.
+    pub listen: Spanned<String>,
+    /// Spanned: also the target of the loopback rule.
+    pub admin_listen: Spanned<String>,
+    pub admin_allow_remote: bool,
+    pub max_body_bytes: usize,
+    /// 0 means no cap.
+    pub max_request_bytes: u64,
+    pub shutdown_grace: Dur,
+    /// Spanned entries: a malformed one is pointed at without echoing it.
+    pub proxy_auth: Vec<Spanned<String>>,
+    pub max_connections: Spanned<usize>,
+    pub max_header_bytes: Spanned<usize>,
+    pub header_read_timeout: Spanned<Dur>,
+    pub idle_timeout: Spanned<Dur>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: unspanned("127.0.0.1:8080".to_owned()),
+            admin_listen: unspanned("127.0.0.1:9090".to_owned()),
+            admin_allow_remote: false,
+            max_body_bytes: 10_485_760,
+            max_request_bytes: 0,
+            shutdown_grace: Dur::secs(30),
+            proxy_auth: Vec::new(),
+            max_connections: unspanned(10_000),
+            max_header_bytes: unspanned(65_536),
+            header_read_timeout: unspanned(Dur::secs(10)),
+            idle_timeout: unspanned(Dur::secs(60)),
+        }
+    }
+}
+
+/// `[forward]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawForward {
+    pub unknown_hosts: RawUnknownHosts,
+    pub allow_private: bool,
+}
+
+impl Default for RawForward {
+    fn default() -> Self {
+        Self {
+            unknown_hosts: RawUnknownHosts::Deny,
+            allow_private: false,
+        }
+    }
+}
+
+/// `[mitm]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMitm {
+    pub enabled: bool,
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+}
+
+impl Default for RawMitm {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ca_cert: PathBuf::from("config/ca.pem"),
+            ca_key: PathBuf::from("config/ca-key.pem"),
+        }
+    }
+}
+
+/// `[redis]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRedis {
+    /// Spanned: the scheme is checked in `validate`.
+    pub url: Spanned<String>,
+    pub on_error: RawRedisOnError,
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        Self {
+            url: unspanned("redis://127.0.0.1:6379".to_owned()),
+            on_error: RawRedisOnError::Local,
+        }
+    }
+}
+
+/// One `[[upstream]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub name: Spanned<String>,
+    pub base_url: Spanned<String>,
+    pub route: Option<Spanned<String>>,
+    /// `None`: the base_url's host; `Some([])`: reverse mode only.
+    pub hosts: Option<Spanned<Vec<Spanned<String>>>>,
+    pub rate: Spanned<Rates>,
+    #[serde(default = "one")]
+    pub burst: Spanned<u32>,
+    #[serde(default = "yes")]
+    pub adaptive: bool,
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: Spanned<u32>,
+    #[serde(default = "default_queue_size")]
+    pub queue_size: usize,
+    #[serde(default = "default_queue_timeout")]
+    pub queue_timeout: Spanned<Dur>,
+    #[serde(default = "default_timeout")]
+    pub timeout: Spanned<Dur>,
+    #[serde(default)]
+    pub retry: RawRetry,
+    pub partition_by: Option<Spanned<String>>,
+    #[serde(default = "default_max_partitions")]
+    pub max_partitions: Spanned<usize>,
+    pub fair_by: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<PathBuf>>,
+}
+
+/// `[upstream.retry]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRetry {
+    pub max_attempts: Spanned<u32>,
+    pub on_status: Vec<Spanned<u16>>,
+    /// Spanned, like `max_delay`: the two are compared.
+    pub base_delay: Spanned<Dur>,
+    pub max_delay: Spanned<Dur>,
+    pub jitter: RawJitter,
+    pub respect_retry_after: bool,
+    pub max_retry_after: Dur,
+    pub budget: Spanned<f64>,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        Self {
+            max_attempts: unspanned(5),
+            on_status: [429, 502, 503, 504].into_iter().map(unspanned).collect(),
+            base_delay: unspanned(Dur(Duration::from_millis(250))),
+            max_delay: unspanned(Dur::secs(30)),
+            jitter: RawJitter::Full,
+            respect_retry_after: true,
+            max_retry_after: Dur::secs(120),
+            budget: unspanned(0.2),
+        }
+    }
+}
+
+/// A default value: it has no place in the file, so errors point at 1:1.
+fn unspanned<T>(value: T) -> Spanned<T> {
+    Spanned::new(0..0, value)
+}
+
+fn one() -> Spanned<u32> {
+    unspanned(1)
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_max_concurrency() -> Spanned<u32> {
+    unspanned(32)
+}
+
+fn default_queue_size() -> usize {
+    1_000
+}
+
+fn default_queue_timeout() -> Spanned<Dur> {
+    unspanned(Dur::secs(60))
+}
+
+fn default_timeout() -> Spanned<Dur> {
+    unspanned(Dur::secs(30))
+}
+
+fn default_max_partitions() -> Spanned<usize> {
+    unspanned(10_000)
+}
+
+// === impl Dur ===
+
+/// A duration string (`"250ms"`), parsed by [`parse_duration`] during
+/// deserialization so that a bad one is reported at its own line and column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    const fn secs(secs: u64) -> Self {
+        Self(Duration::from_secs(secs))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DurVisitor;
+
+        impl Visitor<'_> for DurVisitor {
+            type Value = Dur;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a duration string like \"250ms\", \"30s\" or \"5m\"")
+            }
+
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Dur, E> {
+                parse_duration(s).map(Dur).map_err(E::custom)
+            }
+        }
+
+        deserializer.deserialize_str(DurVisitor)
+    }
+}
+
+// === impl Rates ===
+
+/// `rate = "10/s"` or `rate = ["10/s", "5000/h"]`; each string is parsed by
+/// [`parse_rate`] while deserializing, so a bad one is reported where it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rates(pub Vec<Rate>);
+
+/// One rate string; a separate type so that each array element gets its own span.
+struct OneRate(Rate);
+
+impl<'de> Deserialize<'de> for OneRate {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RateVisitor;
+
+        impl Visitor<'_> for RateVisitor {
+            type Value = OneRate;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a rate string like \"10/s\" or \"5000/h\"")
+            }
+
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<OneRate, E> {
+                parse_rate(s).map(OneRate).map_err(E::custom)
+            }
+        }
+
+        deserializer.deserialize_str(RateVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Rates {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RatesVisitor;
+
+        impl<'de> Visitor<'de> for RatesVisitor {
+            type Value = Rates;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a rate like \"10/s\" or an array of them like [\"10/s\", \"5000/h\"]")
+            }
+
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Rates, E> {
+                parse_rate(s)
+                    .map(|rate| Rates(vec![rate]))
+                    .map_err(E::custom)
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Rates, A::Error> {
+                let mut rates = Vec::new();
+                while let Some(OneRate(rate)) = seq.next_element()? {
+                    rates.push(rate);
+                }
+                Ok(Rates(rates))
+            }
+        }
+
+        deserializer.deserialize_any(RatesVisitor)
+    }
+}
+
+// === keyword enums ===
+
+// Mirrors of the runtime enums, so that serde stays in this module; serde's
+// "unknown variant" message lists the accepted words.
+
+/// `forward.unknown_hosts`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawUnknownHosts {
+    Deny,
+    Pass,
+}
+
+impl From<RawUnknownHosts> for UnknownHosts {
+    fn from(raw: RawUnknownHosts) -> Self {
+        match raw {
+            RawUnknownHosts::Deny => Self::Deny,
+            RawUnknownHosts::Pass => Self::Pass,
+        }
+    }
+}
+
+/// `redis.on_error`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawRedisOnError {
+    Local,
+    Deny,
+}
+
+impl From<RawRedisOnError> for RedisOnError {
+    fn from(raw: RawRedisOnError) -> Self {
+        match raw {
+            RawRedisOnError::Local => Self::Local,
+            RawRedisOnError::Deny => Self::Deny,
+        }
+    }
+}
+
+/// `retry.jitter`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawJitter {
+    Full,
+    Equal,
+    None,
+}
+
+impl From<RawJitter> for Jitter {
+    fn from(raw: RawJitter) -> Self {
+        match raw {
+            RawJitter::Full => Self::Full,
+            RawJitter::Equal => Self::Equal,
+            RawJitter::None => Self::None,
+        }
+    }
 }

@@ -1,7 +1,336 @@
-//! Raw config -> runtime types.
-use super::{Config, ConfigError, raw::RawConfig};
+//! Raw config -> runtime types: every rule that serde alone cannot express.
+//!
+//! Checks run in file order and stop at the first problem, which is reported
+//! at the line and column of the value at fault. Rules between upstreams
+//! (names, routes, hosts) live in `claims`.
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::ops::Range;
 use std::path::Path;
+use std::time::Duration;
 
-pub fn validate(_path: &Path, _text: &str, _raw: RawConfig) -> Result<Config, ConfigError> {
-    todo!()
+use http::uri::Scheme;
+use http::{HeaderName, StatusCode};
+use toml::Spanned;
+
+use super::authority::{HostPort, parse_base_url, parse_host_port};
+use super::claims::{Claims, HostClaim};
+use super::error::line_col;
+use super::raw::{Dur, RawConfig, RawRedis, RawRetry, RawServer, RawUpstream};
+use super::units::format_duration;
+use super::{Config, ConfigError, Forward, KeySource, Mitm, Redis, Retry, Server, Upstream};
+
+/// Smallest `max_header_bytes` that still fits ordinary API requests.
+const MIN_HEADER_BYTES: usize = 1024;
+
+/// Validates `raw`, read from `text` (needed to turn spans into line:col).
+pub fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigError> {
+    let cx = Cx { path, text };
+    let server = server(&cx, raw.server)?;
+    let forward = Forward {
+        unknown_hosts: raw.forward.unknown_hosts.into(),
+        allow_private: raw.forward.allow_private,
+    };
+    let mitm = Mitm {
+        enabled: raw.mitm.enabled,
+        ca_cert: raw.mitm.ca_cert,
+        ca_key: raw.mitm.ca_key,
+    };
+    let redis = raw.redis.map(|r| redis(&cx, r)).transpose()?;
+
+    let mut claims = Claims::default();
+    let mut upstreams = Vec::with_capacity(raw.upstreams.len());
+    for raw in raw.upstreams {
+        upstreams.push(upstream(&cx, &mut claims, raw)?);
+    }
+    Ok(Config {
+        server,
+        forward,
+        mitm,
+        redis,
+        upstreams,
+    })
+}
+
+/// What errors need: the file's name and text.
+pub struct Cx<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Cx<'_> {
+    pub fn err(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        ConfigError::at(self.path, self.text, span, message)
+    }
+
+    /// 1-based line of a span's start, to name the other half of a conflict.
+    pub fn line(&self, span: &Range<usize>) -> usize {
+        line_col(self.text, span.start).0
+    }
+}
+
+// === [server], [redis] ===
+
+fn server(cx: &Cx<'_>, raw: RawServer) -> Result<Server, ConfigError> {
+    let listen = socket_addr(cx, "listen", &raw.listen)?;
+    let admin_listen = socket_addr(cx, "admin_listen", &raw.admin_listen)?;
+    if !admin_listen.ip().is_loopback() && !raw.admin_allow_remote {
+        return Err(cx.err(
+            raw.admin_listen.span(),
+            "admin listener must stay on loopback; \
+             set server.admin_allow_remote = true to expose it",
+        ));
+    }
+    if admin_listen == listen && listen.port() != 0 {
+        // Point at whichever of the two is actually written in the file.
+        let span = if raw.admin_listen.span().is_empty() {
+            raw.listen.span()
+        } else {
+            raw.admin_listen.span()
+        };
+        return Err(cx.err(span, "admin_listen must differ from listen"));
+    }
+    if let Some(bad) = raw.proxy_auth.iter().find(|e| !e.get_ref().contains(':')) {
+        // The entry is a secret: point at it, never echo it.
+        return Err(cx.err(bad.span(), "proxy_auth entries must be \"user:password\""));
+    }
+    let max_connections = NonZeroUsize::new(*raw.max_connections.get_ref()).ok_or_else(|| {
+        cx.err(
+            raw.max_connections.span(),
+            "max_connections must be at least 1",
+        )
+    })?;
+    let max_header_bytes = *raw.max_header_bytes.get_ref();
+    if max_header_bytes < MIN_HEADER_BYTES {
+        return Err(cx.err(
+            raw.max_header_bytes.span(),
+            format!("max_header_bytes must be at least {MIN_HEADER_BYTES}"),
+        ));
+    }
+    Ok(Server {
+        listen,
+        admin_listen,
+        admin_allow_remote: raw.admin_allow_remote,
+        max_body_bytes: raw.max_body_bytes,
+        max_request_bytes: (raw.max_request_bytes > 0).then_some(raw.max_request_bytes),
+        shutdown_grace: raw.shutdown_grace.0,
+        proxy_auth: raw
+            .proxy_auth
+            .into_iter()
+            .map(Spanned::into_inner)
+            .collect(),
+        max_connections,
+        max_header_bytes,
+        header_read_timeout: positive(cx, "header_read_timeout", &raw.header_read_timeout)?,
+        idle_timeout: positive(cx, "idle_timeout", &raw.idle_timeout)?,
+    })
+}
+
+fn redis(cx: &Cx<'_>, raw: RawRedis) -> Result<Redis, ConfigError> {
+    let url = raw.url.get_ref();
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(cx.err(
+            raw.url.span(),
+            "redis url must start with redis:// or rediss://",
+        ));
+    }
+    Ok(Redis {
+        url: raw.url.into_inner(),
+        on_error: raw.on_error.into(),
+    })
+}
+
+fn socket_addr(cx: &Cx<'_>, key: &str, raw: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+    raw.get_ref().parse().map_err(|_| {
+        cx.err(
+            raw.span(),
+            format!(
+                "invalid {key} {:?}: expected IP:PORT like 127.0.0.1:8080 or [::1]:8080",
+                raw.get_ref()
+            ),
+        )
+    })
+}
+
+/// A duration that must be longer than zero.
+fn positive(cx: &Cx<'_>, key: &str, raw: &Spanned<Dur>) -> Result<Duration, ConfigError> {
+    let d = raw.get_ref().0;
+    if d.is_zero() {
+        return Err(cx.err(raw.span(), format!("{key} must be longer than 0s")));
+    }
+    Ok(d)
+}
+
+// === [[upstream]] ===
+
+fn upstream(cx: &Cx<'_>, claims: &mut Claims, raw: RawUpstream) -> Result<Upstream, ConfigError> {
+    let name = claims.name(cx, &raw.name)?;
+    let base_url = parse_base_url(raw.base_url.get_ref())
+        .map_err(|msg| cx.err(raw.base_url.span(), format!("invalid base_url: {msg}")))?;
+    let route = match &raw.route {
+        Some(route) => Some(claims.route(cx, &name, route)?),
+        None => None,
+    };
+
+    // Explicit hosts, or the base_url's host when the key is absent.
+    let host_claims: Vec<HostClaim> = match &raw.hosts {
+        Some(hosts) => {
+            if hosts.get_ref().is_empty() && route.is_none() {
+                return Err(cx.err(
+                    hosts.span(),
+                    format!(
+                        "upstream {name:?} is unreachable: it has no route and hosts = []; \
+                         give it a route or some hosts"
+                    ),
+                ));
+            }
+            let mut host_claims = Vec::new();
+            for entry in hosts.get_ref() {
+                let host = parse_host_port(entry.get_ref()).map_err(|msg| {
+                    cx.err(
+                        entry.span(),
+                        format!("invalid host {:?}: {msg}", entry.get_ref()),
+                    )
+                })?;
+                host_claims.push(HostClaim {
+                    host,
+                    upstream: name.clone(),
+                    span: entry.span(),
+                    from_base_url: false,
+                });
+            }
+            host_claims
+        }
+        None => vec![HostClaim {
+            host: HostPort {
+                host: base_url.host.clone(),
+                ipv6: base_url.host.contains(':'),
+                port: None,
+            },
+            upstream: name.clone(),
+            span: raw.base_url.span(),
+            from_base_url: true,
+        }],
+    };
+    let hosts = claims.hosts(cx, host_claims)?;
+
+    let rates = raw.rate.get_ref().0.clone();
+    if rates.is_empty() {
+        return Err(cx.err(
+            raw.rate.span(),
+            "rate needs at least one quota, like \"10/s\"",
+        ));
+    }
+    if let Some(ca_file) = &raw.ca_file
+        && base_url.scheme != Scheme::HTTPS
+    {
+        return Err(cx.err(
+            ca_file.span(),
+            "ca_file is only used with an https base_url",
+        ));
+    }
+
+    Ok(Upstream {
+        base_url,
+        route,
+        hosts,
+        rate: rates,
+        burst: at_least_one(cx, "burst", &raw.burst)?,
+        adaptive: raw.adaptive,
+        max_concurrency: at_least_one(cx, "max_concurrency", &raw.max_concurrency)?,
+        queue_size: raw.queue_size,
+        queue_timeout: positive(cx, "queue_timeout", &raw.queue_timeout)?,
+        timeout: positive(cx, "timeout", &raw.timeout)?,
+        retry: retry(cx, raw.retry)?,
+        partition_by: raw
+            .partition_by
+            .as_ref()
+            .map(|s| key_source(cx, "partition_by", s))
+            .transpose()?,
+        max_partitions: NonZeroUsize::new(*raw.max_partitions.get_ref()).ok_or_else(|| {
+            cx.err(
+                raw.max_partitions.span(),
+                "max_partitions must be at least 1",
+            )
+        })?,
+        fair_by: raw
+            .fair_by
+            .as_ref()
+            .map(|s| key_source(cx, "fair_by", s))
+            .transpose()?,
+        ca_file: raw.ca_file.map(Spanned::into_inner),
+        name,
+    })
+}
+
+fn at_least_one(cx: &Cx<'_>, key: &str, raw: &Spanned<u32>) -> Result<NonZeroU32, ConfigError> {
+    NonZeroU32::new(*raw.get_ref())
+        .ok_or_else(|| cx.err(raw.span(), format!("{key} must be at least 1")))
+}
+
+/// `"header:NAME"` or `"client_ip"`.
+fn key_source(cx: &Cx<'_>, key: &str, raw: &Spanned<String>) -> Result<KeySource, ConfigError> {
+    let value = raw.get_ref();
+    if value == "client_ip" {
+        return Ok(KeySource::ClientIp);
+    }
+    let header = value
+        .strip_prefix("header:")
+        .and_then(|name| HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).ok());
+    header.map(KeySource::Header).ok_or_else(|| {
+        cx.err(
+            raw.span(),
+            format!("invalid {key} {value:?}: expected \"header:NAME\" or \"client_ip\""),
+        )
+    })
+}
+
+fn retry(cx: &Cx<'_>, raw: RawRetry) -> Result<Retry, ConfigError> {
+    let max_attempts = at_least_one(cx, "max_attempts", &raw.max_attempts)?;
+    let mut on_status = Vec::with_capacity(raw.on_status.len());
+    for code in &raw.on_status {
+        let status = Some(*code.get_ref())
+            .filter(|c| (100..=599).contains(c))
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .ok_or_else(|| {
+                cx.err(
+                    code.span(),
+                    format!("{} is not an HTTP status code (100-599)", code.get_ref()),
+                )
+            })?;
+        if !on_status.contains(&status) {
+            on_status.push(status);
+        }
+    }
+    let (base_delay, max_delay) = (raw.base_delay.get_ref().0, raw.max_delay.get_ref().0);
+    if base_delay > max_delay {
+        // Point at whichever of the two is actually written in the file.
+        let span = if raw.max_delay.span().is_empty() {
+            raw.base_delay.span()
+        } else {
+            raw.max_delay.span()
+        };
+        return Err(cx.err(
+            span,
+            format!(
+                "base_delay ({}) must not be longer than max_delay ({})",
+                format_duration(base_delay),
+                format_duration(max_delay)
+            ),
+        ));
+    }
+    let budget = *raw.budget.get_ref();
+    if !(budget.is_finite() && budget >= 0.0) {
+        return Err(cx.err(raw.budget.span(), "budget must be a number >= 0"));
+    }
+    Ok(Retry {
+        max_attempts,
+        on_status,
+        base_delay,
+        max_delay,
+        jitter: raw.jitter.into(),
+        respect_retry_after: raw.respect_retry_after,
+        max_retry_after: raw.max_retry_after.0,
+        budget,
+    })
 }
