@@ -57,9 +57,7 @@ fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
 }
 
 fn parse_limit(s: &str) -> Result<Limit, String> {
-    let (n, ms) = s
-        .split_once('/')
-        .ok_or("expected N/WINDOW_MS, e.g. 10/1000")?;
+    let (n, ms) = s.split_once('/').ok_or("expected N/WINDOW_MS, e.g. 10/1000")?;
     let n: usize = n.parse().map_err(|e| format!("N: {e}"))?;
     let ms: u64 = ms.parse().map_err(|e| format!("WINDOW_MS: {e}"))?;
     if n == 0 || ms == 0 {

@@ -64,11 +64,7 @@ async fn sliding_window_rejects_exactly_the_request_over_the_limit() {
     assert_eq!(get(&client, url.clone()).await.status(), 200);
     let rejected = get(&client, url.clone()).await;
     assert_eq!(rejected.status(), 429);
-    assert_eq!(
-        header(&rejected, "retry-after"),
-        "1",
-        "under a second rounds up to 1"
-    );
+    assert_eq!(header(&rejected, "retry-after"), "1", "under a second rounds up to 1");
 
     // Once the first accepted request has left the window, one slot is free again.
     let first = mock.arrivals()[0].at;
@@ -126,15 +122,9 @@ async fn script_runs_before_other_rules_then_falls_through() {
     let mock = MockUpstream::start(behaviour).await;
     let client = client();
     let first = get(&client, mock.url()).await;
-    assert_eq!(
-        (first.status().as_u16(), header(&first, "retry-after")),
-        (429, "7")
-    );
+    assert_eq!((first.status().as_u16(), header(&first, "retry-after")), (429, "7"));
     let second = get(&client, mock.url()).await;
-    assert_eq!(
-        (second.status().as_u16(), header(&second, "x-why")),
-        (503, "scripted")
-    );
+    assert_eq!((second.status().as_u16(), header(&second, "x-why")), (503, "scripted"));
     assert_eq!(get(&client, mock.url()).await.status(), 500);
     assert_eq!(get(&client, mock.url()).await.status(), 200);
     mock.shutdown().await;
@@ -144,28 +134,16 @@ async fn script_runs_before_other_rules_then_falls_through() {
 async fn reset_is_a_connection_error() {
     let mock = MockUpstream::start(Behaviour::new().script([Scripted::Reset])).await;
     let client = client();
-    let err = client
-        .get(mock.url())
-        .send()
-        .await
-        .expect_err("reset, no answer");
+    let err = client.get(mock.url()).send().await.expect_err("reset, no answer");
     assert!(!err.is_timeout(), "a reset, not a timeout: {err:?}");
     assert_eq!(mock.arrivals()[0].status, 0);
-    assert_eq!(
-        get(&client, mock.url()).await.status(),
-        200,
-        "script consumed"
-    );
+    assert_eq!(get(&client, mock.url()).await.status(), 200, "script consumed");
 
     // Over h2c the reset is a stream reset, still an error for the client.
     mock.set_behaviour(Behaviour::new().script([Scripted::Reset]));
     let builder = client_builder().http2_prior_knowledge().timeout(PATIENCE);
     let h2 = builder.build().expect("client with a crypto provider");
-    let err = h2
-        .get(mock.url())
-        .send()
-        .await
-        .expect_err("reset, no answer");
+    let err = h2.get(mock.url()).send().await.expect_err("reset, no answer");
     assert!(!err.is_timeout(), "a reset, not a timeout: {err:?}");
     mock.shutdown().await;
 }
@@ -183,10 +161,7 @@ async fn truncated_body_fails_mid_body() {
 async fn stall_never_answers_and_shutdown_releases_it() {
     let mock = MockUpstream::start(Behaviour::new().script([Scripted::Stall])).await;
     let client = client();
-    let request = client
-        .get(mock.url())
-        .timeout(Duration::from_millis(200))
-        .send();
+    let request = client.get(mock.url()).timeout(Duration::from_millis(200)).send();
     let err = request.await.expect_err("a stalled request never answers");
     assert!(err.is_timeout(), "{err:?}");
     assert_eq!(mock.count(), 1);
@@ -195,9 +170,7 @@ async fn stall_never_answers_and_shutdown_releases_it() {
     mock.set_behaviour(Behaviour::new().script([Scripted::Stall]));
     let pending = tokio::spawn(client.get(mock.url()).send());
     assert!(mock.wait_for_arrivals(2, PATIENCE).await);
-    tokio::time::timeout(PATIENCE, mock.shutdown())
-        .await
-        .expect("shutdown completes with a stalled request");
+    tokio::time::timeout(PATIENCE, mock.shutdown()).await.expect("shutdown completes with a stalled request");
     let outcome = tokio::time::timeout(PATIENCE, pending).await;
     let outcome = outcome.expect("the stalled client is released");
     assert!(outcome.expect("client task").is_err());
@@ -207,11 +180,7 @@ async fn stall_never_answers_and_shutdown_releases_it() {
 async fn sse_events_arrive_separately() {
     let (n, interval) = (5u32, Duration::from_millis(50));
     let mock = MockUpstream::start(Behaviour::default()).await;
-    let url = format!(
-        "{}/sse?n={n}&interval_ms={}",
-        mock.url(),
-        interval.as_millis()
-    );
+    let url = format!("{}/sse?n={n}&interval_ms={}", mock.url(), interval.as_millis());
     let mut resp = get(&client(), url).await;
     assert_eq!(header(&resp, "content-type"), "text/event-stream");
 
@@ -226,10 +195,7 @@ async fn sse_events_arrive_separately() {
     let expected: String = (0..n).map(|i| format!("data: {i}\n\n")).collect();
     assert_eq!(body, expected);
     let spread = last.expect("events") - first.expect("events");
-    assert!(
-        spread >= interval.mul_f64(f64::from(n - 1) * 0.8),
-        "{spread:?}"
-    );
+    assert!(spread >= interval.mul_f64(f64::from(n - 1) * 0.8), "{spread:?}");
     mock.shutdown().await;
 }
 
@@ -273,17 +239,13 @@ async fn rate_limit_headers_count_down_in_a_fixed_window() {
     let behaviour = Behaviour::new().rate_limit_headers(3, Duration::from_secs(60));
     let mock = MockUpstream::start(behaviour).await;
     let client = client();
-    let now_epoch = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("after 1970")
-        .as_secs();
+    let now_epoch =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs();
     for remaining in ["2", "1", "0", "0"] {
         let resp = get(&client, mock.url()).await;
         assert_eq!(header(&resp, "x-ratelimit-limit"), "3");
         assert_eq!(header(&resp, "x-ratelimit-remaining"), remaining);
-        let reset: u64 = header(&resp, "x-ratelimit-reset")
-            .parse()
-            .expect("epoch secs");
+        let reset: u64 = header(&resp, "x-ratelimit-reset").parse().expect("epoch secs");
         assert!((now_epoch..=now_epoch + 61).contains(&reset), "{reset}");
     }
     mock.shutdown().await;
@@ -314,9 +276,7 @@ async fn h2c_is_served_and_recorded() {
 
 #[tokio::test]
 async fn wait_for_arrivals_wakes_on_arrival_and_times_out() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let mock = MockUpstream::start_on(listener, Behaviour::default()).await;
     assert!(!mock.wait_for_arrivals(1, Duration::from_millis(50)).await);
 
@@ -360,16 +320,10 @@ async fn latency_follows_paused_time() {
     let latency = Duration::from_secs(30);
     let mock = MockUpstream::start(Behaviour::new().latency(latency)).await;
     // The client's timeout must outlast the latency, as auto-advance reaches both.
-    let client = client_builder()
-        .timeout(latency * 2)
-        .build()
-        .expect("client");
+    let client = client_builder().timeout(latency * 2).build().expect("client");
     let started = Instant::now();
     assert_eq!(get(&client, mock.url()).await.status(), 200);
     assert!(started.elapsed() >= latency, "answered after the latency");
-    assert!(
-        mock.arrivals()[0].at - started < latency,
-        "recorded before it"
-    );
+    assert!(mock.arrivals()[0].at - started < latency, "recorded before it");
     mock.shutdown().await;
 }

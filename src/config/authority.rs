@@ -26,11 +26,7 @@ pub struct HostPort {
 impl HostPort {
     /// `host` or `host:port`, IPv6 in brackets: the form stored in `Upstream::hosts`.
     pub fn canonical(&self) -> String {
-        let host = if self.ipv6 {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
+        let host = if self.ipv6 { format!("[{}]", self.host) } else { self.host.clone() };
         match self.port {
             Some(port) => format!("{host}:{port}"),
             None => host,
@@ -50,18 +46,16 @@ impl HostPort {
 /// Parses `host`, `host:port`, `[v6]` or `[v6]:port` (as in a `hosts` entry).
 pub fn parse_host_port(s: &str) -> Result<HostPort, String> {
     let (host, ipv6, port) = if let Some(bracketed) = s.strip_prefix('[') {
-        let (v6, after) = bracketed
-            .split_once(']')
-            .ok_or_else(|| "unclosed '[' in IPv6 address".to_owned())?;
-        let addr: Ipv6Addr = v6
-            .parse()
-            .map_err(|_| format!("{v6:?} is not an IPv6 address"))?;
-        let port = match after {
-            "" => None,
-            _ => Some(after.strip_prefix(':').ok_or_else(|| {
-                format!("unexpected {after:?} after the IPv6 address; expected \":PORT\"")
-            })?),
-        };
+        let (v6, after) =
+            bracketed.split_once(']').ok_or_else(|| "unclosed '[' in IPv6 address".to_owned())?;
+        let addr: Ipv6Addr = v6.parse().map_err(|_| format!("{v6:?} is not an IPv6 address"))?;
+        let port =
+            match after {
+                "" => None,
+                _ => Some(after.strip_prefix(':').ok_or_else(|| {
+                    format!("unexpected {after:?} after the IPv6 address; expected \":PORT\"")
+                })?),
+            };
         (addr.to_string(), true, port)
     } else {
         let (host, port) = match s.split_once(':') {
@@ -87,24 +81,19 @@ pub fn parse_base_url(s: &str) -> Result<BaseUrl, String> {
     if s.contains('?') {
         return Err("a base_url cannot have a ?query".to_owned());
     }
-    let uri: Uri = s
-        .parse()
-        .map_err(|e| format!("not a valid URL ({e}); expected http(s)://host[:port][/path]"))?;
+    let uri: Uri =
+        s.parse().map_err(|e| format!("not a valid URL ({e}); expected http(s)://host[:port][/path]"))?;
     let scheme = match uri.scheme() {
         Some(scheme) if *scheme == Scheme::HTTP || *scheme == Scheme::HTTPS => scheme.clone(),
         _ => return Err("a base_url must start with http:// or https://".to_owned()),
     };
-    let authority: Authority = uri
-        .authority()
-        .cloned()
-        .ok_or_else(|| "a base_url needs a host".to_owned())?;
+    let authority: Authority =
+        uri.authority().cloned().ok_or_else(|| "a base_url needs a host".to_owned())?;
     if authority.as_str().contains('@') {
         return Err("a base_url cannot carry user credentials (user@host)".to_owned());
     }
     let host_port = parse_host_port(authority.as_str())?;
-    let port = host_port
-        .port
-        .unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
+    let port = host_port.port.unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
     Ok(BaseUrl {
         scheme,
         authority,
@@ -120,15 +109,10 @@ fn check_host_name(host: &str) -> Result<(), String> {
         return Err("the host is empty".to_owned());
     }
     let label_ok = |label: &str| {
-        !label.is_empty()
-            && label
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     };
     if !host.split('.').all(label_ok) {
-        return Err(format!(
-            "{host:?} is not a host name (letters, digits, '-', '_' and dots)"
-        ));
+        return Err(format!("{host:?} is not a host name (letters, digits, '-', '_' and dots)"));
     }
     Ok(())
 }
@@ -199,9 +183,7 @@ mod tests {
         assert_eq!(canon("localhost:8081"), Ok("localhost:8081".to_owned()));
         assert_eq!(canon("[::1]:8080"), Ok("[::1]:8080".to_owned()));
         assert_eq!(canon("[0:0::1]"), Ok("[::1]".to_owned()));
-        for bad in [
-            "", ":80", "a..b", "a:b", "a:0", "::1", "[::1]x", "a/b", "a b", "*.x.com",
-        ] {
+        for bad in ["", ":80", "a..b", "a:b", "a:0", "::1", "[::1]x", "a/b", "a b", "*.x.com"] {
             assert!(parse_host_port(bad).is_err(), "{bad:?} was accepted");
         }
     }

@@ -42,19 +42,15 @@ impl Claims {
     pub fn name(&mut self, cx: &Cx<'_>, raw: &Spanned<String>) -> Result<String, ConfigError> {
         let name = raw.get_ref();
         let valid = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
         if !valid {
-            let message = format!(
-                "invalid upstream name {name:?}: use lower-case letters, digits, '_' and '-'"
-            );
+            let message =
+                format!("invalid upstream name {name:?}: use lower-case letters, digits, '_' and '-'");
             return Err(cx.err(raw.span(), message));
         }
         if let Some((_, first)) = self.names.iter().find(|(n, _)| n == name) {
             let line = cx.line(first);
-            let message =
-                format!("duplicate upstream name {name:?} (first defined at line {line})");
+            let message = format!("duplicate upstream name {name:?} (first defined at line {line})");
             return Err(cx.err(raw.span(), message));
         }
         self.names.push((name.clone(), raw.span()));
@@ -62,18 +58,9 @@ impl Claims {
     }
 
     /// Normalises the route of upstream `name` and checks it against the earlier ones.
-    pub fn route(
-        &mut self,
-        cx: &Cx<'_>,
-        name: &str,
-        raw: &Spanned<String>,
-    ) -> Result<String, ConfigError> {
-        let route = normalise_route(raw.get_ref()).map_err(|msg| {
-            cx.err(
-                raw.span(),
-                format!("invalid route {:?}: {msg}", raw.get_ref()),
-            )
-        })?;
+    pub fn route(&mut self, cx: &Cx<'_>, name: &str, raw: &Spanned<String>) -> Result<String, ConfigError> {
+        let route = normalise_route(raw.get_ref())
+            .map_err(|msg| cx.err(raw.span(), format!("invalid route {:?}: {msg}", raw.get_ref())))?;
         for (other, other_name, other_span) in &self.routes {
             let line = cx.line(other_span);
             let message = if *other == route {
@@ -98,24 +85,17 @@ impl Claims {
             };
             return Err(cx.err(raw.span(), message));
         }
-        self.routes
-            .push((route.clone(), name.to_owned(), raw.span()));
+        self.routes.push((route.clone(), name.to_owned(), raw.span()));
         Ok(route)
     }
 
     /// Records one upstream's host claims, refusing a host that another
     /// upstream already claims; returns the canonical entries, deduplicated.
-    pub fn hosts(
-        &mut self,
-        cx: &Cx<'_>,
-        claims: Vec<HostClaim>,
-    ) -> Result<Vec<String>, ConfigError> {
+    pub fn hosts(&mut self, cx: &Cx<'_>, claims: Vec<HostClaim>) -> Result<Vec<String>, ConfigError> {
         let mut hosts: Vec<String> = Vec::with_capacity(claims.len());
         for claim in &claims {
-            let other = self
-                .hosts
-                .iter()
-                .find(|o| o.upstream != claim.upstream && o.host.overlaps(&claim.host));
+            let other =
+                self.hosts.iter().find(|o| o.upstream != claim.upstream && o.host.overlaps(&claim.host));
             if let Some(other) = other {
                 let message = format!(
                     "host {:?} is claimed by {} and by {}; a host belongs to at most one upstream",
@@ -138,11 +118,7 @@ impl Claims {
 impl HostClaim {
     /// `upstream "a" (line 3) through its base_url`.
     fn describe(&self, cx: &Cx<'_>) -> String {
-        let how = if self.from_base_url {
-            " through its base_url"
-        } else {
-            ""
-        };
+        let how = if self.from_base_url { " through its base_url" } else { "" };
         let line = cx.line(&self.span);
         format!("upstream {:?} (line {line}){how}", self.upstream)
     }
@@ -172,10 +148,7 @@ fn normalise_route(route: &str) -> Result<String, String> {
 
 /// Whether every path matched by route `long` is also matched by `short`.
 fn segment_prefix(short: &str, long: &str) -> bool {
-    short == "/"
-        || long
-            .strip_prefix(short)
-            .is_some_and(|rest| rest.starts_with('/'))
+    short == "/" || long.strip_prefix(short).is_some_and(|rest| rest.starts_with('/'))
 }
 
 #[cfg(test)]

@@ -19,23 +19,13 @@ pub struct ConfigError {
 impl ConfigError {
     /// The file could not be read at all.
     pub fn io(path: &Path, err: &std::io::Error) -> Self {
-        Self {
-            path: path.to_path_buf(),
-            line: 1,
-            col: 1,
-            message: format!("cannot read config: {err}"),
-        }
+        Self { path: path.to_path_buf(), line: 1, col: 1, message: format!("cannot read config: {err}") }
     }
 
     /// A problem with the value found at byte range `span` of `text`.
     pub fn at(path: &Path, text: &str, span: Range<usize>, message: impl Into<String>) -> Self {
         let (line, col) = line_col(text, span.start);
-        Self {
-            path: path.to_path_buf(),
-            line,
-            col,
-            message: message.into(),
-        }
+        Self { path: path.to_path_buf(), line, col, message: message.into() }
     }
 }
 

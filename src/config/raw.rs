@@ -20,14 +20,8 @@ use super::{ConfigError, Jitter, Rate, RedisOnError, UnknownHosts};
 
 /// Parses config text into the raw structs; `path` only names the file in errors.
 pub fn from_str(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
-    toml::from_str(text).map_err(|err| {
-        ConfigError::at(
-            path,
-            text,
-            err.span().unwrap_or(0..0),
-            one_line(err.message()),
-        )
-    })
+    toml::from_str(text)
+        .map_err(|err| ConfigError::at(path, text, err.span().unwrap_or(0..0), one_line(err.message())))
 }
 
 /// toml messages are single sentences, but keep the promise of one line.
@@ -101,10 +95,7 @@ pub struct RawForward {
 
 impl Default for RawForward {
     fn default() -> Self {
-        Self {
-            unknown_hosts: RawUnknownHosts::Deny,
-            allow_private: false,
-        }
+        Self { unknown_hosts: RawUnknownHosts::Deny, allow_private: false }
     }
 }
 
@@ -138,10 +129,7 @@ pub struct RawRedis {
 
 impl Default for RawRedis {
     fn default() -> Self {
-        Self {
-            url: unspanned("redis://127.0.0.1:6379".to_owned()),
-            on_error: RawRedisOnError::Local,
-        }
+        Self { url: unspanned("redis://127.0.0.1:6379".to_owned()), on_error: RawRedisOnError::Local }
     }
 }
 
@@ -314,9 +302,7 @@ impl<'de> Deserialize<'de> for Rates {
             }
 
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Rates, E> {
-                parse_rate(s)
-                    .map(|rate| Rates(vec![rate]))
-                    .map_err(E::custom)
+                parse_rate(s).map(|rate| Rates(vec![rate])).map_err(E::custom)
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Rates, A::Error> {

@@ -43,14 +43,8 @@ fn shipped_example_is_valid() {
     let config = load(&path).unwrap_or_else(|e| panic!("{e}"));
     let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
     assert_eq!(names, ["github", "openai", "stripe"]);
-    assert_eq!(
-        config.server.listen,
-        "127.0.0.1:8080".parse::<SocketAddr>().unwrap()
-    );
-    assert_eq!(
-        config.server.admin_listen,
-        "127.0.0.1:9090".parse::<SocketAddr>().unwrap()
-    );
+    assert_eq!(config.server.listen, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
+    assert_eq!(config.server.admin_listen, "127.0.0.1:9090".parse::<SocketAddr>().unwrap());
     assert_eq!(config.forward.unknown_hosts, UnknownHosts::Deny);
     let github = &config.upstreams[0];
     assert_eq!(github.route.as_deref(), Some("/github"));
@@ -63,14 +57,8 @@ fn shipped_example_is_valid() {
 fn defaults_match_the_spec() {
     let config = parse_str(MINIMAL).unwrap();
     let server = &config.server;
-    assert_eq!(
-        server.listen,
-        "127.0.0.1:8080".parse::<SocketAddr>().unwrap()
-    );
-    assert_eq!(
-        server.admin_listen,
-        "127.0.0.1:9090".parse::<SocketAddr>().unwrap()
-    );
+    assert_eq!(server.listen, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
+    assert_eq!(server.admin_listen, "127.0.0.1:9090".parse::<SocketAddr>().unwrap());
     assert!(!server.admin_allow_remote);
     assert_eq!(server.max_body_bytes, 10_485_760);
     assert_eq!(server.max_request_bytes, None);
@@ -194,13 +182,7 @@ budget = 0
     assert_eq!(up.partition_by, Some(KeySource::Header(authorization)));
     assert_eq!(up.fair_by, Some(KeySource::ClientIp));
     assert_eq!(up.ca_file.as_deref(), Some(Path::new("extra-ca.pem")));
-    assert_eq!(
-        up.retry.on_status,
-        [
-            StatusCode::INTERNAL_SERVER_ERROR,
-            StatusCode::TOO_MANY_REQUESTS
-        ]
-    );
+    assert_eq!(up.retry.on_status, [StatusCode::INTERNAL_SERVER_ERROR, StatusCode::TOO_MANY_REQUESTS]);
     assert_eq!(up.retry.jitter, Jitter::Equal);
     assert_eq!(up.retry.budget, 0.0);
 }
@@ -209,39 +191,23 @@ budget = 0
 fn rate_is_a_string_or_an_array() {
     let one = parse_str(MINIMAL).unwrap();
     assert_eq!(one.upstreams[0].rate, [parse_rate("10/s").unwrap()]);
-    let many =
-        parse_str(&MINIMAL.replace(r#""10/s""#, r#"["10/s", "5000/h", "3/250ms"]"#)).unwrap();
+    let many = parse_str(&MINIMAL.replace(r#""10/s""#, r#"["10/s", "5000/h", "3/250ms"]"#)).unwrap();
     let shown: Vec<String> = many.upstreams[0].rate.iter().map(Rate::to_string).collect();
     assert_eq!(shown, ["10/s", "5000/h", "3/250ms"]);
 }
 
 #[test]
 fn unknown_key_is_located() {
-    assert_error(
-        "[server]\nlisten = \"127.0.0.1:1\"\n  lisen = 3\n",
-        3,
-        3,
-        &["lisen"],
-    );
+    assert_error("[server]\nlisten = \"127.0.0.1:1\"\n  lisen = 3\n", 3, 3, &["lisen"]);
     assert_error(&format!("{MINIMAL}burts = 2\n"), 6, 1, &["burts"]);
-    assert_error(
-        &format!("{MINIMAL}[upstream.retry]\nbudgett = 1\n"),
-        7,
-        1,
-        &["budgett"],
-    );
+    assert_error(&format!("{MINIMAL}[upstream.retry]\nbudgett = 1\n"), 7, 1, &["budgett"]);
     assert_error("[sever]\n", 1, 2, &["sever"]);
 }
 
 #[test]
 fn bad_duration_is_located_at_its_value() {
     let text = "[server]\nshutdown_grace = \"5x\"\n";
-    assert_error(
-        text,
-        2,
-        18,
-        &[r#"invalid duration "5x": expected a number"#],
-    );
+    assert_error(text, 2, 18, &[r#"invalid duration "5x": expected a number"#]);
     let text = format!("{MINIMAL}[upstream.retry]\nmax_delay = 30\n");
     assert_error(&text, 7, 13, &["duration"]);
 }
@@ -260,12 +226,7 @@ fn bad_rate_is_located_at_its_value() {
 #[test]
 fn type_errors_and_missing_keys_are_located() {
     assert_error("[server]\nmax_connections = -1\n", 2, 19, &[]);
-    assert_error(
-        "[forward]\nunknown_hosts = \"allow\"\n",
-        2,
-        17,
-        &["allow", "deny", "pass"],
-    );
+    assert_error("[forward]\nunknown_hosts = \"allow\"\n", 2, 17, &["allow", "deny", "pass"]);
     let (line, _, message) = error("[[upstream]]\nname = \"a\"\nrate = \"1/s\"\n");
     assert_eq!(line, 1);
     assert!(message.contains("base_url"), "{message}");
@@ -308,12 +269,7 @@ fn invalid_names() {
 #[test]
 fn duplicate_routes_point_at_both() {
     let text = TWO.replace(r#"route = "/b""#, r#"route = "/a/""#);
-    assert_error(
-        &text,
-        10,
-        9,
-        &[r#"route "/a" is already used by upstream "a" (line 4)"#],
-    );
+    assert_error(&text, 10, 9, &[r#"route "/a" is already used by upstream "a" (line 4)"#]);
 }
 
 #[test]
@@ -321,28 +277,15 @@ fn shadowing_routes_name_both_upstreams() {
     let text = TWO
         .replace(r#"route = "/a""#, r#"route = "/api""#)
         .replace(r#"route = "/b""#, r#"route = "/api/v2""#);
-    assert_error(
-        &text,
-        10,
-        9,
-        &[
-            "\"/api/v2\"",
-            "\"b\"",
-            "shadowed",
-            "\"/api\"",
-            "\"a\"",
-            "line 4",
-        ],
-    );
+    assert_error(&text, 10, 9, &["\"/api/v2\"", "\"b\"", "shadowed", "\"/api\"", "\"a\"", "line 4"]);
     // The other way round, the later, shorter route is the culprit.
     let text = TWO
         .replace(r#"route = "/a""#, r#"route = "/api/v2""#)
         .replace(r#"route = "/b""#, r#"route = "/api""#);
     assert_error(&text, 10, 9, &["shadows", "\"/api/v2\"", "\"a\""]);
     // Segment boundaries: "/api" does not shadow "/apix".
-    let text = TWO
-        .replace(r#"route = "/a""#, r#"route = "/api""#)
-        .replace(r#"route = "/b""#, r#"route = "/apix""#);
+    let text =
+        TWO.replace(r#"route = "/a""#, r#"route = "/api""#).replace(r#"route = "/b""#, r#"route = "/apix""#);
     assert!(parse_str(&text).is_ok());
 }
 
@@ -366,38 +309,20 @@ fn bad_routes() {
 #[test]
 fn host_conflicts_name_both_upstreams() {
     // Explicit host against the other upstream's base_url default.
-    let text = TWO.replace(
-        r#"route = "/b""#,
-        "route = \"/b\"\nhosts = [\"x.example\", \"A.example:443\"]",
-    );
+    let text = TWO.replace(r#"route = "/b""#, "route = \"/b\"\nhosts = [\"x.example\", \"A.example:443\"]");
     assert_error(
         &text,
         11,
         23,
-        &[
-            "\"a.example:443\"",
-            "upstream \"a\" (line 3) through its base_url",
-            "upstream \"b\"",
-        ],
+        &["\"a.example:443\"", "upstream \"a\" (line 3) through its base_url", "upstream \"b\""],
     );
     // Two base_url defaults.
     let text = TWO.replace("https://b.example", "http://a.example:8080");
-    assert_error(
-        &text,
-        9,
-        12,
-        &["\"a.example\"", "upstream \"a\"", "upstream \"b\""],
-    );
+    assert_error(&text, 9, 12, &["\"a.example\"", "upstream \"a\"", "upstream \"b\""]);
     // Different explicit ports do not conflict.
     let text = TWO
-        .replace(
-            r#"route = "/a""#,
-            "route = \"/a\"\nhosts = [\"h.example:80\"]",
-        )
-        .replace(
-            r#"route = "/b""#,
-            "route = \"/b\"\nhosts = [\"h.example:8080\"]",
-        );
+        .replace(r#"route = "/a""#, "route = \"/a\"\nhosts = [\"h.example:80\"]")
+        .replace(r#"route = "/b""#, "route = \"/b\"\nhosts = [\"h.example:8080\"]");
     assert!(parse_str(&text).is_ok());
 }
 
@@ -417,31 +342,14 @@ fn admin_listener_stays_on_loopback() {
         text,
         2,
         16,
-        &[
-            "admin listener must stay on loopback; set server.admin_allow_remote = true to expose it",
-        ],
+        &["admin listener must stay on loopback; set server.admin_allow_remote = true to expose it"],
     );
     let text = "[server]\nadmin_listen = \"0.0.0.0:9090\"\nadmin_allow_remote = true\n";
     assert!(parse_str(text).is_ok());
     assert!(parse_str("[server]\nadmin_listen = \"[::1]:9090\"\n").is_ok());
-    assert_error(
-        "[server]\nlisten = \"localhost:80\"\n",
-        2,
-        10,
-        &["invalid listen"],
-    );
-    assert_error(
-        "[server]\nadmin_listen = \"127.0.0.1:8080\"\n",
-        2,
-        16,
-        &["differ"],
-    );
-    assert_error(
-        "[server]\nlisten = \"127.0.0.1:9090\"\n",
-        2,
-        10,
-        &["differ"],
-    );
+    assert_error("[server]\nlisten = \"localhost:80\"\n", 2, 10, &["invalid listen"]);
+    assert_error("[server]\nadmin_listen = \"127.0.0.1:8080\"\n", 2, 16, &["differ"]);
+    assert_error("[server]\nlisten = \"127.0.0.1:9090\"\n", 2, 10, &["differ"]);
     let text = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n";
     assert!(parse_str(text).is_ok());
 }
@@ -453,10 +361,7 @@ fn base_url_is_split() {
     let url = &config.upstreams[0].base_url;
     assert_eq!(url.scheme, http::uri::Scheme::HTTP);
     assert_eq!(url.authority.as_str(), "[::1]:8080");
-    assert_eq!(
-        (url.host.as_str(), url.port, url.path.as_str()),
-        ("::1", 8080, "/v1")
-    );
+    assert_eq!((url.host.as_str(), url.port, url.path.as_str()), ("::1", 8080, "/v1"));
     assert_eq!(config.upstreams[0].hosts, ["[::1]"]);
 
     let text = MINIMAL.replace("https://api.example.com", "https://api.example.com/base/");
@@ -473,62 +378,29 @@ fn numeric_limits() {
     assert_error(&up("burst = 0"), 5, 9, &["burst must be at least 1"]);
     assert_error(&up("max_concurrency = 0"), 5, 19, &["max_concurrency"]);
     assert_error(&up("max_partitions = 0"), 5, 18, &["max_partitions"]);
-    assert_error(
-        &up("timeout = \"0s\""),
-        5,
-        11,
-        &["timeout must be longer than 0s"],
-    );
+    assert_error(&up("timeout = \"0s\""), 5, 11, &["timeout must be longer than 0s"]);
     let retry = |body: &str| format!("{MINIMAL}[upstream.retry]\n{body}\n");
     assert_error(&retry("max_attempts = 0"), 7, 16, &["max_attempts"]);
     assert_error(&retry("on_status = [429, 600]"), 7, 19, &["600", "status"]);
     assert_error(&retry("on_status = [99]"), 7, 14, &["99"]);
     assert_error(&retry("budget = -0.1"), 7, 10, &["budget"]);
     assert_error(&retry("budget = nan"), 7, 10, &["budget"]);
-    assert_error(
-        &retry("base_delay = \"1m\""),
-        7,
-        14,
-        &["base_delay (1m)", "max_delay (30s)"],
-    );
-    assert_error(
-        &retry("base_delay = \"2s\"\nmax_delay = \"1s\""),
-        8,
-        13,
-        &["base_delay"],
-    );
-    assert_error(
-        "[server]\nmax_connections = 0\n",
-        2,
-        19,
-        &["max_connections"],
-    );
+    assert_error(&retry("base_delay = \"1m\""), 7, 14, &["base_delay (1m)", "max_delay (30s)"]);
+    assert_error(&retry("base_delay = \"2s\"\nmax_delay = \"1s\""), 8, 13, &["base_delay"]);
+    assert_error("[server]\nmax_connections = 0\n", 2, 19, &["max_connections"]);
     assert_error("[server]\nmax_header_bytes = 1023\n", 2, 20, &["1024"]);
-    assert_error(
-        "[server]\nidle_timeout = \"0ms\"\n",
-        2,
-        16,
-        &["idle_timeout"],
-    );
+    assert_error("[server]\nidle_timeout = \"0ms\"\n", 2, 16, &["idle_timeout"]);
 }
 
 #[test]
 fn key_sources() {
     let up = |key: &str| MINIMAL.replace("rate =", &format!("{key}\nrate ="));
-    assert_error(
-        &up("partition_by = \"cookie\""),
-        5,
-        16,
-        &["partition_by", "header:NAME"],
-    );
+    assert_error(&up("partition_by = \"cookie\""), 5, 16, &["partition_by", "header:NAME"]);
     assert_error(&up("fair_by = \"header:bad name\""), 5, 11, &["fair_by"]);
     assert_error(&up("fair_by = \"header:\""), 5, 11, &["fair_by"]);
     let config = parse_str(&up("fair_by = \"header:X-Caller\"")).unwrap();
     let expected = http::HeaderName::from_static("x-caller");
-    assert_eq!(
-        config.upstreams[0].fair_by,
-        Some(KeySource::Header(expected))
-    );
+    assert_eq!(config.upstreams[0].fair_by, Some(KeySource::Header(expected)));
 }
 
 #[test]
@@ -538,9 +410,7 @@ fn misc_rules() {
     assert!(!message.contains("secret"), "proxy_auth leaked: {message}");
     assert_error("[redis]\nurl = \"http://x\"\n", 2, 7, &["redis://"]);
     assert!(parse_str("[redis]\nurl = \"rediss://x:6380\"\n").is_ok());
-    let text = MINIMAL
-        .replace("https://", "http://")
-        .replace("rate =", "ca_file = \"x.pem\"\nrate =");
+    let text = MINIMAL.replace("https://", "http://").replace("rate =", "ca_file = \"x.pem\"\nrate =");
     assert_error(&text, 5, 11, &["ca_file"]);
     let text = MINIMAL.replace("rate =", "hosts = [\"a b\"]\nrate =");
     assert_error(&text, 5, 10, &["invalid host"]);

@@ -81,8 +81,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             return Err(fail(DURATION_HINT));
         };
 
-        let nanos =
-            component_nanos(int_part, frac_part, unit_nanos).ok_or_else(|| fail(&too_large()))?;
+        let nanos = component_nanos(int_part, frac_part, unit_nanos).ok_or_else(|| fail(&too_large()))?;
         total = total.checked_add(nanos).ok_or_else(|| fail(&too_large()))?;
         rest = after_unit;
     }
@@ -111,8 +110,7 @@ pub fn parse_rate(s: &str) -> Result<Rate, String> {
     let per = match UNITS.iter().find(|(name, _)| *name == window) {
         // A bare unit means one of it: "10/s", "10/min".
         Some(&(_, nanos)) => nanos_to_duration(nanos),
-        None => parse_duration(window)
-            .map_err(|_| fail(&format!("bad window {window:?}; {RATE_HINT}")))?,
+        None => parse_duration(window).map_err(|_| fail(&format!("bad window {window:?}; {RATE_HINT}")))?,
     };
     if per.is_zero() {
         return Err(fail("the window must be longer than zero"));
@@ -204,9 +202,7 @@ fn parse_count(s: &str) -> Result<NonZeroU32, String> {
         return Err(format!("{s:?} is not a whole number; {RATE_HINT}"));
     }
     let digits: String = s.chars().filter(|c| *c != '_').collect();
-    let count: u32 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is too large (at most {})", u32::MAX))?;
+    let count: u32 = digits.parse().map_err(|_| format!("{s:?} is too large (at most {})", u32::MAX))?;
     NonZeroU32::new(count).ok_or_else(|| "the count must be at least 1".to_owned())
 }
 
@@ -259,43 +255,21 @@ mod tests {
         assert!(parse_duration("").unwrap_err().contains("empty"));
         assert!(parse_duration("30").unwrap_err().contains("missing unit"));
         assert!(parse_duration("-5s").unwrap_err().contains("negative"));
-        assert!(
-            parse_duration("99999999999d")
-                .unwrap_err()
-                .contains("too large")
-        );
-        assert!(
-            parse_duration("1.0000000001s")
-                .unwrap_err()
-                .contains("decimal")
-        );
-        for bad in [
-            "s", "1.s", ".5s", "1 s", "1s 2m", "1e3s", "1_000s", "1S", "abc", "1s?",
-        ] {
+        assert!(parse_duration("99999999999d").unwrap_err().contains("too large"));
+        assert!(parse_duration("1.0000000001s").unwrap_err().contains("decimal"));
+        for bad in ["s", "1.s", ".5s", "1 s", "1s 2m", "1e3s", "1_000s", "1S", "abc", "1s?"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
         }
     }
 
     #[test]
     fn rates_with_named_units() {
-        let rate = |count: u32, per: Duration| Rate {
-            count: NonZeroU32::new(count).unwrap(),
-            per,
-        };
+        let rate = |count: u32, per: Duration| Rate { count: NonZeroU32::new(count).unwrap(), per };
         assert_eq!(parse_rate("10/s"), Ok(rate(10, Duration::from_secs(1))));
-        assert_eq!(
-            parse_rate("500/min"),
-            Ok(rate(500, Duration::from_secs(60)))
-        );
+        assert_eq!(parse_rate("500/min"), Ok(rate(500, Duration::from_secs(60))));
         assert_eq!(parse_rate("500/m"), Ok(rate(500, Duration::from_secs(60))));
-        assert_eq!(
-            parse_rate("5000/h"),
-            Ok(rate(5_000, Duration::from_secs(3_600)))
-        );
-        assert_eq!(
-            parse_rate("5_000/h"),
-            Ok(rate(5_000, Duration::from_secs(3_600)))
-        );
+        assert_eq!(parse_rate("5000/h"), Ok(rate(5_000, Duration::from_secs(3_600))));
+        assert_eq!(parse_rate("5_000/h"), Ok(rate(5_000, Duration::from_secs(3_600))));
         assert_eq!(parse_rate("1/d"), Ok(rate(1, Duration::from_secs(86_400))));
         assert_eq!(parse_rate("3/250ms"), Ok(rate(3, ms(250))));
         assert_eq!(parse_rate("10/5s"), Ok(rate(10, Duration::from_secs(5))));
@@ -305,22 +279,12 @@ mod tests {
     #[test]
     fn bad_rates_say_why() {
         assert!(parse_rate("0/s").unwrap_err().contains("at least 1"));
-        assert!(
-            parse_rate("10/0s")
-                .unwrap_err()
-                .contains("longer than zero")
-        );
+        assert!(parse_rate("10/0s").unwrap_err().contains("longer than zero"));
         assert!(parse_rate("10").unwrap_err().contains("expected N/unit"));
         assert!(parse_rate("10/x").unwrap_err().contains("bad window"));
-        assert!(
-            parse_rate("99999999999/s")
-                .unwrap_err()
-                .contains("too large")
-        );
+        assert!(parse_rate("99999999999/s").unwrap_err().contains("too large"));
         assert!(parse_rate("2000000/ms").unwrap_err().contains("nanosecond"));
-        for bad in [
-            "/s", "-1/s", "1.5/s", "_1/s", "1_/s", "1__0/s", "a/s", "10/", "10/s/s",
-        ] {
+        for bad in ["/s", "-1/s", "1.5/s", "_1/s", "1_/s", "1__0/s", "a/s", "10/", "10/s/s"] {
             assert!(parse_rate(bad).is_err(), "{bad:?} was accepted");
         }
     }

@@ -27,15 +27,9 @@ const MIN_HEADER_BYTES: usize = 1024;
 pub fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigError> {
     let cx = Cx { path, text };
     let server = server(&cx, raw.server)?;
-    let forward = Forward {
-        unknown_hosts: raw.forward.unknown_hosts.into(),
-        allow_private: raw.forward.allow_private,
-    };
-    let mitm = Mitm {
-        enabled: raw.mitm.enabled,
-        ca_cert: raw.mitm.ca_cert,
-        ca_key: raw.mitm.ca_key,
-    };
+    let forward =
+        Forward { unknown_hosts: raw.forward.unknown_hosts.into(), allow_private: raw.forward.allow_private };
+    let mitm = Mitm { enabled: raw.mitm.enabled, ca_cert: raw.mitm.ca_cert, ca_key: raw.mitm.ca_key };
     let redis = raw.redis.map(|r| redis(&cx, r)).transpose()?;
 
     let mut claims = Claims::default();
@@ -43,13 +37,7 @@ pub fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, Confi
     for raw in raw.upstreams {
         upstreams.push(upstream(&cx, &mut claims, raw)?);
     }
-    Ok(Config {
-        server,
-        forward,
-        mitm,
-        redis,
-        upstreams,
-    })
+    Ok(Config { server, forward, mitm, redis, upstreams })
 }
 
 /// What errors need: the file's name and text.
@@ -83,23 +71,16 @@ fn server(cx: &Cx<'_>, raw: RawServer) -> Result<Server, ConfigError> {
     }
     if admin_listen == listen && listen.port() != 0 {
         // Point at whichever of the two is actually written in the file.
-        let span = if raw.admin_listen.span().is_empty() {
-            raw.listen.span()
-        } else {
-            raw.admin_listen.span()
-        };
+        let span =
+            if raw.admin_listen.span().is_empty() { raw.listen.span() } else { raw.admin_listen.span() };
         return Err(cx.err(span, "admin_listen must differ from listen"));
     }
     if let Some(bad) = raw.proxy_auth.iter().find(|e| !e.get_ref().contains(':')) {
         // The entry is a secret: point at it, never echo it.
         return Err(cx.err(bad.span(), "proxy_auth entries must be \"user:password\""));
     }
-    let max_connections = NonZeroUsize::new(*raw.max_connections.get_ref()).ok_or_else(|| {
-        cx.err(
-            raw.max_connections.span(),
-            "max_connections must be at least 1",
-        )
-    })?;
+    let max_connections = NonZeroUsize::new(*raw.max_connections.get_ref())
+        .ok_or_else(|| cx.err(raw.max_connections.span(), "max_connections must be at least 1"))?;
     let max_header_bytes = *raw.max_header_bytes.get_ref();
     if max_header_bytes < MIN_HEADER_BYTES {
         return Err(cx.err(
@@ -114,11 +95,7 @@ fn server(cx: &Cx<'_>, raw: RawServer) -> Result<Server, ConfigError> {
         max_body_bytes: raw.max_body_bytes,
         max_request_bytes: (raw.max_request_bytes > 0).then_some(raw.max_request_bytes),
         shutdown_grace: raw.shutdown_grace.0,
-        proxy_auth: raw
-            .proxy_auth
-            .into_iter()
-            .map(Spanned::into_inner)
-            .collect(),
+        proxy_auth: raw.proxy_auth.into_iter().map(Spanned::into_inner).collect(),
         max_connections,
         max_header_bytes,
         header_read_timeout: positive(cx, "header_read_timeout", &raw.header_read_timeout)?,
@@ -129,25 +106,16 @@ fn server(cx: &Cx<'_>, raw: RawServer) -> Result<Server, ConfigError> {
 fn redis(cx: &Cx<'_>, raw: RawRedis) -> Result<Redis, ConfigError> {
     let url = raw.url.get_ref();
     if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-        return Err(cx.err(
-            raw.url.span(),
-            "redis url must start with redis:// or rediss://",
-        ));
+        return Err(cx.err(raw.url.span(), "redis url must start with redis:// or rediss://"));
     }
-    Ok(Redis {
-        url: raw.url.into_inner(),
-        on_error: raw.on_error.into(),
-    })
+    Ok(Redis { url: raw.url.into_inner(), on_error: raw.on_error.into() })
 }
 
 fn socket_addr(cx: &Cx<'_>, key: &str, raw: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
     raw.get_ref().parse().map_err(|_| {
         cx.err(
             raw.span(),
-            format!(
-                "invalid {key} {:?}: expected IP:PORT like 127.0.0.1:8080 or [::1]:8080",
-                raw.get_ref()
-            ),
+            format!("invalid {key} {:?}: expected IP:PORT like 127.0.0.1:8080 or [::1]:8080", raw.get_ref()),
         )
     })
 }
@@ -187,10 +155,7 @@ fn upstream(cx: &Cx<'_>, claims: &mut Claims, raw: RawUpstream) -> Result<Upstre
             let mut host_claims = Vec::new();
             for entry in hosts.get_ref() {
                 let host = parse_host_port(entry.get_ref()).map_err(|msg| {
-                    cx.err(
-                        entry.span(),
-                        format!("invalid host {:?}: {msg}", entry.get_ref()),
-                    )
+                    cx.err(entry.span(), format!("invalid host {:?}: {msg}", entry.get_ref()))
                 })?;
                 host_claims.push(HostClaim {
                     host,
@@ -202,11 +167,7 @@ fn upstream(cx: &Cx<'_>, claims: &mut Claims, raw: RawUpstream) -> Result<Upstre
             host_claims
         }
         None => vec![HostClaim {
-            host: HostPort {
-                host: base_url.host.clone(),
-                ipv6: base_url.host.contains(':'),
-                port: None,
-            },
+            host: HostPort { host: base_url.host.clone(), ipv6: base_url.host.contains(':'), port: None },
             upstream: name.clone(),
             span: raw.base_url.span(),
             from_base_url: true,
@@ -216,18 +177,12 @@ fn upstream(cx: &Cx<'_>, claims: &mut Claims, raw: RawUpstream) -> Result<Upstre
 
     let rates = raw.rate.get_ref().0.clone();
     if rates.is_empty() {
-        return Err(cx.err(
-            raw.rate.span(),
-            "rate needs at least one quota, like \"10/s\"",
-        ));
+        return Err(cx.err(raw.rate.span(), "rate needs at least one quota, like \"10/s\""));
     }
     if let Some(ca_file) = &raw.ca_file
         && base_url.scheme != Scheme::HTTPS
     {
-        return Err(cx.err(
-            ca_file.span(),
-            "ca_file is only used with an https base_url",
-        ));
+        return Err(cx.err(ca_file.span(), "ca_file is only used with an https base_url"));
     }
 
     Ok(Upstream {
@@ -242,30 +197,17 @@ fn upstream(cx: &Cx<'_>, claims: &mut Claims, raw: RawUpstream) -> Result<Upstre
         queue_timeout: positive(cx, "queue_timeout", &raw.queue_timeout)?,
         timeout: positive(cx, "timeout", &raw.timeout)?,
         retry: retry(cx, raw.retry)?,
-        partition_by: raw
-            .partition_by
-            .as_ref()
-            .map(|s| key_source(cx, "partition_by", s))
-            .transpose()?,
-        max_partitions: NonZeroUsize::new(*raw.max_partitions.get_ref()).ok_or_else(|| {
-            cx.err(
-                raw.max_partitions.span(),
-                "max_partitions must be at least 1",
-            )
-        })?,
-        fair_by: raw
-            .fair_by
-            .as_ref()
-            .map(|s| key_source(cx, "fair_by", s))
-            .transpose()?,
+        partition_by: raw.partition_by.as_ref().map(|s| key_source(cx, "partition_by", s)).transpose()?,
+        max_partitions: NonZeroUsize::new(*raw.max_partitions.get_ref())
+            .ok_or_else(|| cx.err(raw.max_partitions.span(), "max_partitions must be at least 1"))?,
+        fair_by: raw.fair_by.as_ref().map(|s| key_source(cx, "fair_by", s)).transpose()?,
         ca_file: raw.ca_file.map(Spanned::into_inner),
         name,
     })
 }
 
 fn at_least_one(cx: &Cx<'_>, key: &str, raw: &Spanned<u32>) -> Result<NonZeroU32, ConfigError> {
-    NonZeroU32::new(*raw.get_ref())
-        .ok_or_else(|| cx.err(raw.span(), format!("{key} must be at least 1")))
+    NonZeroU32::new(*raw.get_ref()).ok_or_else(|| cx.err(raw.span(), format!("{key} must be at least 1")))
 }
 
 /// `"header:NAME"` or `"client_ip"`.
@@ -278,10 +220,7 @@ fn key_source(cx: &Cx<'_>, key: &str, raw: &Spanned<String>) -> Result<KeySource
         .strip_prefix("header:")
         .and_then(|name| HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).ok());
     header.map(KeySource::Header).ok_or_else(|| {
-        cx.err(
-            raw.span(),
-            format!("invalid {key} {value:?}: expected \"header:NAME\" or \"client_ip\""),
-        )
+        cx.err(raw.span(), format!("invalid {key} {value:?}: expected \"header:NAME\" or \"client_ip\""))
     })
 }
 
@@ -293,10 +232,7 @@ fn retry(cx: &Cx<'_>, raw: RawRetry) -> Result<Retry, ConfigError> {
             .filter(|c| (100..=599).contains(c))
             .and_then(|c| StatusCode::from_u16(c).ok())
             .ok_or_else(|| {
-                cx.err(
-                    code.span(),
-                    format!("{} is not an HTTP status code (100-599)", code.get_ref()),
-                )
+                cx.err(code.span(), format!("{} is not an HTTP status code (100-599)", code.get_ref()))
             })?;
         if !on_status.contains(&status) {
             on_status.push(status);
@@ -305,11 +241,7 @@ fn retry(cx: &Cx<'_>, raw: RawRetry) -> Result<Retry, ConfigError> {
     let (base_delay, max_delay) = (raw.base_delay.get_ref().0, raw.max_delay.get_ref().0);
     if base_delay > max_delay {
         // Point at whichever of the two is actually written in the file.
-        let span = if raw.max_delay.span().is_empty() {
-            raw.base_delay.span()
-        } else {
-            raw.max_delay.span()
-        };
+        let span = if raw.max_delay.span().is_empty() { raw.base_delay.span() } else { raw.max_delay.span() };
         return Err(cx.err(
             span,
             format!(

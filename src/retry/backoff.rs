@@ -37,9 +37,7 @@ pub fn exponential(cfg: &Retry, retry: u32) -> Duration {
     let doublings = retry.saturating_sub(1);
     // 2^doublings overflows u32 past 31 doublings: by then any non-zero base
     // is far above any sane cap, so saturate to the cap.
-    let grown = 1u32
-        .checked_shl(doublings)
-        .and_then(|factor| cfg.base_delay.checked_mul(factor));
+    let grown = 1u32.checked_shl(doublings).and_then(|factor| cfg.base_delay.checked_mul(factor));
     match grown {
         Some(d) => d.min(cfg.max_delay),
         None if cfg.base_delay.is_zero() => Duration::ZERO,
@@ -53,12 +51,7 @@ pub fn exponential(cfg: &Retry, retry: u32) -> Duration {
 /// used only when `respect_retry_after` is on, and the result is then never
 /// below it and at most `HINT_SPREAD_CAP` above it. Without a hint the
 /// result never exceeds `max_delay`.
-pub fn delay(
-    cfg: &Retry,
-    retry: u32,
-    retry_after: Option<Duration>,
-    rng: &mut impl Rng,
-) -> Duration {
+pub fn delay(cfg: &Retry, retry: u32, retry_after: Option<Duration>, rng: &mut impl Rng) -> Duration {
     let backoff = exponential(cfg, retry);
     match retry_after.filter(|_| cfg.respect_retry_after) {
         None => jitter(cfg.jitter, backoff, rng),
@@ -173,10 +166,7 @@ mod tests {
         let mut cfg = retry_config(ms(250), Duration::from_secs(30), Jitter::None);
         cfg.respect_retry_after = false;
         let mut rng = StdRng::seed_from_u64(3);
-        assert_eq!(
-            delay(&cfg, 1, Some(Duration::from_secs(60)), &mut rng),
-            ms(250)
-        );
+        assert_eq!(delay(&cfg, 1, Some(Duration::from_secs(60)), &mut rng), ms(250));
         assert!(!retry_after_too_long(&cfg, Some(Duration::from_secs(1000))));
     }
 

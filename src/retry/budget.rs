@@ -258,9 +258,6 @@ mod tests {
         for _ in 0..50 {
             b.record_request(base);
         }
-        assert_eq!(
-            b.available(base),
-            10 + DEFAULT_MIN_RETRIES_PER_SEC as u64 * 10
-        );
+        assert_eq!(b.available(base), 10 + DEFAULT_MIN_RETRIES_PER_SEC as u64 * 10);
     }
 }

@@ -40,8 +40,8 @@ pub struct RateLimitHint {
 
 /// How long the upstream asks us to wait, if it says so in a form we read.
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    let millis = header_str(headers, "retry-after-ms")
-        .and_then(|v| parse_decimal(v, Duration::from_millis(1)));
+    let millis =
+        header_str(headers, "retry-after-ms").and_then(|v| parse_decimal(v, Duration::from_millis(1)));
     millis.or_else(|| {
         let v = header_str(headers, "retry-after")?;
         parse_decimal(v, Duration::from_secs(1)).or_else(|| {
@@ -53,22 +53,15 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 
 /// The upstream's remaining quota and reset time, when it reports both.
 pub fn rate_limit(headers: &HeaderMap, now: SystemTime) -> Option<RateLimitHint> {
-    github(headers, now)
-        .or_else(|| ietf_draft(headers))
-        .or_else(|| openai(headers))
+    github(headers, now).or_else(|| ietf_draft(headers)).or_else(|| openai(headers))
 }
 
 /// `X-RateLimit-*`; `Reset` is epoch seconds or delta (see [`EPOCH_THRESHOLD_SECS`]).
 fn github(headers: &HeaderMap, now: SystemTime) -> Option<RateLimitHint> {
     let remaining = parse_u64(header_str(headers, "x-ratelimit-remaining")?)?;
-    let reset = parse_decimal(
-        header_str(headers, "x-ratelimit-reset")?,
-        Duration::from_secs(1),
-    )?;
+    let reset = parse_decimal(header_str(headers, "x-ratelimit-reset")?, Duration::from_secs(1))?;
     let reset_after = if reset.as_secs() > EPOCH_THRESHOLD_SECS {
-        UNIX_EPOCH
-            .checked_add(reset)
-            .map_or(Duration::MAX, |at| until(at, now))
+        UNIX_EPOCH.checked_add(reset).map_or(Duration::MAX, |at| until(at, now))
     } else {
         reset
     };
@@ -83,10 +76,7 @@ fn github(headers: &HeaderMap, now: SystemTime) -> Option<RateLimitHint> {
 fn ietf_draft(headers: &HeaderMap) -> Option<RateLimitHint> {
     Some(RateLimitHint {
         remaining: parse_u64(header_str(headers, "ratelimit-remaining")?)?,
-        reset_after: parse_decimal(
-            header_str(headers, "ratelimit-reset")?,
-            Duration::from_secs(1),
-        )?,
+        reset_after: parse_decimal(header_str(headers, "ratelimit-reset")?, Duration::from_secs(1))?,
         limit: header_str(headers, "ratelimit-limit").and_then(parse_u64),
     })
 }
@@ -181,20 +171,14 @@ mod tests {
             ("x-ratelimit-remaining", "0"),
             ("x-ratelimit-reset", "1700000060"),
         ]);
-        let want = RateLimitHint {
-            limit: Some(5000),
-            remaining: 0,
-            reset_after: Duration::from_millis(59_750),
-        };
+        let want =
+            RateLimitHint { limit: Some(5000), remaining: 0, reset_after: Duration::from_millis(59_750) };
         assert_eq!(rate_limit(&h, now()), Some(want));
     }
 
     #[test]
     fn github_past_epoch_is_zero_and_small_value_is_delta() {
-        let h = headers(&[
-            ("x-ratelimit-remaining", "3"),
-            ("x-ratelimit-reset", "1600000000"),
-        ]);
+        let h = headers(&[("x-ratelimit-remaining", "3"), ("x-ratelimit-reset", "1600000000")]);
         let hint = rate_limit(&h, now()).expect("complete hint");
         assert_eq!(hint.reset_after, Duration::ZERO);
         assert_eq!(hint.limit, None);
@@ -205,16 +189,9 @@ mod tests {
 
     #[test]
     fn ietf_draft_headers() {
-        let h = headers(&[
-            ("ratelimit-limit", "100"),
-            ("ratelimit-remaining", "7"),
-            ("ratelimit-reset", "30"),
-        ]);
-        let want = RateLimitHint {
-            limit: Some(100),
-            remaining: 7,
-            reset_after: Duration::from_secs(30),
-        };
+        let h =
+            headers(&[("ratelimit-limit", "100"), ("ratelimit-remaining", "7"), ("ratelimit-reset", "30")]);
+        let want = RateLimitHint { limit: Some(100), remaining: 7, reset_after: Duration::from_secs(30) };
         assert_eq!(rate_limit(&h, now()), Some(want));
     }
 
@@ -227,11 +204,7 @@ mod tests {
             ("x-ratelimit-remaining-tokens", "149984"),
             ("x-ratelimit-reset-tokens", "6m0s"),
         ]);
-        let want = RateLimitHint {
-            limit: Some(60),
-            remaining: 59,
-            reset_after: Duration::from_secs(1),
-        };
+        let want = RateLimitHint { limit: Some(60), remaining: 59, reset_after: Duration::from_secs(1) };
         assert_eq!(rate_limit(&h, now()), Some(want));
     }
 

@@ -46,9 +46,7 @@ pub(crate) fn parse_go_duration(s: &str) -> Option<Duration> {
         return None;
     }
     while !rest.is_empty() {
-        let number_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
+        let number_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
         let (number, after) = rest.split_at(number_len);
         let (unit, size) = UNITS.iter().find(|(u, _)| after.starts_with(u))?;
         let (nanos, leftover) = decimal_nanos(number, *size)?;
@@ -68,9 +66,7 @@ fn decimal_nanos(s: &str, unit_nanos: u128) -> Option<(u128, &str)> {
     let (int, rest) = s.split_at(int_len);
     let (frac, rest) = match rest.strip_prefix('.') {
         Some(after_dot) => {
-            let len = after_dot
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(after_dot.len());
+            let len = after_dot.find(|c: char| !c.is_ascii_digit()).unwrap_or(after_dot.len());
             after_dot.split_at(len)
         }
         None => ("", rest),
@@ -88,9 +84,7 @@ fn decimal_nanos(s: &str, unit_nanos: u128) -> Option<(u128, &str)> {
 }
 
 fn digits_saturating(digits: &str) -> u128 {
-    digits.bytes().fold(0u128, |acc, b| {
-        acc.saturating_mul(10).saturating_add(u128::from(b - b'0'))
-    })
+    digits.bytes().fold(0u128, |acc, b| acc.saturating_mul(10).saturating_add(u128::from(b - b'0')))
 }
 
 fn from_nanos(nanos: u128) -> Duration {
@@ -114,15 +108,7 @@ mod tests {
     fn integers_are_strict() {
         assert_eq!(parse_u64("42"), Some(42));
         assert_eq!(parse_u64("0"), Some(0));
-        for bad in [
-            "",
-            "+1",
-            "-1",
-            "1.0",
-            " 1",
-            "1e3",
-            "99999999999999999999999",
-        ] {
+        for bad in ["", "+1", "-1", "1.0", " 1", "1e3", "99999999999999999999999"] {
             assert_eq!(parse_u64(bad), None, "{bad:?}");
         }
     }
@@ -131,23 +117,15 @@ mod tests {
     fn decimals_scale_by_unit() {
         assert_eq!(parse_decimal("120", SEC), Some(Duration::from_secs(120)));
         assert_eq!(parse_decimal("1.5", SEC), Some(Duration::from_millis(1500)));
-        assert_eq!(
-            parse_decimal("20.25", MS),
-            Some(Duration::from_micros(20_250))
-        );
-        assert_eq!(
-            parse_decimal("0.000000001", SEC),
-            Some(Duration::from_nanos(1))
-        );
+        assert_eq!(parse_decimal("20.25", MS), Some(Duration::from_micros(20_250)));
+        assert_eq!(parse_decimal("0.000000001", SEC), Some(Duration::from_nanos(1)));
         assert_eq!(parse_decimal(".5", SEC), Some(Duration::from_millis(500)));
         assert_eq!(parse_decimal("5.", SEC), Some(Duration::from_secs(5)));
     }
 
     #[test]
     fn decimals_refuse_garbage() {
-        for bad in [
-            "", ".", "-1", "+1", "inf", "NaN", "1e3", "1.2.3", "1 s", "0x10",
-        ] {
+        for bad in ["", ".", "-1", "+1", "inf", "NaN", "1e3", "1.2.3", "1 s", "0x10"] {
             assert_eq!(parse_decimal(bad, SEC), None, "{bad:?}");
         }
     }

@@ -104,12 +104,7 @@ pub fn has_idempotency_key(headers: &HeaderMap) -> bool {
 ///
 /// `has_idempotency_key` is [`has_idempotency_key`] of the original request.
 /// Attempts left, budget and `max_retry_after` are checked by the caller.
-pub fn classify(
-    cfg: &Retry,
-    method: &Method,
-    has_idempotency_key: bool,
-    outcome: &Outcome,
-) -> Decision {
+pub fn classify(cfg: &Retry, method: &Method, has_idempotency_key: bool, outcome: &Outcome) -> Decision {
     // Replaying is harmless when the method says so or the upstream dedupes.
     let replay_safe = method.is_idempotent() || has_idempotency_key;
     match *outcome {
@@ -147,15 +142,9 @@ mod tests {
     use crate::retry::test_support::retry_config;
 
     fn cfg(on_status: &[u16]) -> Retry {
-        let mut cfg = retry_config(
-            Duration::from_millis(250),
-            Duration::from_secs(30),
-            Jitter::Full,
-        );
-        cfg.on_status = on_status
-            .iter()
-            .map(|&s| StatusCode::from_u16(s).expect("valid test status"))
-            .collect();
+        let mut cfg = retry_config(Duration::from_millis(250), Duration::from_secs(30), Jitter::Full);
+        cfg.on_status =
+            on_status.iter().map(|&s| StatusCode::from_u16(s).expect("valid test status")).collect();
         cfg
     }
 
@@ -169,20 +158,14 @@ mod tests {
     fn status_429_is_retried_for_any_method() {
         let c = cfg(DEFAULT);
         for m in [Method::POST, Method::PATCH, Method::GET] {
-            assert_eq!(
-                classify(&c, &m, false, &status(429)),
-                Decision::Retry(RetryReason::Status429)
-            );
+            assert_eq!(classify(&c, &m, false, &status(429)), Decision::Retry(RetryReason::Status429));
         }
     }
 
     #[test]
     fn status_429_not_listed_is_not_retried() {
         let c = cfg(&[503]);
-        assert_eq!(
-            classify(&c, &Method::GET, false, &status(429)),
-            Decision::GiveUp
-        );
+        assert_eq!(classify(&c, &Method::GET, false, &status(429)), Decision::GiveUp);
     }
 
     #[test]
@@ -197,43 +180,19 @@ mod tests {
     #[test]
     fn listed_5xx_needs_idempotency() {
         let c = cfg(DEFAULT);
-        for m in [
-            Method::GET,
-            Method::HEAD,
-            Method::OPTIONS,
-            Method::PUT,
-            Method::DELETE,
-            Method::TRACE,
-        ] {
-            assert_eq!(
-                classify(&c, &m, false, &status(503)),
-                Decision::Retry(RetryReason::Status5xx),
-                "{m}"
-            );
+        for m in [Method::GET, Method::HEAD, Method::OPTIONS, Method::PUT, Method::DELETE, Method::TRACE] {
+            assert_eq!(classify(&c, &m, false, &status(503)), Decision::Retry(RetryReason::Status5xx), "{m}");
         }
-        assert_eq!(
-            classify(&c, &Method::POST, false, &status(503)),
-            Decision::GiveUp
-        );
-        assert_eq!(
-            classify(&c, &Method::PATCH, false, &status(502)),
-            Decision::GiveUp
-        );
-        assert_eq!(
-            classify(&c, &Method::POST, true, &status(503)),
-            Decision::Retry(RetryReason::Status5xx)
-        );
+        assert_eq!(classify(&c, &Method::POST, false, &status(503)), Decision::GiveUp);
+        assert_eq!(classify(&c, &Method::PATCH, false, &status(502)), Decision::GiveUp);
+        assert_eq!(classify(&c, &Method::POST, true, &status(503)), Decision::Retry(RetryReason::Status5xx));
     }
 
     #[test]
     fn unlisted_status_is_never_retried() {
         let c = cfg(DEFAULT);
         for s in [500, 501, 400, 404, 408] {
-            assert_eq!(
-                classify(&c, &Method::GET, true, &status(s)),
-                Decision::GiveUp,
-                "{s}"
-            );
+            assert_eq!(classify(&c, &Method::GET, true, &status(s)), Decision::GiveUp, "{s}");
         }
     }
 
@@ -244,45 +203,25 @@ mod tests {
             classify(&c, &Method::GET, false, &status(408)),
             Decision::Retry(RetryReason::StatusOther)
         );
-        assert_eq!(
-            classify(&c, &Method::POST, false, &status(408)),
-            Decision::GiveUp
-        );
+        assert_eq!(classify(&c, &Method::POST, false, &status(408)), Decision::GiveUp);
     }
 
     #[test]
     fn success_is_never_retried_even_if_listed() {
         let c = cfg(&[200, 204]);
-        assert_eq!(
-            classify(&c, &Method::GET, true, &status(200)),
-            Decision::GiveUp
-        );
-        assert_eq!(
-            classify(&c, &Method::GET, true, &status(204)),
-            Decision::GiveUp
-        );
+        assert_eq!(classify(&c, &Method::GET, true, &status(200)), Decision::GiveUp);
+        assert_eq!(classify(&c, &Method::GET, true, &status(204)), Decision::GiveUp);
     }
 
     #[test]
     fn timeout_and_broken_need_idempotency() {
         let c = cfg(DEFAULT);
-        let cases = [
-            (Outcome::TimedOut, RetryReason::Timeout),
-            (Outcome::BrokenAfterSend, RetryReason::Broken),
-        ];
+        let cases =
+            [(Outcome::TimedOut, RetryReason::Timeout), (Outcome::BrokenAfterSend, RetryReason::Broken)];
         for (outcome, reason) in cases {
-            assert_eq!(
-                classify(&c, &Method::GET, false, &outcome),
-                Decision::Retry(reason)
-            );
-            assert_eq!(
-                classify(&c, &Method::POST, true, &outcome),
-                Decision::Retry(reason)
-            );
-            assert_eq!(
-                classify(&c, &Method::POST, false, &outcome),
-                Decision::GiveUp
-            );
+            assert_eq!(classify(&c, &Method::GET, false, &outcome), Decision::Retry(reason));
+            assert_eq!(classify(&c, &Method::POST, true, &outcome), Decision::Retry(reason));
+            assert_eq!(classify(&c, &Method::POST, false, &outcome), Decision::GiveUp);
         }
     }
 
@@ -297,17 +236,7 @@ mod tests {
     #[test]
     fn labels_are_stable_and_distinct() {
         let labels: Vec<_> = RetryReason::ALL.iter().map(|r| r.as_str()).collect();
-        assert_eq!(
-            labels,
-            [
-                "status_429",
-                "status_5xx",
-                "status_other",
-                "connect",
-                "timeout",
-                "broken"
-            ]
-        );
+        assert_eq!(labels, ["status_429", "status_5xx", "status_other", "connect", "timeout", "broken"]);
         assert_eq!(RetryReason::Connect.to_string(), "connect");
     }
 }

@@ -227,7 +227,9 @@ impl Dispatcher {
         let observed = self.shared.observed();
         let ahead = self.depth() as f64 + 1.0;
         let drain = Duration::try_from_secs_f64(ahead / observed.effective_rate).unwrap_or(Duration::MAX);
-        let cooldown = observed.cooldown_until.map_or(Duration::ZERO, |until| until.saturating_duration_since(Instant::now()));
+        let cooldown = observed
+            .cooldown_until
+            .map_or(Duration::ZERO, |until| until.saturating_duration_since(Instant::now()));
         drain.saturating_add(cooldown)
     }
 }

@@ -102,10 +102,7 @@ pub struct Behaviour {
 pub enum Scripted {
     /// Answer `status` with these headers (they replace computed ones of the
     /// same name; invalid names or values are skipped) and an empty body.
-    Status {
-        status: u16,
-        headers: Vec<(String, String)>,
-    },
+    Status { status: u16, headers: Vec<(String, String)> },
     /// No response: HTTP/1.1 closes the connection, HTTP/2 resets the stream.
     Reset,
     /// No response until the mock shuts down, then as `Reset`.
@@ -148,11 +145,7 @@ struct State {
 
 /// The answer chosen on arrival; the body is produced after latency.
 enum Plan {
-    Answer {
-        status: StatusCode,
-        headers: HeaderMap,
-        body: Kind,
-    },
+    Answer { status: StatusCode, headers: HeaderMap, body: Kind },
     Reset,
     Stall,
     Truncated,
@@ -230,10 +223,7 @@ impl Scripted {
 
     /// Answer `status` with these extra headers.
     pub fn status_with(status: u16, headers: &[(&str, &str)]) -> Self {
-        let headers = headers
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.to_string()))
-            .collect();
+        let headers = headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
         Scripted::Status { status, headers }
     }
 }
@@ -243,29 +233,19 @@ impl Scripted {
 impl MockUpstream {
     /// Start on `127.0.0.1:0`.
     pub async fn start(behaviour: Behaviour) -> MockUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binding 127.0.0.1:0 for the mock upstream");
+        let listener =
+            TcpListener::bind("127.0.0.1:0").await.expect("binding 127.0.0.1:0 for the mock upstream");
         Self::start_on(listener, behaviour).await
     }
 
     /// Start on a listener the caller bound (e.g. to reuse a known port).
     pub async fn start_on(listener: TcpListener, behaviour: Behaviour) -> MockUpstream {
-        let addr = listener
-            .local_addr()
-            .expect("a bound listener has an address");
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State::new(behaviour)),
-            arrived: watch::Sender::new(0),
-        });
+        let addr = listener.local_addr().expect("a bound listener has an address");
+        let shared =
+            Arc::new(Shared { state: Mutex::new(State::new(behaviour)), arrived: watch::Sender::new(0) });
         let (shutdown, stop) = watch::channel(false);
         let server = tokio::spawn(serve(listener, shared.clone(), stop));
-        MockUpstream {
-            addr,
-            shared,
-            shutdown,
-            server: Some(server),
-        }
+        MockUpstream { addr, shared, shutdown, server: Some(server) }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -375,10 +355,7 @@ impl State {
         let mut headers = self.rate_limit_headers(now);
         if let Some(step) = self.behaviour.script.pop_front() {
             return match step {
-                Scripted::Status {
-                    status,
-                    headers: extra,
-                } => {
+                Scripted::Status { status, headers: extra } => {
                     for (name, value) in extra {
                         if let (Ok(n), Ok(v)) = (name.parse::<HeaderName>(), value.parse()) {
                             headers.insert(n, v);
@@ -403,11 +380,7 @@ impl State {
             return answer(status, headers, Kind::Empty);
         }
         if let Some((n, window)) = self.behaviour.limit {
-            while self
-                .accepted
-                .front()
-                .is_some_and(|t| now.duration_since(*t) >= window)
-            {
+            while self.accepted.front().is_some_and(|t| now.duration_since(*t) >= window) {
                 self.accepted.pop_front();
             }
             if let Some(&oldest) = self.accepted.front()
@@ -453,11 +426,7 @@ fn answer(status: u16, headers: HeaderMap, body: Kind) -> Plan {
         Ok(status) if (200..=599).contains(&status.as_u16()) => status,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    Plan::Answer {
-        status,
-        headers,
-        body,
-    }
+    Plan::Answer { status, headers, body }
 }
 
 /// The special paths; malformed parameters answer 400.
@@ -466,17 +435,12 @@ fn route(uri: &Uri) -> (u16, Kind) {
     let param = |name: &str| {
         let query = uri.query().unwrap_or("");
         let mut pairs = query.split('&').filter_map(|p| p.split_once('='));
-        pairs
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.parse::<u64>())
+        pairs.find(|(k, _)| *k == name).map(|(_, v)| v.parse::<u64>())
     };
     if path.starts_with("/echo") {
         (200, Kind::Echo)
     } else if path == "/sse" {
-        match (
-            param("n").unwrap_or(Ok(5)),
-            param("interval_ms").unwrap_or(Ok(50)),
-        ) {
+        match (param("n").unwrap_or(Ok(5)), param("interval_ms").unwrap_or(Ok(50))) {
             (Ok(n), Ok(ms)) if n <= MAX_SSE_EVENTS && ms <= MAX_SSE_INTERVAL_MS => {
                 let interval = Duration::from_millis(ms);
                 (200, Kind::Sse { n, interval })
@@ -556,11 +520,7 @@ async fn handle(
         state.arrivals.push(Arrival {
             at: now,
             method: parts.method.to_string(),
-            path_and_query: parts
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .into(),
+            path_and_query: parts.uri.path_and_query().map_or("/", |p| p.as_str()).into(),
             version: parts.version,
             headers: parts.headers.clone(),
             body_len: 0,
@@ -577,11 +537,7 @@ async fn handle(
     }
 
     let (status, mut headers, kind) = match plan {
-        Plan::Answer {
-            status,
-            headers,
-            body,
-        } => (status, headers, body),
+        Plan::Answer { status, headers, body } => (status, headers, body),
         Plan::Reset => return Err("scripted reset".into()),
         Plan::Stall => {
             stopped(&mut stop).await;
