@@ -1,23 +1,131 @@
-//! The admin listener: health, and (as they land) metrics, status and reload.
+//! The admin listener: `/healthz`, `/metrics`, `/status`, `POST /reload`.
 
-use http::{Method, Request, Response, StatusCode, header};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
+use serde_json::{Value, json};
 
+use crate::app::App;
 use crate::body::{self, ProxyBody};
+use crate::metrics::Metrics;
+use crate::retry::RetryReason;
+use crate::upstream::Upstream;
 
-/// Answers one admin request.
-pub async fn handle(request: Request<Incoming>) -> Response<ProxyBody> {
-    match (request.method(), request.uri().path()) {
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+/// Attempt outcomes as `pacegate_upstream_attempts_total` labels them.
+const OUTCOMES: [&str; 7] =
+    ["ok", "client_error", "rate_limited", "server_error", "connect_error", "timeout", "broken"];
+/// Reasons pacegate refuses a request itself.
+const REJECTIONS: [&str; 4] = ["queue_full", "queue_timeout", "rate_limit_store", "too_many_partitions"];
+
+/// What the admin endpoints need.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    app: App,
+}
+
+impl Admin {
+    pub fn new(app: App) -> Self {
+        Self { app }
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+/// Answers one admin request.
+pub async fn handle(admin: Admin, request: Request<Incoming>) -> Response<ProxyBody> {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
+        (&Method::GET, "/metrics") => metrics(&admin),
+        (&Method::GET, "/status") => json_answer(StatusCode::OK, &status(&admin)),
+        (&Method::POST, "/reload") => match admin.app.reload("admin").await {
+            Ok(version) => json_answer(StatusCode::OK, &json!({ "version": version.to_string() })),
+            Err(error) => json_answer(StatusCode::BAD_REQUEST, &json!({ "error": error.to_string() })),
+        },
+        _ => text(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found\n".into()),
+    }
+}
+
+fn metrics(admin: &Admin) -> Response<ProxyBody> {
+    let state = admin.app.state();
+    let runtime = state.proxy.runtime.load();
+    for upstream in &runtime.upstreams {
+        let label = Metrics::upstream(&upstream.config.name);
+        let dispatcher = &upstream.dispatcher;
+        state.metrics.queue_depth.get_or_create(&label).set(dispatcher.depth() as i64);
+        state.metrics.inflight.get_or_create(&label).set(dispatcher.inflight() as i64);
+        state.metrics.effective_rate.get_or_create(&label).set(dispatcher.observed().effective_rate);
+    }
+    text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", state.metrics.encode())
+}
+
+/// `/status`: per upstream its quotas, queue, in-flight, cooldown and counts.
+fn status(admin: &Admin) -> Value {
+    let state = admin.app.state();
+    let runtime = state.proxy.runtime.load();
+    let upstreams: Vec<Value> =
+        runtime.upstreams.iter().map(|u| upstream_status(&state.metrics, u)).collect();
+    json!({
+        "version": runtime.version.to_string(),
+        "generation": runtime.version.generation,
+        "uptime_seconds": state.started.elapsed().as_secs_f64(),
+        "upstreams": upstreams,
+    })
+}
+
+fn upstream_status(metrics: &Metrics, upstream: &Upstream) -> Value {
+    let config = &upstream.config;
+    let name = config.name.as_str();
+    let dispatcher = &upstream.dispatcher;
+    let observed = dispatcher.observed();
+    let now = tokio::time::Instant::now();
+    let cooldown_remaining = observed.cooldown_until.map(|until| until.saturating_duration_since(now));
+    let counts = |family, labels: &[&str]| -> Value {
+        labels
+            .iter()
+            .map(|l| (l.to_string(), json!(Metrics::read(family, &Metrics::reason(name, l)))))
+            .collect()
+    };
+    let reasons: Vec<&str> = RetryReason::ALL.iter().map(|r| r.as_str()).collect();
+    let attempts: Value = OUTCOMES
+        .iter()
+        .map(|o| {
+            let labels = crate::metrics::OutcomeLabels { upstream: name.to_string(), outcome: o.to_string() };
+            (o.to_string(), json!(Metrics::read(&metrics.attempts, &labels)))
+        })
+        .collect();
+    json!({
+        "name": name,
+        "quotas": config.rate.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "burst": config.burst.get(),
+        "adaptive": config.adaptive,
+        "effective_rate": observed.effective_rate,
+        "queue": { "depth": dispatcher.depth(), "capacity": dispatcher.capacity() },
+        "inflight": { "now": dispatcher.inflight(), "max": dispatcher.max_inflight() },
+        "cooldown": cooldown_remaining.filter(|d| !d.is_zero()).map(|d| json!({
+            "remaining_ms": d.as_millis() as u64,
+            "until_unix_ms": unix_ms(SystemTime::now() + d),
+        })),
+        "requests": Metrics::read(&metrics.answered, &Metrics::upstream(name)),
+        "attempts": attempts,
+        "retries": counts(&metrics.retries, &reasons),
+        "rejections": counts(&metrics.rejected, &REJECTIONS),
+        "last_rate_limited": observed.last_rate_limited.map(|(at, pause)| json!({
+            "at_unix_ms": unix_ms(at),
+            "retry_after_ms": pause.map(|p| p.as_millis() as u64),
+        })),
+    })
+}
+
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64
+}
+
+fn json_answer(status: StatusCode, value: &Value) -> Response<ProxyBody> {
+    text(status, "application/json", value.to_string())
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<ProxyBody> {
     let mut response = Response::new(body::full(body));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }

@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //! - [`config`]: the TOML file, parsed then validated into runtime types.
-//! - [`app`]: wires listeners, the proxy runtime, admin and shutdown.
+//! - [`app`]: wires listeners, the proxy runtime, admin, reloads and shutdown.
+//! - [`runtime`]: a config generation, and what a reload carries over.
+//! - [`reload`]: reload triggers (SIGHUP, the file on disk).
 //! - [`server`]: accept loop, connection builder, graceful shutdown.
 //! - [`proxy`]: the life of one request: check, route, read body, exchange;
 //!   [`proxy::route`] decides the upstream, [`proxy::headers`] strips hop-by-hop.
@@ -10,7 +12,8 @@
 //!   pacing, concurrency) and the pooled rustls [`upstream::client`].
 //! - [`limit`]: the governor-based pacer.
 //! - [`retry`]: what is retryable, backoff, Retry-After and rate-limit hints, budget.
-//! - [`admin`]: health, metrics, status and reload endpoints.
+//! - [`admin`]: health, metrics, status and reload endpoints; [`metrics`] the
+//!   Prometheus series SPEC names.
 //! - [`error`]: SPEC's error table, the one mapping from errors to answers.
 //! - [`body`]: buffered (replayable) and streamed bodies.
 #![forbid(unsafe_code)]
@@ -21,7 +24,10 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod limit;
+pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod retry;
+pub mod runtime;
 pub mod server;
 pub mod upstream;

@@ -76,7 +76,7 @@ fn run(path: &Path) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let listeners = app::Listeners::bind(&config).await?;
-        app::run(config, listeners, shutdown_signal()).await
+        app::App::new(config, path.to_path_buf()).run(listeners, shutdown_signal()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,10 +17,12 @@ use http::{HeaderMap, Request, Response, header};
 use hyper::body::Incoming;
 
 use crate::body::{self, BodyError, ProxyBody};
-use crate::config::{self, Config};
+use crate::config;
 use crate::error::ProxyError;
-use crate::upstream::{ATTEMPTS_HEADER, Upstream, UpstreamClient, inbound_response, outbound_request};
-use route::{Router, Target};
+use crate::metrics::{Metrics, NO_UPSTREAM};
+use crate::runtime::Runtime;
+use crate::upstream::{ATTEMPTS_HEADER, UpstreamClient, inbound_response, outbound_request};
+use route::Target;
 
 /// Request header with which a caller shortens its own queue wait.
 pub const MAX_WAIT_HEADER: &str = "x-pacegate-max-wait";
@@ -28,35 +30,18 @@ pub const MAX_WAIT_HEADER: &str = "x-pacegate-max-wait";
 /// Timeout of one pass-through request (unknown hosts have no config).
 const PASS_THROUGH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One generation of configuration with everything built from it.
-#[derive(Debug)]
-pub struct Runtime {
-    pub config: Arc<Config>,
-    pub router: Router,
-    /// Upstreams by config index.
-    pub upstreams: Vec<Arc<Upstream>>,
-}
-
-impl Runtime {
-    /// Builds routing and starts a dispatcher for every upstream.
-    pub fn start(config: Config) -> Self {
-        let router = Router::new(&config);
-        let upstreams = config.upstreams.iter().cloned().map(|u| Arc::new(Upstream::start(u))).collect();
-        Self { config: Arc::new(config), router, upstreams }
-    }
-}
-
 /// State shared by every connection of the proxy listener.
 #[derive(Debug)]
 pub struct Proxy {
     /// The config generation new requests use; swapped whole on reload.
     pub runtime: ArcSwap<Runtime>,
     client: UpstreamClient,
+    metrics: Arc<Metrics>,
 }
 
 impl Proxy {
-    pub fn new(runtime: Runtime) -> Self {
-        Self { runtime: ArcSwap::from_pointee(runtime), client: UpstreamClient::new() }
+    pub fn new(runtime: Arc<Runtime>, metrics: Arc<Metrics>) -> Self {
+        Self { runtime: ArcSwap::new(runtime), client: UpstreamClient::new(), metrics }
     }
 
     /// Answers one request; never fails: errors become SPEC's error answers.
@@ -66,19 +51,24 @@ impl Proxy {
         request: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let runtime = self.runtime.load_full();
-        match self.proxy(&runtime, request).await {
+        let mut upstream = None;
+        let response = match self.proxy(&runtime, request, &mut upstream).await {
             Ok(response) => response,
             Err(error) => {
                 tracing::debug!(code = error.code(), upstream = error.upstream(), "{error}");
                 error.into_response()
             }
-        }
+        };
+        self.metrics.count_request(upstream.as_deref().unwrap_or(NO_UPSTREAM), response.status());
+        response
     }
 
+    /// Proxies one request; names its upstream in `upstream` once routed.
     async fn proxy(
         &self,
         runtime: &Runtime,
         request: Request<Incoming>,
+        upstream: &mut Option<String>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let server = &runtime.config.server;
         // Bound what we keep per request before doing any work for it.
@@ -97,6 +87,7 @@ impl Proxy {
             Target::Upstream { index, .. } => Some(runtime.upstreams[*index].config.name.clone()),
             Target::PassThrough { .. } => None,
         };
+        upstream.clone_from(&upstream_name);
         let body = body::read(incoming, server.max_body_bytes, server.max_request_bytes).await.map_err(
             |e| match e {
                 BodyError::TooLarge(limit) => ProxyError::BodyTooLarge { upstream: upstream_name, limit },

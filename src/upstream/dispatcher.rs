@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::config;
 use crate::limit::{Adaptive, Pacer};
+use crate::metrics::Metrics;
 use crate::retry::{RateLimitHint, RetryBudget};
 
 /// Permission to send one attempt: holds a concurrency slot until dropped.
@@ -48,6 +49,8 @@ enum Command {
     Rejoin(Waiter),
     /// What an answer said about the upstream's limits.
     Feedback(Feedback),
+    /// A reloaded config for this upstream.
+    Reconfigure(Box<config::Upstream>),
 }
 
 /// What one attempt's answer says about the upstream's limits.
@@ -77,7 +80,8 @@ struct Shared {
     capacity: AtomicUsize,
     /// Bounds attempts in flight; a ticket holds one permit.
     inflight: Arc<Semaphore>,
-    max_inflight: usize,
+    /// `max_concurrency` in force (the semaphore is resized on reload).
+    max_inflight: AtomicUsize,
     /// What the task decided lately, for estimates, status and metrics.
     observed: Mutex<Observed>,
     /// Retries allowed as a share of first attempts (SPEC `budget`).
@@ -91,6 +95,8 @@ pub struct Observed {
     pub effective_rate: f64,
     /// No attempt leaves before this instant.
     pub cooldown_until: Option<Instant>,
+    /// When the upstream last answered 429, and the pause it asked for.
+    pub last_rate_limited: Option<(std::time::SystemTime, Option<Duration>)>,
 }
 
 impl Shared {
@@ -116,21 +122,23 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// Starts the dispatcher task of one upstream.
-    pub fn spawn(upstream: &config::Upstream) -> Self {
+    pub fn spawn(upstream: &config::Upstream, metrics: Arc<Metrics>) -> Self {
         let pacer = Pacer::new(&upstream.rate, upstream.burst);
         let max_inflight = upstream.max_concurrency.get() as usize;
-        let observed = Observed { effective_rate: pacer.effective_rate(), cooldown_until: None };
+        let observed = Observed {
+            effective_rate: pacer.effective_rate(),
+            cooldown_until: None,
+            last_rate_limited: None,
+        };
         let shared = Arc::new(Shared {
             depth: AtomicUsize::new(0),
             capacity: AtomicUsize::new(upstream.queue_size),
             inflight: Arc::new(Semaphore::new(max_inflight)),
-            max_inflight,
+            max_inflight: AtomicUsize::new(max_inflight),
             observed: Mutex::new(observed),
             budget: Mutex::new(RetryBudget::from_config(&upstream.retry)),
         });
         let (commands, receiver) = mpsc::unbounded_channel();
-        let tightest_window = upstream.rate.iter().map(|r| r.per / r.count.get()).min();
-        let window = upstream.rate.iter().find(|r| Some(r.per / r.count.get()) == tightest_window);
         let task = Task {
             name: upstream.name.clone(),
             receiver,
@@ -142,7 +150,9 @@ impl Dispatcher {
             cooldown_until: None,
             hint_cap: None,
             grants: VecDeque::new(),
-            window: window.map_or(Duration::from_secs(1), |r| r.per),
+            window: pacing_window(upstream),
+            metrics,
+            rates: pacing_key(upstream),
         };
         tokio::spawn(task.run());
         Self { commands, shared }
@@ -174,9 +184,41 @@ impl Dispatcher {
         self.shared.depth.load(Ordering::Relaxed)
     }
 
+    /// `queue_size` in force.
+    pub fn capacity(&self) -> usize {
+        self.shared.capacity.load(Ordering::Relaxed)
+    }
+
+    /// `max_concurrency` in force.
+    pub fn max_inflight(&self) -> usize {
+        self.shared.max_inflight.load(Ordering::Relaxed)
+    }
+
+    /// Applies a reloaded config: queue and concurrency bounds at once, new
+    /// quotas from the next attempt; unchanged quotas keep their state.
+    pub fn reconfigure(&self, upstream: &config::Upstream) {
+        self.shared.capacity.store(upstream.queue_size, Ordering::Relaxed);
+        let wanted = upstream.max_concurrency.get() as usize;
+        let before = self.shared.max_inflight.swap(wanted, Ordering::AcqRel);
+        if wanted > before {
+            self.shared.inflight.add_permits(wanted - before);
+        } else if wanted < before {
+            // Take the surplus permits as they come back, and forget them.
+            let inflight = self.shared.inflight.clone();
+            let surplus = u32::try_from(before - wanted).unwrap_or(u32::MAX);
+            tokio::spawn(async move {
+                if let Ok(permits) = inflight.acquire_many_owned(surplus).await {
+                    permits.forget();
+                }
+            });
+        }
+        *self.shared.budget() = RetryBudget::from_config(&upstream.retry);
+        let _ = self.commands.send(Command::Reconfigure(Box::new(upstream.clone())));
+    }
+
     /// Attempts in flight now.
     pub fn inflight(&self) -> usize {
-        self.shared.max_inflight.saturating_sub(self.shared.inflight.available_permits())
+        self.max_inflight().saturating_sub(self.shared.inflight.available_permits())
     }
 
     /// Waits for a ticket as a new caller, until `deadline`.
@@ -287,6 +329,9 @@ struct Task {
     grants: VecDeque<Instant>,
     /// Window of the pacing quota: how far back `grants` reaches.
     window: Duration,
+    metrics: Arc<Metrics>,
+    /// Quotas the pacer was built from, to tell whether a reload changed them.
+    rates: (Vec<config::Rate>, std::num::NonZeroU32, bool),
 }
 
 impl Task {
@@ -361,6 +406,7 @@ impl Task {
             Command::Join(waiter) => self.queue.push_back(waiter),
             Command::Rejoin(waiter) => self.queue.push_front(waiter),
             Command::Feedback(feedback) => return self.learn(feedback),
+            Command::Reconfigure(upstream) => return self.reconfigure(&upstream),
         }
         // Callers that gave up stay queued until reached; bound that leftover.
         let capacity = self.shared.capacity.load(Ordering::Relaxed);
@@ -369,9 +415,26 @@ impl Task {
         }
     }
 
+    /// Takes a reloaded config; the pacer is rebuilt only if quotas changed.
+    fn reconfigure(&mut self, upstream: &config::Upstream) {
+        let key = pacing_key(upstream);
+        if key != self.rates {
+            self.pacer = Pacer::new(&upstream.rate, upstream.burst);
+            self.adaptive = upstream.adaptive.then(|| Adaptive::new(self.pacer.rate_per_second()));
+            self.window = pacing_window(upstream);
+            self.rates = key;
+            tracing::info!(upstream = %self.name, "new quotas take effect");
+        }
+        self.refresh_cap(Instant::now());
+    }
+
     /// Applies what an answer said: cooldown, adaptive rate, quota hints.
     fn learn(&mut self, feedback: Feedback) {
         let now = Instant::now();
+        if feedback.rate_limited {
+            let at = std::time::SystemTime::now();
+            self.shared.observe(|o| o.last_rate_limited = Some((at, feedback.cooldown)));
+        }
         if let Some(pause) = feedback.cooldown {
             self.cool_down(now, pause, if feedback.rate_limited { "rate_limited" } else { "retry_after" });
         }
@@ -398,9 +461,12 @@ impl Task {
 
     fn cool_down(&mut self, now: Instant, pause: Duration, reason: &'static str) {
         let until = now + pause;
-        if self.cooldown_until.is_some_and(|current| current >= until) {
+        let paused_from = self.cooldown_until.map_or(now, |current| current.max(now));
+        if paused_from >= until {
             return;
         }
+        let added = (until - paused_from).as_secs_f64();
+        self.metrics.cooldown_seconds.get_or_create(&Metrics::upstream(&self.name)).inc_by(added);
         tracing::warn!(upstream = %self.name, delay_ms = pause.as_millis() as u64, reason, "cooldown");
         self.cooldown_until = Some(until);
         self.shared.observe(|o| o.cooldown_until = Some(until));
@@ -425,7 +491,10 @@ impl Task {
         self.pacer.set_cap(cap);
         let effective_rate = self.pacer.effective_rate();
         let cooldown_until = self.cooldown_until.filter(|until| *until > now);
-        self.shared.observe(|o| *o = Observed { effective_rate, cooldown_until });
+        self.shared.observe(|o| {
+            o.effective_rate = effective_rate;
+            o.cooldown_until = cooldown_until;
+        });
     }
 
     fn record_grant(&mut self, now: Instant) {
@@ -457,4 +526,16 @@ impl Task {
         }
         Err(permit)
     }
+}
+
+/// What the pacer is built from: a reload that keeps it keeps the pacer's state.
+fn pacing_key(upstream: &config::Upstream) -> (Vec<config::Rate>, std::num::NonZeroU32, bool) {
+    (upstream.rate.clone(), upstream.burst, upstream.adaptive)
+}
+
+/// Window of the quota that paces (shortest interval), for measuring what the
+/// upstream accepted.
+fn pacing_window(upstream: &config::Upstream) -> Duration {
+    let interval = |r: &config::Rate| r.per / r.count.get();
+    upstream.rate.iter().min_by_key(|r| interval(r)).map_or(Duration::from_secs(1), |r| r.per)
 }

@@ -6,15 +6,15 @@
 
 pub mod client;
 pub mod dispatcher;
+mod exchange;
 
-use std::time::Duration;
+use std::sync::Arc;
 
-use http::{HeaderValue, Request, Response, Uri};
-use tokio::time::Instant;
+use http::{Request, Response, Uri};
 
-use crate::body::{self, ProxyBody, RequestBody};
+use crate::body::{self, ProxyBody};
 use crate::config;
-use crate::error::ProxyError;
+use crate::metrics::Metrics;
 use crate::proxy::headers;
 pub use client::{SendError, UpstreamClient};
 pub use dispatcher::{Dispatcher, Refusal, Ticket};
@@ -29,51 +29,20 @@ pub const QUEUED_HEADER: &str = "x-pacegate-queued-ms";
 pub struct Upstream {
     pub config: config::Upstream,
     pub dispatcher: Dispatcher,
+    metrics: Arc<Metrics>,
 }
 
 impl Upstream {
     /// Starts the dispatcher of a configured upstream.
-    pub fn start(config: config::Upstream) -> Self {
-        let dispatcher = Dispatcher::spawn(&config);
-        Self { config, dispatcher }
+    pub fn start(config: config::Upstream, metrics: Arc<Metrics>) -> Self {
+        let dispatcher = Dispatcher::spawn(&config, metrics.clone());
+        Self { config, dispatcher, metrics }
     }
 
-    /// Sends one request through this upstream's queue and pacing.
-    pub async fn exchange(
-        &self,
-        client: &UpstreamClient,
-        head: http::request::Parts,
-        uri: Uri,
-        mut body: RequestBody,
-        max_wait: Option<Duration>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let name = &self.config.name;
-        let wait = max_wait.map_or(self.config.queue_timeout, |w| w.min(self.config.queue_timeout));
-        let ticket = self.dispatcher.join(Instant::now() + wait).await.map_err(|refusal| match refusal {
-            Refusal::Full { retry_after } => {
-                tracing::warn!(upstream = %name, reason = "queue_full", "queue_full");
-                ProxyError::QueueFull { upstream: name.clone(), retry_after }
-            }
-            Refusal::Timeout { waited, retry_after } => {
-                tracing::warn!(upstream = %name, reason = "queue_timeout", waited_ms = waited.as_millis() as u64, "queue_timeout");
-                ProxyError::QueueTimeout { upstream: name.clone(), waited, retry_after }
-            }
-        })?;
-        let attempt_body = body.for_attempt().unwrap_or_else(body::empty);
-        let request = outbound_request(&head, uri, attempt_body);
-        let waited = ticket.waited;
-        let response = client.send(request, self.config.timeout).await.map_err(|e| match e {
-            SendError::Timeout(timeout) => {
-                ProxyError::UpstreamTimeout { upstream: Some(name.clone()), timeout }
-            }
-            SendError::Connect(reason) | SendError::Broken(reason) => {
-                ProxyError::UpstreamUnreachable { upstream: Some(name.clone()), reason }
-            }
-        })?;
-        let mut response = inbound_response(response, ticket);
-        response.headers_mut().insert(ATTEMPTS_HEADER, HeaderValue::from(1u32));
-        response.headers_mut().insert(QUEUED_HEADER, HeaderValue::from(waited.as_millis() as u64));
-        Ok(response)
+    /// The same running upstream under a reloaded config.
+    pub fn reconfigured(&self, config: config::Upstream) -> Self {
+        self.dispatcher.reconfigure(&config);
+        Self { config, dispatcher: self.dispatcher.clone(), metrics: self.metrics.clone() }
     }
 }
 

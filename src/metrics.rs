@@ -1,0 +1,203 @@
+//! Prometheus metrics, with the names SPEC fixes.
+//!
+//! One [`Metrics`] lives for the whole process (across reloads) and is shared
+//! by every upstream. Counters are incremented where things happen; gauges
+//! that mirror dispatcher state (queue depth, in flight, effective rate) are
+//! refreshed when `/metrics` is scraped, so the hot path never writes them.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub upstream: String,
+    /// HTTP status of the answer the caller got.
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub upstream: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub upstream: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Label value for requests that matched no upstream.
+pub const NO_UPSTREAM: &str = "none";
+
+/// Every metric pacegate exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<CodeLabels, Counter>,
+    pub attempts: Family<OutcomeLabels, Counter>,
+    pub retries: Family<ReasonLabels, Counter>,
+    pub rejected: Family<ReasonLabels, Counter>,
+    pub queue_depth: Family<UpstreamLabel, Gauge>,
+    pub inflight: Family<UpstreamLabel, Gauge>,
+    pub queue_wait: HistogramFamily<UpstreamLabel>,
+    pub upstream_duration: HistogramFamily<UpstreamLabel>,
+    pub cooldown_seconds: Family<UpstreamLabel, Counter<f64, AtomicU64>>,
+    pub config_reloads: Family<ResultLabel, Counter>,
+    pub effective_rate: Family<UpstreamLabel, Gauge<f64, AtomicU64>>,
+    /// Answers per upstream, all codes together, for `/status` (not exported).
+    pub answered: Family<UpstreamLabel, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// Queue waits: from "went straight out" to a minute.
+fn queue_wait_histogram() -> Histogram {
+    Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
+}
+
+/// Upstream answer times, connect to response head.
+fn duration_histogram() -> Histogram {
+    Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::default();
+        let attempts = Family::default();
+        let retries = Family::default();
+        let rejected = Family::default();
+        let queue_depth = Family::default();
+        let inflight = Family::default();
+        let queue_wait: HistogramFamily<UpstreamLabel> = Family::new_with_constructor(queue_wait_histogram);
+        let upstream_duration: HistogramFamily<UpstreamLabel> =
+            Family::new_with_constructor(duration_histogram);
+        let cooldown_seconds = Family::default();
+        let config_reloads = Family::default();
+        let effective_rate = Family::default();
+        registry.register("pacegate_requests", "Answers to callers, by HTTP status", requests.clone());
+        registry.register(
+            "pacegate_upstream_attempts",
+            "Attempts sent upstream, by outcome",
+            attempts.clone(),
+        );
+        registry.register("pacegate_retries", "Retries, by reason", retries.clone());
+        registry.register(
+            "pacegate_rejected",
+            "Requests pacegate refused itself, by reason",
+            rejected.clone(),
+        );
+        registry.register(
+            "pacegate_queue_depth",
+            "Requests waiting in the upstream's queue",
+            queue_depth.clone(),
+        );
+        registry.register("pacegate_inflight", "Attempts in flight to the upstream", inflight.clone());
+        registry.register(
+            "pacegate_queue_wait_seconds",
+            "Time an attempt waited for its turn",
+            queue_wait.clone(),
+        );
+        registry.register(
+            "pacegate_upstream_duration_seconds",
+            "Time from sending an attempt to its response head",
+            upstream_duration.clone(),
+        );
+        registry.register(
+            "pacegate_cooldown_seconds",
+            "Seconds the upstream was paused by cooldowns",
+            cooldown_seconds.clone(),
+        );
+        registry.register("pacegate_config_reloads", "Config reloads, by result", config_reloads.clone());
+        registry.register(
+            "pacegate_effective_rate",
+            "Requests per second the pacer uses now",
+            effective_rate.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            attempts,
+            retries,
+            rejected,
+            queue_depth,
+            inflight,
+            queue_wait,
+            upstream_duration,
+            cooldown_seconds,
+            config_reloads,
+            effective_rate,
+            answered: Family::default(),
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    pub fn upstream(name: &str) -> UpstreamLabel {
+        UpstreamLabel { upstream: name.to_string() }
+    }
+
+    pub fn reason(upstream: &str, reason: &str) -> ReasonLabels {
+        ReasonLabels { upstream: upstream.to_string(), reason: reason.to_string() }
+    }
+
+    /// Counts one answer to a caller.
+    pub fn count_request(&self, upstream: &str, status: http::StatusCode) {
+        let labels = CodeLabels { upstream: upstream.to_string(), code: status.as_u16().to_string() };
+        self.requests.get_or_create(&labels).inc();
+        self.answered.get_or_create(&Self::upstream(upstream)).inc();
+    }
+
+    /// Current value of a counter, zero when it was never touched.
+    pub fn read<L>(family: &Family<L, Counter>, labels: &L) -> u64
+    where
+        L: Clone + std::hash::Hash + Eq,
+    {
+        family.get(labels).map_or(0, |counter| counter.get())
+    }
+
+    /// Counts one attempt by its outcome.
+    pub fn count_attempt(&self, upstream: &str, outcome: &str) {
+        let labels = OutcomeLabels { upstream: upstream.to_string(), outcome: outcome.to_string() };
+        self.attempts.get_or_create(&labels).inc();
+    }
+
+    /// Counts one reload by result (`ok` or `error`).
+    pub fn count_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.config_reloads.get_or_create(&ResultLabel { result: result.to_string() }).inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,253 @@
+//! One exchange: a caller's request against one upstream, retries included.
+//!
+//! Steps, each for a reason:
+//! 1. join the upstream's queue: quotas and `max_concurrency` gate every attempt;
+//! 2. send the attempt, its body replayed from the buffer;
+//! 3. tell the dispatcher what the answer says about the upstream's limits
+//!    (cooldown, adaptive rate, remaining quota);
+//! 4. decide: classify the outcome (SPEC's method rules), then attempts left,
+//!    `max_retry_after`, a replayable body, and the retry budget;
+//! 5. to retry: keep the answer (so it can still go back as it came), give
+//!    the concurrency slot back, sleep the backoff, rejoin at the head.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::dispatcher::{Feedback, Refusal, Ticket};
+use super::{
+    ATTEMPTS_HEADER, QUEUED_HEADER, SendError, Upstream, UpstreamClient, inbound_response, outbound_request,
+};
+use crate::body::{self, ProxyBody, RequestBody};
+use crate::error::ProxyError;
+use crate::metrics::Metrics;
+use crate::retry::{self, Decision, Outcome, RateLimitHint};
+
+/// Answers kept across a retry are buffered up to this size (they are error
+/// pages and JSON errors; a larger one is cut).
+const KEPT_ANSWER_BYTES: usize = 64 * 1024;
+
+/// The result of one attempt.
+type Attempt = Result<Response<Incoming>, SendError>;
+
+/// What the last attempt produced, kept while a retry waits for its turn.
+enum Last {
+    Answer(Response<Bytes>),
+    Failed(SendError),
+}
+
+impl Upstream {
+    /// Sends one request through this upstream's queue, pacing and retries.
+    pub async fn exchange(
+        &self,
+        client: &UpstreamClient,
+        head: http::request::Parts,
+        uri: Uri,
+        mut body: RequestBody,
+        max_wait: Option<Duration>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let retry = &self.config.retry;
+        let wait = max_wait.map_or(self.config.queue_timeout, |w| w.min(self.config.queue_timeout));
+        let mut deadline = Instant::now() + wait;
+        let idempotency_key = retry::has_idempotency_key(&head.headers);
+        let mut ticket = self.dispatcher.join(deadline).await.map_err(|r| self.refused(r))?;
+        self.dispatcher.record_first_attempt();
+        self.observe_wait(&ticket);
+        let mut queued = ticket.waited;
+        let mut attempt: u32 = 1;
+        loop {
+            let sent_at = Instant::now();
+            let attempt_body = body.for_attempt().unwrap_or_else(body::empty);
+            let result =
+                client.send(outbound_request(&head, uri.clone(), attempt_body), self.config.timeout).await;
+            self.observe_attempt(&result, sent_at);
+            let retry_after = self.learn(&result, sent_at, attempt);
+            let outcome = outcome(&result);
+            let Decision::Retry(reason) = retry::classify(retry, &head.method, idempotency_key, &outcome)
+            else {
+                return Ok(self.answer(result, ticket, attempt, queued));
+            };
+            let give_up = attempt >= retry.max_attempts.get()
+                || retry::retry_after_too_long(retry, retry_after)
+                || !body.replayable()
+                || !self.dispatcher.withdraw_retry();
+            if give_up {
+                return Ok(self.answer(result, ticket, attempt, queued));
+            }
+            // Keep the answer and free the upstream connection and the slot.
+            let last = keep(result).await;
+            drop(ticket);
+            let delay = retry::delay(retry, attempt, retry_after, &mut rand::rng());
+            self.metrics.retries.get_or_create(&Metrics::reason(&self.config.name, reason.as_str())).inc();
+            tracing::info!(
+                upstream = %self.config.name,
+                attempt,
+                status = status_of(&last),
+                delay_ms = delay.as_millis() as u64,
+                reason = reason.as_str(),
+                "retry"
+            );
+            tokio::time::sleep(delay).await;
+            // Waiting out a backoff is not waiting in the queue.
+            deadline += delay;
+            ticket = match self.dispatcher.rejoin(deadline).await {
+                Ok(ticket) => ticket,
+                Err(_) => return Ok(self.kept_answer(last, attempt, queued)),
+            };
+            self.observe_wait(&ticket);
+            queued += ticket.waited;
+            attempt += 1;
+        }
+    }
+
+    fn observe_wait(&self, ticket: &Ticket) {
+        let label = Metrics::upstream(&self.config.name);
+        self.metrics.queue_wait.get_or_create(&label).observe(ticket.waited.as_secs_f64());
+    }
+
+    fn observe_attempt(&self, result: &Attempt, sent_at: Instant) {
+        let outcome = match result {
+            Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+            Ok(response) if response.status().is_server_error() => "server_error",
+            Ok(response) if response.status().is_client_error() => "client_error",
+            Ok(_) => "ok",
+            Err(SendError::Connect(_)) => "connect_error",
+            Err(SendError::Timeout(_)) => "timeout",
+            Err(SendError::Broken(_)) => "broken",
+        };
+        self.metrics.count_attempt(&self.config.name, outcome);
+        if result.is_ok() {
+            let label = Metrics::upstream(&self.config.name);
+            self.metrics.upstream_duration.get_or_create(&label).observe(sent_at.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Tells the dispatcher what an answer says about the upstream's limits;
+    /// returns the answer's Retry-After.
+    fn learn(&self, result: &Attempt, sent_at: Instant, attempt: u32) -> Option<Duration> {
+        let Ok(response) = result else { return None };
+        let now = SystemTime::now();
+        let retry_after = retry::retry_after(response.headers(), now);
+        let hint: Option<RateLimitHint> = retry::rate_limit(response.headers(), now);
+        let status = response.status();
+        let rate_limited = status == StatusCode::TOO_MANY_REQUESTS;
+        let retry = &self.config.retry;
+        // An upstream asking for more than max_retry_after is not waited for.
+        let honoured = retry_after.filter(|_| !retry::retry_after_too_long(retry, retry_after));
+        let cooldown = match status {
+            StatusCode::TOO_MANY_REQUESTS => Some(honoured.unwrap_or(retry.base_delay)),
+            StatusCode::SERVICE_UNAVAILABLE => honoured,
+            _ => None,
+        };
+        if rate_limited {
+            tracing::warn!(
+                upstream = %self.config.name,
+                attempt,
+                status = status.as_u16(),
+                delay_ms = retry_after.map(|d| d.as_millis() as u64),
+                reason = "status_429",
+                "rate_limited"
+            );
+        }
+        if rate_limited || cooldown.is_some() || hint.is_some() {
+            self.dispatcher.report(Feedback { sent_at, rate_limited, cooldown, hint });
+        }
+        retry_after
+    }
+
+    /// The caller's answer from the last attempt, as it came.
+    fn answer(&self, result: Attempt, ticket: Ticket, attempt: u32, queued: Duration) -> Response<ProxyBody> {
+        let response = match result {
+            Ok(response) => inbound_response(response, ticket),
+            Err(error) => self.failure(error).into_response(),
+        };
+        stamp(response, attempt, queued)
+    }
+
+    /// The kept answer of the last attempt, when a retry could not get a turn.
+    fn kept_answer(&self, last: Last, attempt: u32, queued: Duration) -> Response<ProxyBody> {
+        let response = match last {
+            Last::Answer(response) => response.map(body::full),
+            Last::Failed(error) => self.failure(error).into_response(),
+        };
+        stamp(response, attempt, queued)
+    }
+
+    fn failure(&self, error: SendError) -> ProxyError {
+        let upstream = Some(self.config.name.clone());
+        match error {
+            SendError::Timeout(timeout) => ProxyError::UpstreamTimeout { upstream, timeout },
+            SendError::Connect(reason) | SendError::Broken(reason) => {
+                ProxyError::UpstreamUnreachable { upstream, reason }
+            }
+        }
+    }
+
+    /// Logs and maps a refusal to queue (SPEC `queue_full`, `queue_timeout`).
+    fn refused(&self, refusal: Refusal) -> ProxyError {
+        let upstream = self.config.name.clone();
+        let reason = match refusal {
+            Refusal::Full { .. } => "queue_full",
+            Refusal::Timeout { .. } => "queue_timeout",
+        };
+        self.metrics.rejected.get_or_create(&Metrics::reason(&upstream, reason)).inc();
+        match refusal {
+            Refusal::Full { retry_after } => {
+                tracing::warn!(upstream = %upstream, reason = "queue_full", "queue_full");
+                ProxyError::QueueFull { upstream, retry_after }
+            }
+            Refusal::Timeout { waited, retry_after } => {
+                tracing::warn!(upstream = %upstream, reason = "queue_timeout", waited_ms = waited.as_millis() as u64, "queue_timeout");
+                ProxyError::QueueTimeout { upstream, waited, retry_after }
+            }
+        }
+    }
+}
+
+fn outcome(result: &Attempt) -> Outcome {
+    match result {
+        Ok(response) => Outcome::Status(response.status()),
+        Err(SendError::Connect(_)) => Outcome::ConnectFailed,
+        Err(SendError::Timeout(_)) => Outcome::TimedOut,
+        Err(SendError::Broken(_)) => Outcome::BrokenAfterSend,
+    }
+}
+
+/// Reads a retryable answer into memory (bounded), releasing its connection.
+async fn keep(result: Attempt) -> Last {
+    match result {
+        Ok(response) => {
+            let (parts, incoming) = response.into_parts();
+            // A cut or broken error body still leaves a usable status and headers.
+            let bytes = match Limited::new(incoming, KEPT_ANSWER_BYTES).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(_) => Bytes::new(),
+            };
+            let mut response = Response::from_parts(parts, bytes);
+            crate::proxy::headers::strip_hop_by_hop(response.headers_mut());
+            *response.version_mut() = http::Version::default();
+            response.headers_mut().remove(http::header::CONTENT_LENGTH);
+            Last::Answer(response)
+        }
+        Err(error) => Last::Failed(error),
+    }
+}
+
+fn status_of(last: &Last) -> Option<u16> {
+    match last {
+        Last::Answer(response) => Some(response.status().as_u16()),
+        Last::Failed(_) => None,
+    }
+}
+
+/// Adds pacegate's own answer headers: attempts made, time queued.
+fn stamp(mut response: Response<ProxyBody>, attempt: u32, queued: Duration) -> Response<ProxyBody> {
+    let headers = response.headers_mut();
+    headers.insert(ATTEMPTS_HEADER, HeaderValue::from(attempt));
+    headers.insert(QUEUED_HEADER, HeaderValue::from(queued.as_millis() as u64));
+    response
+}

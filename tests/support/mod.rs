@@ -1,0 +1,160 @@
+//! Test harness shared by every integration test: the mock upstream and a
+//! real pacegate started in-process on `127.0.0.1:0`.
+#![allow(dead_code)]
+
+pub mod mock;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// `[server]` for tests: ephemeral ports, short grace.
+pub const TEST_SERVER: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace = "5s"
+"#;
+
+/// A pacegate running inside the test process.
+pub struct Pacegate {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    /// The config file; tests may rewrite it to exercise reloads.
+    pub config_path: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Pacegate {
+    /// Starts pacegate with [`TEST_SERVER`] followed by `rest` (upstreams, …).
+    pub async fn start(rest: &str) -> Self {
+        Self::start_config(&format!("{TEST_SERVER}\n{rest}")).await
+    }
+
+    /// Starts pacegate with a complete config file.
+    pub async fn start_config(toml: &str) -> Self {
+        init_tracing();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join("pacegate.toml");
+        std::fs::write(&config_path, toml).expect("write config");
+        let config = pacegate::config::load(&config_path).unwrap_or_else(|e| panic!("test config: {e}"));
+        let proxy = TcpListener::bind(config.server.listen).await.expect("bind proxy");
+        let admin = TcpListener::bind(config.server.admin_listen).await.expect("bind admin");
+        let (proxy_addr, admin_addr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let listeners = pacegate::app::Listeners { proxy, admin };
+        let app = pacegate::app::App::new(config, config_path.clone());
+        let task = tokio::spawn(app.run(listeners, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            proxy: proxy_addr,
+            admin: admin_addr,
+            config_path,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    /// URL of `path` on the proxy listener (reverse mode).
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    /// URL of `path` on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// A client that uses this pacegate as its `HTTP_PROXY`.
+    pub fn forward_client(&self) -> reqwest::Client {
+        builder().proxy(reqwest::Proxy::http(self.url("")).expect("proxy url")).build().expect("client")
+    }
+
+    /// `GET /status` as JSON.
+    pub async fn status(&self) -> serde_json::Value {
+        client()
+            .get(self.admin_url("/status"))
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("status json")
+    }
+
+    /// Polls `/status` (bounded) until `ready` holds; false on timeout.
+    pub async fn wait_status(&self, timeout: Duration, ready: impl Fn(&serde_json::Value) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if ready(&self.status().await) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    /// Starts graceful shutdown and waits for pacegate to finish.
+    pub async fn stop(mut self) -> std::io::Result<()> {
+        self.shutdown().await
+    }
+
+    async fn shutdown(&mut self) -> std::io::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.expect("pacegate task panicked"),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends the shutdown signal without waiting.
+    pub fn begin_shutdown(&mut self) -> JoinHandle<std::io::Result<()>> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().expect("running")
+    }
+}
+
+impl Drop for Pacegate {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A plain client (no proxy), for reverse mode, admin and the mock.
+pub fn client() -> reqwest::Client {
+    builder().build().expect("client")
+}
+
+/// Client builder with the crypto provider installed and no system proxy.
+pub fn builder() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().no_proxy().pool_max_idle_per_host(256)
+}
+
+/// Logs to the test output when `PACEGATE_LOG` is set.
+fn init_tracing() {
+    if let Ok(filter) = std::env::var("PACEGATE_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    }
+}
+
+/// An upstream block for `mock`, with extra keys appended.
+pub fn upstream(name: &str, base_url: &str, extra: &str) -> String {
+    format!(
+        "[[upstream]]\nname = \"{name}\"\nbase_url = \"{base_url}\"\nroute = \"/{name}\"\nhosts = []\n{extra}\n"
+    )
+}
