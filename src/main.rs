@@ -116,8 +116,7 @@ fn init_logging(format: Option<LogFormat>) {
 fn describe(upstream: &config::Upstream) -> String {
     let route = upstream.route.as_deref().unwrap_or("-");
     let hosts = if upstream.hosts.is_empty() { "-".to_string() } else { upstream.hosts.join(",") };
-    let rates: Vec<String> =
-        upstream.rate.iter().map(|r| format!("{}/{}", r.count, humanize(r.per))).collect();
+    let rates: Vec<String> = upstream.rate.iter().map(ToString::to_string).collect();
     format!(
         "{} route={route} hosts={hosts} rate={} burst={} max_concurrency={} queue_size={} -> {}://{}{}",
         upstream.name,
@@ -129,16 +128,4 @@ fn describe(upstream: &config::Upstream) -> String {
         upstream.base_url.authority,
         upstream.base_url.path,
     )
-}
-
-/// "1s", "250ms", "1h": the shortest exact spelling of a quota window.
-fn humanize(d: std::time::Duration) -> String {
-    let ms = d.as_millis();
-    match ms {
-        _ if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
-        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
-        _ if ms % 60_000 == 0 => format!("{}min", ms / 60_000),
-        _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
-        _ => format!("{ms}ms"),
-    }
 }
