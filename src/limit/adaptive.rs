@@ -6,7 +6,9 @@
 //! upstream demonstrably accepted over the last quota window (a little less),
 //! and after each quiet [`PROBE_INTERVAL`] we raise it by [`PROBE_STEP`]
 //! until the configured rate is back. Measuring beats a blind halving: one
-//! 429 is usually enough to find a rate that holds.
+//! 429 is usually enough to find a rate that holds. Probes stop just below
+//! the rate that drew the 429 for [`CEILING_MEMORY`], so a steady real limit
+//! is not hit again every few seconds (each hit costs a whole cooldown).
 
 use std::time::Duration;
 
@@ -20,6 +22,10 @@ const FLOOR_SHARE: f64 = 0.05;
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// Factor of each step back up.
 const PROBE_STEP: f64 = 1.05;
+/// Probes stay just below the rate that last drew a 429...
+const CEILING_SHARE: f64 = 0.98;
+/// ...until the upstream has been quiet this long, when the limit may have risen.
+pub const CEILING_MEMORY: Duration = Duration::from_secs(60);
 
 /// The rate an upstream is paced at, below its configured quotas after 429s.
 #[derive(Debug, Clone)]
@@ -30,11 +36,13 @@ pub struct Adaptive {
     current: Option<f64>,
     /// When the rate last changed: 429s from attempts sent before are stale.
     changed_at: Option<Instant>,
+    /// The accepted rate at the last 429, and when it was seen.
+    ceiling: Option<(f64, Instant)>,
 }
 
 impl Adaptive {
     pub fn new(configured: f64) -> Self {
-        Self { configured, current: None, changed_at: None }
+        Self { configured, current: None, changed_at: None, ceiling: None }
     }
 
     /// The lowered rate in force, if any.
@@ -55,6 +63,7 @@ impl Adaptive {
         let next = (accepted_rate * DECREASE_MARGIN).clamp(floor, current);
         self.current = Some(next);
         self.changed_at = Some(now);
+        self.ceiling = Some((accepted_rate, now));
         Some(next)
     }
 
@@ -66,7 +75,16 @@ impl Adaptive {
         if since < PROBE_INTERVAL {
             return None;
         }
-        let next = current * PROBE_STEP;
+        if self.ceiling.is_some_and(|(_, at)| now.saturating_duration_since(at) >= CEILING_MEMORY) {
+            self.ceiling = None;
+        }
+        let mut next = current * PROBE_STEP;
+        if let Some((ceiling, _)) = self.ceiling {
+            next = next.min(ceiling * CEILING_SHARE);
+            if next <= current {
+                return None;
+            }
+        }
         self.changed_at = Some(now);
         self.current = (next < self.configured).then_some(next);
         Some(self.current)
@@ -93,10 +111,16 @@ mod tests {
         assert_eq!(adaptive.on_rate_limited(start, start - Duration::from_millis(5), 50.0), None);
         assert_eq!(adaptive.on_tick(start + Duration::from_secs(1)), None);
         let probed = adaptive.on_tick(start + PROBE_INTERVAL).unwrap().unwrap();
-        assert!(probed > rate);
-        // Enough quiet periods bring the configured rate back.
+        assert!(probed > rate && probed <= 98.0, "{probed}");
+        // Probes stay below the rate that drew the 429 while it is remembered...
         let mut now = start + PROBE_INTERVAL;
-        for _ in 0..20 {
+        for _ in 0..5 {
+            now += PROBE_INTERVAL;
+            adaptive.on_tick(now);
+        }
+        assert!(adaptive.current().is_some_and(|r| r <= 98.0));
+        // ...then enough quiet periods bring the configured rate back.
+        for _ in 0..30 {
             now += PROBE_INTERVAL;
             adaptive.on_tick(now);
         }
