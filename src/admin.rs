@@ -1,4 +1,5 @@
-//! The admin listener: `/healthz`, `/metrics`, `/status`, `POST /reload`.
+//! The admin listener: the dashboard at `/`, `/healthz`, `/metrics`,
+//! `/status`, `POST /reload`.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,6 +12,9 @@ use crate::body::{self, ProxyBody};
 use crate::metrics::Metrics;
 use crate::retry::RetryReason;
 use crate::upstream::Upstream;
+
+/// The live dashboard: one self-contained page polling `/status`.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// Attempt outcomes as `pacegate_upstream_attempts_total` labels them.
 const OUTCOMES: [&str; 7] =
@@ -33,6 +37,7 @@ impl Admin {
 /// Answers one admin request.
 pub async fn handle(admin: Admin, request: Request<Incoming>) -> Response<ProxyBody> {
     match (request.method(), request.uri().path()) {
+        (&Method::GET, "/") => text(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD.into()),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
         (&Method::GET, "/metrics") => metrics(&admin),
         (&Method::GET, "/status") => json_answer(StatusCode::OK, &status(&admin)),
