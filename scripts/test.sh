@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the tests use: command -> Debian package.
-declare -A NEEDED=()
+declare -A NEEDED=([kill]=procps)
 
 missing=()
 for cmd in "${!NEEDED[@]}"; do

@@ -1,0 +1,175 @@
+//! The `pacegate` binary: `check` on the shipped and on broken configs, and a
+//! real run that logs its bound addresses and exits 0 on SIGTERM.
+//!
+//! Every child process is killed when its guard drops, and every wait is bounded.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pacegate");
+
+/// Bounds every wait on the child process.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Kills the child if the test ends (or panics) while it still runs.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `pacegate ARGS` in `dir` to completion, without inheriting `$PACEGATE_CONFIG`.
+fn pacegate(dir: &Path, args: &[&str]) -> Output {
+    let child = Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("PACEGATE_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pacegate");
+    // `check` only reads a file: it ends at once, PATIENCE is a safety net.
+    let (done, finished) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    finished.recv_timeout(PATIENCE).expect("pacegate check did not finish").expect("pacegate output")
+}
+
+#[test]
+fn check_prints_one_line_per_upstream_of_the_shipped_config() {
+    let output = pacegate(Path::new(env!("CARGO_MANIFEST_DIR")), &["check"]);
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "exit {:?}: {stderr}", output.status);
+    print!("{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    for (line, name) in lines.iter().zip(["github", "openai", "stripe"]) {
+        assert!(line.starts_with(name), "{line:?} should name {name}");
+    }
+    // Each line shows the quotas and where requests come from.
+    assert!(lines[0].contains("5000/h") && lines[0].contains("/github"), "{}", lines[0]);
+    assert!(lines[1].contains("500/min") && lines[1].contains("api.openai.com"), "{}", lines[1]);
+    assert!(lines[2].contains("25/s") && lines[2].contains("/stripe"), "{}", lines[2]);
+}
+
+#[test]
+fn check_reports_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = |name: &str, port: u16, route: &str, rate: &str| {
+        format!(
+            "[[upstream]]\nname = \"{name}\"\nbase_url = \"http://127.0.0.1:{port}\"\nroute = \"{route}\"\nhosts = []\nrate = \"{rate}\"\n"
+        )
+    };
+    let cases = [
+        // Line 3: the misspelt key itself.
+        (
+            "unknown_key.toml",
+            "[server]\nlisten = \"127.0.0.1:0\"\nlisen = \"x\"\n".to_string(),
+            3,
+            1,
+            "lisen",
+        ),
+        // Line 6, the value after `rate = `.
+        ("bad_rate.toml", upstream("a", 1, "/a", "10/fortnight"), 6, 8, "10/fortnight"),
+        // Line 11: the second `route` value (`route = ` is 8 characters).
+        (
+            "duplicate_route.toml",
+            format!("{}\n{}", upstream("a", 1, "/x", "1/s"), upstream("b", 2, "/x", "1/s")),
+            11,
+            9,
+            "/x",
+        ),
+    ];
+    for (file, text, line, col, mention) in cases {
+        let path = dir.path().join(file);
+        std::fs::write(&path, &text).unwrap();
+        let output = pacegate(dir.path(), &["check", "--config", path.to_str().unwrap()]);
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(output.status.code(), Some(1), "{file}: {stderr}");
+        assert!(output.stdout.is_empty(), "{file}: printed upstreams for a bad file");
+        let prefix = format!("{}:{line}:{col}: ", path.display());
+        assert!(stderr.starts_with(&prefix), "{file}: expected {prefix:?}, got {stderr:?}");
+        assert!(stderr.contains(mention), "{file}: {stderr:?} should mention {mention:?}");
+        assert_eq!(stderr.lines().count(), 1, "{file}: {stderr:?}");
+    }
+}
+
+#[tokio::test]
+async fn binary_logs_bound_addresses_and_exits_0_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pacegate.toml");
+    let text = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\n\
+                [[upstream]]\nname = \"api\"\nbase_url = \"http://127.0.0.1:1\"\nroute = \"/api\"\nhosts = []\nrate = \"1/s\"\n";
+    std::fs::write(&config, text).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
+        .env("PACEGATE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pacegate");
+    // Read stderr on a thread (and keep draining it so the child never blocks).
+    let stderr = child.stderr.take().unwrap();
+    let pid = child.id().to_string();
+    let child = Running(child);
+    let (lines, logged) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let deadline = Instant::now() + PATIENCE;
+    let message = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = logged.recv_timeout(left).expect("no `listening proxy=` log line within 10 s");
+        let event: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        if let Some(message) = event["message"].as_str().filter(|m| m.contains("listening proxy=")) {
+            break message.to_string();
+        }
+    };
+    let address = |key: &str| -> std::net::SocketAddr {
+        let start = message.find(key).unwrap_or_else(|| panic!("{key} missing: {message}")) + key.len();
+        let value = message[start..].split_whitespace().next().unwrap();
+        value.parse().unwrap_or_else(|e| panic!("{key}{value}: {e}"))
+    };
+    let (proxy, admin) = (address("proxy="), address("admin="));
+    assert_ne!(proxy.port(), 0);
+    assert_ne!(admin.port(), 0);
+    assert_ne!(proxy, admin);
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder().no_proxy().timeout(PATIENCE).build().unwrap();
+    let health = client.get(format!("http://{admin}/healthz")).send().await.expect("admin answers");
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.text().await.unwrap().trim(), "ok");
+    // The proxy listener is the other address: an unrouted path gets pacegate's 404.
+    let missing = client.get(format!("http://{proxy}/nothing")).send().await.expect("proxy answers");
+    assert_eq!(missing.status(), 404);
+
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
+    assert!(killed.success(), "kill -TERM {pid} failed");
+    let mut child = child;
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("wait for pacegate") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "pacegate still running 10 s after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+}
