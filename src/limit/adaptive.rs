@@ -3,7 +3,8 @@
 //! A quota set too high (or shared with someone else) makes the upstream
 //! answer 429. Pausing alone then oscillates: a burst at the configured rate,
 //! a 429, a cooldown, again. Instead, on a 429 we lower the rate to what the
-//! upstream demonstrably accepted over the last quota window (a little less),
+//! upstream demonstrably accepted over the last quota window (a little less,
+//! and at most half the rate in force per 429),
 //! and after each quiet [`PROBE_INTERVAL`] we raise it by [`PROBE_STEP`]
 //! until the configured rate is back. Measuring beats a blind halving: one
 //! 429 is usually enough to find a rate that holds. Probes stop just below
@@ -18,6 +19,11 @@ use tokio::time::Instant;
 const DECREASE_MARGIN: f64 = 0.95;
 /// Never pace below this share of the configured rate.
 const FLOOR_SHARE: f64 = 0.05;
+/// One 429 lowers the rate at most to this share of the current rate. The
+/// accepted rate says little when little was sent (a 429 on an idle upstream
+/// measures about 1/s), and climbing back takes [`PROBE_INTERVAL`] per
+/// [`PROBE_STEP`]: from the floor that would be minutes.
+const MAX_DECREASE: f64 = 0.5;
 /// Quiet time without a 429 before each step back up.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// Factor of each step back up.
@@ -60,7 +66,8 @@ impl Adaptive {
         }
         let floor = self.configured * FLOOR_SHARE;
         let current = self.current.unwrap_or(self.configured);
-        let next = (accepted_rate * DECREASE_MARGIN).clamp(floor, current);
+        let measured = (accepted_rate * DECREASE_MARGIN).max(current * MAX_DECREASE);
+        let next = measured.clamp(floor, current);
         self.current = Some(next);
         self.changed_at = Some(now);
         self.ceiling = Some((accepted_rate, now));
@@ -131,8 +138,12 @@ mod tests {
     async fn never_below_the_floor_nor_above_the_current_rate() {
         let start = Instant::now();
         let mut adaptive = Adaptive::new(100.0);
-        assert_eq!(adaptive.on_rate_limited(start, start, 0.0), Some(5.0));
-        let later = start + Duration::from_secs(1);
-        assert_eq!(adaptive.on_rate_limited(later, later, 1000.0), Some(5.0));
+        // Nothing accepted: halve per 429, down to the floor.
+        let mut now = start;
+        for want in [50.0, 25.0, 12.5, 6.25, 5.0, 5.0] {
+            assert_eq!(adaptive.on_rate_limited(now, now, 0.0), Some(want));
+            now += Duration::from_secs(1);
+        }
+        assert_eq!(adaptive.on_rate_limited(now, now, 1000.0), Some(5.0));
     }
 }
