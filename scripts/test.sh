@@ -1,25 +1,38 @@
 #!/usr/bin/env bash
 # Runs every pacegate test. Installs what the tests need when it is missing
-# (system packages through apt-get when run as root), so it works on a fresh
+# (Debian packages through apt-get when run as root), so it works on a fresh
 # machine. Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the tests use: command -> Debian package.
-declare -A NEEDED=([kill]=procps)
+# Commands the tests need -> Debian package. Required ones fail the run when
+# they cannot be installed; optional ones skip the tests that use them.
+declare -A REQUIRED=([kill]=procps [curl]=curl)
+declare -A OPTIONAL=([chromium]=chromium)
 
-missing=()
-for cmd in "${!NEEDED[@]}"; do
-  command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEEDED[$cmd]}")
-done
-if ((${#missing[@]})); then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  else
-    echo "error: the tests need: ${missing[*]} (install them, or run this script as root to let it apt-get them)" >&2
+can_install() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; }
+apt_updated=
+install() {
+  [ -n "$apt_updated" ] || { apt-get update -qq && apt_updated=1; }
+  echo "== installing $*"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+missing_of() {
+  local -n table=$1
+  for cmd in "${!table[@]}"; do command -v "$cmd" >/dev/null 2>&1 || echo "${table[$cmd]}"; done
+}
+
+mapfile -t required < <(missing_of REQUIRED)
+if ((${#required[@]})); then
+  if can_install; then install "${required[@]}"; else
+    echo "error: the tests need: ${required[*]} (install them, or run this script as root to let it apt-get them)" >&2
     exit 1
+  fi
+fi
+mapfile -t optional < <(missing_of OPTIONAL)
+if ((${#optional[@]})); then
+  if can_install; then install "${optional[@]}" || echo "warning: could not install ${optional[*]}"; else
+    echo "warning: ${optional[*]} missing and not root: the tests that need them are skipped"
   fi
 fi
 
@@ -29,3 +42,6 @@ cargo clippy --all-targets --quiet -- -D warnings
 
 echo "== tests"
 cargo test --all-targets "$@"
+
+echo "== dashboard in a real browser"
+scripts/dashboard-test.sh

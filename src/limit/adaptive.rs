@@ -66,11 +66,14 @@ impl Adaptive {
         }
         let floor = self.configured * FLOOR_SHARE;
         let current = self.current.unwrap_or(self.configured);
-        let measured = (accepted_rate * DECREASE_MARGIN).max(current * MAX_DECREASE);
-        let next = measured.clamp(floor, current);
+        let measured = accepted_rate * DECREASE_MARGIN;
+        let next = measured.max(current * MAX_DECREASE).clamp(floor, current);
         self.current = Some(next);
         self.changed_at = Some(now);
-        self.ceiling = Some((accepted_rate, now));
+        // Too little traffic to measure says nothing about where the limit is.
+        if measured >= current * MAX_DECREASE {
+            self.ceiling = Some((accepted_rate, now));
+        }
         Some(next)
     }
 

@@ -10,9 +10,11 @@
 //!   slot was promised* (at most [`GUARD`] earlier than the real wake-up), so
 //!   the schedule advances by exactly one interval per request.
 //! * **That catch-up must never break the quota.** Every quota `N/W` is paced
-//!   as `N/(W + GUARD)`: admission instants we present are at most `GUARD`
-//!   before the real send, so no window of `W` ever sees more than `N` sends
-//!   from this pacer, whatever the timers do (the cost is 0.2 % at 1/s windows).
+//!   as `N/(W + GUARD + WIRE_MARGIN·W)`: admission instants we present are at
+//!   most `GUARD` before the real send, so no window of `W` ever sees more
+//!   than `N` sends from this pacer, whatever the timers do, and arrivals at
+//!   the upstream may still jitter by `WIRE_MARGIN·W` (5 ms per second of
+//!   window) without a 429. The cost is 0.7 % of throughput at 1 s windows.
 //! * **Several quotas must not waste each other's slots.** Checking `10/s`
 //!   then `5000/h` would spend a `10/s` slot whenever the hourly one refuses.
 //!   Each limiter keeps its state (the GCRA "theoretical arrival time") in a
@@ -40,6 +42,11 @@ use crate::config::Rate;
 /// Safety margin added to every quota window, and the most timer lateness the
 /// schedule absorbs without losing it.
 pub const GUARD: Duration = Duration::from_millis(2);
+
+/// Share of every quota window kept free for the way to the upstream: the
+/// first request of a connection pays its set-up, a loaded machine schedules
+/// late, and a strict upstream counts arrivals, not our decisions.
+pub const WIRE_MARGIN: f64 = 0.005;
 
 /// A GCRA state cell we can read back and restore (governor's own is opaque).
 #[derive(Debug, Default, Clone)]
@@ -222,7 +229,7 @@ fn build_limiters(
 
 /// Time between two admissions of this quota, guard included.
 fn interval(rate: &Rate) -> Duration {
-    (rate.per + GUARD) / rate.count.get()
+    (rate.per.mul_f64(1.0 + WIRE_MARGIN) + GUARD) / rate.count.get()
 }
 
 fn long_run_rate(rates: &[Rate]) -> f64 {
@@ -261,8 +268,8 @@ mod tests {
         let start = Instant::now();
         let times = admissions(&mut pacer, start, 1000, Duration::from_millis(1));
         let makespan = times[999].as_secs_f64();
-        // Ideal 9.99 s; the guard adds 0.2 %; lateness must not add 10 %.
-        assert!((9.99..10.05).contains(&makespan), "makespan {makespan}");
+        // Ideal 9.99 s; the margins add 0.7 %; lateness must not add 10 %.
+        assert!((9.99..10.1).contains(&makespan), "makespan {makespan}");
     }
 
     #[tokio::test(start_paused = true)]

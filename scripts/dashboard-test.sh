@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Loads the admin dashboard in headless Chromium against a running pacegate
+# that carries traffic, and checks that the upstream's name and live numbers
+# appear. Needs the debug binaries (`cargo build --bin pacegate --example
+# mock_upstream`), chromium and curl. Set SCREENSHOT=path.png to also save a
+# screenshot for a human to look at.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+browser=$(command -v chromium || command -v chromium-browser || true)
+if [ -z "$browser" ]; then
+  echo "dashboard test skipped: no chromium (scripts/test.sh installs it when run as root)"
+  exit 0
+fi
+cargo build --quiet --bin pacegate --example mock_upstream
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Reads the first line of FILE matching PATTERN, waiting at most 10 s.
+await_line() {
+  for _ in $(seq 100); do
+    if line=$(grep -m1 -o "$2" "$1" 2>/dev/null); then echo "$line"; return 0; fi
+    sleep 0.1
+  done
+  echo "timed out waiting for '$2' in $1" >&2; cat "$1" >&2; return 1
+}
+
+target/debug/examples/mock_upstream --listen 127.0.0.1:0 --ignore-stdin >"$work/mock.out" &
+pids+=($!)
+mock=$(await_line "$work/mock.out" 'listening [0-9.:]*' | cut -d' ' -f2)
+
+cat >"$work/pacegate.toml" <<TOML
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[[upstream]]
+name = "demo-api"
+base_url = "http://$mock"
+route = "/demo"
+rate = "20/s"
+TOML
+target/debug/pacegate --config "$work/pacegate.toml" --log-format json 2>"$work/pacegate.log" &
+pids+=($!)
+listening=$(await_line "$work/pacegate.log" 'listening proxy=[0-9.:]* admin=[0-9.:]*')
+proxy=$(echo "$listening" | sed -E 's/.*proxy=([0-9.:]+).*/\1/')
+admin=$(echo "$listening" | sed -E 's/.*admin=([0-9.:]+).*/\1/')
+
+# Traffic: 100 requests queue up behind the 20/s quota (done in about 5 s).
+for i in $(seq 100); do
+  curl -s -o /dev/null --max-time 30 "http://$proxy/demo/item/$i" &
+  pids+=($!)
+done
+
+flags=(--headless --no-sandbox --disable-gpu --disable-quic --no-first-run
+  --disable-background-networking --disable-component-update --disable-sync
+  --user-data-dir="$work/profile" --virtual-time-budget=3000)
+timeout 60 "$browser" "${flags[@]}" --dump-dom "http://$admin/" >"$work/dom.html" 2>"$work/chromium.log"
+if [ -n "${SCREENSHOT:-}" ]; then
+  timeout 60 "$browser" "${flags[@]}" --window-size=1200,800 --screenshot="$SCREENSHOT" "http://$admin/" 2>>"$work/chromium.log"
+  echo "screenshot saved to $SCREENSHOT"
+fi
+
+fail() { echo "dashboard test FAILED: $1" >&2; head -c 4000 "$work/dom.html" >&2; exit 1; }
+grep -q 'data-upstream="demo-api"' "$work/dom.html" || fail "the upstream's card is missing"
+answered=$(grep -o 'data-stat="requests">[0-9]*' "$work/dom.html" | grep -o '[0-9]*$' || true)
+[ "${answered:-0}" -gt 0 ] || fail "no answered requests shown"
+grep -q 'data-stat="queue">[0-9]' "$work/dom.html" || fail "no queue depth shown"
+grep -q 'quota 20/s' "$work/dom.html" || fail "quota not shown"
+echo "dashboard test passed: demo-api card shows $answered answered requests"
