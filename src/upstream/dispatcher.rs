@@ -29,8 +29,20 @@ use crate::retry::{RateLimitHint, RetryBudget};
 #[derive(Debug)]
 pub struct Ticket {
     _inflight: OwnedSemaphorePermit,
+    /// Counts this attempt in [`Dispatcher::inflight`] until dropped.
+    _counted: InFlight,
     /// How long this attempt waited in the queue.
     pub waited: Duration,
+}
+
+/// One attempt counted as in flight; uncounted when dropped.
+#[derive(Debug)]
+struct InFlight(Arc<Shared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Why a caller got no ticket.
@@ -82,6 +94,9 @@ struct Shared {
     inflight: Arc<Semaphore>,
     /// `max_concurrency` in force (the semaphore is resized on reload).
     max_inflight: AtomicUsize,
+    /// Tickets out: the attempts really in flight. Not read off the semaphore,
+    /// whose permits the task also holds while the head waits for a slot.
+    in_flight: AtomicUsize,
     /// What the task decided lately, for estimates, status and metrics.
     observed: Mutex<Observed>,
     /// Retries allowed as a share of first attempts (SPEC `budget`).
@@ -135,6 +150,7 @@ impl Dispatcher {
             capacity: AtomicUsize::new(upstream.queue_size),
             inflight: Arc::new(Semaphore::new(max_inflight)),
             max_inflight: AtomicUsize::new(max_inflight),
+            in_flight: AtomicUsize::new(0),
             observed: Mutex::new(observed),
             budget: Mutex::new(RetryBudget::from_config(&upstream.retry)),
         });
@@ -218,7 +234,7 @@ impl Dispatcher {
 
     /// Attempts in flight now.
     pub fn inflight(&self) -> usize {
-        self.max_inflight().saturating_sub(self.shared.inflight.available_permits())
+        self.shared.in_flight.load(Ordering::Acquire)
     }
 
     /// Waits for a ticket as a new caller, until `deadline`.
@@ -515,7 +531,9 @@ impl Task {
     fn serve_head(&mut self, permit: OwnedSemaphorePermit) -> Result<(), OwnedSemaphorePermit> {
         let mut permit = permit;
         while let Some(waiter) = self.queue.pop_front() {
-            let ticket = Ticket { _inflight: permit, waited: waiter.since.elapsed() };
+            self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+            let counted = InFlight(self.shared.clone());
+            let ticket = Ticket { _inflight: permit, _counted: counted, waited: waiter.since.elapsed() };
             match waiter.tickets.send(ticket) {
                 Ok(()) => {
                     self.shared.depth.fetch_sub(1, Ordering::AcqRel);
