@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs every pacegate benchmark scenario on loopback and regenerates
+# bench/results/latest.json, the SVG charts and the tables in BENCHMARKS.md.
+# Installs what it needs when missing (nginx and wrk from Debian when root,
+# Python packages from PyPI). Whole suite: a few minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+if ((${#missing[@]})); then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "error: install ${missing[*]} (or run as root to let this script apt-get them)" >&2
+    exit 1
+  fi
+fi
+python3 -c 'import aiohttp, aiolimiter, tenacity, matplotlib' 2>/dev/null \
+  || python3 -m pip install --quiet aiohttp aiolimiter tenacity matplotlib
+
+cargo build --release --quiet --bin pacegate --example mock_upstream
+exec python3 bench/bench.py "$@"
