@@ -16,6 +16,9 @@
 //!   Prometheus series SPEC names.
 //! - [`error`]: SPEC's error table, the one mapping from errors to answers.
 //! - [`body`]: buffered (replayable) and streamed bodies.
+//! - [`tls`]: the local CA and interception of CONNECT tunnels;
+//!   [`proxy::connect`] decides intercept, tunnel or refuse, [`upstream::guard`]
+//!   keeps pass-through traffic off private addresses.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -30,4 +33,5 @@ pub mod reload;
 pub mod retry;
 pub mod runtime;
 pub mod server;
+pub mod tls;
 pub mod upstream;

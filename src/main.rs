@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use pacegate::{app, config};
+use pacegate::{app, config, tls};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -25,6 +25,21 @@ struct Cli {
 enum Command {
     /// Validate the config file and print one line per upstream.
     Check,
+    /// The local CA that signs certificates for HTTPS interception.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Write a new CA as DIR/ca.pem and DIR/ca-key.pem (never overwrites).
+    Init {
+        /// Directory for the two files.
+        #[arg(long, default_value = "config")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -37,6 +52,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check) => check(&cli.config),
+        Some(Command::Ca { command: CaCommand::Init { out } }) => ca_init(&out),
         None => {
             init_logging(cli.log_format);
             run(&cli.config)
@@ -59,6 +75,28 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
+fn ca_init(out: &Path) -> ExitCode {
+    match tls::write_new_ca(out) {
+        Ok((cert, key)) => {
+            let cert = cert.display();
+            println!("wrote {cert} and {} (keep the key private)", key.display());
+            println!();
+            println!("Trust the CA in the programs that use pacegate as HTTPS_PROXY, e.g.:");
+            println!("  export SSL_CERT_FILE={cert}        # OpenSSL-based tools, Go, Ruby");
+            println!("  export REQUESTS_CA_BUNDLE={cert}   # Python requests");
+            println!("  export NODE_EXTRA_CA_CERTS={cert}  # Node.js");
+            println!("  curl --cacert {cert} --proxy http://127.0.0.1:8080 https://api.example.com/");
+            println!("SSL_CERT_FILE replaces the system bundle: concatenate both if other hosts are needed.");
+            println!("Then set [mitm] enabled = true, ca_cert and ca_key in the config.");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn run(path: &Path) -> ExitCode {
     let config = match config::load(path) {
         Ok(config) => config,
@@ -67,6 +105,12 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if config.mitm.enabled
+        && let Err(error) = tls::Interceptor::load(&config.mitm)
+    {
+        tracing::error!("[mitm] is enabled but its CA cannot be loaded: {error}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -8,12 +8,13 @@
 //! and its dispatcher stops once its queue is empty.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::route::Router;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamClient};
 
 /// One generation of configuration with everything built from it.
 #[derive(Debug)]
@@ -22,6 +23,8 @@ pub struct Runtime {
     pub router: Router,
     /// Upstreams by config index.
     pub upstreams: Vec<Arc<Upstream>>,
+    /// One client per distinct `ca_file`, for the upstreams that name one.
+    pub ca_clients: HashMap<PathBuf, UpstreamClient>,
     /// Identifies this generation in logs, `/status` and `/reload`.
     pub version: Version,
 }
@@ -75,6 +78,36 @@ impl Runtime {
                 None => Arc::new(Upstream::start(wanted.clone(), metrics.clone())),
             })
             .collect();
-        Self { config: Arc::new(config), router, upstreams, version }
+        let ca_clients = ca_clients(&config);
+        Self { config: Arc::new(config), router, upstreams, version, ca_clients }
     }
+
+    /// The client an upstream's attempts use: its `ca_file` one, if any.
+    pub fn client_for<'a>(&'a self, index: usize, default: &'a UpstreamClient) -> &'a UpstreamClient {
+        self.upstreams[index]
+            .config
+            .ca_file
+            .as_ref()
+            .and_then(|path| self.ca_clients.get(path))
+            .unwrap_or(default)
+    }
+}
+
+/// Clients for every distinct `ca_file`, read again on every generation so a
+/// reload picks up a changed file. A file that cannot be used is logged; its
+/// upstream then trusts the default roots only, so verification fails closed.
+fn ca_clients(config: &Config) -> HashMap<PathBuf, UpstreamClient> {
+    let mut clients = HashMap::new();
+    for path in config.upstreams.iter().filter_map(|u| u.ca_file.as_ref()) {
+        if clients.contains_key(path) {
+            continue;
+        }
+        match UpstreamClient::with_ca_file(path) {
+            Ok(client) => {
+                clients.insert(path.clone(), client);
+            }
+            Err(error) => tracing::error!(%error, "upstream ca_file not usable"),
+        }
+    }
+    clients
 }

@@ -1,19 +1,23 @@
 //! The proxy service: the life of one request from a caller.
 //!
-//! Phases, in order: check the request head, route it, read (or start
-//! streaming) its body, then exchange it with the upstream. Every phase that
-//! fails returns a [`ProxyError`], which becomes the one answer the caller
-//! gets.
+//! Phases, in order: authenticate the caller, check the request head, route
+//! it, read (or start streaming) its body, then exchange it with the
+//! upstream. Every phase that fails returns a [`ProxyError`], which becomes
+//! the one answer the caller gets. CONNECT leaves this path for
+//! [`connect`]; requests inside an intercepted tunnel come back to it.
 
+pub mod auth;
+pub mod connect;
 pub mod headers;
 pub mod route;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::{HeaderMap, Request, Response, header};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, Request, Response, Uri, header};
 use hyper::body::Incoming;
 
 use crate::body::{self, BodyError, ProxyBody};
@@ -21,6 +25,8 @@ use crate::config;
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, NO_UPSTREAM};
 use crate::runtime::Runtime;
+use crate::tls::{Interceptor, TlsError};
+use crate::upstream::guard::{self, GuardError};
 use crate::upstream::{ATTEMPTS_HEADER, UpstreamClient, inbound_response, outbound_request};
 use route::Target;
 
@@ -35,24 +41,81 @@ const PASS_THROUGH_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Proxy {
     /// The config generation new requests use; swapped whole on reload.
     pub runtime: ArcSwap<Runtime>,
+    /// Configured upstreams without a `ca_file`.
     client: UpstreamClient,
+    /// Pass-through when `allow_private = false`: its DNS drops guarded addresses.
+    guarded_client: UpstreamClient,
+    /// The CA interception signs with, loaded for the `[mitm]` paths it names.
+    interceptor: Mutex<Option<(config::Mitm, Arc<Interceptor>)>>,
     metrics: Arc<Metrics>,
 }
 
 impl Proxy {
     pub fn new(runtime: Arc<Runtime>, metrics: Arc<Metrics>) -> Self {
-        Self { runtime: ArcSwap::new(runtime), client: UpstreamClient::new(), metrics }
+        Self {
+            runtime: ArcSwap::new(runtime),
+            client: UpstreamClient::new(),
+            guarded_client: UpstreamClient::guarded(),
+            interceptor: Mutex::new(None),
+            metrics,
+        }
     }
 
     /// Answers one request; never fails: errors become SPEC's error answers.
     pub async fn handle(
         self: Arc<Self>,
-        _peer: SocketAddr,
+        peer: SocketAddr,
         request: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let runtime = self.runtime.load_full();
         let mut upstream = None;
-        let response = match self.proxy(&runtime, request, &mut upstream).await {
+        let result = match auth::check(request.headers(), &runtime.config.server.proxy_auth) {
+            Err(error) => Err(error),
+            Ok(()) if request.method() == http::Method::CONNECT => {
+                match check_header_size(request.headers(), runtime.config.server.max_header_bytes) {
+                    Ok(()) => connect::connect(&self, &runtime, peer, request).await,
+                    Err(error) => Err(error),
+                }
+            }
+            Ok(()) => self.proxy(&runtime, request, None, &mut upstream).await,
+        };
+        self.answer(result, upstream)
+    }
+
+    /// Answers one request from inside an intercepted CONNECT tunnel to
+    /// `authority`, as if it were a forward request to `https://authority/...`.
+    /// The tunnel was authenticated when it was opened.
+    pub async fn handle_intercepted(
+        self: Arc<Self>,
+        _peer: SocketAddr,
+        authority: Authority,
+        request: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let runtime = self.runtime.load_full();
+        let mut upstream = None;
+        let result = self.proxy(&runtime, request, Some(&authority), &mut upstream).await;
+        self.answer(result, upstream)
+    }
+
+    /// The interceptor for these `[mitm]` paths, loading the CA on first use.
+    pub fn interceptor(&self, mitm: &config::Mitm) -> Result<Arc<Interceptor>, TlsError> {
+        let mut slot = self.interceptor.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((loaded_for, interceptor)) = slot.as_ref()
+            && loaded_for == mitm
+        {
+            return Ok(interceptor.clone());
+        }
+        let interceptor = Arc::new(Interceptor::load(mitm)?);
+        *slot = Some((mitm.clone(), interceptor.clone()));
+        Ok(interceptor)
+    }
+
+    fn answer(
+        &self,
+        result: Result<Response<ProxyBody>, ProxyError>,
+        upstream: Option<String>,
+    ) -> Response<ProxyBody> {
+        let response = match result {
             Ok(response) => response,
             Err(error) => {
                 tracing::debug!(code = error.code(), upstream = error.upstream(), "{error}");
@@ -64,20 +127,25 @@ impl Proxy {
     }
 
     /// Proxies one request; names its upstream in `upstream` once routed.
+    /// `tunnel` is the authority of the intercepted CONNECT it came through.
     async fn proxy(
         &self,
         runtime: &Runtime,
         request: Request<Incoming>,
+        tunnel: Option<&Authority>,
         upstream: &mut Option<String>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let server = &runtime.config.server;
         // Bound what we keep per request before doing any work for it.
         check_header_size(request.headers(), server.max_header_bytes)?;
-        if request.method() == http::Method::CONNECT {
-            let host = request.uri().authority().map_or_else(String::new, |a| a.host().to_string());
-            return Err(ProxyError::UnknownHost { host });
-        }
-        let target = runtime.router.route(request.uri(), request.version())?;
+        let target = match tunnel {
+            // Whatever the inner request names, the tunnel decides the host.
+            Some(authority) => {
+                let uri = intercepted_uri(authority, request.uri())?;
+                runtime.router.route(&uri, http::Version::HTTP_11)?
+            }
+            None => runtime.router.route(request.uri(), request.version())?,
+        };
         let (mut head, incoming) = request.into_parts();
         let max_wait = max_wait(&head.headers)?;
         // Our own headers and connection-level ones never travel on.
@@ -98,21 +166,31 @@ impl Proxy {
             Target::Upstream { index, uri } => {
                 // base_url decides the host: the client derives Host from the URI.
                 head.headers.remove(header::HOST);
-                runtime.upstreams[index].exchange(&self.client, head, uri, body, max_wait).await
+                let client = runtime.client_for(index, &self.client);
+                runtime.upstreams[index].exchange(client, head, uri, body, max_wait).await
             }
-            Target::PassThrough { uri } => self.pass_through(head, uri, body).await,
+            Target::PassThrough { uri } => {
+                let client = if runtime.config.forward.allow_private {
+                    &self.client
+                } else {
+                    check_pass_through(&uri).await?;
+                    &self.guarded_client
+                };
+                self.pass_through(client, head, uri, body).await
+            }
         }
     }
 
     /// Forwards a request for a host no upstream claims, once, without pacing.
     async fn pass_through(
         &self,
+        client: &UpstreamClient,
         head: http::request::Parts,
         uri: http::Uri,
         mut body: body::RequestBody,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let request = outbound_request(&head, uri, body.for_attempt().unwrap_or_else(body::empty));
-        let response = self.client.send(request, PASS_THROUGH_TIMEOUT).await.map_err(|e| match e {
+        let response = client.send(request, PASS_THROUGH_TIMEOUT).await.map_err(|e| match e {
             crate::upstream::SendError::Timeout(timeout) => {
                 ProxyError::UpstreamTimeout { upstream: None, timeout }
             }
@@ -122,6 +200,29 @@ impl Proxy {
         response.headers_mut().insert(ATTEMPTS_HEADER, http::HeaderValue::from(1u32));
         Ok(response)
     }
+}
+
+/// 403 when a pass-through target resolves to a guarded address. The guarded
+/// client checks again on what it connects to; this check gives the answer.
+async fn check_pass_through(uri: &Uri) -> Result<(), ProxyError> {
+    let host = uri.host().unwrap_or_default();
+    let port = uri.port_u16().unwrap_or(80);
+    match guard::resolve_allowed(host, port).await {
+        Ok(_) => Ok(()),
+        Err(GuardError::Forbidden { host }) => Err(ProxyError::ForbiddenAddress { host }),
+        Err(error) => Err(ProxyError::UpstreamUnreachable { upstream: None, reason: error.to_string() }),
+    }
+}
+
+/// `https://authority/path?query` for a request inside an intercepted tunnel.
+fn intercepted_uri(authority: &Authority, inner: &Uri) -> Result<Uri, ProxyError> {
+    let path_and_query = inner.path_and_query().map_or("/", PathAndQuery::as_str);
+    Uri::builder()
+        .scheme(Scheme::HTTPS)
+        .authority(authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| ProxyError::BadRequest(format!("invalid request target: {e}")))
 }
 
 /// Rejects request heads over `max_header_bytes` (names, values and framing).

@@ -1,5 +1,10 @@
 //! The pooled upstream client: keep-alive HTTP/1.1 and h2 over rustls.
+//!
+//! TLS verification is always on (webpki roots, plus an upstream's own
+//! `ca_file` for private APIs). Pass-through traffic gets a client whose DNS
+//! drops guarded addresses ([`super::guard`]).
 
+use std::path::Path;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -9,6 +14,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+use super::guard::Resolver;
 use crate::body::ProxyBody;
 
 /// How long an idle pooled connection is kept for reuse.
@@ -31,18 +41,53 @@ pub enum SendError {
 /// Sends requests upstream over pooled connections.
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
-    inner: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    inner: Client<HttpsConnector<HttpConnector<Resolver>>, ProxyBody>,
+}
+
+/// Why an upstream's `ca_file` cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("ca_file {path}: {reason}")]
+pub struct CaFileError {
+    path: String,
+    reason: String,
 }
 
 impl UpstreamClient {
     /// A client trusting the webpki roots, speaking h2 where ALPN offers it.
     pub fn new() -> Self {
-        let mut http = HttpConnector::new();
+        Self::build(webpki_roots(), Resolver { guard: false })
+    }
+
+    /// Like [`Self::new`], but never connecting to guarded addresses.
+    pub fn guarded() -> Self {
+        Self::build(webpki_roots(), Resolver { guard: true })
+    }
+
+    /// A client trusting the webpki roots and the PEM certificates of `ca_file`.
+    pub fn with_ca_file(ca_file: &Path) -> Result<Self, CaFileError> {
+        let error = |reason: String| CaFileError { path: ca_file.display().to_string(), reason };
+        let mut roots = webpki_roots();
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca_file)
+            .map_err(|e| error(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| error(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(error("no PEM certificate in the file".into()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| error(e.to_string()))?;
+        }
+        Ok(Self::build(roots, Resolver { guard: false }))
+    }
+
+    fn build(roots: RootCertStore, resolver: Resolver) -> Self {
+        let mut http = HttpConnector::new_with_resolver(resolver);
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .enable_http2()
@@ -74,6 +119,11 @@ impl Default for UpstreamClient {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The Mozilla roots shipped with webpki-roots.
+fn webpki_roots() -> RootCertStore {
+    RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() }
 }
 
 /// The error and its causes on one line, for logs and error bodies.

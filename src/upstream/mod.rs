@@ -7,6 +7,7 @@
 pub mod client;
 pub mod dispatcher;
 mod exchange;
+pub mod guard;
 
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use crate::body::{self, ProxyBody};
 use crate::config;
 use crate::metrics::Metrics;
 use crate::proxy::headers;
-pub use client::{SendError, UpstreamClient};
+pub use client::{CaFileError, SendError, UpstreamClient};
 pub use dispatcher::{Dispatcher, Refusal, Ticket};
 
 /// Header telling the caller how many attempts its answer took.

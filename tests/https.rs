@@ -1,0 +1,412 @@
+//! HTTPS through `HTTPS_PROXY` (issue 6): interception with our own CA,
+//! plain tunnels, the private-address guard, `proxy_auth` and `ca init`.
+//! Only loopback is ever connected to; every wait is bounded.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::mock::{Behaviour, MockUpstream};
+use support::{Pacegate, TEST_SERVER, builder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Bound on every single network wait of these tests.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A fresh CA in a temp dir: (dir, certificate PEM).
+fn new_ca() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cert, _key) = pacegate::tls::write_new_ca(dir.path()).expect("write CA");
+    let pem = std::fs::read_to_string(cert).expect("read CA");
+    (dir, pem)
+}
+
+/// Config with interception on and `api.test` served by `mock_url`.
+fn mitm_config(ca_dir: &Path, mock_url: &str, extra_upstream: &str) -> String {
+    format!(
+        "{TEST_SERVER}\n[mitm]\nenabled = true\nca_cert = \"{cert}\"\nca_key = \"{key}\"\n\n\
+         [[upstream]]\nname = \"api\"\nbase_url = \"{mock_url}\"\nhosts = [\"api.test\"]\n{extra_upstream}\n",
+        cert = ca_dir.join("ca.pem").display(),
+        key = ca_dir.join("ca-key.pem").display(),
+    )
+}
+
+/// A reqwest client using `pg` as HTTPS_PROXY and trusting only `ca_pem`.
+fn https_client(pg: &Pacegate, ca_pem: Option<&str>) -> reqwest::Client {
+    let mut b = builder().proxy(reqwest::Proxy::https(pg.url("")).expect("proxy url")).timeout(WAIT);
+    if let Some(pem) = ca_pem {
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).expect("CA pem"));
+    }
+    b.build().expect("client")
+}
+
+/// Sends `CONNECT authority` (with extra header lines) and reads the answer
+/// head; returns the stream (the tunnel, when 200) and the head.
+async fn connect(proxy: SocketAddr, authority: &str, extra: &str) -> (TcpStream, String) {
+    let mut stream = tokio::time::timeout(WAIT, TcpStream::connect(proxy)).await.unwrap().unwrap();
+    let request = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{extra}\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut byte)).await.expect("answer in time").unwrap();
+        assert!(n == 1, "connection closed inside the answer head: {:?}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    (stream, String::from_utf8(head).unwrap().to_ascii_lowercase())
+}
+
+/// A TCP echo server on loopback.
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn intercepted_https_reaches_the_upstream_and_is_paced() {
+    let (ca_dir, ca_pem) = new_ca();
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let pg = Pacegate::start_config(&mitm_config(
+        ca_dir.path(),
+        &mock.url(),
+        "rate = \"20/s\"\nburst = 1\nqueue_size = 100\nqueue_timeout = \"30s\"",
+    ))
+    .await;
+    let client = https_client(&pg, Some(&ca_pem));
+    let started = Instant::now();
+    let requests = (0..40).map(|i| {
+        let client = client.clone();
+        async move { client.get(format!("https://api.test/items?i={i}")).send().await }
+    });
+    let responses = futures_util::future::join_all(requests).await;
+    let elapsed = started.elapsed();
+    for response in responses {
+        let response = response.expect("request through the interception");
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.version(), reqwest::Version::HTTP_2, "ALPN offers h2 inside the tunnel");
+    }
+    assert!(elapsed >= Duration::from_millis(1900), "40 requests at 20/s took only {elapsed:?}");
+    assert_eq!(mock.count(), 40);
+    let arrival = &mock.arrivals()[0];
+    assert!(arrival.path_and_query.starts_with("/items?i="), "{}", arrival.path_and_query);
+    assert!(arrival.headers.get("proxy-authorization").is_none());
+
+    // HTTP/1.1 inside the tunnel works as well as h2.
+    let h1 = builder()
+        .proxy(reqwest::Proxy::https(pg.url("")).unwrap())
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
+        .http1_only()
+        .timeout(WAIT)
+        .build()
+        .unwrap();
+    let response = h1.post("https://api.test/h1").body("hello").send().await.expect("h1 request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), reqwest::Version::HTTP_11);
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_trust_the_ca_fails_the_handshake() {
+    let (ca_dir, _ca_pem) = new_ca();
+    let (_other_dir, other_pem) = new_ca();
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let pg = Pacegate::start_config(&mitm_config(ca_dir.path(), &mock.url(), "rate = \"100/s\"")).await;
+    let error = https_client(&pg, Some(&other_pem)).get("https://api.test/x").send().await.unwrap_err();
+    assert!(error.is_connect() || error.is_request(), "unexpected error: {error:?}");
+    assert_eq!(mock.count(), 0);
+}
+
+/// rustls client config trusting only `ca_pem`.
+fn rustls_client(ca_pem: &str) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+#[tokio::test]
+async fn the_leaf_is_valid_for_the_connect_host_only() {
+    let (ca_dir, ca_pem) = new_ca();
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let pg = Pacegate::start_config(&mitm_config(ca_dir.path(), &mock.url(), "rate = \"100/s\"")).await;
+    let tls = rustls_client(&ca_pem);
+
+    // Right SNI: the handshake succeeds and verifies against our CA.
+    let (stream, head) = connect(pg.proxy, "api.test:443", "").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let name = rustls::pki_types::ServerName::try_from("api.test").unwrap();
+    let mut session =
+        tokio::time::timeout(WAIT, tls.connect(name, stream)).await.unwrap().expect("handshake");
+    session.write_all(b"GET /leaf HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, session.read_to_end(&mut answer)).await.unwrap().ok();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(mock.count(), 1);
+
+    // SNI of another host in a tunnel opened for api.test: cleanly refused.
+    let (stream, head) = connect(pg.proxy, "api.test:443", "").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let other = rustls::pki_types::ServerName::try_from("other.test").unwrap();
+    let result = tokio::time::timeout(WAIT, tls.connect(other, stream)).await.expect("bounded handshake");
+    assert!(result.is_err(), "a leaf for other.test must not be served");
+    assert_eq!(mock.count(), 1);
+}
+
+#[tokio::test]
+async fn tunnels_to_unknown_hosts_when_pass_and_private_allowed() {
+    let echo = echo_server().await;
+    let pg = Pacegate::start("[forward]\nunknown_hosts = \"pass\"\nallow_private = true\n").await;
+    let (mut stream, head) = connect(pg.proxy, &echo.to_string(), "").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    stream.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf, b"ping");
+}
+
+#[tokio::test]
+async fn tunnels_to_configured_hosts_without_mitm() {
+    let echo = echo_server().await;
+    let config = format!(
+        "[[upstream]]\nname = \"api\"\nbase_url = \"http://{echo}\"\nhosts = [\"{ip}:{port}\"]\nrate = \"10/s\"\n",
+        ip = echo.ip(),
+        port = echo.port()
+    );
+    // Configured upstreams may point at loopback even with allow_private = false.
+    let pg = Pacegate::start(&config).await;
+    let (mut stream, head) = connect(pg.proxy, &echo.to_string(), "").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    stream.write_all(b"pong").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf, b"pong");
+}
+
+#[tokio::test]
+async fn connect_to_unknown_host_is_refused_by_default() {
+    let echo = echo_server().await;
+    let pg = Pacegate::start("").await;
+    let (_stream, head) = connect(pg.proxy, &echo.to_string(), "").await;
+    assert!(head.starts_with("http/1.1 403"), "{head}");
+    assert!(head.contains("x-pacegate-error: unknown_host"), "{head}");
+}
+
+#[tokio::test]
+async fn private_addresses_are_refused_for_pass_through() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let port = mock.addr().port();
+    let pg = Pacegate::start("[forward]\nunknown_hosts = \"pass\"\nallow_private = false\n").await;
+    // Non-loopback targets are refused before any connection is attempted.
+    let targets = [
+        format!("127.0.0.1:{port}"),
+        "10.0.0.1:443".to_string(),
+        "169.254.169.254:80".to_string(),
+        format!("[::1]:{port}"),
+        format!("[::ffff:127.0.0.1]:{port}"),
+        format!("localhost:{port}"),
+    ];
+    for target in &targets {
+        let (_stream, head) = connect(pg.proxy, target, "").await;
+        assert!(head.starts_with("http/1.1 403"), "CONNECT {target}: {head}");
+        assert!(head.contains("x-pacegate-error: forbidden_address"), "CONNECT {target}: {head}");
+    }
+    let client = pg.forward_client();
+    for target in &targets {
+        let response = client.get(format!("http://{target}/latest")).timeout(WAIT).send().await.unwrap();
+        assert_eq!(response.status(), 403, "GET http://{target}/");
+        assert_eq!(response.headers()["x-pacegate-error"], "forbidden_address", "GET http://{target}/");
+    }
+    assert_eq!(mock.count(), 0);
+}
+
+#[tokio::test]
+async fn proxy_auth_is_required_everywhere() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let echo = echo_server().await;
+    let config = format!(
+        "{TEST_SERVER}proxy_auth = [\"alice:s3cret\"]\n[forward]\nunknown_hosts = \"pass\"\nallow_private = true\n\n{}",
+        support::upstream("api", &mock.url(), "rate = \"100/s\"")
+    );
+    let pg = Pacegate::start_config(&config).await;
+    let plain = support::client();
+
+    // Reverse mode: missing and wrong credentials, then right ones.
+    let response = plain.get(pg.url("/api/x")).send().await.unwrap();
+    assert_eq!(response.status(), 407);
+    assert_eq!(response.headers()["x-pacegate-error"], "proxy_auth_required");
+    assert_eq!(response.headers()["proxy-authenticate"], "Basic realm=\"pacegate\"");
+    // base64("alice:wrong") and base64("alice:s3cret")
+    let wrong = "Basic YWxpY2U6d3Jvbmc=";
+    let right = "Basic YWxpY2U6czNjcmV0";
+    let response = plain.get(pg.url("/api/x")).header("proxy-authorization", wrong).send().await.unwrap();
+    assert_eq!(response.status(), 407);
+    let response = plain.get(pg.url("/api/x")).header("proxy-authorization", right).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(mock.count(), 1);
+    assert!(mock.arrivals()[0].headers.get("proxy-authorization").is_none(), "credentials forwarded");
+
+    // Forward mode through reqwest's proxy credentials.
+    let forward = |proxy: reqwest::Proxy| builder().proxy(proxy).timeout(WAIT).build().unwrap();
+    let anonymous = forward(reqwest::Proxy::http(pg.url("")).unwrap());
+    let response = anonymous.get(format!("{}/y", mock.url())).send().await.unwrap();
+    assert_eq!(response.status(), 407);
+    let authed = forward(reqwest::Proxy::http(pg.url("")).unwrap().basic_auth("alice", "s3cret"));
+    let response = authed.get(format!("{}/y", mock.url())).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(mock.arrivals().iter().all(|a| a.headers.get("proxy-authorization").is_none()));
+
+    // CONNECT.
+    let (_stream, head) = connect(pg.proxy, &echo.to_string(), "").await;
+    assert!(head.starts_with("http/1.1 407"), "{head}");
+    assert!(head.contains("proxy-authenticate: basic realm=\"pacegate\""), "{head}");
+    let (_stream, head) =
+        connect(pg.proxy, &echo.to_string(), &format!("Proxy-Authorization: {wrong}\r\n")).await;
+    assert!(head.starts_with("http/1.1 407"), "{head}");
+    let (mut stream, head) =
+        connect(pg.proxy, &echo.to_string(), &format!("Proxy-Authorization: {right}\r\n")).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    stream.write_all(b"ok").await.unwrap();
+    let mut buf = [0u8; 2];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf, b"ok");
+}
+
+/// A one-answer-per-connection HTTPS server on loopback whose certificate for
+/// `localhost` is signed by the CA in `ca_dir` (not a public root).
+async fn private_tls_server(ca_dir: &Path) -> SocketAddr {
+    let mitm = pacegate::config::Mitm {
+        enabled: true,
+        ca_cert: ca_dir.join("ca.pem"),
+        ca_key: ca_dir.join("ca-key.pem"),
+    };
+    let interceptor = pacegate::tls::Interceptor::load(&mitm).unwrap();
+    let mut config = (*interceptor.server_config("localhost").unwrap()).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else { return };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if tls.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+                let _ = tls.write_all(answer).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn ca_file_is_trusted_for_its_upstream_only() {
+    let (ca_dir, _pem) = new_ca();
+    let server = private_tls_server(ca_dir.path()).await;
+    let base = format!("https://localhost:{}", server.port());
+    let ca_file = ca_dir.path().join("ca.pem");
+    let config = format!(
+        "{}{}",
+        support::upstream(
+            "private",
+            &base,
+            &format!("rate = \"100/s\"\nca_file = \"{}\"", ca_file.display())
+        ),
+        support::upstream("public", &base, "rate = \"100/s\"\n[upstream.retry]\nmax_attempts = 1"),
+    );
+    let pg = Pacegate::start(&config).await;
+    let client = support::client();
+    let response = client.get(pg.url("/private/x")).timeout(WAIT).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "ok");
+    // The same server is not trusted for an upstream without that ca_file.
+    let response = client.get(pg.url("/public/x")).timeout(WAIT).send().await.unwrap();
+    assert_eq!(response.status(), 502);
+}
+
+/// Runs the pacegate binary with `args`; bounded.
+fn run_binary(args: &[&str]) -> std::process::Output {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pacegate"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn pacegate");
+    let deadline = Instant::now() + WAIT;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("pacegate {args:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+fn ca_init_writes_a_private_key_and_never_overwrites() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ca");
+    let out_arg = out.to_str().unwrap();
+    let first = run_binary(&["ca", "init", "--out", out_arg]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    for hint in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "--cacert"] {
+        assert!(stdout.contains(hint), "missing {hint} in: {stdout}");
+    }
+    let key = out.join("ca-key.pem");
+    let cert = out.join("ca.pem");
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    let (key_before, cert_before) = (std::fs::read(&key).unwrap(), std::fs::read(&cert).unwrap());
+    assert!(String::from_utf8_lossy(&cert_before).contains("BEGIN CERTIFICATE"));
+
+    let second = run_binary(&["ca", "init", "--out", out_arg]);
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already exists"));
+    assert_eq!(std::fs::read(&key).unwrap(), key_before);
+    assert_eq!(std::fs::read(&cert).unwrap(), cert_before);
+
+    // Only the key left: still refused, nothing written.
+    std::fs::remove_file(&cert).unwrap();
+    assert!(!run_binary(&["ca", "init", "--out", out_arg]).status.success());
+    assert!(!cert.exists());
+}
+
+#[test]
+fn mitm_without_a_ca_is_a_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pacegate.toml");
+    let text = format!(
+        "{TEST_SERVER}\n[mitm]\nenabled = true\nca_cert = \"{0}/ca.pem\"\nca_key = \"{0}/ca-key.pem\"\n",
+        dir.path().display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let output = run_binary(&["--config", config.to_str().unwrap()]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("pacegate ca init"), "{stderr}");
+}
