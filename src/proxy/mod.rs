@@ -21,7 +21,7 @@ use crate::config;
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, NO_UPSTREAM};
 use crate::runtime::Runtime;
-use crate::upstream::{ATTEMPTS_HEADER, UpstreamClient, inbound_response, outbound_request};
+use crate::upstream::{ATTEMPTS_HEADER, Place, UpstreamClient, inbound_response, outbound_request};
 use route::Target;
 
 /// Request header with which a caller shortens its own queue wait.
@@ -47,12 +47,12 @@ impl Proxy {
     /// Answers one request; never fails: errors become SPEC's error answers.
     pub async fn handle(
         self: Arc<Self>,
-        _peer: SocketAddr,
+        peer: SocketAddr,
         request: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let runtime = self.runtime.load_full();
         let mut upstream = None;
-        let response = match self.proxy(&runtime, request, &mut upstream).await {
+        let response = match self.proxy(&runtime, peer, request, &mut upstream).await {
             Ok(response) => response,
             Err(error) => {
                 tracing::debug!(code = error.code(), upstream = error.upstream(), "{error}");
@@ -67,6 +67,7 @@ impl Proxy {
     async fn proxy(
         &self,
         runtime: &Runtime,
+        peer: SocketAddr,
         request: Request<Incoming>,
         upstream: &mut Option<String>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -80,6 +81,10 @@ impl Proxy {
         let target = runtime.router.route(request.uri(), request.version())?;
         let (mut head, incoming) = request.into_parts();
         let max_wait = max_wait(&head.headers)?;
+        let place = match &target {
+            Target::Upstream { index, .. } => runtime.upstreams[*index].place(&head.headers, peer.ip())?,
+            Target::PassThrough { .. } => Place::default(),
+        };
         // Our own headers and connection-level ones never travel on.
         headers::strip_own(&mut head.headers);
         headers::strip_hop_by_hop(&mut head.headers);
@@ -98,7 +103,7 @@ impl Proxy {
             Target::Upstream { index, uri } => {
                 // base_url decides the host: the client derives Host from the URI.
                 head.headers.remove(header::HOST);
-                runtime.upstreams[index].exchange(&self.client, head, uri, body, max_wait).await
+                runtime.upstreams[index].exchange(&self.client, head, uri, body, max_wait, place).await
             }
             Target::PassThrough { uri } => self.pass_through(head, uri, body).await,
         }
