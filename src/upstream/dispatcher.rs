@@ -1,7 +1,7 @@
 //! The dispatcher: one task per upstream that owns its queue and its pacing.
 //!
 //! Connection tasks never pace themselves. They join the upstream's queue
-//! and wait for a [`Ticket`]; the dispatcher task ([`super::task`]) hands
+//! and wait for a [`Ticket`]; the dispatcher task (`task.rs`) hands
 //! tickets out one by one, each only when a concurrency slot is free, the
 //! waiter's partition is not cooling down and its pacer has a slot. Keeping
 //! all of that in one task makes the serving order exact and means only one
@@ -9,7 +9,7 @@
 //! limiter).
 //!
 //! A waiter joins with a [`Place`]: its partition (`partition_by`, its own
-//! quotas and cooldown, see [`super::partition`]), its caller (`fair_by`,
+//! quotas and cooldown, see `partition.rs`), its caller (`fair_by`,
 //! served round-robin, see [`super::schedule`]) and its priority. Without
 //! those keys every place is the same and the queue is the FIFO it always was.
 //!
@@ -66,7 +66,7 @@ pub enum Refusal {
 /// Where a waiter queues: which bucket paces it, who it is, how urgent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Place {
-    /// Hashed `partition_by` value; [`SINGLE`] without `partition_by`.
+    /// Hashed `partition_by` value; `SINGLE` (0) without `partition_by`.
     pub partition: u64,
     /// Hashed `fair_by` value; one caller (0) without `fair_by`.
     pub caller: u64,

@@ -207,3 +207,36 @@ impl<W> Partition<W> {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_rate;
+    use crate::upstream::schedule::Priority;
+
+    fn quotas(rates: &[&str]) -> Quotas {
+        let rate = rates.iter().map(|r| parse_rate(r).expect("rate")).collect();
+        Quotas { rate, burst: std::num::NonZeroU32::MIN, adaptive: false }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_only_once_the_longest_window_has_passed() {
+        let mut partition: Partition<()> = Partition::new(&quotas(&["10/s", "100/min"]));
+        assert!(partition.idle(Instant::now()), "never used: nothing to lose");
+        partition.record_grant(Instant::now());
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(!partition.idle(Instant::now()), "the per-minute quota still remembers the grant");
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(partition.idle(Instant::now()));
+        partition.waiters.push_back(0, Priority::Normal, ());
+        assert!(!partition.idle(Instant::now()), "a waiter keeps its partition");
+    }
+
+    #[test]
+    fn keys_are_hashed_and_distinct() {
+        assert_eq!(hash_key(b"h:Bearer A"), hash_key(b"h:Bearer A"));
+        assert_ne!(hash_key(b"h:Bearer A"), hash_key(b"h:Bearer B"));
+        assert_ne!(hash_key(b"h:"), hash_key(b"-"), "an empty header is not a missing one");
+        assert_ne!(hash_key(b"anything"), SINGLE);
+    }
+}

@@ -118,8 +118,13 @@ impl Task {
             };
             permit = Some(unused);
             let Some(at) = earliest else {
-                // Everyone reached had gone; recount what is left.
+                // Everyone reached had gone; recount what is left, and make
+                // sure every partition still holding waiters takes turns.
                 self.queued = self.partitions.values().map(|p| p.waiters.len()).sum();
+                if self.ready.is_empty() {
+                    let waiting = self.partitions.iter().filter(|(_, p)| !p.waiters.is_empty());
+                    self.ready.extend(waiting.map(|(key, _)| *key));
+                }
                 continue;
             };
             tokio::select! {
