@@ -232,3 +232,63 @@ async fn the_partition_bound_answers_503_too_many_partitions() {
     assert_eq!(api_status(&status)["partitions"], 2);
     assert_eq!(api_status(&status)["rejections"]["too_many_partitions"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_keeps_its_callers_place() {
+    let mock = MockUpstream::start(Behaviour::new().script([Scripted::status(503)])).await;
+    // 20/s: one slot is 50 ms; the retry sleeps a fixed 300 ms backoff.
+    let extra = "rate = \"20/s\"\nfair_by = \"header:x-caller\"\n\
+                 [upstream.retry]\nbase_delay = \"300ms\"\nmax_delay = \"300ms\"\njitter = \"none\"";
+    let pg = Pacegate::start(&upstream("api", &mock.url(), extra)).await;
+    let url = pg.url("/api/x");
+    let alice = spawn_requests(&url, 1, &[("x-caller", "alice")]);
+    assert!(mock.wait_for_arrivals(1, Duration::from_secs(5)).await, "alice's first attempt arrives");
+    assert_eq!(mock.arrivals()[0].status, 503);
+    // While alice sleeps her backoff, a batch fills the queue.
+    let batch = spawn_requests(&url, 100, &[("x-caller", "batch")]);
+    let (status, _) = alice.into_iter().next().expect("one task").await.expect("task");
+    assert_eq!(status, 200, "alice's retry succeeded");
+    let tries: Vec<Instant> =
+        mock.arrivals().iter().filter(|a| header(a, "x-caller") == "alice").map(|a| a.at).collect();
+    assert_eq!(tries.len(), 2);
+    let gap = tries[1] - tries[0];
+    // Backoff plus about one slot per active caller, not a place behind the
+    // batch (which would be ~90 slots, 4.5 s).
+    assert!(gap < Duration::from_millis(800), "retry went out {gap:?} after the first attempt");
+    abort(batch);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_each_partitions_cooldown() {
+    let retry_after_3s = Scripted::status_with(429, &[("retry-after", "3")]);
+    let mock = MockUpstream::start(Behaviour::new().script([retry_after_3s])).await;
+    let keys = "rate = \"10/s\"\npartition_by = \"header:authorization\"";
+    let pg = Pacegate::start(&upstream("api", &mock.url(), keys)).await;
+    let url = pg.url("/api/x");
+    let first = spawn_requests(&url, 1, &[("authorization", "Bearer A")]);
+    assert!(mock.wait_for_arrivals(1, Duration::from_secs(5)).await, "first request arrives");
+    let limited_at = mock.arrivals()[0].at;
+    // Same quotas, other queue bound: partitions keep their state.
+    let reloaded = format!(
+        "{}\n{}",
+        support::TEST_SERVER,
+        upstream("api", &mock.url(), &format!("{keys}\nqueue_size = 500"))
+    );
+    std::fs::write(&pg.config_path, reloaded).expect("rewrite config");
+    let response = client().post(pg.admin_url("/reload")).send().await.expect("POST /reload");
+    assert_eq!(response.status(), 200);
+    let b = spawn_requests(&url, 1, &[("authorization", "Bearer B")]);
+    let a = spawn_requests(&url, 1, &[("authorization", "Bearer A")]);
+    let (status, b_done) = b.into_iter().next().expect("one task").await.expect("task");
+    assert_eq!(status, 200);
+    assert!(b_done - limited_at < Duration::from_secs(2), "key B is not cooling down");
+    let (status, _) = a.into_iter().next().expect("one task").await.expect("task");
+    assert_eq!(status, 200);
+    let from_a: Vec<Instant> =
+        mock.arrivals().iter().filter(|x| header(x, "authorization") == "Bearer A").map(|x| x.at).collect();
+    assert!(
+        from_a.iter().skip(1).all(|at| *at - limited_at >= Duration::from_millis(2900)),
+        "key A stayed in its cooldown across the reload"
+    );
+    abort(first);
+}
