@@ -81,6 +81,7 @@ fn upstream_status(metrics: &Metrics, upstream: &Upstream) -> Value {
     let name = config.name.as_str();
     let dispatcher = &upstream.dispatcher;
     let observed = dispatcher.observed();
+    let shape = dispatcher.shape();
     let now = tokio::time::Instant::now();
     let cooldown_remaining = observed.cooldown_until.map(|until| until.saturating_duration_since(now));
     let counts = |family, labels: &[&str]| -> Value {
@@ -104,6 +105,9 @@ fn upstream_status(metrics: &Metrics, upstream: &Upstream) -> Value {
         "adaptive": config.adaptive,
         "effective_rate": observed.effective_rate,
         "queue": { "depth": dispatcher.depth(), "capacity": dispatcher.capacity() },
+        // Counts only: partition and caller keys are never shown.
+        "partitions": shape.partitions,
+        "callers": shape.callers,
         "inflight": { "now": dispatcher.inflight(), "max": dispatcher.max_inflight() },
         "cooldown": cooldown_remaining.filter(|d| !d.is_zero()).map(|d| json!({
             "remaining_ms": d.as_millis() as u64,

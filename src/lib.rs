@@ -9,7 +9,9 @@
 //! - [`proxy`]: the life of one request: check, route, read body, exchange;
 //!   [`proxy::route`] decides the upstream, [`proxy::headers`] strips hop-by-hop.
 //! - [`upstream`]: an upstream at run time: its [`upstream::dispatcher`] (queue,
-//!   pacing, concurrency) and the pooled rustls [`upstream::client`].
+//!   pacing, concurrency; per-key partitions with their own quotas and
+//!   cooldown), [`upstream::schedule`] (round-robin between callers, priority
+//!   lanes) and the pooled rustls [`upstream::client`].
 //! - [`limit`]: the governor-based pacer.
 //! - [`retry`]: what is retryable, backoff, Retry-After and rate-limit hints, budget.
 //! - [`admin`]: health, metrics, status and reload endpoints; [`metrics`] the

@@ -27,7 +27,7 @@ use crate::metrics::{Metrics, NO_UPSTREAM};
 use crate::runtime::Runtime;
 use crate::tls::{Interceptor, TlsError};
 use crate::upstream::guard::{self, GuardError};
-use crate::upstream::{ATTEMPTS_HEADER, UpstreamClient, inbound_response, outbound_request};
+use crate::upstream::{ATTEMPTS_HEADER, Place, UpstreamClient, inbound_response, outbound_request};
 use route::Target;
 
 /// Request header with which a caller shortens its own queue wait.
@@ -77,7 +77,7 @@ impl Proxy {
                     Err(error) => Err(error),
                 }
             }
-            Ok(()) => self.proxy(&runtime, request, None, &mut upstream).await,
+            Ok(()) => self.proxy(&runtime, peer, request, None, &mut upstream).await,
         };
         self.answer(result, upstream)
     }
@@ -87,13 +87,13 @@ impl Proxy {
     /// The tunnel was authenticated when it was opened.
     pub async fn handle_intercepted(
         self: Arc<Self>,
-        _peer: SocketAddr,
+        peer: SocketAddr,
         authority: Authority,
         request: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let runtime = self.runtime.load_full();
         let mut upstream = None;
-        let result = self.proxy(&runtime, request, Some(&authority), &mut upstream).await;
+        let result = self.proxy(&runtime, peer, request, Some(&authority), &mut upstream).await;
         self.answer(result, upstream)
     }
 
@@ -131,6 +131,7 @@ impl Proxy {
     async fn proxy(
         &self,
         runtime: &Runtime,
+        peer: SocketAddr,
         request: Request<Incoming>,
         tunnel: Option<&Authority>,
         upstream: &mut Option<String>,
@@ -148,6 +149,10 @@ impl Proxy {
         };
         let (mut head, incoming) = request.into_parts();
         let max_wait = max_wait(&head.headers)?;
+        let place = match &target {
+            Target::Upstream { index, .. } => runtime.upstreams[*index].place(&head.headers, peer.ip())?,
+            Target::PassThrough { .. } => Place::default(),
+        };
         // Our own headers and connection-level ones never travel on.
         headers::strip_own(&mut head.headers);
         headers::strip_hop_by_hop(&mut head.headers);
@@ -167,7 +172,7 @@ impl Proxy {
                 // base_url decides the host: the client derives Host from the URI.
                 head.headers.remove(header::HOST);
                 let client = runtime.client_for(index, &self.client);
-                runtime.upstreams[index].exchange(client, head, uri, body, max_wait).await
+                runtime.upstreams[index].exchange(client, head, uri, body, max_wait, place).await
             }
             Target::PassThrough { uri } => {
                 let client = if runtime.config.forward.allow_private {

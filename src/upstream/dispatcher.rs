@@ -1,18 +1,23 @@
 //! The dispatcher: one task per upstream that owns its queue and its pacing.
 //!
-//! Connection tasks never pace themselves. They join the upstream's FIFO
-//! queue and wait for a [`Ticket`]; the dispatcher task hands tickets out one
-//! by one to the head of the queue, each only when a concurrency slot is free,
-//! the upstream is not cooling down and the pacer has a slot. Keeping all of
-//! that in one task makes FIFO order exact and means only one task ever sleeps
-//! on an upstream's schedule (no herd of waiters polling the limiter).
+//! Connection tasks never pace themselves. They join the upstream's queue
+//! and wait for a [`Ticket`]; the dispatcher task (`task.rs`) hands
+//! tickets out one by one, each only when a concurrency slot is free, the
+//! waiter's partition is not cooling down and its pacer has a slot. Keeping
+//! all of that in one task makes the serving order exact and means only one
+//! task ever sleeps on an upstream's schedule (no herd of waiters polling the
+//! limiter).
+//!
+//! A waiter joins with a [`Place`]: its partition (`partition_by`, its own
+//! quotas and cooldown, see `partition.rs`), its caller (`fair_by`,
+//! served round-robin, see [`super::schedule`]) and its priority. Without
+//! those keys every place is the same and the queue is the FIFO it always was.
 //!
 //! The queue bound is checked by callers on an atomic counter before they
 //! join, so a full queue is answered at once. A caller that stops waiting
 //! (timeout, disconnect) closes its ticket channel; the dispatcher skips such
 //! entries without spending quota.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -20,8 +25,11 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::partition::SINGLE;
+use super::schedule::Priority;
+use super::task::Task;
 use crate::config;
-use crate::limit::{Adaptive, Pacer};
+use crate::limit::Pacer;
 use crate::metrics::Metrics;
 use crate::retry::{RateLimitHint, RetryBudget};
 
@@ -29,15 +37,27 @@ use crate::retry::{RateLimitHint, RetryBudget};
 #[derive(Debug)]
 pub struct Ticket {
     _inflight: OwnedSemaphorePermit,
-    /// Counts this attempt in [`Dispatcher::inflight`] until dropped.
+    /// Counts this attempt in `Dispatcher::inflight` while it lives.
     _counted: InFlight,
     /// How long this attempt waited in the queue.
     pub waited: Duration,
 }
 
+impl Ticket {
+    pub(super) fn new(inflight: OwnedSemaphorePermit, waited: Duration, shared: &Arc<Shared>) -> Self {
+        shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self { _inflight: inflight, _counted: InFlight(shared.clone()), waited }
+    }
+
+    /// The concurrency slot of a ticket nobody took.
+    pub(super) fn into_permit(self) -> OwnedSemaphorePermit {
+        self._inflight
+    }
+}
+
 /// One attempt counted as in flight; uncounted when dropped.
 #[derive(Debug)]
-struct InFlight(Arc<Shared>);
+pub(super) struct InFlight(Arc<Shared>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -52,9 +72,27 @@ pub enum Refusal {
     Full { retry_after: Duration },
     /// The caller's deadline passed while it waited.
     Timeout { waited: Duration, retry_after: Duration },
+    /// Its partition would be new and `max_partitions` are live.
+    TooManyPartitions,
 }
 
-enum Command {
+/// Where a waiter queues: which bucket paces it, who it is, how urgent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place {
+    /// Hashed `partition_by` value; `SINGLE` (0) without `partition_by`.
+    pub partition: u64,
+    /// Hashed `fair_by` value; one caller (0) without `fair_by`.
+    pub caller: u64,
+    pub priority: Priority,
+}
+
+impl Default for Place {
+    fn default() -> Self {
+        Self { partition: SINGLE, caller: 0, priority: Priority::Normal }
+    }
+}
+
+pub(super) enum Command {
     /// A new caller, at the back of the queue.
     Join(Waiter),
     /// A retry, back at the head: it already waited its turn once.
@@ -68,30 +106,36 @@ enum Command {
 /// What one attempt's answer says about the upstream's limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Feedback {
+    /// The partition whose limits the answer speaks for.
+    pub partition: u64,
     /// When the attempt left (its ticket was handed out).
     pub sent_at: Instant,
     /// The upstream answered 429.
     pub rate_limited: bool,
-    /// Pause the whole upstream this long (429, or 503 with Retry-After).
+    /// Pause the partition this long (429, or 503 with Retry-After).
     pub cooldown: Option<Duration>,
     /// Remaining quota and reset time the upstream reported.
     pub hint: Option<RateLimitHint>,
 }
 
-struct Waiter {
-    tickets: oneshot::Sender<Ticket>,
-    since: Instant,
+/// The task answers a ticket, or a refusal it alone can decide.
+pub(super) type Answer = Result<Ticket, Refusal>;
+
+pub(super) struct Waiter {
+    pub tickets: oneshot::Sender<Answer>,
+    pub since: Instant,
+    pub place: Place,
 }
 
 /// Counts shared between the dispatcher task and its callers.
 #[derive(Debug)]
-struct Shared {
+pub(super) struct Shared {
     /// Callers waiting for a ticket (joined, not yet served or gone).
-    depth: AtomicUsize,
+    pub depth: AtomicUsize,
     /// `queue_size`: new callers are refused when `depth` reaches it.
-    capacity: AtomicUsize,
+    pub capacity: AtomicUsize,
     /// Bounds attempts in flight; a ticket holds one permit.
-    inflight: Arc<Semaphore>,
+    pub inflight: Arc<Semaphore>,
     /// `max_concurrency` in force (the semaphore is resized on reload).
     max_inflight: AtomicUsize,
     /// Tickets out: the attempts really in flight. Not read off the semaphore,
@@ -101,6 +145,17 @@ struct Shared {
     observed: Mutex<Observed>,
     /// Retries allowed as a share of first attempts (SPEC `budget`).
     budget: Mutex<RetryBudget>,
+    /// Partitions and callers as the task last counted them, for `/status`.
+    shape: Mutex<Shape>,
+}
+
+/// Live partitions and per-caller queue depths, never the keys.
+#[derive(Debug, Clone, Default)]
+pub struct Shape {
+    /// Partitions held (active or not yet evicted).
+    pub partitions: usize,
+    /// Waiters per active caller, largest first.
+    pub callers: Vec<usize>,
 }
 
 /// The dispatcher's pacing state as callers and the admin side see it.
@@ -119,12 +174,16 @@ impl Shared {
         *self.observed.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn observe(&self, update: impl FnOnce(&mut Observed)) {
+    pub fn observe(&self, update: impl FnOnce(&mut Observed)) {
         update(&mut self.observed.lock().unwrap_or_else(PoisonError::into_inner));
     }
 
     fn budget(&self) -> std::sync::MutexGuard<'_, RetryBudget> {
         self.budget.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn set_shape(&self, shape: Shape) {
+        *self.shape.lock().unwrap_or_else(PoisonError::into_inner) = shape;
     }
 }
 
@@ -153,30 +212,21 @@ impl Dispatcher {
             in_flight: AtomicUsize::new(0),
             observed: Mutex::new(observed),
             budget: Mutex::new(RetryBudget::from_config(&upstream.retry)),
+            shape: Mutex::new(Shape::default()),
         });
         let (commands, receiver) = mpsc::unbounded_channel();
-        let task = Task {
-            name: upstream.name.clone(),
-            receiver,
-            open: true,
-            queue: VecDeque::new(),
-            adaptive: upstream.adaptive.then(|| Adaptive::new(pacer.rate_per_second())),
-            pacer,
-            shared: shared.clone(),
-            cooldown_until: None,
-            hint_cap: None,
-            grants: VecDeque::new(),
-            window: pacing_window(upstream),
-            metrics,
-            rates: pacing_key(upstream),
-        };
-        tokio::spawn(task.run());
+        tokio::spawn(Task::new(upstream, receiver, shared.clone(), metrics).run());
         Self { commands, shared }
     }
 
     /// The pacing state now.
     pub fn observed(&self) -> Observed {
         self.shared.observed()
+    }
+
+    /// Live partitions and per-caller depths, as last counted.
+    pub fn shape(&self) -> Shape {
+        self.shared.shape.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Tells the dispatcher what an answer said about the upstream's limits.
@@ -237,8 +287,8 @@ impl Dispatcher {
         self.shared.in_flight.load(Ordering::Acquire)
     }
 
-    /// Waits for a ticket as a new caller, until `deadline`.
-    pub async fn join(&self, deadline: Instant) -> Result<Ticket, Refusal> {
+    /// Waits for a ticket as a new caller at `place`, until `deadline`.
+    pub async fn join(&self, place: Place, deadline: Instant) -> Result<Ticket, Refusal> {
         let capacity = self.shared.capacity.load(Ordering::Relaxed);
         let admitted = self
             .shared
@@ -247,26 +297,32 @@ impl Dispatcher {
         if admitted.is_err() {
             return Err(Refusal::Full { retry_after: self.estimate_wait() });
         }
-        self.wait(Command::Join, deadline).await
+        self.wait(Command::Join, place, deadline).await
     }
 
-    /// Waits for a ticket for a retry, at the head of the queue, until `deadline`.
-    pub async fn rejoin(&self, deadline: Instant) -> Result<Ticket, Refusal> {
+    /// Waits for a ticket for a retry, at the head of its caller's queue in
+    /// `place`, until `deadline`.
+    pub async fn rejoin(&self, place: Place, deadline: Instant) -> Result<Ticket, Refusal> {
         self.shared.depth.fetch_add(1, Ordering::AcqRel);
-        self.wait(Command::Rejoin, deadline).await
+        self.wait(Command::Rejoin, place, deadline).await
     }
 
-    async fn wait(&self, command: fn(Waiter) -> Command, deadline: Instant) -> Result<Ticket, Refusal> {
+    async fn wait(
+        &self,
+        command: fn(Waiter) -> Command,
+        place: Place,
+        deadline: Instant,
+    ) -> Result<Ticket, Refusal> {
         let since = Instant::now();
         let (tickets, receiver) = oneshot::channel();
         let mut slot = QueueSlot { receiver, shared: &self.shared, settled: false };
-        if self.commands.send(command(Waiter { tickets, since })).is_err() {
+        if self.commands.send(command(Waiter { tickets, since, place })).is_err() {
             return Err(self.timeout(since)); // the task is gone: nothing will be served
         }
         match tokio::time::timeout_at(deadline, &mut slot.receiver).await {
-            Ok(Ok(ticket)) => {
+            Ok(Ok(answer)) => {
                 slot.settled = true;
-                Ok(ticket)
+                answer
             }
             Ok(Err(_)) | Err(_) => match slot.leave() {
                 Some(ticket) => Ok(ticket), // served at the very last moment
@@ -295,7 +351,7 @@ impl Dispatcher {
 /// A caller's place in the queue; leaving it (even by being dropped when the
 /// client disconnects) settles the queue depth exactly once.
 struct QueueSlot<'a> {
-    receiver: oneshot::Receiver<Ticket>,
+    receiver: oneshot::Receiver<Answer>,
     shared: &'a Shared,
     /// The dispatcher already counted this caller out by serving it.
     settled: bool,
@@ -310,7 +366,9 @@ impl QueueSlot<'_> {
         self.settled = true;
         self.receiver.close();
         match self.receiver.try_recv() {
-            Ok(ticket) => Some(ticket),
+            Ok(Ok(ticket)) => Some(ticket),
+            // Refused: the task counted this caller out when it answered.
+            Ok(Err(_)) => None,
             Err(_) => {
                 self.shared.depth.fetch_sub(1, Ordering::AcqRel);
                 None
@@ -323,237 +381,4 @@ impl Drop for QueueSlot<'_> {
     fn drop(&mut self) {
         drop(self.leave());
     }
-}
-
-/// The dispatcher task's own state.
-struct Task {
-    /// Upstream name, for logs.
-    name: String,
-    receiver: mpsc::UnboundedReceiver<Command>,
-    /// False once every handle is gone: serve what is queued, then stop.
-    open: bool,
-    queue: VecDeque<Waiter>,
-    pacer: Pacer,
-    shared: Arc<Shared>,
-    /// Lowers the pace after 429s; `None` when `adaptive = false`.
-    adaptive: Option<Adaptive>,
-    /// Nothing leaves before this instant (429, Retry-After, Remaining: 0).
-    cooldown_until: Option<Instant>,
-    /// Remaining quota spread until its reset: (requests per second, reset).
-    hint_cap: Option<(f64, Instant)>,
-    /// Recent ticket instants, to measure what the upstream accepted.
-    grants: VecDeque<Instant>,
-    /// Window of the pacing quota: how far back `grants` reaches.
-    window: Duration,
-    metrics: Arc<Metrics>,
-    /// Quotas the pacer was built from, to tell whether a reload changed them.
-    rates: (Vec<config::Rate>, std::num::NonZeroU32, bool),
-}
-
-impl Task {
-    async fn run(mut self) {
-        let mut permit: Option<OwnedSemaphorePermit> = None;
-        loop {
-            while let Ok(command) = self.receiver.try_recv() {
-                self.apply(command);
-            }
-            self.drop_gone_heads();
-            if self.queue.is_empty() {
-                if !self.next_command().await {
-                    return;
-                }
-                continue;
-            }
-            let Some(held) = permit.take() else {
-                let inflight = self.shared.inflight.clone();
-                tokio::select! {
-                    acquired = inflight.acquire_owned() => {
-                        permit = acquired.ok();
-                    }
-                    open = self.next_command(), if self.open => { let _ = open; }
-                }
-                continue;
-            };
-            let now = Instant::now();
-            self.refresh_cap(now);
-            if let Some(until) = self.cooldown_until.filter(|until| *until > now) {
-                permit = Some(held);
-                tokio::select! {
-                    () = tokio::time::sleep_until(until) => {}
-                    open = self.next_command(), if self.open => { let _ = open; }
-                }
-                continue;
-            }
-            match self.pacer.try_acquire(now) {
-                Ok(taken) => match self.serve_head(held) {
-                    Ok(()) => self.record_grant(now),
-                    Err(unused) => {
-                        self.pacer.undo(taken);
-                        permit = Some(unused);
-                    }
-                },
-                Err(at) => {
-                    permit = Some(held);
-                    tokio::select! {
-                        () = tokio::time::sleep_until(at) => {}
-                        open = self.next_command(), if self.open => { let _ = open; }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Waits for and applies one command; false when no command can come.
-    async fn next_command(&mut self) -> bool {
-        match self.receiver.recv().await {
-            Some(command) => {
-                self.apply(command);
-                true
-            }
-            None => {
-                self.open = false;
-                false
-            }
-        }
-    }
-
-    fn apply(&mut self, command: Command) {
-        match command {
-            Command::Join(waiter) => self.queue.push_back(waiter),
-            Command::Rejoin(waiter) => self.queue.push_front(waiter),
-            Command::Feedback(feedback) => return self.learn(feedback),
-            Command::Reconfigure(upstream) => return self.reconfigure(&upstream),
-        }
-        // Callers that gave up stay queued until reached; bound that leftover.
-        let capacity = self.shared.capacity.load(Ordering::Relaxed);
-        if self.queue.len() > 2 * capacity + 64 {
-            self.queue.retain(|w| !w.tickets.is_closed());
-        }
-    }
-
-    /// Takes a reloaded config; the pacer is rebuilt only if quotas changed.
-    fn reconfigure(&mut self, upstream: &config::Upstream) {
-        let key = pacing_key(upstream);
-        if key != self.rates {
-            self.pacer = Pacer::new(&upstream.rate, upstream.burst);
-            self.adaptive = upstream.adaptive.then(|| Adaptive::new(self.pacer.rate_per_second()));
-            self.window = pacing_window(upstream);
-            self.rates = key;
-            tracing::info!(upstream = %self.name, "new quotas take effect");
-        }
-        self.refresh_cap(Instant::now());
-    }
-
-    /// Applies what an answer said: cooldown, adaptive rate, quota hints.
-    fn learn(&mut self, feedback: Feedback) {
-        let now = Instant::now();
-        if feedback.rate_limited {
-            let at = std::time::SystemTime::now();
-            self.shared.observe(|o| o.last_rate_limited = Some((at, feedback.cooldown)));
-        }
-        if let Some(pause) = feedback.cooldown {
-            self.cool_down(now, pause, if feedback.rate_limited { "rate_limited" } else { "retry_after" });
-        }
-        if feedback.rate_limited
-            && let Some(adaptive) = &mut self.adaptive
-        {
-            let accepted = self.grants.iter().filter(|at| now.duration_since(**at) <= self.window).count();
-            let accepted_rate = accepted as f64 / self.window.as_secs_f64();
-            if let Some(rate) = adaptive.on_rate_limited(now, feedback.sent_at, accepted_rate) {
-                tracing::info!(upstream = %self.name, rate, reason = "rate_limited", "adaptive rate lowered");
-            }
-        }
-        if let Some(hint) = feedback.hint {
-            if hint.remaining == 0 && !hint.reset_after.is_zero() {
-                self.cool_down(now, hint.reset_after, "ratelimit_remaining");
-                self.hint_cap = None;
-            } else if !hint.reset_after.is_zero() {
-                let rate = hint.remaining as f64 / hint.reset_after.as_secs_f64();
-                self.hint_cap = Some((rate, now + hint.reset_after));
-            }
-        }
-        self.refresh_cap(now);
-    }
-
-    fn cool_down(&mut self, now: Instant, pause: Duration, reason: &'static str) {
-        let until = now + pause;
-        let paused_from = self.cooldown_until.map_or(now, |current| current.max(now));
-        if paused_from >= until {
-            return;
-        }
-        let added = (until - paused_from).as_secs_f64();
-        self.metrics.cooldown_seconds.get_or_create(&Metrics::upstream(&self.name)).inc_by(added);
-        tracing::warn!(upstream = %self.name, delay_ms = pause.as_millis() as u64, reason, "cooldown");
-        self.cooldown_until = Some(until);
-        self.shared.observe(|o| o.cooldown_until = Some(until));
-    }
-
-    /// Recomputes the pace below the quotas: adaptive rate and quota hints.
-    fn refresh_cap(&mut self, now: Instant) {
-        if self.hint_cap.is_some_and(|(_, until)| until <= now) {
-            self.hint_cap = None;
-        }
-        if let Some(adaptive) = &mut self.adaptive
-            && let Some(rate) = adaptive.on_tick(now)
-        {
-            tracing::info!(upstream = %self.name, rate = rate.unwrap_or(f64::NAN), "adaptive rate probed up");
-        }
-        let adaptive = self.adaptive.as_ref().and_then(Adaptive::current);
-        let hint = self.hint_cap.map(|(rate, _)| rate);
-        let cap = match (adaptive, hint) {
-            (Some(a), Some(h)) => Some(a.min(h)),
-            (a, h) => a.or(h),
-        };
-        self.pacer.set_cap(cap);
-        let effective_rate = self.pacer.effective_rate();
-        let cooldown_until = self.cooldown_until.filter(|until| *until > now);
-        self.shared.observe(|o| {
-            o.effective_rate = effective_rate;
-            o.cooldown_until = cooldown_until;
-        });
-    }
-
-    fn record_grant(&mut self, now: Instant) {
-        self.grants.push_back(now);
-        while self.grants.front().is_some_and(|at| now.duration_since(*at) > self.window) {
-            self.grants.pop_front();
-        }
-    }
-
-    fn drop_gone_heads(&mut self) {
-        while self.queue.front().is_some_and(|w| w.tickets.is_closed()) {
-            self.queue.pop_front();
-        }
-    }
-
-    /// Hands a ticket to the first caller still waiting; gives the permit back
-    /// when nobody was left to take it.
-    fn serve_head(&mut self, permit: OwnedSemaphorePermit) -> Result<(), OwnedSemaphorePermit> {
-        let mut permit = permit;
-        while let Some(waiter) = self.queue.pop_front() {
-            self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
-            let counted = InFlight(self.shared.clone());
-            let ticket = Ticket { _inflight: permit, _counted: counted, waited: waiter.since.elapsed() };
-            match waiter.tickets.send(ticket) {
-                Ok(()) => {
-                    self.shared.depth.fetch_sub(1, Ordering::AcqRel);
-                    return Ok(());
-                }
-                Err(unsent) => permit = unsent._inflight,
-            }
-        }
-        Err(permit)
-    }
-}
-
-/// What the pacer is built from: a reload that keeps it keeps the pacer's state.
-fn pacing_key(upstream: &config::Upstream) -> (Vec<config::Rate>, std::num::NonZeroU32, bool) {
-    (upstream.rate.clone(), upstream.burst, upstream.adaptive)
-}
-
-/// Window of the quota that paces (shortest interval), for measuring what the
-/// upstream accepted.
-fn pacing_window(upstream: &config::Upstream) -> Duration {
-    let interval = |r: &config::Rate| r.per / r.count.get();
-    upstream.rate.iter().min_by_key(|r| interval(r)).map_or(Duration::from_secs(1), |r| r.per)
 }

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::dispatcher::{Feedback, Refusal, Ticket};
+use super::dispatcher::{Feedback, Place, Refusal, Ticket};
 use super::{
     ATTEMPTS_HEADER, QUEUED_HEADER, SendError, Upstream, UpstreamClient, inbound_response, outbound_request,
 };
@@ -41,7 +41,8 @@ enum Last {
 }
 
 impl Upstream {
-    /// Sends one request through this upstream's queue, pacing and retries.
+    /// Sends one request through this upstream's queue at `place` (its
+    /// partition, caller and priority), pacing and retries.
     pub async fn exchange(
         &self,
         client: &UpstreamClient,
@@ -49,12 +50,13 @@ impl Upstream {
         uri: Uri,
         mut body: RequestBody,
         max_wait: Option<Duration>,
+        place: Place,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let retry = &self.config.retry;
         let wait = max_wait.map_or(self.config.queue_timeout, |w| w.min(self.config.queue_timeout));
         let mut deadline = Instant::now() + wait;
         let idempotency_key = retry::has_idempotency_key(&head.headers);
-        let mut ticket = self.dispatcher.join(deadline).await.map_err(|r| self.refused(r))?;
+        let mut ticket = self.dispatcher.join(place, deadline).await.map_err(|r| self.refused(r))?;
         self.dispatcher.record_first_attempt();
         self.observe_wait(&ticket);
         let mut queued = ticket.waited;
@@ -65,7 +67,7 @@ impl Upstream {
             let result =
                 client.send(outbound_request(&head, uri.clone(), attempt_body), self.config.timeout).await;
             self.observe_attempt(&result, sent_at);
-            let retry_after = self.learn(&result, sent_at, attempt);
+            let retry_after = self.learn(&result, sent_at, attempt, place.partition);
             let outcome = outcome(&result);
             let Decision::Retry(reason) = retry::classify(retry, &head.method, idempotency_key, &outcome)
             else {
@@ -94,7 +96,7 @@ impl Upstream {
             tokio::time::sleep(delay).await;
             // Waiting out a backoff is not waiting in the queue.
             deadline += delay;
-            ticket = match self.dispatcher.rejoin(deadline).await {
+            ticket = match self.dispatcher.rejoin(place, deadline).await {
                 Ok(ticket) => ticket,
                 Err(_) => return Ok(self.kept_answer(last, attempt, queued)),
             };
@@ -128,7 +130,7 @@ impl Upstream {
 
     /// Tells the dispatcher what an answer says about the upstream's limits;
     /// returns the answer's Retry-After.
-    fn learn(&self, result: &Attempt, sent_at: Instant, attempt: u32) -> Option<Duration> {
+    fn learn(&self, result: &Attempt, sent_at: Instant, attempt: u32, partition: u64) -> Option<Duration> {
         let Ok(response) = result else { return None };
         let now = SystemTime::now();
         let retry_after = retry::retry_after(response.headers(), now);
@@ -154,7 +156,7 @@ impl Upstream {
             );
         }
         if rate_limited || cooldown.is_some() || hint.is_some() {
-            self.dispatcher.report(Feedback { sent_at, rate_limited, cooldown, hint });
+            self.dispatcher.report(Feedback { partition, sent_at, rate_limited, cooldown, hint });
         }
         retry_after
     }
@@ -193,6 +195,7 @@ impl Upstream {
         let reason = match refusal {
             Refusal::Full { .. } => "queue_full",
             Refusal::Timeout { .. } => "queue_timeout",
+            Refusal::TooManyPartitions => "too_many_partitions",
         };
         self.metrics.rejected.get_or_create(&Metrics::reason(&upstream, reason)).inc();
         match refusal {
@@ -204,6 +207,7 @@ impl Upstream {
                 tracing::warn!(upstream = %upstream, reason = "queue_timeout", waited_ms = waited.as_millis() as u64, "queue_timeout");
                 ProxyError::QueueTimeout { upstream, waited, retry_after }
             }
+            Refusal::TooManyPartitions => ProxyError::TooManyPartitions { upstream },
         }
     }
 }

@@ -8,18 +8,26 @@ pub mod client;
 pub mod dispatcher;
 mod exchange;
 pub mod guard;
+mod partition;
+pub mod schedule;
+mod task;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::{Request, Response, Uri};
+use http::{HeaderMap, Request, Response, Uri};
 
 use crate::body::{self, ProxyBody};
-use crate::config;
+use crate::config::{self, KeySource};
+use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::proxy::headers;
 pub use client::{CaFileError, SendError, UpstreamClient};
-pub use dispatcher::{Dispatcher, Refusal, Ticket};
+pub use dispatcher::{Dispatcher, Place, Refusal, Shape, Ticket};
+pub use schedule::Priority;
 
+/// Request header choosing a request's priority inside its caller's queue.
+pub const PRIORITY_HEADER: &str = "x-pacegate-priority";
 /// Header telling the caller how many attempts its answer took.
 pub const ATTEMPTS_HEADER: &str = "x-pacegate-attempts";
 /// Header telling the caller how long it waited in pacegate's queue.
@@ -38,6 +46,32 @@ impl Upstream {
     pub fn start(config: config::Upstream, metrics: Arc<Metrics>) -> Self {
         let dispatcher = Dispatcher::spawn(&config, metrics.clone());
         Self { config, dispatcher, metrics }
+    }
+
+    /// Where a request queues: its partition (`partition_by`), its caller
+    /// (`fair_by`) and its priority. Read before pacegate's own headers are
+    /// stripped; an invalid priority is a 400, not silently normal, so a
+    /// caller's typo does not go unnoticed.
+    pub fn place(&self, headers: &HeaderMap, peer: IpAddr) -> Result<Place, ProxyError> {
+        let priority = match headers.get(PRIORITY_HEADER) {
+            None => Priority::Normal,
+            Some(value) => value.to_str().ok().and_then(Priority::parse).ok_or_else(|| {
+                ProxyError::BadRequest(format!("{PRIORITY_HEADER} must be high, normal or low"))
+            })?,
+        };
+        let key = |source: &KeySource| match source {
+            // Tagged so that a missing header and an empty one differ.
+            KeySource::Header(name) => match headers.get(name) {
+                Some(value) => partition::hash_key(&[b"h:", value.as_bytes()].concat()),
+                None => partition::hash_key(b"-"),
+            },
+            KeySource::ClientIp => partition::hash_key(peer.to_string().as_bytes()),
+        };
+        Ok(Place {
+            partition: self.config.partition_by.as_ref().map_or(partition::SINGLE, key),
+            caller: self.config.fair_by.as_ref().map_or(0, key),
+            priority,
+        })
     }
 
     /// The same running upstream under a reloaded config.
