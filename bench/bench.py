@@ -262,7 +262,7 @@ def client_side_vs_pacegate(workers=4, k=1000, real=100):
     return results
 
 
-def scale(queued=20000, upstreams=10000):
+def scale(queued=10000, upstreams=10000):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * queued)), hard))
     mock = Mock()

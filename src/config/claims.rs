@@ -62,23 +62,27 @@ impl Claims {
         let route = normalise_route(raw.get_ref())
             .map_err(|msg| cx.err(raw.span(), format!("invalid route {:?}: {msg}", raw.get_ref())))?;
         for (other, other_name, other_span) in &self.routes {
-            let line = cx.line(other_span);
+            // Reading the line scans the file: only for a conflict, never per pair.
+            let line = || cx.line(other_span);
             let message = if *other == route {
-                format!("route {route:?} is already used by upstream {other_name:?} (line {line})")
+                format!("route {route:?} is already used by upstream {other_name:?} (line {})", line())
             } else if other == "/" || route == "/" {
                 format!(
                     "route \"/\" catches every path, so it must be the only route; \
-                     upstream {other_name:?} (line {line}) has route {other:?}"
+                     upstream {other_name:?} (line {}) has route {other:?}",
+                    line()
                 )
             } else if segment_prefix(other, &route) {
                 format!(
                     "route {route:?} of upstream {name:?} is shadowed by route {other:?} \
-                     of upstream {other_name:?} (line {line})"
+                     of upstream {other_name:?} (line {})",
+                    line()
                 )
             } else if segment_prefix(&route, other) {
                 format!(
                     "route {route:?} of upstream {name:?} shadows route {other:?} \
-                     of upstream {other_name:?} (line {line})"
+                     of upstream {other_name:?} (line {})",
+                    line()
                 )
             } else {
                 continue;
