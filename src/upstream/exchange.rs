@@ -18,6 +18,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use super::clean_head;
 use super::dispatcher::{Feedback, Place, Refusal, Ticket};
 use super::{
     ATTEMPTS_HEADER, QUEUED_HEADER, SendError, Upstream, UpstreamClient, inbound_response, outbound_request,
@@ -225,17 +226,16 @@ fn outcome(result: &Attempt) -> Outcome {
 async fn keep(result: Attempt) -> Last {
     match result {
         Ok(response) => {
-            let (parts, incoming) = response.into_parts();
+            let (mut parts, incoming) = response.into_parts();
+            clean_head(&mut parts);
+            // The kept body is replayed whole: its length is recomputed.
+            parts.headers.remove(http::header::CONTENT_LENGTH);
             // A cut or broken error body still leaves a usable status and headers.
             let bytes = match Limited::new(incoming, KEPT_ANSWER_BYTES).collect().await {
                 Ok(collected) => collected.to_bytes(),
                 Err(_) => Bytes::new(),
             };
-            let mut response = Response::from_parts(parts, bytes);
-            crate::proxy::headers::strip_hop_by_hop(response.headers_mut());
-            *response.version_mut() = http::Version::default();
-            response.headers_mut().remove(http::header::CONTENT_LENGTH);
-            Last::Answer(response)
+            Last::Answer(Response::from_parts(parts, bytes))
         }
         Err(error) => Last::Failed(error),
     }

@@ -100,8 +100,13 @@ pub fn inbound_response<G: Send + Sync + 'static>(
     guard: G,
 ) -> Response<ProxyBody> {
     let (mut parts, incoming) = response.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers);
-    // The caller's connection decides the version it is answered in.
-    parts.version = http::Version::default();
+    clean_head(&mut parts);
     Response::from_parts(parts, body::guarded(body::stream(incoming), guard))
+}
+
+/// An upstream answer's head as the caller may see it: hop-by-hop headers
+/// removed, version left to the caller's own connection.
+pub(crate) fn clean_head(parts: &mut http::response::Parts) {
+    headers::strip_hop_by_hop(&mut parts.headers);
+    parts.version = http::Version::default();
 }
