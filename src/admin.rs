@@ -72,6 +72,12 @@ fn status(admin: &Admin) -> Value {
         "version": runtime.version.to_string(),
         "generation": runtime.version.generation,
         "uptime_seconds": state.started.elapsed().as_secs_f64(),
+        // Shared quotas: where, and whether pacing uses them right now.
+        "redis": runtime.store.as_ref().map(|store| json!({
+            "address": store.address(),
+            "up": store.is_up(),
+            "on_error": format!("{:?}", store.on_error()).to_lowercase(),
+        })),
         "upstreams": upstreams,
     })
 }

@@ -13,6 +13,7 @@
 //!   cooldown), [`upstream::schedule`] (round-robin between callers, priority
 //!   lanes) and the pooled rustls [`upstream::client`].
 //! - [`limit`]: the governor-based pacer.
+//! - [`store`]: quotas and cooldowns shared by replicas through Redis.
 //! - [`retry`]: what is retryable, backoff, Retry-After and rate-limit hints, budget.
 //! - [`admin`]: health, metrics, status and reload endpoints; [`metrics`] the
 //!   Prometheus series SPEC names.
@@ -35,5 +36,6 @@ pub mod reload;
 pub mod retry;
 pub mod runtime;
 pub mod server;
+pub mod store;
 pub mod tls;
 pub mod upstream;

@@ -63,6 +63,12 @@ pub struct Metrics {
     pub effective_rate: Family<UpstreamLabel, Gauge<f64, AtomicU64>>,
     /// Answers per upstream, all codes together, for `/status` (not exported).
     pub answered: Family<UpstreamLabel, Counter>,
+    /// 1 while the shared limiter's Redis is reachable (0 without `[redis]`).
+    pub redis_up: Gauge,
+    /// Redis calls that failed or timed out.
+    pub redis_errors: Counter,
+    /// Times pacing fell back from Redis to `on_error`.
+    pub redis_fallbacks: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -135,6 +141,22 @@ impl Metrics {
             "Requests per second the pacer uses now",
             effective_rate.clone(),
         );
+        let (redis_up, redis_errors, redis_fallbacks): (Gauge, Counter, Counter) = Default::default();
+        registry.register(
+            "pacegate_redis_up",
+            "1 while the shared limiter's Redis is reachable",
+            redis_up.clone(),
+        );
+        registry.register(
+            "pacegate_redis_errors",
+            "Redis calls that failed or timed out",
+            redis_errors.clone(),
+        );
+        registry.register(
+            "pacegate_redis_fallbacks",
+            "Times pacing fell back from Redis to on_error (local or deny)",
+            redis_fallbacks.clone(),
+        );
         Self {
             registry,
             requests,
@@ -149,6 +171,9 @@ impl Metrics {
             config_reloads,
             effective_rate,
             answered: Family::default(),
+            redis_up,
+            redis_errors,
+            redis_fallbacks,
         }
     }
 

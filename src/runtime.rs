@@ -14,6 +14,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::route::Router;
+use crate::store::Store;
 use crate::upstream::{Upstream, UpstreamClient};
 
 /// One generation of configuration with everything built from it.
@@ -25,6 +26,8 @@ pub struct Runtime {
     pub upstreams: Vec<Arc<Upstream>>,
     /// One client per distinct `ca_file`, for the upstreams that name one.
     pub ca_clients: HashMap<PathBuf, UpstreamClient>,
+    /// The shared limiter, with `[redis]`.
+    pub store: Option<Arc<Store>>,
     /// Identifies this generation in logs, `/status` and `/reload`.
     pub version: Version,
 }
@@ -54,13 +57,13 @@ impl std::fmt::Display for Version {
 impl Runtime {
     /// The first generation: every upstream starts empty.
     pub fn start(config: Config, version: Version, metrics: &Arc<Metrics>) -> Self {
-        Self::inherit(config, version, metrics, &HashMap::new())
+        Self::inherit(config, version, metrics, &HashMap::new(), None)
     }
 
     /// The next generation, keeping the dispatchers of upstreams that stay.
     pub fn reload(&self, config: Config, version: Version, metrics: &Arc<Metrics>) -> Self {
         let previous = self.upstreams.iter().map(|u| (u.config.name.as_str(), u)).collect();
-        Self::inherit(config, version, metrics, &previous)
+        Self::inherit(config, version, metrics, &previous, self.store.as_ref())
     }
 
     fn inherit(
@@ -68,18 +71,28 @@ impl Runtime {
         version: Version,
         metrics: &Arc<Metrics>,
         previous: &HashMap<&str, &Arc<Upstream>>,
+        previous_store: Option<&Arc<Store>>,
     ) -> Self {
         let router = Router::new(&config);
+        let store = config.redis.as_ref().and_then(|redis| match previous_store {
+            Some(store) if store.serves(redis) => Some(store.clone()),
+            _ => Store::new(redis, metrics.clone())
+                .inspect_err(|error| tracing::error!(%error, "redis not usable: quotas stay local"))
+                .ok(),
+        });
+        if config.redis.is_none() {
+            metrics.redis_up.set(0);
+        }
         let upstreams = config
             .upstreams
             .iter()
             .map(|wanted| match previous.get(wanted.name.as_str()) {
-                Some(existing) => Arc::new(existing.reconfigured(wanted.clone())),
-                None => Arc::new(Upstream::start(wanted.clone(), metrics.clone())),
+                Some(existing) => Arc::new(existing.reconfigured(wanted.clone(), store.clone())),
+                None => Arc::new(Upstream::start(wanted.clone(), metrics.clone(), store.clone())),
             })
             .collect();
         let ca_clients = ca_clients(&config);
-        Self { config: Arc::new(config), router, upstreams, version, ca_clients }
+        Self { config: Arc::new(config), router, upstreams, version, ca_clients, store }
     }
 
     /// The client an upstream's attempts use: its `ca_file` one, if any.

@@ -3,26 +3,13 @@
 //!
 //! Every child process is killed when its guard drops, and every wait is bounded.
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pacegate");
-
-/// Bounds every wait on the child process.
-const PATIENCE: Duration = Duration::from_secs(10);
-
-/// Kills the child if the test ends (or panics) while it still runs.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::process::{BIN, PATIENCE, Process};
 
 /// Runs `pacegate ARGS` in `dir` to completion, without inheriting `$PACEGATE_CONFIG`.
 fn pacegate(dir: &Path, args: &[&str]) -> Output {
@@ -105,54 +92,16 @@ fn check_reports_file_line_and_column() {
 
 #[tokio::test]
 async fn binary_logs_bound_addresses_and_exits_0_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("pacegate.toml");
     let text = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\n\
                 [[upstream]]\nname = \"api\"\nbase_url = \"http://127.0.0.1:1\"\nroute = \"/api\"\nhosts = []\nrate = \"1/s\"\n";
-    std::fs::write(&config, text).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
-        .env("PACEGATE_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn pacegate");
-    // Read stderr on a thread (and keep draining it so the child never blocks).
-    let stderr = child.stderr.take().unwrap();
-    let pid = child.id().to_string();
-    let child = Running(child);
-    let (lines, logged) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if lines.send(line).is_err() {
-                break;
-            }
-        }
-    });
-
-    let deadline = Instant::now() + PATIENCE;
-    let message = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = logged.recv_timeout(left).expect("no `listening proxy=` log line within 10 s");
-        let event: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
-        if let Some(message) = event["message"].as_str().filter(|m| m.contains("listening proxy=")) {
-            break message.to_string();
-        }
-    };
-    let address = |key: &str| -> std::net::SocketAddr {
-        let start = message.find(key).unwrap_or_else(|| panic!("{key} missing: {message}")) + key.len();
-        let value = message[start..].split_whitespace().next().unwrap();
-        value.parse().unwrap_or_else(|e| panic!("{key}{value}: {e}"))
-    };
-    let (proxy, admin) = (address("proxy="), address("admin="));
+    // Starting waits for the `listening proxy=ADDR admin=ADDR` line and parses it.
+    let pacegate = Process::start(text);
+    let (proxy, admin) = (pacegate.proxy, pacegate.admin);
     assert_ne!(proxy.port(), 0);
     assert_ne!(admin.port(), 0);
     assert_ne!(proxy, admin);
 
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = reqwest::Client::builder().no_proxy().timeout(PATIENCE).build().unwrap();
+    let client = support::builder().timeout(PATIENCE).build().unwrap();
     let health = client.get(format!("http://{admin}/healthz")).send().await.expect("admin answers");
     assert_eq!(health.status(), 200);
     assert_eq!(health.text().await.unwrap().trim(), "ok");
@@ -160,16 +109,6 @@ async fn binary_logs_bound_addresses_and_exits_0_on_sigterm() {
     let missing = client.get(format!("http://{proxy}/nothing")).send().await.expect("proxy answers");
     assert_eq!(missing.status(), 404);
 
-    let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
-    assert!(killed.success(), "kill -TERM {pid} failed");
-    let mut child = child;
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = child.0.try_wait().expect("wait for pacegate") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "pacegate still running 10 s after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = pacegate.terminate().await;
     assert!(status.success(), "exit after SIGTERM: {status:?}");
 }

@@ -48,15 +48,6 @@ fn upstream_of<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
     status["upstreams"].as_array().expect("upstreams array").iter().find(|u| u["name"] == name)
 }
 
-/// Value of the sample whose series (name and labels) is exactly `series`.
-async fn metric(pg: &Pacegate, series: &str) -> Option<f64> {
-    let text = client().get(pg.admin_url("/metrics")).send().await.expect("metrics").text().await.unwrap();
-    text.lines()
-        .filter_map(|line| line.strip_prefix(series))
-        .find_map(|rest| rest.strip_prefix(' '))
-        .map(|value| value.trim().parse().expect("metric value is a number"))
-}
-
 /// Awaits `future`, failing the test if it takes longer than `limit`.
 async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
     tokio::time::timeout(limit, future).await.unwrap_or_else(|_| panic!("{what}: not done within {limit:?}"))
@@ -174,7 +165,7 @@ async fn invalid_file_is_rejected_and_old_config_keeps_serving() {
     assert_eq!(other.status(), 404, "nothing of the rejected file is applied");
     assert_eq!(mock.count(), 1);
 
-    let errors = metric(&pg, "pacegate_config_reloads_total{result=\"error\"}").await;
+    let errors = pg.metric("pacegate_config_reloads_total{result=\"error\"}").await;
     assert!(errors.is_some_and(|n| n >= 2.0), "both rejections are counted: {errors:?}");
     let after = pg.status().await;
     assert_eq!(after["version"], before["version"], "version unchanged after rejected reloads");
@@ -207,7 +198,7 @@ async fn post_reload_returns_the_new_version() {
     assert!(current.ends_with(&format!("-{hash}")), "/status shows {current}, reload said {version}");
     assert_ne!(after["version"], before["version"]);
     assert_eq!(upstream_of(&after, "api").unwrap()["queue"]["capacity"], 7);
-    let ok = metric(&pg, "pacegate_config_reloads_total{result=\"ok\"}").await;
+    let ok = pg.metric("pacegate_config_reloads_total{result=\"ok\"}").await;
     assert!(ok.is_some_and(|n| n >= 1.0), "reload counted: {ok:?}");
 
     assert_eq!(client().get(pg.url("/api/x")).send().await.unwrap().status(), 200);

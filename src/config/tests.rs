@@ -410,6 +410,7 @@ fn misc_rules() {
     assert!(!message.contains("secret"), "proxy_auth leaked: {message}");
     assert_error("[redis]\nurl = \"http://x\"\n", 2, 7, &["redis://"]);
     assert!(parse_str("[redis]\nurl = \"rediss://x:6380\"\n").is_ok());
+    assert_error("[redis]\nurl = \"redis://x:port\"\n", 2, 7, &["bad redis url"]);
     let text = MINIMAL.replace("https://", "http://").replace("rate =", "ca_file = \"x.pem\"\nrate =");
     assert_error(&text, 5, 11, &["ca_file"]);
     let text = MINIMAL.replace("rate =", "hosts = [\"a b\"]\nrate =");

@@ -108,6 +108,9 @@ fn redis(cx: &Cx<'_>, raw: RawRedis) -> Result<Redis, ConfigError> {
     if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
         return Err(cx.err(raw.url.span(), "redis url must start with redis:// or rediss://"));
     }
+    if let Err(error) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+        return Err(cx.err(raw.url.span(), format!("bad redis url: {error}")));
+    }
     Ok(Redis { url: raw.url.into_inner(), on_error: raw.on_error.into() })
 }
 

@@ -213,16 +213,36 @@ fn build_limiters(
     cells: &[TatCell],
     clock: &PresentedClock,
 ) -> Vec<Limiter> {
+    paced_quotas(rates, burst)
+        .into_iter()
+        .zip(cells)
+        .map(|(paced, cell)| {
+            let quota = Quota::with_period(paced.interval)
+                .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
+                .allow_burst(paced.burst);
+            with_origin(clock, || RateLimiter::new(quota, cell.clone(), clock.clone()))
+        })
+        .collect()
+}
+
+/// One quota as the pacer enforces it (GCRA): an emission interval with the
+/// margins included, and how many may leave back to back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PacedQuota {
+    pub interval: Duration,
+    pub burst: NonZeroU32,
+}
+
+/// How `rates` are paced: the tightest admits `burst` back to back, the
+/// others are volume caps admitting their whole count. The shared (Redis)
+/// limiter enforces exactly these, so both limiters agree.
+pub fn paced_quotas(rates: &[Rate], burst: NonZeroU32) -> Vec<PacedQuota> {
     let tightest = rates.iter().map(interval).min().unwrap_or(Duration::MAX);
     rates
         .iter()
-        .zip(cells)
-        .map(|(rate, cell)| {
-            let burst = if interval(rate) == tightest { burst } else { rate.count };
-            let quota = Quota::with_period(interval(rate))
-                .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
-                .allow_burst(burst);
-            with_origin(clock, || RateLimiter::new(quota, cell.clone(), clock.clone()))
+        .map(|rate| PacedQuota {
+            interval: interval(rate),
+            burst: if interval(rate) == tightest { burst } else { rate.count },
         })
         .collect()
 }

@@ -32,6 +32,7 @@ use crate::config;
 use crate::limit::Pacer;
 use crate::metrics::Metrics;
 use crate::retry::{RateLimitHint, RetryBudget};
+use crate::store::Store;
 
 /// Permission to send one attempt: holds a concurrency slot until dropped.
 #[derive(Debug)]
@@ -74,6 +75,8 @@ pub enum Refusal {
     Timeout { waited: Duration, retry_after: Duration },
     /// Its partition would be new and `max_partitions` are live.
     TooManyPartitions,
+    /// Redis is unreachable and `on_error = "deny"`.
+    StoreDown,
 }
 
 /// Where a waiter queues: which bucket paces it, who it is, how urgent.
@@ -99,8 +102,8 @@ pub(super) enum Command {
     Rejoin(Waiter),
     /// What an answer said about the upstream's limits.
     Feedback(Feedback),
-    /// A reloaded config for this upstream.
-    Reconfigure(Box<config::Upstream>),
+    /// A reloaded config for this upstream, and the shared store in force.
+    Reconfigure(Box<config::Upstream>, Option<Arc<Store>>),
 }
 
 /// What one attempt's answer says about the upstream's limits.
@@ -196,7 +199,7 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// Starts the dispatcher task of one upstream.
-    pub fn spawn(upstream: &config::Upstream, metrics: Arc<Metrics>) -> Self {
+    pub fn spawn(upstream: &config::Upstream, metrics: Arc<Metrics>, store: Option<Arc<Store>>) -> Self {
         let pacer = Pacer::new(&upstream.rate, upstream.burst);
         let max_inflight = upstream.max_concurrency.get() as usize;
         let observed = Observed {
@@ -215,7 +218,7 @@ impl Dispatcher {
             shape: Mutex::new(Shape::default()),
         });
         let (commands, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(Task::new(upstream, receiver, shared.clone(), metrics).run());
+        tokio::spawn(Task::new(upstream, receiver, shared.clone(), metrics, store).run());
         Self { commands, shared }
     }
 
@@ -262,7 +265,7 @@ impl Dispatcher {
 
     /// Applies a reloaded config: queue and concurrency bounds at once, new
     /// quotas from the next attempt; unchanged quotas keep their state.
-    pub fn reconfigure(&self, upstream: &config::Upstream) {
+    pub fn reconfigure(&self, upstream: &config::Upstream, store: Option<Arc<Store>>) {
         self.shared.capacity.store(upstream.queue_size, Ordering::Relaxed);
         let wanted = upstream.max_concurrency.get() as usize;
         let before = self.shared.max_inflight.swap(wanted, Ordering::AcqRel);
@@ -279,7 +282,7 @@ impl Dispatcher {
             });
         }
         *self.shared.budget() = RetryBudget::from_config(&upstream.retry);
-        let _ = self.commands.send(Command::Reconfigure(Box::new(upstream.clone())));
+        let _ = self.commands.send(Command::Reconfigure(Box::new(upstream.clone()), store));
     }
 
     /// Attempts in flight now.

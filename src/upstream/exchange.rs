@@ -197,6 +197,7 @@ impl Upstream {
             Refusal::Full { .. } => "queue_full",
             Refusal::Timeout { .. } => "queue_timeout",
             Refusal::TooManyPartitions => "too_many_partitions",
+            Refusal::StoreDown => "rate_limit_store",
         };
         self.metrics.rejected.get_or_create(&Metrics::reason(&upstream, reason)).inc();
         match refusal {
@@ -209,6 +210,7 @@ impl Upstream {
                 ProxyError::QueueTimeout { upstream, waited, retry_after }
             }
             Refusal::TooManyPartitions => ProxyError::TooManyPartitions { upstream },
+            Refusal::StoreDown => ProxyError::RateLimitStore { upstream },
         }
     }
 }

@@ -22,6 +22,7 @@ use crate::config::{self, KeySource};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::proxy::headers;
+use crate::store::Store;
 pub use client::{CaFileError, SendError, UpstreamClient};
 pub use dispatcher::{Dispatcher, Place, Refusal, Shape, Ticket};
 pub use schedule::Priority;
@@ -43,8 +44,8 @@ pub struct Upstream {
 
 impl Upstream {
     /// Starts the dispatcher of a configured upstream.
-    pub fn start(config: config::Upstream, metrics: Arc<Metrics>) -> Self {
-        let dispatcher = Dispatcher::spawn(&config, metrics.clone());
+    pub fn start(config: config::Upstream, metrics: Arc<Metrics>, store: Option<Arc<Store>>) -> Self {
+        let dispatcher = Dispatcher::spawn(&config, metrics.clone(), store);
         Self { config, dispatcher, metrics }
     }
 
@@ -59,24 +60,25 @@ impl Upstream {
                 ProxyError::BadRequest(format!("{PRIORITY_HEADER} must be high, normal or low"))
             })?,
         };
-        let key = |source: &KeySource| match source {
+        let key = |source: &KeySource, hash: fn(&[u8]) -> u64| match source {
             // Tagged so that a missing header and an empty one differ.
             KeySource::Header(name) => match headers.get(name) {
-                Some(value) => partition::hash_key(&[b"h:", value.as_bytes()].concat()),
-                None => partition::hash_key(b"-"),
+                Some(value) => hash(&[b"h:", value.as_bytes()].concat()),
+                None => hash(b"-"),
             },
-            KeySource::ClientIp => partition::hash_key(peer.to_string().as_bytes()),
+            KeySource::ClientIp => hash(peer.to_string().as_bytes()),
         };
         Ok(Place {
-            partition: self.config.partition_by.as_ref().map_or(partition::SINGLE, key),
-            caller: self.config.fair_by.as_ref().map_or(0, key),
+            partition: (self.config.partition_by.as_ref())
+                .map_or(partition::SINGLE, |source| key(source, partition::partition_key)),
+            caller: self.config.fair_by.as_ref().map_or(0, |source| key(source, partition::caller_key)),
             priority,
         })
     }
 
     /// The same running upstream under a reloaded config.
-    pub fn reconfigured(&self, config: config::Upstream) -> Self {
-        self.dispatcher.reconfigure(&config);
+    pub fn reconfigured(&self, config: config::Upstream, store: Option<Arc<Store>>) -> Self {
+        self.dispatcher.reconfigure(&config, store);
         Self { config, dispatcher: self.dispatcher.clone(), metrics: self.metrics.clone() }
     }
 }

@@ -7,9 +7,11 @@
 //! `partition_by` an upstream has exactly one partition, and this is the
 //! state the dispatcher always had.
 //!
-//! Keys are 64-bit hashes under a per-process random seed ([`hash_key`]):
-//! the credential itself is never stored, logged or shown, and the seed
-//! keeps callers from crafting collisions across restarts.
+//! Keys are 64-bit hashes: the credential itself is never stored, logged or
+//! shown. Partition keys hash the same on every replica ([`partition_key`],
+//! SHA-256), because with `[redis]` they name the shared buckets; caller keys
+//! only order one process's queue and use a per-process seed ([`caller_key`]),
+//! so callers cannot craft collisions across restarts.
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
@@ -28,11 +30,20 @@ use crate::metrics::Metrics;
 /// The one partition of an upstream without `partition_by`.
 pub const SINGLE: u64 = 0;
 
-/// Hashes a partition or caller key; the value itself is not kept.
-pub fn hash_key(bytes: &[u8]) -> u64 {
-    static SEED: OnceLock<RandomState> = OnceLock::new();
+/// Hashes a partition key the same way on every replica; the value itself
+/// is not kept.
+pub fn partition_key(bytes: &[u8]) -> u64 {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut first = [0; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
     // 0 is reserved for SINGLE; a collision there only merges two buckets.
-    SEED.get_or_init(RandomState::new).hash_one(bytes).max(1)
+    u64::from_be_bytes(first).max(1)
+}
+
+/// Hashes a caller key under a per-process seed; the value itself is not kept.
+pub fn caller_key(bytes: &[u8]) -> u64 {
+    static SEED: OnceLock<RandomState> = OnceLock::new();
+    SEED.get_or_init(RandomState::new).hash_one(bytes)
 }
 
 /// Quotas a partition's pacer is built from.
@@ -76,6 +87,8 @@ pub struct Partition<W> {
     adaptive: Option<Adaptive>,
     /// Nothing leaves before this instant (429, Retry-After, Remaining: 0).
     pub cooldown_until: Option<Instant>,
+    /// The shared (Redis) quotas admit nobody before this instant.
+    pub shared_wait: Option<Instant>,
     /// Remaining quota spread until its reset: (requests per second, reset).
     hint_cap: Option<(f64, Instant)>,
     /// Recent ticket instants, to measure what the upstream accepted.
@@ -96,6 +109,7 @@ impl<W> Partition<W> {
             adaptive: quotas.adaptive.then(|| Adaptive::new(pacer.rate_per_second())),
             pacer,
             cooldown_until: None,
+            shared_wait: None,
             hint_cap: None,
             grants: VecDeque::new(),
             window: quotas.pacing_window(),
@@ -125,6 +139,12 @@ impl<W> Partition<W> {
             && self.last_grant.is_none_or(|at| now.duration_since(at) > self.idle_after)
     }
 
+    /// When this partition may try again, if it must wait: a cooldown, or
+    /// the shared quotas' answer.
+    pub fn blocked_until(&self, now: Instant) -> Option<Instant> {
+        [self.cooldown_until, self.shared_wait].into_iter().flatten().filter(|at| *at > now).max()
+    }
+
     pub fn record_grant(&mut self, now: Instant) {
         self.last_grant = Some(now);
         self.grants.push_back(now);
@@ -134,7 +154,9 @@ impl<W> Partition<W> {
     }
 
     /// Applies what an answer said: cooldown, adaptive rate, quota hints.
-    pub fn learn(&mut self, cx: &Context<'_>, feedback: Feedback) {
+    /// `shared`: the quotas are shared with other replicas (Redis). Returns
+    /// the pause the upstream asked for, for the other replicas.
+    pub fn learn(&mut self, cx: &Context<'_>, feedback: Feedback, shared: bool) -> Option<Duration> {
         let now = Instant::now();
         if feedback.rate_limited {
             let at = std::time::SystemTime::now();
@@ -144,11 +166,15 @@ impl<W> Partition<W> {
             let reason = if feedback.rate_limited { "rate_limited" } else { "retry_after" };
             self.cool_down(cx, now, pause, reason);
         }
+        let mut pause = feedback.cooldown;
         if feedback.rate_limited
             && let Some(adaptive) = &mut self.adaptive
         {
+            // With shared quotas, this replica's grants are only its share of
+            // what the upstream accepted; the shared pace is the better measure.
             let accepted = self.grants.iter().filter(|at| now.duration_since(**at) <= self.window).count();
-            let accepted_rate = accepted as f64 / self.window.as_secs_f64();
+            let own_rate = accepted as f64 / self.window.as_secs_f64();
+            let accepted_rate = if shared { self.pacer.effective_rate() } else { own_rate };
             if let Some(rate) = adaptive.on_rate_limited(now, feedback.sent_at, accepted_rate) {
                 tracing::info!(upstream = %cx.name, rate, reason = "rate_limited", "adaptive rate lowered");
             }
@@ -157,15 +183,18 @@ impl<W> Partition<W> {
             if hint.remaining == 0 && !hint.reset_after.is_zero() {
                 self.cool_down(cx, now, hint.reset_after, "ratelimit_remaining");
                 self.hint_cap = None;
+                pause = pause.max(Some(hint.reset_after));
             } else if !hint.reset_after.is_zero() {
                 let rate = hint.remaining as f64 / hint.reset_after.as_secs_f64();
                 self.hint_cap = Some((rate, now + hint.reset_after));
             }
         }
         self.refresh_cap(cx, now);
+        pause
     }
 
-    fn cool_down(&mut self, cx: &Context<'_>, now: Instant, pause: Duration, reason: &'static str) {
+    /// Pauses the partition until `now + pause` (never shortens a pause).
+    pub fn cool_down(&mut self, cx: &Context<'_>, now: Instant, pause: Duration, reason: &'static str) {
         let until = now + pause;
         let paused_from = self.cooldown_until.map_or(now, |current| current.max(now));
         if paused_from >= until {
@@ -234,9 +263,13 @@ mod tests {
 
     #[test]
     fn keys_are_hashed_and_distinct() {
-        assert_eq!(hash_key(b"h:Bearer A"), hash_key(b"h:Bearer A"));
-        assert_ne!(hash_key(b"h:Bearer A"), hash_key(b"h:Bearer B"));
-        assert_ne!(hash_key(b"h:"), hash_key(b"-"), "an empty header is not a missing one");
-        assert_ne!(hash_key(b"anything"), SINGLE);
+        for hash in [partition_key, caller_key] {
+            assert_eq!(hash(b"h:Bearer A"), hash(b"h:Bearer A"));
+            assert_ne!(hash(b"h:Bearer A"), hash(b"h:Bearer B"));
+            assert_ne!(hash(b"h:"), hash(b"-"), "an empty header is not a missing one");
+        }
+        assert_ne!(partition_key(b"anything"), SINGLE);
+        // Every replica must name the same shared bucket.
+        assert_eq!(partition_key(b"h:Bearer A"), 0xeca4_ed44_c3dc_68e0, "stable across processes");
     }
 }

@@ -11,6 +11,13 @@
 //! one partition. When nobody can go, the task sleeps until the earliest
 //! partition can, or until a command arrives.
 //!
+//! With `[redis]`, a partition that its own limits admit is not served yet:
+//! the task asks the shared limiter ([`Store`]) for the same slot, awaiting
+//! one round trip, and either hands the ticket out, gives the local slot back
+//! and waits as long as Redis says, or (Redis down) follows `on_error`. Only
+//! this task asks, one attempt at a time, so each replica sends Redis one
+//! request per attempt and never a herd of pollers.
+//!
 //! Partitions are created on the first waiter with a new key. At
 //! `max_partitions` live ones, idle partitions (see [`Partition::idle`]) are
 //! evicted first; if none is idle, the newcomer is refused
@@ -18,6 +25,7 @@
 //! so `/status` counts partitions in use, not keys ever seen.
 //!
 //! [`Schedule`]: super::schedule::Schedule
+//! [`Store`]: crate::store::Store
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -29,8 +37,10 @@ use tokio::time::Instant;
 
 use super::dispatcher::{Command, Feedback, Refusal, Shape, Shared, Ticket, Waiter};
 use super::partition::{Context, Partition, Quotas, SINGLE};
-use crate::config;
+use crate::config::{self, RedisOnError};
+use crate::limit::pacer::{Taken, paced_quotas};
 use crate::metrics::Metrics;
+use crate::store::{Keys, SharedQuotas, Store, Verdict};
 
 /// How often idle partitions are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -48,6 +58,10 @@ pub(super) struct Task {
     metrics: Arc<Metrics>,
     /// Quotas every partition's pacer is built from.
     quotas: Quotas,
+    /// With `[redis]`: the shared limiter every attempt also needs.
+    store: Option<Arc<Store>>,
+    /// `quotas` as the shared limiter's script takes them.
+    shared_quotas: SharedQuotas,
     /// `max_partitions` in force.
     max_partitions: usize,
     partitions: HashMap<u64, Partition<Waiter>>,
@@ -65,15 +79,19 @@ impl Task {
         receiver: mpsc::UnboundedReceiver<Command>,
         shared: Arc<Shared>,
         metrics: Arc<Metrics>,
+        store: Option<Arc<Store>>,
     ) -> Self {
         let now = Instant::now();
+        let quotas = Quotas::of(upstream);
         Self {
             name: upstream.name.clone(),
             receiver,
             open: true,
             shared,
             metrics,
-            quotas: Quotas::of(upstream),
+            shared_quotas: SharedQuotas::new(&paced_quotas(&quotas.rate, quotas.burst)),
+            quotas,
+            store,
             max_partitions: upstream.max_partitions.get(),
             partitions: HashMap::new(),
             ready: VecDeque::new(),
@@ -112,9 +130,18 @@ impl Task {
                 }
                 continue;
             };
+            if self.store.as_ref().is_some_and(|s| !s.is_up() && s.on_error() == RedisOnError::Deny) {
+                self.refuse_all(Refusal::StoreDown);
+                permit = Some(held);
+                continue;
+            }
             let (unused, earliest) = match self.serve_one(held) {
-                Ok(()) => continue,
-                Err(refused) => refused,
+                Decision::Served => continue,
+                Decision::Ask { key, taken, permit: held } => {
+                    permit = self.ask_store(key, taken, held).await;
+                    continue;
+                }
+                Decision::Later(unused, earliest) => (unused, earliest),
             };
             permit = Some(unused);
             let Some(at) = earliest else {
@@ -153,7 +180,7 @@ impl Task {
             Command::Join(waiter) => self.enqueue(waiter, false),
             Command::Rejoin(waiter) => self.enqueue(waiter, true),
             Command::Feedback(feedback) => return self.learn(feedback),
-            Command::Reconfigure(upstream) => return self.reconfigure(&upstream),
+            Command::Reconfigure(upstream, store) => return self.reconfigure(&upstream, store),
         }
         // Callers that gave up stay queued until reached; bound that leftover.
         let capacity = self.shared.capacity.load(Ordering::Relaxed);
@@ -221,17 +248,23 @@ impl Task {
             std::collections::hash_map::Entry::Vacant(_) if live >= max => return,
             std::collections::hash_map::Entry::Vacant(entry) => entry.insert(Partition::new(quotas)),
         };
-        partition.learn(&cx, feedback);
+        let shared = self.store.as_ref().is_some_and(|store| store.is_up());
+        let pause = partition.learn(&cx, feedback, shared);
+        if let (Some(pause), Some(store)) = (pause, &self.store) {
+            store.cool_down(Keys::new(&self.name, feedback.partition), pause);
+        }
     }
 
     /// Takes a reloaded config; pacers are rebuilt only if quotas changed.
-    fn reconfigure(&mut self, upstream: &config::Upstream) {
+    fn reconfigure(&mut self, upstream: &config::Upstream, store: Option<Arc<Store>>) {
         self.max_partitions = upstream.max_partitions.get();
+        self.store = store;
         let quotas = Quotas::of(upstream);
         if quotas != self.quotas {
             for partition in self.partitions.values_mut() {
                 partition.requota(&quotas);
             }
+            self.shared_quotas = SharedQuotas::new(&paced_quotas(&quotas.rate, quotas.burst));
             self.quotas = quotas;
             tracing::info!(upstream = %self.name, "new quotas take effect");
         }
@@ -243,14 +276,12 @@ impl Task {
     }
 
     /// Hands one ticket to the first partition, in round-robin order, that
-    /// can go now. Otherwise gives the permit back with the earliest instant
-    /// a partition can go (`None`: every waiter reached had gone).
-    fn serve_one(
-        &mut self,
-        permit: OwnedSemaphorePermit,
-    ) -> Result<(), (OwnedSemaphorePermit, Option<Instant>)> {
+    /// can go now, or names the partition the shared limiter must decide on.
+    /// Otherwise gives the permit back with the earliest instant a partition
+    /// can go.
+    fn serve_one(&mut self, permit: OwnedSemaphorePermit) -> Decision {
         let now = Instant::now();
-        let cx = Context { name: &self.name, metrics: &self.metrics, shared: &self.shared };
+        let shared = self.store.as_ref().is_some_and(|store| store.is_up());
         let mut permit = permit;
         let mut earliest: Option<Instant> = None;
         let mut later = |at: Instant| earliest = Some(earliest.map_or(at, |e: Instant| e.min(at)));
@@ -259,26 +290,18 @@ impl Task {
             let Some(partition) = self.partitions.get_mut(&key).filter(|p| !p.waiters.is_empty()) else {
                 continue;
             };
+            let cx = Context { name: &self.name, metrics: &self.metrics, shared: &self.shared };
             partition.refresh_cap(&cx, now);
-            if let Some(until) = partition.cooldown_until {
+            if let Some(until) = partition.blocked_until(now) {
                 later(until);
                 self.ready.push_back(key);
                 continue;
             }
             match partition.pacer.try_acquire(now) {
-                Ok(taken) => match hand_out(partition, permit, &mut self.queued, &self.shared) {
-                    Ok(()) => {
-                        partition.record_grant(now);
-                        if !partition.waiters.is_empty() {
-                            self.ready.push_back(key);
-                        }
-                        return Ok(());
-                    }
-                    // Everyone in this partition had gone: it leaves the ring.
-                    Err(unused) => {
-                        partition.pacer.undo(taken);
-                        permit = unused;
-                    }
+                Ok(taken) if shared => return Decision::Ask { key, taken, permit },
+                Ok(taken) => match self.grant(key, taken, permit, now) {
+                    Ok(()) => return Decision::Served,
+                    Err(unused) => permit = unused,
                 },
                 Err(at) => {
                     later(at);
@@ -286,7 +309,83 @@ impl Task {
                 }
             }
         }
-        Err((permit, earliest))
+        Decision::Later(permit, earliest)
+    }
+
+    /// Hands the ticket for a slot `taken` from partition `key`'s pacer to
+    /// its next caller, and puts the partition back in the ring if more wait.
+    /// When everyone there had gone, the slot and the permit come back.
+    fn grant(
+        &mut self,
+        key: u64,
+        taken: Taken,
+        permit: OwnedSemaphorePermit,
+        now: Instant,
+    ) -> Result<(), OwnedSemaphorePermit> {
+        let Some(partition) = self.partitions.get_mut(&key) else { return Err(permit) };
+        match hand_out(partition, permit, &mut self.queued, &self.shared) {
+            Ok(()) => {
+                partition.record_grant(now);
+                if !partition.waiters.is_empty() {
+                    self.ready.push_back(key);
+                }
+                Ok(())
+            }
+            // It leaves the ring until a new waiter brings it back.
+            Err(unused) => {
+                partition.pacer.undo(taken);
+                Err(unused)
+            }
+        }
+    }
+
+    /// Asks the shared limiter for the slot partition `key`'s own pacer just
+    /// gave, and acts on the answer. Returns the permit if no ticket went out.
+    async fn ask_store(
+        &mut self,
+        key: u64,
+        taken: Taken,
+        permit: OwnedSemaphorePermit,
+    ) -> Option<OwnedSemaphorePermit> {
+        let store = self.store.clone()?;
+        let verdict = store.acquire(&Keys::new(&self.name, key), &self.shared_quotas).await;
+        let now = Instant::now();
+        let (wait, cooling) = match verdict {
+            Ok(Verdict::Go) => return self.grant(key, taken, permit, now).err(),
+            Err(_) if store.on_error() == RedisOnError::Local => {
+                return self.grant(key, taken, permit, now).err();
+            }
+            Err(_) => {
+                self.refuse_all(Refusal::StoreDown);
+                return Some(permit);
+            }
+            Ok(Verdict::Wait(wait)) => (wait, false),
+            Ok(Verdict::Cooling(wait)) => (wait, true),
+        };
+        let cx = Context { name: &self.name, metrics: &self.metrics, shared: &self.shared };
+        if let Some(partition) = self.partitions.get_mut(&key) {
+            partition.pacer.undo(taken);
+            if cooling {
+                partition.cool_down(&cx, now, wait, "shared");
+            } else {
+                partition.shared_wait = Some(now + wait);
+            }
+            self.ready.push_back(key);
+        }
+        Some(permit)
+    }
+
+    /// Answers every waiter with `refusal` (Redis down with `on_error = "deny"`).
+    fn refuse_all(&mut self, refusal: Refusal) {
+        for partition in self.partitions.values_mut() {
+            while let Some(waiter) = partition.waiters.pop() {
+                if waiter.tickets.send(Err(refusal)).is_ok() {
+                    self.shared.depth.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        }
+        self.ready.clear();
+        self.queued = 0;
     }
 
     /// Sweeps idle partitions and refreshes `/status` counts, when due.
@@ -317,6 +416,18 @@ impl Task {
             tracing::debug!(upstream = %self.name, evicted = before - self.partitions.len(), "idle partitions");
         }
     }
+}
+
+/// What one scheduling round decided.
+enum Decision {
+    /// A ticket went out.
+    Served,
+    /// Partition `key`'s own limits admit its next caller with the slot
+    /// `taken`; the shared limiter has the last word.
+    Ask { key: u64, taken: Taken, permit: OwnedSemaphorePermit },
+    /// Nobody can go now: the permit comes back, with the earliest instant a
+    /// partition can go (`None`: every waiter reached had gone).
+    Later(OwnedSemaphorePermit, Option<Instant>),
 }
 
 /// Hands a ticket to the partition's next caller still waiting; gives the

@@ -1,8 +1,11 @@
-//! Test harness shared by every integration test: the mock upstream and a
-//! real pacegate started in-process on `127.0.0.1:0`.
+//! Test harness shared by every integration test: the mock upstream, a real
+//! pacegate started in-process on `127.0.0.1:0` (or as a child [`process`]),
+//! and a real [`redis_server`].
 #![allow(dead_code)]
 
 pub mod mock;
+pub mod process;
+pub mod redis_server;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -88,6 +91,17 @@ impl Pacegate {
             .json()
             .await
             .expect("status json")
+    }
+
+    /// Value of the `/metrics` sample whose series (name and labels) is
+    /// exactly `series`, e.g. `pacegate_redis_up`.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text =
+            client().get(self.admin_url("/metrics")).send().await.expect("metrics").text().await.unwrap();
+        text.lines()
+            .filter_map(|line| line.strip_prefix(series))
+            .find_map(|rest| rest.strip_prefix(' '))
+            .map(|value| value.trim().parse().expect("metric value is a number"))
     }
 
     /// Polls `/status` (bounded) until `ready` holds; false on timeout.

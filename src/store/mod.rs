@@ -1,0 +1,233 @@
+//! The shared limiter: quotas and cooldowns kept in Redis, so that every
+//! replica together stays inside one API quota.
+//!
+//! Each decision is one atomic Lua script (`acquire.lua`, sent once and then
+//! called by hash) that runs GCRA for all of a partition's quotas on the
+//! Redis server's clock (`TIME`), consumes from all or none, checks the shared
+//! cooldown, and answers go, wait, or cooling. Replicas never compare clocks,
+//! and no lock is held across the network. Keys carry a hash tag per upstream
+//! (`pacegate:{name}:…`), so both keys a script touches live in one Redis
+//! Cluster slot; they expire once idle.
+//!
+//! Only the dispatcher task asks, once per attempt at the head of its queue,
+//! so Redis sees one caller per upstream and replica, never a herd of pollers.
+//!
+//! When Redis cannot be reached (a call errors or times out), the store is
+//! marked down: the transition is logged once and counted, and from then on
+//! no dispatcher waits on Redis. They fall back to their in-process pacer
+//! (`on_error = "local"`) or refuse (`"deny"`), while one background probe
+//! pings Redis every [`PROBE_EVERY`] and brings shared mode back.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script};
+
+use crate::config::{self, RedisOnError};
+use crate::limit::pacer::{GUARD, PacedQuota};
+use crate::metrics::Metrics;
+
+/// Longest a dispatcher waits for one Redis answer before falling back.
+const CALL_TIMEOUT: Duration = Duration::from_millis(250);
+/// How often a down store checks whether Redis is back.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// What the shared limiter says about one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// A slot of every quota was taken: the attempt may leave.
+    Go,
+    /// The quotas admit nobody before this much time has passed.
+    Wait(Duration),
+    /// The upstream (or partition) cools down for this much longer.
+    Cooling(Duration),
+}
+
+/// Redis could not be asked; the store is down until the probe succeeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unavailable;
+
+/// Script arguments for one partition's quotas, as the local pacer paces
+/// them (margins included): slack, then interval and tolerance per quota, µs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SharedQuotas(Vec<u64>);
+
+impl SharedQuotas {
+    pub fn new(quotas: &[PacedQuota]) -> Self {
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let mut args = vec![micros(GUARD)];
+        for quota in quotas {
+            let interval = micros(quota.interval).max(1);
+            args.extend([interval, interval.saturating_mul(u64::from(quota.burst.get() - 1))]);
+        }
+        Self(args)
+    }
+}
+
+/// The Redis keys of one partition of one upstream. The partition is a hash
+/// of its key (never the credential itself), identical on every replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    quotas: String,
+    cooldown: String,
+}
+
+impl Keys {
+    pub fn new(upstream: &str, partition: u64) -> Self {
+        Self {
+            quotas: format!("pacegate:{{{upstream}}}:{partition:016x}:quotas"),
+            cooldown: format!("pacegate:{{{upstream}}}:{partition:016x}:cooldown"),
+        }
+    }
+}
+
+/// A connection to the shared Redis and what to do without it.
+pub struct Store {
+    connection: ConnectionManager,
+    /// The `[redis]` section this store was made from, to keep it on reload.
+    config: config::Redis,
+    /// Server address for logs, without credentials.
+    address: String,
+    acquire: Script,
+    cool_down: Script,
+    /// False from a failed call until the probe reaches Redis again.
+    up: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("address", &self.address).field("up", &self.is_up()).finish()
+    }
+}
+
+impl Store {
+    /// A store for `[redis]`; connects on first use, so a Redis that is down
+    /// at start-up is handled like one that goes away later.
+    pub fn new(config: &config::Redis, metrics: Arc<Metrics>) -> Result<Arc<Self>, RedisError> {
+        if config.url.starts_with("rediss://") {
+            // redis' TLS takes rustls' process default; ours is ring.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let client = redis::Client::open(config.url.as_str())?;
+        let address = client.get_connection_info().addr().to_string();
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CALL_TIMEOUT))
+            .set_response_timeout(Some(CALL_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(PROBE_EVERY);
+        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        metrics.redis_up.set(1);
+        Ok(Arc::new(Self {
+            connection,
+            config: config.clone(),
+            address,
+            acquire: Script::new(include_str!("acquire.lua")),
+            cool_down: Script::new(include_str!("cool_down.lua")),
+            up: AtomicBool::new(true),
+            metrics,
+        }))
+    }
+
+    /// True when this store was made from the same `[redis]` section.
+    pub fn serves(&self, config: &config::Redis) -> bool {
+        self.config == *config
+    }
+
+    /// What pacing does while Redis is down.
+    pub fn on_error(&self) -> RedisOnError {
+        self.config.on_error
+    }
+
+    /// Server address, without credentials.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// False while Redis is known to be unreachable.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Asks whether one attempt of the partition at `keys` may leave now.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        keys: &Keys,
+        quotas: &SharedQuotas,
+    ) -> Result<Verdict, Unavailable> {
+        if !self.is_up() {
+            return Err(Unavailable);
+        }
+        let mut invocation = self.acquire.key(&keys.quotas);
+        invocation.key(&keys.cooldown).arg(&quotas.0);
+        let mut connection = self.connection.clone();
+        let answer: (u8, u64) = self.call(invocation.invoke_async(&mut connection)).await?;
+        let wait = Duration::from_micros(answer.1);
+        Ok(match answer.0 {
+            1 => Verdict::Go,
+            2 => Verdict::Cooling(wait),
+            _ => Verdict::Wait(wait),
+        })
+    }
+
+    /// Pauses the partition at `keys` for every replica, in the background:
+    /// the local cooldown already holds this replica back.
+    pub fn cool_down(self: &Arc<Self>, keys: Keys, pause: Duration) {
+        if !self.is_up() {
+            return;
+        }
+        let store = self.clone();
+        tokio::spawn(async move {
+            let pause = u64::try_from(pause.as_micros()).unwrap_or(u64::MAX);
+            let mut invocation = store.cool_down.key(&keys.cooldown);
+            invocation.arg(pause);
+            let mut connection = store.connection.clone();
+            let _: Result<u8, _> = store.call(invocation.invoke_async(&mut connection)).await;
+        });
+    }
+
+    /// Runs one Redis call under [`CALL_TIMEOUT`]; a failure marks the store down.
+    async fn call<T>(
+        self: &Arc<Self>,
+        call: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, Unavailable> {
+        let error = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!("no answer within {CALL_TIMEOUT:?}"),
+        };
+        self.metrics.redis_errors.inc();
+        if self.up.swap(false, Ordering::AcqRel) {
+            self.metrics.redis_up.set(0);
+            self.metrics.redis_fallbacks.inc();
+            let fallback = match self.on_error() {
+                RedisOnError::Local => "in-process limiter per replica",
+                RedisOnError::Deny => "refusing with 503 rate_limit_store",
+            };
+            tracing::error!(redis = %self.address, %error, fallback, "redis unreachable");
+            tokio::spawn(probe(Arc::downgrade(self)));
+        }
+        Err(Unavailable)
+    }
+}
+
+/// Pings a down store's Redis until it answers, then brings shared mode
+/// back. Ends early if the store is dropped (a reload changed `[redis]`).
+async fn probe(store: Weak<Store>) {
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        let Some(store) = store.upgrade() else { return };
+        let mut connection = store.connection.clone();
+        let ping = redis::cmd("PING");
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(CALL_TIMEOUT, ping.query_async::<String>(&mut connection)).await
+        {
+            store.up.store(true, Ordering::Release);
+            store.metrics.redis_up.set(1);
+            tracing::info!(redis = %store.address, "redis reachable again: quotas shared again");
+            return;
+        }
+    }
+}
