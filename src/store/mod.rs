@@ -34,11 +34,12 @@ const CALL_TIMEOUT: Duration = Duration::from_millis(250);
 /// How often a down store checks whether Redis is back.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
-/// What the shared limiter says about one attempt.
+/// What the shared limiter says about the next attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// A slot of every quota was taken: the attempt may leave.
-    Go,
+    /// This many attempts (at least one) may leave: a slot of every quota
+    /// was taken for each.
+    Go(usize),
     /// The quotas admit nobody before this much time has passed.
     Wait(Duration),
     /// The upstream (or partition) cools down for this much longer.
@@ -51,6 +52,8 @@ pub struct Unavailable;
 
 /// Script arguments for one partition's quotas, as the local pacer paces
 /// them (margins included): slack, then interval and tolerance per quota, µs.
+/// The script takes from all or none, one slot after another, so several
+/// quotas and batches never waste each other's slots.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SharedQuotas(Vec<u64>);
 
@@ -151,24 +154,26 @@ impl Store {
         self.up.load(Ordering::Acquire)
     }
 
-    /// Asks whether one attempt of the partition at `keys` may leave now.
+    /// Asks how many of the `wanted` next attempts of the partition at
+    /// `keys` may leave now: one round trip, however many.
     pub async fn acquire(
         self: &Arc<Self>,
         keys: &Keys,
         quotas: &SharedQuotas,
+        wanted: usize,
     ) -> Result<Verdict, Unavailable> {
         if !self.is_up() {
             return Err(Unavailable);
         }
+        let wanted = wanted.max(1);
         let mut invocation = self.acquire.key(&keys.quotas);
-        invocation.key(&keys.cooldown).arg(&quotas.0);
+        invocation.key(&keys.cooldown).arg(wanted).arg(&quotas.0);
         let mut connection = self.connection.clone();
-        let answer: (u8, u64) = self.call(invocation.invoke_async(&mut connection)).await?;
-        let wait = Duration::from_micros(answer.1);
-        Ok(match answer.0 {
-            1 => Verdict::Go,
-            2 => Verdict::Cooling(wait),
-            _ => Verdict::Wait(wait),
+        let (status, value): (u8, u64) = self.call(invocation.invoke_async(&mut connection)).await?;
+        Ok(match status {
+            1 => Verdict::Go(usize::try_from(value).unwrap_or(wanted).clamp(1, wanted)),
+            2 => Verdict::Cooling(Duration::from_micros(value)),
+            _ => Verdict::Wait(Duration::from_micros(value)),
         })
     }
 

@@ -42,6 +42,8 @@ use crate::limit::pacer::{Taken, paced_quotas};
 use crate::metrics::Metrics;
 use crate::store::{Keys, SharedQuotas, Store, Verdict};
 
+/// Most attempts one Redis round trip asks slots for.
+const MAX_BATCH: usize = 64;
 /// How often idle partitions are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// How often `/status`'s partition and caller counts are refreshed while busy.
@@ -298,11 +300,27 @@ impl Task {
                 continue;
             }
             match partition.pacer.try_acquire(now) {
-                Ok(taken) if shared => return Decision::Ask { key, taken, permit },
-                Ok(taken) => match self.grant(key, taken, permit, now) {
-                    Ok(()) => return Decision::Served,
-                    Err(unused) => permit = unused,
-                },
+                Ok(first) if shared => {
+                    // One round trip may serve every caller a slot is free for.
+                    let room = (1 + self.shared.inflight.available_permits()).min(partition.waiters.len());
+                    let mut taken = vec![first];
+                    while taken.len() < room.min(MAX_BATCH) {
+                        let Ok(next) = partition.pacer.try_acquire(now) else { break };
+                        taken.push(next);
+                    }
+                    return Decision::Ask { key, taken, permit };
+                }
+                Ok(taken) => {
+                    let handed = self.hand_to_next(key, permit, now);
+                    self.requeue(key);
+                    match handed {
+                        Ok(()) => return Decision::Served,
+                        Err(unused) => {
+                            self.give_back(key, vec![taken]);
+                            permit = unused;
+                        }
+                    }
+                }
                 Err(at) => {
                     later(at);
                     self.ready.push_back(key);
@@ -312,67 +330,92 @@ impl Task {
         Decision::Later(permit, earliest)
     }
 
-    /// Hands the ticket for a slot `taken` from partition `key`'s pacer to
-    /// its next caller, and puts the partition back in the ring if more wait.
-    /// When everyone there had gone, the slot and the permit come back.
-    fn grant(
+    /// Hands a ticket to partition `key`'s next caller still waiting. When
+    /// everyone there had gone, the permit comes back.
+    fn hand_to_next(
         &mut self,
         key: u64,
-        taken: Taken,
         permit: OwnedSemaphorePermit,
         now: Instant,
     ) -> Result<(), OwnedSemaphorePermit> {
         let Some(partition) = self.partitions.get_mut(&key) else { return Err(permit) };
-        match hand_out(partition, permit, &mut self.queued, &self.shared) {
-            Ok(()) => {
-                partition.record_grant(now);
-                if !partition.waiters.is_empty() {
-                    self.ready.push_back(key);
-                }
-                Ok(())
-            }
-            // It leaves the ring until a new waiter brings it back.
-            Err(unused) => {
-                partition.pacer.undo(taken);
-                Err(unused)
+        hand_out(partition, permit, &mut self.queued, &self.shared)?;
+        partition.record_grant(now);
+        Ok(())
+    }
+
+    /// Puts partition `key` back in the ring if callers still wait there; an
+    /// empty one leaves it until a new waiter brings it back.
+    fn requeue(&mut self, key: u64) {
+        if self.partitions.get(&key).is_some_and(|p| !p.waiters.is_empty()) {
+            self.ready.push_back(key);
+        }
+    }
+
+    /// Gives unused pacer slots back to partition `key`, latest first.
+    fn give_back(&mut self, key: u64, taken: Vec<Taken>) {
+        if let Some(partition) = self.partitions.get_mut(&key) {
+            for slot in taken.into_iter().rev() {
+                partition.pacer.undo(slot);
             }
         }
     }
 
-    /// Asks the shared limiter for the slot partition `key`'s own pacer just
-    /// gave, and acts on the answer. Returns the permit if no ticket went out.
+    /// Asks the shared limiter for the slots partition `key`'s own pacer just
+    /// gave, and acts on the answer: hands out as many tickets as Redis
+    /// allowed, or waits as long as it said. Returns the permit if it was
+    /// not used.
     async fn ask_store(
         &mut self,
         key: u64,
-        taken: Taken,
+        mut taken: Vec<Taken>,
         permit: OwnedSemaphorePermit,
     ) -> Option<OwnedSemaphorePermit> {
-        let store = self.store.clone()?;
-        let verdict = store.acquire(&Keys::new(&self.name, key), &self.shared_quotas).await;
+        let wanted = taken.len();
+        let verdict = match &self.store {
+            Some(store) => store.acquire(&Keys::new(&self.name, key), &self.shared_quotas, wanted).await,
+            None => Ok(Verdict::Go(wanted)), // reloaded away meanwhile
+        };
+        let deny = self.store.as_ref().is_some_and(|store| store.on_error() == RedisOnError::Deny);
         let now = Instant::now();
-        let (wait, cooling) = match verdict {
-            Ok(Verdict::Go) => return self.grant(key, taken, permit, now).err(),
-            Err(_) if store.on_error() == RedisOnError::Local => {
-                return self.grant(key, taken, permit, now).err();
-            }
+        let granted = match verdict {
+            Ok(Verdict::Go(granted)) => granted,
+            Err(_) if !deny => wanted,
             Err(_) => {
+                self.give_back(key, taken);
                 self.refuse_all(Refusal::StoreDown);
                 return Some(permit);
             }
-            Ok(Verdict::Wait(wait)) => (wait, false),
-            Ok(Verdict::Cooling(wait)) => (wait, true),
-        };
-        let cx = Context { name: &self.name, metrics: &self.metrics, shared: &self.shared };
-        if let Some(partition) = self.partitions.get_mut(&key) {
-            partition.pacer.undo(taken);
-            if cooling {
-                partition.cool_down(&cx, now, wait, "shared");
-            } else {
-                partition.shared_wait = Some(now + wait);
+            Ok(Verdict::Wait(wait) | Verdict::Cooling(wait)) => {
+                self.give_back(key, taken);
+                let cx = Context { name: &self.name, metrics: &self.metrics, shared: &self.shared };
+                if let Some(partition) = self.partitions.get_mut(&key) {
+                    if matches!(verdict, Ok(Verdict::Cooling(_))) {
+                        partition.cool_down(&cx, now, wait, "shared");
+                    } else {
+                        partition.shared_wait = Some(now + wait);
+                    }
+                }
+                self.requeue(key);
+                return Some(permit);
             }
-            self.ready.push_back(key);
+        };
+        let mut permit = Some(permit);
+        let mut used = 0;
+        while used < granted {
+            let free = permit.take().or_else(|| self.shared.inflight.clone().try_acquire_owned().ok());
+            let Some(free) = free else { break };
+            match self.hand_to_next(key, free, now) {
+                Ok(()) => used += 1,
+                Err(unused) => {
+                    permit = Some(unused);
+                    break;
+                }
+            }
         }
-        Some(permit)
+        self.give_back(key, taken.split_off(used));
+        self.requeue(key);
+        permit
     }
 
     /// Answers every waiter with `refusal` (Redis down with `on_error = "deny"`).
@@ -422,9 +465,9 @@ impl Task {
 enum Decision {
     /// A ticket went out.
     Served,
-    /// Partition `key`'s own limits admit its next caller with the slot
-    /// `taken`; the shared limiter has the last word.
-    Ask { key: u64, taken: Taken, permit: OwnedSemaphorePermit },
+    /// Partition `key`'s own limits admit its next callers with the slots
+    /// `taken` (one per caller); the shared limiter has the last word.
+    Ask { key: u64, taken: Vec<Taken>, permit: OwnedSemaphorePermit },
     /// Nobody can go now: the permit comes back, with the earliest instant a
     /// partition can go (`None`: every waiter reached had gone).
     Later(OwnedSemaphorePermit, Option<Instant>),
