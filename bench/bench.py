@@ -96,6 +96,23 @@ class Pacegate:
         self.proc.wait(timeout=60)
 
 
+class Redis:
+    def __init__(self):
+        self.port = free_port()
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(WORK)], stdout=subprocess.PIPE, text=True)
+        await_line(self.proc.stdout, r"Ready to accept connections")
+        drain(self.proc.stdout)
+        self.url = f"redis://127.0.0.1:{self.port}"
+
+    def section(self):
+        return f'[redis]\nurl = "{self.url}"\non_error = "local"\n'
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
 def upstream(name, base_url, rate, extra=""):
     return (f'[[upstream]]\nname = "{name}"\nbase_url = "{base_url}"\nroute = "/{name}"\nhosts = []\n'
             f'rate = "{rate}"\nqueue_size = 200000\nqueue_timeout = "10m"\n{extra}\n')
@@ -305,6 +322,37 @@ def scale(queued=10000, upstreams=10000):
 
 # --- report ----------------------------------------------------------------
 
+def redis_mode(k=500, real=50):
+    """Throughput with an unlimited quota, local vs Redis (interleaved), and
+    two replicas sharing one quota through Redis."""
+    redis, mock = Redis(), Mock()
+    unlimited = upstream("api", mock.url, "1000000/s", "burst = 100000\nmax_concurrency = 1024")
+    local, shared = Pacegate(unlimited), Pacegate(unlimited, redis.section())
+    runs = {"local": [], "redis": []}
+    for _ in range(2):
+        for name, pg in (("local", local), ("redis", shared)):
+            runs[name].append(wrk(f"http://{pg.proxy}/api/x"))
+    local.stop(), shared.stop(), mock.stop()
+    throughput = {name: {"rps": statistics.mean(r["rps"] for r in rs), "p99_us": statistics.mean(r["p99"] for r in rs),
+                         "errors": sum(r["errors"] + r["non_2xx"] for r in rs)} for name, rs in runs.items()}
+    mock = Mock(limit=(real, 1000))
+    replicas = [Pacegate(upstream("api", mock.url, f"{real}/s"), redis.section()) for _ in range(2)]
+    urls = [f"http://{replicas[i % 2].proxy}/api/r{i}" for i in range(k)]
+    statuses = asyncio.run(fire(urls, 100))
+    for pg in replicas:
+        pg.stop()
+    summary = mock.stop()
+    redis.stop()
+    times = accepted_times(summary)
+    ideal = (k - 1) / real
+    return {"throughput": throughput,
+            "replicas": {"replicas": 2, "rate": real, "k": k, "makespan_s": times[-1] - times[0], "ideal_s": ideal,
+                         "vs_ideal_pct": ((times[-1] - times[0]) / ideal - 1) * 100,
+                         "max_in_1s_window": max_in_window(times, 1.0),
+                         "upstream_429": summary["statuses"].count(429),
+                         "caller_failures": sum(s != 200 for s in statuses)}}
+
+
 def charts(results):
     import matplotlib
     matplotlib.use("Agg")
@@ -367,7 +415,20 @@ def tables(r):
               f"- {s['queued']} requests queued (each with its own client connection): "
               f"{s['bytes_per_queued_request']:.0f} bytes of RSS per queued request.",
               f"- A config of {s['upstreams']} upstreams: listening after {s['startup_s']:.2f} s, RSS {s['rss_mib']:.1f} MiB.",
-              "", "### Redis mode", "", "Not measured yet: Redis mode is not implemented (issue 7)."]
+              ""]
+    if "redis" in r:
+        t, rep = r["redis"]["throughput"], r["redis"]["replicas"]
+        lines += ["### Redis mode", "",
+                  "| limiter (unlimited quota, wrk -t2 -c64, 2 interleaved runs of 4 s) | req/s | p99 | errors |",
+                  "|---|---|---|---|"]
+        for name, v in t.items():
+            lines.append(f"| {name} | {v['rps']:.0f} | {v['p99_us']/1000:.2f} ms | {v['errors']} |")
+        lines += ["", f"Two replicas sharing one {rep['rate']}/s quota through Redis, {rep['k']} requests split "
+                  f"across both, upstream allowing {rep['rate']} per 1 s window:", "",
+                  "| makespan | ideal | vs ideal | max in any 1 s window | 429s at the upstream | caller failures |",
+                  "|---|---|---|---|---|---|",
+                  f"| {rep['makespan_s']:.2f} s | {rep['ideal_s']:.2f} s | {rep['vs_ideal_pct']:+.1f} % | "
+                  f"{rep['max_in_1s_window']} | {rep['upstream_429']} | {rep['caller_failures']} |"]
     return "\n".join(lines)
 
 
@@ -376,7 +437,8 @@ def main():
     results = {"machine": {"cores": os.cpu_count(), "uname": " ".join(os.uname())}, "started": time.time()}
     steps = [("overhead", pass_through_overhead),
              ("pacing", lambda: [pacing(10, 40), pacing(100, 400), pacing(1000, 3000)]),
-             ("misconfigured", misconfigured), ("client_side", client_side_vs_pacegate), ("scale", scale)]
+             ("misconfigured", misconfigured), ("client_side", client_side_vs_pacegate), ("scale", scale),
+             ("redis", redis_mode)]
     only = set(sys.argv[1:])
     for name, step in steps:
         if only and name not in only:

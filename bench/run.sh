@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every pacegate benchmark scenario on loopback and regenerates
 # bench/results/latest.json, the SVG charts and the tables in BENCHMARKS.md.
-# Installs what it needs when missing (nginx and wrk from Debian when root,
+# Installs what it needs when missing (nginx, wrk and redis-server from Debian when root,
 # Python packages from PyPI). Whole suite: a few minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
