@@ -201,3 +201,43 @@ async fn partitions_share_their_own_buckets_without_the_key_in_clear() {
     assert_eq!(keys.len(), 2, "one bucket per API key, shared by both replicas: {keys:?}");
     assert!(keys.iter().all(|k| !k.contains("secret")), "{keys:?}");
 }
+
+/// The Lua script itself: burst, a volume cap, batches, and a refusal that
+/// leaves every quota untouched.
+#[tokio::test]
+async fn the_script_takes_from_all_quotas_or_none() {
+    use pacegate::config::{Redis, RedisOnError, parse_rate};
+    use pacegate::limit::pacer::paced_quotas;
+    use pacegate::store::{Keys, SharedQuotas, Store, Verdict};
+
+    let redis = RedisServer::start().await;
+    let config = Redis { url: redis.url(), on_error: RedisOnError::Local };
+    let store = Store::new(&config, std::sync::Arc::new(pacegate::metrics::Metrics::new())).unwrap();
+    // 10/s admitting 5 back to back, and at most 6 per minute.
+    let rates = [parse_rate("10/s").unwrap(), parse_rate("6/min").unwrap()];
+    let quotas = SharedQuotas::new(&paced_quotas(&rates, std::num::NonZeroU32::new(5).unwrap()));
+    let keys = Keys::new("api", 0);
+
+    assert_eq!(store.acquire(&keys, &quotas, 8).await, Ok(Verdict::Go(5)), "the burst, in one batch");
+    let Ok(Verdict::Wait(wait)) = store.acquire(&keys, &quotas, 1).await else { panic!("burst spent") };
+    assert!(
+        (Duration::from_millis(50)..=Duration::from_millis(105)).contains(&wait),
+        "next 10/s slot in {wait:?}"
+    );
+    tokio::time::sleep(wait).await;
+    assert_eq!(store.acquire(&keys, &quotas, 3).await, Ok(Verdict::Go(1)), "the minute's 6th");
+
+    let state = || -> Vec<(String, String)> {
+        redis::cmd("HGETALL")
+            .arg("pacegate:{api}:0000000000000000:quotas")
+            .query(&mut redis.connection())
+            .unwrap()
+    };
+    let before = state();
+    tokio::time::sleep(Duration::from_millis(110)).await;
+    let Ok(Verdict::Wait(wait)) = store.acquire(&keys, &quotas, 1).await else {
+        panic!("the minute is spent")
+    };
+    assert!(wait > Duration::from_secs(5), "the volume cap refuses for {wait:?}");
+    assert_eq!(state(), before, "a refused call takes nothing from the 10/s quota");
+}
