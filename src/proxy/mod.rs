@@ -27,7 +27,7 @@ use crate::metrics::{Metrics, NO_UPSTREAM};
 use crate::runtime::Runtime;
 use crate::tls::{Interceptor, TlsError};
 use crate::upstream::guard::{self, GuardError};
-use crate::upstream::{ATTEMPTS_HEADER, Place, UpstreamClient, inbound_response, outbound_request};
+use crate::upstream::{ATTEMPTS_HEADER, Place, Upstream, UpstreamClient, inbound_response, outbound_request};
 use route::Target;
 
 /// Request header with which a caller shortens its own queue wait.
@@ -79,7 +79,7 @@ impl Proxy {
             }
             Ok(()) => self.proxy(&runtime, peer, request, None, &mut upstream).await,
         };
-        self.answer(result, upstream)
+        self.answer(result, upstream.as_deref())
     }
 
     /// Answers one request from inside an intercepted CONNECT tunnel to
@@ -94,7 +94,7 @@ impl Proxy {
         let runtime = self.runtime.load_full();
         let mut upstream = None;
         let result = self.proxy(&runtime, peer, request, Some(&authority), &mut upstream).await;
-        self.answer(result, upstream)
+        self.answer(result, upstream.as_deref())
     }
 
     /// The interceptor for these `[mitm]` paths, loading the CA on first use.
@@ -113,7 +113,7 @@ impl Proxy {
     fn answer(
         &self,
         result: Result<Response<ProxyBody>, ProxyError>,
-        upstream: Option<String>,
+        upstream: Option<&Upstream>,
     ) -> Response<ProxyBody> {
         let response = match result {
             Ok(response) => response,
@@ -122,7 +122,10 @@ impl Proxy {
                 error.into_response()
             }
         };
-        self.metrics.count_request(upstream.as_deref().unwrap_or(NO_UPSTREAM), response.status());
+        match upstream {
+            Some(upstream) => upstream.metrics.count_request(response.status()),
+            None => self.metrics.count_request(NO_UPSTREAM, response.status()),
+        }
         response
     }
 
@@ -134,7 +137,7 @@ impl Proxy {
         peer: SocketAddr,
         request: Request<Incoming>,
         tunnel: Option<&Authority>,
-        upstream: &mut Option<String>,
+        upstream: &mut Option<Arc<Upstream>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let server = &runtime.config.server;
         // Bound what we keep per request before doing any work for it.
@@ -156,14 +159,15 @@ impl Proxy {
         // Our own headers and connection-level ones never travel on.
         headers::strip_own(&mut head.headers);
         headers::strip_hop_by_hop(&mut head.headers);
-        let upstream_name = match &target {
-            Target::Upstream { index, .. } => Some(runtime.upstreams[*index].config.name.clone()),
-            Target::PassThrough { .. } => None,
-        };
-        upstream.clone_from(&upstream_name);
+        if let Target::Upstream { index, .. } = &target {
+            *upstream = Some(runtime.upstreams[*index].clone());
+        }
         let body = body::read(incoming, server.max_body_bytes, server.max_request_bytes).await.map_err(
             |e| match e {
-                BodyError::TooLarge(limit) => ProxyError::BodyTooLarge { upstream: upstream_name, limit },
+                BodyError::TooLarge(limit) => ProxyError::BodyTooLarge {
+                    upstream: upstream.as_ref().map(|u| u.config.name.clone()),
+                    limit,
+                },
                 BodyError::Read(e) => ProxyError::BadRequest(format!("reading the request body failed: {e}")),
             },
         )?;

@@ -25,7 +25,7 @@ use super::{
 };
 use crate::body::{self, ProxyBody, RequestBody};
 use crate::error::ProxyError;
-use crate::metrics::Metrics;
+use crate::metrics::{AttemptOutcome, Metrics};
 use crate::retry::{self, Decision, Outcome, RateLimitHint};
 
 /// Answers kept across a retry are buffered up to this size (they are error
@@ -85,7 +85,8 @@ impl Upstream {
             let last = keep(result).await;
             drop(ticket);
             let delay = retry::delay(retry, attempt, retry_after, &mut rand::rng());
-            self.metrics.retries.get_or_create(&Metrics::reason(&self.config.name, reason.as_str())).inc();
+            let labels = Metrics::reason(&self.config.name, reason.as_str());
+            self.metrics.all().retries.get_or_create(&labels).inc();
             tracing::info!(
                 upstream = %self.config.name,
                 attempt,
@@ -108,24 +109,22 @@ impl Upstream {
     }
 
     fn observe_wait(&self, ticket: &Ticket) {
-        let label = Metrics::upstream(&self.config.name);
-        self.metrics.queue_wait.get_or_create(&label).observe(ticket.waited.as_secs_f64());
+        self.metrics.observe_queue_wait(ticket.waited);
     }
 
     fn observe_attempt(&self, result: &Attempt, sent_at: Instant) {
         let outcome = match result {
-            Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => "rate_limited",
-            Ok(response) if response.status().is_server_error() => "server_error",
-            Ok(response) if response.status().is_client_error() => "client_error",
-            Ok(_) => "ok",
-            Err(SendError::Connect(_)) => "connect_error",
-            Err(SendError::Timeout(_)) => "timeout",
-            Err(SendError::Broken(_)) => "broken",
+            Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => AttemptOutcome::RateLimited,
+            Ok(response) if response.status().is_server_error() => AttemptOutcome::ServerError,
+            Ok(response) if response.status().is_client_error() => AttemptOutcome::ClientError,
+            Ok(_) => AttemptOutcome::Ok,
+            Err(SendError::Connect(_)) => AttemptOutcome::ConnectError,
+            Err(SendError::Timeout(_)) => AttemptOutcome::Timeout,
+            Err(SendError::Broken(_)) => AttemptOutcome::Broken,
         };
-        self.metrics.count_attempt(&self.config.name, outcome);
+        self.metrics.count_attempt(outcome);
         if result.is_ok() {
-            let label = Metrics::upstream(&self.config.name);
-            self.metrics.upstream_duration.get_or_create(&label).observe(sent_at.elapsed().as_secs_f64());
+            self.metrics.observe_upstream_duration(sent_at.elapsed());
         }
     }
 
@@ -198,7 +197,7 @@ impl Upstream {
             Refusal::Timeout { .. } => "queue_timeout",
             Refusal::TooManyPartitions => "too_many_partitions",
         };
-        self.metrics.rejected.get_or_create(&Metrics::reason(&upstream, reason)).inc();
+        self.metrics.all().rejected.get_or_create(&Metrics::reason(&upstream, reason)).inc();
         match refusal {
             Refusal::Full { retry_after } => {
                 tracing::warn!(upstream = %upstream, reason = "queue_full", "queue_full");

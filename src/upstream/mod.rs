@@ -20,7 +20,7 @@ use http::{HeaderMap, Request, Response, Uri};
 use crate::body::{self, ProxyBody};
 use crate::config::{self, KeySource};
 use crate::error::ProxyError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::proxy::headers;
 pub use client::{CaFileError, SendError, UpstreamClient};
 pub use dispatcher::{Dispatcher, Place, Refusal, Shape, Ticket};
@@ -38,13 +38,15 @@ pub const QUEUED_HEADER: &str = "x-pacegate-queued-ms";
 pub struct Upstream {
     pub config: config::Upstream,
     pub dispatcher: Dispatcher,
-    metrics: Arc<Metrics>,
+    /// This upstream's series, kept across reloads like the dispatcher.
+    pub metrics: Arc<UpstreamMetrics>,
 }
 
 impl Upstream {
     /// Starts the dispatcher of a configured upstream.
     pub fn start(config: config::Upstream, metrics: Arc<Metrics>) -> Self {
         let dispatcher = Dispatcher::spawn(&config, metrics.clone());
+        let metrics = Arc::new(UpstreamMetrics::new(metrics, &config.name));
         Self { config, dispatcher, metrics }
     }
 
