@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, Request, Response, Uri, header};
+use http::{HeaderMap, HeaderName, Request, Response, Uri, header};
 use hyper::body::Incoming;
 
 use crate::body::{self, BodyError, ProxyBody};
@@ -31,7 +31,7 @@ use crate::upstream::{ATTEMPTS_HEADER, Place, Upstream, UpstreamClient, inbound_
 use route::Target;
 
 /// Request header with which a caller shortens its own queue wait.
-pub const MAX_WAIT_HEADER: &str = "x-pacegate-max-wait";
+pub const MAX_WAIT_HEADER: HeaderName = HeaderName::from_static("x-pacegate-max-wait");
 
 /// Timeout of one pass-through request (unknown hosts have no config).
 const PASS_THROUGH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -206,7 +206,7 @@ impl Proxy {
             other => ProxyError::UpstreamUnreachable { upstream: None, reason: other.to_string() },
         })?;
         let mut response = inbound_response(response, ());
-        response.headers_mut().insert(ATTEMPTS_HEADER, http::HeaderValue::from(1u32));
+        response.headers_mut().insert(ATTEMPTS_HEADER, http::HeaderValue::from_static("1"));
         Ok(response)
     }
 }

@@ -250,7 +250,25 @@ fn status_of(last: &Last) -> Option<u16> {
 /// Adds pacegate's own answer headers: attempts made, time queued.
 fn stamp(mut response: Response<ProxyBody>, attempt: u32, queued: Duration) -> Response<ProxyBody> {
     let headers = response.headers_mut();
-    headers.insert(ATTEMPTS_HEADER, HeaderValue::from(attempt));
-    headers.insert(QUEUED_HEADER, HeaderValue::from(queued.as_millis() as u64));
+    headers.insert(ATTEMPTS_HEADER, count_value(u64::from(attempt)));
+    headers.insert(QUEUED_HEADER, count_value(queued.as_millis() as u64));
     response
+}
+
+/// A number as a header value. Most answers carry "1" attempt and "0" ms
+/// queued: those are static, where formatting a number allocates.
+fn count_value(n: u64) -> HeaderValue {
+    static DIGITS: [HeaderValue; 10] = [
+        HeaderValue::from_static("0"),
+        HeaderValue::from_static("1"),
+        HeaderValue::from_static("2"),
+        HeaderValue::from_static("3"),
+        HeaderValue::from_static("4"),
+        HeaderValue::from_static("5"),
+        HeaderValue::from_static("6"),
+        HeaderValue::from_static("7"),
+        HeaderValue::from_static("8"),
+        HeaderValue::from_static("9"),
+    ];
+    usize::try_from(n).ok().and_then(|i| DIGITS.get(i)).cloned().unwrap_or_else(|| HeaderValue::from(n))
 }

@@ -15,7 +15,7 @@ mod task;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::{HeaderMap, Request, Response, Uri};
+use http::{HeaderMap, HeaderName, Request, Response, Uri};
 
 use crate::body::{self, ProxyBody};
 use crate::config::{self, KeySource};
@@ -26,12 +26,15 @@ pub use client::{CaFileError, SendError, UpstreamClient};
 pub use dispatcher::{Dispatcher, Place, Refusal, Shape, Ticket};
 pub use schedule::Priority;
 
+// Header names are `HeaderName`s rather than `&str`s: a `&str` name is
+// parsed and checked again on every lookup, on every request.
+
 /// Request header choosing a request's priority inside its caller's queue.
-pub const PRIORITY_HEADER: &str = "x-pacegate-priority";
+pub const PRIORITY_HEADER: HeaderName = HeaderName::from_static("x-pacegate-priority");
 /// Header telling the caller how many attempts its answer took.
-pub const ATTEMPTS_HEADER: &str = "x-pacegate-attempts";
+pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-pacegate-attempts");
 /// Header telling the caller how long it waited in pacegate's queue.
-pub const QUEUED_HEADER: &str = "x-pacegate-queued-ms";
+pub const QUEUED_HEADER: HeaderName = HeaderName::from_static("x-pacegate-queued-ms");
 
 /// A configured upstream with its running dispatcher.
 #[derive(Debug)]
