@@ -133,9 +133,12 @@ impl Upstream {
     fn learn(&self, result: &Attempt, sent_at: Instant, attempt: u32, partition: u64) -> Option<Duration> {
         let Ok(response) = result else { return None };
         let now = SystemTime::now();
-        let retry_after = retry::retry_after(response.headers(), now);
-        let hint: Option<RateLimitHint> = retry::rate_limit(response.headers(), now);
         let status = response.status();
+        // A success is never retried and never starts a cooldown: its
+        // Retry-After would change nothing, so it is not even looked for.
+        let retry_after =
+            if status.is_success() { None } else { retry::retry_after(response.headers(), now) };
+        let hint: Option<RateLimitHint> = retry::rate_limit(response.headers(), now);
         let rate_limited = status == StatusCode::TOO_MANY_REQUESTS;
         let retry = &self.config.retry;
         // An upstream asking for more than max_retry_after is not waited for.

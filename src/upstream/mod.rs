@@ -106,7 +106,7 @@ pub fn inbound_response<G: Send + Sync + 'static>(
 ) -> Response<ProxyBody> {
     let (mut parts, incoming) = response.into_parts();
     clean_head(&mut parts);
-    Response::from_parts(parts, body::guarded(body::stream(incoming), guard))
+    Response::from_parts(parts, body::guarded(incoming, guard))
 }
 
 /// An upstream answer's head as the caller may see it: hop-by-hop headers
