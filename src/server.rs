@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -23,6 +24,11 @@ use crate::body::ProxyBody;
 
 /// Pause after a failed accept (e.g. out of file descriptors) before retrying.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A handler's answer as the `Result` hyper's services return.
+fn infallible(response: Response<ProxyBody>) -> Result<Response<ProxyBody>, Infallible> {
+    Ok(response)
+}
 
 /// How connections of one listener are served.
 #[derive(Debug, Clone)]
@@ -77,10 +83,10 @@ pub async fn serve<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let service = service_fn(move |request| {
-            let response = handler(peer, request);
-            async move { Ok::<_, Infallible>(response.await) }
-        });
+        // `map`, not an async block awaiting the handler's future: such a
+        // block keeps that future twice in its state, and every request
+        // (a queued one too) pays for the handler future's size.
+        let service = service_fn(move |request| handler(peer, request).map(infallible));
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

@@ -10,6 +10,7 @@
 //! 5. to retry: keep the answer (so it can still go back as it came), give
 //!    the concurrency slot back, sleep the backoff, rejoin at the head.
 
+use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -44,21 +45,44 @@ enum Last {
 impl Upstream {
     /// Sends one request through this upstream's queue at `place` (its
     /// partition, caller and priority), pacing and retries.
-    pub async fn exchange(
+    ///
+    /// A queue may hold many thousands of requests, each holding this
+    /// future's state while it waits: hence not an `async fn` (which would
+    /// store each argument twice), and the attempt loop boxed once a ticket
+    /// is in hand (answers kept for a retry, the client's future and backoff
+    /// timers are more than half of the state).
+    pub fn exchange<'a>(
+        &'a self,
+        client: &'a UpstreamClient,
+        head: http::request::Parts,
+        uri: Uri,
+        body: RequestBody,
+        max_wait: Option<Duration>,
+        place: Place,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a {
+        let wait = max_wait.map_or(self.config.queue_timeout, |w| w.min(self.config.queue_timeout));
+        let deadline = Instant::now() + wait;
+        async move {
+            let ticket = self.dispatcher.join(place, deadline).await.map_err(|r| self.refused(r))?;
+            self.dispatcher.record_first_attempt();
+            Box::pin(self.attempts(client, head, uri, body, place, deadline, ticket)).await
+        }
+    }
+
+    /// Steps 2 to 5 for a request that holds its first ticket.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempts(
         &self,
         client: &UpstreamClient,
         head: http::request::Parts,
         uri: Uri,
         mut body: RequestBody,
-        max_wait: Option<Duration>,
         place: Place,
+        mut deadline: Instant,
+        mut ticket: Ticket,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let retry = &self.config.retry;
-        let wait = max_wait.map_or(self.config.queue_timeout, |w| w.min(self.config.queue_timeout));
-        let mut deadline = Instant::now() + wait;
         let idempotency_key = retry::has_idempotency_key(&head.headers);
-        let mut ticket = self.dispatcher.join(place, deadline).await.map_err(|r| self.refused(r))?;
-        self.dispatcher.record_first_attempt();
         self.observe_wait(&ticket);
         let mut queued = ticket.waited;
         let mut attempt: u32 = 1;
