@@ -65,9 +65,10 @@ impl Proxy {
 
     /// Answers one request; never fails: errors become SPEC's error answers.
     ///
-    /// Neither this nor the steps below it is an `async fn`: an async fn
-    /// keeps every argument twice in its state (as passed and as bound), and
-    /// a queued request keeps its state for as long as it waits. Each step
+    /// Neither this nor the steps a queued request goes through (`proxy`,
+    /// `forward`, `Upstream::exchange`) is an `async fn`: an async fn keeps
+    /// every argument twice in its state (as passed and as bound), and a
+    /// queued request keeps its state for as long as it waits. Each step
     /// does what needs no waiting first, and what it keeps for later is
     /// stored once.
     #[allow(clippy::manual_async_fn)] // on purpose, see above
