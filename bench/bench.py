@@ -279,9 +279,9 @@ def client_side_vs_pacegate(workers=4, k=1000, real=100):
     return results
 
 
-def scale(queued=10000, upstreams=10000):
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * queued)), hard))
+def queued_per_connection(queued):
+    """RSS growth per request parked in a "1/h" queue, each request on its
+    own HTTP/1.1 client connection (so the figure includes a connection)."""
     mock = Mock()
     pg = Pacegate(upstream("slow", mock.url, "1/h"), server="max_connections = 100000")
     before = pg.rss_kib()
@@ -297,25 +297,98 @@ def scale(queued=10000, upstreams=10000):
                 except Exception:
                     pass
             tasks = [asyncio.create_task(one(i)) for i in range(queued)]
-            for _ in range(600):  # until pacegate reports them all queued (bounded)
-                await asyncio.sleep(0.1)
-                status = json.loads(await (await s.get(f"http://{pg.admin}/status")).text())
-                if status["upstreams"][0]["queue"]["depth"] >= queued - 1:
-                    break
+            depth = await await_depth(pg, queued - 1)
             rss = pg.rss_kib()
             pg.proc.send_signal(signal.SIGKILL)
             for t in tasks:
                 t.cancel()
-            return status["upstreams"][0]["queue"]["depth"], rss
+            return depth, rss
 
     depth, after = asyncio.run(hold())
     pg.proc.wait()
     mock.stop()
+    return {"queued": depth, "bytes_per_queued_request": (after - before) * 1024 / max(depth, 1)}
+
+
+async def await_depth(pg, wanted):
+    """Polls /status until the queue holds `wanted` requests (bounded: 60 s)."""
+    import aiohttp
+    async with aiohttp.ClientSession() as s:
+        depth = 0
+        for _ in range(600):
+            await asyncio.sleep(0.1)
+            status = json.loads(await (await s.get(f"http://{pg.admin}/status")).text())
+            depth = status["upstreams"][0]["queue"]["depth"]
+            if depth >= wanted:
+                break
+        await asyncio.sleep(0.5)  # let allocations settle before RSS is read
+        return depth
+
+
+def queued_multiplexed(connections=50, streams=200):
+    """RSS growth per request parked in a "1/h" queue, the requests
+    multiplexed as h2c streams over a few connections (200 each, hyper's
+    default stream limit). RSS is read once the connections are open and
+    again once every stream is queued, so the figure is the cost of a
+    queued request alone, without its share of a connection."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    mock = Mock()
+    pg = Pacegate(upstream("slow", mock.url, "1/h"))
+    host, port = pg.proxy.rsplit(":", 1)
+
+    async def open_h2():
+        reader, writer = await asyncio.open_connection(host, int(port))
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        # The server's SETTINGS carry its stream limit: wait for them (bounded).
+        for _ in range(100):
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            events = conn.receive_data(data)
+            writer.write(conn.data_to_send())
+            if any(isinstance(e, h2.events.RemoteSettingsChanged) for e in events):
+                break
+        return reader, writer, conn
+
+    def send_streams(writer, conn, first):
+        for i in range(streams):
+            conn.send_headers(conn.get_next_available_stream_id(),
+                              [(":method", "GET"), (":scheme", "http"), (":authority", pg.proxy),
+                               (":path", f"/slow/m{first + i}")], end_stream=True)
+        writer.write(conn.data_to_send())
+
+    async def hold():
+        opened = [await open_h2() for _ in range(connections)]
+        await asyncio.sleep(1)  # connections settle: their cost is in `before`
+        before = pg.rss_kib()
+        for n, (_, writer, conn) in enumerate(opened):
+            send_streams(writer, conn, n * streams)
+            await writer.drain()
+        # Burst 1: the first request leaves at once, the others wait.
+        depth = await await_depth(pg, connections * streams - 1)
+        after = pg.rss_kib()
+        pg.proc.send_signal(signal.SIGKILL)
+        for _, writer, _ in opened:
+            writer.close()
+        return depth, before, after
+
+    depth, before, after = asyncio.run(hold())
+    pg.proc.wait()
+    mock.stop()
+    return {"connections": connections, "queued": depth,
+            "bytes_per_queued_request": (after - before) * 1024 / max(depth, 1)}
+
+
+def scale(queued=10000, upstreams=10000):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * queued)), hard))
+    result = {"per_connection": queued_per_connection(queued), "multiplexed": queued_multiplexed()}
     blocks = "".join(f'[[upstream]]\nname = "u{i}"\nbase_url = "http://127.0.0.1:9/{i}"\nroute = "/u{i}"\n'
                      f'hosts = []\nrate = "10/s"\n' for i in range(upstreams))
     big = Pacegate(blocks)
-    result = {"queued": depth, "bytes_per_queued_request": (after - before) * 1024 / max(depth, 1),
-              "upstreams": upstreams, "startup_s": big.startup, "rss_mib": big.rss_kib() / 1024}
+    result.update({"upstreams": upstreams, "startup_s": big.startup, "rss_mib": big.rss_kib() / 1024})
     big.stop()
     return result
 
@@ -411,9 +484,12 @@ def tables(r):
         span = f"{v['makespan_s']:.2f} s" if v["makespan_s"] is not None else "-"
         lines.append(f"| {name.replace('_', ' ')} | {span} | {v['ideal_s']:.2f} s | {v['upstream_429']} | {v['caller_failures']} |")
     s = r["scale"]
+    c, m = s["per_connection"], s["multiplexed"]
     lines += ["", "### Scale", "",
-              f"- {s['queued']} requests queued (each with its own client connection): "
-              f"{s['bytes_per_queued_request']:.0f} bytes of RSS per queued request.",
+              f"- {m['queued']} requests queued as h2c streams over {m['connections']} connections: "
+              f"{m['bytes_per_queued_request']:.0f} bytes of RSS per queued request (connections not counted).",
+              f"- {c['queued']} requests queued, each with its own HTTP/1.1 client connection: "
+              f"{c['bytes_per_queued_request']:.0f} bytes of RSS per queued request and connection.",
               f"- A config of {s['upstreams']} upstreams: listening after {s['startup_s']:.2f} s, RSS {s['rss_mib']:.1f} MiB.",
               ""]
     if "redis" in r:

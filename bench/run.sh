@@ -18,8 +18,8 @@ if ((${#missing[@]})); then
     exit 1
   fi
 fi
-python3 -c 'import aiohttp, aiolimiter, tenacity, matplotlib' 2>/dev/null \
-  || python3 -m pip install --quiet aiohttp aiolimiter tenacity matplotlib
+python3 -c "import aiohttp, aiolimiter, tenacity, matplotlib, h2" 2>/dev/null \
+  || python3 -m pip install --quiet aiohttp aiolimiter tenacity matplotlib h2
 
 cargo build --release --quiet --bin pacegate --example mock_upstream
 exec python3 bench/bench.py "$@"

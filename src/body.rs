@@ -30,11 +30,6 @@ pub fn empty() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
-/// Streams an upstream's body through unchanged.
-pub fn stream(body: Incoming) -> ProxyBody {
-    body.map_err(BoxError::from).boxed()
-}
-
 /// A request body, ready to be sent one or more times.
 pub enum RequestBody {
     /// Fully read; every attempt sends a cheap clone.
@@ -169,17 +164,19 @@ impl Body for CappedBody {
 }
 
 pin_project_lite::pin_project! {
-    /// A body that keeps `guard` alive until the body is finished or dropped:
-    /// an attempt holds its concurrency slot for as long as its answer streams.
+    /// An upstream's body streamed through unchanged, keeping `guard` alive
+    /// until the body is finished or dropped: an attempt holds its
+    /// concurrency slot for as long as its answer streams. One box for both
+    /// jobs, since every answer pays for it.
     pub struct Guarded<G> {
         #[pin]
-        inner: ProxyBody,
+        inner: Incoming,
         guard: Option<G>,
     }
 }
 
-/// Wraps `inner` so that `guard` is released when the body ends.
-pub fn guarded<G: Send + Sync + 'static>(inner: ProxyBody, guard: G) -> ProxyBody {
+/// Streams `inner` to the caller; `guard` is released when the body ends.
+pub fn guarded<G: Send + Sync + 'static>(inner: Incoming, guard: G) -> ProxyBody {
     Guarded { inner, guard: Some(guard) }.boxed()
 }
 
@@ -196,7 +193,7 @@ impl<G> Body for Guarded<G> {
         if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
             this.guard.take();
         }
-        polled
+        polled.map_err(BoxError::from)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -4,6 +4,8 @@
 //! by every upstream. Counters are incremented where things happen; gauges
 //! that mirror dispatcher state (queue depth, in flight, effective rate) are
 //! refreshed when `/metrics` is scraped, so the hot path never writes them.
+//! The request path counts through [`UpstreamMetrics`], which keeps each
+//! upstream's series once looked up.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,6 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabel {
@@ -208,12 +211,6 @@ impl Metrics {
         family.get(labels).map_or(0, |counter| counter.get())
     }
 
-    /// Counts one attempt by its outcome.
-    pub fn count_attempt(&self, upstream: &str, outcome: &str) {
-        let labels = OutcomeLabels { upstream: upstream.to_string(), outcome: outcome.to_string() };
-        self.attempts.get_or_create(&labels).inc();
-    }
-
     /// Counts one reload by result (`ok` or `error`).
     pub fn count_reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
@@ -224,5 +221,115 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// How one attempt ended, as `pacegate_upstream_attempts_total` labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    Ok,
+    ClientError,
+    RateLimited,
+    ServerError,
+    ConnectError,
+    Timeout,
+    Broken,
+}
+
+impl AttemptOutcome {
+    const COUNT: usize = 7;
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::ClientError => "client_error",
+            Self::RateLimited => "rate_limited",
+            Self::ServerError => "server_error",
+            Self::ConnectError => "connect_error",
+            Self::Timeout => "timeout",
+            Self::Broken => "broken",
+        }
+    }
+}
+
+/// Answer codes whose series an upstream keeps at hand; any other code is
+/// looked up in the family each time (rare by nature).
+const KEPT_CODES: [u16; 19] =
+    [200, 201, 202, 204, 206, 301, 302, 304, 400, 401, 403, 404, 409, 422, 429, 500, 502, 503, 504];
+
+/// One upstream's series, each looked up in its family on first use and then
+/// kept. `Family::get_or_create` builds label strings, hashes them and takes
+/// the family's lock; per request that was a large share of pacegate's own
+/// work, where incrementing a kept series is one atomic add. A series still
+/// appears only once used, as before.
+#[derive(Debug)]
+pub struct UpstreamMetrics {
+    all: Arc<Metrics>,
+    /// The `upstream` label value.
+    name: String,
+    queue_wait: OnceLock<Histogram>,
+    upstream_duration: OnceLock<Histogram>,
+    answered: OnceLock<Counter>,
+    attempts: [OnceLock<Counter>; AttemptOutcome::COUNT],
+    /// `pacegate_requests_total` for each of [`KEPT_CODES`].
+    codes: [OnceLock<Counter>; KEPT_CODES.len()],
+}
+
+impl UpstreamMetrics {
+    pub fn new(all: Arc<Metrics>, name: &str) -> Self {
+        Self {
+            all,
+            name: name.to_owned(),
+            queue_wait: OnceLock::new(),
+            upstream_duration: OnceLock::new(),
+            answered: OnceLock::new(),
+            attempts: Default::default(),
+            codes: Default::default(),
+        }
+    }
+
+    /// Every metric, for the series kept nowhere else (retries, rejections).
+    pub fn all(&self) -> &Metrics {
+        &self.all
+    }
+
+    fn label(&self) -> UpstreamLabel {
+        Metrics::upstream(&self.name)
+    }
+
+    /// Counts one answer to a caller, as [`Metrics::count_request`] does.
+    pub fn count_request(&self, status: http::StatusCode) {
+        let code = status.as_u16();
+        let labels = || CodeLabels { upstream: self.name.clone(), code: code.to_string() };
+        match KEPT_CODES.iter().position(|&kept| kept == code) {
+            Some(slot) => {
+                self.codes[slot].get_or_init(|| self.all.requests.get_or_create(&labels()).clone()).inc()
+            }
+            None => self.all.requests.get_or_create(&labels()).inc(),
+        };
+        self.answered.get_or_init(|| self.all.answered.get_or_create(&self.label()).clone()).inc();
+    }
+
+    /// Counts one attempt by its outcome.
+    pub fn count_attempt(&self, outcome: AttemptOutcome) {
+        let series = self.attempts[outcome as usize].get_or_init(|| {
+            let labels = OutcomeLabels { upstream: self.name.clone(), outcome: outcome.as_str().to_owned() };
+            self.all.attempts.get_or_create(&labels).clone()
+        });
+        series.inc();
+    }
+
+    /// Records how long an attempt waited for its ticket.
+    pub fn observe_queue_wait(&self, waited: std::time::Duration) {
+        let series = self.queue_wait.get_or_init(|| self.all.queue_wait.get_or_create(&self.label()).clone());
+        series.observe(waited.as_secs_f64());
+    }
+
+    /// Records the time from sending an attempt to its response head.
+    pub fn observe_upstream_duration(&self, took: std::time::Duration) {
+        let series = self
+            .upstream_duration
+            .get_or_init(|| self.all.upstream_duration.get_or_create(&self.label()).clone());
+        series.observe(took.as_secs_f64());
     }
 }

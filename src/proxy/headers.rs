@@ -5,8 +5,8 @@
 //! header lists. Our own `x-pacegate-*` request headers are instructions to
 //! pacegate and are removed too.
 
-use http::HeaderMap;
-use http::header::{self, HeaderName};
+use http::header::{self, Entry, HeaderName};
+use http::{HeaderMap, HeaderValue};
 
 /// Headers that are always connection-specific.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -27,25 +27,36 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 const OWN_PREFIX: &str = "x-pacegate-";
 
 /// Removes hop-by-hop headers, including those named by `Connection`.
+///
+/// Runs on every request and every answer, so it looks before it removes:
+/// scanning the few names a head carries is a handful of comparisons, where
+/// removing each of the nine names blindly is a hash lookup apiece; most
+/// heads carry none of them, or only `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    if let Entry::Occupied(connection) = headers.entry(header::CONNECTION) {
+        let (_, values) = connection.remove_entry_mult();
+        let values: Vec<HeaderValue> = values.collect();
+        let listed = values.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
+        for name in listed {
+            // A name that is not a valid header name matches nothing.
+            headers.remove(name.trim());
+        }
+    }
+    while let Some(name) = headers.keys().find(|name| is_hop_by_hop(name)).cloned() {
         headers.remove(name);
     }
-    headers.remove(PROXY_CONNECTION);
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || *name == PROXY_CONNECTION
 }
 
 /// Removes pacegate's own request headers so they never reach an upstream.
 pub fn strip_own(headers: &mut HeaderMap) {
-    let own: Vec<HeaderName> =
-        headers.keys().filter(|name| name.as_str().starts_with(OWN_PREFIX)).cloned().collect();
-    for name in own {
+    while let Some(name) = headers.keys().find(|name| name.as_str().starts_with(OWN_PREFIX)).cloned() {
         headers.remove(name);
     }
 }
@@ -53,7 +64,6 @@ pub fn strip_own(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
     use proptest::prelude::*;
 
     #[test]

@@ -96,6 +96,9 @@ impl UpstreamClient {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            // One buffer, one write per request, as on the server side
+            // (see `server::serve`).
+            .http1_writev(false)
             .build(https);
         Self { inner }
     }

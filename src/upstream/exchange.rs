@@ -10,6 +10,7 @@
 //! 5. to retry: keep the answer (so it can still go back as it came), give
 //!    the concurrency slot back, sleep the backoff, rejoin at the head.
 
+use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -25,7 +26,7 @@ use super::{
 };
 use crate::body::{self, ProxyBody, RequestBody};
 use crate::error::ProxyError;
-use crate::metrics::Metrics;
+use crate::metrics::{AttemptOutcome, Metrics};
 use crate::retry::{self, Decision, Outcome, RateLimitHint};
 
 /// Answers kept across a retry are buffered up to this size (they are error
@@ -44,21 +45,44 @@ enum Last {
 impl Upstream {
     /// Sends one request through this upstream's queue at `place` (its
     /// partition, caller and priority), pacing and retries.
-    pub async fn exchange(
+    ///
+    /// A queue may hold many thousands of requests, each holding this
+    /// future's state while it waits: hence not an `async fn` (which would
+    /// store each argument twice), and the attempt loop boxed once a ticket
+    /// is in hand (answers kept for a retry, the client's future and backoff
+    /// timers are more than half of the state).
+    pub fn exchange<'a>(
+        &'a self,
+        client: &'a UpstreamClient,
+        head: http::request::Parts,
+        uri: Uri,
+        body: RequestBody,
+        max_wait: Option<Duration>,
+        place: Place,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a {
+        let wait = max_wait.map_or(self.config.queue_timeout, |w| w.min(self.config.queue_timeout));
+        let deadline = Instant::now() + wait;
+        async move {
+            let ticket = self.dispatcher.join(place, deadline).await.map_err(|r| self.refused(r))?;
+            self.dispatcher.record_first_attempt();
+            Box::pin(self.attempts(client, head, uri, body, place, deadline, ticket)).await
+        }
+    }
+
+    /// Steps 2 to 5 for a request that holds its first ticket.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempts(
         &self,
         client: &UpstreamClient,
         head: http::request::Parts,
         uri: Uri,
         mut body: RequestBody,
-        max_wait: Option<Duration>,
         place: Place,
+        mut deadline: Instant,
+        mut ticket: Ticket,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let retry = &self.config.retry;
-        let wait = max_wait.map_or(self.config.queue_timeout, |w| w.min(self.config.queue_timeout));
-        let mut deadline = Instant::now() + wait;
         let idempotency_key = retry::has_idempotency_key(&head.headers);
-        let mut ticket = self.dispatcher.join(place, deadline).await.map_err(|r| self.refused(r))?;
-        self.dispatcher.record_first_attempt();
         self.observe_wait(&ticket);
         let mut queued = ticket.waited;
         let mut attempt: u32 = 1;
@@ -85,7 +109,8 @@ impl Upstream {
             let last = keep(result).await;
             drop(ticket);
             let delay = retry::delay(retry, attempt, retry_after, &mut rand::rng());
-            self.metrics.retries.get_or_create(&Metrics::reason(&self.config.name, reason.as_str())).inc();
+            let labels = Metrics::reason(&self.config.name, reason.as_str());
+            self.metrics.all().retries.get_or_create(&labels).inc();
             tracing::info!(
                 upstream = %self.config.name,
                 attempt,
@@ -108,24 +133,22 @@ impl Upstream {
     }
 
     fn observe_wait(&self, ticket: &Ticket) {
-        let label = Metrics::upstream(&self.config.name);
-        self.metrics.queue_wait.get_or_create(&label).observe(ticket.waited.as_secs_f64());
+        self.metrics.observe_queue_wait(ticket.waited);
     }
 
     fn observe_attempt(&self, result: &Attempt, sent_at: Instant) {
         let outcome = match result {
-            Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => "rate_limited",
-            Ok(response) if response.status().is_server_error() => "server_error",
-            Ok(response) if response.status().is_client_error() => "client_error",
-            Ok(_) => "ok",
-            Err(SendError::Connect(_)) => "connect_error",
-            Err(SendError::Timeout(_)) => "timeout",
-            Err(SendError::Broken(_)) => "broken",
+            Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => AttemptOutcome::RateLimited,
+            Ok(response) if response.status().is_server_error() => AttemptOutcome::ServerError,
+            Ok(response) if response.status().is_client_error() => AttemptOutcome::ClientError,
+            Ok(_) => AttemptOutcome::Ok,
+            Err(SendError::Connect(_)) => AttemptOutcome::ConnectError,
+            Err(SendError::Timeout(_)) => AttemptOutcome::Timeout,
+            Err(SendError::Broken(_)) => AttemptOutcome::Broken,
         };
-        self.metrics.count_attempt(&self.config.name, outcome);
+        self.metrics.count_attempt(outcome);
         if result.is_ok() {
-            let label = Metrics::upstream(&self.config.name);
-            self.metrics.upstream_duration.get_or_create(&label).observe(sent_at.elapsed().as_secs_f64());
+            self.metrics.observe_upstream_duration(sent_at.elapsed());
         }
     }
 
@@ -134,9 +157,12 @@ impl Upstream {
     fn learn(&self, result: &Attempt, sent_at: Instant, attempt: u32, partition: u64) -> Option<Duration> {
         let Ok(response) = result else { return None };
         let now = SystemTime::now();
-        let retry_after = retry::retry_after(response.headers(), now);
-        let hint: Option<RateLimitHint> = retry::rate_limit(response.headers(), now);
         let status = response.status();
+        // A success is never retried and never starts a cooldown: its
+        // Retry-After would change nothing, so it is not even looked for.
+        let retry_after =
+            if status.is_success() { None } else { retry::retry_after(response.headers(), now) };
+        let hint: Option<RateLimitHint> = retry::rate_limit(response.headers(), now);
         let rate_limited = status == StatusCode::TOO_MANY_REQUESTS;
         let retry = &self.config.retry;
         // An upstream asking for more than max_retry_after is not waited for.
@@ -199,7 +225,7 @@ impl Upstream {
             Refusal::TooManyPartitions => "too_many_partitions",
             Refusal::StoreDown => "rate_limit_store",
         };
-        self.metrics.rejected.get_or_create(&Metrics::reason(&upstream, reason)).inc();
+        self.metrics.all().rejected.get_or_create(&Metrics::reason(&upstream, reason)).inc();
         match refusal {
             Refusal::Full { retry_after } => {
                 tracing::warn!(upstream = %upstream, reason = "queue_full", "queue_full");
@@ -253,7 +279,25 @@ fn status_of(last: &Last) -> Option<u16> {
 /// Adds pacegate's own answer headers: attempts made, time queued.
 fn stamp(mut response: Response<ProxyBody>, attempt: u32, queued: Duration) -> Response<ProxyBody> {
     let headers = response.headers_mut();
-    headers.insert(ATTEMPTS_HEADER, HeaderValue::from(attempt));
-    headers.insert(QUEUED_HEADER, HeaderValue::from(queued.as_millis() as u64));
+    headers.insert(ATTEMPTS_HEADER, count_value(u64::from(attempt)));
+    headers.insert(QUEUED_HEADER, count_value(queued.as_millis() as u64));
     response
+}
+
+/// A number as a header value. Most answers carry "1" attempt and "0" ms
+/// queued: those are static, where formatting a number allocates.
+fn count_value(n: u64) -> HeaderValue {
+    static DIGITS: [HeaderValue; 10] = [
+        HeaderValue::from_static("0"),
+        HeaderValue::from_static("1"),
+        HeaderValue::from_static("2"),
+        HeaderValue::from_static("3"),
+        HeaderValue::from_static("4"),
+        HeaderValue::from_static("5"),
+        HeaderValue::from_static("6"),
+        HeaderValue::from_static("7"),
+        HeaderValue::from_static("8"),
+        HeaderValue::from_static("9"),
+    ];
+    usize::try_from(n).ok().and_then(|i| DIGITS.get(i)).cloned().unwrap_or_else(|| HeaderValue::from(n))
 }

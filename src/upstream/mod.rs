@@ -15,37 +15,42 @@ mod task;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::{HeaderMap, Request, Response, Uri};
+use http::{HeaderMap, HeaderName, Request, Response, Uri};
 
 use crate::body::{self, ProxyBody};
 use crate::config::{self, KeySource};
 use crate::error::ProxyError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::proxy::headers;
 use crate::store::Store;
 pub use client::{CaFileError, SendError, UpstreamClient};
 pub use dispatcher::{Dispatcher, Place, Refusal, Shape, Ticket};
 pub use schedule::Priority;
 
+// Header names are `HeaderName`s rather than `&str`s: a `&str` name is
+// parsed and checked again on every lookup, on every request.
+
 /// Request header choosing a request's priority inside its caller's queue.
-pub const PRIORITY_HEADER: &str = "x-pacegate-priority";
+pub const PRIORITY_HEADER: HeaderName = HeaderName::from_static("x-pacegate-priority");
 /// Header telling the caller how many attempts its answer took.
-pub const ATTEMPTS_HEADER: &str = "x-pacegate-attempts";
+pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-pacegate-attempts");
 /// Header telling the caller how long it waited in pacegate's queue.
-pub const QUEUED_HEADER: &str = "x-pacegate-queued-ms";
+pub const QUEUED_HEADER: HeaderName = HeaderName::from_static("x-pacegate-queued-ms");
 
 /// A configured upstream with its running dispatcher.
 #[derive(Debug)]
 pub struct Upstream {
     pub config: config::Upstream,
     pub dispatcher: Dispatcher,
-    metrics: Arc<Metrics>,
+    /// This upstream's series, kept across reloads like the dispatcher.
+    pub metrics: Arc<UpstreamMetrics>,
 }
 
 impl Upstream {
     /// Starts the dispatcher of a configured upstream.
     pub fn start(config: config::Upstream, metrics: Arc<Metrics>, store: Option<Arc<Store>>) -> Self {
         let dispatcher = Dispatcher::spawn(&config, metrics.clone(), store);
+        let metrics = Arc::new(UpstreamMetrics::new(metrics, &config.name));
         Self { config, dispatcher, metrics }
     }
 
@@ -103,7 +108,7 @@ pub fn inbound_response<G: Send + Sync + 'static>(
 ) -> Response<ProxyBody> {
     let (mut parts, incoming) = response.into_parts();
     clean_head(&mut parts);
-    Response::from_parts(parts, body::guarded(body::stream(incoming), guard))
+    Response::from_parts(parts, body::guarded(incoming, guard))
 }
 
 /// An upstream answer's head as the caller may see it: hop-by-hop headers
