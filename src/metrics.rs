@@ -63,6 +63,8 @@ pub struct Metrics {
     pub effective_rate: Family<UpstreamLabel, Gauge<f64, AtomicU64>>,
     /// Answers per upstream, all codes together, for `/status` (not exported).
     pub answered: Family<UpstreamLabel, Counter>,
+    /// Panics caught in request, stream and connection tasks.
+    pub panics: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -96,6 +98,8 @@ impl Metrics {
         let cooldown_seconds = Family::default();
         let config_reloads = Family::default();
         let effective_rate = Family::default();
+        let panics = Counter::default();
+        registry.register("pacegate_panics", "Panics caught; the task that panicked ended", panics.clone());
         registry.register("pacegate_requests", "Answers to callers, by HTTP status", requests.clone());
         registry.register(
             "pacegate_upstream_attempts",
@@ -149,6 +153,7 @@ impl Metrics {
             config_reloads,
             effective_rate,
             answered: Family::default(),
+            panics,
         }
     }
 
