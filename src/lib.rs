@@ -23,6 +23,7 @@
 //! - [`tls`]: the local CA and interception of CONNECT tunnels;
 //!   [`proxy::connect`] decides intercept, tunnel or refuse, [`upstream::guard`]
 //!   keeps pass-through traffic off private addresses.
+//! - [`fuzz`]: entry points for `fuzz/` (cargo-fuzz) and its smoke test.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -30,6 +31,7 @@ pub mod app;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod fuzz;
 pub mod limit;
 pub mod metrics;
 pub mod proxy;
