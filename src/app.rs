@@ -84,15 +84,18 @@ impl App {
         tracing::info!("listening proxy={proxy_addr} admin={admin_addr}");
         let watcher = reload::watch(self.clone(), wait_for(stopped.clone()));
         let admin = Admin::new(self.clone());
+        let metrics = self.state.metrics.clone();
         let admin_task = tokio::spawn(server::serve(
             listeners.admin,
             settings.clone(),
+            metrics.clone(),
             move |_peer, request| admin::handle(admin.clone(), request),
             wait_for(stopped.clone()),
         ));
         let proxy = self.state.proxy.clone();
         let handler = move |peer, request| proxy.clone().handle(peer, request);
-        let proxy_task = tokio::spawn(server::serve(listeners.proxy, settings, handler, wait_for(stopped)));
+        let proxy_task =
+            tokio::spawn(server::serve(listeners.proxy, settings, metrics, handler, wait_for(stopped)));
 
         shutdown.await;
         tracing::info!("shutting down: no new connections, finishing queued and in-flight requests");
@@ -138,8 +141,8 @@ fn connection_settings(config: &Config) -> ConnectionSettings {
     ConnectionSettings {
         max_connections: server.max_connections.get(),
         header_read_timeout: server.header_read_timeout,
-        // Heads up to the limit must fit; larger ones get our 431 or hyper's.
-        max_buf_size: server.max_header_bytes.saturating_mul(2).saturating_add(8192),
+        idle_timeout: server.idle_timeout,
+        max_header_bytes: server.max_header_bytes,
         shutdown_grace: server.shutdown_grace,
     }
 }

@@ -164,23 +164,33 @@ impl Body for CappedBody {
 }
 
 pin_project_lite::pin_project! {
-    /// An upstream's body streamed through unchanged, keeping `guard` alive
-    /// until the body is finished or dropped: an attempt holds its
-    /// concurrency slot for as long as its answer streams. One box for both
-    /// jobs, since every answer pays for it.
-    pub struct Guarded<G> {
+    /// A body streamed through unchanged, keeping `guard` alive until the
+    /// body is finished or dropped: an attempt holds its concurrency slot for
+    /// as long as its answer streams (one box for both jobs, since every
+    /// answer pays for it), and a client connection counts a request as
+    /// active until its answer is sent.
+    pub struct Guarded<B, G> {
         #[pin]
-        inner: Incoming,
+        inner: B,
         guard: Option<G>,
     }
 }
 
 /// Streams `inner` to the caller; `guard` is released when the body ends.
-pub fn guarded<G: Send + Sync + 'static>(inner: Incoming, guard: G) -> ProxyBody {
+pub fn guarded<B, G>(inner: B, guard: G) -> ProxyBody
+where
+    B: Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+    G: Send + Sync + 'static,
+{
     Guarded { inner, guard: Some(guard) }.boxed()
 }
 
-impl<G> Body for Guarded<G> {
+impl<B, G> Body for Guarded<B, G>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -193,7 +203,7 @@ impl<G> Body for Guarded<G> {
         if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
             this.guard.take();
         }
-        polled.map_err(BoxError::from)
+        polled.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {

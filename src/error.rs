@@ -2,7 +2,9 @@
 //!
 //! SPEC's error table lives here and only here: every other module returns a
 //! [`ProxyError`] and lets [`ProxyError::into_response`] pick the status, the
-//! `x-pacegate-error` code and the JSON body.
+//! `x-pacegate-error` code and the JSON body. Two rows go beyond SPEC's table:
+//! 414 `uri_too_long` (RFC 9112 §3 requires 414 for a request target longer
+//! than we parse) and 500 `internal_error` (a request task panicked).
 
 use std::time::Duration;
 
@@ -30,6 +32,10 @@ pub enum ProxyError {
     BodyTooLarge { upstream: Option<String>, limit: u64 },
     #[error("request headers are larger than {limit} bytes")]
     HeadersTooLarge { limit: usize },
+    #[error("more than {limit} request header lines")]
+    TooManyHeaders { limit: usize },
+    #[error("the request line is longer than {limit} bytes")]
+    UriTooLong { limit: usize },
     #[error("cannot reach the upstream: {reason}")]
     UpstreamUnreachable { upstream: Option<String>, reason: String },
     #[error("the queue of this upstream is full")]
@@ -42,6 +48,8 @@ pub enum ProxyError {
     TooManyPartitions { upstream: String },
     #[error("the upstream did not answer within {timeout:?}")]
     UpstreamTimeout { upstream: Option<String>, timeout: Duration },
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ProxyError {
@@ -53,13 +61,17 @@ impl ProxyError {
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::HeadersTooLarge { .. } | Self::TooManyHeaders { .. } => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
+            Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             Self::QueueFull { .. }
             | Self::QueueTimeout { .. }
             | Self::RateLimitStore { .. }
             | Self::TooManyPartitions { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -72,13 +84,15 @@ impl ProxyError {
             Self::NoRoute { .. } => "no_route",
             Self::ProxyAuthRequired => "proxy_auth_required",
             Self::BodyTooLarge { .. } => "body_too_large",
-            Self::HeadersTooLarge { .. } => "headers_too_large",
+            Self::HeadersTooLarge { .. } | Self::TooManyHeaders { .. } => "headers_too_large",
+            Self::UriTooLong { .. } => "uri_too_long",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::QueueFull { .. } => "queue_full",
             Self::QueueTimeout { .. } => "queue_timeout",
             Self::RateLimitStore { .. } => "rate_limit_store",
             Self::TooManyPartitions { .. } => "too_many_partitions",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
+            Self::Internal(_) => "internal_error",
         }
     }
 
@@ -107,14 +121,19 @@ impl ProxyError {
         }
     }
 
-    /// The one place an error becomes an answer: status, code header, JSON body.
-    pub fn into_response(self) -> Response<ProxyBody> {
+    /// SPEC's JSON body: `{"error", "upstream", "message"}`.
+    fn body(&self) -> String {
         let body = serde_json::json!({
             "error": self.code(),
             "upstream": self.upstream(),
             "message": self.to_string(),
         });
-        let mut response = Response::new(body::full(body.to_string()));
+        body.to_string()
+    }
+
+    /// The one place an error becomes an answer: status, code header, JSON body.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let mut response = Response::new(body::full(self.body()));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -128,6 +147,22 @@ impl ProxyError {
             headers.insert(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"pacegate\""));
         }
         response
+    }
+
+    /// The same answer as raw HTTP/1.1 bytes, closing the connection: for
+    /// request heads refused before hyper parses them (see `server::guard`).
+    pub fn to_http1_bytes(&self) -> Vec<u8> {
+        let status = self.status();
+        let body = self.body();
+        let head = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n{ERROR_HEADER}: {}\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            self.code(),
+            body.len(),
+        );
+        [head.into_bytes(), body.into_bytes()].concat()
     }
 }
 
@@ -149,6 +184,19 @@ mod tests {
         assert_eq!(json["error"], "queue_full");
         assert_eq!(json["upstream"], "github");
         assert!(json["message"].is_string());
+    }
+
+    #[test]
+    fn raw_answer_matches_the_response() {
+        let err = ProxyError::BadRequest("invalid header value".into());
+        let raw = String::from_utf8(err.to_http1_bytes()).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{head}");
+        assert!(head.contains("\r\nx-pacegate-error: bad_request\r\n"), "{head}");
+        assert!(head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())), "{head}");
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"], "bad_request");
+        assert!(json["upstream"].is_null());
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! - [`app`]: wires listeners, the proxy runtime, admin, reloads and shutdown.
 //! - [`runtime`]: a config generation, and what a reload carries over.
 //! - [`reload`]: reload triggers (SIGHUP, the file on disk).
-//! - [`server`]: accept loop, connection builder, graceful shutdown.
+//! - [`server`]: client connections: accept loop, slots, request heads checked
+//!   before hyper, header and idle timeouts, panics caught, graceful shutdown,
+//!   CONNECT relays.
 //! - [`proxy`]: the life of one request: check, route, read body, exchange;
 //!   [`proxy::route`] decides the upstream, [`proxy::headers`] strips hop-by-hop.
 //! - [`upstream`]: an upstream at run time: its [`upstream::dispatcher`] (queue,
@@ -22,6 +24,7 @@
 //! - [`tls`]: the local CA and interception of CONNECT tunnels;
 //!   [`proxy::connect`] decides intercept, tunnel or refuse, [`upstream::guard`]
 //!   keeps pass-through traffic off private addresses.
+//! - [`fuzz`]: entry points for `fuzz/` (cargo-fuzz) and its smoke test.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -29,6 +32,7 @@ pub mod app;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod fuzz;
 pub mod limit;
 pub mod metrics;
 pub mod proxy;

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub redis_errors: Counter,
     /// Times pacing fell back from Redis to `on_error`.
     pub redis_fallbacks: Counter,
+    /// Panics caught in request, stream and connection tasks.
+    pub panics: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -105,6 +107,8 @@ impl Metrics {
         let cooldown_seconds = Family::default();
         let config_reloads = Family::default();
         let effective_rate = Family::default();
+        let panics = Counter::default();
+        registry.register("pacegate_panics", "Panics caught; the task that panicked ended", panics.clone());
         registry.register("pacegate_requests", "Answers to callers, by HTTP status", requests.clone());
         registry.register(
             "pacegate_upstream_attempts",
@@ -177,6 +181,7 @@ impl Metrics {
             redis_up,
             redis_errors,
             redis_fallbacks,
+            panics,
         }
     }
 

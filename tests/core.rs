@@ -15,40 +15,11 @@ use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::Value;
 use support::mock::{Behaviour, MockUpstream, Scripted};
-use support::{Pacegate, builder, client, upstream};
+use support::{Pacegate, assert_pacegate_error, builder, client, queue_depth, upstream};
 use tokio::time::Instant;
 
 /// Bounds every wait that is not itself the point of a test.
 const PATIENCE: Duration = Duration::from_secs(10);
-
-/// Queue depth of upstream `name` in `/status`.
-fn queue_depth(status: &Value, name: &str) -> Option<u64> {
-    let upstreams = status["upstreams"].as_array()?;
-    let upstream = upstreams.iter().find(|u| u["name"] == name)?;
-    upstream["queue"]["depth"].as_u64()
-}
-
-/// Asserts an answer pacegate made itself, per SPEC's error table, and
-/// returns its JSON body.
-async fn assert_pacegate_error(
-    response: reqwest::Response,
-    status: u16,
-    code: &str,
-    upstream: Option<&str>,
-) -> Value {
-    assert_eq!(response.status(), status, "status of a {code} answer");
-    assert_eq!(response.headers()["x-pacegate-error"], code);
-    let content_type = response.headers()["content-type"].to_str().unwrap().to_string();
-    assert!(content_type.starts_with("application/json"), "content-type {content_type}");
-    let body: Value = response.json().await.expect("error body is JSON");
-    assert_eq!(body["error"], code, "{body}");
-    match upstream {
-        Some(name) => assert_eq!(body["upstream"], name, "{body}"),
-        None => assert!(body["upstream"].is_null(), "{body}"),
-    }
-    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
-    body
-}
 
 /// `Retry-After` in whole seconds.
 fn retry_after(response: &reqwest::Response) -> u64 {

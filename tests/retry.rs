@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use support::mock::{Arrival, Behaviour, MockUpstream, Scripted};
-use support::{Pacegate, client, upstream};
+use support::{Pacegate, attempts_of, client, upstream};
 use tokio::time::Instant;
 
 /// `[upstream.retry]` with fast delays (20 ms base, 200 ms cap) unless `extra` sets them.
@@ -35,12 +35,6 @@ fn api(base_url: &str, upstream_keys: &str, retry_keys: &str) -> String {
 struct Answer {
     status: u16,
     attempts: u32,
-}
-
-fn attempts_of(response: &reqwest::Response) -> u32 {
-    let value =
-        response.headers().get("x-pacegate-attempts").expect("every proxied answer has x-pacegate-attempts");
-    value.to_str().unwrap().parse().expect("x-pacegate-attempts is a number")
 }
 
 /// Sends `n` GETs to `url` with at most `concurrency` in flight; answers in send order.

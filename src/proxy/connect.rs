@@ -10,8 +10,10 @@
 //!
 //! The target is connected to (or the leaf made) before the 200 goes out, so
 //! every refusal is a proper error answer; the upgrade resolves after it.
+//! The tunnel or intercepted session then runs in the [`Scope`] of the client
+//! connection that opened it: it holds that connection's slot, has its idle
+//! timeout, and is drained by shutdown like any connection.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,16 +21,16 @@ use std::time::Duration;
 use http::uri::Authority;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::Proxy;
+use super::{Proxy, route};
 use crate::body::{self, ProxyBody};
 use crate::config::UnknownHosts;
 use crate::error::ProxyError;
 use crate::runtime::Runtime;
+use crate::server::{self, Scope};
 use crate::upstream::guard::{self, GuardError};
 
 /// Connecting to a tunnel's target must succeed within this time.
@@ -43,13 +45,13 @@ pub async fn connect(
     peer: SocketAddr,
     mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let authority = request
-        .uri()
-        .authority()
+    let (authority, port) = route::tunnel_target(request.uri())?;
+    let scope = request
+        .extensions()
+        .get::<Scope>()
         .cloned()
-        .ok_or_else(|| ProxyError::BadRequest("CONNECT needs host:port".into()))?;
+        .ok_or_else(|| ProxyError::Internal("CONNECT outside a client connection".into()))?;
     let host = authority.host().to_string();
-    let port = authority.port_u16().unwrap_or(443);
     let upgrade = hyper::upgrade::on(&mut request);
     match runtime.router.upstream_for_host(&authority) {
         Some(_) if runtime.config.mitm.enabled => {
@@ -60,18 +62,12 @@ pub async fn connect(
                 upstream: None,
                 reason: format!("interception: {e}"),
             })?;
-            let proxy = proxy.clone();
-            tokio::spawn(async move {
-                match upgrade.await {
-                    Ok(upgraded) => intercept(proxy, peer, authority, tls, TokioIo::new(upgraded)).await,
-                    Err(error) => tracing::debug!(%error, "CONNECT upgrade failed"),
-                }
-            });
+            scope.spawn(intercept(proxy.clone(), peer, authority, tls, upgrade, scope.clone()));
         }
         Some(_) => {
             // Configured upstreams may point anywhere: no guard.
             let addrs = guard::resolve(&host, port).await.map_err(unreachable)?;
-            tunnel(upgrade, open(&host, &addrs).await?);
+            tunnel(&scope, upgrade, open(&host, &addrs).await?);
         }
         None if runtime.config.forward.unknown_hosts == UnknownHosts::Pass => {
             let addrs = if runtime.config.forward.allow_private {
@@ -79,7 +75,7 @@ pub async fn connect(
             } else {
                 guard::resolve_allowed(&host, port).await
             };
-            tunnel(upgrade, open(&host, &addrs.map_err(unreachable)?).await?);
+            tunnel(&scope, upgrade, open(&host, &addrs.map_err(unreachable)?).await?);
         }
         None => return Err(ProxyError::UnknownHost { host }),
     }
@@ -113,42 +109,42 @@ async fn open(host: &str, addrs: &[SocketAddr]) -> Result<TcpStream, ProxyError>
 }
 
 /// Copies bytes both ways once the 200 has been sent.
-fn tunnel(upgrade: hyper::upgrade::OnUpgrade, mut target: TcpStream) {
-    tokio::spawn(async move {
-        let mut client = match upgrade.await {
-            Ok(upgraded) => TokioIo::new(upgraded),
-            Err(error) => return tracing::debug!(%error, "CONNECT upgrade failed"),
-        };
-        if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut target).await {
-            tracing::debug!(%error, "tunnel ended with an error");
+fn tunnel(scope: &Scope, upgrade: OnUpgrade, target: TcpStream) {
+    let relay_scope = scope.clone();
+    scope.spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => server::relay(&relay_scope, TokioIo::new(upgraded), target).await,
+            Err(error) => tracing::debug!(%error, "CONNECT upgrade failed"),
         }
     });
 }
 
-/// Terminates TLS with our leaf and serves the requests inside (h1 or h2).
+/// Terminates TLS with our leaf and serves the requests inside (h1 or h2) as
+/// a connection of the client connection's `scope`.
 async fn intercept(
     proxy: Arc<Proxy>,
     peer: SocketAddr,
     authority: Authority,
     tls: Arc<rustls::ServerConfig>,
-    io: TokioIo<hyper::upgrade::Upgraded>,
+    upgrade: OnUpgrade,
+    scope: Scope,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => {
-            return tracing::debug!(%error, host = authority.host(), "intercepted handshake failed");
-        }
-        Err(_) => return tracing::debug!(host = authority.host(), "intercepted handshake timed out"),
+    let io = match upgrade.await {
+        Ok(upgraded) => TokioIo::new(upgraded),
+        Err(error) => return tracing::debug!(%error, "CONNECT upgrade failed"),
     };
-    let service = service_fn(move |request| {
-        let response = proxy.clone().handle_intercepted(peer, authority.clone(), request);
-        async move { Ok::<_, Infallible>(response.await) }
-    });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
-    if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
-        tracing::debug!(%error, "intercepted connection ended with an error");
-    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io));
+    let stream = tokio::select! {
+        handshake = handshake => match handshake {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                return tracing::debug!(%error, host = authority.host(), "intercepted handshake failed");
+            }
+            Err(_) => return tracing::debug!(host = authority.host(), "intercepted handshake timed out"),
+        },
+        () = scope.draining() => return,
+    };
+    let handler = move |request| proxy.clone().handle_intercepted(peer, authority.clone(), request);
+    server::serve_connection(stream, scope, handler).await;
 }

@@ -106,5 +106,31 @@ mod tests {
                 prop_assert!(!headers.contains_key(name.as_str()));
             }
         }
+
+        #[test]
+        fn end_to_end_headers_pass_untouched(
+            names in proptest::collection::btree_set("x-[a-z]{1,8}", 0..6),
+            listed in proptest::collection::btree_set("x-[a-z]{1,8}", 0..3),
+            value in "[ -~]{0,16}",
+        ) {
+            let value = HeaderValue::from_str(value.trim()).unwrap();
+            let mut headers = HeaderMap::new();
+            for name in &names {
+                headers.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), value.clone());
+                headers.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_static("2"));
+            }
+            let connection = listed.iter().cloned().collect::<Vec<_>>().join(",");
+            headers.insert(header::CONNECTION, HeaderValue::from_str(&connection).unwrap());
+            strip_hop_by_hop(&mut headers);
+            for name in &names {
+                let kept: Vec<_> = headers.get_all(name.as_str()).iter().cloned().collect();
+                if listed.contains(name) {
+                    prop_assert!(kept.is_empty(), "{name} is listed in Connection");
+                } else {
+                    prop_assert_eq!(kept, vec![value.clone(), HeaderValue::from_static("2")]);
+                }
+            }
+            prop_assert_eq!(headers.keys_len(), headers.keys().filter(|n| names.contains(n.as_str())).count());
+        }
     }
 }

@@ -5,6 +5,10 @@
 //! the path against `route` prefixes on segment boundaries. Either way the
 //! upstream's `base_url` decides scheme, host and port, and the caller's path
 //! and query are appended to base_url's path.
+//!
+//! Targets with an authority are checked first: a proxy must not follow
+//! another scheme than http(s), userinfo (RFC 9110 §4.2.4), an empty host or
+//! a port that is not one; CONNECT takes `host:port` only (RFC 9110 §9.3.6).
 
 use std::collections::HashMap;
 
@@ -62,6 +66,7 @@ impl Router {
     pub fn route(&self, uri: &Uri, version: Version) -> Result<Target, ProxyError> {
         let path_and_query = uri.path_and_query().map_or("/", PathAndQuery::as_str);
         if let Some(authority) = uri.authority() {
+            check_absolute(uri, authority)?;
             if let Some(index) = self.upstream_for_host(authority) {
                 return self.upstream(index, path_and_query);
             }
@@ -108,6 +113,56 @@ impl Router {
     }
 }
 
+/// Refuses absolute-form targets (and h2 authorities) pacegate must not follow.
+fn check_absolute(uri: &Uri, authority: &Authority) -> Result<(), ProxyError> {
+    let scheme = uri.scheme_str().unwrap_or_default();
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Err(bad_target(&format!("unsupported scheme {scheme:?}")));
+    }
+    port_of(authority).map(drop)
+}
+
+/// The target of a CONNECT: authority-form `host:port`, nothing else.
+pub fn tunnel_target(uri: &Uri) -> Result<(Authority, u16), ProxyError> {
+    let refuse = || bad_target("CONNECT needs host:port");
+    let authority = match uri.authority() {
+        Some(authority) if uri.scheme().is_none() && uri.path_and_query().is_none() => authority,
+        _ => return Err(refuse()),
+    };
+    let port = port_of(authority)?.ok_or_else(refuse)?;
+    Ok((authority.clone(), port))
+}
+
+/// The port an authority names, if any; refuses userinfo, an empty host and
+/// anything after the host that is not a port from 1 to 65535.
+fn port_of(authority: &Authority) -> Result<Option<u16>, ProxyError> {
+    let text = authority.as_str();
+    if text.contains('@') {
+        return Err(bad_target("credentials in the request target are refused"));
+    }
+    let host = authority.host();
+    if host.is_empty() || host == "[]" {
+        return Err(bad_target("empty host"));
+    }
+    // Without userinfo, the authority is the host, then maybe ":port".
+    match text.get(host.len()..) {
+        Some("") => Ok(None),
+        Some(rest) => {
+            let digits =
+                rest.strip_prefix(':').filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+            match digits.and_then(|p| p.parse::<u16>().ok()) {
+                Some(port) if port > 0 => Ok(Some(port)),
+                _ => Err(bad_target(&format!("invalid port in {text:?}"))),
+            }
+        }
+        None => Err(bad_target("malformed authority")),
+    }
+}
+
+fn bad_target(reason: &str) -> ProxyError {
+    ProxyError::BadRequest(format!("invalid request target: {reason}"))
+}
+
 /// The rest of `path_and_query` after `route`, when the route matches whole
 /// path segments ("/github" matches "/github/x" and "/github?q", not "/githubx").
 fn strip_route<'a>(path_and_query: &'a str, route: &str) -> Option<&'a str> {
@@ -134,13 +189,14 @@ pub fn join(base: &BaseUrl, rest: &str) -> Result<Uri, ProxyError> {
         path_and_query.push_str(&base.path);
     }
     path_and_query.push_str(rest);
-    let invalid = |e: &dyn std::fmt::Display| ProxyError::BadRequest(format!("invalid request target: {e}"));
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(base.scheme.clone());
     parts.authority = Some(base.authority.clone());
-    parts.path_and_query =
-        Some(PathAndQuery::from_maybe_shared(Bytes::from(path_and_query)).map_err(|e| invalid(&e))?);
-    Uri::from_parts(parts).map_err(|e| invalid(&e))
+    parts.path_and_query = Some(
+        PathAndQuery::from_maybe_shared(Bytes::from(path_and_query))
+            .map_err(|e| bad_target(&e.to_string()))?,
+    );
+    Uri::from_parts(parts).map_err(|e| bad_target(&e.to_string()))
 }
 
 #[cfg(test)]
@@ -156,6 +212,21 @@ mod tests {
             port: 443,
             path: path.into(),
         }
+    }
+
+    /// A config with one upstream per name, routed at `/name`.
+    fn routes(names: &[String]) -> Config {
+        let text: String = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                format!(
+                    "[[upstream]]\nname = \"u{i}\"\nbase_url = \"https://api{i}.example.com/v{i}\"\n\
+                     route = \"/{name}\"\nhosts = []\nrate = \"1/s\"\n"
+                )
+            })
+            .collect();
+        crate::config::parse(std::path::Path::new("routes.toml"), &text).unwrap()
     }
 
     #[test]
@@ -187,6 +258,48 @@ mod tests {
             prop_assert!(path.starts_with("/v1"));
             prop_assert_eq!(&path[3..], rest.split('?').next().unwrap_or(""));
             prop_assert_eq!(uri.query(), query.as_deref());
+        }
+
+        #[test]
+        fn a_route_matches_whole_segments_only(
+            names in proptest::collection::btree_set("[a-z]{1,6}", 1..5),
+            pick in any::<prop::sample::Index>(),
+            rest in prop::sample::select(vec!["", "/", "/x/y", "?q=1", "/x?y=2"]),
+            extra in "[a-z0-9]{1,4}",
+        ) {
+            let names: Vec<String> = names.into_iter().collect();
+            let config = routes(&names);
+            let router = Router::new(&config);
+            let i = pick.index(names.len());
+            let path: Uri = format!("/{}{rest}", names[i]).parse().unwrap();
+            let want = Target::Upstream { index: i, uri: join(&config.upstreams[i].base_url, rest).unwrap() };
+            prop_assert_eq!(router.route(&path, Version::HTTP_11).unwrap(), want);
+            let longer = format!("{}{extra}", names[i]);
+            match router.route(&format!("/{longer}").parse().unwrap(), Version::HTTP_11) {
+                // Only a route named exactly like the longer segment may take it.
+                Ok(Target::Upstream { index, .. }) => prop_assert_eq!(&names[index], &longer),
+                Ok(other) => prop_assert!(false, "{other:?}"),
+                Err(error) => prop_assert_eq!(error.code(), "no_route"),
+            }
+        }
+
+        #[test]
+        fn absolute_targets_with_credentials_or_bad_ports_are_refused(
+            userinfo in proptest::option::of("[a-z]{1,5}(:[a-z]{0,5})?@"),
+            port in proptest::option::of(0u32..100_000),
+        ) {
+            let port_text = port.map(|p| format!(":{p}")).unwrap_or_default();
+            let bad_port = port.is_some_and(|p| p == 0 || p > 65_535);
+            let absolute = format!("http://{}api.example.com{port_text}/x", userinfo.clone().unwrap_or_default());
+            // Where the URI parser refuses first, the head check answers 400.
+            if let Ok(uri) = absolute.parse::<Uri>() {
+                let router = Router::new(&routes(&["api".to_string()]));
+                let refused = matches!(router.route(&uri, Version::HTTP_11), Err(ProxyError::BadRequest(_)));
+                prop_assert_eq!(refused, userinfo.is_some() || bad_port);
+            }
+            let connect = format!("api.example.com{port_text}").parse::<Uri>();
+            let tunnel = connect.is_ok_and(|uri| tunnel_target(&uri).is_ok());
+            prop_assert_eq!(tunnel, port.is_some() && !bad_port);
         }
 
         #[test]

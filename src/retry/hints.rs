@@ -265,6 +265,35 @@ mod tests {
         }
 
         #[test]
+        fn retry_after_delta_seconds_round_trip(secs in any::<u64>()) {
+            let mut h = HeaderMap::new();
+            h.insert("retry-after", HeaderValue::from(secs));
+            prop_assert_eq!(retry_after(&h, now()), Some(Duration::from_secs(secs)));
+        }
+
+        #[test]
+        fn rate_limit_reset_is_delta_or_epoch(
+            remaining in any::<u64>(),
+            reset in 0u64..4_000_000_000,
+            now_secs in 1_500_000_000u64..2_500_000_000,
+        ) {
+            let now = UNIX_EPOCH + Duration::from_secs(now_secs);
+            let mut github = HeaderMap::new();
+            github.insert("x-ratelimit-remaining", HeaderValue::from(remaining));
+            github.insert("x-ratelimit-reset", HeaderValue::from(reset));
+            let hint = rate_limit(&github, now).expect("a complete GitHub family");
+            prop_assert_eq!(hint.remaining, remaining);
+            let after = if reset > EPOCH_THRESHOLD_SECS { reset.saturating_sub(now_secs) } else { reset };
+            prop_assert_eq!(hint.reset_after, Duration::from_secs(after));
+            // The IETF draft's reset is always a delta, however large.
+            let mut ietf = HeaderMap::new();
+            ietf.insert("ratelimit-remaining", HeaderValue::from(remaining));
+            ietf.insert("ratelimit-reset", HeaderValue::from(reset));
+            let hint = rate_limit(&ietf, now).expect("a complete IETF family");
+            prop_assert_eq!((hint.remaining, hint.reset_after), (remaining, Duration::from_secs(reset)));
+        }
+
+        #[test]
         fn http_date_round_trip(
             base in 0u64..4_000_000_000,
             nanos in 0u32..1_000_000_000,

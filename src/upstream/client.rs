@@ -97,7 +97,7 @@ impl UpstreamClient {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             // One buffer, one write per request, as on the server side
-            // (see `server::serve`).
+            // (see `server::Shared::new`).
             .http1_writev(false)
             .build(https);
         Self { inner }

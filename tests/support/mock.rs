@@ -27,7 +27,10 @@
 //! is then read (counted, not buffered), `latency` is slept, and the answer
 //! goes out carrying `x-mock-seq: <arrival index>` (plus the `X-RateLimit-*`
 //! headers if enabled). [`Arrival::status`] is 0 for requests that get no
-//! response head (`Reset`, `Stall`). Echo's `query` is `null` without a `?`.
+//! response head (`Reset`, `Stall`, `Garbage`). Echo's `query` is `null`
+//! without a `?`. With [`Behaviour::never_read`], connections are accepted
+//! (and counted by [`MockUpstream::connections`]) but never read from, so no
+//! request arrives at all.
 //!
 //! # Time and shutdown
 //! Times are `tokio::time::Instant`s, so under `tokio::time::pause()` windows,
@@ -38,8 +41,12 @@
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -52,7 +59,8 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -63,6 +71,9 @@ type Body = BoxBody<Bytes, BoxError>;
 /// Upper bounds on `/sse` parameters, so a typo cannot pin a connection for hours.
 const MAX_SSE_EVENTS: u64 = 100_000;
 const MAX_SSE_INTERVAL_MS: u64 = 60_000;
+
+/// What [`Scripted::Garbage`] sends instead of a response.
+pub const GARBAGE: &[u8] = b"this is not HTTP at all\r\n\r\n";
 
 /// One request that reached the mock, in arrival order.
 #[derive(Clone, Debug)]
@@ -95,6 +106,8 @@ pub struct Behaviour {
     latency: Duration,
     /// `(limit, window)` of a GitHub-style fixed-window counter reported in headers.
     rate_limit_headers: Option<(u64, Duration)>,
+    /// Accept connections but never read from them (an upstream that hangs).
+    never_read: bool,
 }
 
 /// One scripted reaction, consumed by exactly one request.
@@ -109,6 +122,9 @@ pub enum Scripted {
     Stall,
     /// A 200 head promising 10 bytes, 5 bytes of body, then an abort.
     Truncated,
+    /// [`GARBAGE`] instead of a response, then the connection closes
+    /// (HTTP/1.1; on h2 it breaks the whole connection).
+    Garbage,
 }
 
 /// A running mock; dropping it stops it as `shutdown` does, without waiting.
@@ -125,10 +141,14 @@ struct Shared {
     state: Mutex<State>,
     /// Number of arrivals recorded, so waiters wake on change instead of polling.
     arrived: watch::Sender<usize>,
+    /// TCP connections accepted so far.
+    connections: AtomicUsize,
 }
 
 struct State {
     arrivals: Vec<Arrival>,
+    /// Arrivals dropped by `forget_arrivals`, all before `arrivals[0]`.
+    forgotten: usize,
     /// The current behaviour; its script is consumed in place.
     behaviour: Behaviour,
     /// When `behaviour` was applied: origin of `fail_for` and of the fixed window.
@@ -149,6 +169,7 @@ enum Plan {
     Reset,
     Stall,
     Truncated,
+    Garbage,
 }
 
 enum Kind {
@@ -204,6 +225,13 @@ impl Behaviour {
         self
     }
 
+    /// Accept connections but never read from them or answer; each is held
+    /// open until the mock shuts down.
+    pub fn never_read(mut self) -> Self {
+        self.never_read = true;
+        self
+    }
+
     /// Add `X-RateLimit-Limit/-Remaining/-Reset` from a fixed-window counter of
     /// every arrival; headers only, combine with `limit` to enforce.
     pub fn rate_limit_headers(mut self, limit: u64, window: Duration) -> Self {
@@ -241,8 +269,11 @@ impl MockUpstream {
     /// Start on a listener the caller bound (e.g. to reuse a known port).
     pub async fn start_on(listener: TcpListener, behaviour: Behaviour) -> MockUpstream {
         let addr = listener.local_addr().expect("a bound listener has an address");
-        let shared =
-            Arc::new(Shared { state: Mutex::new(State::new(behaviour)), arrived: watch::Sender::new(0) });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::new(behaviour)),
+            arrived: watch::Sender::new(0),
+            connections: AtomicUsize::new(0),
+        });
         let (shutdown, stop) = watch::channel(false);
         let server = tokio::spawn(serve(listener, shared.clone(), stop));
         MockUpstream { addr, shared, shutdown, server: Some(server) }
@@ -262,11 +293,27 @@ impl MockUpstream {
         self.shared.lock().arrivals.clone()
     }
 
+    /// Requests arrived so far, forgotten ones included.
     pub fn count(&self) -> usize {
-        self.shared.lock().arrivals.len()
+        let state = self.shared.lock();
+        state.forgotten + state.arrivals.len()
     }
 
-    /// How many arrivals were (or are being) answered with `status`.
+    /// Drops the arrivals recorded so far (they still count in `count`), so a
+    /// long run does not grow the mock's memory.
+    pub fn forget_arrivals(&self) {
+        let mut state = self.shared.lock();
+        state.forgotten += state.arrivals.len();
+        state.arrivals = Vec::new();
+    }
+
+    /// TCP connections accepted so far (including `never_read` ones).
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// How many arrivals were (or are being) answered with `status`
+    /// (forgotten ones not included).
     pub fn count_status(&self, status: u16) -> usize {
         let state = self.shared.lock();
         state.arrivals.iter().filter(|a| a.status == status).count()
@@ -284,9 +331,9 @@ impl MockUpstream {
     /// Replace the behaviour; its script, counters, limiter and windows restart now.
     pub fn set_behaviour(&self, behaviour: Behaviour) {
         let mut state = self.shared.lock();
-        let arrivals = std::mem::take(&mut state.arrivals);
+        let (arrivals, forgotten) = (std::mem::take(&mut state.arrivals), state.forgotten);
         *state = State::new(behaviour);
-        state.arrivals = arrivals;
+        (state.arrivals, state.forgotten) = (arrivals, forgotten);
     }
 
     /// Most arrivals (any status) within any sliding `window`.
@@ -341,6 +388,7 @@ impl State {
     fn new(behaviour: Behaviour) -> Self {
         State {
             arrivals: Vec::new(),
+            forgotten: 0,
             behaviour,
             since: Instant::now(),
             since_wall: SystemTime::now(),
@@ -366,6 +414,7 @@ impl State {
                 Scripted::Reset => Plan::Reset,
                 Scripted::Stall => Plan::Stall,
                 Scripted::Truncated => Plan::Truncated,
+                Scripted::Garbage => Plan::Garbage,
             };
         }
         if let Some((n, status)) = self.behaviour.fail_first
@@ -479,13 +528,24 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Rece
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     continue;
                 };
+                shared.connections.fetch_add(1, Ordering::Relaxed);
+                let mut stop = stop_for_requests.clone();
+                if shared.lock().behaviour.never_read {
+                    connections.spawn(async move {
+                        stopped(&mut stop).await;
+                        drop(stream);
+                    });
+                    continue;
+                }
                 // Events and small answers must leave at once, not after Nagle's delay.
                 let _ = stream.set_nodelay(true);
-                let (shared, stop) = (shared.clone(), stop_for_requests.clone());
-                let service = service_fn(move |req| handle(shared.clone(), stop.clone(), req));
+                let garbage = Arc::new(AtomicBool::new(false));
+                let io = Hijackable { stream, garbage: garbage.clone(), sent: 0 };
+                let shared = shared.clone();
+                let service = service_fn(move |req| handle(shared.clone(), stop.clone(), garbage.clone(), req));
                 connections.spawn(async move {
                     let builder = auto::Builder::new(TokioExecutor::new());
-                    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                    let _ = builder.serve_connection(TokioIo::new(io), service).await;
                 });
             }
         }
@@ -499,10 +559,12 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
-/// Record the arrival, read the body, wait out the latency, then answer.
+/// Record the arrival, read the body, wait out the latency, then answer;
+/// `garbage` is set to make the connection send [`GARBAGE`] instead.
 async fn handle(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
+    garbage: Arc<AtomicBool>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, BoxError> {
     let (parts, body) = req.into_parts();
@@ -514,9 +576,9 @@ async fn handle(
         let status = match &plan {
             Plan::Answer { status, .. } => status.as_u16(),
             Plan::Truncated => 200,
-            Plan::Reset | Plan::Stall => 0,
+            Plan::Reset | Plan::Stall | Plan::Garbage => 0,
         };
-        let seq = state.arrivals.len();
+        let seq = state.forgotten + state.arrivals.len();
         state.arrivals.push(Arrival {
             at: now,
             method: parts.method.to_string(),
@@ -531,7 +593,12 @@ async fn handle(
     };
 
     let body_len = count_body(body).await?;
-    shared.lock().arrivals[seq].body_len = body_len;
+    {
+        let mut state = shared.lock();
+        if let Some(arrival) = seq.checked_sub(state.forgotten).and_then(|i| state.arrivals.get_mut(i)) {
+            arrival.body_len = body_len;
+        }
+    }
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
@@ -544,6 +611,11 @@ async fn handle(
             return Err("stalled request released by shutdown".into());
         }
         Plan::Truncated => return Ok(truncated(seq)),
+        Plan::Garbage => {
+            // Whatever hyper writes for this answer becomes the garbage.
+            garbage.store(true, Ordering::Relaxed);
+            return Ok(Response::new(Empty::new().map_err(Into::into).boxed()));
+        }
     };
     headers.insert("x-mock-seq", HeaderValue::from(seq));
     let body = match kind {
@@ -643,4 +715,44 @@ fn truncated(seq: usize) -> Response<Body> {
     headers.insert(CONTENT_LENGTH, HeaderValue::from(10));
     headers.insert("x-mock-seq", HeaderValue::from(seq));
     response
+}
+
+/// A connection's socket that sends [`GARBAGE`] instead of what hyper writes
+/// once `garbage` is set, then fails every write so hyper closes it.
+struct Hijackable {
+    stream: TcpStream,
+    garbage: Arc<AtomicBool>,
+    /// Bytes of [`GARBAGE`] written so far.
+    sent: usize,
+}
+
+impl AsyncRead for Hijackable {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Hijackable {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if !this.garbage.load(Ordering::Relaxed) {
+            return Pin::new(&mut this.stream).poll_write(cx, buf);
+        }
+        while this.sent < GARBAGE.len() {
+            let n = ready!(Pin::new(&mut this.stream).poll_write(cx, &GARBAGE[this.sent..]))?;
+            if n == 0 {
+                break;
+            }
+            this.sent += n;
+        }
+        Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
 }

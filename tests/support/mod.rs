@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -171,4 +172,54 @@ pub fn upstream(name: &str, base_url: &str, extra: &str) -> String {
     format!(
         "[[upstream]]\nname = \"{name}\"\nbase_url = \"{base_url}\"\nroute = \"/{name}\"\nhosts = []\n{extra}\n"
     )
+}
+
+/// Asserts an answer pacegate made itself, per SPEC's error table, and
+/// returns its JSON body.
+pub async fn assert_pacegate_error(
+    response: reqwest::Response,
+    status: u16,
+    code: &str,
+    upstream: Option<&str>,
+) -> Value {
+    let (got, headers) = (response.status().as_u16(), response.headers().clone());
+    let body = response.bytes().await.expect("error body");
+    assert_error_parts(got, &headers, &body, status, code, upstream)
+}
+
+/// [`assert_pacegate_error`] on an answer already taken apart.
+pub fn assert_error_parts(
+    got: u16,
+    headers: &http::HeaderMap,
+    body: &[u8],
+    status: u16,
+    code: &str,
+    upstream: Option<&str>,
+) -> Value {
+    assert_eq!(got, status, "status of a {code} answer");
+    assert_eq!(headers["x-pacegate-error"], code);
+    let content_type = headers["content-type"].to_str().unwrap();
+    assert!(content_type.starts_with("application/json"), "content-type {content_type}");
+    let body: Value = serde_json::from_slice(body).expect("error body is JSON");
+    assert_eq!(body["error"], code, "{body}");
+    match upstream {
+        Some(name) => assert_eq!(body["upstream"], name, "{body}"),
+        None => assert!(body["upstream"].is_null(), "{body}"),
+    }
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    body
+}
+
+/// `x-pacegate-attempts` of a proxied answer.
+pub fn attempts_of(response: &reqwest::Response) -> u32 {
+    let value =
+        response.headers().get("x-pacegate-attempts").expect("every proxied answer has x-pacegate-attempts");
+    value.to_str().unwrap().parse().expect("x-pacegate-attempts is a number")
+}
+
+/// Queue depth of upstream `name` in `/status`.
+pub fn queue_depth(status: &Value, name: &str) -> Option<u64> {
+    let upstreams = status["upstreams"].as_array()?;
+    let upstream = upstreams.iter().find(|u| u["name"] == name)?;
+    upstream["queue"]["depth"].as_u64()
 }

@@ -1,0 +1,136 @@
+//! Serving HTTP/1.1 and h2 on one client connection.
+//!
+//! Steps, each for a reason:
+//! 1. the socket is read through the [`Guard`], so request heads are checked
+//!    (SPEC's answers for malformed ones) and timed before hyper parses them;
+//! 2. every request is counted in flight until its answer is fully sent, so
+//!    the connection can tell a slow head from an idle keep-alive
+//!    ([`Activity`]);
+//! 3. the handler runs with panics caught: a panicking request is answered
+//!    500 `internal_error`, logged and counted, and the connection goes on;
+//! 4. the connection closes when its deadline passes, drains when shutdown
+//!    starts, and is dropped when the shutdown grace is over.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::panic::{self, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::thread;
+
+use futures_util::FutureExt;
+use futures_util::future::{self, CatchUnwind, Either, Ready};
+use http::{HeaderValue, Method, Request, Response, Version, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::activity::{Activity, Busy};
+use super::guard::Guard;
+use super::{Scope, panicked};
+use crate::body::{self, ProxyBody};
+use crate::error::ProxyError;
+
+/// Serves requests on `io` with `handler` until the connection ends; `scope`
+/// is the client connection it belongs to (an intercepted TLS session
+/// belongs to the connection whose CONNECT opened it).
+pub async fn serve_connection<IO, H, F>(io: IO, scope: Scope, handler: H)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let shared = scope.shared().clone();
+    let settings = &shared.settings;
+    let activity = Arc::new(Activity::new(settings.header_read_timeout, settings.idle_timeout));
+    let io = Guard::new(io, settings.max_header_bytes, activity.clone(), shared.metrics.clone());
+    let service = {
+        let (activity, scope) = (activity.clone(), scope.clone());
+        service_fn(move |mut request: Request<Incoming>| {
+            let busy = activity.begin();
+            let refused_connect_closes =
+                request.method() == Method::CONNECT && request.version() < Version::HTTP_2;
+            request.extensions_mut().insert(scope.clone());
+            let answer = match panic::catch_unwind(AssertUnwindSafe(|| handler(request))) {
+                Ok(handling) => Either::Left(AssertUnwindSafe(handling).catch_unwind()),
+                Err(panic) => Either::Right(future::ready(Err(panic))),
+            };
+            Handling { answer, finish: Some(Finish { scope: scope.clone(), busy, refused_connect_closes }) }
+        })
+    };
+    let connection = shared.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let mut closing = false;
+    // A connection closed for its timeout gets that long again to go.
+    let mut timed_out = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(error = %error, "connection ended with an error");
+                }
+                return;
+            }
+            () = activity.expired(), if !closing => {
+                tracing::debug!("closing a connection past its header or idle timeout");
+                (closing, timed_out) = (true, true);
+                connection.as_mut().graceful_shutdown();
+            }
+            () = tokio::time::sleep(settings.header_read_timeout), if timed_out => return,
+            () = scope.draining(), if !closing => {
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            () = scope.stopped() => return,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One request being handled: the handler's future, polled in place with
+    /// panics caught, then finished into the connection's answer. A struct
+    /// rather than an async block, which would keep the request it captured
+    /// beside the handler's future: every queued request would pay for both.
+    struct Handling<F> {
+        #[pin]
+        answer: Either<CatchUnwind<AssertUnwindSafe<F>>, Ready<thread::Result<Response<ProxyBody>>>>,
+        finish: Option<Finish>,
+    }
+}
+
+/// What the connection adds to a handler's answer.
+struct Finish {
+    scope: Scope,
+    /// Keeps the request active until its answer's body is sent.
+    busy: Busy,
+    refused_connect_closes: bool,
+}
+
+impl<F: Future<Output = Response<ProxyBody>>> Future for Handling<F> {
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let answer = ready!(this.answer.poll(cx));
+        let finish = this.finish.take().expect("a future is not polled again once it is ready");
+        Poll::Ready(Ok(finish.answer(answer)))
+    }
+}
+
+impl Finish {
+    fn answer(self, answer: thread::Result<Response<ProxyBody>>) -> Response<ProxyBody> {
+        let mut response = answer.unwrap_or_else(|panic| {
+            panicked(&self.scope.shared().metrics, panic.as_ref(), "request");
+            ProxyError::Internal("the request task panicked".into()).into_response()
+        });
+        // The guard stops checking heads after a CONNECT: if no tunnel
+        // follows, nothing else may be read from this connection.
+        if self.refused_connect_closes && !response.status().is_success() {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        let busy = self.busy;
+        response.map(|body| body::guarded(body, busy))
+    }
+}

@@ -1,0 +1,360 @@
+//! Follows the HTTP/1 messages a client sends on one connection, so that each
+//! request head is checked ([`super::head`]) before hyper sees it.
+//!
+//! Bytes go on unchanged and in order; only a head is held back until it is
+//! complete and checked. Bodies are followed by their framing
+//! (`Content-Length` or chunked) to find where the next head starts. What
+//! cannot be followed is passed on unchecked ("opaque"): an HTTP/2
+//! connection, a CONNECT tunnel, or a chunked body too odd for us (hyper
+//! still parses it, and refuses it if it is invalid).
+
+use bytes::BytesMut;
+
+use super::head::{self, Body};
+use crate::error::ProxyError;
+
+/// How an HTTP/2 connection with prior knowledge starts.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// A chunk-size line (extensions included) longer than this is not followed.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// Where one client connection's byte stream is.
+#[derive(Debug)]
+pub struct Framing {
+    state: State,
+    /// The head being collected (or the first bytes, while sniffing).
+    held: BytesMut,
+    /// Request heads (request line and headers) larger than this are refused.
+    limit: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// First bytes: the HTTP/2 preface or an HTTP/1 head.
+    Sniff,
+    /// Collecting a head in `held`.
+    Head,
+    /// This many body bytes left.
+    Body(u64),
+    /// Hex digits of a chunk size.
+    ChunkSize {
+        digits: u8,
+        size: u64,
+    },
+    /// Chunk extensions (or whitespace) up to the end of the size line.
+    ChunkExt {
+        len: usize,
+        size: u64,
+    },
+    ChunkData(u64),
+    /// The line end after a chunk's data; `cr` once its CR was seen.
+    ChunkEnd {
+        cr: bool,
+    },
+    /// Trailer lines after the last chunk, up to an empty line.
+    Trailer {
+        line: usize,
+        total: usize,
+    },
+    /// No more checks (see the module doc).
+    Opaque,
+    /// A head was refused; nothing more goes on.
+    Refused,
+}
+
+impl Framing {
+    pub fn new(limit: usize) -> Self {
+        Self { state: State::Sniff, held: BytesMut::new(), limit }
+    }
+
+    /// Whether part of a head has been received but not passed on yet.
+    pub fn collecting(&self) -> bool {
+        matches!(self.state, State::Sniff | State::Head) && !self.held.is_empty()
+    }
+
+    /// Takes `input` and appends to `out` what may go to hyper now. On a
+    /// refused head, everything before it is in `out` and nothing after it
+    /// ever will be.
+    pub fn push(&mut self, mut input: &[u8], out: &mut BytesMut) -> Result<(), ProxyError> {
+        while !input.is_empty() {
+            let used = match self.state {
+                State::Sniff => self.sniff(input, out)?,
+                State::Head => self.head(input, out)?,
+                State::Body(left) => {
+                    let n = left.min(input.len() as u64);
+                    self.state = if n == left { State::Head } else { State::Body(left - n) };
+                    out.extend_from_slice(&input[..n as usize]);
+                    n as usize
+                }
+                State::Opaque => {
+                    out.extend_from_slice(input);
+                    input.len()
+                }
+                State::Refused => input.len(),
+                _ => {
+                    let n = self.chunked(input);
+                    out.extend_from_slice(&input[..n]);
+                    n
+                }
+            };
+            input = &input[used..];
+        }
+        Ok(())
+    }
+
+    fn sniff(&mut self, input: &[u8], out: &mut BytesMut) -> Result<usize, ProxyError> {
+        let take = (PREFACE.len() - self.held.len()).min(input.len());
+        self.held.extend_from_slice(&input[..take]);
+        if !PREFACE.starts_with(&self.held) {
+            // HTTP/1: the sniffed bytes start a head (the state is no longer
+            // Sniff, so this recursion is one level deep).
+            self.state = State::Head;
+            let sniffed = self.held.split();
+            self.push(&sniffed, out)?;
+        } else if self.held.len() == PREFACE.len() {
+            out.extend_from_slice(&self.held.split());
+            self.state = State::Opaque;
+        }
+        Ok(take)
+    }
+
+    fn head(&mut self, input: &[u8], out: &mut BytesMut) -> Result<usize, ProxyError> {
+        let mut start = 0;
+        if self.held.is_empty() {
+            // Line ends before a request line are skipped by hyper (RFC 9112 §2.2).
+            start = input.iter().position(|b| !matches!(b, b'\r' | b'\n')).unwrap_or(input.len());
+            out.extend_from_slice(&input[..start]);
+        }
+        let rest = &input[start..];
+        let room = self.limit.saturating_sub(self.held.len());
+        // The head ends at its first empty line: it starts with a non-empty
+        // request line, so "\n\n" or "\n\r\n" can only be that.
+        let len = self.held.len();
+        let (mut last, mut before) = (self.held.last().copied(), len.checked_sub(2).map(|i| self.held[i]));
+        let end = rest.iter().position(|&b| {
+            let ends = b == b'\n' && (last == Some(b'\n') || (last == Some(b'\r') && before == Some(b'\n')));
+            (before, last) = (last, Some(b));
+            ends
+        });
+        let Some(end) = end.map(|i| i + 1) else {
+            if rest.len() > room {
+                return Err(self.refuse_too_large(&rest[..room]));
+            }
+            self.held.extend_from_slice(rest);
+            return Ok(input.len());
+        };
+        if end > room {
+            return Err(self.refuse_too_large(&rest[..room]));
+        }
+        self.held.extend_from_slice(&rest[..end]);
+        let head = self.held.split();
+        match head::check(&head) {
+            Ok(body) => {
+                out.extend_from_slice(&head);
+                self.state = match body {
+                    Body::Empty => State::Head,
+                    Body::Length(n) => State::Body(n),
+                    Body::Chunked => State::ChunkSize { digits: 0, size: 0 },
+                    Body::Tunnel => State::Opaque,
+                };
+                Ok(start + end)
+            }
+            Err(error) => Err(self.refuse(error)),
+        }
+    }
+
+    fn refuse_too_large(&mut self, more: &[u8]) -> ProxyError {
+        self.held.extend_from_slice(more);
+        let error = head::too_large(&self.held, self.limit);
+        self.refuse(error)
+    }
+
+    fn refuse(&mut self, error: ProxyError) -> ProxyError {
+        self.state = State::Refused;
+        self.held = BytesMut::new();
+        error
+    }
+
+    /// Follows a chunked body; returns how many bytes of `input` belong to it.
+    fn chunked(&mut self, input: &[u8]) -> usize {
+        let mut used = 0;
+        while used < input.len() {
+            if let State::ChunkData(left) = self.state {
+                let n = left.min((input.len() - used) as u64);
+                used += n as usize;
+                self.state =
+                    if n == left { State::ChunkEnd { cr: false } } else { State::ChunkData(left - n) };
+                continue;
+            }
+            self.state = self.chunk_byte(input[used]);
+            used += 1;
+            if matches!(self.state, State::Head | State::Opaque) {
+                break;
+            }
+        }
+        used
+    }
+
+    /// The state after one byte of chunked framing (outside chunk data).
+    fn chunk_byte(&self, byte: u8) -> State {
+        let after_size = |size| match size {
+            0 => State::Trailer { line: 0, total: 0 },
+            size => State::ChunkData(size),
+        };
+        match self.state {
+            State::ChunkSize { digits, size } => match char::from(byte).to_digit(16) {
+                // 16 hex digits fill a u64: more would overflow.
+                Some(digit) if digits < 16 => {
+                    State::ChunkSize { digits: digits + 1, size: (size << 4) | u64::from(digit) }
+                }
+                _ if digits == 0 => State::Opaque,
+                None if byte == b'\n' => after_size(size),
+                None if matches!(byte, b'\r' | b';' | b' ' | b'\t') => State::ChunkExt { len: 1, size },
+                _ => State::Opaque,
+            },
+            State::ChunkExt { size, .. } if byte == b'\n' => after_size(size),
+            State::ChunkExt { len, size } if len < MAX_CHUNK_LINE => State::ChunkExt { len: len + 1, size },
+            State::ChunkEnd { cr: false } if byte == b'\r' => State::ChunkEnd { cr: true },
+            State::ChunkEnd { .. } if byte == b'\n' => State::ChunkSize { digits: 0, size: 0 },
+            State::Trailer { total, .. } if total >= self.limit => State::Opaque,
+            State::Trailer { line: 0, .. } if byte == b'\n' => State::Head,
+            State::Trailer { total, .. } if byte == b'\n' => State::Trailer { line: 0, total: total + 1 },
+            State::Trailer { line, total } if byte == b'\r' => State::Trailer { line, total: total + 1 },
+            State::Trailer { line, total } => State::Trailer { line: line + 1, total: total + 1 },
+            _ => State::Opaque,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const LIMIT: usize = 4096;
+
+    /// Feeds `input` in pieces cut at `cuts`; returns what went on and the
+    /// refusal's code, if any.
+    fn feed(input: &[u8], cuts: &[usize]) -> (Vec<u8>, Option<&'static str>) {
+        let mut framing = Framing::new(LIMIT);
+        let mut out = BytesMut::new();
+        let mut at = 0;
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+        cuts.sort_unstable();
+        for cut in cuts.into_iter().chain([input.len()]) {
+            if let Err(error) = framing.push(&input[at..cut.max(at)], &mut out) {
+                return (out.to_vec(), Some(error.code()));
+            }
+            at = cut.max(at);
+        }
+        (out.to_vec(), None)
+    }
+
+    #[test]
+    fn pipelined_requests_pass_and_a_bad_head_stops_the_stream() {
+        let good = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(feed(good, &[]), (good.to_vec(), None));
+        let bad =
+            [&good[..], b"GET /c HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\nGET /d HTTP/1.1\r\n\r\n"].concat();
+        assert_eq!(feed(&bad, &[3, 60]), (good.to_vec(), Some("bad_request")));
+    }
+
+    #[test]
+    fn chunked_bodies_are_followed_to_the_next_head() {
+        let input = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+                      5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-Trailer: t\r\n\r\n\
+                      GET /next HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n";
+        let (out, refused) = feed(input, &[70, 71, 90]);
+        assert_eq!(refused, Some("bad_request"), "the smuggling head after the body was seen");
+        assert!(input.starts_with(&out) && out.ends_with(b"X-Trailer: t\r\n\r\n"));
+    }
+
+    #[test]
+    fn heads_over_the_limit_are_refused_early() {
+        let long_line = [b"GET /".as_slice(), &vec![b'a'; LIMIT]].concat();
+        assert_eq!(feed(&long_line, &[10]).1, Some("uri_too_long"));
+        let big = [b"GET / HTTP/1.1\r\nX: ".as_slice(), &vec![b'a'; LIMIT]].concat();
+        assert_eq!(feed(&big, &[]).1, Some("headers_too_large"));
+    }
+
+    #[test]
+    fn http2_and_tunnels_are_opaque() {
+        let h2 = [PREFACE, b"\x00\x00\x00\x04garbage\r\n\r\n"].concat();
+        assert_eq!(feed(&h2, &[5]), (h2.clone(), None));
+        let tunnel = b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n\x16\x03\x01 not http\n\n".to_vec();
+        assert_eq!(feed(&tunnel, &[]), (tunnel.clone(), None));
+    }
+
+    /// One well-formed request, with a body framed one way or another.
+    fn request() -> impl Strategy<Value = Vec<u8>> {
+        let body = proptest::collection::vec(any::<u8>(), 0..64);
+        let chunks = proptest::collection::vec((1usize..40, any::<bool>()), 0..4);
+        (
+            prop::sample::select(vec!["GET", "POST", "PUT"]),
+            "/[a-z0-9/?=&]{0,12}",
+            "[ -~]{0,20}",
+            body,
+            chunks,
+            0u8..3,
+        )
+            .prop_map(|(method, path, value, body, chunks, kind)| {
+                let mut out =
+                    format!("{method} {path} HTTP/1.1\r\nHost: a\r\nX-V: {}\r\n", value.trim()).into_bytes();
+                match kind {
+                    0 => out.extend_from_slice(b"\r\n"),
+                    1 => {
+                        out.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+                        out.extend_from_slice(&body);
+                    }
+                    _ => {
+                        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+                        for (len, ext) in chunks {
+                            let ext = if ext { ";name=value" } else { "" };
+                            out.extend_from_slice(format!("{len:x}{ext}\r\n").as_bytes());
+                            out.extend(std::iter::repeat_n(b'z', len));
+                            out.extend_from_slice(b"\r\n");
+                        }
+                        out.extend_from_slice(b"0\r\nX-T: 1\r\n\r\n");
+                    }
+                }
+                out
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn valid_request_streams_pass_unchanged(
+            requests in proptest::collection::vec(request(), 1..5),
+            cuts in proptest::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let input = requests.concat();
+            prop_assert_eq!(feed(&input, &cuts), (input.clone(), None));
+        }
+
+        #[test]
+        fn how_bytes_arrive_does_not_matter(
+            input in proptest::collection::vec(any::<u8>(), 0..300),
+            cuts in proptest::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let (whole, refused) = feed(&input, &[]);
+            prop_assert!(input.starts_with(&whole), "bytes went on changed or out of order");
+            let (pieces, refused_in_pieces) = feed(&input, &cuts);
+            prop_assert_eq!(whole, pieces);
+            prop_assert_eq!(refused, refused_in_pieces);
+        }
+
+        #[test]
+        fn content_length_with_transfer_encoding_is_always_refused(
+            before in proptest::collection::vec(request(), 0..3),
+            length in 0u32..100,
+        ) {
+            let smuggler = format!(
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {length}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            );
+            let input = [before.concat(), smuggler.into_bytes()].concat();
+            let (out, refused) = feed(&input, &[]);
+            prop_assert_eq!(refused, Some("bad_request"));
+            prop_assert_eq!(out, before.concat());
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The read side of a client connection, between the socket and hyper.
+//!
+//! Bytes pass through [`Framing`], which holds each HTTP/1 request head back
+//! until it is complete and checked. A refused head is answered here with
+//! SPEC's error (hyper would answer a bare status, or accept a smuggling
+//! shape): hyper is shown the end of the stream once everything before the
+//! bad head has been answered, and when it then closes the connection, the
+//! error answer is written before the socket is shut down. Nothing after
+//! the bad head is read, so nothing after it is served.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::activity::Activity;
+use super::framing::Framing;
+use crate::metrics::{Metrics, NO_UPSTREAM};
+
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// A client connection's socket with its heads checked.
+pub(super) struct Guard<T> {
+    inner: T,
+    framing: Framing,
+    /// Bytes passed by `framing`, not yet read by hyper.
+    ready: BytesMut,
+    /// The socket reached its end.
+    eof: bool,
+    refusal: Refusal,
+    activity: Arc<Activity>,
+    metrics: Arc<Metrics>,
+}
+
+/// The answer to a refused head, on its way out.
+enum Refusal {
+    None,
+    /// Waiting for the answers to earlier requests to be sent.
+    Held(Vec<u8>),
+    /// hyper saw the end of the stream; written once it shuts the socket down.
+    Due {
+        answer: Vec<u8>,
+        written: usize,
+    },
+    Sent,
+}
+
+impl<T> Guard<T> {
+    pub(super) fn new(inner: T, limit: usize, activity: Arc<Activity>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner,
+            framing: Framing::new(limit),
+            ready: BytesMut::new(),
+            eof: false,
+            refusal: Refusal::None,
+            activity,
+            metrics,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Guard<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !this.ready.is_empty() {
+                let n = this.ready.len().min(buf.remaining());
+                buf.put_slice(&this.ready.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            match &mut this.refusal {
+                Refusal::Held(answer) => {
+                    if !this.activity.idle_or_wake(cx.waker()) {
+                        return Poll::Pending;
+                    }
+                    this.refusal = Refusal::Due { answer: std::mem::take(answer), written: 0 };
+                    return Poll::Ready(Ok(()));
+                }
+                Refusal::Due { .. } | Refusal::Sent => return Poll::Ready(Ok(())),
+                Refusal::None if this.eof => return Poll::Ready(Ok(())),
+                Refusal::None => {}
+            }
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut read = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
+            if read.filled().is_empty() {
+                this.eof = true;
+                continue;
+            }
+            if let Err(error) = this.framing.push(read.filled(), &mut this.ready) {
+                tracing::debug!(code = error.code(), "request head refused: {error}");
+                this.metrics.count_request(NO_UPSTREAM, error.status());
+                this.refusal = Refusal::Held(error.to_http1_bytes());
+            }
+            this.activity.collecting(this.framing.collecting());
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Guard<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Refusal::Due { answer, written } = &mut this.refusal {
+            while *written < answer.len() {
+                let n = ready!(Pin::new(&mut this.inner).poll_write(cx, &answer[*written..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                *written += n;
+            }
+            ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
+            this.refusal = Refusal::Sent;
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}

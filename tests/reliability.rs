@@ -1,0 +1,594 @@
+//! Issue 9, reliability: pacegate attacked by hostile callers and broken
+//! upstreams. Each test drives a real pacegate (or, for panics, the server
+//! module) on loopback; raw TCP clients send what reqwest cannot. Every wait
+//! is bounded, and each test fails if the protection it names is removed.
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use http_body_util::BodyExt;
+use pacegate::body::ProxyBody;
+use pacegate::metrics::Metrics;
+use pacegate::server::{self, ConnectionSettings};
+use support::mock::{Behaviour, MockUpstream, Scripted};
+use support::{
+    Pacegate, assert_error_parts, assert_pacegate_error, attempts_of, builder, client, queue_depth, upstream,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+/// Bound on every wait that is not itself the point of a test.
+const WAIT: Duration = Duration::from_secs(10);
+/// How long "not answered" is watched for before the thing that unblocks it.
+const NOT_YET: Duration = Duration::from_millis(300);
+
+/// `[server]` on ephemeral ports with `extra` keys.
+fn server(extra: &str) -> String {
+    format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{extra}\n")
+}
+
+/// The upstream `api` at `base_url`, reverse route `/api`, with `extra` keys.
+fn api(base_url: &str, extra: &str) -> String {
+    upstream("api", base_url, &format!("rate = \"1000/s\"\n{extra}"))
+}
+
+/// The upstream `api` at `base_url`, also claiming `host` in forward mode.
+fn api_for(base_url: &str, host: &str) -> String {
+    format!(
+        "[[upstream]]\nname = \"api\"\nbase_url = \"{base_url}\"\nroute = \"/api\"\nhosts = [\"{host}\"]\nrate = \"1000/s\"\n"
+    )
+}
+
+/// `[upstream.retry]` with short delays.
+fn fast_retry(max_attempts: u32) -> String {
+    format!("[upstream.retry]\nmax_attempts = {max_attempts}\nbase_delay = \"10ms\"\nmax_delay = \"50ms\"\n")
+}
+
+// === raw clients ===
+
+async fn open(pg: &Pacegate) -> TcpStream {
+    tokio::time::timeout(WAIT, TcpStream::connect(pg.proxy)).await.expect("connect in time").expect("connect")
+}
+
+/// Reads until the peer closes the connection (a reset counts as closed);
+/// fails the test if that takes longer than `within`.
+async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
+    let mut all = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            all.extend_from_slice(&buf[..n]);
+        }
+    };
+    assert!(
+        tokio::time::timeout(within, read).await.is_ok(),
+        "the connection was not closed within {within:?}"
+    );
+    all
+}
+
+/// Sends `bytes` on a new connection; returns everything the proxy sent
+/// until it closed the connection.
+async fn send_raw(pg: &Pacegate, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = open(pg).await;
+    stream.write_all(bytes).await.expect("send");
+    read_until_closed(&mut stream, WAIT).await
+}
+
+/// One HTTP/1.1 answer read off the wire.
+#[derive(Debug)]
+struct Raw {
+    status: u16,
+    headers: HeaderMap,
+    body: Vec<u8>,
+    /// Whether the whole body announced by `Content-Length` is there.
+    complete: bool,
+}
+
+impl Raw {
+    /// Asserts SPEC's error answer (no upstream named).
+    fn assert_error(&self, status: u16, code: &str) {
+        assert_error_parts(self.status, &self.headers, &self.body, status, code, None);
+    }
+}
+
+/// The answers in `bytes`, in order, framed by `Content-Length`.
+fn answers(mut bytes: &[u8]) -> Vec<Raw> {
+    let mut found = Vec::new();
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        let Ok(httparse::Status::Complete(head)) = response.parse(bytes) else { return found };
+        let mut map = HeaderMap::new();
+        for header in response.headers.iter() {
+            let name = HeaderName::from_bytes(header.name.as_bytes()).expect("header name");
+            map.append(name, HeaderValue::from_bytes(header.value).expect("header value"));
+        }
+        let length: usize = map.get("content-length").map_or(0, |v| v.to_str().unwrap().parse().unwrap());
+        let end = (head + length).min(bytes.len());
+        let body = bytes[head..end].to_vec();
+        let complete = body.len() == length;
+        found.push(Raw { status: response.code.expect("status"), headers: map, body, complete });
+        bytes = &bytes[end..];
+    }
+}
+
+/// Reads exactly one answer (framed by `Content-Length`) from a kept-alive connection.
+async fn read_answer(stream: &mut TcpStream) -> Raw {
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            let n = stream.read(&mut buf).await.expect("read an answer");
+            assert!(n > 0, "closed before a whole answer: {:?}", String::from_utf8_lossy(&bytes));
+            bytes.extend_from_slice(&buf[..n]);
+            if let Some(answer) = answers(&bytes).pop().filter(|a| a.complete) {
+                return answer;
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read).await.expect("an answer in time")
+}
+
+/// A GET of `path` on a kept-alive connection.
+fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: pacegate\r\n\r\n").into_bytes()
+}
+
+/// pacegate with `server_keys`, in front of a mock that it also claims as
+/// `host:port`, so CONNECT to the mock is a plain tunnel.
+async fn tunnel_setup(server_keys: &str) -> (MockUpstream, Pacegate) {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let config = format!("{}{}", server(server_keys), api_for(&mock.url(), &mock.addr().to_string()));
+    let pg = Pacegate::start_config(&config).await;
+    (mock, pg)
+}
+
+/// A CONNECT tunnel to `mock` through `pg`, checked with one request.
+async fn open_tunnel(pg: &Pacegate, mock: &MockUpstream) -> TcpStream {
+    let mut tunnel = open(pg).await;
+    let connect = format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", mock.addr());
+    tunnel.write_all(connect.as_bytes()).await.unwrap();
+    assert_eq!(read_answer(&mut tunnel).await.status, 200);
+    tunnel.write_all(b"GET /through HTTP/1.1\r\nHost: mock\r\n\r\n").await.unwrap();
+    assert_eq!(read_answer(&mut tunnel).await.status, 200, "the tunnel reaches the mock");
+    tunnel
+}
+
+/// Whether the proxy answers nothing on `stream` for [`NOT_YET`].
+async fn silent(stream: &mut TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(NOT_YET, stream.read(&mut byte)).await.is_err()
+}
+
+// === client side: hostile heads ===
+
+/// Every malformed head gets SPEC's answer (hyper alone answers a bare
+/// status, or follows the request), and nothing reaches the upstream.
+#[tokio::test]
+async fn malformed_heads_get_spec_answers() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let config = format!("{}{}", server("max_header_bytes = 2048"), api_for(&mock.url(), "api.test"));
+    let pg = Pacegate::start_config(&config).await;
+    let huge = "a".repeat(16 * 1024);
+    let many: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
+    let cases: Vec<(String, u16, &str)> = vec![
+        // Far over the limit: more than hyper's own buffer would take.
+        (format!("GET /api/x HTTP/1.1\r\nHost: a\r\nX-Big: {huge}\r\n\r\n"), 431, "headers_too_large"),
+        (format!("GET /api/{huge} HTTP/1.1\r\nHost: a\r\n\r\n"), 414, "uri_too_long"),
+        (format!("GET /api/x HTTP/1.1\r\nHost: a\r\n{many}\r\n"), 431, "headers_too_large"),
+        ("GET /api/x HTTP/1.1\r\nHost: a\r\nX-Bad: a\x01b\r\n\r\n".into(), 400, "bad_request"),
+        ("GET /api/x HTTP/1.1\r\nHost: a\r\nBad Name: v\r\n\r\n".into(), 400, "bad_request"),
+        ("GET /api/x HTTP/1.1\r\n\r\n".into(), 400, "bad_request"),
+        (
+            "POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab".into(),
+            400,
+            "bad_request",
+        ),
+        ("POST /api/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n".into(), 400, "bad_request"),
+        ("GET ftp://api.test/x HTTP/1.1\r\nHost: api.test\r\n\r\n".into(), 400, "bad_request"),
+        ("GET http://user:pw@api.test/x HTTP/1.1\r\nHost: api.test\r\n\r\n".into(), 400, "bad_request"),
+        ("GET http://api.test:0/x HTTP/1.1\r\nHost: api.test\r\n\r\n".into(), 400, "bad_request"),
+        ("GET http://[::1/x HTTP/1.1\r\nHost: api.test\r\n\r\n".into(), 400, "bad_request"),
+        ("CONNECT api.test HTTP/1.1\r\nHost: api.test\r\n\r\n".into(), 400, "bad_request"),
+        ("CONNECT http://api.test:443/ HTTP/1.1\r\nHost: api.test\r\n\r\n".into(), 400, "bad_request"),
+        ("CONNECT user@api.test:443 HTTP/1.1\r\nHost: api.test\r\n\r\n".into(), 400, "bad_request"),
+        ("CONNECT api.test:99999 HTTP/1.1\r\nHost: api.test\r\n\r\n".into(), 400, "bad_request"),
+    ];
+    for (request, status, code) in &cases {
+        let mut stream = open(&pg).await;
+        stream.write_all(request.as_bytes()).await.unwrap();
+        println!("{:?}", &request[..request.len().min(60)]);
+        read_answer(&mut stream).await.assert_error(*status, code);
+    }
+    assert_eq!(mock.count(), 0, "a malformed request reached the upstream");
+}
+
+/// `Content-Length` with `Transfer-Encoding` is refused: the request before
+/// it is answered, the request hidden after it never reaches the upstream.
+#[tokio::test]
+async fn request_smuggling_is_refused() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let pg = Pacegate::start(&api(&mock.url(), "")).await;
+    let stream = [
+        get("/api/first"),
+        b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
+          0\r\n\r\nGET /api/smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+            .to_vec(),
+    ]
+    .concat();
+    let found = answers(&send_raw(&pg, &stream).await);
+    assert_eq!(found.len(), 2, "one answer per request: {found:?}");
+    assert_eq!(found[0].status, 200);
+    found[1].assert_error(400, "bad_request");
+    let paths: Vec<String> = mock.arrivals().into_iter().map(|a| a.path_and_query).collect();
+    assert_eq!(paths, ["/first"]);
+}
+
+// === client side: slow, idle and too many connections ===
+
+/// Connections that send their head too slowly are closed at
+/// `header_read_timeout`, trickling or not, new or kept alive (where the
+/// head starts after an answer, not at the connection's start), while others
+/// are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_connections_are_closed_without_slowing_others() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let config = format!("{}{}", server("header_read_timeout = \"300ms\""), api(&mock.url(), ""));
+    let pg = Pacegate::start_config(&config).await;
+    let started = Instant::now();
+    let mut slow = Vec::new();
+    for i in 0..10 {
+        let mut stream = open(&pg).await;
+        if i >= 5 {
+            stream.write_all(&get("/api/first")).await.unwrap();
+            assert_eq!(read_answer(&mut stream).await.status, 200);
+        }
+        stream.write_all(b"GET /api/slow HTTP/1.1\r\nHost: a\r\n").await.unwrap();
+        slow.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                // Trickles a byte every 50 ms: activity alone does not keep it open.
+                for _ in 0..200 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if stream.write_all(b"x").await.is_err() {
+                        break;
+                    }
+                }
+            }
+            read_until_closed(&mut stream, WAIT).await;
+            started.elapsed()
+        }));
+    }
+    let http = client();
+    for _ in 0..5 {
+        let sent = Instant::now();
+        let response = http.get(pg.url("/api/fast")).timeout(WAIT).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(sent.elapsed() < Duration::from_secs(1), "a normal request took {:?}", sent.elapsed());
+    }
+    for task in slow {
+        let closed_after = task.await.unwrap();
+        assert!(closed_after >= Duration::from_millis(250), "closed early: {closed_after:?}");
+        assert!(closed_after < Duration::from_secs(3), "closed late: {closed_after:?}");
+    }
+    assert_eq!(mock.count(), 10, "only the complete requests reached the upstream");
+}
+
+/// A kept-alive connection stays open while requests keep coming (even
+/// further apart than the header timeout), survives a stream longer than
+/// the idle timeout, and closes once idle for `idle_timeout`.
+#[tokio::test]
+async fn idle_keep_alive_connections_close_after_idle_timeout() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let keys = "idle_timeout = \"500ms\"\nheader_read_timeout = \"200ms\"";
+    let pg = Pacegate::start_config(&format!("{}{}", server(keys), api(&mock.url(), ""))).await;
+    let mut stream = open(&pg).await;
+    for i in 0..3 {
+        stream.write_all(&get(&format!("/api/again{i}"))).await.unwrap();
+        assert_eq!(read_answer(&mut stream).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Four events 250 ms apart: the answer outlasts the idle timeout.
+    stream.write_all(&get("/api/sse?n=4&interval_ms=250")).await.unwrap();
+    let mut events = Vec::new();
+    let idle_since = loop {
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(WAIT, stream.read(&mut buf)).await.expect("events in time").unwrap();
+        assert!(n > 0, "closed during the stream: {:?}", String::from_utf8_lossy(&events));
+        events.extend_from_slice(&buf[..n]);
+        if events.windows(7).any(|w| w == b"data: 3") {
+            break Instant::now();
+        }
+    };
+    read_until_closed(&mut stream, WAIT).await;
+    let idle = idle_since.elapsed();
+    assert!(idle >= Duration::from_millis(400), "closed before the idle timeout: {idle:?}");
+    assert!(idle < Duration::from_secs(3), "idle connection closed late: {idle:?}");
+    assert_eq!(mock.count(), 4);
+}
+
+/// With `max_connections = 1`, a second connection waits in the backlog
+/// until the first closes, and so does one behind an open CONNECT tunnel.
+#[tokio::test]
+async fn max_connections_caps_connections_and_tunnels() {
+    let (mock, pg) = tunnel_setup("max_connections = 1").await;
+
+    let mut first = open(&pg).await;
+    first.write_all(&get("/api/a")).await.unwrap();
+    assert_eq!(read_answer(&mut first).await.status, 200);
+    let mut second = open(&pg).await;
+    second.write_all(&get("/api/b")).await.unwrap();
+    assert!(silent(&mut second).await, "a second connection was served beyond max_connections");
+    drop(first);
+    assert_eq!(read_answer(&mut second).await.status, 200);
+    drop(second);
+
+    let tunnel = open_tunnel(&pg, &mock).await;
+    let mut behind = open(&pg).await;
+    behind.write_all(&get("/api/c")).await.unwrap();
+    assert!(silent(&mut behind).await, "an open tunnel did not count against max_connections");
+    drop(tunnel);
+    assert_eq!(read_answer(&mut behind).await.status, 200);
+}
+
+/// A CONNECT tunnel with no byte either way for `idle_timeout` is closed.
+#[tokio::test]
+async fn idle_tunnels_are_closed() {
+    let (mock, pg) = tunnel_setup("idle_timeout = \"300ms\"").await;
+    let mut tunnel = open_tunnel(&pg, &mock).await;
+    let quiet_since = Instant::now();
+    read_until_closed(&mut tunnel, WAIT).await;
+    let quiet = quiet_since.elapsed();
+    assert!(quiet >= Duration::from_millis(250) && quiet < Duration::from_secs(3), "closed after {quiet:?}");
+}
+
+// === client side: callers that go away ===
+
+/// A caller that disconnects mid-upload frees what it held: a buffered body
+/// never queues, a streamed one gives its concurrency slot back.
+#[tokio::test]
+async fn disconnect_mid_upload_frees_everything() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let config = format!(
+        "{}{}",
+        server("max_body_bytes = 1024"),
+        upstream("api", &mock.url(), "rate = \"100/s\"\nmax_concurrency = 1")
+    );
+    let pg = Pacegate::start_config(&config).await;
+
+    // Small body (buffered): the caller leaves before it is complete.
+    let mut small = open(&pg).await;
+    small
+        .write_all(b"POST /api/small HTTP/1.1\r\nHost: a\r\nContent-Length: 500\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    // Large body (streamed once): it reaches the upstream, then the caller leaves.
+    let mut large = open(&pg).await;
+    large.write_all(b"POST /api/large HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n").await.unwrap();
+    large.write_all(&[b'x'; 4096]).await.unwrap();
+    assert!(mock.wait_for_arrivals(1, WAIT).await, "the streamed upload never reached the upstream");
+    assert!(
+        pg.wait_status(WAIT, |s| s["upstreams"][0]["inflight"]["now"] == 1).await,
+        "the streamed upload is not in flight"
+    );
+    drop(small);
+    drop(large);
+
+    assert!(
+        pg.wait_status(WAIT, |s| s["upstreams"][0]["inflight"]["now"] == 0
+            && queue_depth(s, "api") == Some(0))
+            .await,
+        "the upload's slot or queue place was not freed"
+    );
+    // max_concurrency = 1: this is only answered if the slot came back.
+    let next = client().get(pg.url("/api/next")).timeout(Duration::from_secs(5)).send().await.unwrap();
+    assert_eq!(next.status(), 200);
+    let paths: Vec<String> = mock.arrivals().into_iter().map(|a| a.path_and_query).collect();
+    assert_eq!(paths, ["/large", "/next"], "the cut buffered upload reached the upstream");
+}
+
+// === panics ===
+
+/// A handler that panics on `/panic`, streams a body that panics on
+/// `/panic-body`, and answers 200 otherwise.
+async fn panicky(request: http::Request<hyper::body::Incoming>) -> http::Response<ProxyBody> {
+    match request.uri().path() {
+        "/panic" => panic!("handler panics on purpose"),
+        "/panic-body" => {
+            let frames =
+                futures_util::stream::poll_fn(|_| -> std::task::Poll<Option<Result<_, Infallible>>> {
+                    panic!("body panics on purpose")
+                });
+            let body = http_body_util::StreamBody::new(frames).map_err(|never| match never {}).boxed();
+            http::Response::new(body)
+        }
+        _ => http::Response::new(pacegate::body::full(Bytes::from_static(b"ok"))),
+    }
+}
+
+/// A panic in a request, in a streamed answer or in an HTTP/2 stream is
+/// caught, answered 500 where an answer is still possible, counted in
+/// `pacegate_panics_total`, and the server goes on serving.
+#[tokio::test]
+async fn panics_are_caught_counted_and_serving_goes_on() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let metrics = Arc::new(Metrics::new());
+    let settings = ConnectionSettings {
+        max_connections: 100,
+        header_read_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(5),
+        max_header_bytes: 8192,
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(server::serve(
+        listener,
+        settings,
+        metrics.clone(),
+        |_peer, request| panicky(request),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    let http1 = client();
+    let answer = http1.get(format!("{url}/panic")).timeout(WAIT).send().await.unwrap();
+    let body = assert_pacegate_error(answer, 500, "internal_error", None).await;
+    println!("panic answer: {body}");
+    let cut = http1.get(format!("{url}/panic-body")).timeout(WAIT).send().await;
+    assert!(cut.is_err() || cut.unwrap().bytes().await.is_err(), "a panicking body looked complete");
+    let h2 = builder().http2_prior_knowledge().build().unwrap();
+    let cut = h2.get(format!("{url}/panic-body")).timeout(WAIT).send().await;
+    assert!(cut.is_err() || cut.unwrap().bytes().await.is_err(), "a panicking h2 body looked complete");
+    for http in [&http1, &h2] {
+        let fine = http.get(format!("{url}/fine")).timeout(WAIT).send().await.unwrap();
+        assert_eq!(fine.text().await.unwrap(), "ok");
+    }
+    assert_eq!(metrics.panics.get(), 3);
+    assert!(metrics.encode().contains("pacegate_panics_total 3"), "{}", metrics.encode());
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, served).await.expect("server stopped").unwrap();
+}
+
+// === shutdown ===
+
+/// Requests inside an intercepted TLS session are drained by graceful
+/// shutdown like any other: pacegate stops only once they are answered.
+#[tokio::test]
+async fn shutdown_drains_intercepted_sessions() {
+    let ca = tempfile::tempdir().unwrap();
+    let (cert, key) = pacegate::tls::write_new_ca(ca.path()).unwrap();
+    let mock = MockUpstream::start(Behaviour::new().latency(Duration::from_millis(500))).await;
+    let config = format!(
+        "{}[mitm]\nenabled = true\nca_cert = \"{}\"\nca_key = \"{}\"\n\n{}",
+        server("shutdown_grace = \"5s\""),
+        cert.display(),
+        key.display(),
+        api_for(&mock.url(), "api.test"),
+    );
+    let mut pg = Pacegate::start_config(&config).await;
+    let pem = std::fs::read(&cert).unwrap();
+    let https = builder()
+        .proxy(reqwest::Proxy::https(pg.url("")).unwrap())
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .timeout(WAIT)
+        .build()
+        .unwrap();
+    let request = tokio::spawn(https.get("https://api.test/slow").send());
+    assert!(mock.wait_for_arrivals(1, WAIT).await);
+    let arrived = Instant::now();
+    let run = pg.begin_shutdown();
+    tokio::time::timeout(WAIT, run).await.expect("shutdown finished").unwrap().unwrap();
+    // The answer leaves the mock 500 ms after the arrival: stopping earlier cut it.
+    let stopped_after = arrived.elapsed();
+    assert!(stopped_after >= Duration::from_millis(400), "stopped {stopped_after:?} after the arrival");
+    assert_eq!(request.await.unwrap().expect("answered during shutdown").status(), 200);
+}
+
+/// A plain tunnel cannot be drained: shutdown waits for it up to
+/// `shutdown_grace`, then closes it.
+#[tokio::test]
+async fn shutdown_closes_tunnels_after_the_grace() {
+    let (mock, mut pg) = tunnel_setup("shutdown_grace = \"500ms\"").await;
+    let mut tunnel = open_tunnel(&pg, &mock).await;
+    let started = Instant::now();
+    let run = pg.begin_shutdown();
+    tokio::time::timeout(WAIT, run).await.expect("shutdown finished").unwrap().unwrap();
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(450), "shutdown did not wait for the open tunnel: {took:?}");
+    read_until_closed(&mut tunnel, Duration::from_secs(2)).await;
+}
+
+// === upstream side ===
+
+/// `fault` instead of a response head is a broken attempt: a GET is retried
+/// (and succeeds), a POST, which the upstream may have processed, gets 502
+/// `upstream_unreachable` at once.
+async fn broken_attempt_is_retried_when_idempotent(fault: Scripted) {
+    let mock = MockUpstream::start(Behaviour::new().script([fault.clone()])).await;
+    let pg = Pacegate::start(&format!("{}{}", api(&mock.url(), ""), fast_retry(3))).await;
+    let http = client();
+    let retried = http.get(pg.url("/api/get")).timeout(WAIT).send().await.unwrap();
+    assert_eq!((retried.status().as_u16(), attempts_of(&retried)), (200, 2));
+    mock.set_behaviour(Behaviour::new().script([fault]));
+    let post = http.post(pg.url("/api/post")).body("x").timeout(WAIT).send().await.unwrap();
+    assert_eq!(attempts_of(&post), 1);
+    assert_pacegate_error(post, 502, "upstream_unreachable", Some("api")).await;
+    assert_eq!(mock.count(), 3);
+}
+
+#[tokio::test]
+async fn upstream_reset_before_headers() {
+    broken_attempt_is_retried_when_idempotent(Scripted::Reset).await;
+}
+
+#[tokio::test]
+async fn upstream_garbage_instead_of_http() {
+    broken_attempt_is_retried_when_idempotent(Scripted::Garbage).await;
+}
+
+/// A connection reset mid-body: the caller gets the head, then its
+/// connection is closed, so the truncation is visible and nothing hangs.
+#[tokio::test]
+async fn upstream_reset_mid_body_closes_the_callers_connection() {
+    let mock = MockUpstream::start(Behaviour::new().script([Scripted::Truncated, Scripted::Truncated])).await;
+    let pg = Pacegate::start(&api(&mock.url(), "")).await;
+    let got = send_raw(&pg, &get("/api/cut")).await;
+    let found = answers(&got);
+    assert_eq!(found.len(), 1, "{:?}", String::from_utf8_lossy(&got));
+    assert_eq!(found[0].status, 200);
+    assert_eq!(found[0].headers["content-length"], "10");
+    assert!(!found[0].complete, "the body looked complete: {:?}", found[0].body);
+    let response = client().get(pg.url("/api/cut")).timeout(WAIT).send().await.unwrap();
+    assert!(response.bytes().await.is_err(), "reqwest saw a complete body");
+}
+
+/// An upstream that accepts and never reads: every attempt ends at the
+/// attempt timeout (504), on a fresh connection, whatever the body size.
+#[tokio::test]
+async fn upstream_that_never_reads_times_out() {
+    let mock = MockUpstream::start(Behaviour::new().never_read()).await;
+    let config = format!("{}{}", api(&mock.url(), "timeout = \"300ms\""), fast_retry(2));
+    let pg = Pacegate::start(&config).await;
+    let http = client();
+    let started = Instant::now();
+    let get = http.get(pg.url("/api/get")).timeout(WAIT).send().await.unwrap();
+    assert_eq!(attempts_of(&get), 2);
+    assert_pacegate_error(get, 504, "upstream_timeout", Some("api")).await;
+    // 4 MB cannot sit in socket buffers: the body write itself stalls.
+    let post = http.post(pg.url("/api/post")).body(vec![b'x'; 4 << 20]).timeout(WAIT).send().await.unwrap();
+    assert_eq!(attempts_of(&post), 1);
+    assert_pacegate_error(post, 504, "upstream_timeout", Some("api")).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "the attempt timeout did not bound the waits: {took:?}");
+    assert_eq!(mock.connections(), 3, "a stuck connection was reused");
+}
+
+/// A name that does not resolve is a connect failure: retried, then 502.
+#[tokio::test]
+async fn dns_failure_is_502_after_the_attempts() {
+    let pg = Pacegate::start(&format!("{}{}", api("http://pacegate-test.invalid", ""), fast_retry(3))).await;
+    let response = client().get(pg.url("/api/x")).timeout(WAIT).send().await.unwrap();
+    assert_eq!(attempts_of(&response), 3);
+    assert_pacegate_error(response, 502, "upstream_unreachable", Some("api")).await;
+}
+
+/// A TLS handshake that fails (here: the upstream speaks plain HTTP) is a
+/// connect failure: retried, then 502, and no request is ever sent.
+#[tokio::test]
+async fn tls_failure_is_502_after_the_attempts() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let base = format!("https://{}", mock.addr());
+    let pg = Pacegate::start(&format!("{}{}", api(&base, ""), fast_retry(3))).await;
+    let response = client().get(pg.url("/api/x")).timeout(WAIT).send().await.unwrap();
+    assert_eq!(attempts_of(&response), 3);
+    assert_pacegate_error(response, 502, "upstream_unreachable", Some("api")).await;
+    assert_eq!(mock.count(), 0, "a request was sent over a failed handshake");
+}
