@@ -13,6 +13,7 @@ pub mod route;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -65,49 +66,46 @@ impl Proxy {
 
     /// Answers one request; never fails: errors become SPEC's error answers.
     ///
-    /// Neither this nor the steps a queued request goes through (`proxy`,
-    /// `forward`, `Upstream::exchange`) is an `async fn`: an async fn keeps
-    /// every argument twice in its state (as passed and as bound), and a
-    /// queued request keeps its state for as long as it waits. Each step
-    /// does what needs no waiting first, and what it keeps for later is
-    /// stored once.
-    #[allow(clippy::manual_async_fn)] // on purpose, see above
+    /// Neither this nor the steps a queued request goes through (`routed`,
+    /// `forward`, `Upstream::exchange`, `Dispatcher::join`) is an `async fn`:
+    /// an async fn or block keeps every value it captured for as long as it
+    /// lives, even once that value has moved on to the next step, and a
+    /// queued request keeps its state for as long as it waits. So each step
+    /// does what needs no waiting first, the request's data is owned once
+    /// (by `forward`), and the steps after it borrow.
     pub fn handle(
         self: Arc<Self>,
         peer: SocketAddr,
         request: Request<Incoming>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
-        async move {
-            let runtime = self.runtime.load_full();
-            let mut upstream = None;
-            let result = match auth::check(request.headers(), &runtime.config.server.proxy_auth) {
-                Err(error) => Err(error),
-                Ok(()) if request.method() == http::Method::CONNECT => {
-                    match check_header_size(request.headers(), runtime.config.server.max_header_bytes) {
-                        // Boxed: rare, and its state would otherwise size every request's.
-                        Ok(()) => Box::pin(connect::connect(&self, &runtime, peer, request)).await,
-                        Err(error) => Err(error),
-                    }
-                }
-                Ok(()) => self.proxy(&runtime, peer, request, None, &mut upstream).await,
-            };
-            self.answer(result, upstream.as_deref())
+        let runtime = self.runtime.load_full();
+        if let Err(error) = auth::check(request.headers(), &runtime.config.server.proxy_auth) {
+            return Either::Left(self.answered(Err(error), None));
         }
+        if request.method() == http::Method::CONNECT {
+            if let Err(error) = check_header_size(request.headers(), runtime.config.server.max_header_bytes) {
+                return Either::Left(self.answered(Err(error), None));
+            }
+            // Boxed: rare, and its state would otherwise size every request's.
+            return Either::Left(Box::pin(async move {
+                let result = connect::connect(&self, &runtime, peer, request).await;
+                self.answer(result, None)
+            }));
+        }
+        self.routed(runtime, peer, request, None)
     }
 
     /// Answers one request from inside an intercepted CONNECT tunnel to
     /// `authority`, as if it were a forward request to `https://authority/...`.
     /// The tunnel was authenticated when it was opened.
-    pub async fn handle_intercepted(
+    pub fn handle_intercepted(
         self: Arc<Self>,
         peer: SocketAddr,
         authority: Authority,
         request: Request<Incoming>,
-    ) -> Response<ProxyBody> {
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         let runtime = self.runtime.load_full();
-        let mut upstream = None;
-        let result = self.proxy(&runtime, peer, request, Some(&authority), &mut upstream).await;
-        self.answer(result, upstream.as_deref())
+        self.routed(runtime, peer, request, Some(&authority))
     }
 
     /// The interceptor for these `[mitm]` paths, loading the CA on first use.
@@ -142,67 +140,90 @@ impl Proxy {
         response
     }
 
-    /// Proxies one request; names its upstream in `upstream` once routed.
-    /// `tunnel` is the authority of the intercepted CONNECT it came through.
-    fn proxy<'a>(
-        &'a self,
-        runtime: &'a Runtime,
+    /// An answer known before any waiting, in the shape of the waiting ones.
+    fn answered(
+        &self,
+        result: Result<Response<ProxyBody>, ProxyError>,
+        upstream: Option<&Upstream>,
+    ) -> Answering {
+        Box::pin(std::future::ready(self.answer(result, upstream)))
+    }
+
+    /// Routes and forwards one request. `tunnel` is the authority of the
+    /// intercepted CONNECT it came through.
+    fn routed(
+        self: Arc<Self>,
+        runtime: Arc<Runtime>,
         peer: SocketAddr,
         request: Request<Incoming>,
         tunnel: Option<&Authority>,
-        upstream: &mut Option<Arc<Upstream>>,
-    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a {
-        match prepare(runtime, peer, request, tunnel) {
-            Err(error) => Either::Left(std::future::ready(Err(error))),
-            Ok(prepared) => {
-                if let Target::Upstream { index, .. } = &prepared.target {
-                    *upstream = Some(runtime.upstreams[*index].clone());
-                }
-                Either::Right(self.forward(runtime, prepared))
-            }
+    ) -> Either<Answering, impl Future<Output = Response<ProxyBody>> + Send + use<>> {
+        match prepare(&runtime, peer, request, tunnel) {
+            Err(error) => Either::Left(self.answered(Err(error), None)),
+            Ok(prepared) => Either::Right(self.forward(runtime, prepared)),
+        }
+    }
+
+    /// Sends the request and answers.
+    ///
+    /// The one step that owns the request while it waits: the steps after
+    /// it borrow `prepared`.
+    #[allow(clippy::manual_async_fn)] // its arguments are kept once, see `handle`
+    fn forward(
+        self: Arc<Self>,
+        runtime: Arc<Runtime>,
+        mut prepared: Prepared,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
+        async move {
+            let upstream = prepared.upstream.map(|index| &*runtime.upstreams[index]);
+            let result = self.send(&runtime, &mut prepared).await;
+            self.answer(result, upstream)
         }
     }
 
     /// Reads the body, then exchanges the request with its upstream, or
     /// passes it through when no upstream claims its host.
-    fn forward<'a>(
+    #[allow(clippy::manual_async_fn)] // its arguments are kept once, see `handle`
+    fn send<'a>(
         &'a self,
         runtime: &'a Runtime,
-        mut request: Prepared,
+        prepared: &'a mut Prepared,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a {
-        let server = &runtime.config.server;
         async move {
-            let upstream_name = |target: &Target| match target {
-                Target::Upstream { index, .. } => Some(runtime.upstreams[*index].config.name.clone()),
-                Target::PassThrough { .. } => None,
-            };
-            let body = body::read(request.incoming, server.max_body_bytes, server.max_request_bytes)
+            let server = &runtime.config.server;
+            let incoming =
+                prepared.incoming.take().ok_or_else(|| ProxyError::Internal("request sent twice".into()))?;
+            let mut body = body::read(incoming, server.max_body_bytes, server.max_request_bytes)
                 .await
                 .map_err(|e| match e {
                     BodyError::TooLarge(limit) => {
-                        ProxyError::BodyTooLarge { upstream: upstream_name(&request.target), limit }
+                        let upstream =
+                            prepared.upstream.map(|index| runtime.upstreams[index].config.name.clone());
+                        ProxyError::BodyTooLarge { upstream, limit }
                     }
                     BodyError::Read(e) => {
                         ProxyError::BadRequest(format!("reading the request body failed: {e}"))
                     }
                 })?;
-            match request.target {
-                Target::Upstream { index, uri } => {
+            let head = &mut prepared.head;
+            match prepared.upstream {
+                Some(index) => {
                     // base_url decides the host: the client derives Host from the URI.
-                    request.head.headers.remove(header::HOST);
+                    head.headers.remove(header::HOST);
                     let client = runtime.client_for(index, &self.client);
-                    let upstream = &runtime.upstreams[index];
-                    upstream.exchange(client, request.head, uri, body, request.max_wait, request.place).await
+                    runtime.upstreams[index]
+                        .exchange(client, head, &mut body, prepared.max_wait, prepared.place)
+                        .await
                 }
-                Target::PassThrough { uri } => {
+                None => {
                     let client = if runtime.config.forward.allow_private {
                         &self.client
                     } else {
-                        check_pass_through(&uri).await?;
+                        check_pass_through(&head.uri).await?;
                         &self.guarded_client
                     };
                     // Boxed like CONNECT: only unknown hosts take this path.
-                    Box::pin(self.pass_through(client, request.head, uri, body)).await
+                    Box::pin(self.pass_through(client, head, &mut body)).await
                 }
             }
         }
@@ -212,11 +233,10 @@ impl Proxy {
     async fn pass_through(
         &self,
         client: &UpstreamClient,
-        head: http::request::Parts,
-        uri: http::Uri,
-        mut body: body::RequestBody,
+        head: &http::request::Parts,
+        body: &mut body::RequestBody,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let request = outbound_request(&head, uri, body.for_attempt().unwrap_or_else(body::empty));
+        let request = outbound_request(head, body.for_attempt().unwrap_or_else(body::empty));
         let response = client.send(request, PASS_THROUGH_TIMEOUT).await.map_err(|e| match e {
             crate::upstream::SendError::Timeout(timeout) => {
                 ProxyError::UpstreamTimeout { upstream: None, timeout }
@@ -229,12 +249,19 @@ impl Proxy {
     }
 }
 
+/// The future of an answer that is not on the paced path: known at once, or
+/// a CONNECT. Boxed, so that it does not size every request's future.
+type Answering = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
+
 /// A request once checked, routed and cleaned: what forwarding it needs.
 struct Prepared {
-    target: Target,
-    /// The caller's head, pacegate's own and hop-by-hop headers removed.
+    /// The index of its upstream, or `None` to pass it through.
+    upstream: Option<usize>,
+    /// The caller's head, pacegate's own and hop-by-hop headers removed, its
+    /// URI the one it is sent to.
     head: http::request::Parts,
-    incoming: Incoming,
+    /// Taken when the body is read.
+    incoming: Option<Incoming>,
     /// The caller's own bound on its queue wait.
     max_wait: Option<Duration>,
     place: Place,
@@ -260,14 +287,20 @@ fn prepare(
     };
     let (mut head, incoming) = request.into_parts();
     let max_wait = max_wait(&head.headers)?;
-    let place = match &target {
-        Target::Upstream { index, .. } => runtime.upstreams[*index].place(&head.headers, peer.ip())?,
-        Target::PassThrough { .. } => Place::default(),
+    let (upstream, place) = match target {
+        Target::Upstream { index, uri } => {
+            head.uri = uri;
+            (Some(index), runtime.upstreams[index].place(&head.headers, peer.ip())?)
+        }
+        Target::PassThrough { uri } => {
+            head.uri = uri;
+            (None, Place::default())
+        }
     };
     // Our own headers and connection-level ones never travel on.
     headers::strip_own(&mut head.headers);
     headers::strip_hop_by_hop(&mut head.headers);
-    Ok(Prepared { target, head, incoming, max_wait, place })
+    Ok(Prepared { upstream, head, incoming: Some(incoming), max_wait, place })
 }
 
 /// 403 when a pass-through target resolves to a guarded address. The guarded

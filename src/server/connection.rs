@@ -52,7 +52,11 @@ where
             let busy = activity.begin();
             let refused_connect_closes =
                 request.method() == Method::CONNECT && request.version() < Version::HTTP_2;
-            request.extensions_mut().insert(scope.clone());
+            // Only a CONNECT needs its connection (a tunnel lives in its
+            // scope); other requests skip the extensions map's allocation.
+            if request.method() == Method::CONNECT {
+                request.extensions_mut().insert(scope.clone());
+            }
             let answer = match panic::catch_unwind(AssertUnwindSafe(|| handler(request))) {
                 Ok(handling) => Either::Left(AssertUnwindSafe(handling).catch_unwind()),
                 Err(panic) => Either::Right(future::ready(Err(panic))),

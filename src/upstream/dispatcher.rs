@@ -18,10 +18,12 @@
 //! (timeout, disconnect) closes its ticket channel; the dispatcher skips such
 //! entries without spending quota.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures_util::future::{self, Either, Ready};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -45,9 +47,15 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    pub(super) fn new(inflight: OwnedSemaphorePermit, waited: Duration, shared: &Arc<Shared>) -> Self {
+    /// A ticket as the task hands it out; the waiter stamps its wait on it.
+    pub(super) fn new(inflight: OwnedSemaphorePermit, shared: &Arc<Shared>) -> Self {
         shared.in_flight.fetch_add(1, Ordering::AcqRel);
-        Self { _inflight: inflight, _counted: InFlight(shared.clone()), waited }
+        Self { _inflight: inflight, _counted: InFlight(shared.clone()), waited: Duration::ZERO }
+    }
+
+    fn waited_since(mut self, since: Instant) -> Self {
+        self.waited = since.elapsed();
+        self
     }
 
     /// The concurrency slot of a ticket nobody took.
@@ -124,9 +132,13 @@ pub struct Feedback {
 /// The task answers a ticket, or a refusal it alone can decide.
 pub(super) type Answer = Result<Ticket, Refusal>;
 
+/// Where the task sends one waiter's answer: all it keeps of a waiter once
+/// queued (the queue it sits in is its place), since a queue may hold many
+/// thousands.
+pub(super) type Tickets = oneshot::Sender<Answer>;
+
 pub(super) struct Waiter {
-    pub tickets: oneshot::Sender<Answer>,
-    pub since: Instant,
+    pub tickets: Tickets,
     pub place: Place,
 }
 
@@ -291,46 +303,63 @@ impl Dispatcher {
     }
 
     /// Waits for a ticket as a new caller at `place`, until `deadline`.
-    pub async fn join(&self, place: Place, deadline: Instant) -> Result<Ticket, Refusal> {
+    ///
+    /// Admission is decided before the future is made, so that what the
+    /// future keeps while it waits is only the wait itself.
+    pub fn join(
+        &self,
+        place: Place,
+        deadline: Instant,
+    ) -> Either<Ready<Result<Ticket, Refusal>>, impl Future<Output = Result<Ticket, Refusal>> + Send + '_>
+    {
         let capacity = self.shared.capacity.load(Ordering::Relaxed);
         let admitted = self
             .shared
             .depth
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| (d < capacity).then_some(d + 1));
-        if admitted.is_err() {
-            return Err(Refusal::Full { retry_after: self.estimate_wait() });
+        match admitted {
+            Err(_) => Either::Left(future::ready(Err(Refusal::Full { retry_after: self.estimate_wait() }))),
+            Ok(_) => Either::Right(self.wait(Command::Join, place, deadline)),
         }
-        self.wait(Command::Join, place, deadline).await
     }
 
     /// Waits for a ticket for a retry, at the head of its caller's queue in
     /// `place`, until `deadline`.
-    pub async fn rejoin(&self, place: Place, deadline: Instant) -> Result<Ticket, Refusal> {
+    pub fn rejoin(
+        &self,
+        place: Place,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Ticket, Refusal>> + Send + '_ {
         self.shared.depth.fetch_add(1, Ordering::AcqRel);
-        self.wait(Command::Rejoin, place, deadline).await
+        self.wait(Command::Rejoin, place, deadline)
     }
 
-    async fn wait(
+    /// Queues a waiter at once (its slot settles the depth counted for it,
+    /// even if the future is dropped unpolled), then waits for its ticket.
+    fn wait(
         &self,
         command: fn(Waiter) -> Command,
         place: Place,
         deadline: Instant,
-    ) -> Result<Ticket, Refusal> {
+    ) -> impl Future<Output = Result<Ticket, Refusal>> + Send + '_ {
         let since = Instant::now();
         let (tickets, receiver) = oneshot::channel();
         let mut slot = QueueSlot { receiver, shared: &self.shared, settled: false };
-        if self.commands.send(command(Waiter { tickets, since, place })).is_err() {
-            return Err(self.timeout(since)); // the task is gone: nothing will be served
-        }
-        match tokio::time::timeout_at(deadline, &mut slot.receiver).await {
-            Ok(Ok(answer)) => {
-                slot.settled = true;
-                answer
+        let queued = self.commands.send(command(Waiter { tickets, place })).is_ok();
+        async move {
+            if !queued {
+                return Err(self.timeout(since)); // the task is gone: nothing will be served
             }
-            Ok(Err(_)) | Err(_) => match slot.leave() {
-                Some(ticket) => Ok(ticket), // served at the very last moment
-                None => Err(self.timeout(since)),
-            },
+            match tokio::time::timeout_at(deadline, &mut slot.receiver).await {
+                Ok(Ok(answer)) => {
+                    slot.served();
+                    answer.map(|ticket| ticket.waited_since(since))
+                }
+                Ok(Err(_)) | Err(_) => match slot.leave() {
+                    Some(ticket) => Ok(ticket.waited_since(since)), // served at the very last moment
+                    None => Err(self.timeout(since)),
+                },
+            }
         }
     }
 
@@ -361,6 +390,11 @@ struct QueueSlot<'a> {
 }
 
 impl QueueSlot<'_> {
+    /// The dispatcher answered: it counted this caller out itself.
+    fn served(&mut self) {
+        self.settled = true;
+    }
+
     /// Stops waiting; returns a ticket that was sent before the channel closed.
     fn leave(&mut self) -> Option<Ticket> {
         if self.settled {

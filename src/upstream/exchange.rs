@@ -14,7 +14,7 @@ use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, Uri};
+use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -47,16 +47,15 @@ impl Upstream {
     /// partition, caller and priority), pacing and retries.
     ///
     /// A queue may hold many thousands of requests, each holding this
-    /// future's state while it waits: hence not an `async fn` (which would
-    /// store each argument twice), and the attempt loop boxed once a ticket
+    /// future's state while it waits: hence the request borrowed from the
+    /// caller's step that owns it, and the attempt loop boxed once a ticket
     /// is in hand (answers kept for a retry, the client's future and backoff
     /// timers are more than half of the state).
     pub fn exchange<'a>(
         &'a self,
         client: &'a UpstreamClient,
-        head: http::request::Parts,
-        uri: Uri,
-        body: RequestBody,
+        head: &'a http::request::Parts,
+        body: &'a mut RequestBody,
         max_wait: Option<Duration>,
         place: Place,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a {
@@ -65,7 +64,7 @@ impl Upstream {
         async move {
             let ticket = self.dispatcher.join(place, deadline).await.map_err(|r| self.refused(r))?;
             self.dispatcher.record_first_attempt();
-            Box::pin(self.attempts(client, head, uri, body, place, deadline, ticket)).await
+            Box::pin(self.attempts(client, head, body, place, deadline, ticket)).await
         }
     }
 
@@ -74,9 +73,8 @@ impl Upstream {
     async fn attempts(
         &self,
         client: &UpstreamClient,
-        head: http::request::Parts,
-        uri: Uri,
-        mut body: RequestBody,
+        head: &http::request::Parts,
+        body: &mut RequestBody,
         place: Place,
         mut deadline: Instant,
         mut ticket: Ticket,
@@ -89,8 +87,7 @@ impl Upstream {
         loop {
             let sent_at = Instant::now();
             let attempt_body = body.for_attempt().unwrap_or_else(body::empty);
-            let result =
-                client.send(outbound_request(&head, uri.clone(), attempt_body), self.config.timeout).await;
+            let result = client.send(outbound_request(head, attempt_body), self.config.timeout).await;
             self.observe_attempt(&result, sent_at);
             let retry_after = self.learn(&result, sent_at, attempt, place.partition);
             let outcome = outcome(&result);

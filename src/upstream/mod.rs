@@ -15,7 +15,7 @@ mod task;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderName, Request, Response, Uri};
+use http::{HeaderMap, HeaderName, Request, Response};
 
 use crate::body::{self, ProxyBody};
 use crate::config::{self, KeySource};
@@ -88,11 +88,12 @@ impl Upstream {
     }
 }
 
-/// The request one attempt sends: the caller's head, cleaned, at `uri`.
-pub fn outbound_request(head: &http::request::Parts, uri: Uri, body: ProxyBody) -> Request<ProxyBody> {
+/// The request one attempt sends: the caller's head, cleaned and already
+/// aimed at its upstream's URI.
+pub fn outbound_request(head: &http::request::Parts, body: ProxyBody) -> Request<ProxyBody> {
     let mut request = Request::new(body);
     *request.method_mut() = head.method.clone();
-    *request.uri_mut() = uri;
+    *request.uri_mut() = head.uri.clone();
     // The pooled client negotiates h2 itself; it refuses HTTP/2-versioned
     // requests on HTTP/1 connections.
     *request.version_mut() = http::Version::HTTP_11;

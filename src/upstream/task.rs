@@ -35,7 +35,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 
-use super::dispatcher::{Command, Feedback, Refusal, Shape, Shared, Ticket, Waiter};
+use super::dispatcher::{Command, Feedback, Refusal, Shape, Shared, Ticket, Tickets, Waiter};
 use super::partition::{Context, Partition, Quotas, SINGLE};
 use crate::config::{self, RedisOnError};
 use crate::limit::pacer::{Taken, paced_quotas};
@@ -66,7 +66,7 @@ pub(super) struct Task {
     shared_quotas: SharedQuotas,
     /// `max_partitions` in force.
     max_partitions: usize,
-    partitions: HashMap<u64, Partition<Waiter>>,
+    partitions: HashMap<u64, Partition<Tickets>>,
     /// Partitions with waiters, in round-robin order; each at most once.
     ready: VecDeque<u64>,
     /// Waiters held over all partitions, gone ones included until reached.
@@ -188,7 +188,7 @@ impl Task {
         let capacity = self.shared.capacity.load(Ordering::Relaxed);
         if self.queued > 2 * capacity + 64 {
             for partition in self.partitions.values_mut() {
-                partition.waiters.retain(|w| !w.tickets.is_closed());
+                partition.waiters.retain(|tickets| !tickets.is_closed());
             }
             let partitions = &self.partitions;
             self.ready.retain(|key| partitions.get(key).is_some_and(|p| !p.waiters.is_empty()));
@@ -210,9 +210,9 @@ impl Task {
         let was_empty = partition.waiters.is_empty();
         let (caller, priority) = (waiter.place.caller, waiter.place.priority);
         if retry {
-            partition.waiters.push_front(caller, priority, waiter);
+            partition.waiters.push_front(caller, priority, waiter.tickets);
         } else {
-            partition.waiters.push_back(caller, priority, waiter);
+            partition.waiters.push_back(caller, priority, waiter.tickets);
         }
         self.queued += 1;
         if was_empty {
@@ -226,7 +226,7 @@ impl Task {
 
     /// The partition for `key`, new if the bound allows (after evicting idle
     /// ones); `None` when `max_partitions` busy ones are live.
-    fn partition(&mut self, key: u64) -> Option<&mut Partition<Waiter>> {
+    fn partition(&mut self, key: u64) -> Option<&mut Partition<Tickets>> {
         if !self.partitions.contains_key(&key) {
             if self.partitions.len() >= self.max_partitions {
                 self.evict_idle(Instant::now());
@@ -421,8 +421,8 @@ impl Task {
     /// Answers every waiter with `refusal` (Redis down with `on_error = "deny"`).
     fn refuse_all(&mut self, refusal: Refusal) {
         for partition in self.partitions.values_mut() {
-            while let Some(waiter) = partition.waiters.pop() {
-                if waiter.tickets.send(Err(refusal)).is_ok() {
+            while let Some(tickets) = partition.waiters.pop() {
+                if tickets.send(Err(refusal)).is_ok() {
                     self.shared.depth.fetch_sub(1, Ordering::AcqRel);
                 }
             }
@@ -476,16 +476,15 @@ enum Decision {
 /// Hands a ticket to the partition's next caller still waiting; gives the
 /// permit back when nobody was left to take it.
 fn hand_out(
-    partition: &mut Partition<Waiter>,
+    partition: &mut Partition<Tickets>,
     permit: OwnedSemaphorePermit,
     queued: &mut usize,
     shared: &Arc<Shared>,
 ) -> Result<(), OwnedSemaphorePermit> {
     let mut permit = permit;
-    while let Some(waiter) = partition.waiters.pop() {
+    while let Some(tickets) = partition.waiters.pop() {
         *queued -= 1;
-        let ticket = Ticket::new(permit, waiter.since.elapsed(), shared);
-        match waiter.tickets.send(Ok(ticket)) {
+        match tickets.send(Ok(Ticket::new(permit, shared))) {
             Ok(()) => {
                 shared.depth.fetch_sub(1, Ordering::AcqRel);
                 return Ok(());
