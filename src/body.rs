@@ -176,14 +176,18 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// Streams `inner` to the caller; `guard` is released when the body ends.
-pub fn guarded<B, G>(inner: B, guard: G) -> ProxyBody
-where
-    B: Body<Data = Bytes> + Send + Sync + 'static,
-    B::Error: Into<BoxError>,
-    G: Send + Sync + 'static,
-{
-    Guarded { inner, guard: Some(guard) }.boxed()
+/// Streams an upstream's body to the caller; `guard` is released when the
+/// body ends.
+pub fn guarded<G: Send + Sync + 'static>(inner: Incoming, guard: G) -> ProxyBody {
+    Guarded::new(inner, guard).boxed()
+}
+
+impl<B, G> Guarded<B, G> {
+    /// `inner`, holding `guard` until it ends; unboxed, for a caller that
+    /// can name the type (hyper's service answers do).
+    pub fn new(inner: B, guard: G) -> Self {
+        Self { inner, guard: Some(guard) }
+    }
 }
 
 impl<B, G> Body for Guarded<B, G>

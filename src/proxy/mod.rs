@@ -80,11 +80,11 @@ impl Proxy {
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         let runtime = self.runtime.load_full();
         if let Err(error) = auth::check(request.headers(), &runtime.config.server.proxy_auth) {
-            return Either::Left(self.answered(Err(error), None));
+            return Either::Left(self.refused(error));
         }
         if request.method() == http::Method::CONNECT {
             if let Err(error) = check_header_size(request.headers(), runtime.config.server.max_header_bytes) {
-                return Either::Left(self.answered(Err(error), None));
+                return Either::Left(self.refused(error));
             }
             // Boxed: rare, and its state would otherwise size every request's.
             return Either::Left(Box::pin(async move {
@@ -140,13 +140,10 @@ impl Proxy {
         response
     }
 
-    /// An answer known before any waiting, in the shape of the waiting ones.
-    fn answered(
-        &self,
-        result: Result<Response<ProxyBody>, ProxyError>,
-        upstream: Option<&Upstream>,
-    ) -> Answering {
-        Box::pin(std::future::ready(self.answer(result, upstream)))
+    /// An error answer known before any waiting, in the shape of the
+    /// waiting answers.
+    fn refused(&self, error: ProxyError) -> Answering {
+        Box::pin(std::future::ready(self.answer(Err(error), None)))
     }
 
     /// Routes and forwards one request. `tunnel` is the authority of the
@@ -159,7 +156,7 @@ impl Proxy {
         tunnel: Option<&Authority>,
     ) -> Either<Answering, impl Future<Output = Response<ProxyBody>> + Send + use<>> {
         match prepare(&runtime, peer, request, tunnel) {
-            Err(error) => Either::Left(self.answered(Err(error), None)),
+            Err(error) => Either::Left(self.refused(error)),
             Ok(prepared) => Either::Right(self.forward(runtime, prepared)),
         }
     }
@@ -287,15 +284,14 @@ fn prepare(
     };
     let (mut head, incoming) = request.into_parts();
     let max_wait = max_wait(&head.headers)?;
-    let (upstream, place) = match target {
-        Target::Upstream { index, uri } => {
-            head.uri = uri;
-            (Some(index), runtime.upstreams[index].place(&head.headers, peer.ip())?)
-        }
-        Target::PassThrough { uri } => {
-            head.uri = uri;
-            (None, Place::default())
-        }
+    let (upstream, uri) = match target {
+        Target::Upstream { index, uri } => (Some(index), uri),
+        Target::PassThrough { uri } => (None, uri),
+    };
+    head.uri = uri;
+    let place = match upstream {
+        Some(index) => runtime.upstreams[index].place(&head.headers, peer.ip())?,
+        None => Place::default(),
     };
     // Our own headers and connection-level ones never travel on.
     headers::strip_own(&mut head.headers);

@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::activity::{Activity, Busy};
 use super::guard::Guard;
 use super::{Scope, panicked};
-use crate::body::{self, ProxyBody};
+use crate::body::{Guarded, ProxyBody};
 use crate::error::ProxyError;
 
 /// Serves requests on `io` with `handler` until the connection ends; `scope`
@@ -112,8 +112,12 @@ struct Finish {
     refused_connect_closes: bool,
 }
 
+/// What a client connection sends: the handler's answer, its body holding
+/// the request's [`Busy`] (no second box around the handler's one).
+type Sent = Response<Guarded<ProxyBody, Busy>>;
+
 impl<F: Future<Output = Response<ProxyBody>>> Future for Handling<F> {
-    type Output = Result<Response<ProxyBody>, Infallible>;
+    type Output = Result<Sent, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -124,7 +128,7 @@ impl<F: Future<Output = Response<ProxyBody>>> Future for Handling<F> {
 }
 
 impl Finish {
-    fn answer(self, answer: thread::Result<Response<ProxyBody>>) -> Response<ProxyBody> {
+    fn answer(self, answer: thread::Result<Response<ProxyBody>>) -> Sent {
         let mut response = answer.unwrap_or_else(|panic| {
             panicked(&self.scope.shared().metrics, panic.as_ref(), "request");
             ProxyError::Internal("the request task panicked".into()).into_response()
@@ -135,6 +139,6 @@ impl Finish {
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         let busy = self.busy;
-        response.map(|body| body::guarded(body, busy))
+        response.map(|body| Guarded::new(body, busy))
     }
 }
