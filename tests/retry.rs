@@ -136,9 +136,12 @@ async fn a_429_with_retry_after_pauses_the_whole_upstream() {
     let mock = MockUpstream::start(behaviour).await;
     let pg = Pacegate::start(&api(&mock.url(), "rate = \"50/s\"", "")).await;
 
+    // One request meets the 429 first; the other 19 are sent once pacegate
+    // has seen it. Sent together, one of them may leave before the 429 is
+    // back, which no proxy can recall.
     let started = Instant::now();
     let url = pg.url("/api/item");
-    let callers = tokio::spawn(async move { fire(&url, 20, 20).await });
+    let first = tokio::spawn(async move { fire(&url, 1, 1).await });
     assert!(mock.wait_for_arrivals(1, Duration::from_secs(5)).await, "no request reached the mock");
     let cooling = pg
         .wait_status(Duration::from_secs(1), |s| {
@@ -146,7 +149,10 @@ async fn a_429_with_retry_after_pauses_the_whole_upstream() {
         })
         .await;
     assert!(cooling, "/status shows no cooldown right after the 429: {:#}", pg.status().await);
-    let answers = callers.await.unwrap();
+    let url = pg.url("/api/item");
+    let rest = tokio::spawn(async move { fire(&url, 19, 19).await });
+    let mut answers = first.await.unwrap();
+    answers.extend(rest.await.unwrap());
     println!("20 requests with one 429 + Retry-After: 2 took {:?}", started.elapsed());
 
     assert!(answers.iter().all(|a| a.status == 200), "{answers:?}");
