@@ -76,6 +76,56 @@ async fn pacing_100_per_second_against_a_strict_window() {
     );
 }
 
+/// A caller that finds nobody waiting takes its slot without queueing; such
+/// callers, racing each other and queued ones, are paced all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_find_the_queue_empty_are_paced_like_queued_ones() {
+    let mock = MockUpstream::start(Behaviour::new().limit(20, Duration::from_secs(1))).await;
+    let pg = Pacegate::start(&upstream("api", &mock.url(), "rate = \"20/s\"")).await;
+    // Three callers, each sending its next request once the last is answered.
+    let callers: Vec<_> = (0..3)
+        .map(|caller| {
+            let (client, url) = (client(), pg.url(&format!("/api/c{caller}")));
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                for _ in 0..8 {
+                    statuses.push(client.get(&url).send().await.expect("answer").status());
+                }
+                statuses
+            })
+        })
+        .collect();
+    for caller in callers {
+        let statuses = caller.await.expect("caller");
+        assert!(statuses.iter().all(|s| *s == StatusCode::OK), "{statuses:?}");
+    }
+    let arrivals: Vec<Instant> = mock.arrivals().iter().map(|a| a.at).collect();
+    assert_eq!(arrivals.len(), 24, "each request sent once");
+    assert_eq!(mock.count_status(429), 0, "the strict 20-per-second mock was never overrun");
+    let closest = arrivals.windows(2).map(|w| w[1] - w[0]).min().expect("gaps");
+    println!("closest arrivals {closest:?} apart (interval 50 ms)");
+    assert!(closest >= Duration::from_millis(40), "two attempts {closest:?} apart at 20/s");
+}
+
+/// `max_concurrency` holds for callers that do not queue, too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_concurrency_bounds_callers_that_leave_at_once() {
+    let mock = MockUpstream::start(Behaviour::new().latency(Duration::from_millis(300))).await;
+    let pg = Pacegate::start(&upstream("api", &mock.url(), "rate = \"1000/s\"\nmax_concurrency = 2")).await;
+    let client = client();
+    let requests = (0..4).map(|i| client.get(pg.url(&format!("/api/r{i}"))).send());
+    for answer in futures_util::future::join_all(requests).await {
+        assert_eq!(answer.expect("answer").status(), StatusCode::OK);
+    }
+    let arrivals = mock.arrivals();
+    assert_eq!(arrivals.len(), 4);
+    let third = arrivals[2].at - arrivals[0].at;
+    assert!(
+        third >= Duration::from_millis(250),
+        "a third attempt left {third:?} after the first, before a slot was free"
+    );
+}
+
 #[tokio::test]
 async fn upstreams_do_not_slow_each_other() {
     let slow_mock = MockUpstream::start(Behaviour::new()).await;

@@ -13,13 +13,19 @@
 //! served round-robin, see [`super::schedule`]) and its priority. Without
 //! those keys every place is the same and the queue is the FIFO it always was.
 //!
+//! When nobody waits, a caller does not queue at all: it takes a concurrency
+//! slot and a slot of the upstream's single partition itself and leaves at
+//! once ([`Dispatcher::join`]). That is the common case below the quota, and
+//! it spares every such request two task hand-offs. With `partition_by` or
+//! `[redis]` every caller queues, so that the task alone decides.
+//!
 //! The queue bound is checked by callers on an atomic counter before they
 //! join, so a full queue is answered at once. A caller that stops waiting
 //! (timeout, disconnect) closes its ticket channel; the dispatcher skips such
 //! entries without spending quota.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -27,7 +33,7 @@ use futures_util::future::{self, Either, Ready};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::partition::SINGLE;
+use super::partition::{Pacing, Quotas, SINGLE};
 use super::schedule::Priority;
 use super::task::Task;
 use crate::config;
@@ -145,6 +151,14 @@ pub(super) struct Waiter {
 /// Counts shared between the dispatcher task and its callers.
 #[derive(Debug)]
 pub(super) struct Shared {
+    /// Upstream name, for logs and metrics.
+    pub name: String,
+    pub metrics: Arc<Metrics>,
+    /// Pacing of the single partition (no `partition_by`), which callers
+    /// take slots from directly when nobody waits.
+    pub single: Arc<Mutex<Pacing>>,
+    /// `[redis]` is configured: every attempt must go through the task.
+    pub store_in_use: AtomicBool,
     /// Callers waiting for a ticket (joined, not yet served or gone).
     pub depth: AtomicUsize,
     /// `queue_size`: new callers are refused when `depth` reaches it.
@@ -220,6 +234,10 @@ impl Dispatcher {
             last_rate_limited: None,
         };
         let shared = Arc::new(Shared {
+            name: upstream.name.clone(),
+            metrics,
+            single: Arc::new(Mutex::new(Pacing::new(&Quotas::of(upstream)))),
+            store_in_use: AtomicBool::new(store.is_some()),
             depth: AtomicUsize::new(0),
             capacity: AtomicUsize::new(upstream.queue_size),
             inflight: Arc::new(Semaphore::new(max_inflight)),
@@ -230,7 +248,7 @@ impl Dispatcher {
             shape: Mutex::new(Shape::default()),
         });
         let (commands, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(Task::new(upstream, receiver, shared.clone(), metrics, store).run());
+        tokio::spawn(Task::new(upstream, receiver, shared.clone(), store).run());
         Self { commands, shared }
     }
 
@@ -294,6 +312,10 @@ impl Dispatcher {
             });
         }
         *self.shared.budget() = RetryBudget::from_config(&upstream.retry);
+        self.shared.store_in_use.store(store.is_some(), Ordering::Release);
+        // Callers may take slots from the single partition before the task
+        // has seen this config: its quotas change now.
+        self.shared.single.lock().unwrap_or_else(PoisonError::into_inner).requota(&Quotas::of(upstream));
         let _ = self.commands.send(Command::Reconfigure(Box::new(upstream.clone()), store));
     }
 
@@ -305,13 +327,17 @@ impl Dispatcher {
     /// Waits for a ticket as a new caller at `place`, until `deadline`.
     ///
     /// Admission is decided before the future is made, so that what the
-    /// future keeps while it waits is only the wait itself.
+    /// future keeps while it waits is only the wait itself; a caller that
+    /// can leave at once gets its ticket here.
     pub fn join(
         &self,
         place: Place,
         deadline: Instant,
     ) -> Either<Ready<Result<Ticket, Refusal>>, impl Future<Output = Result<Ticket, Refusal>> + Send + '_>
     {
+        if let Some(ticket) = self.leave_now(place) {
+            return Either::Left(future::ready(Ok(ticket)));
+        }
         let capacity = self.shared.capacity.load(Ordering::Relaxed);
         let admitted = self
             .shared
@@ -321,6 +347,24 @@ impl Dispatcher {
             Err(_) => Either::Left(future::ready(Err(Refusal::Full { retry_after: self.estimate_wait() }))),
             Ok(_) => Either::Right(self.wait(Command::Join, place, deadline)),
         }
+    }
+
+    /// A ticket without queueing: when nobody waits, the concurrency bound
+    /// and the pacer have a slot now, and only the single partition paces.
+    fn leave_now(&self, place: Place) -> Option<Ticket> {
+        let shared = &self.shared;
+        if place.partition != SINGLE
+            || shared.store_in_use.load(Ordering::Acquire)
+            || shared.depth.load(Ordering::Acquire) != 0
+        {
+            return None;
+        }
+        let permit = shared.inflight.clone().try_acquire_owned().ok()?;
+        let mut pacing = shared.single.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let _used = pacing.admit(shared, now).ok()?;
+        pacing.record_grant(now);
+        Some(Ticket::new(permit, shared))
     }
 
     /// Waits for a ticket for a retry, at the head of its caller's queue in

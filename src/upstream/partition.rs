@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -24,6 +24,7 @@ use super::dispatcher::{Feedback, Shared};
 use super::schedule::Schedule;
 use crate::config;
 use crate::limit::pacer::GUARD;
+use crate::limit::pacer::Taken;
 use crate::limit::{Adaptive, Pacer};
 use crate::metrics::Metrics;
 
@@ -72,16 +73,42 @@ impl Quotas {
     }
 }
 
-/// Where log lines and metrics of a partition go.
-pub struct Context<'a> {
-    pub name: &'a str,
-    pub metrics: &'a Metrics,
-    pub shared: &'a Shared,
-}
-
-/// One partition's pacing state and waiters.
+/// One partition: its waiters, and its pacing state.
+///
+/// The pacing state sits behind a lock because callers share the single
+/// partition of an upstream without `partition_by`: when nobody waits, a
+/// caller takes its slot there itself instead of queueing (see
+/// `Dispatcher::join`). The task holds the lock only for one decision.
 pub struct Partition<W> {
     pub waiters: Schedule<W>,
+    pacing: Arc<Mutex<Pacing>>,
+}
+
+impl<W> Partition<W> {
+    pub fn new(quotas: &Quotas) -> Self {
+        Self::sharing(Arc::new(Mutex::new(Pacing::new(quotas))))
+    }
+
+    /// A partition paced by `pacing`, which callers may also take slots from.
+    pub fn sharing(pacing: Arc<Mutex<Pacing>>) -> Self {
+        Self { waiters: Schedule::default(), pacing }
+    }
+
+    pub fn pacing(&self) -> MutexGuard<'_, Pacing> {
+        self.pacing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Nothing waits and the pacing state is idle: dropping it loses nothing.
+    pub fn idle(&self, now: Instant) -> bool {
+        self.waiters.is_empty() && self.pacing().idle(now)
+    }
+}
+
+/// One partition's quotas, cooldown, adaptive rate and rate-limit hints.
+#[derive(Debug)]
+pub struct Pacing {
+    /// What `pacer` and `adaptive` were built from.
+    quotas: Quotas,
     pub pacer: Pacer,
     /// Lowers the pace after 429s; `None` when `adaptive = false`.
     adaptive: Option<Adaptive>,
@@ -101,11 +128,11 @@ pub struct Partition<W> {
     last_grant: Option<Instant>,
 }
 
-impl<W> Partition<W> {
+impl Pacing {
     pub fn new(quotas: &Quotas) -> Self {
         let pacer = Pacer::new(&quotas.rate, quotas.burst);
         Self {
-            waiters: Schedule::default(),
+            quotas: quotas.clone(),
             adaptive: quotas.adaptive.then(|| Adaptive::new(pacer.rate_per_second())),
             pacer,
             cooldown_until: None,
@@ -119,9 +146,14 @@ impl<W> Partition<W> {
     }
 
     /// New quotas: a fresh pacer and adaptive state; cooldown is kept (the
-    /// upstream asked for it, whatever our quotas say).
+    /// upstream asked for it, whatever our quotas say). The same quotas
+    /// again change nothing.
     pub fn requota(&mut self, quotas: &Quotas) {
+        if *quotas == self.quotas {
+            return;
+        }
         let fresh = Self::new(quotas);
+        self.quotas = fresh.quotas;
         self.pacer = fresh.pacer;
         self.adaptive = fresh.adaptive;
         self.window = fresh.window;
@@ -129,11 +161,10 @@ impl<W> Partition<W> {
         self.hint_cap = None;
     }
 
-    /// Nothing waits, nothing cools down or caps the pace, and the pacer
-    /// forgot every slot: dropping it loses no state.
+    /// Nothing cools down or caps the pace, and the pacer forgot every
+    /// slot: dropping it loses no state.
     pub fn idle(&self, now: Instant) -> bool {
-        self.waiters.is_empty()
-            && self.cooldown_until.is_none_or(|until| until <= now)
+        self.cooldown_until.is_none_or(|until| until <= now)
             && self.hint_cap.is_none_or(|(_, until)| until <= now)
             && self.adaptive.as_ref().and_then(Adaptive::current).is_none()
             && self.last_grant.is_none_or(|at| now.duration_since(at) > self.idle_after)
@@ -143,6 +174,16 @@ impl<W> Partition<W> {
     /// the shared quotas' answer.
     pub fn blocked_until(&self, now: Instant) -> Option<Instant> {
         [self.cooldown_until, self.shared_wait].into_iter().flatten().filter(|at| *at > now).max()
+    }
+
+    /// Takes a slot for an attempt leaving now, if the partition is neither
+    /// paused nor out of pacer slots; otherwise says when it may try again.
+    pub fn admit(&mut self, shared: &Shared, now: Instant) -> Result<Taken, Instant> {
+        self.refresh_cap(shared, now);
+        match self.blocked_until(now) {
+            Some(until) => Err(until),
+            None => self.pacer.try_acquire(now),
+        }
     }
 
     pub fn record_grant(&mut self, now: Instant) {
@@ -156,11 +197,11 @@ impl<W> Partition<W> {
     /// Applies what an answer said: cooldown, adaptive rate, quota hints.
     /// `shared`: the quotas are shared with other replicas (Redis). Returns
     /// the pause the upstream asked for, for the other replicas.
-    pub fn learn(&mut self, cx: &Context<'_>, feedback: Feedback, shared: bool) -> Option<Duration> {
+    pub fn learn(&mut self, cx: &Shared, feedback: Feedback, shared: bool) -> Option<Duration> {
         let now = Instant::now();
         if feedback.rate_limited {
             let at = std::time::SystemTime::now();
-            cx.shared.observe(|o| o.last_rate_limited = Some((at, feedback.cooldown)));
+            cx.observe(|o| o.last_rate_limited = Some((at, feedback.cooldown)));
         }
         if let Some(pause) = feedback.cooldown {
             let reason = if feedback.rate_limited { "rate_limited" } else { "retry_after" };
@@ -194,22 +235,22 @@ impl<W> Partition<W> {
     }
 
     /// Pauses the partition until `now + pause` (never shortens a pause).
-    pub fn cool_down(&mut self, cx: &Context<'_>, now: Instant, pause: Duration, reason: &'static str) {
+    pub fn cool_down(&mut self, cx: &Shared, now: Instant, pause: Duration, reason: &'static str) {
         let until = now + pause;
         let paused_from = self.cooldown_until.map_or(now, |current| current.max(now));
         if paused_from >= until {
             return;
         }
         let added = (until - paused_from).as_secs_f64();
-        cx.metrics.cooldown_seconds.get_or_create(&Metrics::upstream(cx.name)).inc_by(added);
+        cx.metrics.cooldown_seconds.get_or_create(&Metrics::upstream(&cx.name)).inc_by(added);
         tracing::warn!(upstream = %cx.name, delay_ms = pause.as_millis() as u64, reason, "cooldown");
         self.cooldown_until = Some(until);
-        cx.shared.observe(|o| o.cooldown_until = Some(until));
+        cx.observe(|o| o.cooldown_until = Some(until));
     }
 
     /// Recomputes the pace below the quotas: adaptive rate and quota hints.
     /// `/status` shows the partition that moved last.
-    pub fn refresh_cap(&mut self, cx: &Context<'_>, now: Instant) {
+    pub fn refresh_cap(&mut self, cx: &Shared, now: Instant) {
         if self.hint_cap.is_some_and(|(_, until)| until <= now) {
             self.hint_cap = None;
         }
@@ -230,7 +271,7 @@ impl<W> Partition<W> {
         self.pacer.set_cap(cap);
         let effective_rate = self.pacer.effective_rate();
         let cooldown_until = self.cooldown_until;
-        cx.shared.observe(|o| {
+        cx.observe(|o| {
             o.effective_rate = effective_rate;
             o.cooldown_until = cooldown_until;
         });
@@ -252,7 +293,7 @@ mod tests {
     async fn idle_only_once_the_longest_window_has_passed() {
         let mut partition: Partition<()> = Partition::new(&quotas(&["10/s", "100/min"]));
         assert!(partition.idle(Instant::now()), "never used: nothing to lose");
-        partition.record_grant(Instant::now());
+        partition.pacing().record_grant(Instant::now());
         tokio::time::advance(Duration::from_secs(30)).await;
         assert!(!partition.idle(Instant::now()), "the per-minute quota still remembers the grant");
         tokio::time::advance(Duration::from_secs(31)).await;

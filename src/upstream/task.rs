@@ -36,10 +36,9 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 
 use super::dispatcher::{Command, Feedback, Refusal, Shape, Shared, Ticket, Tickets, Waiter};
-use super::partition::{Context, Partition, Quotas, SINGLE};
+use super::partition::{Partition, Quotas, SINGLE};
 use crate::config::{self, RedisOnError};
 use crate::limit::pacer::{Taken, paced_quotas};
-use crate::metrics::Metrics;
 use crate::store::{Keys, SharedQuotas, Store, Verdict};
 
 /// Most attempts one Redis round trip asks slots for.
@@ -51,13 +50,10 @@ const SHAPE_EVERY: Duration = Duration::from_millis(100);
 
 /// The dispatcher task's own state.
 pub(super) struct Task {
-    /// Upstream name, for logs.
-    name: String,
     receiver: mpsc::UnboundedReceiver<Command>,
     /// False once every handle is gone: serve what is queued, then stop.
     open: bool,
     shared: Arc<Shared>,
-    metrics: Arc<Metrics>,
     /// Quotas every partition's pacer is built from.
     quotas: Quotas,
     /// With `[redis]`: the shared limiter every attempt also needs.
@@ -80,22 +76,25 @@ impl Task {
         upstream: &config::Upstream,
         receiver: mpsc::UnboundedReceiver<Command>,
         shared: Arc<Shared>,
-        metrics: Arc<Metrics>,
         store: Option<Arc<Store>>,
     ) -> Self {
         let now = Instant::now();
         let quotas = Quotas::of(upstream);
+        // Without `partition_by` the single partition is there from the start:
+        // callers that never queue are paced by it too.
+        let mut partitions = HashMap::new();
+        if upstream.partition_by.is_none() {
+            partitions.insert(SINGLE, new_partition(SINGLE, &quotas, &shared));
+        }
         Self {
-            name: upstream.name.clone(),
             receiver,
             open: true,
             shared,
-            metrics,
             shared_quotas: SharedQuotas::new(&paced_quotas(&quotas.rate, quotas.burst)),
             quotas,
             store,
             max_partitions: upstream.max_partitions.get(),
-            partitions: HashMap::new(),
+            partitions,
             ready: VecDeque::new(),
             queued: 0,
             next_sweep: now + SWEEP_EVERY,
@@ -111,6 +110,8 @@ impl Task {
             }
             self.maintain(Instant::now());
             if self.queued == 0 {
+                // Callers may take slots themselves while nobody waits.
+                permit = None;
                 if self.partitions.len() > 1 && self.open {
                     let sweep = self.next_sweep;
                     tokio::select! {
@@ -201,7 +202,7 @@ impl Task {
     fn enqueue(&mut self, waiter: Waiter, retry: bool) {
         let key = waiter.place.partition;
         let Some(partition) = self.partition(key) else {
-            tracing::warn!(upstream = %self.name, max = self.max_partitions, "too_many_partitions");
+            tracing::warn!(upstream = %self.shared.name, max = self.max_partitions, "too_many_partitions");
             if waiter.tickets.send(Err(Refusal::TooManyPartitions)).is_ok() {
                 self.shared.depth.fetch_sub(1, Ordering::AcqRel);
             }
@@ -234,13 +235,12 @@ impl Task {
             if self.partitions.len() >= self.max_partitions {
                 return None;
             }
-            self.partitions.insert(key, Partition::new(&self.quotas));
+            self.partitions.insert(key, new_partition(key, &self.quotas, &self.shared));
         }
         self.partitions.get_mut(&key)
     }
 
     fn learn(&mut self, feedback: Feedback) {
-        let cx = Context { name: &self.name, metrics: &self.metrics, shared: &self.shared };
         let (max, quotas) = (self.max_partitions, &self.quotas);
         let live = self.partitions.len();
         // A partition evicted meanwhile comes back if the bound allows: a
@@ -248,12 +248,14 @@ impl Task {
         let partition = match self.partitions.entry(feedback.partition) {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::hash_map::Entry::Vacant(_) if live >= max => return,
-            std::collections::hash_map::Entry::Vacant(entry) => entry.insert(Partition::new(quotas)),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                entry.insert(new_partition(feedback.partition, quotas, &self.shared))
+            }
         };
         let shared = self.store.as_ref().is_some_and(|store| store.is_up());
-        let pause = partition.learn(&cx, feedback, shared);
+        let pause = partition.pacing().learn(&self.shared, feedback, shared);
         if let (Some(pause), Some(store)) = (pause, &self.store) {
-            store.cool_down(Keys::new(&self.name, feedback.partition), pause);
+            store.cool_down(Keys::new(&self.shared.name, feedback.partition), pause);
         }
     }
 
@@ -263,17 +265,16 @@ impl Task {
         self.store = store;
         let quotas = Quotas::of(upstream);
         if quotas != self.quotas {
-            for partition in self.partitions.values_mut() {
-                partition.requota(&quotas);
+            for partition in self.partitions.values() {
+                partition.pacing().requota(&quotas);
             }
             self.shared_quotas = SharedQuotas::new(&paced_quotas(&quotas.rate, quotas.burst));
             self.quotas = quotas;
-            tracing::info!(upstream = %self.name, "new quotas take effect");
+            tracing::info!(upstream = %self.shared.name, "new quotas take effect");
         }
-        let cx = Context { name: &self.name, metrics: &self.metrics, shared: &self.shared };
         let now = Instant::now();
-        for partition in self.partitions.values_mut() {
-            partition.refresh_cap(&cx, now);
+        for partition in self.partitions.values() {
+            partition.pacing().refresh_cap(&self.shared, now);
         }
     }
 
@@ -292,24 +293,24 @@ impl Task {
             let Some(partition) = self.partitions.get_mut(&key).filter(|p| !p.waiters.is_empty()) else {
                 continue;
             };
-            let cx = Context { name: &self.name, metrics: &self.metrics, shared: &self.shared };
-            partition.refresh_cap(&cx, now);
-            if let Some(until) = partition.blocked_until(now) {
-                later(until);
-                self.ready.push_back(key);
-                continue;
-            }
-            match partition.pacer.try_acquire(now) {
-                Ok(first) if shared => {
-                    // One round trip may serve every caller a slot is free for.
-                    let room = (1 + self.shared.inflight.available_permits()).min(partition.waiters.len());
-                    let mut taken = vec![first];
-                    while taken.len() < room.min(MAX_BATCH) {
-                        let Ok(next) = partition.pacer.try_acquire(now) else { break };
-                        taken.push(next);
+            let admitted = {
+                let mut pacing = partition.pacing();
+                match pacing.admit(&self.shared, now) {
+                    Ok(first) if shared => {
+                        // One round trip may serve every caller a slot is free for.
+                        let room =
+                            (1 + self.shared.inflight.available_permits()).min(partition.waiters.len());
+                        let mut taken = vec![first];
+                        while taken.len() < room.min(MAX_BATCH) {
+                            let Ok(next) = pacing.pacer.try_acquire(now) else { break };
+                            taken.push(next);
+                        }
+                        return Decision::Ask { key, taken, permit };
                     }
-                    return Decision::Ask { key, taken, permit };
+                    admitted => admitted,
                 }
+            };
+            match admitted {
                 Ok(taken) => {
                     let handed = self.hand_to_next(key, permit, now);
                     self.requeue(key);
@@ -340,7 +341,7 @@ impl Task {
     ) -> Result<(), OwnedSemaphorePermit> {
         let Some(partition) = self.partitions.get_mut(&key) else { return Err(permit) };
         hand_out(partition, permit, &mut self.queued, &self.shared)?;
-        partition.record_grant(now);
+        partition.pacing().record_grant(now);
         Ok(())
     }
 
@@ -354,9 +355,10 @@ impl Task {
 
     /// Gives unused pacer slots back to partition `key`, latest first.
     fn give_back(&mut self, key: u64, taken: Vec<Taken>) {
-        if let Some(partition) = self.partitions.get_mut(&key) {
+        if let Some(partition) = self.partitions.get(&key) {
+            let mut pacing = partition.pacing();
             for slot in taken.into_iter().rev() {
-                partition.pacer.undo(slot);
+                pacing.pacer.undo(slot);
             }
         }
     }
@@ -373,7 +375,9 @@ impl Task {
     ) -> Option<OwnedSemaphorePermit> {
         let wanted = taken.len();
         let verdict = match &self.store {
-            Some(store) => store.acquire(&Keys::new(&self.name, key), &self.shared_quotas, wanted).await,
+            Some(store) => {
+                store.acquire(&Keys::new(&self.shared.name, key), &self.shared_quotas, wanted).await
+            }
             None => Ok(Verdict::Go(wanted)), // reloaded away meanwhile
         };
         let deny = self.store.as_ref().is_some_and(|store| store.on_error() == RedisOnError::Deny);
@@ -388,12 +392,12 @@ impl Task {
             }
             Ok(Verdict::Wait(wait) | Verdict::Cooling(wait)) => {
                 self.give_back(key, taken);
-                let cx = Context { name: &self.name, metrics: &self.metrics, shared: &self.shared };
-                if let Some(partition) = self.partitions.get_mut(&key) {
+                if let Some(partition) = self.partitions.get(&key) {
+                    let mut pacing = partition.pacing();
                     if matches!(verdict, Ok(Verdict::Cooling(_))) {
-                        partition.cool_down(&cx, now, wait, "shared");
+                        pacing.cool_down(&self.shared, now, wait, "shared");
                     } else {
-                        partition.shared_wait = Some(now + wait);
+                        pacing.shared_wait = Some(now + wait);
                     }
                 }
                 self.requeue(key);
@@ -456,7 +460,7 @@ impl Task {
         if self.partitions.len() < before {
             let partitions = &self.partitions;
             self.ready.retain(|key| partitions.contains_key(key));
-            tracing::debug!(upstream = %self.name, evicted = before - self.partitions.len(), "idle partitions");
+            tracing::debug!(upstream = %self.shared.name, evicted = before - self.partitions.len(), "idle partitions");
         }
     }
 }
@@ -471,6 +475,11 @@ enum Decision {
     /// Nobody can go now: the permit comes back, with the earliest instant a
     /// partition can go (`None`: every waiter reached had gone).
     Later(OwnedSemaphorePermit, Option<Instant>),
+}
+
+/// A partition for `key`: the single one is paced by the state callers share.
+fn new_partition(key: u64, quotas: &Quotas, shared: &Shared) -> Partition<Tickets> {
+    if key == SINGLE { Partition::sharing(shared.single.clone()) } else { Partition::new(quotas) }
 }
 
 /// Hands a ticket to the partition's next caller still waiting; gives the
