@@ -30,6 +30,7 @@ use crate::metrics::{Metrics, NO_UPSTREAM};
 use crate::runtime::Runtime;
 use crate::tls::{Interceptor, TlsError};
 use crate::upstream::guard::{self, GuardError};
+use crate::upstream::schedule::Priority;
 use crate::upstream::{ATTEMPTS_HEADER, Place, Upstream, UpstreamClient, inbound_response, outbound_request};
 use route::Target;
 
@@ -172,9 +173,8 @@ impl Proxy {
         mut prepared: Prepared,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         async move {
-            let upstream = prepared.upstream.map(|index| &*runtime.upstreams[index]);
             let result = self.send(&runtime, &mut prepared).await;
-            self.answer(result, upstream)
+            self.answer(result, prepared.upstream(&runtime))
         }
     }
 
@@ -194,8 +194,7 @@ impl Proxy {
                 .await
                 .map_err(|e| match e {
                     BodyError::TooLarge(limit) => {
-                        let upstream =
-                            prepared.upstream.map(|index| runtime.upstreams[index].config.name.clone());
+                        let upstream = prepared.upstream(runtime).map(|u| u.config.name.clone());
                         ProxyError::BodyTooLarge { upstream, limit }
                     }
                     BodyError::Read(e) => {
@@ -203,13 +202,14 @@ impl Proxy {
                     }
                 })?;
             let head = &mut prepared.head;
-            match prepared.upstream {
-                Some(index) => {
+            match prepared.queue {
+                Some(queue) => {
                     // base_url decides the host: the client derives Host from the URI.
                     head.headers.remove(header::HOST);
+                    let index = queue.upstream as usize;
                     let client = runtime.client_for(index, &self.client);
                     runtime.upstreams[index]
-                        .exchange(client, head, &mut body, prepared.max_wait, prepared.place)
+                        .exchange(client, head, &mut body, queue.max_wait, queue.place())
                         .await
                 }
                 None => {
@@ -252,16 +252,45 @@ type Answering = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
 
 /// A request once checked, routed and cleaned: what forwarding it needs.
 struct Prepared {
-    /// The index of its upstream, or `None` to pass it through.
-    upstream: Option<usize>,
     /// The caller's head, pacegate's own and hop-by-hop headers removed, its
     /// URI the one it is sent to.
     head: http::request::Parts,
     /// Taken when the body is read.
     incoming: Option<Incoming>,
+    /// Where it waits for its upstream, or `None` to pass it through.
+    queue: Option<Queue>,
+}
+
+impl Prepared {
+    fn upstream<'r>(&self, runtime: &'r Runtime) -> Option<&'r Upstream> {
+        self.queue.map(|queue| &*runtime.upstreams[queue.upstream as usize])
+    }
+}
+
+/// The upstream that paces a request and its place in that queue. Flat (no
+/// `Place` inside, no `usize` index) because every queued request keeps it:
+/// 16 bytes less here keep hyper's task for a queued h2 stream at 896 bytes
+/// instead of 1024.
+#[derive(Clone, Copy)]
+struct Queue {
+    upstream: u32,
+    priority: Priority,
+    partition: u64,
+    caller: u64,
     /// The caller's own bound on its queue wait.
     max_wait: Option<Duration>,
-    place: Place,
+}
+
+impl Queue {
+    fn new(upstream: usize, place: Place, max_wait: Option<Duration>) -> Result<Self, ProxyError> {
+        let upstream = u32::try_from(upstream).map_err(|_| ProxyError::Internal("upstream index".into()))?;
+        let Place { partition, caller, priority } = place;
+        Ok(Self { upstream, priority, partition, caller, max_wait })
+    }
+
+    fn place(self) -> Place {
+        Place { partition: self.partition, caller: self.caller, priority: self.priority }
+    }
 }
 
 /// Everything about a request that needs no waiting: its size bound, its
@@ -284,19 +313,19 @@ fn prepare(
     };
     let (mut head, incoming) = request.into_parts();
     let max_wait = max_wait(&head.headers)?;
-    let (upstream, uri) = match target {
-        Target::Upstream { index, uri } => (Some(index), uri),
-        Target::PassThrough { uri } => (None, uri),
+    let queue = match &target {
+        Target::Upstream { index, .. } => {
+            Some(Queue::new(*index, runtime.upstreams[*index].place(&head.headers, peer.ip())?, max_wait)?)
+        }
+        Target::PassThrough { .. } => None,
     };
-    head.uri = uri;
-    let place = match upstream {
-        Some(index) => runtime.upstreams[index].place(&head.headers, peer.ip())?,
-        None => Place::default(),
+    head.uri = match target {
+        Target::Upstream { uri, .. } | Target::PassThrough { uri } => uri,
     };
     // Our own headers and connection-level ones never travel on.
     headers::strip_own(&mut head.headers);
     headers::strip_hop_by_hop(&mut head.headers);
-    Ok(Prepared { upstream, head, incoming: Some(incoming), max_wait, place })
+    Ok(Prepared { head, incoming: Some(incoming), queue })
 }
 
 /// 403 when a pass-through target resolves to a guarded address. The guarded
