@@ -104,7 +104,8 @@ async fn callers_that_find_the_queue_empty_are_paced_like_queued_ones() {
     assert_eq!(mock.count_status(429), 0, "the strict 20-per-second mock was never overrun");
     let closest = arrivals.windows(2).map(|w| w[1] - w[0]).min().expect("gaps");
     println!("closest arrivals {closest:?} apart (interval 50 ms)");
-    assert!(closest >= Duration::from_millis(40), "two attempts {closest:?} apart at 20/s");
+    // Half the interval: room for a loaded machine, none for a caller that skipped the pacer.
+    assert!(closest >= Duration::from_millis(25), "two attempts {closest:?} apart at 20/s");
 }
 
 /// `max_concurrency` holds for callers that do not queue, too.
