@@ -159,6 +159,9 @@ pub(super) struct Shared {
     pub single: Arc<Mutex<Pacing>>,
     /// `[redis]` is configured: every attempt must go through the task.
     pub store_in_use: AtomicBool,
+    /// Feedback sent to the task and not applied yet: until it is (a 429's
+    /// cooldown, say), callers do not take slots themselves.
+    pub unlearned: AtomicUsize,
     /// Callers waiting for a ticket (joined, not yet served or gone).
     pub depth: AtomicUsize,
     /// `queue_size`: new callers are refused when `depth` reaches it.
@@ -238,6 +241,7 @@ impl Dispatcher {
             metrics,
             single: Arc::new(Mutex::new(Pacing::new(&Quotas::of(upstream)))),
             store_in_use: AtomicBool::new(store.is_some()),
+            unlearned: AtomicUsize::new(0),
             depth: AtomicUsize::new(0),
             capacity: AtomicUsize::new(upstream.queue_size),
             inflight: Arc::new(Semaphore::new(max_inflight)),
@@ -264,8 +268,11 @@ impl Dispatcher {
 
     /// Tells the dispatcher what an answer said about the upstream's limits.
     pub fn report(&self, feedback: Feedback) {
-        // Only fails once the task is gone, when nothing is left to pace.
-        let _ = self.commands.send(Command::Feedback(feedback));
+        self.shared.unlearned.fetch_add(1, Ordering::AcqRel);
+        if self.commands.send(Command::Feedback(feedback)).is_err() {
+            // The task is gone: nothing is left to pace.
+            self.shared.unlearned.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Counts a first attempt towards the retry budget.
@@ -349,13 +356,15 @@ impl Dispatcher {
         }
     }
 
-    /// A ticket without queueing: when nobody waits, the concurrency bound
-    /// and the pacer have a slot now, and only the single partition paces.
+    /// A ticket without queueing: when nobody waits, the task has applied
+    /// every answer's feedback, the concurrency bound and the pacer have a
+    /// slot now, and only the single partition paces.
     fn leave_now(&self, place: Place) -> Option<Ticket> {
         let shared = &self.shared;
         if place.partition != SINGLE
             || shared.store_in_use.load(Ordering::Acquire)
             || shared.depth.load(Ordering::Acquire) != 0
+            || shared.unlearned.load(Ordering::Acquire) != 0
         {
             return None;
         }

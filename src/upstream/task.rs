@@ -182,7 +182,11 @@ impl Task {
         match command {
             Command::Join(waiter) => self.enqueue(waiter, false),
             Command::Rejoin(waiter) => self.enqueue(waiter, true),
-            Command::Feedback(feedback) => return self.learn(feedback),
+            Command::Feedback(feedback) => {
+                self.learn(feedback);
+                self.shared.unlearned.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
             Command::Reconfigure(upstream, store) => return self.reconfigure(&upstream, store),
         }
         // Callers that gave up stay queued until reached; bound that leftover.
