@@ -313,14 +313,16 @@ fn prepare(
     };
     let (mut head, incoming) = request.into_parts();
     let max_wait = max_wait(&head.headers)?;
-    let queue = match &target {
-        Target::Upstream { index, .. } => {
-            Some(Queue::new(*index, runtime.upstreams[*index].place(&head.headers, peer.ip())?, max_wait)?)
-        }
-        Target::PassThrough { .. } => None,
+    let (upstream, uri) = match target {
+        Target::Upstream { index, uri } => (Some(index), uri),
+        Target::PassThrough { uri } => (None, uri),
     };
-    head.uri = match target {
-        Target::Upstream { uri, .. } | Target::PassThrough { uri } => uri,
+    head.uri = uri;
+    let queue = match upstream {
+        Some(index) => {
+            Some(Queue::new(index, runtime.upstreams[index].place(&head.headers, peer.ip())?, max_wait)?)
+        }
+        None => None,
     };
     // Our own headers and connection-level ones never travel on.
     headers::strip_own(&mut head.headers);

@@ -23,8 +23,7 @@ use tokio::time::Instant;
 use super::dispatcher::{Feedback, Shared};
 use super::schedule::Schedule;
 use crate::config;
-use crate::limit::pacer::GUARD;
-use crate::limit::pacer::Taken;
+use crate::limit::pacer::{GUARD, Taken};
 use crate::limit::{Adaptive, Pacer};
 use crate::metrics::Metrics;
 
