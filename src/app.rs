@@ -2,6 +2,7 @@
 //! shutdown.
 
 use std::future::Future;
+use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,6 +80,7 @@ impl App {
         let proxy_addr = listeners.proxy.local_addr()?;
         let admin_addr = listeners.admin.local_addr()?;
         let settings = connection_settings(&self.state.proxy.runtime.load().config);
+        let admin_settings = ConnectionSettings { workers: 0, ..settings.clone() };
         let (stop, stopped) = watch::channel(false);
 
         tracing::info!("listening proxy={proxy_addr} admin={admin_addr}");
@@ -87,7 +89,7 @@ impl App {
         let metrics = self.state.metrics.clone();
         let admin_task = tokio::spawn(server::serve(
             listeners.admin,
-            settings.clone(),
+            admin_settings,
             metrics.clone(),
             move |_peer, request| admin::handle(admin.clone(), request),
             wait_for(stopped.clone()),
@@ -100,11 +102,11 @@ impl App {
         shutdown.await;
         tracing::info!("shutting down: no new connections, finishing queued and in-flight requests");
         let _ = stop.send(true);
-        let _ = proxy_task.await;
+        let served = proxy_task.await;
         let _ = admin_task.await;
         drop(watcher);
         tracing::info!("stopped");
-        Ok(())
+        served.unwrap_or_else(|panic| Err(io::Error::other(panic)))
     }
 
     /// Reloads the config file; on error the old config keeps serving.
@@ -124,8 +126,8 @@ impl App {
         };
         let current = state.proxy.runtime.load_full();
         let (old, new) = (&current.config.server, &config.server);
-        if old.listen != new.listen || old.admin_listen != new.admin_listen {
-            tracing::warn!(trigger, "listener addresses changed: restart pacegate to apply them");
+        if old.listen != new.listen || old.admin_listen != new.admin_listen || old.workers != new.workers {
+            tracing::warn!(trigger, "listener addresses or workers changed: restart pacegate to apply them");
         }
         let version = Version::new(state.generation.fetch_add(1, Ordering::AcqRel) + 1, &text);
         let next = current.reload(config, version.clone(), &state.metrics);
@@ -144,6 +146,7 @@ fn connection_settings(config: &Config) -> ConnectionSettings {
         idle_timeout: server.idle_timeout,
         max_header_bytes: server.max_header_bytes,
         shutdown_grace: server.shutdown_grace,
+        workers: server::workers::count(server.workers),
     }
 }
 

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::route::Router;
+use crate::server::workers;
 use crate::store::Store;
 use crate::upstream::{Upstream, UpstreamClient};
 
@@ -115,7 +116,7 @@ fn ca_clients(config: &Config) -> HashMap<PathBuf, UpstreamClient> {
         if clients.contains_key(path) {
             continue;
         }
-        match UpstreamClient::with_ca_file(path) {
+        match UpstreamClient::with_ca_file(path, workers::count(config.server.workers)) {
             Ok(client) => {
                 clients.insert(path.clone(), client);
             }

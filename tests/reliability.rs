@@ -28,9 +28,9 @@ const WAIT: Duration = Duration::from_secs(10);
 /// How long "not answered" is watched for before the thing that unblocks it.
 const NOT_YET: Duration = Duration::from_millis(300);
 
-/// `[server]` on ephemeral ports with `extra` keys.
+/// `[server]` on ephemeral ports, two worker threads, with `extra` keys.
 fn server(extra: &str) -> String {
-    format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{extra}\n")
+    format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworkers = 2\n{extra}\n")
 }
 
 /// The upstream `api` at `base_url`, reverse route `/api`, with `extra` keys.
@@ -337,6 +337,50 @@ async fn max_connections_caps_connections_and_tunnels() {
     assert_eq!(read_answer(&mut behind).await.status, 200);
 }
 
+/// `max_connections` bounds the listener, not each worker thread, and a
+/// connection accepted by a worker while all slots are taken is served as
+/// soon as one frees up, whichever worker frees it.
+#[tokio::test]
+async fn max_connections_is_shared_by_the_worker_threads() {
+    const CONNECTIONS: usize = 8;
+    const SLOTS: usize = 2;
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let config = format!("{}{}", server("max_connections = 2"), api(&mock.url(), ""));
+    let pg = Pacegate::start_config(&config).await;
+    // Each connection reports its answer, then stays open until released.
+    let (answered, mut answers) = tokio::sync::mpsc::unbounded_channel();
+    let mut releases = Vec::new();
+    for index in 0..CONNECTIONS {
+        let mut connection = open(&pg).await;
+        connection.write_all(&get(&format!("/api/{index}"))).await.unwrap();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        releases.push(Some(release));
+        let answered = answered.clone();
+        tokio::spawn(async move {
+            let answer = read_answer(&mut connection).await;
+            let _ = answered.send((index, answer.status));
+            let _ = released.await;
+        });
+    }
+    for round in 0..CONNECTIONS / SLOTS {
+        let mut served = Vec::new();
+        for _ in 0..SLOTS {
+            let (index, status) =
+                tokio::time::timeout(WAIT, answers.recv()).await.expect("an answer").unwrap();
+            assert_eq!(status, 200);
+            served.push(index);
+        }
+        if round + 1 < CONNECTIONS / SLOTS {
+            let extra = tokio::time::timeout(NOT_YET, answers.recv()).await;
+            assert!(extra.is_err(), "round {round}: more than {SLOTS} connections served at once: {extra:?}");
+        }
+        for index in served {
+            releases[index].take().expect("released once");
+        }
+    }
+    assert_eq!(mock.count(), CONNECTIONS);
+}
+
 /// A CONNECT tunnel with no byte either way for `idle_timeout` is closed.
 #[tokio::test]
 async fn idle_tunnels_are_closed() {
@@ -426,6 +470,7 @@ async fn panics_are_caught_counted_and_serving_goes_on() {
         idle_timeout: Duration::from_secs(5),
         max_header_bytes: 8192,
         shutdown_grace: Duration::from_secs(1),
+        workers: 2,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let served = tokio::spawn(server::serve(
@@ -454,7 +499,7 @@ async fn panics_are_caught_counted_and_serving_goes_on() {
     assert_eq!(metrics.panics.get(), 3);
     assert!(metrics.encode().contains("pacegate_panics_total 3"), "{}", metrics.encode());
     let _ = stop.send(());
-    tokio::time::timeout(WAIT, served).await.expect("server stopped").unwrap();
+    tokio::time::timeout(WAIT, served).await.expect("server stopped").unwrap().expect("served");
 }
 
 // === shutdown ===

@@ -79,6 +79,8 @@ pub struct Server {
     pub header_read_timeout: Duration,
     /// Idle keep-alive client connections are closed after this time.
     pub idle_timeout: Duration,
+    /// Threads serving the proxy listener; `None` means one per CPU core.
+    pub workers: Option<NonZeroUsize>,
 }
 
 /// `forward.unknown_hosts`.

@@ -65,6 +65,8 @@ pub struct RawServer {
     pub max_header_bytes: Spanned<usize>,
     pub header_read_timeout: Spanned<Dur>,
     pub idle_timeout: Spanned<Dur>,
+    /// 0 means one per CPU core.
+    pub workers: Spanned<usize>,
 }
 
 impl Default for RawServer {
@@ -81,6 +83,7 @@ impl Default for RawServer {
             max_header_bytes: unspanned(65_536),
             header_read_timeout: unspanned(Dur::secs(10)),
             idle_timeout: unspanned(Dur::secs(60)),
+            workers: unspanned(0),
         }
     }
 }

@@ -23,6 +23,10 @@ use super::{Config, ConfigError, Forward, KeySource, Mitm, Redis, Retry, Server,
 /// Smallest `max_header_bytes` that still fits ordinary API requests.
 const MIN_HEADER_BYTES: usize = 1024;
 
+/// Most worker threads: each is a runtime with its own upstream pools, so a
+/// typo like 10000 would mostly cost memory and connections.
+const MAX_WORKERS: usize = 1024;
+
 /// Validates `raw`, read from `text` (needed to turn spans into line:col).
 pub fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigError> {
     let cx = Cx { path, text };
@@ -88,6 +92,10 @@ fn server(cx: &Cx<'_>, raw: RawServer) -> Result<Server, ConfigError> {
             format!("max_header_bytes must be at least {MIN_HEADER_BYTES}"),
         ));
     }
+    let workers = *raw.workers.get_ref();
+    if workers > MAX_WORKERS {
+        return Err(cx.err(raw.workers.span(), format!("workers must be at most {MAX_WORKERS}")));
+    }
     Ok(Server {
         listen,
         admin_listen,
@@ -100,6 +108,7 @@ fn server(cx: &Cx<'_>, raw: RawServer) -> Result<Server, ConfigError> {
         max_header_bytes,
         header_read_timeout: positive(cx, "header_read_timeout", &raw.header_read_timeout)?,
         idle_timeout: positive(cx, "idle_timeout", &raw.idle_timeout)?,
+        workers: NonZeroUsize::new(workers),
     })
 }
 

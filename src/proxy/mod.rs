@@ -28,6 +28,7 @@ use crate::config;
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, NO_UPSTREAM};
 use crate::runtime::Runtime;
+use crate::server::workers;
 use crate::tls::{Interceptor, TlsError};
 use crate::upstream::guard::{self, GuardError};
 use crate::upstream::schedule::Priority;
@@ -56,10 +57,11 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(runtime: Arc<Runtime>, metrics: Arc<Metrics>) -> Self {
+        let workers = workers::count(runtime.config.server.workers);
         Self {
             runtime: ArcSwap::new(runtime),
-            client: UpstreamClient::new(),
-            guarded_client: UpstreamClient::guarded(),
+            client: UpstreamClient::new(workers),
+            guarded_client: UpstreamClient::guarded(workers),
             interceptor: Mutex::new(None),
             metrics,
         }

@@ -16,6 +16,7 @@
 //! - [`guard`], [`framing`], [`head`]: HTTP/1 request heads are checked before
 //!   hyper sees them, so every malformed head gets SPEC's answer.
 //! - [`tunnel`]: byte relays for CONNECT, with an idle timeout.
+//! - [`workers`]: the threads, one per core, that serve the proxy listener.
 
 mod activity;
 pub mod connection;
@@ -23,9 +24,11 @@ pub(crate) mod framing;
 mod guard;
 pub(crate) mod head;
 mod tunnel;
+pub mod workers;
 
 use std::any::Any;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -37,7 +40,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioTimer;
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 
 use crate::body::ProxyBody;
 use crate::metrics::Metrics;
@@ -51,7 +54,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 #[derive(Debug, Clone)]
 pub struct ConnectionSettings {
     /// Open connections (and the tunnels they became) at most; beyond, new
-    /// ones wait in the accept backlog.
+    /// ones wait unserved: one per worker accepted, the rest in the backlog.
     pub max_connections: usize,
     /// Once its first byte arrived (or the connection opened), a request
     /// head must be complete within this time (slowloris guard).
@@ -63,6 +66,10 @@ pub struct ConnectionSettings {
     pub max_header_bytes: usize,
     /// How long in-flight work may take to finish once shutdown starts.
     pub shutdown_grace: Duration,
+    /// Threads that accept and serve connections, each with its own runtime
+    /// (the proxy listener: one per core); 0 serves them on the caller's
+    /// runtime (the admin listener).
+    pub workers: usize,
 }
 
 /// Where shutdown is; connections watch it.
@@ -98,14 +105,16 @@ struct ScopeInner {
 }
 
 /// Serves `listener` until `shutdown` resolves, then drains connections for
-/// at most `shutdown_grace`.
+/// at most `shutdown_grace`. Connections are served on `settings.workers`
+/// threads of their own ([`workers`]), or on the calling runtime with 0.
 pub async fn serve<H, F>(
     listener: TcpListener,
     settings: ConnectionSettings,
     metrics: Arc<Metrics>,
     handler: H,
     shutdown: impl Future<Output = ()>,
-) where
+) -> io::Result<()>
+where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
@@ -114,31 +123,17 @@ pub async fn serve<H, F>(
     let capacity = shared.settings.max_connections.clamp(1, u32::MAX as usize);
     let slots = Arc::new(Semaphore::new(capacity));
     let (phase, phases) = watch::channel(Phase::Serving);
-    tokio::pin!(shutdown);
-    loop {
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot,
-            () = &mut shutdown => break,
-        };
-        let Ok(slot) = slot else { break };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let scope =
-            Scope(Arc::new(ScopeInner { _slot: slot, phase: phases.clone(), shared: shared.clone() }));
-        let handler = handler.clone();
-        scope.spawn(serve_connection(stream, scope.clone(), move |request| handler(peer, request)));
-    }
-    drop(listener);
+    let acceptor = Acceptor { slots: slots.clone(), phases, shared: shared.clone() };
+    let accept = move |listener| acceptor.clone().run(listener, handler.clone());
+    let ended = match shared.settings.workers {
+        0 => {
+            let (done, ended) = oneshot::channel::<()>();
+            tokio::spawn(accept(listener).map(move |()| drop(done)));
+            vec![ended]
+        }
+        workers => workers::spawn(listener, workers, accept)?,
+    };
+    shutdown.await;
     let _ = phase.send(Phase::Draining);
     // Every slot back means every connection and tunnel has ended.
     let all = slots.acquire_many(capacity as u32);
@@ -147,6 +142,71 @@ pub async fn serve<H, F>(
         tracing::warn!(grace_ms, "shutdown grace expired with connections still open: closing them");
     }
     let _ = phase.send(Phase::Stopped);
+    for ended in ended {
+        let _ = ended.await;
+    }
+    Ok(())
+}
+
+/// One accept loop's share of a listener: the connection slots, the shutdown
+/// phase, and how connections are served.
+#[derive(Clone)]
+struct Acceptor {
+    slots: Arc<Semaphore>,
+    phases: watch::Receiver<Phase>,
+    shared: Arc<Shared>,
+}
+
+impl Acceptor {
+    /// Accepts connections on `listener` until shutdown starts, then stays
+    /// until the grace is over: a worker's runtime, and every connection on
+    /// it, lives as long as this future.
+    async fn run<H, F>(self, listener: TcpListener, handler: H)
+    where
+        H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<ProxyBody>> + Send + 'static,
+    {
+        let draining = reached(self.phases.clone(), Phase::Draining);
+        tokio::pin!(draining);
+        loop {
+            // Accept, then wait for a slot: a worker that held a slot while
+            // waiting on its own socket could starve another worker that has
+            // a connection. So each worker holds at most one accepted
+            // connection beyond `max_connections`, unserved.
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                },
+                () = &mut draining => break,
+            };
+            let slot = tokio::select! {
+                slot = self.slots.clone().acquire_owned() => slot,
+                () = &mut draining => break,
+            };
+            let Ok(slot) = slot else { break };
+            let _ = stream.set_nodelay(true);
+            let scope = Scope(Arc::new(ScopeInner {
+                _slot: slot,
+                phase: self.phases.clone(),
+                shared: self.shared.clone(),
+            }));
+            let handler = handler.clone();
+            scope.spawn(serve_connection(stream, scope.clone(), move |request| handler(peer, request)));
+        }
+        drop(listener);
+        reached(self.phases, Phase::Stopped).await;
+    }
+}
+
+/// Resolves once shutdown has reached `phase`.
+async fn reached(mut phases: watch::Receiver<Phase>, phase: Phase) {
+    // An error means the server is gone: as good as stopped.
+    let _ = phases.wait_for(|now| *now >= phase).await;
 }
 
 // === impl Shared ===
@@ -189,18 +249,12 @@ impl Scope {
 
     /// Resolves once shutdown has started.
     pub async fn draining(&self) {
-        self.reached(Phase::Draining).await;
+        reached(self.0.phase.clone(), Phase::Draining).await;
     }
 
     /// Resolves once the shutdown grace is over: close everything now.
     pub async fn stopped(&self) {
-        self.reached(Phase::Stopped).await;
-    }
-
-    async fn reached(&self, phase: Phase) {
-        let mut phases = self.0.phase.clone();
-        // An error means the server is gone: as good as stopped.
-        let _ = phases.wait_for(|now| *now >= phase).await;
+        reached(self.0.phase.clone(), Phase::Stopped).await;
     }
 
     /// Runs `task` (a connection, a tunnel) on its own tokio task, holding

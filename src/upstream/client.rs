@@ -1,10 +1,14 @@
 //! The pooled upstream client: keep-alive HTTP/1.1 and h2 over rustls.
 //!
+//! Each worker thread ([`crate::server::workers`]) has its own pool, so a
+//! request and the upstream connection it uses stay on one thread.
+//!
 //! TLS verification is always on (webpki roots, plus an upstream's own
 //! `ca_file` for private APIs). Pass-through traffic gets a client whose DNS
 //! drops guarded addresses ([`super::guard`]).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -20,6 +24,7 @@ use rustls::pki_types::pem::PemObject;
 
 use super::guard::Resolver;
 use crate::body::ProxyBody;
+use crate::server::workers;
 
 /// How long an idle pooled connection is kept for reuse.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -41,7 +46,8 @@ pub enum SendError {
 /// Sends requests upstream over pooled connections.
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
-    inner: Client<HttpsConnector<HttpConnector<Resolver>>, ProxyBody>,
+    /// One per worker thread, by [`workers::current`].
+    pools: Arc<[Client<HttpsConnector<HttpConnector<Resolver>>, ProxyBody>]>,
 }
 
 /// Why an upstream's `ca_file` cannot be used.
@@ -53,18 +59,19 @@ pub struct CaFileError {
 }
 
 impl UpstreamClient {
-    /// A client trusting the webpki roots, speaking h2 where ALPN offers it.
-    pub fn new() -> Self {
-        Self::build(webpki_roots(), Resolver { guard: false })
+    /// A client trusting the webpki roots, speaking h2 where ALPN offers it,
+    /// with a pool for each of `workers` threads.
+    pub fn new(workers: usize) -> Self {
+        Self::build(webpki_roots(), Resolver { guard: false }, workers)
     }
 
     /// Like [`Self::new`], but never connecting to guarded addresses.
-    pub fn guarded() -> Self {
-        Self::build(webpki_roots(), Resolver { guard: true })
+    pub fn guarded(workers: usize) -> Self {
+        Self::build(webpki_roots(), Resolver { guard: true }, workers)
     }
 
     /// A client trusting the webpki roots and the PEM certificates of `ca_file`.
-    pub fn with_ca_file(ca_file: &Path) -> Result<Self, CaFileError> {
+    pub fn with_ca_file(ca_file: &Path, workers: usize) -> Result<Self, CaFileError> {
         let error = |reason: String| CaFileError { path: ca_file.display().to_string(), reason };
         let mut roots = webpki_roots();
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca_file)
@@ -77,10 +84,10 @@ impl UpstreamClient {
         for cert in certs {
             roots.add(cert).map_err(|e| error(e.to_string()))?;
         }
-        Ok(Self::build(roots, Resolver { guard: false }))
+        Ok(Self::build(roots, Resolver { guard: false }, workers))
     }
 
-    fn build(roots: RootCertStore, resolver: Resolver) -> Self {
+    fn build(roots: RootCertStore, resolver: Resolver, workers: usize) -> Self {
         let mut http = HttpConnector::new_with_resolver(resolver);
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -92,15 +99,15 @@ impl UpstreamClient {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let inner = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             // One buffer, one write per request, as on the server side
             // (see `server::Shared::new`).
-            .http1_writev(false)
-            .build(https);
-        Self { inner }
+            .http1_writev(false);
+        Self { pools: (0..workers.max(1)).map(|_| builder.build(https.clone())).collect() }
     }
 
     /// Sends one attempt; `timeout` covers connect to the last byte of the head.
@@ -109,18 +116,14 @@ impl UpstreamClient {
         request: Request<ProxyBody>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, SendError> {
-        match tokio::time::timeout(timeout, self.inner.request(request)).await {
+        // A reload may change `workers` before a restart applies it.
+        let pool = &self.pools[workers::current() % self.pools.len()];
+        match tokio::time::timeout(timeout, pool.request(request)).await {
             Err(_) => Err(SendError::Timeout(timeout)),
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) if e.is_connect() => Err(SendError::Connect(error_chain(&e))),
             Ok(Err(e)) => Err(SendError::Broken(error_chain(&e))),
         }
-    }
-}
-
-impl Default for UpstreamClient {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

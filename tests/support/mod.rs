@@ -16,12 +16,14 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// `[server]` for tests: ephemeral ports, short grace.
+/// `[server]` for tests: ephemeral ports, short grace, and two worker
+/// threads whatever the machine's core count.
 pub const TEST_SERVER: &str = r#"
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 shutdown_grace = "5s"
+workers = 2
 "#;
 
 /// A pacegate running inside the test process.
