@@ -337,9 +337,9 @@ async fn max_connections_caps_connections_and_tunnels() {
     assert_eq!(read_answer(&mut behind).await.status, 200);
 }
 
-/// `max_connections` bounds the listener, not each worker thread, and a
-/// connection accepted by a worker while all slots are taken is served as
-/// soon as one frees up, whichever worker frees it.
+/// `max_connections` bounds the listener, not each worker thread: with
+/// connections spread over two workers, two are served at a time, and each
+/// waiting one is served as soon as a slot frees up, on whichever worker.
 #[tokio::test]
 async fn max_connections_is_shared_by_the_worker_threads() {
     const CONNECTIONS: usize = 8;

@@ -39,13 +39,14 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioTimer;
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::body::ProxyBody;
 use crate::metrics::Metrics;
 pub use connection::serve_connection;
 pub use tunnel::relay;
+use workers::Workers;
 
 /// Pause after a failed accept (e.g. out of file descriptors) before retrying.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -54,7 +55,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 #[derive(Debug, Clone)]
 pub struct ConnectionSettings {
     /// Open connections (and the tunnels they became) at most; beyond, new
-    /// ones wait unserved: one per worker accepted, the rest in the backlog.
+    /// ones wait in the accept backlog.
     pub max_connections: usize,
     /// Once its first byte arrived (or the connection opened), a request
     /// head must be complete within this time (slowloris guard).
@@ -118,22 +119,50 @@ where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
+    let mut workers = Workers::start(settings.workers)?;
     let shared = Arc::new(Shared::new(settings, metrics));
     // A semaphore holds at most u32::MAX permits at once for `acquire_many`.
     let capacity = shared.settings.max_connections.clamp(1, u32::MAX as usize);
     let slots = Arc::new(Semaphore::new(capacity));
     let (phase, phases) = watch::channel(Phase::Serving);
-    let acceptor = Acceptor { slots: slots.clone(), phases, shared: shared.clone() };
-    let accept = move |listener| acceptor.clone().run(listener, handler.clone());
-    let ended = match shared.settings.workers {
-        0 => {
-            let (done, ended) = oneshot::channel::<()>();
-            tokio::spawn(accept(listener).map(move |()| drop(done)));
-            vec![ended]
-        }
-        workers => workers::spawn(listener, workers, accept)?,
-    };
-    shutdown.await;
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot,
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slot else { break };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        // Moved to the worker's runtime, whose reactor will watch it.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "cannot hand a connection to a worker");
+                continue;
+            }
+        };
+        let scope =
+            Scope(Arc::new(ScopeInner { _slot: slot, phase: phases.clone(), shared: shared.clone() }));
+        let handler = handler.clone();
+        workers.run(move || match TcpStream::from_std(stream) {
+            Ok(stream) => {
+                scope.spawn(serve_connection(stream, scope.clone(), move |request| handler(peer, request)));
+            }
+            Err(error) => tracing::warn!(%error, "a worker cannot take a connection"),
+        });
+    }
+    drop(listener);
     let _ = phase.send(Phase::Draining);
     // Every slot back means every connection and tunnel has ended.
     let all = slots.acquire_many(capacity as u32);
@@ -142,71 +171,8 @@ where
         tracing::warn!(grace_ms, "shutdown grace expired with connections still open: closing them");
     }
     let _ = phase.send(Phase::Stopped);
-    for ended in ended {
-        let _ = ended.await;
-    }
+    workers.join().await;
     Ok(())
-}
-
-/// One accept loop's share of a listener: the connection slots, the shutdown
-/// phase, and how connections are served.
-#[derive(Clone)]
-struct Acceptor {
-    slots: Arc<Semaphore>,
-    phases: watch::Receiver<Phase>,
-    shared: Arc<Shared>,
-}
-
-impl Acceptor {
-    /// Accepts connections on `listener` until shutdown starts, then stays
-    /// until the grace is over: a worker's runtime, and every connection on
-    /// it, lives as long as this future.
-    async fn run<H, F>(self, listener: TcpListener, handler: H)
-    where
-        H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-        F: Future<Output = Response<ProxyBody>> + Send + 'static,
-    {
-        let draining = reached(self.phases.clone(), Phase::Draining);
-        tokio::pin!(draining);
-        loop {
-            // Accept, then wait for a slot: a worker that held a slot while
-            // waiting on its own socket could starve another worker that has
-            // a connection. So each worker holds at most one accepted
-            // connection beyond `max_connections`, unserved.
-            let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                        continue;
-                    }
-                },
-                () = &mut draining => break,
-            };
-            let slot = tokio::select! {
-                slot = self.slots.clone().acquire_owned() => slot,
-                () = &mut draining => break,
-            };
-            let Ok(slot) = slot else { break };
-            let _ = stream.set_nodelay(true);
-            let scope = Scope(Arc::new(ScopeInner {
-                _slot: slot,
-                phase: self.phases.clone(),
-                shared: self.shared.clone(),
-            }));
-            let handler = handler.clone();
-            scope.spawn(serve_connection(stream, scope.clone(), move |request| handler(peer, request)));
-        }
-        drop(listener);
-        reached(self.phases, Phase::Stopped).await;
-    }
-}
-
-/// Resolves once shutdown has reached `phase`.
-async fn reached(mut phases: watch::Receiver<Phase>, phase: Phase) {
-    // An error means the server is gone: as good as stopped.
-    let _ = phases.wait_for(|now| *now >= phase).await;
 }
 
 // === impl Shared ===
@@ -249,12 +215,18 @@ impl Scope {
 
     /// Resolves once shutdown has started.
     pub async fn draining(&self) {
-        reached(self.0.phase.clone(), Phase::Draining).await;
+        self.reached(Phase::Draining).await;
     }
 
     /// Resolves once the shutdown grace is over: close everything now.
     pub async fn stopped(&self) {
-        reached(self.0.phase.clone(), Phase::Stopped).await;
+        self.reached(Phase::Stopped).await;
+    }
+
+    async fn reached(&self, phase: Phase) {
+        let mut phases = self.0.phase.clone();
+        // An error means the server is gone: as good as stopped.
+        let _ = phases.wait_for(|now| *now >= phase).await;
     }
 
     /// Runs `task` (a connection, a tunnel) on its own tokio task, holding

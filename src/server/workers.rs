@@ -1,5 +1,6 @@
-//! Worker threads: the proxy listener is served by one single-threaded tokio
-//! runtime per CPU core, the way nginx runs one worker process per core.
+//! Worker threads: connections of the proxy listener are served by one
+//! single-threaded tokio runtime per CPU core, the way nginx runs one worker
+//! process per core.
 //!
 //! On one multi-threaded runtime a proxied request hops between threads: the
 //! client connection's task, hyper's upstream connection task and their
@@ -8,26 +9,22 @@
 //! requests and the upstream connections they use on one thread (bench:
 //! about +40 % requests/s on 2 cores, see BENCHMARKS.md).
 //!
-//! Each worker accepts on its own socket bound to the listener's address with
-//! `SO_REUSEPORT`, and the kernel spreads new connections over them. The first
-//! socket is the listener as it was bound, without the option, so a second
-//! pacegate started on the same address still fails with "address in use";
-//! the option is set on it afterwards, which lets the other workers' sockets
-//! join it.
+//! The accept loop hands each new connection to the next worker in turn, a
+//! cost per connection, not per request. Per-worker `SO_REUSEPORT` sockets
+//! would save the hand-off, but the kernel's hash spreads connections
+//! unevenly (64 over two workers: 28/36 in one run), and a connection never
+//! moves to another worker afterwards.
 //!
 //! Upstream connection pools are per worker too: [`current`] says which.
 
 use std::cell::Cell;
-use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 
-use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
-/// Pending connections per worker socket, as `TcpListener::bind` has.
-const BACKLOG: u32 = 1024;
+/// Work for a worker, run inside its runtime (so `tokio::spawn` lands there).
+type Job = Box<dyn FnOnce() + Send>;
 
 thread_local! {
     static CURRENT: Cell<usize> = const { Cell::new(0) };
@@ -43,111 +40,102 @@ pub fn count(configured: Option<NonZeroUsize>) -> usize {
     configured.or_else(|| std::thread::available_parallelism().ok()).map_or(1, NonZeroUsize::get)
 }
 
-/// Runs `serve` on `workers` threads, each with its own runtime and socket on
-/// `listener`'s address. The returned receivers resolve (with an error) once
-/// each thread and its runtime have ended, so every task they ran is gone.
-pub fn spawn<S, F>(listener: TcpListener, workers: usize, serve: S) -> io::Result<Vec<oneshot::Receiver<()>>>
-where
-    S: Fn(TcpListener) -> F + Clone + Send + 'static,
-    F: Future<Output = ()>,
-{
-    let sockets = sockets(listener, workers)?;
-    let mut ended = Vec::with_capacity(sockets.len());
-    for (index, socket) in sockets.into_iter().enumerate() {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let (done, finished) = oneshot::channel::<()>();
-        let serve = serve.clone();
-        std::thread::Builder::new().name(format!("pacegate-worker-{index}")).spawn(move || {
-            CURRENT.with(|current| current.set(index));
-            // Registered with this thread's runtime, so its readiness is
-            // polled here.
-            let listener = {
-                let _inside = runtime.enter();
-                TcpListener::from_std(socket)
-            };
-            match listener {
-                Ok(listener) => runtime.block_on(serve(listener)),
-                Err(error) => tracing::error!(%error, worker = index, "worker cannot use its socket"),
-            }
-            // Every task of this worker ends here, before `ended` says so.
-            drop(runtime);
-            drop(done);
-        })?;
-        ended.push(finished);
-    }
-    Ok(ended)
+/// Running worker threads, or none: then jobs run on the caller's runtime.
+pub struct Workers {
+    jobs: Vec<mpsc::UnboundedSender<Job>>,
+    /// Resolve (with an error) once a thread and its runtime have ended.
+    ended: Vec<oneshot::Receiver<()>>,
+    next: usize,
 }
 
-/// `workers` sockets accepting on `listener`'s address, `listener` first.
-fn sockets(listener: TcpListener, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
-    let address = listener.local_addr()?;
-    if workers > 1 {
-        socket2::SockRef::from(&listener).set_reuse_port(true)?;
+impl Workers {
+    /// Starts `count` threads, each with its own runtime; 0 starts none.
+    pub fn start(count: usize) -> io::Result<Self> {
+        let mut workers = Self { jobs: Vec::with_capacity(count), ended: Vec::with_capacity(count), next: 0 };
+        for index in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let (job_sender, mut jobs) = mpsc::unbounded_channel::<Job>();
+            let (done, ended) = oneshot::channel::<()>();
+            std::thread::Builder::new().name(format!("pacegate-w{index}")).spawn(move || {
+                CURRENT.with(|current| current.set(index));
+                runtime.block_on(async {
+                    while let Some(job) = jobs.recv().await {
+                        job();
+                    }
+                });
+                // Every task of this worker ends here, before `ended` says so.
+                drop(runtime);
+                drop(done);
+            })?;
+            workers.jobs.push(job_sender);
+            workers.ended.push(ended);
+        }
+        Ok(workers)
     }
-    let mut sockets = vec![listener.into_std()?];
-    for _ in 1..workers {
-        sockets.push(reuse_port(address)?.into_std()?);
-    }
-    Ok(sockets)
-}
 
-/// A listening socket that shares `address` with the others of its group.
-fn reuse_port(address: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if address.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(address)?;
-    socket.listen(BACKLOG)
+    /// Runs `job` on the next worker in turn, or here without workers.
+    pub fn run(&mut self, job: impl FnOnce() + Send + 'static) {
+        if self.jobs.is_empty() {
+            return job();
+        }
+        self.next = (self.next + 1) % self.jobs.len();
+        // A worker's receiver lives as long as its thread, which ends only
+        // once `join` dropped the senders.
+        let _ = self.jobs[self.next].send(Box::new(job));
+    }
+
+    /// Ends every worker, cancelling whatever its tasks still do, and waits
+    /// until their threads are done.
+    pub async fn join(self) {
+        drop(self.jobs);
+        for ended in self.ended {
+            let _ = ended.await;
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The kernel hands connections to every worker's socket, and a second
-    /// server binding the address the usual way is still refused.
+    /// Jobs go to every worker in turn, run on that worker's thread, and
+    /// `join` waits for the threads and cancels their leftover tasks.
     #[tokio::test]
-    async fn every_socket_gets_connections_and_the_address_stays_taken() {
-        const WORKERS: usize = 3;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let sockets = sockets(listener, WORKERS).unwrap();
-        assert_eq!(sockets.len(), WORKERS);
-        assert!(std::net::TcpListener::bind(address).is_err(), "a second server could bind {address}");
-        // 30 connections: a socket gets none with probability 3 × (2/3)^30.
-        let clients: Vec<_> = (0..30).map(|_| std::net::TcpStream::connect(address).unwrap()).collect();
-        for (index, socket) in sockets.iter().enumerate() {
-            let mut accepted = 0;
-            while socket.accept().is_ok() {
-                accepted += 1;
-            }
-            assert!(accepted > 0, "socket {index} got no connection");
-        }
-        drop(clients);
-    }
-
-    /// Each worker thread knows its index, and the threads end once `serve`
-    /// returns.
-    #[tokio::test]
-    async fn workers_run_on_their_own_threads_and_end() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (seen, mut indexes) = tokio::sync::mpsc::unbounded_channel();
-        let ended = spawn(listener, 2, move |_listener| {
+    async fn jobs_go_round_robin_and_join_ends_the_threads() {
+        let mut workers = Workers::start(2).unwrap();
+        let (seen, mut ran) = mpsc::unbounded_channel();
+        let (leftover, cancelled) = oneshot::channel::<()>();
+        for _ in 0..4 {
             let seen = seen.clone();
-            async move {
+            workers.run(move || {
                 let _ = seen.send((current(), std::thread::current().name().map(str::to_owned)));
-            }
-        })
-        .unwrap();
-        for ended in ended {
-            assert!(ended.await.is_err(), "a worker's end is its sender dropped");
+            });
         }
+        workers.run(move || {
+            // Never ends by itself: `join` must drop it with the runtime.
+            tokio::spawn(async move {
+                let _keep = leftover;
+                std::future::pending::<()>().await;
+            });
+        });
         let mut found = Vec::new();
-        while let Ok(one) = indexes.try_recv() {
-            found.push(one);
+        for _ in 0..4 {
+            found.push(ran.recv().await.expect("a job ran"));
         }
         found.sort();
-        let expected = (0..2).map(|i| (i, Some(format!("pacegate-worker-{i}")))).collect::<Vec<_>>();
-        assert_eq!(found, expected);
+        let on = |i: usize| (i, Some(format!("pacegate-w{i}")));
+        assert_eq!(found, [on(0), on(0), on(1), on(1)]);
+        workers.join().await;
+        assert!(cancelled.await.is_err(), "a worker's task outlived join");
+    }
+
+    /// Without workers, a job runs at once on the caller's thread.
+    #[test]
+    fn no_workers_runs_jobs_here() {
+        let mut workers = Workers::start(0).unwrap();
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        workers.run(move || flag.store(true, std::sync::atomic::Ordering::Relaxed));
+        assert!(ran.load(std::sync::atomic::Ordering::Relaxed));
     }
 }
