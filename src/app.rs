@@ -2,7 +2,6 @@
 //! shutdown.
 
 use std::future::Future;
-use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +15,7 @@ use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload;
 use crate::runtime::{Runtime, Version};
-use crate::server::{self, ConnectionSettings};
+use crate::server::{self, ConnectionSettings, Workers};
 
 /// The two bound listeners pacegate serves.
 #[derive(Debug)]
@@ -79,34 +78,43 @@ impl App {
     pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
         let proxy_addr = listeners.proxy.local_addr()?;
         let admin_addr = listeners.admin.local_addr()?;
-        let settings = connection_settings(&self.state.proxy.runtime.load().config);
-        let admin_settings = ConnectionSettings { workers: 0, ..settings.clone() };
+        let config = self.state.proxy.runtime.load_full().config.clone();
+        let settings = connection_settings(&config);
+        let worker_count = server::workers::count(config.server.workers);
+        let workers = Workers::start(worker_count)?;
         let (stop, stopped) = watch::channel(false);
 
-        tracing::info!("listening proxy={proxy_addr} admin={admin_addr}");
+        tracing::info!("listening proxy={proxy_addr} admin={admin_addr} workers={worker_count}");
         let watcher = reload::watch(self.clone(), wait_for(stopped.clone()));
         let admin = Admin::new(self.clone());
         let metrics = self.state.metrics.clone();
         let admin_task = tokio::spawn(server::serve(
             listeners.admin,
-            admin_settings,
+            Workers::none(),
+            settings.clone(),
             metrics.clone(),
             move |_peer, request| admin::handle(admin.clone(), request),
             wait_for(stopped.clone()),
         ));
         let proxy = self.state.proxy.clone();
         let handler = move |peer, request| proxy.clone().handle(peer, request);
-        let proxy_task =
-            tokio::spawn(server::serve(listeners.proxy, settings, metrics, handler, wait_for(stopped)));
+        let proxy_task = tokio::spawn(server::serve(
+            listeners.proxy,
+            workers,
+            settings,
+            metrics,
+            handler,
+            wait_for(stopped),
+        ));
 
         shutdown.await;
         tracing::info!("shutting down: no new connections, finishing queued and in-flight requests");
         let _ = stop.send(true);
-        let served = proxy_task.await;
+        let _ = proxy_task.await;
         let _ = admin_task.await;
         drop(watcher);
         tracing::info!("stopped");
-        served.unwrap_or_else(|panic| Err(io::Error::other(panic)))
+        Ok(())
     }
 
     /// Reloads the config file; on error the old config keeps serving.
@@ -146,7 +154,6 @@ fn connection_settings(config: &Config) -> ConnectionSettings {
         idle_timeout: server.idle_timeout,
         max_header_bytes: server.max_header_bytes,
         shutdown_grace: server.shutdown_grace,
-        workers: server::workers::count(server.workers),
     }
 }
 

@@ -373,7 +373,8 @@ impl Binary {
             let Some(message) = event["message"].as_str() else { continue };
             if let Some(addrs) = message.strip_prefix("listening proxy=") {
                 let (proxy, admin) = addrs.split_once(" admin=").expect("`proxy=ADDR admin=ADDR`");
-                break (proxy.parse().expect("proxy address"), admin.trim().parse().expect("admin address"));
+                let admin = admin.split_whitespace().next().unwrap_or_default();
+                break (proxy.parse().expect("proxy address"), admin.parse().expect("admin address"));
             }
         };
         Binary { child, proxy, admin, config_path, early, reader, _dir: dir }

@@ -28,7 +28,6 @@ pub mod workers;
 
 use std::any::Any;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -46,7 +45,7 @@ use crate::body::ProxyBody;
 use crate::metrics::Metrics;
 pub use connection::serve_connection;
 pub use tunnel::relay;
-use workers::Workers;
+pub use workers::Workers;
 
 /// Pause after a failed accept (e.g. out of file descriptors) before retrying.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -67,10 +66,6 @@ pub struct ConnectionSettings {
     pub max_header_bytes: usize,
     /// How long in-flight work may take to finish once shutdown starts.
     pub shutdown_grace: Duration,
-    /// Threads that accept and serve connections, each with its own runtime
-    /// (the proxy listener: one per core); 0 serves them on the caller's
-    /// runtime (the admin listener).
-    pub workers: usize,
 }
 
 /// Where shutdown is; connections watch it.
@@ -106,20 +101,19 @@ struct ScopeInner {
 }
 
 /// Serves `listener` until `shutdown` resolves, then drains connections for
-/// at most `shutdown_grace`. Connections are served on `settings.workers`
-/// threads of their own ([`workers`]), or on the calling runtime with 0.
+/// at most `shutdown_grace`. Connections are served on `workers` (on the
+/// calling runtime if there are none); they end when this returns.
 pub async fn serve<H, F>(
     listener: TcpListener,
+    mut workers: Workers,
     settings: ConnectionSettings,
     metrics: Arc<Metrics>,
     handler: H,
     shutdown: impl Future<Output = ()>,
-) -> io::Result<()>
-where
+) where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let mut workers = Workers::start(settings.workers)?;
     let shared = Arc::new(Shared::new(settings, metrics));
     // A semaphore holds at most u32::MAX permits at once for `acquire_many`.
     let capacity = shared.settings.max_connections.clamp(1, u32::MAX as usize);
@@ -172,7 +166,6 @@ where
     }
     let _ = phase.send(Phase::Stopped);
     workers.join().await;
-    Ok(())
 }
 
 // === impl Shared ===

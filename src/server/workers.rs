@@ -49,9 +49,14 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `count` threads, each with its own runtime; 0 starts none.
+    /// No threads: jobs run on the caller's runtime (the admin listener).
+    pub fn none() -> Self {
+        Self { jobs: Vec::new(), ended: Vec::new(), next: 0 }
+    }
+
+    /// Starts `count` threads, each with its own runtime.
     pub fn start(count: usize) -> io::Result<Self> {
-        let mut workers = Self { jobs: Vec::with_capacity(count), ended: Vec::with_capacity(count), next: 0 };
+        let mut workers = Self::none();
         for index in 0..count {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let (job_sender, mut jobs) = mpsc::unbounded_channel::<Job>();
@@ -80,8 +85,10 @@ impl Workers {
         }
         self.next = (self.next + 1) % self.jobs.len();
         // A worker's receiver lives as long as its thread, which ends only
-        // once `join` dropped the senders.
-        let _ = self.jobs[self.next].send(Box::new(job));
+        // once `join` dropped the senders, unless it panicked.
+        if self.jobs[self.next].send(Box::new(job)).is_err() {
+            tracing::error!(worker = self.next, "worker thread has ended: connection dropped");
+        }
     }
 
     /// Ends every worker, cancelling whatever its tasks still do, and waits
@@ -132,7 +139,7 @@ mod tests {
     /// Without workers, a job runs at once on the caller's thread.
     #[test]
     fn no_workers_runs_jobs_here() {
-        let mut workers = Workers::start(0).unwrap();
+        let mut workers = Workers::none();
         let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = ran.clone();
         workers.run(move || flag.store(true, std::sync::atomic::Ordering::Relaxed));
