@@ -38,7 +38,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioTimer;
 use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::body::ProxyBody;
@@ -138,22 +138,11 @@ pub async fn serve<H, F>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        // Moved to the worker's runtime, whose reactor will watch it.
-        let stream = match stream.into_std() {
-            Ok(stream) => stream,
-            Err(error) => {
-                tracing::warn!(%error, "cannot hand a connection to a worker");
-                continue;
-            }
-        };
         let scope =
             Scope(Arc::new(ScopeInner { _slot: slot, phase: phases.clone(), shared: shared.clone() }));
         let handler = handler.clone();
-        workers.run(move || match TcpStream::from_std(stream) {
-            Ok(stream) => {
-                scope.spawn(serve_connection(stream, scope.clone(), move |request| handler(peer, request)));
-            }
-            Err(error) => tracing::warn!(%error, "a worker cannot take a connection"),
+        workers.hand_over(stream, move |stream| {
+            scope.spawn(serve_connection(stream, scope.clone(), move |request| handler(peer, request)));
         });
     }
     drop(listener);

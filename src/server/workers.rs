@@ -21,6 +21,7 @@ use std::cell::Cell;
 use std::io;
 use std::num::NonZeroUsize;
 
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 /// Work for a worker, run inside its runtime (so `tokio::spawn` lands there).
@@ -78,8 +79,25 @@ impl Workers {
         Ok(workers)
     }
 
+    /// Runs `serve(stream)` on the next worker in turn, or here without
+    /// workers.
+    pub fn hand_over(&mut self, stream: TcpStream, serve: impl FnOnce(TcpStream) + Send + 'static) {
+        if self.jobs.is_empty() {
+            return serve(stream);
+        }
+        // The stream moves to the worker's runtime, whose reactor will watch it.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(error) => return tracing::warn!(%error, "cannot hand a connection to a worker"),
+        };
+        self.run(move || match TcpStream::from_std(stream) {
+            Ok(stream) => serve(stream),
+            Err(error) => tracing::warn!(%error, "a worker cannot take a connection"),
+        });
+    }
+
     /// Runs `job` on the next worker in turn, or here without workers.
-    pub fn run(&mut self, job: impl FnOnce() + Send + 'static) {
+    fn run(&mut self, job: impl FnOnce() + Send + 'static) {
         if self.jobs.is_empty() {
             return job();
         }
