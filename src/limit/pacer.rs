@@ -59,7 +59,7 @@ impl StateStore for TatCell {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        // Only the owning dispatcher task touches a cell: load/store suffices.
+        // A cell is touched under its pacer's `&mut`: load/store suffices.
         let prev = self.0.load(Ordering::Acquire);
         let (result, next) = f((prev != 0).then(|| Nanos::new(prev)))?;
         self.0.store(next.as_u64(), Ordering::Release);
@@ -111,13 +111,14 @@ pub struct Pacer {
 }
 
 impl Pacer {
-    /// A pacer for `rates`, the tightest admitting `burst` back to back.
-    pub fn new(rates: &[Rate], burst: NonZeroU32) -> Self {
+    /// A pacer for `rates`, the tightest admitting `burst` back to back,
+    /// starting at `now`.
+    pub fn new(rates: &[Rate], burst: NonZeroU32, now: Instant) -> Self {
         let clock = PresentedClock::default();
         let cells: Vec<TatCell> = rates.iter().map(|_| TatCell::default()).collect();
         let limiters = build_limiters(rates, burst, &cells, &clock);
         Self {
-            origin: Instant::now(),
+            origin: now,
             clock,
             limiters,
             cells,
@@ -284,7 +285,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn lateness_is_not_lost_slot_after_slot() {
-        let mut pacer = Pacer::new(&[rate(100, 1000)], ONE);
+        let mut pacer = Pacer::new(&[rate(100, 1000)], ONE, Instant::now());
         let start = Instant::now();
         let times = admissions(&mut pacer, start, 1000, Duration::from_millis(1));
         let makespan = times[999].as_secs_f64();
@@ -294,7 +295,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn no_window_holds_more_than_the_quota() {
-        let mut pacer = Pacer::new(&[rate(10, 1000)], ONE);
+        let mut pacer = Pacer::new(&[rate(10, 1000)], ONE, Instant::now());
         let start = Instant::now();
         // Alternate early and late wake-ups: the worst case for catch-up.
         let mut now = start;
@@ -316,7 +317,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_refusing_quota_does_not_spend_the_others() {
         // 10/s paces, 3 per 10 s caps volume.
-        let mut pacer = Pacer::new(&[rate(10, 1000), rate(3, 10_000)], ONE);
+        let mut pacer = Pacer::new(&[rate(10, 1000), rate(3, 10_000)], ONE, Instant::now());
         let start = Instant::now();
         let times = admissions(&mut pacer, start, 4, Duration::ZERO);
         assert_eq!(times.len(), 4);
@@ -328,7 +329,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn burst_admits_back_to_back() {
-        let mut pacer = Pacer::new(&[rate(10, 1000)], NonZeroU32::new(5).unwrap());
+        let mut pacer = Pacer::new(&[rate(10, 1000)], NonZeroU32::new(5).unwrap(), Instant::now());
         let now = Instant::now();
         for _ in 0..5 {
             assert!(pacer.try_acquire(now).is_ok());
@@ -338,7 +339,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_cap_paces_below_the_quota_and_can_be_lifted() {
-        let mut pacer = Pacer::new(&[rate(100, 1000)], ONE);
+        let mut pacer = Pacer::new(&[rate(100, 1000)], ONE, Instant::now());
         pacer.set_cap(Some(10.0));
         assert_eq!(pacer.effective_rate(), 10.0);
         let start = Instant::now();
@@ -351,7 +352,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn undo_gives_the_slot_back() {
-        let mut pacer = Pacer::new(&[rate(1, 1000)], ONE);
+        let mut pacer = Pacer::new(&[rate(1, 1000)], ONE, Instant::now());
         let now = Instant::now();
         let taken = pacer.try_acquire(now).unwrap();
         pacer.undo(taken);

@@ -7,6 +7,8 @@
 //! [`connect`]; requests inside an intercepted tunnel come back to it.
 
 pub mod auth;
+#[cfg(test)]
+mod budget;
 pub mod connect;
 pub mod headers;
 pub mod route;
@@ -30,8 +32,8 @@ use crate::metrics::{Metrics, NO_UPSTREAM};
 use crate::runtime::Runtime;
 use crate::server::workers;
 use crate::tls::{Interceptor, TlsError};
+use crate::upstream::Priority;
 use crate::upstream::guard::{self, GuardError};
-use crate::upstream::schedule::Priority;
 use crate::upstream::{ATTEMPTS_HEADER, Place, Upstream, UpstreamClient, inbound_response, outbound_request};
 use route::Target;
 

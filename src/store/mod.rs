@@ -25,6 +25,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 
+pub use crate::admission::Verdict;
 use crate::config::{self, RedisOnError};
 use crate::limit::pacer::{GUARD, PacedQuota};
 use crate::metrics::Metrics;
@@ -33,18 +34,6 @@ use crate::metrics::Metrics;
 const CALL_TIMEOUT: Duration = Duration::from_millis(250);
 /// How often a down store checks whether Redis is back.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
-
-/// What the shared limiter says about the next attempts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// This many attempts (at least one) may leave: a slot of every quota
-    /// was taken for each.
-    Go(usize),
-    /// The quotas admit nobody before this much time has passed.
-    Wait(Duration),
-    /// The upstream (or partition) cools down for this much longer.
-    Cooling(Duration),
-}
 
 /// Redis could not be asked; the store is down until the probe succeeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

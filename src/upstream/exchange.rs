@@ -20,10 +20,11 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::clean_head;
-use super::dispatcher::{Feedback, Place, Refusal, Ticket};
+use super::dispatcher::Ticket;
 use super::{
     ATTEMPTS_HEADER, QUEUED_HEADER, SendError, Upstream, UpstreamClient, inbound_response, outbound_request,
 };
+use crate::admission::{Feedback, Place, Refusal};
 use crate::body::{self, ProxyBody, RequestBody};
 use crate::error::ProxyError;
 use crate::metrics::{AttemptOutcome, Metrics};

@@ -6,17 +6,18 @@
 
 pub mod client;
 pub mod dispatcher;
+mod driver;
 mod exchange;
 pub mod guard;
-mod partition;
-pub mod schedule;
-mod task;
 
+use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http::{HeaderMap, HeaderName, Request, Response};
 
+use crate::admission::SINGLE;
+pub use crate::admission::{Place, Priority, Refusal};
 use crate::body::{self, ProxyBody};
 use crate::config::{self, KeySource};
 use crate::error::ProxyError;
@@ -24,8 +25,7 @@ use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::proxy::headers;
 use crate::store::Store;
 pub use client::{CaFileError, SendError, UpstreamClient};
-pub use dispatcher::{Dispatcher, Place, Refusal, Shape, Ticket};
-pub use schedule::Priority;
+pub use dispatcher::{Dispatcher, Shape, Ticket};
 
 // Header names are `HeaderName`s rather than `&str`s: a `&str` name is
 // parsed and checked again on every lookup, on every request.
@@ -75,8 +75,8 @@ impl Upstream {
         };
         Ok(Place {
             partition: (self.config.partition_by.as_ref())
-                .map_or(partition::SINGLE, |source| key(source, partition::partition_key)),
-            caller: self.config.fair_by.as_ref().map_or(0, |source| key(source, partition::caller_key)),
+                .map_or(SINGLE, |source| key(source, partition_key)),
+            caller: self.config.fair_by.as_ref().map_or(0, |source| key(source, caller_key)),
             priority,
         })
     }
@@ -86,6 +86,24 @@ impl Upstream {
         self.dispatcher.reconfigure(&config, store);
         Self { config, dispatcher: self.dispatcher.clone(), metrics: self.metrics.clone() }
     }
+}
+
+/// Hashes a partition key the same way on every replica, because with
+/// `[redis]` it names the shared buckets; the value itself (a credential,
+/// say) is never kept, logged or shown.
+fn partition_key(bytes: &[u8]) -> u64 {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut first = [0; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    // 0 is reserved for SINGLE; a collision there only merges two buckets.
+    u64::from_be_bytes(first).max(1)
+}
+
+/// Hashes a caller key under a per-process seed, so that callers cannot
+/// craft collisions across restarts; the value itself is not kept.
+fn caller_key(bytes: &[u8]) -> u64 {
+    static SEED: OnceLock<RandomState> = OnceLock::new();
+    SEED.get_or_init(RandomState::new).hash_one(bytes)
 }
 
 /// The request one attempt sends: the caller's head, cleaned and already
@@ -117,4 +135,21 @@ pub fn inbound_response<G: Send + Sync + 'static>(
 pub(crate) fn clean_head(parts: &mut http::response::Parts) {
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.version = http::Version::default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_hashed_and_distinct() {
+        for hash in [partition_key, caller_key] {
+            assert_eq!(hash(b"h:Bearer A"), hash(b"h:Bearer A"));
+            assert_ne!(hash(b"h:Bearer A"), hash(b"h:Bearer B"));
+            assert_ne!(hash(b"h:"), hash(b"-"), "an empty header is not a missing one");
+        }
+        assert_ne!(partition_key(b"anything"), SINGLE);
+        // Every replica must name the same shared bucket.
+        assert_eq!(partition_key(b"h:Bearer A"), 0xeca4_ed44_c3dc_68e0, "stable across processes");
+    }
 }

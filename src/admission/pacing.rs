@@ -1,0 +1,312 @@
+//! One partition's pacing: its quotas, cooldown, adaptive rate and
+//! rate-limit hints.
+//!
+//! Real quotas are per credential, so with `partition_by` each distinct key
+//! value gets its own `Pacing`: a 429 for key A cools down only A, and A's
+//! adaptive rate and `X-RateLimit-*` hints never slow key B. Without
+//! `partition_by` an upstream has exactly one.
+//!
+//! Like the rest of the core, nothing here reads a clock: every method takes
+//! `now`.
+
+use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::Feedback;
+use crate::config;
+use crate::limit::pacer::{GUARD, Taken};
+use crate::limit::{Adaptive, Pacer};
+
+/// Quotas a partition's pacer is built from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quotas {
+    pub rate: Vec<config::Rate>,
+    pub burst: NonZeroU32,
+    pub adaptive: bool,
+}
+
+impl Quotas {
+    pub fn of(upstream: &config::Upstream) -> Self {
+        Self { rate: upstream.rate.clone(), burst: upstream.burst, adaptive: upstream.adaptive }
+    }
+
+    /// Window of the quota that paces (shortest interval), for measuring what
+    /// the upstream accepted.
+    fn pacing_window(&self) -> Duration {
+        let interval = |r: &config::Rate| r.per / r.count.get();
+        self.rate.iter().min_by_key(|r| interval(r)).map_or(Duration::from_secs(1), |r| r.per)
+    }
+
+    /// Longest quota window: a pacer untouched for longer holds no state.
+    fn longest_window(&self) -> Duration {
+        self.rate.iter().map(|r| r.per).max().unwrap_or(Duration::from_secs(1))
+    }
+}
+
+/// Why a partition was paused, as the `cooldown` log line names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseReason {
+    /// The upstream answered 429.
+    RateLimited,
+    /// A 503 with `Retry-After`.
+    RetryAfter,
+    /// `X-RateLimit-Remaining: 0` (or `RateLimit-Remaining: 0`) with a reset.
+    RatelimitRemaining,
+    /// Another replica's cooldown, read from the shared store.
+    Shared,
+}
+
+impl PauseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate_limited",
+            Self::RetryAfter => "retry_after",
+            Self::RatelimitRemaining => "ratelimit_remaining",
+            Self::Shared => "shared",
+        }
+    }
+}
+
+/// One partition's quotas, cooldown, adaptive rate and rate-limit hints.
+#[derive(Debug)]
+pub struct Pacing {
+    /// What `pacer` and `adaptive` were built from.
+    quotas: Quotas,
+    pacer: Pacer,
+    /// Lowers the pace after 429s; `None` when `adaptive = false`.
+    adaptive: Option<Adaptive>,
+    /// Nothing leaves before this instant (429, Retry-After, Remaining: 0).
+    cooldown_until: Option<Instant>,
+    /// The shared (Redis) quotas admit nobody before this instant.
+    shared_wait: Option<Instant>,
+    /// Remaining quota spread until its reset: (requests per second, reset).
+    hint_cap: Option<(f64, Instant)>,
+    /// Recent grant instants, to measure what the upstream accepted.
+    grants: VecDeque<Instant>,
+    /// Window of the pacing quota: how far back `grants` reaches.
+    window: Duration,
+    /// After this long without a grant the pacer is back to full (evictable).
+    idle_after: Duration,
+    /// Last grant, for eviction.
+    last_grant: Option<Instant>,
+}
+
+impl Pacing {
+    pub fn new(quotas: &Quotas, now: Instant) -> Self {
+        let pacer = Pacer::new(&quotas.rate, quotas.burst, now);
+        Self {
+            quotas: quotas.clone(),
+            adaptive: quotas.adaptive.then(|| Adaptive::new(pacer.rate_per_second())),
+            pacer,
+            cooldown_until: None,
+            shared_wait: None,
+            hint_cap: None,
+            grants: VecDeque::new(),
+            window: quotas.pacing_window(),
+            idle_after: quotas.longest_window() + GUARD,
+            last_grant: None,
+        }
+    }
+
+    /// New quotas: a fresh pacer and adaptive state; cooldown is kept (the
+    /// upstream asked for it, whatever our quotas say). The same quotas
+    /// again change nothing.
+    pub fn requota(&mut self, quotas: &Quotas, now: Instant) {
+        if *quotas == self.quotas {
+            return;
+        }
+        let fresh = Self::new(quotas, now);
+        self.quotas = fresh.quotas;
+        self.pacer = fresh.pacer;
+        self.adaptive = fresh.adaptive;
+        self.window = fresh.window;
+        self.idle_after = fresh.idle_after;
+        self.hint_cap = None;
+    }
+
+    /// Nothing cools down or caps the pace, and the pacer forgot every
+    /// slot: dropping it loses no state.
+    pub fn idle(&self, now: Instant) -> bool {
+        self.cooldown_until.is_none_or(|until| until <= now)
+            && self.hint_cap.is_none_or(|(_, until)| until <= now)
+            && self.adaptive.as_ref().and_then(Adaptive::current).is_none()
+            && self.last_grant.is_none_or(|at| now.duration_since(at) > self.idle_after)
+    }
+
+    /// When this partition may try again, if it must wait: a cooldown, or
+    /// the shared quotas' answer.
+    fn blocked_until(&self, now: Instant) -> Option<Instant> {
+        [self.cooldown_until, self.shared_wait].into_iter().flatten().filter(|at| *at > now).max()
+    }
+
+    /// Takes a slot for an attempt leaving now, if the partition is neither
+    /// paused nor out of pacer slots; otherwise says when it may try again.
+    pub fn admit(&mut self, name: &str, now: Instant) -> Result<Taken, Instant> {
+        self.refresh_cap(name, now);
+        match self.blocked_until(now) {
+            Some(until) => Err(until),
+            None => self.pacer.try_acquire(now),
+        }
+    }
+
+    /// One more slot at `now`, for a batch the shared limiter decides on;
+    /// unlike [`Self::admit`], the partition is known not to be blocked.
+    pub fn take_another(&mut self, now: Instant) -> Option<Taken> {
+        self.pacer.try_acquire(now).ok()
+    }
+
+    /// Gives back slots that were taken but not used, latest first.
+    pub fn give_back(&mut self, taken: Vec<Taken>) {
+        for slot in taken.into_iter().rev() {
+            self.pacer.undo(slot);
+        }
+    }
+
+    pub fn record_grant(&mut self, now: Instant) {
+        self.last_grant = Some(now);
+        self.grants.push_back(now);
+        while self.grants.front().is_some_and(|at| now.duration_since(*at) > self.window) {
+            self.grants.pop_front();
+        }
+    }
+
+    /// The shared quotas admit nobody before `until`.
+    pub fn wait_shared(&mut self, until: Instant) {
+        self.shared_wait = Some(until);
+    }
+
+    /// Applies what an answer said: cooldown, adaptive rate, quota hints.
+    /// `shared`: the quotas are shared with other replicas (Redis). Returns
+    /// the pause the upstream asked for (for the other replicas) and the
+    /// cooldown it added.
+    pub fn learn(&mut self, name: &str, feedback: &Feedback, shared: bool, now: Instant) -> Learned {
+        let mut learned = Learned::default();
+        if let Some(pause) = feedback.cooldown {
+            let reason =
+                if feedback.rate_limited { PauseReason::RateLimited } else { PauseReason::RetryAfter };
+            learned.cooled += self.cool_down(name, now, pause, reason);
+        }
+        learned.pause = feedback.cooldown;
+        if feedback.rate_limited
+            && let Some(adaptive) = &mut self.adaptive
+        {
+            // With shared quotas, this replica's grants are only its share of
+            // what the upstream accepted; the shared pace is the better measure.
+            let accepted = self.grants.iter().filter(|at| now.duration_since(**at) <= self.window).count();
+            let own_rate = accepted as f64 / self.window.as_secs_f64();
+            let accepted_rate = if shared { self.pacer.effective_rate() } else { own_rate };
+            if let Some(rate) = adaptive.on_rate_limited(now, feedback.sent_at, accepted_rate) {
+                tracing::info!(upstream = %name, rate, reason = "rate_limited", "adaptive rate lowered");
+            }
+        }
+        if let Some(hint) = feedback.hint {
+            if hint.remaining == 0 && !hint.reset_after.is_zero() {
+                learned.cooled +=
+                    self.cool_down(name, now, hint.reset_after, PauseReason::RatelimitRemaining);
+                self.hint_cap = None;
+                learned.pause = learned.pause.max(Some(hint.reset_after));
+            } else if !hint.reset_after.is_zero() {
+                let rate = hint.remaining as f64 / hint.reset_after.as_secs_f64();
+                self.hint_cap = Some((rate, now + hint.reset_after));
+            }
+        }
+        self.refresh_cap(name, now);
+        learned
+    }
+
+    /// Pauses the partition until `now + pause` (never shortens a pause);
+    /// returns how much pause it added.
+    pub fn cool_down(&mut self, name: &str, now: Instant, pause: Duration, reason: PauseReason) -> Duration {
+        let until = now + pause;
+        let paused_from = self.cooldown_until.map_or(now, |current| current.max(now));
+        if paused_from >= until {
+            return Duration::ZERO;
+        }
+        tracing::warn!(upstream = %name, delay_ms = pause.as_millis() as u64, reason = reason.as_str(), "cooldown");
+        self.cooldown_until = Some(until);
+        until - paused_from
+    }
+
+    /// Recomputes the pace below the quotas: adaptive rate and quota hints.
+    pub fn refresh_cap(&mut self, name: &str, now: Instant) {
+        if self.hint_cap.is_some_and(|(_, until)| until <= now) {
+            self.hint_cap = None;
+        }
+        if self.cooldown_until.is_some_and(|until| until <= now) {
+            self.cooldown_until = None;
+        }
+        if let Some(adaptive) = &mut self.adaptive
+            && let Some(rate) = adaptive.on_tick(now)
+        {
+            tracing::info!(upstream = %name, rate = rate.unwrap_or(f64::NAN), "adaptive rate probed up");
+        }
+        let adaptive = self.adaptive.as_ref().and_then(Adaptive::current);
+        let hint = self.hint_cap.map(|(rate, _)| rate);
+        let cap = match (adaptive, hint) {
+            (Some(a), Some(h)) => Some(a.min(h)),
+            (a, h) => a.or(h),
+        };
+        self.pacer.set_cap(cap);
+    }
+
+    /// Requests per second the pacer uses now (adaptive rate and hints included).
+    pub fn effective_rate(&self) -> f64 {
+        self.pacer.effective_rate()
+    }
+
+    /// No attempt leaves before this instant, if set.
+    pub fn cooldown_until(&self) -> Option<Instant> {
+        self.cooldown_until
+    }
+}
+
+/// What one answer's feedback changed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Learned {
+    /// The pause the upstream asked for, to share with other replicas.
+    pub pause: Option<Duration>,
+    /// Cooldown added to the partition (for `pacegate_cooldown_seconds_total`).
+    pub cooled: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_rate;
+
+    fn quotas(rates: &[&str]) -> Quotas {
+        let rate = rates.iter().map(|r| parse_rate(r).expect("rate")).collect();
+        Quotas { rate, burst: NonZeroU32::MIN, adaptive: false }
+    }
+
+    #[test]
+    fn idle_only_once_the_longest_window_has_passed() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut pacing = Pacing::new(&quotas(&["10/s", "100/min"]), t0);
+        assert!(pacing.idle(t0), "never used: nothing to lose");
+        pacing.record_grant(t0);
+        assert!(!pacing.idle(at(30)), "the per-minute quota still remembers the grant");
+        assert!(pacing.idle(at(61)));
+    }
+
+    #[test]
+    fn a_cooldown_is_never_shortened() {
+        let t0 = Instant::now();
+        let mut pacing = Pacing::new(&quotas(&["10/s"]), t0);
+        let added = pacing.cool_down("u", t0, Duration::from_secs(2), PauseReason::RateLimited);
+        assert_eq!(added, Duration::from_secs(2));
+        assert_eq!(
+            pacing.cool_down("u", t0, Duration::from_secs(1), PauseReason::RateLimited),
+            Duration::ZERO
+        );
+        assert_eq!(
+            pacing.admit("u", t0 + Duration::from_millis(1999)).err(),
+            Some(t0 + Duration::from_secs(2))
+        );
+        assert!(pacing.admit("u", t0 + Duration::from_secs(2)).is_ok());
+    }
+}

@@ -1,0 +1,305 @@
+//! The admission rules on a manual clock: every instant is `t0` plus a
+//! number of milliseconds, and nothing sleeps.
+
+use std::cell::Cell;
+use std::num::NonZeroU32;
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::*;
+use crate::config::parse_rate;
+use crate::retry::RateLimitHint;
+
+/// A queued caller: a number, and whether it went away.
+#[derive(Debug)]
+struct Caller {
+    id: u32,
+    gone: Rc<Cell<bool>>,
+}
+
+impl Waiter for Caller {
+    fn gone(&self) -> bool {
+        self.gone.get()
+    }
+}
+
+fn caller(id: u32) -> Caller {
+    Caller { id, gone: Rc::new(Cell::new(false)) }
+}
+
+fn limits(rate: &str, burst: u32) -> Limits {
+    Limits {
+        quotas: Quotas {
+            rate: vec![parse_rate(rate).expect("rate")],
+            burst: NonZeroU32::new(burst).expect("burst"),
+            adaptive: false,
+        },
+        queue_size: 100,
+        max_concurrency: 100,
+        max_partitions: 100,
+    }
+}
+
+/// A core and its clock.
+struct Bench {
+    core: Admission<Caller>,
+    t0: Instant,
+}
+
+impl Bench {
+    fn new(limits: Limits) -> Self {
+        Self::with(limits, false, false)
+    }
+
+    fn with(limits: Limits, partitioned: bool, shared: bool) -> Self {
+        let t0 = Instant::now();
+        Self { core: Admission::new("test", limits, partitioned, shared, t0), t0 }
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.t0 + Duration::from_millis(ms)
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        at.duration_since(self.t0).as_millis() as u64
+    }
+
+    fn join(&mut self, id: u32, place: Place) {
+        self.core.enqueue(caller(id), place, false, self.t0).expect("queued");
+    }
+
+    /// Serves everyone from `start`, each attempt ending at once, sleeping
+    /// to each instant the core names: (caller, ms it left).
+    fn serve(&mut self, start: u64, until: u64) -> Vec<(u32, u64)> {
+        let mut now = self.at(start);
+        let mut out = Vec::new();
+        for _ in 0..10_000 {
+            match self.core.next(now, false) {
+                Next::Grant(caller) => {
+                    out.push((caller.id, self.ms(now)));
+                    self.core.release();
+                }
+                Next::At(at) if self.ms(at) <= until => now = at,
+                _ => break,
+            }
+        }
+        out
+    }
+}
+
+fn ids(served: &[(u32, u64)]) -> Vec<u32> {
+    served.iter().map(|(id, _)| *id).collect()
+}
+
+fn place(partition: u64, caller: u64, priority: Priority) -> Place {
+    Place { partition, caller, priority }
+}
+
+#[test]
+fn waiters_leave_in_order_one_interval_apart() {
+    let mut b = Bench::new(limits("10/s", 1));
+    for id in 0..5 {
+        b.join(id, Place::default());
+    }
+    let served = b.serve(0, 10_000);
+    assert_eq!(ids(&served), [0, 1, 2, 3, 4]);
+    for pair in served.windows(2) {
+        let gap = pair[1].1 - pair[0].1;
+        assert!((100..=101).contains(&gap), "10/s leaves 100 ms apart (margins included): {served:?}");
+    }
+}
+
+#[test]
+fn a_retry_rejoins_at_the_head() {
+    let mut b = Bench::new(limits("10/s", 1));
+    for id in 0..3 {
+        b.join(id, Place::default());
+    }
+    assert_eq!(ids(&b.serve(0, 0)), [0]);
+    b.core.enqueue(caller(9), Place::default(), true, b.at(1)).expect("a retry is queued");
+    assert_eq!(ids(&b.serve(1, 10_000)), [9, 1, 2]);
+}
+
+#[test]
+fn callers_are_served_round_robin() {
+    let mut b = Bench::new(limits("1000/s", 1));
+    for id in 0..6 {
+        b.join(id, place(SINGLE, 1, Priority::Normal));
+    }
+    for id in 10..12 {
+        b.join(id, place(SINGLE, 2, Priority::Normal));
+    }
+    assert_eq!(ids(&b.serve(0, 1_000)), [0, 10, 1, 11, 2, 3, 4, 5]);
+}
+
+#[test]
+fn high_priority_goes_first_and_low_is_never_starved() {
+    let mut b = Bench::new(limits("1000/s", 1));
+    for id in 100..103 {
+        b.join(id, place(SINGLE, 0, Priority::Low));
+    }
+    for id in 0..20 {
+        b.join(id, place(SINGLE, 0, Priority::High));
+    }
+    let order = ids(&b.serve(0, 1_000));
+    assert_eq!(order[0], 0, "high jumps ahead of earlier lows");
+    for window in order[..15].chunks(5) {
+        assert_eq!(window.iter().filter(|id| **id >= 100).count(), 1, "one grant in five is low: {order:?}");
+    }
+}
+
+#[test]
+fn a_partition_in_cooldown_is_skipped_without_holding_others() {
+    let mut b = Bench::with(limits("10/s", 1), true, false);
+    let feedback = Feedback {
+        partition: 1,
+        sent_at: b.t0,
+        rate_limited: true,
+        cooldown: Some(Duration::from_secs(5)),
+        hint: None,
+    };
+    assert_eq!(b.core.feedback(&feedback, false, b.t0), Some(Duration::from_secs(5)), "shared with replicas");
+    assert_eq!(b.core.take_cooled(), Duration::from_secs(5), "counted for the cooldown metric");
+    for id in 0..3 {
+        b.join(id, place(1, 0, Priority::Normal));
+        b.join(10 + id, place(2, 0, Priority::Normal));
+    }
+    let served = b.serve(0, 1_000);
+    assert_eq!(ids(&served), [10, 11, 12], "partition 2 goes at its own pace: {served:?}");
+    let served = b.serve(1_000, 10_000);
+    assert_eq!(ids(&served), [0, 1, 2]);
+    assert_eq!(served[0].1, 5_000, "partition 1 leaves when its cooldown ends");
+    assert!(b.core.status().last_rate_limited.is_some());
+}
+
+#[test]
+fn concurrency_is_bounded() {
+    let mut b = Bench::new(Limits { max_concurrency: 2, ..limits("1000/s", 10) });
+    for id in 0..4 {
+        b.join(id, Place::default());
+    }
+    let now = b.t0;
+    assert!(matches!(b.core.next(now, false), Next::Grant(Caller { id: 0, .. })));
+    assert!(matches!(b.core.next(now, false), Next::Grant(Caller { id: 1, .. })));
+    assert!(matches!(b.core.next(now, false), Next::Full), "two in flight");
+    assert!(b.core.release(), "waiters wait: the driver must look again");
+    assert!(matches!(b.core.next(now, false), Next::Grant(Caller { id: 2, .. })));
+    assert_eq!(b.core.status().in_flight, 2);
+}
+
+#[test]
+fn the_queue_is_bounded_and_retries_keep_their_place() {
+    let mut b = Bench::new(Limits { queue_size: 3, ..limits("10/s", 1) });
+    for id in 0..3 {
+        b.join(id, Place::default());
+    }
+    let refused = b.core.enqueue(caller(3), Place::default(), false, b.t0);
+    assert!(matches!(refused, Err(Refusal::Full { .. })), "{refused:?}");
+    b.core.enqueue(caller(4), Place::default(), true, b.t0).expect("a retry is not refused");
+    assert_eq!(b.core.depth(), 4);
+}
+
+#[test]
+fn a_caller_that_left_is_skipped_and_spends_nothing() {
+    let mut b = Bench::new(limits("10/s", 1));
+    let leaving = caller(0);
+    let gone = leaving.gone.clone();
+    b.core.enqueue(leaving, Place::default(), false, b.t0).expect("queued");
+    b.join(1, Place::default());
+    gone.set(true);
+    b.core.depart();
+    assert_eq!(b.core.depth(), 1, "counted out at once");
+    assert_eq!(b.serve(0, 0), [(1, 0)], "the slot goes to the next caller, now");
+    assert_eq!(b.core.depth(), 0);
+    assert!(matches!(b.core.next(b.t0, false), Next::Idle));
+}
+
+#[test]
+fn idle_partitions_are_evicted_when_room_is_needed() {
+    let mut b = Bench::with(Limits { max_partitions: 2, ..limits("10/s", 1) }, true, false);
+    for partition in [1, 2] {
+        assert!(b.core.try_leave(place(partition, 0, Priority::Normal), b.t0));
+        b.core.release();
+    }
+    let refused = b.core.enqueue(caller(3), place(3, 0, Priority::Normal), false, b.at(50));
+    assert_eq!(refused, Err(Refusal::TooManyPartitions), "both still remember a grant");
+    // A 10/s quota forgets a grant after its window (and guard).
+    b.core.enqueue(caller(3), place(3, 0, Priority::Normal), false, b.at(1_100)).expect("evicted");
+    assert_eq!(b.core.partitions(), 1);
+    b.core.sweep(b.at(1_100));
+    assert_eq!(b.core.partitions(), 1, "a partition with a waiter stays");
+}
+
+#[test]
+fn a_caller_leaves_at_once_only_when_nobody_waits() {
+    let mut b = Bench::new(limits("10/s", 1));
+    assert!(b.core.try_leave(Place::default(), b.t0));
+    assert!(!b.core.try_leave(Place::default(), b.at(50)), "paced like everyone else");
+    b.join(0, Place::default());
+    assert!(!b.core.try_leave(Place::default(), b.at(500)), "never ahead of a waiter");
+    let mut shared = Bench::with(limits("10/s", 1), false, true);
+    assert!(!shared.core.try_leave(Place::default(), shared.t0), "shared quotas: the driver asks Redis");
+}
+
+#[test]
+fn retry_after_is_the_time_the_queue_takes_to_drain() {
+    let mut b = Bench::new(limits("10/s", 1));
+    assert!(b.core.try_leave(Place::default(), b.t0));
+    for id in 0..9 {
+        b.join(id, Place::default());
+    }
+    let estimate = b.core.estimate_wait(b.t0).as_secs_f64();
+    assert!((estimate - 1.0).abs() < 1e-9, "9 waiting and the caller itself, at 10/s: {estimate}");
+    let feedback = Feedback {
+        partition: SINGLE,
+        sent_at: b.t0,
+        rate_limited: false,
+        cooldown: None,
+        hint: Some(RateLimitHint { limit: None, remaining: 0, reset_after: Duration::from_secs(3) }),
+    };
+    b.core.feedback(&feedback, false, b.t0);
+    let estimate = b.core.estimate_wait(b.at(1_000)).as_secs_f64();
+    assert!((estimate - 3.0).abs() < 1e-9, "2 s of cooldown left, then 1 s to drain: {estimate}");
+}
+
+#[test]
+fn the_shared_limiter_confirms_a_batch_and_unused_slots_go_back() {
+    let mut b = Bench::with(limits("10/s", 5), false, true);
+    for id in 0..3 {
+        b.join(id, Place::default());
+    }
+    let Next::Confirm(confirm) = b.core.next(b.t0, true) else { panic!("the shared limiter decides") };
+    assert_eq!(confirm.wanted(), 3, "one round trip for every caller a slot is free for");
+    let granted = b.core.settle(confirm, Verdict::Go(2), b.t0);
+    assert_eq!(granted.iter().map(|c| c.id).collect::<Vec<_>>(), [0, 1]);
+    // The third slot went back: the burst still has three.
+    let Next::Confirm(confirm) = b.core.next(b.t0, true) else { panic!("caller 2 still waits") };
+    assert_eq!(confirm.wanted(), 1);
+    assert!(b.core.settle(confirm, Verdict::Wait(Duration::from_millis(500)), b.t0).is_empty());
+    assert!(matches!(b.core.next(b.at(10), true), Next::At(at) if at == b.at(500)), "held as Redis said");
+    let Next::Confirm(confirm) = b.core.next(b.at(500), true) else { panic!("asked again") };
+    assert_eq!(b.core.settle(confirm, Verdict::Go(1), b.at(500)).len(), 1);
+}
+
+#[test]
+fn a_reload_changes_bounds_at_once_and_keeps_a_cooldown() {
+    let mut b = Bench::new(limits("10/s", 1));
+    let feedback = Feedback {
+        partition: SINGLE,
+        sent_at: b.t0,
+        rate_limited: true,
+        cooldown: Some(Duration::from_secs(2)),
+        hint: None,
+    };
+    b.core.feedback(&feedback, false, b.t0);
+    b.core.reconfigure(Limits { max_concurrency: 1, ..limits("100/s", 1) }, false, b.at(10));
+    assert_eq!(b.core.limits().max_concurrency, 1);
+    for id in 0..3 {
+        b.join(id, Place::default());
+    }
+    let served = b.serve(10, 10_000);
+    assert_eq!(served[0].1, 2_000, "the upstream's pause outlives new quotas");
+    assert!(served[2].1 - served[0].1 <= 25, "then 100/s: {served:?}");
+}
