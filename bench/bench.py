@@ -26,7 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-PACEGATE = ROOT / "target" / "release" / "pacegate"
+# PACEGATE_BIN: another build to measure (bench/compare.sh sets it).
+PACEGATE = Path(os.environ.get("PACEGATE_BIN", ROOT / "target" / "release" / "pacegate"))
 MOCK = ROOT / "target" / "release" / "examples" / "mock_upstream"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WORK = Path(tempfile.mkdtemp(prefix="pacegate-bench-"))
@@ -525,6 +526,8 @@ def main():
             [{k: v for k, v in p.items() if k != "arrivals_s"} for p in results[name]]
         print(json.dumps(shown, indent=1), flush=True)
     if only:
+        if out := os.environ.get("BENCH_OUT"):
+            Path(out).write_text(json.dumps(results, indent=1))
         return
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=1))
     charts(results)
