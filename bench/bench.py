@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """pacegate benchmark suite (run through bench/run.sh; see BENCHMARKS.md).
 
+End to end, against real processes; benches/ holds the in-process
+`cargo bench` figures, which need nothing installed.
+
 Every scenario runs on loopback, bounded in requests and time, with the
 release pacegate binary and the project's mock upstream
 (examples/mock_upstream.rs, the same code the tests use). Results go to

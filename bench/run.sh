@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# bench/ is the end-to-end suite (release binaries as processes, nginx, wrk);
+# benches/ holds what `cargo bench` runs in-process, with nothing to install.
+#
 # Runs every pacegate benchmark scenario on loopback and regenerates
 # bench/results/latest.json, the SVG charts and the tables in BENCHMARKS.md.
 # Installs what it needs when missing (nginx, wrk and redis-server from Debian when root,

@@ -1,5 +1,8 @@
 //! Figures for the core proxy and retries (run with `cargo bench --bench pacing`).
 //!
+//! `benches/` is what `cargo bench` runs, in-process with nothing to install;
+//! the end-to-end suite against real processes and nginx is `bench/run.sh`.
+//!
 //! Prints, for one in-process pacegate against the shared mock upstream:
 //! 1. added latency of a request that does not wait: p50/p99 over 10k
 //!    sequential requests through pacegate vs direct to the mock;

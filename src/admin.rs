@@ -9,18 +9,13 @@ use serde_json::{Value, json};
 
 use crate::app::App;
 use crate::body::{self, ProxyBody};
-use crate::metrics::Metrics;
+use crate::error::RefusalReason;
+use crate::metrics::{AttemptOutcome, Metrics};
 use crate::retry::RetryReason;
 use crate::upstream::Upstream;
 
 /// The live dashboard: one self-contained page polling `/status`.
 const DASHBOARD: &str = include_str!("dashboard.html");
-
-/// Attempt outcomes as `pacegate_upstream_attempts_total` labels them.
-const OUTCOMES: [&str; 7] =
-    ["ok", "client_error", "rate_limited", "server_error", "connect_error", "timeout", "broken"];
-/// Reasons pacegate refuses a request itself.
-const REJECTIONS: [&str; 4] = ["queue_full", "queue_timeout", "rate_limit_store", "too_many_partitions"];
 
 /// What the admin endpoints need.
 #[derive(Debug, Clone)]
@@ -59,7 +54,8 @@ fn metrics(admin: &Admin) -> Response<ProxyBody> {
         state.metrics.inflight.get_or_create(&label).set(dispatcher.inflight() as i64);
         state.metrics.effective_rate.get_or_create(&label).set(dispatcher.observed().effective_rate);
     }
-    text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", state.metrics.encode())
+    let exposition = state.metrics.encode(runtime.config.redis.is_some());
+    text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", exposition)
 }
 
 /// `/status`: per upstream its quotas, queue, in-flight, cooldown and counts.
@@ -90,19 +86,15 @@ fn upstream_status(metrics: &Metrics, upstream: &Upstream) -> Value {
     let shape = dispatcher.shape();
     let now = tokio::time::Instant::now();
     let cooldown_remaining = observed.cooldown_until.map(|until| until.saturating_duration_since(now));
-    let counts = |family, labels: &[&str]| -> Value {
+    let counts = |family, labels: &[&'static str]| -> Value {
         labels
             .iter()
-            .map(|l| (l.to_string(), json!(Metrics::read(family, &Metrics::reason(name, l)))))
+            .map(|&l| (l.to_owned(), json!(Metrics::read(family, &Metrics::reason(name, l)))))
             .collect()
     };
-    let reasons: Vec<&str> = RetryReason::ALL.iter().map(|r| r.as_str()).collect();
-    let attempts: Value = OUTCOMES
-        .iter()
-        .map(|o| {
-            let labels = crate::metrics::OutcomeLabels { upstream: name.to_string(), outcome: o.to_string() };
-            (o.to_string(), json!(Metrics::read(&metrics.attempts, &labels)))
-        })
+    let attempts: Value = AttemptOutcome::ALL
+        .into_iter()
+        .map(|o| (o.as_str().to_owned(), json!(Metrics::read(&metrics.attempts, &Metrics::outcome(name, o)))))
         .collect();
     json!({
         "name": name,
@@ -121,8 +113,8 @@ fn upstream_status(metrics: &Metrics, upstream: &Upstream) -> Value {
         })),
         "requests": Metrics::read(&metrics.answered, &Metrics::upstream(name)),
         "attempts": attempts,
-        "retries": counts(&metrics.retries, &reasons),
-        "rejections": counts(&metrics.rejected, &REJECTIONS),
+        "retries": counts(&metrics.retries, &RetryReason::ALL.map(RetryReason::as_str)),
+        "rejections": counts(&metrics.rejected, &RefusalReason::ALL.map(RefusalReason::as_str)),
         "last_rate_limited": observed.last_rate_limited.map(|(at, pause)| json!({
             "at_unix_ms": unix_ms(at),
             "retry_after_ms": pause.map(|p| p.as_millis() as u64),

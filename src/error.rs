@@ -15,6 +15,38 @@ use crate::body::{self, ProxyBody};
 /// Header naming the error code on every answer pacegate makes itself.
 pub const ERROR_HEADER: &str = "x-pacegate-error";
 
+/// Why pacegate refused to queue or send a request, one name for every place
+/// that shows it: the `x-pacegate-error` code of the 503 (see
+/// [`ProxyError::code`]), the `reason` label of `pacegate_rejected_total`, the
+/// keys of `/status` `rejections` and the `reason` field of the log event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefusalReason {
+    /// The upstream's queue holds `queue_size` requests already.
+    QueueFull,
+    /// The request waited `queue_timeout` (or its own `x-pacegate-max-wait`).
+    QueueTimeout,
+    /// Redis is unreachable and `on_error = "deny"`.
+    RateLimitStore,
+    /// The upstream keeps `max_partitions` partitions already.
+    TooManyPartitions,
+}
+
+impl RefusalReason {
+    /// Every reason, so that each has its series and `/status` key from the start.
+    pub const ALL: [Self; 4] =
+        [Self::QueueFull, Self::QueueTimeout, Self::RateLimitStore, Self::TooManyPartitions];
+
+    /// The stable snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::QueueTimeout => "queue_timeout",
+            Self::RateLimitStore => "rate_limit_store",
+            Self::TooManyPartitions => "too_many_partitions",
+        }
+    }
+}
+
 /// A request pacegate answers itself instead of with an upstream's answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -87,10 +119,10 @@ impl ProxyError {
             Self::HeadersTooLarge { .. } | Self::TooManyHeaders { .. } => "headers_too_large",
             Self::UriTooLong { .. } => "uri_too_long",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
-            Self::QueueFull { .. } => "queue_full",
-            Self::QueueTimeout { .. } => "queue_timeout",
-            Self::RateLimitStore { .. } => "rate_limit_store",
-            Self::TooManyPartitions { .. } => "too_many_partitions",
+            Self::QueueFull { .. } => RefusalReason::QueueFull.as_str(),
+            Self::QueueTimeout { .. } => RefusalReason::QueueTimeout.as_str(),
+            Self::RateLimitStore { .. } => RefusalReason::RateLimitStore.as_str(),
+            Self::TooManyPartitions { .. } => RefusalReason::TooManyPartitions.as_str(),
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::Internal(_) => "internal_error",
         }
@@ -197,6 +229,25 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(json["error"], "bad_request");
         assert!(json["upstream"].is_null());
+    }
+
+    #[test]
+    fn refusals_answer_503_with_their_reason_as_code() {
+        let (upstream, wait) = (|| "api".to_string(), Duration::from_secs(1));
+        let refusals = [
+            (ProxyError::QueueFull { upstream: upstream(), retry_after: wait }, RefusalReason::QueueFull),
+            (
+                ProxyError::QueueTimeout { upstream: upstream(), waited: wait, retry_after: wait },
+                RefusalReason::QueueTimeout,
+            ),
+            (ProxyError::RateLimitStore { upstream: upstream() }, RefusalReason::RateLimitStore),
+            (ProxyError::TooManyPartitions { upstream: upstream() }, RefusalReason::TooManyPartitions),
+        ];
+        for (error, reason) in refusals {
+            assert_eq!((error.status(), error.code()), (StatusCode::SERVICE_UNAVAILABLE, reason.as_str()));
+        }
+        let names = RefusalReason::ALL.map(RefusalReason::as_str);
+        assert_eq!(names, ["queue_full", "queue_timeout", "rate_limit_store", "too_many_partitions"]);
     }
 
     #[test]

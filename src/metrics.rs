@@ -6,6 +6,13 @@
 //! refreshed when `/metrics` is scraped, so the hot path never writes them.
 //! The request path counts through [`UpstreamMetrics`], which keeps each
 //! upstream's series once looked up.
+//!
+//! Series whose labels take a fixed set of values (reload results, and for
+//! each upstream its attempt outcomes, retry and refusal reasons and its
+//! cooldown counter) are created at 0 when the process or the upstream
+//! starts, so that a scrape sees them before the first event and `rate()`
+//! does not miss it. The Redis series exist only with `[redis]` (see
+//! [`Metrics::encode`]).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -16,33 +23,42 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 
+use crate::error::RefusalReason;
+use crate::retry::RetryReason;
+
+// The `upstream` label is an `Arc<str>` that an upstream's series share:
+// with `[[upstream]]` by the thousand, one name per series adds up.
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabel {
-    pub upstream: String,
+    pub upstream: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
-    pub upstream: String,
+    pub upstream: Arc<str>,
     /// HTTP status of the answer the caller got.
     pub code: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    pub upstream: String,
-    pub outcome: String,
+    pub upstream: Arc<str>,
+    /// An [`AttemptOutcome::as_str`].
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
-    pub upstream: String,
-    pub reason: String,
+    pub upstream: Arc<str>,
+    /// A [`RetryReason::as_str`] or a [`RefusalReason::as_str`].
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
-    pub result: String,
+    /// `ok` or `error`.
+    pub result: &'static str,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -53,6 +69,8 @@ pub const NO_UPSTREAM: &str = "none";
 /// Every metric pacegate exports.
 pub struct Metrics {
     registry: Registry,
+    /// The `pacegate_redis_*` series, exported only while `[redis]` is configured.
+    redis: Registry,
     pub requests: Family<CodeLabels, Counter>,
     pub attempts: Family<OutcomeLabels, Counter>,
     pub retries: Family<ReasonLabels, Counter>,
@@ -66,7 +84,7 @@ pub struct Metrics {
     pub effective_rate: Family<UpstreamLabel, Gauge<f64, AtomicU64>>,
     /// Answers per upstream, all codes together, for `/status` (not exported).
     pub answered: Family<UpstreamLabel, Counter>,
-    /// 1 while the shared limiter's Redis is reachable (0 without `[redis]`).
+    /// 1 while the shared limiter's Redis is reachable.
     pub redis_up: Gauge,
     /// Redis calls that failed or timed out.
     pub redis_errors: Counter,
@@ -148,24 +166,25 @@ impl Metrics {
             "Requests per second the pacer uses now",
             effective_rate.clone(),
         );
+        for ok in [true, false] {
+            let _ = config_reloads.get_or_create(&Self::reload_result(ok));
+        }
+        let mut redis = Registry::default();
         let (redis_up, redis_errors, redis_fallbacks): (Gauge, Counter, Counter) = Default::default();
-        registry.register(
+        redis.register(
             "pacegate_redis_up",
             "1 while the shared limiter's Redis is reachable",
             redis_up.clone(),
         );
-        registry.register(
-            "pacegate_redis_errors",
-            "Redis calls that failed or timed out",
-            redis_errors.clone(),
-        );
-        registry.register(
+        redis.register("pacegate_redis_errors", "Redis calls that failed or timed out", redis_errors.clone());
+        redis.register(
             "pacegate_redis_fallbacks",
             "Times pacing fell back from Redis to on_error (local or deny)",
             redis_fallbacks.clone(),
         );
         Self {
             registry,
+            redis,
             requests,
             attempts,
             retries,
@@ -185,25 +204,44 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn encode(&self) -> String {
-        let mut text = String::new();
+    /// The Prometheus text exposition of every metric; the Redis series
+    /// only when `redis` (the live config has `[redis]`).
+    ///
+    /// Decided at each scrape rather than at start-up, so that a reload that
+    /// adds or removes `[redis]` shows or hides them. Their values live as
+    /// long as the process: a `[redis]` that comes back continues its
+    /// counters, as Prometheus expects of a counter that reappears.
+    pub fn encode(&self, redis: bool) -> String {
+        use prometheus_client::encoding::text;
+        let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
-        text
+        let _ = text::encode_registry(&mut out, &self.registry);
+        if redis {
+            let _ = text::encode_registry(&mut out, &self.redis);
+        }
+        let _ = text::encode_eof(&mut out);
+        out
     }
 
     pub fn upstream(name: &str) -> UpstreamLabel {
-        UpstreamLabel { upstream: name.to_string() }
+        UpstreamLabel { upstream: name.into() }
     }
 
-    pub fn reason(upstream: &str, reason: &str) -> ReasonLabels {
-        ReasonLabels { upstream: upstream.to_string(), reason: reason.to_string() }
+    pub fn reason(upstream: &str, reason: &'static str) -> ReasonLabels {
+        ReasonLabels { upstream: upstream.into(), reason }
+    }
+
+    pub fn outcome(upstream: &str, outcome: AttemptOutcome) -> OutcomeLabels {
+        OutcomeLabels { upstream: upstream.into(), outcome: outcome.as_str() }
+    }
+
+    fn reload_result(ok: bool) -> ResultLabel {
+        ResultLabel { result: if ok { "ok" } else { "error" } }
     }
 
     /// Counts one answer to a caller.
     pub fn count_request(&self, upstream: &str, status: http::StatusCode) {
-        let labels = CodeLabels { upstream: upstream.to_string(), code: status.as_u16().to_string() };
+        let labels = CodeLabels { upstream: upstream.into(), code: status.as_u16().to_string() };
         self.requests.get_or_create(&labels).inc();
         self.answered.get_or_create(&Self::upstream(upstream)).inc();
     }
@@ -218,8 +256,7 @@ impl Metrics {
 
     /// Counts one reload by result (`ok` or `error`).
     pub fn count_reload(&self, ok: bool) {
-        let result = if ok { "ok" } else { "error" };
-        self.config_reloads.get_or_create(&ResultLabel { result: result.to_string() }).inc();
+        self.config_reloads.get_or_create(&Self::reload_result(ok)).inc();
     }
 }
 
@@ -229,7 +266,8 @@ impl Default for Metrics {
     }
 }
 
-/// How one attempt ended, as `pacegate_upstream_attempts_total` labels it.
+/// How one attempt ended: the `outcome` label of
+/// `pacegate_upstream_attempts_total` and the keys of `/status` `attempts`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptOutcome {
     Ok,
@@ -242,8 +280,18 @@ pub enum AttemptOutcome {
 }
 
 impl AttemptOutcome {
-    const COUNT: usize = 7;
+    /// Every outcome, in declaration order: `outcome as usize` indexes it.
+    pub const ALL: [Self; 7] = [
+        Self::Ok,
+        Self::ClientError,
+        Self::RateLimited,
+        Self::ServerError,
+        Self::ConnectError,
+        Self::Timeout,
+        Self::Broken,
+    ];
 
+    /// The stable snake_case name.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Ok => "ok",
@@ -262,33 +310,48 @@ impl AttemptOutcome {
 const KEPT_CODES: [u16; 19] =
     [200, 201, 202, 204, 206, 301, 302, 304, 400, 401, 403, 404, 409, 422, 429, 500, 502, 503, 504];
 
-/// One upstream's series, each looked up in its family on first use and then
-/// kept. `Family::get_or_create` builds label strings, hashes them and takes
-/// the family's lock; per request that was a large share of pacegate's own
-/// work, where incrementing a kept series is one atomic add. A series still
-/// appears only once used, as before.
+/// One upstream's series, each looked up in its family once and then kept.
+/// `Family::get_or_create` builds label strings, hashes them and takes the
+/// family's lock; per request that was a large share of pacegate's own
+/// work, where incrementing a kept series is one atomic add. Series with a
+/// fixed label set are created with the upstream; the others (answer codes,
+/// histograms) appear once used.
 #[derive(Debug)]
 pub struct UpstreamMetrics {
     all: Arc<Metrics>,
-    /// The `upstream` label value.
-    name: String,
+    /// The `upstream` label value, shared by this upstream's series.
+    name: Arc<str>,
     queue_wait: OnceLock<Histogram>,
     upstream_duration: OnceLock<Histogram>,
     answered: OnceLock<Counter>,
-    attempts: [OnceLock<Counter>; AttemptOutcome::COUNT],
+    /// By [`AttemptOutcome`], in the order of [`AttemptOutcome::ALL`].
+    attempts: [Counter; AttemptOutcome::ALL.len()],
     /// `pacegate_requests_total` for each of [`KEPT_CODES`].
     codes: [OnceLock<Counter>; KEPT_CODES.len()],
 }
 
 impl UpstreamMetrics {
+    /// This upstream's series; those with a fixed label set start at 0 (or
+    /// continue, for an upstream that was configured before).
     pub fn new(all: Arc<Metrics>, name: &str) -> Self {
+        let name: Arc<str> = name.into();
+        let attempts = AttemptOutcome::ALL.map(|outcome| {
+            let labels = OutcomeLabels { upstream: name.clone(), outcome: outcome.as_str() };
+            all.attempts.get_or_create(&labels).clone()
+        });
+        let retries = RetryReason::ALL.map(|reason| (&all.retries, reason.as_str()));
+        let refusals = RefusalReason::ALL.map(|reason| (&all.rejected, reason.as_str()));
+        for (family, reason) in retries.into_iter().chain(refusals) {
+            let _ = family.get_or_create(&ReasonLabels { upstream: name.clone(), reason });
+        }
+        let _ = all.cooldown_seconds.get_or_create(&UpstreamLabel { upstream: name.clone() });
         Self {
             all,
-            name: name.to_owned(),
+            name,
             queue_wait: OnceLock::new(),
             upstream_duration: OnceLock::new(),
             answered: OnceLock::new(),
-            attempts: Default::default(),
+            attempts,
             codes: Default::default(),
         }
     }
@@ -299,7 +362,7 @@ impl UpstreamMetrics {
     }
 
     fn label(&self) -> UpstreamLabel {
-        Metrics::upstream(&self.name)
+        UpstreamLabel { upstream: self.name.clone() }
     }
 
     /// Counts one answer to a caller, as [`Metrics::count_request`] does.
@@ -317,11 +380,7 @@ impl UpstreamMetrics {
 
     /// Counts one attempt by its outcome.
     pub fn count_attempt(&self, outcome: AttemptOutcome) {
-        let series = self.attempts[outcome as usize].get_or_init(|| {
-            let labels = OutcomeLabels { upstream: self.name.clone(), outcome: outcome.as_str().to_owned() };
-            self.all.attempts.get_or_create(&labels).clone()
-        });
-        series.inc();
+        self.attempts[outcome as usize].inc();
     }
 
     /// Records how long an attempt waited for its ticket.
@@ -336,5 +395,53 @@ impl UpstreamMetrics {
             .upstream_duration
             .get_or_init(|| self.all.upstream_duration.get_or_create(&self.label()).clone());
         series.observe(took.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_are_listed_in_declaration_order() {
+        for (index, outcome) in AttemptOutcome::ALL.into_iter().enumerate() {
+            assert_eq!(outcome as usize, index, "{outcome:?}");
+        }
+    }
+
+    #[test]
+    fn fixed_label_series_start_at_zero() {
+        let metrics = Arc::new(Metrics::new());
+        let _api = UpstreamMetrics::new(metrics.clone(), "api");
+        let text = metrics.encode(false);
+        let mut expected = vec![
+            r#"pacegate_config_reloads_total{result="ok"} 0"#.to_owned(),
+            r#"pacegate_config_reloads_total{result="error"} 0"#.to_owned(),
+            r#"pacegate_cooldown_seconds_total{upstream="api"} 0.0"#.to_owned(),
+        ];
+        let series = |name: &str, label: &str, value: &str| {
+            format!("{name}{{upstream=\"api\",{label}=\"{value}\"}} 0")
+        };
+        let outcomes = AttemptOutcome::ALL.map(AttemptOutcome::as_str);
+        expected.extend(outcomes.map(|o| series("pacegate_upstream_attempts_total", "outcome", o)));
+        expected.extend(RetryReason::ALL.map(|r| series("pacegate_retries_total", "reason", r.as_str())));
+        expected.extend(RefusalReason::ALL.map(|r| series("pacegate_rejected_total", "reason", r.as_str())));
+        for line in expected {
+            assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn redis_series_only_when_asked_for() {
+        let metrics = Metrics::new();
+        assert!(!metrics.encode(false).contains("pacegate_redis"), "{}", metrics.encode(false));
+        let with_redis = metrics.encode(true);
+        for name in
+            ["pacegate_redis_up 0", "pacegate_redis_errors_total 0", "pacegate_redis_fallbacks_total 0"]
+        {
+            assert!(with_redis.lines().any(|l| l == name), "{name} missing from:\n{with_redis}");
+        }
+        assert!(with_redis.ends_with("# EOF\n"), "one end marker, at the end:\n{with_redis}");
+        assert_eq!(with_redis.matches("# EOF").count(), 1, "{with_redis}");
     }
 }

@@ -81,9 +81,6 @@ impl Runtime {
                 .inspect_err(|error| tracing::error!(%error, "redis not usable: quotas stay local"))
                 .ok(),
         });
-        if config.redis.is_none() {
-            metrics.redis_up.set(0);
-        }
         let upstreams = config
             .upstreams
             .iter()

@@ -115,7 +115,12 @@ async fn intercepted_https_reaches_the_upstream_and_is_paced() {
     let response = h1.post("https://api.test/h1").body("hello").send().await.expect("h1 request");
     assert_eq!(response.status(), 200);
     assert_eq!(response.version(), reqwest::Version::HTTP_11);
+    // The CONNECTs were answers for `api` as much as the requests inside.
+    assert_eq!(pg.metric(NONE_200).await, None, "a CONNECT to api.test counted under no upstream");
 }
+
+/// `pacegate_requests_total` of 200s answered for no configured upstream.
+const NONE_200: &str = r#"pacegate_requests_total{upstream="none",code="200"}"#;
 
 #[tokio::test]
 async fn a_client_that_does_not_trust_the_ca_fails_the_handshake() {
@@ -195,6 +200,9 @@ async fn tunnels_to_configured_hosts_without_mitm() {
     let mut buf = [0u8; 4];
     tokio::time::timeout(WAIT, stream.read_exact(&mut buf)).await.unwrap().unwrap();
     assert_eq!(&buf, b"pong");
+    let api_200 = r#"pacegate_requests_total{upstream="api",code="200"}"#;
+    assert_eq!(pg.metric(api_200).await, Some(1.0), "the unpaced tunnel is counted under its upstream");
+    assert_eq!(pg.metric(NONE_200).await, None);
 }
 
 #[tokio::test]

@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use support::mock::{Behaviour, MockUpstream, Scripted};
-use support::{Pacegate, client, upstream};
+use support::redis_server::RedisServer;
+use support::{Pacegate, TEST_SERVER, client, upstream};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -185,14 +186,14 @@ budget = 100.0
     assert_eq!(attempts("server_error"), Some(1.0), "{text}");
     assert_eq!(attempts("rate_limited"), Some(1.0), "{text}");
     for other in ["client_error", "connect_error", "timeout", "broken"] {
-        assert!(attempts(other).unwrap_or(0.0) == 0.0, "no {other} attempt: {text}");
+        assert_eq!(attempts(other), Some(0.0), "no {other} attempt: {text}");
     }
     let retries = |reason| value(&m, "pacegate_retries_total", &[up, ("reason", reason)]);
     assert_eq!(retries("status_5xx"), Some(1.0), "{text}");
     assert_eq!(retries("status_429"), Some(1.0), "{text}");
     let rejected = |reason| value(&m, "pacegate_rejected_total", &[up, ("reason", reason)]);
     assert_eq!(rejected("queue_full"), Some(1.0), "{text}");
-    assert!(rejected("queue_timeout").unwrap_or(0.0) == 0.0, "{text}");
+    assert_eq!(rejected("queue_timeout"), Some(0.0), "{text}");
 
     assert_eq!(must(&m, "pacegate_queue_depth", &[up]), 0.0, "{text}");
     assert_eq!(must(&m, "pacegate_inflight", &[up]), 0.0, "{text}");
@@ -200,7 +201,7 @@ budget = 100.0
     let cooldown = must(&m, "pacegate_cooldown_seconds_total", &[up]);
     assert!((cooldown - 1.5).abs() < 1e-6, "one 1.5 s cooldown, got {cooldown}: {text}");
     assert_eq!(must(&m, "pacegate_config_reloads_total", &[("result", "ok")]), 1.0, "{text}");
-    assert!(value(&m, "pacegate_config_reloads_total", &[("result", "error")]).unwrap_or(0.0) == 0.0);
+    assert_eq!(value(&m, "pacegate_config_reloads_total", &[("result", "error")]), Some(0.0), "{text}");
 
     // Histograms: four tickets (three for request one, one for two), four answers.
     for histogram in ["pacegate_queue_wait_seconds", "pacegate_upstream_duration_seconds"] {
@@ -229,6 +230,65 @@ budget = 100.0
         })
         .map(|s| s.value);
     assert!(below_half_second.is_some_and(|v| v <= 3.0), "the long wait is not in le=0.5: {text}");
+    pg.stop().await.unwrap();
+}
+
+/// Label values of the per-upstream series with a fixed label set.
+const OUTCOMES: [&str; 7] =
+    ["ok", "client_error", "rate_limited", "server_error", "connect_error", "timeout", "broken"];
+const RETRY_REASONS: [&str; 6] = ["status_429", "status_5xx", "status_other", "connect", "timeout", "broken"];
+const REFUSALS: [&str; 4] = ["queue_full", "queue_timeout", "rate_limit_store", "too_many_partitions"];
+
+/// Asserts that every series of upstream `name` with a fixed label set is there, at 0.
+fn assert_fixed_series_at_zero(m: &[Sample], text: &str, name: &str) {
+    let up = ("upstream", name);
+    let families = [
+        ("pacegate_upstream_attempts_total", "outcome", &OUTCOMES[..]),
+        ("pacegate_retries_total", "reason", &RETRY_REASONS[..]),
+        ("pacegate_rejected_total", "reason", &REFUSALS[..]),
+    ];
+    for (family, label, values) in families {
+        for v in values {
+            assert_eq!(value(m, family, &[up, (label, v)]), Some(0.0), "{family} {name} {v}: {text}");
+        }
+    }
+    assert_eq!(value(m, "pacegate_cooldown_seconds_total", &[up]), Some(0.0), "{name}: {text}");
+}
+
+/// Writes `toml` as the config file and reloads it.
+async fn reload_with(pg: &Pacegate, toml: &str) {
+    std::fs::write(&pg.config_path, toml).expect("write config");
+    let reload = client().post(pg.admin_url("/reload")).send().await.expect("reload");
+    assert_eq!(reload.status(), 200, "{}", reload.text().await.unwrap_or_default());
+}
+
+/// A scrape before anything happened shows every series with a fixed label
+/// set at 0, and so does one after a reload added an upstream; the Redis
+/// series come and go with `[redis]`.
+#[tokio::test]
+async fn fixed_label_series_are_exported_at_zero_from_start_up() {
+    // Nothing is sent: the upstreams' hosts and Redis are never reached.
+    let first = upstream("first", "http://first.test", "rate = \"10/s\"");
+    let pg = Pacegate::start(&first).await;
+    let (text, m) = scrape(&pg).await;
+    for result in ["ok", "error"] {
+        assert_eq!(value(&m, "pacegate_config_reloads_total", &[("result", result)]), Some(0.0), "{text}");
+    }
+    assert_fixed_series_at_zero(&m, &text, "first");
+    assert!(!text.contains("pacegate_redis_"), "no [redis], no Redis series: {text}");
+
+    let second = upstream("second", "http://second.test", "rate = \"10/s\"");
+    let redis = format!("[redis]\nurl = \"{}\"\n", RedisServer::unreachable_url());
+    reload_with(&pg, &format!("{TEST_SERVER}\n{redis}\n{first}\n{second}")).await;
+    let (text, m) = scrape(&pg).await;
+    assert_fixed_series_at_zero(&m, &text, "second");
+    assert!(value(&m, "pacegate_redis_up", &[]).is_some(), "{text}");
+    assert_eq!(value(&m, "pacegate_redis_errors_total", &[]), Some(0.0), "{text}");
+    assert_eq!(value(&m, "pacegate_redis_fallbacks_total", &[]), Some(0.0), "{text}");
+
+    reload_with(&pg, &format!("{TEST_SERVER}\n{first}")).await;
+    let (text, _) = scrape(&pg).await;
+    assert!(!text.contains("pacegate_redis_"), "[redis] removed, its series gone: {text}");
     pg.stop().await.unwrap();
 }
 

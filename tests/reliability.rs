@@ -497,7 +497,7 @@ async fn panics_are_caught_counted_and_serving_goes_on() {
         assert_eq!(fine.text().await.unwrap(), "ok");
     }
     assert_eq!(metrics.panics.get(), 3);
-    assert!(metrics.encode().contains("pacegate_panics_total 3"), "{}", metrics.encode());
+    assert!(metrics.encode(false).contains("pacegate_panics_total 3"), "{}", metrics.encode(false));
     let _ = stop.send(());
     tokio::time::timeout(WAIT, served).await.expect("server stopped").unwrap();
 }

@@ -1,6 +1,6 @@
 //! Whole-file tests: text in, `Config` or a located `ConfigError` out.
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -37,10 +37,46 @@ base_url = "https://api.example.com"
 rate = "10/s"
 "#;
 
+/// The directory of the config files the repository ships.
+fn shipped_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config")
+}
+
+/// A shipped config file, loaded as `pacegate --config` would.
+fn shipped(name: &str) -> Config {
+    load(&shipped_dir().join(name)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Every `config/*.toml` loads, so a file added there is checked as well.
+#[test]
+fn every_shipped_config_loads() {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(shipped_dir()).expect("read config/") {
+        let name = entry.expect("config/ entry").file_name().into_string().expect("UTF-8 file name");
+        if name.ends_with(".toml") {
+            shipped(&name);
+            names.push(name);
+        }
+    }
+    for expected in ["docker.toml", "pacegate.toml"] {
+        assert!(names.iter().any(|name| name == expected), "{expected} not found in {names:?}");
+    }
+}
+
+/// The container image's config says it is the example with listeners that
+/// can be published: anything else that differs is drift.
+#[test]
+fn docker_config_is_the_example_with_public_listeners() {
+    let mut expected = shipped("pacegate.toml");
+    expected.server.listen = "0.0.0.0:8080".parse().unwrap();
+    expected.server.admin_listen = "0.0.0.0:9090".parse().unwrap();
+    expected.server.admin_allow_remote = true;
+    assert_eq!(shipped("docker.toml"), expected);
+}
+
 #[test]
 fn shipped_example_is_valid() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pacegate.toml");
-    let config = load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let config = shipped("pacegate.toml");
     let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
     assert_eq!(names, ["github", "openai", "stripe"]);
     assert_eq!(config.server.listen, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());

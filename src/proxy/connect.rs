@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::Authority;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -38,14 +38,33 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The client's TLS handshake inside an intercepted tunnel.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Where a CONNECT goes, known before anything is connected.
+#[derive(Debug)]
+pub struct Tunnel {
+    authority: Authority,
+    port: u16,
+    /// The configured upstream that claims the host: the answer to the
+    /// CONNECT is counted under it, intercepted or not.
+    pub upstream: Option<usize>,
+}
+
+impl Tunnel {
+    /// The target of a CONNECT request (`host:port`) and its upstream.
+    pub fn of(runtime: &Runtime, uri: &Uri) -> Result<Self, ProxyError> {
+        let (authority, port) = route::tunnel_target(uri)?;
+        let upstream = runtime.router.upstream_for_host(&authority);
+        Ok(Self { authority, port, upstream })
+    }
+}
+
 /// Answers a CONNECT: 200 and a tunnel or interception, or an error.
 pub async fn connect(
     proxy: &Arc<Proxy>,
     runtime: &Runtime,
     peer: SocketAddr,
+    Tunnel { authority, port, upstream }: Tunnel,
     mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let (authority, port) = route::tunnel_target(request.uri())?;
     let scope = request
         .extensions()
         .get::<Scope>()
@@ -53,7 +72,7 @@ pub async fn connect(
         .ok_or_else(|| ProxyError::Internal("CONNECT outside a client connection".into()))?;
     let host = authority.host().to_string();
     let upgrade = hyper::upgrade::on(&mut request);
-    match runtime.router.upstream_for_host(&authority) {
+    match upstream {
         Some(_) if runtime.config.mitm.enabled => {
             let interceptor = proxy.interceptor(&runtime.config.mitm).map_err(|e| {
                 ProxyError::UpstreamUnreachable { upstream: None, reason: format!("interception: {e}") }

@@ -91,10 +91,15 @@ impl Proxy {
             if let Err(error) = check_header_size(request.headers(), runtime.config.server.max_header_bytes) {
                 return Either::Left(self.refused(error));
             }
+            let tunnel = match connect::Tunnel::of(&runtime, request.uri()) {
+                Ok(tunnel) => tunnel,
+                Err(error) => return Either::Left(self.refused(error)),
+            };
             // Boxed: rare, and its state would otherwise size every request's.
             return Either::Left(Box::pin(async move {
-                let result = connect::connect(&self, &runtime, peer, request).await;
-                self.answer(result, None)
+                let upstream = tunnel.upstream;
+                let result = connect::connect(&self, &runtime, peer, tunnel, request).await;
+                self.answer(result, upstream.map(|index| &*runtime.upstreams[index]))
             }));
         }
         self.routed(runtime, peer, request, None)
