@@ -199,7 +199,7 @@ impl Pacing {
             let own_rate = accepted as f64 / self.window.as_secs_f64();
             let accepted_rate = if shared { self.pacer.effective_rate() } else { own_rate };
             if let Some(rate) = adaptive.on_rate_limited(now, feedback.sent_at, accepted_rate) {
-                tracing::info!(upstream = %name, rate, reason = "rate_limited", "adaptive rate lowered");
+                tracing::info!(upstream = %name, rate, reason = PauseReason::RateLimited.as_str(), "adaptive rate lowered");
             }
         }
         if let Some(hint) = feedback.hint {

@@ -26,7 +26,7 @@ use super::{
 };
 use crate::admission::{Feedback, Place, Refusal};
 use crate::body::{self, ProxyBody, RequestBody};
-use crate::error::ProxyError;
+use crate::error::{ProxyError, RefusalReason};
 use crate::metrics::{AttemptOutcome, Metrics};
 use crate::retry::{self, Decision, Outcome, RateLimitHint};
 
@@ -176,7 +176,7 @@ impl Upstream {
                 attempt,
                 status = status.as_u16(),
                 delay_ms = retry_after.map(|d| d.as_millis() as u64),
-                reason = "status_429",
+                reason = retry::RetryReason::Status429.as_str(),
                 "rate_limited"
             );
         }
@@ -214,23 +214,23 @@ impl Upstream {
         }
     }
 
-    /// Logs and maps a refusal to queue (SPEC `queue_full`, `queue_timeout`).
+    /// Logs, counts and maps a refusal to queue.
     fn refused(&self, refusal: Refusal) -> ProxyError {
         let upstream = self.config.name.clone();
         let reason = match refusal {
-            Refusal::Full { .. } => "queue_full",
-            Refusal::Timeout { .. } => "queue_timeout",
-            Refusal::TooManyPartitions => "too_many_partitions",
-            Refusal::StoreDown => "rate_limit_store",
+            Refusal::Full { .. } => RefusalReason::QueueFull,
+            Refusal::Timeout { .. } => RefusalReason::QueueTimeout,
+            Refusal::TooManyPartitions => RefusalReason::TooManyPartitions,
+            Refusal::StoreDown => RefusalReason::RateLimitStore,
         };
-        self.metrics.all().rejected.get_or_create(&Metrics::reason(&upstream, reason)).inc();
+        self.metrics.all().rejected.get_or_create(&Metrics::reason(&upstream, reason.as_str())).inc();
         match refusal {
             Refusal::Full { retry_after } => {
-                tracing::warn!(upstream = %upstream, reason = "queue_full", "queue_full");
+                tracing::warn!(upstream = %upstream, reason = reason.as_str(), "queue_full");
                 ProxyError::QueueFull { upstream, retry_after }
             }
             Refusal::Timeout { waited, retry_after } => {
-                tracing::warn!(upstream = %upstream, reason = "queue_timeout", waited_ms = waited.as_millis() as u64, "queue_timeout");
+                tracing::warn!(upstream = %upstream, reason = reason.as_str(), waited_ms = waited.as_millis() as u64, "queue_timeout");
                 ProxyError::QueueTimeout { upstream, waited, retry_after }
             }
             Refusal::TooManyPartitions => ProxyError::TooManyPartitions { upstream },
