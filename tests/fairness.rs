@@ -167,17 +167,19 @@ async fn a_single_caller_is_not_stuck_behind_a_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn high_priority_jumps_the_queue_and_low_still_progresses() {
     let mock = MockUpstream::start(Behaviour::new()).await;
-    // 10/s: one slot is 100 ms, plenty to queue everything first.
-    let extra = "rate = \"10/s\"\nqueue_timeout = \"60s\"";
+    // 5/s: one slot is 200 ms, so the queue hardly drains while 50 callers
+    // connect and queue, even on a loaded machine.
+    let extra = "rate = \"5/s\"\nqueue_timeout = \"60s\"";
     let pg = Pacegate::start(&upstream("api", &mock.url(), extra)).await;
     let url = pg.url("/api/x");
     let low = spawn_requests(&url, 10, &[("x-pacegate-priority", "low"), ("x-kind", "low")]);
     wait_depth(&pg, 8).await;
     let high = spawn_requests(&url, 40, &[("x-pacegate-priority", "high"), ("x-kind", "high")]);
-    wait_depth(&pg, 45).await;
+    // Most of the 48 or so still queued: a grant or two may go while they connect.
+    wait_depth(&pg, 42).await;
     let queued_at = Instant::now();
     let seen_before = mock.count();
-    assert!(mock.wait_for_arrivals(seen_before + 20, Duration::from_secs(5)).await, "20 more arrivals");
+    assert!(mock.wait_for_arrivals(seen_before + 20, Duration::from_secs(10)).await, "20 more arrivals");
     let after: Vec<String> = mock
         .arrivals()
         .into_iter()
