@@ -65,7 +65,7 @@ pub enum BodyError {
 
 /// Reads up to `buffer_limit` bytes into memory; beyond that, streams the rest.
 ///
-/// `hard_limit` (SPEC `max_request_bytes`) is enforced here for buffered bodies
+/// `hard_limit` (`max_request_bytes`) is enforced here for buffered bodies
 /// and by [`CappedBody`] for streamed ones.
 pub async fn read(
     mut body: Incoming,

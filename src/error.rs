@@ -1,8 +1,8 @@
 //! The errors pacegate answers itself, and their one mapping to HTTP.
 //!
-//! SPEC's error table lives here and only here: every other module returns a
+//! The error table (docs/http.md) lives here and only here: every other module returns a
 //! [`ProxyError`] and lets [`ProxyError::into_response`] pick the status, the
-//! `x-pacegate-error` code and the JSON body. Two rows go beyond SPEC's table:
+//! `x-pacegate-error` code and the JSON body. Two rows go beyond the table users see documented first:
 //! 414 `uri_too_long` (RFC 9112 §3 requires 414 for a request target longer
 //! than we parse) and 500 `internal_error` (a request task panicked).
 
@@ -85,7 +85,7 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// The HTTP status of SPEC's error table.
+    /// The HTTP status of the error table.
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -107,7 +107,7 @@ impl ProxyError {
         }
     }
 
-    /// The stable `x-pacegate-error` code of SPEC's error table.
+    /// The stable `x-pacegate-error` code of the error table.
     pub fn code(&self) -> &'static str {
         match self {
             Self::BadRequest(_) => "bad_request",
@@ -153,7 +153,7 @@ impl ProxyError {
         }
     }
 
-    /// SPEC's JSON body: `{"error", "upstream", "message"}`.
+    /// The JSON body: `{"error", "upstream", "message"}`.
     fn body(&self) -> String {
         let body = serde_json::json!({
             "error": self.code(),

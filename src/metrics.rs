@@ -1,4 +1,4 @@
-//! Prometheus metrics, with the names SPEC fixes.
+//! Prometheus metrics, with the names users rely on (docs/operations.md).
 //!
 //! One [`Metrics`] lives for the whole process (across reloads) and is shared
 //! by every upstream. Counters are incremented where things happen; gauges

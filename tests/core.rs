@@ -1,4 +1,4 @@
-//! Issue 2, the core proxy, against real sockets and the shared mock upstream:
+//! The core proxy, against real sockets and the shared mock upstream:
 //! pacing, independent upstreams, backpressure answers, caller disconnects,
 //! forward and reverse routing, header hygiene, streaming, body limits, h2c
 //! and graceful shutdown.

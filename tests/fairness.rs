@@ -1,4 +1,4 @@
-//! Issue 10, "Per-key quotas and fair queuing between callers".
+//! Per-key quotas and fair queuing between callers.
 //!
 //! Each test drives a real pacegate in front of the mock upstream and tells
 //! callers apart at the mock by a header they carry (`authorization`,

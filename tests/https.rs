@@ -1,4 +1,4 @@
-//! HTTPS through `HTTPS_PROXY` (issue 6): interception with our own CA,
+//! HTTPS through `HTTPS_PROXY`: interception with our own CA,
 //! plain tunnels, the private-address guard, `proxy_auth` and `ca init`.
 //! Only loopback is ever connected to; every wait is bounded.
 

@@ -1,5 +1,5 @@
-//! Issue 5, observability: exact `/metrics` values after a scripted run,
-//! `/status` during a cooldown, JSON logs of the real binary carrying SPEC's
+//! Observability: exact `/metrics` values after a scripted run,
+//! `/status` during a cooldown, JSON logs of the real binary carrying the documented
 //! events, no credentials in any log line, and pacegate's answer headers.
 mod support;
 

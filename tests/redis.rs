@@ -1,4 +1,4 @@
-//! Issue 7: quotas and cooldowns shared by replicas through a real
+//! Quotas and cooldowns shared by replicas through a real
 //! `redis-server` (each test starts its own on a free loopback port).
 mod support;
 
@@ -182,7 +182,7 @@ async fn a_reload_moves_to_another_redis() {
     assert_eq!(second.keys("pacegate:*").len(), 1, "the new Redis paces");
 }
 
-/// Issue 10 with Redis: each `partition_by` value has its own shared bucket,
+/// Per-key quotas with Redis: each `partition_by` value has its own shared bucket,
 /// the same on every replica, and the credential never reaches Redis.
 #[tokio::test]
 async fn partitions_share_their_own_buckets_without_the_key_in_clear() {

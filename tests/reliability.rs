@@ -1,4 +1,4 @@
-//! Issue 9, reliability: pacegate attacked by hostile callers and broken
+//! Reliability: pacegate attacked by hostile callers and broken
 //! upstreams. Each test drives a real pacegate (or, for panics, the server
 //! module) on loopback; raw TCP clients send what reqwest cannot. Every wait
 //! is bounded, and each test fails if the protection it names is removed.
@@ -92,7 +92,7 @@ struct Raw {
 }
 
 impl Raw {
-    /// Asserts SPEC's error answer (no upstream named).
+    /// Asserts the documented error answer (no upstream named).
     fn assert_error(&self, status: u16, code: &str) {
         assert_error_parts(self.status, &self.headers, &self.body, status, code, None);
     }
@@ -169,7 +169,7 @@ async fn silent(stream: &mut TcpStream) -> bool {
 
 // === client side: hostile heads ===
 
-/// Every malformed head gets SPEC's answer (hyper alone answers a bare
+/// Every malformed head gets the documented answer (hyper alone answers a bare
 /// status, or follows the request), and nothing reaches the upstream.
 #[tokio::test]
 async fn malformed_heads_get_spec_answers() {

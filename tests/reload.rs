@@ -1,4 +1,4 @@
-//! Issue 4, live config reload: triggers (file on disk, `POST /reload`),
+//! Live config reload: triggers (file on disk, `POST /reload`),
 //! rejection of bad files, and what a new generation carries over (limiter
 //! state, queued requests, removed upstreams). SIGHUP is in `reload_sighup.rs`,
 //! its own process, because the signal reaches every pacegate in the process.

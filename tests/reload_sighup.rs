@@ -1,4 +1,4 @@
-//! Issue 4: SIGHUP reloads the config. In its own test binary because the
+//! SIGHUP reloads the config. In its own test binary because the
 //! signal goes to the whole process, and would bump the generation of every
 //! pacegate running in `reload.rs`.
 mod support;

@@ -1,4 +1,4 @@
-//! Issue 3, "Retries and cooldowns": pacegate absorbs 429s and transient 5xx
+//! Retries and cooldowns: pacegate absorbs 429s and transient 5xx
 //! with paced retries and whole-upstream cooldowns, and never stampedes the API.
 //!
 //! Every test drives a real pacegate in front of the shared mock upstream and

@@ -1,4 +1,4 @@
-//! Issue 9, soak: steady load through pacegate with scripted upstream faults,
+//! Soak: steady load through pacegate with scripted upstream faults,
 //! malformed requests and periodic reloads, for `PACEGATE_SOAK_SECS` seconds
 //! (skipped when unset; `scripts/test.sh` runs 30 s, and
 //! `PACEGATE_SOAK_SECS=120 scripts/test.sh` the long run).
@@ -64,7 +64,7 @@ struct Tally {
     cut: AtomicU64,
     /// Requests without an answer: must stay zero.
     unanswered: AtomicU64,
-    /// Malformed requests answered with SPEC's 400.
+    /// Malformed requests answered with the documented 400.
     refused: AtomicU64,
 }
 

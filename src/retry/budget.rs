@@ -6,7 +6,7 @@
 //! that is already in trouble — a retry storm, the self-inflicted outage
 //! tower's `retry::budget` warns about. A budget bounds the *extra* load
 //! instead: over a sliding window, retries may be at most `ratio` times the
-//! first attempts (SPEC: `budget`, 10 s), so a 20 % budget caps an outage's
+//! first attempts (`budget`, over 10 s), so a 20 % budget caps an outage's
 //! load at 1.2× normal while single transient errors are still retried.
 //! A small floor of `min_retries_per_sec` keeps retries possible for an
 //! upstream that sees too little traffic to earn any from the ratio.
@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use crate::config::Retry;
 
-/// The sliding window of SPEC's budget.
+/// The sliding window of the retry budget.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(10);
 
 /// Retries per second always allowed, whatever the ratio: ten per 10 s window
@@ -78,7 +78,7 @@ impl RetryBudget {
         }
     }
 
-    /// The budget SPEC describes for an upstream's `[retry]`.
+    /// The budget configured for an upstream's `[retry]`.
     pub fn from_config(cfg: &Retry) -> Self {
         Self::new(cfg.budget, DEFAULT_WINDOW, DEFAULT_MIN_RETRIES_PER_SEC)
     }

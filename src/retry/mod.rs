@@ -5,7 +5,7 @@
 //! global randomness — so the dispatcher owns the side effects (sleeping,
 //! re-queueing at the head, metrics, logs) and each rule is tested alone:
 //!
-//! - [`policy`]: whether an outcome may be replayed (SPEC's method rules),
+//! - [`policy`]: whether an outcome may be replayed (the documented method rules),
 //!   with the `reason` label of `pacegate_retries_total`.
 //! - [`backoff`]: exponential delay with jitter, floored by `Retry-After`.
 //! - [`hints`]: `Retry-After`, `retry-after-ms` and rate-limit headers.

@@ -7,7 +7,7 @@ use http::StatusCode;
 
 use crate::config::{Jitter, Retry};
 
-/// SPEC's example `[upstream.retry]` with the delays and jitter given.
+/// The documented example `[upstream.retry]` with the delays and jitter given.
 pub(crate) fn retry_config(base_delay: Duration, max_delay: Duration, jitter: Jitter) -> Retry {
     Retry {
         max_attempts: NonZeroU32::new(5).expect("5 is not zero"),

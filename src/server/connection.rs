@@ -2,7 +2,7 @@
 //!
 //! Steps, each for a reason:
 //! 1. the socket is read through the [`Guard`], so request heads are checked
-//!    (SPEC's answers for malformed ones) and timed before hyper parses them;
+//!    (the documented answers for malformed ones) and timed before hyper parses them;
 //! 2. every request is counted in flight until its answer is fully sent, so
 //!    the connection can tell a slow head from an idle keep-alive
 //!    ([`Activity`]);

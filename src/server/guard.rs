@@ -2,7 +2,7 @@
 //!
 //! Bytes pass through [`Framing`], which holds each HTTP/1 request head back
 //! until it is complete and checked. A refused head is answered here with
-//! SPEC's error (hyper would answer a bare status, or accept a smuggling
+//! the documented error answer (hyper would answer a bare status, or accept a smuggling
 //! shape): hyper is shown the end of the stream once everything before the
 //! bad head has been answered, and when it then closes the connection, the
 //! error answer is written before the socket is shut down. Nothing after

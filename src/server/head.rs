@@ -2,7 +2,7 @@
 //!
 //! hyper answers a head it cannot parse with a bare status and no body. We
 //! parse each head first with the same parser (httparse), so that every
-//! refusal is SPEC's answer, and we refuse what hyper would accept but a
+//! refusal is the documented answer, and we refuse what hyper would accept but a
 //! proxy should not (RFC 9112 §6.1 and §3.2):
 //! - `Content-Length` together with `Transfer-Encoding`, the classic request
 //!   smuggling vector (hyper would follow `Transfer-Encoding`);
@@ -15,7 +15,7 @@ use http::Uri;
 
 use crate::error::ProxyError;
 
-/// Header lines a head may have: hyper's default, enforced with SPEC's 431.
+/// Header lines a head may have: hyper's default, enforced with a 431.
 pub const MAX_HEADERS: usize = 100;
 /// hyper refuses longer request targets (it keeps their length in a u16).
 const MAX_TARGET: usize = u16::MAX as usize - 1;

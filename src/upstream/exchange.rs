@@ -5,7 +5,7 @@
 //! 2. send the attempt, its body replayed from the buffer;
 //! 3. tell the dispatcher what the answer says about the upstream's limits
 //!    (cooldown, adaptive rate, remaining quota);
-//! 4. decide: classify the outcome (SPEC's method rules), then attempts left,
+//! 4. decide: classify the outcome (the documented method rules), then attempts left,
 //!    `max_retry_after`, a replayable body, and the retry budget;
 //! 5. to retry: keep the answer (so it can still go back as it came), give
 //!    the concurrency slot back, sleep the backoff, rejoin at the head.

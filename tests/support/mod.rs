@@ -176,7 +176,7 @@ pub fn upstream(name: &str, base_url: &str, extra: &str) -> String {
     )
 }
 
-/// Asserts an answer pacegate made itself, per SPEC's error table, and
+/// Asserts an answer pacegate made itself, per the error table, and
 /// returns its JSON body.
 pub async fn assert_pacegate_error(
     response: reqwest::Response,
