@@ -9,7 +9,8 @@
 //!   before hyper, header and idle timeouts, panics caught, graceful shutdown,
 //!   CONNECT relays.
 //! - [`proxy`]: the life of one request: check, route, read body, exchange;
-//!   [`proxy::route`] decides the upstream, [`proxy::headers`] strips hop-by-hop.
+//!   [`proxy::route`] decides the upstream.
+//! - [`headers`]: hop-by-hop and pacegate's own headers, stripped both ways.
 //! - [`upstream`]: an upstream at run time: its [`upstream::dispatcher`] (queue,
 //!   pacing, concurrency; per-key partitions with their own quotas and
 //!   cooldown), [`upstream::schedule`] (round-robin between callers, priority
@@ -33,6 +34,7 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod fuzz;
+pub mod headers;
 pub mod limit;
 pub mod metrics;
 pub mod proxy;

@@ -8,7 +8,6 @@
 
 pub mod auth;
 pub mod connect;
-pub mod headers;
 pub mod route;
 
 use std::future::Future;
@@ -26,6 +25,7 @@ use hyper::body::Incoming;
 use crate::body::{self, BodyError, ProxyBody};
 use crate::config;
 use crate::error::ProxyError;
+use crate::headers;
 use crate::metrics::{Metrics, NO_UPSTREAM};
 use crate::runtime::Runtime;
 use crate::server::workers;
