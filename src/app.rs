@@ -15,7 +15,8 @@ use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload;
 use crate::runtime::{Runtime, Version};
-use crate::server::{self, ConnectionSettings, Workers};
+use crate::server::{self, ConnectionSettings};
+use crate::workers::{self, Workers};
 
 /// The two bound listeners pacegate serves.
 #[derive(Debug)]
@@ -80,7 +81,7 @@ impl App {
         let admin_addr = listeners.admin.local_addr()?;
         let config = self.state.proxy.runtime.load_full().config.clone();
         let settings = connection_settings(&config);
-        let worker_count = server::workers::count(config.server.workers);
+        let worker_count = workers::count(config.server.workers);
         let workers = Workers::start(worker_count)?;
         let (stop, stopped) = watch::channel(false);
 

@@ -28,11 +28,11 @@ use crate::error::ProxyError;
 use crate::headers;
 use crate::metrics::{Metrics, NO_UPSTREAM};
 use crate::runtime::Runtime;
-use crate::server::workers;
 use crate::tls::{Interceptor, TlsError};
 use crate::upstream::guard::{self, GuardError};
 use crate::upstream::schedule::Priority;
 use crate::upstream::{ATTEMPTS_HEADER, Place, Upstream, UpstreamClient, inbound_response, outbound_request};
+use crate::workers;
 use route::Target;
 
 /// Request header with which a caller shortens its own queue wait.
