@@ -9,7 +9,7 @@
 //!   before hyper, header and idle timeouts, panics caught, graceful shutdown,
 //!   CONNECT relays.
 //! - [`proxy`]: the life of one request: check, route, read body, exchange;
-//!   [`proxy::route`] decides the upstream.
+//!   [`route`] decides the upstream.
 //! - [`headers`]: hop-by-hop and pacegate's own headers, stripped both ways.
 //! - [`upstream`]: an upstream at run time: its [`upstream::dispatcher`] (queue,
 //!   pacing, concurrency; per-key partitions with their own quotas and
@@ -40,6 +40,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod retry;
+pub mod route;
 pub mod runtime;
 pub mod server;
 pub mod store;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::proxy::route::Router;
+use crate::route::Router;
 use crate::store::Store;
 use crate::upstream::{Upstream, UpstreamClient};
 use crate::workers;

@@ -2,13 +2,13 @@
 //!
 //! Phases, in order: authenticate the caller, check the request head, route
 //! it, read (or start streaming) its body, then exchange it with the
-//! upstream. Every phase that fails returns a [`ProxyError`], which becomes
-//! the one answer the caller gets. CONNECT leaves this path for
-//! [`connect`]; requests inside an intercepted tunnel come back to it.
+//! upstream ([`crate::route`] decides which). Every phase that fails
+//! returns a [`ProxyError`], which becomes the one answer the caller gets.
+//! CONNECT leaves this path for [`connect`]; requests inside an intercepted
+//! tunnel come back to it.
 
 pub mod auth;
 pub mod connect;
-pub mod route;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -27,13 +27,13 @@ use crate::config;
 use crate::error::ProxyError;
 use crate::headers;
 use crate::metrics::{Metrics, NO_UPSTREAM};
+use crate::route::Target;
 use crate::runtime::Runtime;
 use crate::tls::{Interceptor, TlsError};
 use crate::upstream::guard::{self, GuardError};
 use crate::upstream::schedule::Priority;
 use crate::upstream::{ATTEMPTS_HEADER, Place, Upstream, UpstreamClient, inbound_response, outbound_request};
 use crate::workers;
-use route::Target;
 
 /// Request header with which a caller shortens its own queue wait.
 pub const MAX_WAIT_HEADER: HeaderName = HeaderName::from_static("x-pacegate-max-wait");
