@@ -1,31 +1,44 @@
 //! The admin listener: the dashboard at `/`, `/healthz`, `/metrics`,
 //! `/status`, `POST /reload`.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
-use crate::app::App;
 use crate::body::{self, ProxyBody};
 use crate::error::RefusalReason;
 use crate::metrics::{AttemptOutcome, Metrics};
+use crate::proxy::Proxy;
+use crate::reload::Reloader;
 use crate::retry::RetryReason;
 use crate::upstream::Upstream;
 
 /// The live dashboard: one self-contained page polling `/status`.
 const DASHBOARD: &str = include_str!("dashboard.html");
 
-/// What the admin endpoints need.
+/// What the admin endpoints need, and nothing of the app that wires them.
 #[derive(Debug, Clone)]
 pub struct Admin {
-    app: App,
+    /// Whose config generation `/status` and `/metrics` report.
+    proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
+    /// What `POST /reload` runs, like the other reload triggers.
+    reloader: Arc<Reloader>,
+    /// Start of `uptime_seconds`.
+    started: tokio::time::Instant,
 }
 
 impl Admin {
-    pub fn new(app: App) -> Self {
-        Self { app }
+    pub fn new(
+        proxy: Arc<Proxy>,
+        metrics: Arc<Metrics>,
+        reloader: Arc<Reloader>,
+        started: tokio::time::Instant,
+    ) -> Self {
+        Self { proxy, metrics, reloader, started }
     }
 }
 
@@ -36,7 +49,7 @@ pub async fn handle(admin: Admin, request: Request<Incoming>) -> Response<ProxyB
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
         (&Method::GET, "/metrics") => metrics(&admin),
         (&Method::GET, "/status") => json_answer(StatusCode::OK, &status(&admin)),
-        (&Method::POST, "/reload") => match admin.app.reload("admin").await {
+        (&Method::POST, "/reload") => match admin.reloader.reload("admin").await {
             Ok(version) => json_answer(StatusCode::OK, &json!({ "version": version.to_string() })),
             Err(error) => json_answer(StatusCode::BAD_REQUEST, &json!({ "error": error.to_string() })),
         },
@@ -45,29 +58,27 @@ pub async fn handle(admin: Admin, request: Request<Incoming>) -> Response<ProxyB
 }
 
 fn metrics(admin: &Admin) -> Response<ProxyBody> {
-    let state = admin.app.state();
-    let runtime = state.proxy.runtime.load();
+    let runtime = admin.proxy.runtime.load();
     for upstream in &runtime.upstreams {
         let label = Metrics::upstream(&upstream.config.name);
         let dispatcher = &upstream.dispatcher;
-        state.metrics.queue_depth.get_or_create(&label).set(dispatcher.depth() as i64);
-        state.metrics.inflight.get_or_create(&label).set(dispatcher.inflight() as i64);
-        state.metrics.effective_rate.get_or_create(&label).set(dispatcher.observed().effective_rate);
+        admin.metrics.queue_depth.get_or_create(&label).set(dispatcher.depth() as i64);
+        admin.metrics.inflight.get_or_create(&label).set(dispatcher.inflight() as i64);
+        admin.metrics.effective_rate.get_or_create(&label).set(dispatcher.observed().effective_rate);
     }
-    let exposition = state.metrics.encode(runtime.config.redis.is_some());
+    let exposition = admin.metrics.encode(runtime.config.redis.is_some());
     text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", exposition)
 }
 
 /// `/status`: per upstream its quotas, queue, in-flight, cooldown and counts.
 fn status(admin: &Admin) -> Value {
-    let state = admin.app.state();
-    let runtime = state.proxy.runtime.load();
+    let runtime = admin.proxy.runtime.load();
     let upstreams: Vec<Value> =
-        runtime.upstreams.iter().map(|u| upstream_status(&state.metrics, u)).collect();
+        runtime.upstreams.iter().map(|u| upstream_status(&admin.metrics, u)).collect();
     json!({
         "version": runtime.version.to_string(),
         "generation": runtime.version.generation,
-        "uptime_seconds": state.started.elapsed().as_secs_f64(),
+        "uptime_seconds": admin.started.elapsed().as_secs_f64(),
         // Shared quotas: where, and whether pacing uses them right now.
         "redis": runtime.store.as_ref().map(|store| json!({
             "address": store.address(),

@@ -1,21 +1,25 @@
 //! Wiring: listeners, the proxy runtime, the admin listener, reloads and
 //! shutdown.
+//!
+//! The top layer: admin and reloads get handles with what they need (the
+//! proxy, metrics, the [`Reloader`]), never the `App`, so nothing below
+//! imports this module.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{self, Admin};
-use crate::config::{self, Config};
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::reload;
+use crate::reload::{self, Reloader};
 use crate::runtime::{Runtime, Version};
-use crate::server::{self, ConnectionSettings, Workers};
+use crate::server::{self, ConnectionSettings};
+use crate::workers::{self, Workers};
 
 /// The two bound listeners pacegate serves.
 #[derive(Debug)]
@@ -34,23 +38,14 @@ impl Listeners {
 }
 
 /// A configured pacegate, ready to run.
-#[derive(Debug, Clone)]
-pub struct App {
-    state: Arc<State>,
-}
-
-/// What the proxy, the admin listener and reloads share.
 #[derive(Debug)]
-pub struct State {
-    /// The config file, read again on every reload.
-    pub path: PathBuf,
-    pub proxy: Arc<Proxy>,
-    pub metrics: Arc<Metrics>,
-    pub started: tokio::time::Instant,
-    /// Last generation number handed out.
-    generation: AtomicU64,
-    /// One reload at a time, so generations follow each other.
-    reloading: tokio::sync::Mutex<()>,
+pub struct App {
+    proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
+    /// Shared by the three reload triggers: SIGHUP, the file, `POST /reload`.
+    reloader: Arc<Reloader>,
+    /// When this pacegate started, for the admin's uptime.
+    started: tokio::time::Instant,
 }
 
 impl App {
@@ -59,50 +54,39 @@ impl App {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let metrics = Arc::new(Metrics::new());
         let runtime = Runtime::start(config, Version::new(1, &text), &metrics);
-        let state = State {
-            path,
-            proxy: Arc::new(Proxy::new(Arc::new(runtime), metrics.clone())),
-            metrics,
-            started: tokio::time::Instant::now(),
-            generation: AtomicU64::new(1),
-            reloading: tokio::sync::Mutex::new(()),
-        };
-        Self { state: Arc::new(state) }
-    }
-
-    pub fn state(&self) -> &Arc<State> {
-        &self.state
+        let proxy = Arc::new(Proxy::new(Arc::new(runtime), metrics.clone()));
+        let reloader = Arc::new(Reloader::new(path, proxy.clone(), metrics.clone()));
+        Self { proxy, metrics, reloader, started: tokio::time::Instant::now() }
     }
 
     /// Runs pacegate on bound listeners until `shutdown` resolves, then drains.
     pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
         let proxy_addr = listeners.proxy.local_addr()?;
         let admin_addr = listeners.admin.local_addr()?;
-        let config = self.state.proxy.runtime.load_full().config.clone();
+        let config = self.proxy.runtime.load_full().config.clone();
         let settings = connection_settings(&config);
-        let worker_count = server::workers::count(config.server.workers);
+        let worker_count = workers::count(config.server.workers);
         let workers = Workers::start(worker_count)?;
         let (stop, stopped) = watch::channel(false);
 
         tracing::info!("listening proxy={proxy_addr} admin={admin_addr} workers={worker_count}");
-        let watcher = reload::watch(self.clone(), wait_for(stopped.clone()));
-        let admin = Admin::new(self.clone());
-        let metrics = self.state.metrics.clone();
+        let watcher = reload::watch(self.reloader.clone(), wait_for(stopped.clone()));
+        let admin = Admin::new(self.proxy.clone(), self.metrics.clone(), self.reloader, self.started);
         let admin_task = tokio::spawn(server::serve(
             listeners.admin,
             Workers::none(),
             settings.clone(),
-            metrics.clone(),
+            self.metrics.clone(),
             move |_peer, request| admin::handle(admin.clone(), request),
             wait_for(stopped.clone()),
         ));
-        let proxy = self.state.proxy.clone();
+        let proxy = self.proxy;
         let handler = move |peer, request| proxy.clone().handle(peer, request);
         let proxy_task = tokio::spawn(server::serve(
             listeners.proxy,
             workers,
             settings,
-            metrics,
+            self.metrics,
             handler,
             wait_for(stopped),
         ));
@@ -115,34 +99,6 @@ impl App {
         drop(watcher);
         tracing::info!("stopped");
         Ok(())
-    }
-
-    /// Reloads the config file; on error the old config keeps serving.
-    pub async fn reload(&self, trigger: &'static str) -> Result<Version, config::ConfigError> {
-        let state = &self.state;
-        let _one_at_a_time = state.reloading.lock().await;
-        let loaded = std::fs::read_to_string(&state.path)
-            .map_err(|e| config::ConfigError::io(&state.path, &e))
-            .and_then(|text| config::parse(&state.path, &text).map(|config| (config, text)));
-        let (config, text) = match loaded {
-            Ok(loaded) => loaded,
-            Err(error) => {
-                state.metrics.count_reload(false);
-                tracing::error!(trigger, error = %error, "config_rejected");
-                return Err(error);
-            }
-        };
-        let current = state.proxy.runtime.load_full();
-        let (old, new) = (&current.config.server, &config.server);
-        if old.listen != new.listen || old.admin_listen != new.admin_listen || old.workers != new.workers {
-            tracing::warn!(trigger, "listener addresses or workers changed: restart pacegate to apply them");
-        }
-        let version = Version::new(state.generation.fetch_add(1, Ordering::AcqRel) + 1, &text);
-        let next = current.reload(config, version.clone(), &state.metrics);
-        state.proxy.runtime.store(Arc::new(next));
-        state.metrics.count_reload(true);
-        tracing::info!(trigger, version = %version, "config_reloaded");
-        Ok(version)
     }
 }
 

@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use http::{Uri, Version};
 
 use crate::config;
-use crate::proxy::route::{self, Router};
+use crate::route::{self, Router};
 use crate::server::framing::Framing;
 
 /// Head limit of the framing under test: small, so fuzzing reaches it.

@@ -1,30 +1,107 @@
 //! pacegate: an HTTP proxy that keeps callers inside third-party API quotas.
 //!
 //! # Layout
-//! - [`config`]: the TOML file, parsed then validated into runtime types.
-//! - [`app`]: wires listeners, the proxy runtime, admin, reloads and shutdown.
-//! - [`runtime`]: a config generation, and what a reload carries over.
-//! - [`reload`]: reload triggers (SIGHUP, the file on disk).
-//! - [`server`]: client connections: accept loop, slots, request heads checked
-//!   before hyper, header and idle timeouts, panics caught, graceful shutdown,
-//!   CONNECT relays.
+//! - [`app`]: wires listeners, the proxy, admin, reloads and shutdown.
+//! - [`admin`]: health, metrics, status and reload endpoints.
+//! - [`reload`]: the reload itself and its triggers (SIGHUP, the file on disk).
 //! - [`proxy`]: the life of one request: check, route, read body, exchange;
-//!   [`proxy::route`] decides the upstream, [`proxy::headers`] strips hop-by-hop.
+//!   [`proxy::connect`] decides intercept, tunnel or refuse for a CONNECT.
+//! - [`runtime`]: a config generation, and what a reload carries over.
+//! - [`route`]: which upstream a request belongs to, and its URI there.
+//! - [`server`]: client connections for any handler: accept loop, slots,
+//!   request heads checked before hyper, header and idle timeouts, panics
+//!   caught, graceful shutdown, CONNECT relays.
+//! - [`tls`]: the local CA and interception of CONNECT tunnels.
 //! - [`upstream`]: an upstream at run time: its [`upstream::dispatcher`] (queue,
 //!   pacing, concurrency; per-key partitions with their own quotas and
 //!   cooldown), [`upstream::schedule`] (round-robin between callers, priority
-//!   lanes) and the pooled rustls [`upstream::client`].
-//! - [`limit`]: the governor-based pacer.
+//!   lanes), the pooled rustls [`upstream::client`], and [`upstream::guard`],
+//!   which keeps pass-through traffic off private addresses.
 //! - [`store`]: quotas and cooldowns shared by replicas through Redis.
+//! - [`limit`]: the governor-based pacer.
 //! - [`retry`]: what is retryable, backoff, Retry-After and rate-limit hints, budget.
-//! - [`admin`]: health, metrics, status and reload endpoints; [`metrics`] the
-//!   Prometheus series SPEC names.
-//! - [`error`]: SPEC's error table, the one mapping from errors to answers.
+//! - [`error`]: the error table, the one mapping from errors to answers.
 //! - [`body`]: buffered (replayable) and streamed bodies.
-//! - [`tls`]: the local CA and interception of CONNECT tunnels;
-//!   [`proxy::connect`] decides intercept, tunnel or refuse, [`upstream::guard`]
-//!   keeps pass-through traffic off private addresses.
+//! - [`headers`]: hop-by-hop and pacegate's own headers, stripped both ways.
+//! - [`metrics`]: the Prometheus series pacegate exports.
+//! - [`workers`]: the worker threads and their runtimes (see below).
+//! - [`config`]: the TOML file, parsed then validated into runtime types.
 //! - [`fuzz`]: entry points for `fuzz/` (cargo-fuzz) and its smoke test.
+//!
+//! # Layers
+//!
+//! A module uses only modules on lines below its own, never one on its own
+//! line or above, so there is no import cycle and each module can be read
+//! knowing only what lies beneath it:
+//!
+//! ```text
+//! crate     app
+//!           admin
+//!           reload
+//!           fuzz proxy
+//!           runtime
+//!           route server tls upstream
+//!           admission store
+//!           limit retry
+//!           error
+//!           body headers metrics workers
+//!           config
+//! config    validate
+//!           claims raw
+//!           authority units
+//!           error
+//! retry     backoff budget hints policy
+//!           parse
+//! server    connection tunnel
+//!           guard
+//!           activity framing
+//!           head
+//! tls       mitm
+//!           ca
+//! upstream  exchange
+//!           dispatcher+partition+task
+//!           client schedule
+//!           guard
+//! ```
+//!
+//! The first block orders the crate's modules; the others order the
+//! submodules of one module where they use each other. A module's own file
+//! may use its submodules, and they may use the items it defines. `a+b`
+//! marks modules that still use each other, a circle to undo, not to
+//! copy. The `server` sits below the `proxy`: it serves HTTP for any
+//! handler and knows nothing of proxying, while a CONNECT in the proxy
+//! keeps its tunnel in the [`server::Scope`] of the connection that opened it.
+//!
+//! `tests/layers.rs` reads this block and fails, naming file and line, on a
+//! `crate::` or `super::` path outside test code that does not look down,
+//! and on a module missing from a block that orders its siblings. A
+//! module named here that does not exist yet is ignored.
+//!
+//! # Threads and runtimes
+//!
+//! Two kinds of tokio runtime run pacegate, and a `tokio::spawn` lands on the
+//! one that runs the code calling it:
+//!
+//! - **Workers** ([`workers`]): one current-thread runtime per core (or
+//!   `server.workers`), on threads named `pacegate-wN`. The proxy listener
+//!   hands each client connection to one worker, in turn, and there it
+//!   stays with all it starts: its requests (an h2 stream is a task of the
+//!   same worker), the tunnels and intercepted TLS sessions its CONNECTs
+//!   open, the waits for a queue ticket and between retries, and the
+//!   upstream connections its requests use, since each worker has its own
+//!   pool ([`upstream::client`]). A request whose queue is empty may be
+//!   admitted right there, on its worker.
+//! - **Main**: the multi-threaded runtime `main.rs` builds (in tests, the
+//!   test's runtime). It runs both accept loops, the admin listener's
+//!   connections (served where they are accepted), one dispatcher task per
+//!   upstream (started with each config generation, at start-up and on
+//!   reload), reloads and their file and signal watcher, every Redis call
+//!   and the probe that waits for Redis to come back, and shutdown.
+//!
+//! So work that belongs to one connection is spawned from it and stays on its
+//! worker; work that serves every worker (an upstream's dispatcher, Redis)
+//! starts on the main runtime, at start-up or on reload, and is never spawned
+//! from request code, which would tie it to one worker's thread.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -34,13 +111,16 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod fuzz;
+pub mod headers;
 pub mod limit;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod retry;
+pub mod route;
 pub mod runtime;
 pub mod server;
 pub mod store;
 pub mod tls;
 pub mod upstream;
+pub mod workers;

@@ -13,10 +13,10 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::proxy::route::Router;
-use crate::server::workers;
+use crate::route::Router;
 use crate::store::Store;
 use crate::upstream::{Upstream, UpstreamClient};
+use crate::workers;
 
 /// One generation of configuration with everything built from it.
 #[derive(Debug)]

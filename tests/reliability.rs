@@ -474,7 +474,7 @@ async fn panics_are_caught_counted_and_serving_goes_on() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let served = tokio::spawn(server::serve(
         listener,
-        server::Workers::start(2).unwrap(),
+        pacegate::workers::Workers::start(2).unwrap(),
         settings,
         metrics.clone(),
         |_peer, request| panicky(request),

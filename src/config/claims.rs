@@ -14,7 +14,7 @@ use toml::Spanned;
 
 use super::ConfigError;
 use super::authority::HostPort;
-use super::validate::Cx;
+use super::error::Cx;
 
 /// Names, routes and hosts of the upstreams checked so far, with where they are.
 ///

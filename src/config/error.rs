@@ -29,11 +29,33 @@ impl ConfigError {
     }
 }
 
+/// What errors need: the file's name and text. Validation hands it to every
+/// check, including those between upstreams in `claims`.
+pub struct Cx<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl<'a> Cx<'a> {
+    pub fn new(path: &'a Path, text: &'a str) -> Self {
+        Self { path, text }
+    }
+
+    pub fn err(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        ConfigError::at(self.path, self.text, span, message)
+    }
+
+    /// 1-based line of a span's start, to name the other half of a conflict.
+    pub fn line(&self, span: &Range<usize>) -> usize {
+        line_col(self.text, span.start).0
+    }
+}
+
 /// 1-based line and column (in characters) of byte `offset` in `text`.
 ///
 /// An offset past the end or inside a character is clamped to the nearest
 /// earlier character boundary, so a bad span never panics.
-pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let mut offset = offset.min(text.len());
     while !text.is_char_boundary(offset) {
         offset -= 1;

@@ -5,7 +5,6 @@
 //! (names, routes, hosts) live in `claims`.
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
@@ -15,7 +14,7 @@ use toml::Spanned;
 
 use super::authority::{HostPort, parse_base_url, parse_host_port};
 use super::claims::{Claims, HostClaim};
-use super::error::line_col;
+use super::error::Cx;
 use super::raw::{Dur, RawConfig, RawRedis, RawRetry, RawServer, RawUpstream};
 use super::units::format_duration;
 use super::{Config, ConfigError, Forward, KeySource, Mitm, Redis, Retry, Server, Upstream};
@@ -29,7 +28,7 @@ const MAX_WORKERS: usize = 1024;
 
 /// Validates `raw`, read from `text` (needed to turn spans into line:col).
 pub fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigError> {
-    let cx = Cx { path, text };
+    let cx = Cx::new(path, text);
     let server = server(&cx, raw.server)?;
     let forward =
         Forward { unknown_hosts: raw.forward.unknown_hosts.into(), allow_private: raw.forward.allow_private };
@@ -42,23 +41,6 @@ pub fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, Confi
         upstreams.push(upstream(&cx, &mut claims, raw)?);
     }
     Ok(Config { server, forward, mitm, redis, upstreams })
-}
-
-/// What errors need: the file's name and text.
-pub struct Cx<'a> {
-    path: &'a Path,
-    text: &'a str,
-}
-
-impl Cx<'_> {
-    pub fn err(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
-        ConfigError::at(self.path, self.text, span, message)
-    }
-
-    /// 1-based line of a span's start, to name the other half of a conflict.
-    pub fn line(&self, span: &Range<usize>) -> usize {
-        line_col(self.text, span.start).0
-    }
 }
 
 // === [server], [redis] ===

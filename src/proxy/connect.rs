@@ -25,10 +25,11 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::{Proxy, route};
+use super::Proxy;
 use crate::body::{self, ProxyBody};
 use crate::config::UnknownHosts;
 use crate::error::ProxyError;
+use crate::route;
 use crate::runtime::Runtime;
 use crate::server::{self, Scope};
 use crate::upstream::guard::{self, GuardError};

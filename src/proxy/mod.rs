@@ -2,16 +2,15 @@
 //!
 //! Phases, in order: authenticate the caller, check the request head, route
 //! it, read (or start streaming) its body, then exchange it with the
-//! upstream. Every phase that fails returns a [`ProxyError`], which becomes
-//! the one answer the caller gets. CONNECT leaves this path for
-//! [`connect`]; requests inside an intercepted tunnel come back to it.
+//! upstream ([`crate::route`] decides which). Every phase that fails
+//! returns a [`ProxyError`], which becomes the one answer the caller gets.
+//! CONNECT leaves this path for [`connect`]; requests inside an intercepted
+//! tunnel come back to it.
 
 pub mod auth;
 #[cfg(test)]
 mod budget;
 pub mod connect;
-pub mod headers;
-pub mod route;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,14 +27,15 @@ use hyper::body::Incoming;
 use crate::body::{self, BodyError, ProxyBody};
 use crate::config;
 use crate::error::ProxyError;
+use crate::headers;
 use crate::metrics::{Metrics, NO_UPSTREAM};
+use crate::route::Target;
 use crate::runtime::Runtime;
-use crate::server::workers;
 use crate::tls::{Interceptor, TlsError};
 use crate::upstream::Priority;
 use crate::upstream::guard::{self, GuardError};
 use crate::upstream::{ATTEMPTS_HEADER, Place, Upstream, UpstreamClient, inbound_response, outbound_request};
-use route::Target;
+use crate::workers;
 
 /// Request header with which a caller shortens its own queue wait.
 pub const MAX_WAIT_HEADER: HeaderName = HeaderName::from_static("x-pacegate-max-wait");

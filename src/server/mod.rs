@@ -16,7 +16,9 @@
 //! - [`guard`], [`framing`], [`head`]: HTTP/1 request heads are checked before
 //!   hyper sees them, so every malformed head gets SPEC's answer.
 //! - [`tunnel`]: byte relays for CONNECT, with an idle timeout.
-//! - [`workers`]: the threads, one per core, that serve the proxy listener.
+//!
+//! [`serve`] hands each connection to [`Workers`] (the threads, one per
+//! core, that serve the proxy listener), or serves it where it was accepted.
 
 mod activity;
 pub mod connection;
@@ -24,7 +26,6 @@ pub(crate) mod framing;
 mod guard;
 pub(crate) mod head;
 mod tunnel;
-pub mod workers;
 
 use std::any::Any;
 use std::future::Future;
@@ -43,9 +44,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::body::ProxyBody;
 use crate::metrics::Metrics;
+use crate::workers::Workers;
 pub use connection::serve_connection;
 pub use tunnel::relay;
-pub use workers::Workers;
 
 /// Pause after a failed accept (e.g. out of file descriptors) before retrying.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);

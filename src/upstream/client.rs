@@ -1,6 +1,6 @@
 //! The pooled upstream client: keep-alive HTTP/1.1 and h2 over rustls.
 //!
-//! Each worker thread ([`crate::server::workers`]) has its own pool, so a
+//! Each worker thread ([`crate::workers`]) has its own pool, so a
 //! request and the upstream connection it uses stay on one thread.
 //!
 //! TLS verification is always on (webpki roots, plus an upstream's own
@@ -24,7 +24,7 @@ use rustls::pki_types::pem::PemObject;
 
 use super::guard::Resolver;
 use crate::body::ProxyBody;
-use crate::server::workers;
+use crate::workers;
 
 /// How long an idle pooled connection is kept for reuse.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);

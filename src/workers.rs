@@ -16,6 +16,9 @@
 //! moves to another worker afterwards.
 //!
 //! Upstream connection pools are per worker too: [`current`] says which.
+//! Hence a module of its own, below both of its users: [`crate::server`]
+//! hands connections to the workers, [`crate::upstream::client`] picks the
+//! pool of the worker it runs on.
 
 use std::cell::Cell;
 use std::io;

@@ -4,6 +4,9 @@
 //! received them on: the fixed list below, plus every name the `Connection`
 //! header lists. Our own `x-pacegate-*` request headers are instructions to
 //! pacegate and are removed too.
+//!
+//! A module of its own, below both users: [`crate::proxy`] cleans requests
+//! with it and [`crate::upstream`] cleans answers.
 
 use http::header::{self, Entry, HeaderName};
 use http::{HeaderMap, HeaderValue};

@@ -9,6 +9,10 @@
 //! Targets with an authority are checked first: a proxy must not follow
 //! another scheme than http(s), userinfo (RFC 9110 §4.2.4), an empty host or
 //! a port that is not one; CONNECT takes `host:port` only (RFC 9110 §9.3.6).
+//!
+//! The routing table is built from the config alone, so each config
+//! generation ([`crate::runtime`]) builds its own and [`crate::proxy`] looks
+//! requests up in it: below both, it needs neither.
 
 use std::collections::HashMap;
 
