@@ -12,12 +12,16 @@
 //!   request heads checked before hyper, header and idle timeouts, panics
 //!   caught, graceful shutdown, CONNECT relays.
 //! - [`tls`]: the local CA and interception of CONNECT tunnels.
-//! - [`upstream`]: an upstream at run time: its [`upstream::dispatcher`] (queue,
-//!   pacing, concurrency; per-key partitions with their own quotas and
-//!   cooldown), [`upstream::schedule`] (round-robin between callers, priority
-//!   lanes), the pooled rustls [`upstream::client`], and [`upstream::guard`],
-//!   which keeps pass-through traffic off private addresses.
+//! - [`upstream`]: an upstream at run time: its [`upstream::dispatcher`] (the
+//!   admission core behind one lock, shared by callers and one driver task
+//!   that carries out its answers), one exchange (attempts and retries), the
+//!   pooled rustls [`upstream::client`], and [`upstream::guard`], which keeps
+//!   pass-through traffic off private addresses.
 //! - [`store`]: quotas and cooldowns shared by replicas through Redis.
+//! - [`admission`]: the admission core: who may leave an upstream's queue,
+//!   and when (queue, partitions with their own quotas and cooldown,
+//!   callers round-robin, priority lanes, concurrency and queue bounds). A
+//!   plain synchronous type, time passed in, unit-tested on a manual clock.
 //! - [`limit`]: the governor-based pacer.
 //! - [`retry`]: what is retryable, backoff, Retry-After and rate-limit hints, budget.
 //! - [`error`]: the error table, the one mapping from errors to answers.
@@ -41,10 +45,11 @@
 //!           fuzz proxy
 //!           runtime
 //!           route server tls upstream
-//!           admission store
+//!           store
+//!           admission metrics
 //!           limit retry
 //!           error
-//!           body headers metrics workers
+//!           body headers workers
 //!           config
 //! config    validate
 //!           claims raw
@@ -59,8 +64,9 @@
 //! tls       mitm
 //!           ca
 //! upstream  exchange
-//!           dispatcher+partition+task
-//!           client schedule
+//!           dispatcher
+//!           driver
+//!           client shared
 //!           guard
 //! ```
 //!
@@ -89,14 +95,17 @@
 //!   same worker), the tunnels and intercepted TLS sessions its CONNECTs
 //!   open, the waits for a queue ticket and between retries, and the
 //!   upstream connections its requests use, since each worker has its own
-//!   pool ([`upstream::client`]). A request whose queue is empty may be
-//!   admitted right there, on its worker.
+//!   pool ([`upstream::client`]). Admission decisions for a request (leave
+//!   now, queue, leave the queue, an answer's feedback) are taken right
+//!   there, on its worker, under its upstream's lock.
 //! - **Main**: the multi-threaded runtime `main.rs` builds (in tests, the
 //!   test's runtime). It runs both accept loops, the admin listener's
-//!   connections (served where they are accepted), one dispatcher task per
+//!   connections (served where they are accepted), one driver task per
 //!   upstream (started with each config generation, at start-up and on
-//!   reload), reloads and their file and signal watcher, every Redis call
-//!   and the probe that waits for Redis to come back, and shutdown.
+//!   reload; it hands tickets to queued requests), reloads and their file
+//!   and signal watcher, every Redis call (a request's cooldown write is
+//!   spawned on the runtime its store was made on) and the probe that waits
+//!   for Redis to come back, and shutdown.
 //!
 //! So work that belongs to one connection is spawned from it and stays on its
 //! worker; work that serves every worker (an upstream's dispatcher, Redis)

@@ -69,7 +69,7 @@ impl Proxy {
         }
     }
 
-    /// Answers one request; never fails: errors become SPEC's error answers.
+    /// Answers one request; never fails: errors become pacegate's own error answers.
     ///
     /// Neither this nor the steps a queued request goes through (`routed`,
     /// `forward`, `Upstream::exchange`, `Dispatcher::join`) is an `async fn`:

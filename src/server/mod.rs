@@ -14,7 +14,7 @@
 //!
 //! - [`connection`]: serving HTTP on one connection (timeouts, panics).
 //! - [`guard`], [`framing`], [`head`]: HTTP/1 request heads are checked before
-//!   hyper sees them, so every malformed head gets SPEC's answer.
+//!   hyper sees them, so every malformed head gets the documented answer.
 //! - [`tunnel`]: byte relays for CONNECT, with an idle timeout.
 //!
 //! [`serve`] hands each connection to [`Workers`] (the threads, one per

@@ -87,6 +87,9 @@ pub struct Store {
     /// False from a failed call until the probe reaches Redis again.
     up: AtomicBool,
     metrics: Arc<Metrics>,
+    /// The runtime the store was made on (the main one): its background
+    /// calls run there, even when a worker thread's request asks for them.
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for Store {
@@ -97,7 +100,8 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// A store for `[redis]`; connects on first use, so a Redis that is down
-    /// at start-up is handled like one that goes away later.
+    /// at start-up is handled like one that goes away later. Made on the main
+    /// runtime (with each config generation), where its background calls run.
     pub fn new(config: &config::Redis, metrics: Arc<Metrics>) -> Result<Arc<Self>, RedisError> {
         if config.url.starts_with("rediss://") {
             // redis' TLS takes rustls' process default; ours is ring.
@@ -120,6 +124,7 @@ impl Store {
             cool_down: Script::new(include_str!("cool_down.lua")),
             up: AtomicBool::new(true),
             metrics,
+            runtime: tokio::runtime::Handle::current(),
         }))
     }
 
@@ -173,7 +178,7 @@ impl Store {
             return;
         }
         let store = self.clone();
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             let pause = u64::try_from(pause.as_micros()).unwrap_or(u64::MAX);
             let mut invocation = store.cool_down.key(&keys.cooldown);
             invocation.arg(pause);
@@ -201,7 +206,7 @@ impl Store {
                 RedisOnError::Deny => "refusing with 503 rate_limit_store",
             };
             tracing::error!(redis = %self.address, %error, fallback, "redis unreachable");
-            tokio::spawn(probe(Arc::downgrade(self)));
+            self.runtime.spawn(probe(Arc::downgrade(self)));
         }
         Err(Unavailable)
     }

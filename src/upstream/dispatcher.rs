@@ -25,113 +25,13 @@ use futures_util::future::{self, Either, Ready};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use crate::admission::{Admission, Feedback, Limits, Place, Refusal, Waiter};
+use super::shared::{Limiter, Shared, Ticket};
+use crate::admission::{Admission, Feedback, Limits, Place, Refusal};
 use crate::config;
 use crate::limit::pacer::paced_quotas;
 use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
 use crate::store::{Keys, SharedQuotas, Store};
-
-/// Permission to send one attempt: counts it in flight until dropped.
-#[derive(Debug)]
-pub struct Ticket {
-    /// The dispatcher to tell when the attempt ends; `None` once told.
-    shared: Option<Arc<Shared>>,
-    /// How long this attempt waited in the queue.
-    pub waited: Duration,
-}
-
-impl Ticket {
-    fn new(shared: &Arc<Shared>) -> Self {
-        Self { shared: Some(shared.clone()), waited: Duration::ZERO }
-    }
-
-    fn waited_since(mut self, since: Instant) -> Self {
-        self.waited = since.elapsed();
-        self
-    }
-
-    /// A ticket nobody took, under the lock: its slot is released there.
-    fn unused(mut self, core: &mut Core) {
-        self.shared = None;
-        core.release();
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        let Some(shared) = self.shared.take() else { return };
-        let waiting = shared.lock().release();
-        if waiting {
-            shared.wake.notify_one();
-        }
-    }
-}
-
-/// Where the driver sends one waiter's answer: all the core keeps of a
-/// waiter (its queue is its place), since a queue may hold many thousands.
-pub(super) type Tickets = oneshot::Sender<Result<Ticket, Refusal>>;
-
-impl Waiter for Tickets {
-    fn gone(&self) -> bool {
-        self.is_closed()
-    }
-}
-
-pub(super) type Core = Admission<Tickets>;
-
-/// The shared limiter in force, with `[redis]`.
-#[derive(Debug)]
-pub(super) struct Limiter {
-    pub store: Arc<Store>,
-    /// The upstream's quotas as the shared script takes them.
-    pub quotas: SharedQuotas,
-}
-
-/// What the callers, the tickets and the driver share.
-#[derive(Debug)]
-pub(super) struct Shared {
-    /// Upstream name, for logs, metrics and Redis keys.
-    pub name: String,
-    pub metrics: Arc<Metrics>,
-    core: Mutex<Core>,
-    /// Wakes the driver: a caller queued, an attempt ended, a reload.
-    pub wake: Notify,
-    /// With `[redis]`: the shared limiter every grant also needs.
-    pub limiter: ArcSwapOption<Limiter>,
-    /// Every handle is gone: the driver serves what is queued, then stops.
-    pub closed: AtomicBool,
-    /// Retries allowed as a share of first attempts (`budget`).
-    budget: Mutex<RetryBudget>,
-}
-
-impl Shared {
-    /// The core, for one decision. Never held across an await.
-    pub fn lock(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Runs `change` on the core, then counts the cooldown it added.
-    pub fn change<R>(&self, change: impl FnOnce(&mut Core) -> R) -> R {
-        let mut core = self.lock();
-        let result = change(&mut core);
-        let cooled = core.take_cooled();
-        drop(core);
-        if !cooled.is_zero() {
-            let label = Metrics::upstream(&self.name);
-            self.metrics.cooldown_seconds.get_or_create(&label).inc_by(cooled.as_secs_f64());
-        }
-        result
-    }
-
-    /// Hands a ticket to `tickets`, under the lock so that a caller leaving
-    /// at the same moment is counted out exactly once.
-    pub fn hand(self: &Arc<Self>, core: &mut Core, tickets: Tickets) {
-        if let Err(Ok(ticket)) = tickets.send(Ok(Ticket::new(self))) {
-            ticket.unused(core);
-        }
-    }
-}
 
 /// The pacing state as the admin side sees it.
 #[derive(Debug, Clone, Copy)]
@@ -390,19 +290,5 @@ impl QueueSlot<'_> {
 impl Drop for QueueSlot<'_> {
     fn drop(&mut self) {
         drop(self.leave());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A queued request also holds its ticket channel (the answer inside
-    /// it) and its entry in the queue: both part of its memory budget.
-    #[test]
-    fn a_queued_request_s_channel_and_entry_stay_within_their_budget() {
-        assert_eq!(std::mem::size_of::<Tickets>(), 8, "the queue keeps one pointer per waiter");
-        let answer = std::mem::size_of::<Result<Ticket, Refusal>>();
-        assert!(answer <= 40, "the channel's answer grew to {answer} bytes");
     }
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::dispatcher::{Core, Limiter, Shared};
+use super::shared::{Core, Limiter, Shared};
 use crate::admission::{Confirm, Next, Refusal, Verdict};
 use crate::config::RedisOnError;
 use crate::store::Keys;

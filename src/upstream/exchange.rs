@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::clean_head;
-use super::dispatcher::Ticket;
+use super::shared::Ticket;
 use super::{
     ATTEMPTS_HEADER, QUEUED_HEADER, SendError, Upstream, UpstreamClient, inbound_response, outbound_request,
 };

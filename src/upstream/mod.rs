@@ -9,6 +9,7 @@ pub mod dispatcher;
 mod driver;
 mod exchange;
 pub mod guard;
+mod shared;
 
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
@@ -25,7 +26,8 @@ use crate::headers;
 use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::store::Store;
 pub use client::{CaFileError, SendError, UpstreamClient};
-pub use dispatcher::{Dispatcher, Shape, Ticket};
+pub use dispatcher::{Dispatcher, Shape};
+pub use shared::Ticket;
 
 // Header names are `HeaderName`s rather than `&str`s: a `&str` name is
 // parsed and checked again on every lookup, on every request.
