@@ -61,10 +61,10 @@ fn metrics(admin: &Admin) -> Response<ProxyBody> {
     let runtime = admin.proxy.runtime.load();
     for upstream in &runtime.upstreams {
         let label = Metrics::upstream(&upstream.config.name);
-        let dispatcher = &upstream.dispatcher;
-        admin.metrics.queue_depth.get_or_create(&label).set(dispatcher.depth() as i64);
-        admin.metrics.inflight.get_or_create(&label).set(dispatcher.inflight() as i64);
-        admin.metrics.effective_rate.get_or_create(&label).set(dispatcher.observed().effective_rate);
+        let state = upstream.dispatcher.snapshot();
+        admin.metrics.queue_depth.get_or_create(&label).set(state.depth as i64);
+        admin.metrics.inflight.get_or_create(&label).set(state.in_flight as i64);
+        admin.metrics.effective_rate.get_or_create(&label).set(state.effective_rate);
     }
     let exposition = admin.metrics.encode(runtime.config.redis.is_some());
     text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", exposition)
@@ -92,11 +92,7 @@ fn status(admin: &Admin) -> Value {
 fn upstream_status(metrics: &Metrics, upstream: &Upstream) -> Value {
     let config = &upstream.config;
     let name = config.name.as_str();
-    let dispatcher = &upstream.dispatcher;
-    let observed = dispatcher.observed();
-    let shape = dispatcher.shape();
-    let now = tokio::time::Instant::now();
-    let cooldown_remaining = observed.cooldown_until.map(|until| until.saturating_duration_since(now));
+    let state = upstream.dispatcher.snapshot();
     let counts = |family, labels: &[&'static str]| -> Value {
         labels
             .iter()
@@ -112,13 +108,13 @@ fn upstream_status(metrics: &Metrics, upstream: &Upstream) -> Value {
         "quotas": config.rate.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "burst": config.burst.get(),
         "adaptive": config.adaptive,
-        "effective_rate": observed.effective_rate,
-        "queue": { "depth": dispatcher.depth(), "capacity": dispatcher.capacity() },
+        "effective_rate": state.effective_rate,
+        "queue": { "depth": state.depth, "capacity": state.queue_size },
         // Counts only: partition and caller keys are never shown.
-        "partitions": shape.partitions,
-        "callers": shape.callers,
-        "inflight": { "now": dispatcher.inflight(), "max": dispatcher.max_inflight() },
-        "cooldown": cooldown_remaining.filter(|d| !d.is_zero()).map(|d| json!({
+        "partitions": state.partitions,
+        "callers": state.callers,
+        "inflight": { "now": state.in_flight, "max": state.max_concurrency },
+        "cooldown": state.cooldown.map(|d| json!({
             "remaining_ms": d.as_millis() as u64,
             "until_unix_ms": unix_ms(SystemTime::now() + d),
         })),
@@ -126,7 +122,7 @@ fn upstream_status(metrics: &Metrics, upstream: &Upstream) -> Value {
         "attempts": attempts,
         "retries": counts(&metrics.retries, &RetryReason::ALL.map(RetryReason::as_str)),
         "rejections": counts(&metrics.rejected, &RefusalReason::ALL.map(RefusalReason::as_str)),
-        "last_rate_limited": observed.last_rate_limited.map(|(at, pause)| json!({
+        "last_rate_limited": state.last_rate_limited.map(|(at, pause)| json!({
             "at_unix_ms": unix_ms(at),
             "retry_after_ms": pause.map(|p| p.as_millis() as u64),
         })),

@@ -33,24 +33,28 @@ use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
 use crate::store::{Keys, SharedQuotas, Store};
 
-/// The pacing state as the admin side sees it.
-#[derive(Debug, Clone, Copy)]
-pub struct Observed {
-    /// Requests per second the pacer uses now (adaptive rate and hints included).
-    pub effective_rate: f64,
-    /// No attempt leaves before this instant.
-    pub cooldown_until: Option<Instant>,
-    /// When the upstream last answered 429, and the pause it asked for.
-    pub last_rate_limited: Option<(SystemTime, Option<Duration>)>,
-}
-
-/// Live partitions and per-caller queue depths, never the keys.
-#[derive(Debug, Clone, Default)]
-pub struct Shape {
+/// An upstream's admission state at one instant, as `/status` and
+/// `/metrics` show it.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Callers waiting in the queue.
+    pub depth: usize,
+    /// `queue_size` in force.
+    pub queue_size: usize,
+    /// Attempts in flight.
+    pub in_flight: usize,
+    /// `max_concurrency` in force.
+    pub max_concurrency: usize,
     /// Partitions held (active or not yet evicted).
     pub partitions: usize,
-    /// Waiters per active caller, largest first.
+    /// Waiters per active caller, largest first (never the keys).
     pub callers: Vec<usize>,
+    /// Requests per second the pacer uses now (adaptive rate and hints included).
+    pub effective_rate: f64,
+    /// What is left of the cooldown, if one is running.
+    pub cooldown: Option<Duration>,
+    /// When the upstream last answered 429, and the pause it asked for.
+    pub last_rate_limited: Option<(SystemTime, Option<Duration>)>,
 }
 
 /// Handle to an upstream's dispatcher; cheap to share.
@@ -100,24 +104,30 @@ impl Dispatcher {
         &self.handle.shared
     }
 
-    /// The pacing state now.
-    pub fn observed(&self) -> Observed {
-        let status = self.shared().lock().status();
-        let now = Instant::now();
-        let wall = SystemTime::now();
-        Observed {
+    /// The admission state now.
+    pub fn snapshot(&self) -> Snapshot {
+        let core = self.shared().lock();
+        let status = core.status();
+        let limits = core.limits();
+        let (queue_size, max_concurrency) = (limits.queue_size, limits.max_concurrency);
+        drop(core);
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        Snapshot {
+            depth: status.depth,
+            queue_size,
+            in_flight: status.in_flight,
+            max_concurrency,
+            partitions: status.partitions,
+            callers: status.callers,
             effective_rate: status.effective_rate,
-            cooldown_until: status.cooldown_until,
+            cooldown: status
+                .cooldown_until
+                .map(|until| until.saturating_duration_since(now))
+                .filter(|left| !left.is_zero()),
             last_rate_limited: status
                 .last_rate_limited
                 .map(|(at, pause)| (wall - now.saturating_duration_since(at), pause)),
         }
-    }
-
-    /// Live partitions and per-caller depths now.
-    pub fn shape(&self) -> Shape {
-        let status = self.shared().lock().status();
-        Shape { partitions: status.partitions, callers: status.callers }
     }
 
     /// Tells the core what an answer said about the upstream's limits; a
@@ -144,26 +154,6 @@ impl Dispatcher {
 
     fn budget(&self) -> MutexGuard<'_, RetryBudget> {
         self.shared().budget.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Callers waiting in the queue now.
-    pub fn depth(&self) -> usize {
-        self.shared().lock().depth()
-    }
-
-    /// `queue_size` in force.
-    pub fn capacity(&self) -> usize {
-        self.shared().lock().limits().queue_size
-    }
-
-    /// `max_concurrency` in force.
-    pub fn max_inflight(&self) -> usize {
-        self.shared().lock().limits().max_concurrency
-    }
-
-    /// Attempts in flight now.
-    pub fn inflight(&self) -> usize {
-        self.shared().lock().status().in_flight
     }
 
     /// Applies a reloaded config: bounds at once, new quotas from the next
