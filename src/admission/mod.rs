@@ -172,6 +172,9 @@ pub enum Next<W> {
 pub struct Confirm {
     partition: u64,
     slots: Vec<Taken>,
+    /// [`Admission::quota_changes`] when the slots were taken: slots of a
+    /// pacer that a reload replaced meanwhile are not given back to the new one.
+    quotas: u64,
 }
 
 impl Confirm {
@@ -244,6 +247,8 @@ pub struct Admission<W> {
     last_rate_limited: Option<(Instant, Option<Duration>)>,
     /// Cooldown added since [`Admission::take_cooled`] last looked.
     cooled: Duration,
+    /// Reloads that changed the quotas (and so replaced every pacer).
+    quota_changes: u64,
 }
 
 impl<W: Waiter> Admission<W> {
@@ -267,6 +272,7 @@ impl<W: Waiter> Admission<W> {
             cooldown_until: None,
             last_rate_limited: None,
             cooled: Duration::ZERO,
+            quota_changes: 0,
         }
     }
 
@@ -277,6 +283,7 @@ impl<W: Waiter> Admission<W> {
             for partition in self.partitions.values_mut() {
                 partition.pacing.requota(&limits.quotas, now);
             }
+            self.quota_changes += 1;
             tracing::info!(upstream = %self.name, "new quotas take effect");
         }
         for partition in self.partitions.values_mut() {
@@ -417,7 +424,7 @@ impl<W: Waiter> Admission<W> {
                     let Some(next) = partition.pacing.take_another(now) else { break };
                     slots.push(next);
                 }
-                Served::Confirm(Confirm { partition: key, slots })
+                Served::Confirm(Confirm { partition: key, slots, quotas: self.quota_changes })
             }
             Ok(taken) => match self.hand_out(key, now) {
                 Some(waiter) => {
@@ -438,15 +445,19 @@ impl<W: Waiter> Admission<W> {
     /// allowed (as many as concurrency still allows) get their grants, the
     /// other slots go back; a wait or cooldown holds the partition.
     pub fn settle(&mut self, confirm: Confirm, verdict: Verdict, now: Instant) -> Vec<W> {
-        let Confirm { partition: key, mut slots } = confirm;
+        let Confirm { partition: key, slots, quotas } = confirm;
+        let wanted = slots.len();
+        // Slots of a pacer that a reload replaced are not the new one's to take back.
+        let mut slots = if quotas == self.quota_changes { slots } else { Vec::new() };
         let mut granted = Vec::new();
         match verdict {
             Verdict::Go(allowed) => {
-                while granted.len() < allowed.min(slots.len()) && self.has_room() {
+                while granted.len() < allowed.min(wanted) && self.has_room() {
                     let Some(waiter) = self.hand_out(key, now) else { break };
                     granted.push(waiter);
                 }
-                self.give_back(key, slots.split_off(granted.len()));
+                let used = granted.len().min(slots.len());
+                self.give_back(key, slots.split_off(used));
             }
             Verdict::Wait(wait) | Verdict::Cooling(wait) => {
                 self.give_back(key, slots);

@@ -303,3 +303,21 @@ fn a_reload_changes_bounds_at_once_and_keeps_a_cooldown() {
     assert_eq!(served[0].1, 2_000, "the upstream's pause outlives new quotas");
     assert!(served[2].1 - served[0].1 <= 25, "then 100/s: {served:?}");
 }
+
+#[test]
+fn slots_of_a_pacer_replaced_by_a_reload_are_not_given_to_the_new_one() {
+    let mut b = Bench::with(limits("1/min", 2), false, true);
+    for id in 0..2 {
+        b.join(id, Place::default());
+    }
+    let Next::Confirm(confirm) = b.core.next(b.t0, true) else { panic!("the shared limiter decides") };
+    assert_eq!(confirm.wanted(), 2);
+    // A reload while Redis is asked: new quotas, a new pacer started later.
+    b.core.reconfigure(limits("10/s", 1), true, b.at(60_000));
+    assert_eq!(b.core.settle(confirm, Verdict::Go(1), b.at(60_001)).len(), 1, "Redis's word still counts");
+    let next = b.core.next(b.at(60_001), true);
+    assert!(
+        matches!(next, Next::Confirm(_)),
+        "the new pacer is not set back by the old one's slots: {next:?}"
+    );
+}
