@@ -55,7 +55,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config;
-use crate::limit::pacer::Taken;
+use crate::limit::pacer::{Taken, long_run_rate};
 use crate::retry::RateLimitHint;
 pub use pacing::{Pacing, PauseReason, Quotas};
 pub use schedule::{Priority, Schedule};
@@ -261,7 +261,7 @@ impl<W: Waiter> Admission<W> {
         }
         Self {
             name: name.to_string(),
-            effective_rate: Pacing::new(&limits.quotas, now).effective_rate(),
+            effective_rate: long_run_rate(&limits.quotas.rate),
             limits,
             partitions,
             ready: VecDeque::new(),

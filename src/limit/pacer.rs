@@ -253,7 +253,8 @@ fn interval(rate: &Rate) -> Duration {
     (rate.per.mul_f64(1.0 + WIRE_MARGIN) + GUARD) / rate.count.get()
 }
 
-fn long_run_rate(rates: &[Rate]) -> f64 {
+/// Requests per second `rates` allow together in the long run.
+pub fn long_run_rate(rates: &[Rate]) -> f64 {
     rates.iter().map(Rate::per_second).fold(f64::INFINITY, f64::min)
 }
 
