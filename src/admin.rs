@@ -61,6 +61,7 @@ fn metrics(admin: &Admin) -> Response<ProxyBody> {
     let runtime = admin.proxy.runtime.load();
     for upstream in &runtime.upstreams {
         let label = Metrics::upstream(&upstream.config.name);
+        upstream.metrics.export_fixed();
         let state = upstream.dispatcher.snapshot();
         admin.metrics.queue_depth.get_or_create(&label).set(state.depth as i64);
         admin.metrics.inflight.get_or_create(&label).set(state.in_flight as i64);

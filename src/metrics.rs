@@ -9,10 +9,13 @@
 //!
 //! Series whose labels take a fixed set of values (reload results, and for
 //! each upstream its attempt outcomes, retry and refusal reasons and its
-//! cooldown counter) are created at 0 when the process or the upstream
-//! starts, so that a scrape sees them before the first event and `rate()`
-//! does not miss it. The Redis series exist only with `[redis]` (see
-//! [`Metrics::encode`]).
+//! cooldown counter) are exported at 0 from start-up, so that a scrape sees
+//! them before the first event and `rate()` does not miss it. The reload
+//! results are created with the process; an upstream's are created by the
+//! first scrape that sees the upstream ([`UpstreamMetrics::export_fixed`]),
+//! which keeps the 18 series per upstream off the start-up of a config
+//! with thousands of upstreams. The Redis series exist only with `[redis]`
+//! (see [`Metrics::encode`]).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -314,8 +317,8 @@ const KEPT_CODES: [u16; 19] =
 /// `Family::get_or_create` builds label strings, hashes them and takes the
 /// family's lock; per request that was a large share of pacegate's own
 /// work, where incrementing a kept series is one atomic add. Series with a
-/// fixed label set are created with the upstream; the others (answer codes,
-/// histograms) appear once used.
+/// fixed label set are created by the first scrape; the others (answer
+/// codes, histograms) appear once used.
 #[derive(Debug)]
 pub struct UpstreamMetrics {
     all: Arc<Metrics>,
@@ -325,35 +328,50 @@ pub struct UpstreamMetrics {
     upstream_duration: OnceLock<Histogram>,
     answered: OnceLock<Counter>,
     /// By [`AttemptOutcome`], in the order of [`AttemptOutcome::ALL`].
-    attempts: [Counter; AttemptOutcome::ALL.len()],
+    attempts: [OnceLock<Counter>; AttemptOutcome::ALL.len()],
     /// `pacegate_requests_total` for each of [`KEPT_CODES`].
     codes: [OnceLock<Counter>; KEPT_CODES.len()],
+    /// Set once [`Self::export_fixed`] has created the fixed-label series.
+    exported: OnceLock<()>,
 }
 
 impl UpstreamMetrics {
     /// This upstream's series; those with a fixed label set start at 0 (or
     /// continue, for an upstream that was configured before).
     pub fn new(all: Arc<Metrics>, name: &str) -> Self {
-        let name: Arc<str> = name.into();
-        let attempts = AttemptOutcome::ALL.map(|outcome| {
-            let labels = OutcomeLabels { upstream: name.clone(), outcome: outcome.as_str() };
-            all.attempts.get_or_create(&labels).clone()
-        });
-        let retries = RetryReason::ALL.map(|reason| (&all.retries, reason.as_str()));
-        let refusals = RefusalReason::ALL.map(|reason| (&all.rejected, reason.as_str()));
-        for (family, reason) in retries.into_iter().chain(refusals) {
-            let _ = family.get_or_create(&ReasonLabels { upstream: name.clone(), reason });
-        }
-        let _ = all.cooldown_seconds.get_or_create(&UpstreamLabel { upstream: name.clone() });
         Self {
             all,
-            name,
+            name: name.into(),
             queue_wait: OnceLock::new(),
             upstream_duration: OnceLock::new(),
             answered: OnceLock::new(),
-            attempts,
+            attempts: Default::default(),
             codes: Default::default(),
+            exported: OnceLock::new(),
         }
+    }
+
+    /// Creates this upstream's fixed-label series (at 0, or as they are),
+    /// once; `/metrics` calls it for every upstream before it encodes.
+    pub fn export_fixed(&self) {
+        self.exported.get_or_init(|| {
+            for outcome in AttemptOutcome::ALL {
+                self.attempt(outcome);
+            }
+            let retries = RetryReason::ALL.map(|reason| (&self.all.retries, reason.as_str()));
+            let refusals = RefusalReason::ALL.map(|reason| (&self.all.rejected, reason.as_str()));
+            for (family, reason) in retries.into_iter().chain(refusals) {
+                let _ = family.get_or_create(&ReasonLabels { upstream: self.name.clone(), reason });
+            }
+            let _ = self.all.cooldown_seconds.get_or_create(&self.label());
+        });
+    }
+
+    fn attempt(&self, outcome: AttemptOutcome) -> &Counter {
+        self.attempts[outcome as usize].get_or_init(|| {
+            let labels = OutcomeLabels { upstream: self.name.clone(), outcome: outcome.as_str() };
+            self.all.attempts.get_or_create(&labels).clone()
+        })
     }
 
     /// Every metric, for the series kept nowhere else (retries, rejections).
@@ -380,7 +398,7 @@ impl UpstreamMetrics {
 
     /// Counts one attempt by its outcome.
     pub fn count_attempt(&self, outcome: AttemptOutcome) {
-        self.attempts[outcome as usize].inc();
+        self.attempt(outcome).inc();
     }
 
     /// Records how long an attempt waited for its ticket.
@@ -412,7 +430,9 @@ mod tests {
     #[test]
     fn fixed_label_series_start_at_zero() {
         let metrics = Arc::new(Metrics::new());
-        let _api = UpstreamMetrics::new(metrics.clone(), "api");
+        let api = UpstreamMetrics::new(metrics.clone(), "api");
+        assert!(!metrics.encode(false).contains("upstream=\"api\""), "created by the first scrape only");
+        api.export_fixed();
         let text = metrics.encode(false);
         let mut expected = vec![
             r#"pacegate_config_reloads_total{result="ok"} 0"#.to_owned(),
