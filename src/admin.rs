@@ -62,7 +62,7 @@ fn metrics(admin: &Admin) -> Response<ProxyBody> {
     for upstream in &runtime.upstreams {
         let label = Metrics::upstream(&upstream.config.name);
         upstream.metrics.export_fixed();
-        let state = upstream.dispatcher.snapshot();
+        let state = upstream.dispatcher.status();
         admin.metrics.queue_depth.get_or_create(&label).set(state.depth as i64);
         admin.metrics.inflight.get_or_create(&label).set(state.in_flight as i64);
         admin.metrics.effective_rate.get_or_create(&label).set(state.effective_rate);
@@ -93,7 +93,9 @@ fn status(admin: &Admin) -> Value {
 fn upstream_status(metrics: &Metrics, upstream: &Upstream) -> Value {
     let config = &upstream.config;
     let name = config.name.as_str();
-    let state = upstream.dispatcher.snapshot();
+    let state = upstream.dispatcher.status();
+    let (now, wall) = (tokio::time::Instant::now(), SystemTime::now());
+    let cooldown = state.cooldown_until.map(|until| until.saturating_duration_since(now));
     let counts = |family, labels: &[&'static str]| -> Value {
         labels
             .iter()
@@ -115,16 +117,16 @@ fn upstream_status(metrics: &Metrics, upstream: &Upstream) -> Value {
         "partitions": state.partitions,
         "callers": state.callers,
         "inflight": { "now": state.in_flight, "max": state.max_concurrency },
-        "cooldown": state.cooldown.map(|d| json!({
+        "cooldown": cooldown.filter(|d| !d.is_zero()).map(|d| json!({
             "remaining_ms": d.as_millis() as u64,
-            "until_unix_ms": unix_ms(SystemTime::now() + d),
+            "until_unix_ms": unix_ms(wall + d),
         })),
         "requests": Metrics::read(&metrics.answered, &Metrics::upstream(name)),
         "attempts": attempts,
         "retries": counts(&metrics.retries, &RetryReason::ALL.map(RetryReason::as_str)),
         "rejections": counts(&metrics.rejected, &RefusalReason::ALL.map(RefusalReason::as_str)),
         "last_rate_limited": state.last_rate_limited.map(|(at, pause)| json!({
-            "at_unix_ms": unix_ms(at),
+            "at_unix_ms": unix_ms(wall - now.saturating_duration_since(at)),
             "retry_after_ms": pause.map(|p| p.as_millis() as u64),
         })),
     })

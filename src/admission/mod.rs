@@ -193,8 +193,12 @@ impl Confirm {
 pub struct Status {
     /// Callers waiting (joined, not yet served or gone).
     pub depth: usize,
+    /// `queue_size` in force.
+    pub queue_size: usize,
     /// Grants out: attempts in flight.
     pub in_flight: usize,
+    /// `max_concurrency` in force.
+    pub max_concurrency: usize,
     /// Partitions held (active or not yet evicted).
     pub partitions: usize,
     /// Waiters per active caller, largest first (never the keys).
@@ -544,7 +548,9 @@ impl<W: Waiter> Admission<W> {
         callers.sort_unstable_by(|a, b| b.cmp(a));
         Status {
             depth: self.depth(),
+            queue_size: self.limits.queue_size,
             in_flight: self.in_flight,
+            max_concurrency: self.limits.max_concurrency,
             partitions: self.partitions.len(),
             callers,
             effective_rate: self.effective_rate,

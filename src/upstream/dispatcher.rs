@@ -18,7 +18,6 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use futures_util::future::{self, Either, Ready};
@@ -26,36 +25,12 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use super::shared::{Limiter, Shared, Ticket};
-use crate::admission::{Admission, Feedback, Limits, Place, Refusal};
+use crate::admission::{Admission, Feedback, Limits, Place, Refusal, Status};
 use crate::config;
 use crate::limit::pacer::paced_quotas;
 use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
 use crate::store::{Keys, SharedQuotas, Store};
-
-/// An upstream's admission state at one instant, as `/status` and
-/// `/metrics` show it.
-#[derive(Debug, Clone)]
-pub struct Snapshot {
-    /// Callers waiting in the queue.
-    pub depth: usize,
-    /// `queue_size` in force.
-    pub queue_size: usize,
-    /// Attempts in flight.
-    pub in_flight: usize,
-    /// `max_concurrency` in force.
-    pub max_concurrency: usize,
-    /// Partitions held (active or not yet evicted).
-    pub partitions: usize,
-    /// Waiters per active caller, largest first (never the keys).
-    pub callers: Vec<usize>,
-    /// Requests per second the pacer uses now (adaptive rate and hints included).
-    pub effective_rate: f64,
-    /// What is left of the cooldown, if one is running.
-    pub cooldown: Option<Duration>,
-    /// When the upstream last answered 429, and the pause it asked for.
-    pub last_rate_limited: Option<(SystemTime, Option<Duration>)>,
-}
 
 /// Handle to an upstream's dispatcher; cheap to share.
 #[derive(Debug, Clone)]
@@ -104,30 +79,9 @@ impl Dispatcher {
         &self.handle.shared
     }
 
-    /// The admission state now.
-    pub fn snapshot(&self) -> Snapshot {
-        let core = self.shared().lock();
-        let status = core.status();
-        let limits = core.limits();
-        let (queue_size, max_concurrency) = (limits.queue_size, limits.max_concurrency);
-        drop(core);
-        let (now, wall) = (Instant::now(), SystemTime::now());
-        Snapshot {
-            depth: status.depth,
-            queue_size,
-            in_flight: status.in_flight,
-            max_concurrency,
-            partitions: status.partitions,
-            callers: status.callers,
-            effective_rate: status.effective_rate,
-            cooldown: status
-                .cooldown_until
-                .map(|until| until.saturating_duration_since(now))
-                .filter(|left| !left.is_zero()),
-            last_rate_limited: status
-                .last_rate_limited
-                .map(|(at, pause)| (wall - now.saturating_duration_since(at), pause)),
-        }
+    /// The admission state now, as `/status` and `/metrics` show it.
+    pub fn status(&self) -> Status {
+        self.shared().lock().status()
     }
 
     /// Tells the core what an answer said about the upstream's limits; a

@@ -26,7 +26,7 @@ use crate::headers;
 use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::store::Store;
 pub use client::{CaFileError, SendError, UpstreamClient};
-pub use dispatcher::{Dispatcher, Snapshot};
+pub use dispatcher::Dispatcher;
 pub use shared::Ticket;
 
 // Header names are `HeaderName`s rather than `&str`s: a `&str` name is
