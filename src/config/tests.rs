@@ -90,7 +90,7 @@ fn shipped_example_is_valid() {
 }
 
 #[test]
-fn defaults_match_the_spec() {
+fn defaults_match_the_documentation() {
     let config = parse_str(MINIMAL).unwrap();
     let server = &config.server;
     assert_eq!(server.listen, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
