@@ -207,6 +207,18 @@ impl Metrics {
         }
     }
 
+    /// Logs and counts a caught panic; `what` says what it ended (a request,
+    /// a stream, a connection) or what was restarted (an upstream's driver).
+    pub fn panicked(&self, panic: &(dyn std::any::Any + Send), what: &'static str) {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-text panic payload".into());
+        self.panics.inc();
+        tracing::error!(panic = %message, ended = what, "panic caught");
+    }
+
     /// The Prometheus text exposition of every metric; the Redis series
     /// only when `redis` (the live config has `[redis]`).
     ///

@@ -374,3 +374,24 @@ async fn stalled_upstream_gives_504() {
     assert!(took >= Duration::from_millis(400), "two 200 ms attempts ended after {took:?}");
     assert!(took < Duration::from_secs(3), "the attempt timeout did not bound the wait: {took:?}");
 }
+
+/// A reset hint no API would send (an overflowing number, a 31-year delta)
+/// is believed no further than `max_retry_after`: the upstream keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_rate_limit_resets_are_capped_by_max_retry_after() {
+    let huge = "99999999999999999999999";
+    let mock = MockUpstream::start(Behaviour::new().script([
+        Scripted::status_with(200, &[("x-ratelimit-remaining", "5"), ("x-ratelimit-reset", huge)]),
+        Scripted::status_with(200, &[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "999999999")]),
+    ]))
+    .await;
+    let pg = Pacegate::start(&api(&mock.url(), "rate = \"100/s\"", "max_retry_after = \"1s\"")).await;
+    let started = Instant::now();
+    let answers = fire(&pg.url("/api/item"), 4, 1).await;
+    let took = started.elapsed();
+    assert!(answers.iter().all(|a| a.status == 200), "{answers:?}");
+    assert!(took < Duration::from_secs(5), "paused at most max_retry_after, not for years: {took:?}");
+    let arrivals = mock.arrivals();
+    let pause = arrivals[2].at - arrivals[1].at;
+    assert!(pause >= Duration::from_millis(900), "remaining 0 still pauses, capped to 1 s: {pause:?}");
+}

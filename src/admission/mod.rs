@@ -299,7 +299,9 @@ impl<W: Waiter> Admission<W> {
 
     /// Callers waiting now.
     pub fn depth(&self) -> usize {
-        self.held - self.departed
+        // Saturating: a driver that panicked between taking a waiter and
+        // answering it leaves one departure without its entry.
+        self.held.saturating_sub(self.departed)
     }
 
     /// The bounds in force.
@@ -469,7 +471,7 @@ impl<W: Waiter> Admission<W> {
                     if matches!(verdict, Verdict::Cooling(_)) {
                         self.cooled += partition.pacing.cool_down(&self.name, now, wait, PauseReason::Shared);
                     } else {
-                        partition.pacing.wait_shared(now + wait);
+                        partition.pacing.wait_shared(pacing::later(now, wait));
                     }
                 }
                 self.observe(key);

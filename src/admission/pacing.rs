@@ -210,7 +210,7 @@ impl Pacing {
                 learned.pause = learned.pause.max(Some(hint.reset_after));
             } else if !hint.reset_after.is_zero() {
                 let rate = hint.remaining as f64 / hint.reset_after.as_secs_f64();
-                self.hint_cap = Some((rate, now + hint.reset_after));
+                self.hint_cap = Some((rate, later(now, hint.reset_after)));
             }
         }
         self.refresh_cap(name, now);
@@ -220,7 +220,7 @@ impl Pacing {
     /// Pauses the partition until `now + pause` (never shortens a pause);
     /// returns how much pause it added.
     pub fn cool_down(&mut self, name: &str, now: Instant, pause: Duration, reason: PauseReason) -> Duration {
-        let until = now + pause;
+        let until = later(now, pause);
         let paused_from = self.cooldown_until.map_or(now, |current| current.max(now));
         if paused_from >= until {
             return Duration::ZERO;
@@ -263,6 +263,15 @@ impl Pacing {
     }
 }
 
+/// `now + wait`, saturating: a wait from the network may be absurdly long,
+/// and an `Instant` that overflows panics.
+pub fn later(now: Instant, wait: Duration) -> Instant {
+    now.checked_add(wait).unwrap_or_else(|| now + FAR_FUTURE)
+}
+
+/// Far enough to mean "not in this process's life", near enough to add to any `now`.
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// What one answer's feedback changed.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Learned {
@@ -276,6 +285,7 @@ pub struct Learned {
 mod tests {
     use super::*;
     use crate::config::parse_rate;
+    use crate::retry::RateLimitHint;
 
     fn quotas(rates: &[&str]) -> Quotas {
         let rate = rates.iter().map(|r| parse_rate(r).expect("rate")).collect();
@@ -308,5 +318,23 @@ mod tests {
             Some(t0 + Duration::from_secs(2))
         );
         assert!(pacing.admit("u", t0 + Duration::from_secs(2)).is_ok());
+    }
+
+    #[test]
+    fn absurd_waits_from_the_network_do_not_overflow() {
+        let t0 = Instant::now();
+        let mut pacing = Pacing::new(&quotas(&["10/s"]), t0);
+        for remaining in [0, 5] {
+            let hint = RateLimitHint { limit: None, remaining, reset_after: Duration::MAX };
+            let feedback = Feedback {
+                partition: 0,
+                sent_at: t0,
+                rate_limited: true,
+                cooldown: Some(Duration::MAX),
+                hint: Some(hint),
+            };
+            pacing.learn("u", &feedback, false, t0);
+        }
+        assert!(pacing.admit("u", t0 + Duration::from_secs(3600)).is_err(), "paused, as far as it can tell");
     }
 }

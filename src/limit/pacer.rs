@@ -48,6 +48,10 @@ pub const GUARD: Duration = Duration::from_millis(2);
 /// late, and a strict upstream counts arrivals, not our decisions.
 pub const WIRE_MARGIN: f64 = 0.005;
 
+/// The slowest a cap paces: one request a year. Caps come from what an
+/// upstream reports, which may be absurd.
+const LONGEST_CAP_PERIOD: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A GCRA state cell we can read back and restore (governor's own is opaque).
 #[derive(Debug, Default, Clone)]
 struct TatCell(Arc<AtomicU64>);
@@ -137,7 +141,9 @@ impl Pacer {
             return;
         }
         self.cap = cap.map(|rate| {
-            let period = Duration::try_from_secs_f64(1.0 / rate).unwrap_or(Duration::MAX);
+            // governor refuses periods past 584 years; a year is slow enough.
+            let period =
+                Duration::try_from_secs_f64(1.0 / rate).unwrap_or(Duration::MAX).min(LONGEST_CAP_PERIOD);
             let quota = Quota::with_period(period).unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN));
             let limiter = with_origin(&self.clock, || {
                 RateLimiter::new(quota, self.cap_cell.clone(), self.clock.clone())
@@ -349,6 +355,15 @@ mod tests {
         pacer.set_cap(None);
         let times = admissions(&mut pacer, start + times[10], 11, Duration::ZERO);
         assert!(times[10] <= Duration::from_millis(150), "{times:?}");
+    }
+
+    #[test]
+    fn an_absurdly_low_cap_paces_without_panicking() {
+        let now = Instant::now();
+        let mut pacer = Pacer::new(&[rate(10, 1000)], ONE, now);
+        pacer.set_cap(Some(f64::MIN_POSITIVE));
+        assert!(pacer.try_acquire(now).is_ok());
+        assert!(pacer.try_acquire(now + Duration::from_secs(3600)).is_err(), "at most one a year");
     }
 
     #[tokio::test(start_paused = true)]

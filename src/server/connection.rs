@@ -27,9 +27,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::Scope;
 use super::activity::{Activity, Busy};
 use super::guard::Guard;
-use super::{Scope, panicked};
 use crate::body::{Guarded, ProxyBody};
 use crate::error::ProxyError;
 
@@ -130,7 +130,7 @@ impl<F: Future<Output = Response<ProxyBody>>> Future for Handling<F> {
 impl Finish {
     fn answer(self, answer: thread::Result<Response<ProxyBody>>) -> Sent {
         let mut response = answer.unwrap_or_else(|panic| {
-            panicked(&self.scope.shared().metrics, panic.as_ref(), "request");
+            self.scope.shared().metrics.panicked(panic.as_ref(), "request");
             ProxyError::Internal("the request task panicked".into()).into_response()
         });
         // The guard stops checking heads after a CONNECT: if no tunnel

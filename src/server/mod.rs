@@ -27,7 +27,6 @@ mod guard;
 pub(crate) mod head;
 mod tunnel;
 
-use std::any::Any;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -219,22 +218,11 @@ impl Scope {
         let scope = self.clone();
         tokio::spawn(async move {
             if let Err(panic) = AssertUnwindSafe(task).catch_unwind().await {
-                panicked(&scope.shared().metrics, panic.as_ref(), "connection");
+                scope.shared().metrics.panicked(panic.as_ref(), "connection");
             }
             drop(scope);
         });
     }
-}
-
-/// Logs and counts a caught panic; `what` says what was ended by it.
-fn panicked(metrics: &Metrics, panic: &(dyn Any + Send), what: &'static str) {
-    let message = panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-text panic payload".into());
-    metrics.panics.inc();
-    tracing::error!(panic = %message, ended = what, "panic caught");
 }
 
 /// hyper's executor for the tasks it spawns (HTTP/2 streams): tokio, with
@@ -256,7 +244,7 @@ where
         // request would pay for that.
         tokio::spawn(AssertUnwindSafe(task).catch_unwind().map(move |ended| {
             if let Err(panic) = ended {
-                panicked(&metrics, panic.as_ref(), "stream");
+                metrics.panicked(panic.as_ref(), "stream");
             }
         }));
     }

@@ -71,7 +71,7 @@ impl Dispatcher {
             closed: AtomicBool::new(false),
             budget: Mutex::new(RetryBudget::from_config(&upstream.retry)),
         });
-        tokio::spawn(super::driver::drive(shared.clone()));
+        tokio::spawn(super::driver::supervise(shared.clone()));
         Self { handle: Arc::new(Handle { shared }) }
     }
 

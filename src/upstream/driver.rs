@@ -14,10 +14,12 @@
 //! never on a worker thread, so that no client connection's thread sleeps on
 //! an upstream's schedule.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::time::Instant;
 
 use super::shared::{Core, Limiter, Shared};
@@ -39,7 +41,16 @@ enum Step {
 }
 
 /// Drives `shared`'s core until its upstream is gone and its queue empty.
-pub(super) async fn drive(shared: Arc<Shared>) {
+/// A panic in a round is logged, counted and the driver restarted: the core
+/// keeps the queue, so nothing queued is lost, and the upstream never turns
+/// into a queue that nobody serves.
+pub(super) async fn supervise(shared: Arc<Shared>) {
+    while let Err(panic) = AssertUnwindSafe(drive(&shared)).catch_unwind().await {
+        shared.metrics.panicked(panic.as_ref(), "driver, restarted");
+    }
+}
+
+async fn drive(shared: &Arc<Shared>) {
     let mut next_sweep = Instant::now() + SWEEP_EVERY;
     loop {
         let now = Instant::now();
@@ -47,10 +58,10 @@ pub(super) async fn drive(shared: Arc<Shared>) {
         if sweep {
             next_sweep = now + SWEEP_EVERY;
         }
-        let step = shared.change(|core| round(&shared, core, now, sweep, next_sweep));
+        let step = shared.change(|core| round(shared, core, now, sweep, next_sweep));
         match step {
             Step::Stop => return,
-            Step::Ask(confirm, limiter) => ask(&shared, confirm, &limiter).await,
+            Step::Ask(confirm, limiter) => ask(shared, confirm, &limiter).await,
             Step::Sleep(Some(at)) => {
                 tokio::select! {
                     () = tokio::time::sleep_until(at) => {}

@@ -160,9 +160,12 @@ impl Upstream {
         // Retry-After would change nothing, so it is not even looked for.
         let retry_after =
             if status.is_success() { None } else { retry::retry_after(response.headers(), now) };
-        let hint: Option<RateLimitHint> = retry::rate_limit(response.headers(), now);
-        let rate_limited = status == StatusCode::TOO_MANY_REQUESTS;
         let retry = &self.config.retry;
+        // A reset further away than max_retry_after is not believed either:
+        // one hostile or broken header must not pause the upstream for years.
+        let hint: Option<RateLimitHint> = retry::rate_limit(response.headers(), now)
+            .map(|hint| RateLimitHint { reset_after: hint.reset_after.min(retry.max_retry_after), ..hint });
+        let rate_limited = status == StatusCode::TOO_MANY_REQUESTS;
         // An upstream asking for more than max_retry_after is not waited for.
         let honoured = retry_after.filter(|_| !retry::retry_after_too_long(retry, retry_after));
         let cooldown = match status {
