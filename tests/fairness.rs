@@ -205,8 +205,8 @@ async fn high_priority_jumps_the_queue_and_low_still_progresses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_partition_bound_answers_503_too_many_partitions() {
     let mock = MockUpstream::start(Behaviour::new()).await;
-    // 10/min: a partition stays live (its pacer busy) for a minute.
-    let extra = "rate = \"10/min\"\nburst = 5\npartition_by = \"header:x-api-key\"\nmax_partitions = 2";
+    // 1/min: each key's second request waits a minute, keeping its partition busy.
+    let extra = "rate = \"1/min\"\npartition_by = \"header:x-api-key\"\nmax_partitions = 2";
     let pg = Pacegate::start(&upstream("api", &mock.url(), extra)).await;
     let url = pg.url("/api/x");
     let http = client();
@@ -214,16 +214,18 @@ async fn the_partition_bound_answers_503_too_many_partitions() {
         let response = http.get(&url).header("x-api-key", key).send().await.unwrap();
         assert_eq!(response.status(), 200, "key {key} gets a partition");
     }
+    let waiting = spawn_requests(&url, 1, &[("x-api-key", "one")])
+        .into_iter()
+        .chain(spawn_requests(&url, 1, &[("x-api-key", "two")]))
+        .collect();
+    wait_depth(&pg, 2).await;
     let response = http.get(&url).header("x-api-key", "three").send().await.unwrap();
     assert_eq!(response.status(), 503);
     let body: serde_json::Value = response.json().await.expect("JSON error body");
     assert_eq!(body["error"], "too_many_partitions", "{body}");
     assert_eq!(body["upstream"], "api");
     assert!(!body.to_string().contains("three"), "the key value is not echoed: {body}");
-    // Known keys still work; the rejection is counted.
-    let response = http.get(&url).header("x-api-key", "one").send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(mock.count(), 3, "the refused request never reached the upstream");
+    assert_eq!(mock.count(), 2, "the refused request never reached the upstream");
     let metrics = http.get(pg.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
     let rejected = metrics
         .lines()
@@ -233,6 +235,25 @@ async fn the_partition_bound_answers_503_too_many_partitions() {
     let status = pg.status().await;
     assert_eq!(api_status(&status)["partitions"], 2);
     assert_eq!(api_status(&status)["rejections"]["too_many_partitions"], 1);
+    abort(waiting);
+}
+
+/// Keys seen once cannot lock new keys out for a quota window: a partition
+/// nobody waits in makes room, least recently used first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keys_make_room_for_new_ones() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    // 10/min, burst 5: each partition remembers its grants for a minute.
+    let extra = "rate = \"10/min\"\nburst = 5\npartition_by = \"header:x-api-key\"\nmax_partitions = 2";
+    let pg = Pacegate::start(&upstream("api", &mock.url(), extra)).await;
+    let url = pg.url("/api/x");
+    let http = client();
+    for key in ["one", "two", "three", "four"] {
+        let response = http.get(&url).header("x-api-key", key).send().await.unwrap();
+        assert_eq!(response.status(), 200, "key {key} gets a partition");
+    }
+    assert_eq!(mock.count(), 4);
+    assert_eq!(api_status(&pg.status().await)["partitions"], 2, "never more than max_partitions");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

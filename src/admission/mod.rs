@@ -580,10 +580,30 @@ impl<W: Waiter> Admission<W> {
         if self.partitions.len() >= self.limits.max_partitions {
             self.sweep(now);
         }
-        if self.partitions.len() >= self.limits.max_partitions {
+        if self.partitions.len() >= self.limits.max_partitions && !self.evict_least_recent(now) {
             return false;
         }
         self.partitions.insert(key, Partition::new(&self.limits.quotas, now));
+        true
+    }
+
+    /// Drops the least recently used partition that nobody waits in and
+    /// that is not cooling down, so that keys seen once (a client making up
+    /// `partition_by` values, say) cannot lock new keys out for a whole
+    /// quota window. The price: the dropped key's pacer forgets its recent
+    /// grants, so if it comes back it may use its burst again. False when
+    /// every partition has waiters or cools down.
+    fn evict_least_recent(&mut self, now: Instant) -> bool {
+        let evictable = self.partitions.iter().filter(|(key, partition)| {
+            **key != SINGLE && partition.waiters.is_empty() && !partition.pacing.cooling(now)
+        });
+        let Some(key) =
+            evictable.min_by_key(|(_, partition)| partition.pacing.last_grant()).map(|(key, _)| *key)
+        else {
+            return false;
+        };
+        self.partitions.remove(&key);
+        tracing::debug!(upstream = %self.name, "least recently used partition evicted");
         true
     }
 

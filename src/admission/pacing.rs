@@ -257,6 +257,16 @@ impl Pacing {
         self.pacer.effective_rate()
     }
 
+    /// A cooldown is running at `now`.
+    pub fn cooling(&self, now: Instant) -> bool {
+        self.cooldown_until.is_some_and(|until| until > now)
+    }
+
+    /// The last grant, if any: how recently this partition was used.
+    pub fn last_grant(&self) -> Option<Instant> {
+        self.last_grant
+    }
+
     /// No attempt leaves before this instant, if set.
     pub fn cooldown_until(&self) -> Option<Instant> {
         self.cooldown_until

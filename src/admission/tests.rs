@@ -217,19 +217,37 @@ fn a_caller_that_left_is_skipped_and_spends_nothing() {
 }
 
 #[test]
-fn idle_partitions_are_evicted_when_room_is_needed() {
+fn partitions_make_room_for_new_keys_least_recently_used_first() {
     let mut b = Bench::with(Limits { max_partitions: 2, ..limits("10/s", 1) }, true, false);
-    for partition in [1, 2] {
-        assert!(b.core.try_leave(place(partition, 0, Priority::Normal), b.t0));
+    for (partition, at) in [(1, 0), (2, 10)] {
+        assert!(b.core.try_leave(place(partition, 0, Priority::Normal), b.at(at)));
         b.core.release();
     }
-    let refused = b.core.enqueue(caller(3), place(3, 0, Priority::Normal), false, b.at(50));
-    assert_eq!(refused, Err(Refusal::TooManyPartitions), "both still remember a grant");
-    // A 10/s quota forgets a grant after its window (and guard).
-    b.core.enqueue(caller(3), place(3, 0, Priority::Normal), false, b.at(1_100)).expect("evicted");
-    assert_eq!(b.core.partitions(), 1);
-    b.core.sweep(b.at(1_100));
-    assert_eq!(b.core.partitions(), 1, "a partition with a waiter stays");
+    b.core.enqueue(caller(3), place(3, 0, Priority::Normal), false, b.at(50)).expect("room made");
+    assert_eq!(b.core.partitions(), 2);
+    assert!(!b.core.try_leave(place(2, 0, Priority::Normal), b.at(60)), "key 2 kept its pacing");
+    // 1 was dropped, not 2: it comes back as new and leaves at once.
+    b.core.sweep(b.at(60));
+    assert_eq!(b.core.partitions(), 2, "a partition with a waiter stays");
+}
+
+#[test]
+fn a_new_key_is_refused_while_every_partition_is_busy() {
+    let mut b = Bench::with(Limits { max_partitions: 2, ..limits("10/s", 1) }, true, false);
+    b.join(1, place(1, 0, Priority::Normal));
+    let feedback = Feedback {
+        partition: 2,
+        sent_at: b.t0,
+        rate_limited: true,
+        cooldown: Some(Duration::from_secs(5)),
+        hint: None,
+    };
+    b.core.feedback(&feedback, false, b.t0);
+    let refused = b.core.enqueue(caller(3), place(3, 0, Priority::Normal), false, b.t0);
+    assert_eq!(refused, Err(Refusal::TooManyPartitions), "one has a waiter, the other cools down");
+    // A 10/s quota forgets its grants after its window; the cooldown ends.
+    assert_eq!(b.serve(0, 0), [(1, 0)]);
+    b.core.enqueue(caller(3), place(3, 0, Priority::Normal), false, b.at(5_000)).expect("room once idle");
 }
 
 #[test]
