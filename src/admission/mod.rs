@@ -253,6 +253,9 @@ pub struct Admission<W> {
     cooled: Duration,
     /// Reloads that changed the quotas (and so replaced every pacer).
     quota_changes: u64,
+    /// The partition whose [`Confirm`] is out: out of the ring until
+    /// settled, and never evicted meanwhile (its slots go back to its pacer).
+    confirming: Option<u64>,
 }
 
 impl<W: Waiter> Admission<W> {
@@ -277,6 +280,7 @@ impl<W: Waiter> Admission<W> {
             last_rate_limited: None,
             cooled: Duration::ZERO,
             quota_changes: 0,
+            confirming: None,
         }
     }
 
@@ -353,7 +357,7 @@ impl<W: Waiter> Admission<W> {
             partition.waiters.push_back(place.caller, place.priority, waiter);
         }
         self.held += 1;
-        if was_empty {
+        if was_empty && self.confirming != Some(key) {
             if retry {
                 self.ready.push_front(key);
             } else {
@@ -370,11 +374,12 @@ impl<W: Waiter> Admission<W> {
         self.departed += 1;
     }
 
-    /// An attempt ended: its concurrency slot is free. True when waiters
-    /// wait, so the driver should look again.
+    /// An attempt ended: its concurrency slot is free. True when entries
+    /// are held (waiters, or departed ones still to clear), so the driver
+    /// should look again.
     pub fn release(&mut self) -> bool {
         self.in_flight = self.in_flight.saturating_sub(1);
-        self.depth() > 0
+        self.held > 0
     }
 
     /// The driver's next step; see [`Next`]. `confirm`: the shared limiter
@@ -430,6 +435,7 @@ impl<W: Waiter> Admission<W> {
                     let Some(next) = partition.pacing.take_another(now) else { break };
                     slots.push(next);
                 }
+                self.confirming = Some(key);
                 Served::Confirm(Confirm { partition: key, slots, quotas: self.quota_changes })
             }
             Ok(taken) => match self.hand_out(key, now) {
@@ -452,6 +458,7 @@ impl<W: Waiter> Admission<W> {
     /// other slots go back; a wait or cooldown holds the partition.
     pub fn settle(&mut self, confirm: Confirm, verdict: Verdict, now: Instant) -> Vec<W> {
         let Confirm { partition: key, slots, quotas } = confirm;
+        self.confirming = None;
         let wanted = slots.len();
         // Slots of a pacer that a reload replaced are not the new one's to take back.
         let mut slots = if quotas == self.quota_changes { slots } else { Vec::new() };
@@ -522,12 +529,25 @@ impl<W: Waiter> Admission<W> {
     /// partition of an upstream without `partition_by` stays.
     pub fn sweep(&mut self, now: Instant) {
         let before = self.partitions.len();
-        self.partitions.retain(|key, partition| *key == SINGLE || !partition.idle(now));
+        let confirming = self.confirming;
+        self.partitions
+            .retain(|key, partition| *key == SINGLE || Some(*key) == confirming || !partition.idle(now));
         if self.partitions.len() < before {
             let partitions = &self.partitions;
             self.ready.retain(|key| partitions.contains_key(key));
             tracing::debug!(upstream = %self.name, evicted = before - self.partitions.len(), "idle partitions");
         }
+    }
+
+    /// Makes the bookkeeping whole again after a driver panicked in the
+    /// middle of a round: counts recomputed from the queues, every partition
+    /// with waiters back in the ring, a pending confirmation forgotten.
+    pub fn recover(&mut self) {
+        self.held = self.partitions.values().map(|p| p.waiters.len()).sum();
+        self.departed = self.partitions.values().map(|p| p.waiters.count(|w| w.gone())).sum();
+        let waiting = self.partitions.iter().filter(|(_, p)| !p.waiters.is_empty());
+        self.ready = waiting.map(|(key, _)| *key).collect();
+        self.confirming = None;
     }
 
     /// Partitions held now.
@@ -577,9 +597,8 @@ impl<W: Waiter> Admission<W> {
         if self.partitions.contains_key(&key) {
             return true;
         }
-        if self.partitions.len() >= self.limits.max_partitions {
-            self.sweep(now);
-        }
+        // One walk, under the lock a caller holds: the least recently used
+        // partition is usually an idle one; the driver sweeps the rest.
         if self.partitions.len() >= self.limits.max_partitions && !self.evict_least_recent(now) {
             return false;
         }
@@ -594,8 +613,12 @@ impl<W: Waiter> Admission<W> {
     /// grants, so if it comes back it may use its burst again. False when
     /// every partition has waiters or cools down.
     fn evict_least_recent(&mut self, now: Instant) -> bool {
+        let confirming = self.confirming;
         let evictable = self.partitions.iter().filter(|(key, partition)| {
-            **key != SINGLE && partition.waiters.is_empty() && !partition.pacing.cooling(now)
+            **key != SINGLE
+                && Some(**key) != confirming
+                && partition.waiters.is_empty()
+                && !partition.pacing.cooling(now)
         });
         let Some(key) =
             evictable.min_by_key(|(_, partition)| partition.pacing.last_grant()).map(|(key, _)| *key)
@@ -649,7 +672,7 @@ impl<W: Waiter> Admission<W> {
     /// Departed callers stay queued until reached; bound that leftover by
     /// dropping them once they outnumber the queue bound.
     fn purge_departed(&mut self) {
-        if self.held <= 2 * self.limits.queue_size + 64 {
+        if self.held <= self.limits.queue_size.saturating_mul(2).saturating_add(64) {
             return;
         }
         for partition in self.partitions.values_mut() {

@@ -164,6 +164,12 @@ impl<T> Schedule<T> {
         self.len = self.callers.values().map(Lanes::len).sum();
     }
 
+    /// Waiters for which `matches` holds.
+    pub fn count(&self, mut matches: impl FnMut(&T) -> bool) -> usize {
+        let lanes = self.callers.values().flat_map(|lanes| lanes.lanes.iter());
+        lanes.flat_map(|lane| lane.iter()).filter(|waiter| matches(waiter)).count()
+    }
+
     /// Waiters per active caller, without the caller keys.
     pub fn caller_depths(&self) -> impl Iterator<Item = usize> + '_ {
         self.callers.values().map(Lanes::len)

@@ -339,3 +339,32 @@ fn slots_of_a_pacer_replaced_by_a_reload_are_not_given_to_the_new_one() {
         "the new pacer is not set back by the old one's slots: {next:?}"
     );
 }
+
+#[test]
+fn a_release_wakes_the_driver_while_departed_entries_are_held() {
+    let mut b = Bench::new(Limits { max_concurrency: 1, ..limits("10/s", 1) });
+    assert!(b.core.try_leave(Place::default(), b.t0));
+    let leaving = caller(0);
+    let gone = leaving.gone.clone();
+    b.core.enqueue(leaving, Place::default(), false, b.t0).expect("queued");
+    gone.set(true);
+    b.core.depart();
+    assert!(matches!(b.core.next(b.t0, false), Next::Full));
+    assert!(b.core.release(), "the driver must clear the departed entry, or sleep forever");
+    assert!(matches!(b.core.next(b.at(200), false), Next::Idle), "cleared without spending a slot");
+    assert!(b.core.try_leave(Place::default(), b.at(200)));
+}
+
+#[test]
+fn recover_makes_the_counts_whole_again() {
+    let mut b = Bench::new(limits("10/s", 1));
+    b.join(0, Place::default());
+    b.join(1, Place::default());
+    // As a driver that panicked between taking a waiter and answering it
+    // may leave it: a departure without its entry.
+    b.core.depart();
+    assert_eq!(b.core.depth(), 1);
+    b.core.recover();
+    assert_eq!(b.core.depth(), 2, "counted from the queue itself");
+    assert_eq!(ids(&b.serve(0, 1_000)), [0, 1]);
+}

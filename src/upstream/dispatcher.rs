@@ -157,12 +157,15 @@ impl Dispatcher {
         let shared = self.shared();
         let since = Instant::now();
         let mut core = shared.lock();
-        if core.try_leave(place, since) {
+        // Read under the lock: the pacer counts on decisions being presented
+        // in order and on time, not as late as the wait for the lock.
+        let now = Instant::now();
+        if core.try_leave(place, now) {
             drop(core);
             return Either::Left(future::ready(Ok(Ticket::new(shared))));
         }
         let (tickets, receiver) = oneshot::channel();
-        let queued = core.enqueue(tickets, place, retry, since);
+        let queued = core.enqueue(tickets, place, retry, now);
         drop(core);
         if let Err(refusal) = queued {
             return Either::Left(future::ready(Err(refusal)));

@@ -29,6 +29,8 @@ use crate::store::Keys;
 
 /// How often idle partitions are looked for while there are several.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Pause before a driver that panicked starts again.
+const RESTART_PAUSE: Duration = Duration::from_millis(100);
 
 /// What the driver waits for after a round.
 enum Step {
@@ -47,18 +49,24 @@ enum Step {
 pub(super) async fn supervise(shared: Arc<Shared>) {
     while let Err(panic) = AssertUnwindSafe(drive(&shared)).catch_unwind().await {
         shared.metrics.panicked(panic.as_ref(), "driver, restarted");
+        shared.lock().recover();
+        // Not a hot loop if the same state panics again.
+        tokio::time::sleep(RESTART_PAUSE).await;
     }
 }
 
 async fn drive(shared: &Arc<Shared>) {
     let mut next_sweep = Instant::now() + SWEEP_EVERY;
     loop {
-        let now = Instant::now();
-        let sweep = now >= next_sweep;
-        if sweep {
-            next_sweep = now + SWEEP_EVERY;
-        }
-        let step = shared.change(|core| round(shared, core, now, sweep, next_sweep));
+        let step = shared.change(|core| {
+            // Read under the lock, like every caller's decision.
+            let now = Instant::now();
+            if now >= next_sweep {
+                core.sweep(now);
+                next_sweep = now + SWEEP_EVERY;
+            }
+            round(shared, core, now, next_sweep)
+        });
         match step {
             Step::Stop => return,
             Step::Ask(confirm, limiter) => ask(shared, confirm, &limiter).await,
@@ -74,10 +82,7 @@ async fn drive(shared: &Arc<Shared>) {
 }
 
 /// One round under the lock: grants handed out, and what to wait for next.
-fn round(shared: &Arc<Shared>, core: &mut Core, now: Instant, sweep: bool, next_sweep: Instant) -> Step {
-    if sweep {
-        core.sweep(now);
-    }
+fn round(shared: &Arc<Shared>, core: &mut Core, now: Instant, next_sweep: Instant) -> Step {
     let limiter = shared.limiter.load_full();
     let up = limiter.as_ref().map(|l| l.store.is_up());
     if up == Some(false) && limiter.as_ref().is_some_and(|l| l.store.on_error() == RedisOnError::Deny) {
