@@ -202,18 +202,25 @@ async fn high_priority_jumps_the_queue_and_low_still_progresses() {
     abort(high);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_partition_bound_answers_503_too_many_partitions() {
+/// pacegate with `max_partitions = 2` keyed by `x-api-key` and `quotas`;
+/// one request per key in `keys`, each answered 200.
+async fn two_partitions_for(keys: &[&str], quotas: &str) -> (MockUpstream, Pacegate) {
     let mock = MockUpstream::start(Behaviour::new()).await;
-    // 1/min: each key's second request waits a minute, keeping its partition busy.
-    let extra = "rate = \"1/min\"\npartition_by = \"header:x-api-key\"\nmax_partitions = 2";
-    let pg = Pacegate::start(&upstream("api", &mock.url(), extra)).await;
-    let url = pg.url("/api/x");
-    let http = client();
-    for key in ["one", "two"] {
-        let response = http.get(&url).header("x-api-key", key).send().await.unwrap();
+    let extra = format!("{quotas}\npartition_by = \"header:x-api-key\"\nmax_partitions = 2");
+    let pg = Pacegate::start(&upstream("api", &mock.url(), &extra)).await;
+    let (url, http) = (pg.url("/api/x"), client());
+    for key in keys {
+        let response = http.get(&url).header("x-api-key", *key).send().await.expect("answer");
         assert_eq!(response.status(), 200, "key {key} gets a partition");
     }
+    (mock, pg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_bound_answers_503_too_many_partitions() {
+    // 1/min: each key's second request waits a minute, keeping its partition busy.
+    let (mock, pg) = two_partitions_for(&["one", "two"], "rate = \"1/min\"").await;
+    let (url, http) = (pg.url("/api/x"), client());
     let waiting = spawn_requests(&url, 1, &[("x-api-key", "one")])
         .into_iter()
         .chain(spawn_requests(&url, 1, &[("x-api-key", "two")]))
@@ -242,16 +249,9 @@ async fn the_partition_bound_answers_503_too_many_partitions() {
 /// nobody waits in makes room, least recently used first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keys_make_room_for_new_ones() {
-    let mock = MockUpstream::start(Behaviour::new()).await;
     // 10/min, burst 5: each partition remembers its grants for a minute.
-    let extra = "rate = \"10/min\"\nburst = 5\npartition_by = \"header:x-api-key\"\nmax_partitions = 2";
-    let pg = Pacegate::start(&upstream("api", &mock.url(), extra)).await;
-    let url = pg.url("/api/x");
-    let http = client();
-    for key in ["one", "two", "three", "four"] {
-        let response = http.get(&url).header("x-api-key", key).send().await.unwrap();
-        assert_eq!(response.status(), 200, "key {key} gets a partition");
-    }
+    let keys = ["one", "two", "three", "four"];
+    let (mock, pg) = two_partitions_for(&keys, "rate = \"10/min\"\nburst = 5").await;
     assert_eq!(mock.count(), 4);
     assert_eq!(api_status(&pg.status().await)["partitions"], 2, "never more than max_partitions");
 }
