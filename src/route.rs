@@ -93,6 +93,20 @@ impl Router {
         self.hosts.get(&host).copied()
     }
 
+    /// The upstream a plain CONNECT tunnel to `authority` (port `port`)
+    /// belongs to. An upstream claims a host *and port*: the port `hosts`
+    /// names with it, or else its base_url's port. Any other port of the host
+    /// is not the upstream's, so a tunnel cannot reach, say, the admin
+    /// listener or another service on an upstream's machine.
+    pub fn tunnel_upstream(&self, authority: &Authority, port: u16) -> Option<usize> {
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        if let Some(index) = self.hosts.get(&format!("{host}:{port}")) {
+            return Some(*index);
+        }
+        let index = *self.hosts.get(&host)?;
+        (self.bases[index].port == port).then_some(index)
+    }
+
     fn unknown_host(&self, uri: &Uri, authority: &Authority) -> Result<Target, ProxyError> {
         match self.unknown_hosts {
             UnknownHosts::Pass if uri.scheme() == Some(&Scheme::HTTP) => {

@@ -205,6 +205,26 @@ async fn tunnels_to_configured_hosts_without_mitm() {
     assert_eq!(pg.metric(NONE_200).await, None);
 }
 
+/// An upstream claims a host and a port: a plain tunnel cannot reach the
+/// admin listener, or any other port, of an upstream's host.
+#[tokio::test]
+async fn a_plain_tunnel_is_only_for_the_port_its_upstream_claims() {
+    let echo = echo_server().await;
+    // `hosts` left at its default: the upstream claims 127.0.0.1, at its base_url's port.
+    let config = format!("[[upstream]]\nname = \"api\"\nbase_url = \"http://{echo}\"\nrate = \"10/s\"\n");
+    let pg = Pacegate::start(&config).await;
+    let (mut stream, head) = connect(pg.proxy, &echo.to_string(), "").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    stream.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut buf)).await.unwrap().unwrap();
+    for other in [pg.admin, pg.proxy] {
+        let (_stream, head) = connect(pg.proxy, &format!("127.0.0.1:{}", other.port()), "").await;
+        assert!(head.starts_with("http/1.1 403"), "CONNECT to port {}: {head}", other.port());
+        assert!(head.contains("x-pacegate-error: unknown_host"), "{head}");
+    }
+}
+
 #[tokio::test]
 async fn connect_to_unknown_host_is_refused_by_default() {
     let echo = echo_server().await;

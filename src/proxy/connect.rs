@@ -5,7 +5,8 @@
 //! inside goes through the same path as a forward request to
 //! `https://host/...`, so it is paced, queued and retried. Anything else is a
 //! plain byte tunnel, which pacing cannot see into: to a configured upstream
-//! host when interception is off, or to an unknown host when
+//! when interception is off (only for the host and port it claims, and to
+//! the address of its base_url), or to an unknown host when
 //! `unknown_hosts = "pass"` (then through the private-address guard).
 //!
 //! The target is connected to (or the leaf made) before the 200 goes out, so
@@ -51,9 +52,17 @@ pub struct Tunnel {
 
 impl Tunnel {
     /// The target of a CONNECT request (`host:port`) and its upstream.
+    /// Intercepted, the requests inside go to the upstream's base_url
+    /// whatever port was named; a plain tunnel is only for the host and port
+    /// the upstream claims ([`route::Router::tunnel_upstream`]).
     pub fn of(runtime: &Runtime, uri: &Uri) -> Result<Self, ProxyError> {
         let (authority, port) = route::tunnel_target(uri)?;
-        let upstream = runtime.router.upstream_for_host(&authority);
+        let router = &runtime.router;
+        let upstream = if runtime.config.mitm.enabled {
+            router.upstream_for_host(&authority)
+        } else {
+            router.tunnel_upstream(&authority, port)
+        };
         Ok(Self { authority, port, upstream })
     }
 }
@@ -84,10 +93,13 @@ pub async fn connect(
             })?;
             scope.spawn(intercept(proxy.clone(), peer, authority, tls, upgrade, scope.clone()));
         }
-        Some(_) => {
-            // Configured upstreams may point anywhere: no guard.
-            let addrs = guard::resolve(&host, port).await.map_err(unreachable)?;
-            tunnel(&scope, upgrade, open(&host, &addrs).await?);
+        Some(index) => {
+            // The address connected to is the upstream's own, from its
+            // base_url: configured upstreams may point anywhere (loopback
+            // included), so that is what the tunnel may reach, no more.
+            let base = &runtime.config.upstreams[index].base_url;
+            let addrs = guard::resolve(&base.host, base.port).await.map_err(unreachable)?;
+            tunnel(&scope, upgrade, open(&base.host, &addrs).await?);
         }
         None if runtime.config.forward.unknown_hosts == UnknownHosts::Pass => {
             let addrs = if runtime.config.forward.allow_private {
