@@ -20,8 +20,41 @@ use super::{ConfigError, Jitter, Rate, RedisOnError, UnknownHosts};
 
 /// Parses config text into the raw structs; `path` only names the file in errors.
 pub fn from_str(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
-    toml::from_str(text)
-        .map_err(|err| ConfigError::at(path, text, err.span().unwrap_or(0..0), one_line(err.message())))
+    toml::from_str(text).map_err(|err| {
+        let message = without_string_values(&one_line(err.message()));
+        ConfigError::at(path, text, err.span().unwrap_or(0..0), message)
+    })
+}
+
+/// serde's type errors quote the value they found (`invalid type: string
+/// "alice:s3cret", expected a sequence`); that value may be a password or a
+/// Redis URL with one, and the error is logged and shown. The position
+/// already says which value is meant, so the quoted string is dropped.
+fn without_string_values(message: &str) -> String {
+    const QUOTED: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find(QUOTED) {
+        out.push_str(&rest[..start]);
+        out.push_str("a string");
+        let value = &rest[start + QUOTED.len()..];
+        // The value is Debug-escaped: it ends at the first quote not escaped.
+        let mut escaped = false;
+        let end = value.char_indices().find_map(|(i, c)| match c {
+            '\\' if !escaped => {
+                escaped = true;
+                None
+            }
+            '"' if !escaped => Some(i + 1),
+            _ => {
+                escaped = false;
+                None
+            }
+        });
+        rest = end.map_or("", |end| &value[end..]);
+    }
+    out.push_str(rest);
+    out
 }
 
 /// toml messages are single sentences, but keep the promise of one line.

@@ -464,3 +464,19 @@ fn error_display_is_one_line() {
     assert!(shown.starts_with("t.toml:2:1: "), "{shown}");
     assert_eq!(shown.lines().count(), 1);
 }
+
+#[test]
+fn a_secret_of_the_wrong_type_is_not_echoed() {
+    for text in [
+        "[server]\nproxy_auth = \"alice:s3cret\"\n",
+        "[server]\nproxy_auth = \"al\\\"ice:s3cret\"\n",
+        "[redis]\nurl = [\"redis://:s3cret@host\"]\n",
+    ] {
+        let error = parse_str(text).expect_err("wrong type").to_string();
+        assert!(!error.contains("s3cret"), "{error}");
+        assert!(error.contains(":2:") && error.contains("invalid type"), "{error}");
+    }
+    let error =
+        parse_str("[server]\nproxy_auth = \"al\\\"ice:s3cret\"\nworkers = \"x\"\n").expect_err("type");
+    assert!(error.to_string().ends_with("invalid type: a string, expected a sequence"), "{error}");
+}
