@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
@@ -124,6 +125,18 @@ async fn recv_hangup(hangups: &mut Option<tokio::signal::unix::Signal>) -> Optio
     }
 }
 
+/// Whether an event on the file may have changed what it holds. Reading
+/// the file (open, access, a close after reading) does not: reacting to
+/// those, a reload's own read of the file would trigger another look at it,
+/// five times a second for ever.
+fn may_change_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Modify(ModifyKind::Metadata(_)) | EventKind::Access(_) | EventKind::Other => false,
+        EventKind::Any | EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
+    }
+}
+
 fn file_watcher(
     path: &Path,
     events: mpsc::UnboundedSender<()>,
@@ -135,10 +148,38 @@ fn file_watcher(
     };
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        if event.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == name) {
+        if may_change_content(&event.kind)
+            && event.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == name)
+        {
             let _ = events.send(());
         }
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, DataChange, MetadataKind, RenameMode};
+
+    #[test]
+    fn reads_of_the_file_are_not_changes() {
+        for read in [
+            EventKind::Access(AccessKind::Open(AccessMode::Read)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Modify(ModifyKind::Metadata(MetadataKind::AccessTime)),
+        ] {
+            assert!(!may_change_content(&read), "{read:?}");
+        }
+        for change in [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Modify(ModifyKind::Data(DataChange::Content)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Create(CreateKind::File),
+        ] {
+            assert!(may_change_content(&change), "{change:?}");
+        }
+    }
 }
