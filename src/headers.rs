@@ -29,6 +29,15 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// Prefix of the request headers that steer pacegate itself.
 const OWN_PREFIX: &str = "x-pacegate-";
 
+/// What pacegate adds to `Via` on the requests it forwards (RFC 9110 §7.6.3
+/// asks it of proxies): the protocol it received them with, and its name.
+const VIA: HeaderValue = HeaderValue::from_static("1.1 pacegate");
+
+/// Adds pacegate to the request's `Via`, after any proxies before it.
+pub fn add_via(headers: &mut HeaderMap) {
+    headers.append(header::VIA, VIA);
+}
+
 /// Removes hop-by-hop headers, including those named by `Connection`.
 ///
 /// Runs on every request and every answer, so it looks before it removes:

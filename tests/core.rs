@@ -415,6 +415,7 @@ async fn hop_by_hop_headers_are_stripped() {
         assert!(!seen.contains_key(name), "{name} was forwarded: {echo}");
     }
     assert_eq!(seen["x-kept"], "yes", "{echo}");
+    assert_eq!(seen["via"], "1.1 pacegate", "a proxy says so in Via: {echo}");
 }
 
 // === bodies and streams ===

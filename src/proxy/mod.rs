@@ -336,6 +336,7 @@ fn prepare(
     // Our own headers and connection-level ones never travel on.
     headers::strip_own(&mut head.headers);
     headers::strip_hop_by_hop(&mut head.headers);
+    headers::add_via(&mut head.headers);
     Ok(Prepared { head, incoming: Some(incoming), queue })
 }
 
