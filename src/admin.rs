@@ -44,6 +44,10 @@ impl Admin {
 
 /// Answers one admin request.
 pub async fn handle(admin: Admin, request: Request<Incoming>) -> Response<ProxyBody> {
+    let allow_remote = admin.proxy.runtime.load().config.server.admin_allow_remote;
+    if let Some(reason) = from_a_foreign_page(&request, allow_remote) {
+        return text(StatusCode::FORBIDDEN, "text/plain; charset=utf-8", format!("{reason}\n"));
+    }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/") => text(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD.into()),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
@@ -54,6 +58,39 @@ pub async fn handle(admin: Admin, request: Request<Incoming>) -> Response<ProxyB
             Err(error) => json_answer(StatusCode::BAD_REQUEST, &json!({ "error": error.to_string() })),
         },
         _ => text(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found\n".into()),
+    }
+}
+
+/// Why a request looks sent by a web page of another site, if it does.
+///
+/// A page can make a browser send requests to a loopback port: across
+/// origins (a form posting to `/reload`), or, through DNS rebinding, under
+/// its own name, which makes it same-origin and lets it read `/status`.
+/// So a request whose `Origin` is not the admin's own is refused, and while
+/// the listener is loopback-only (no `admin_allow_remote`) so is a `Host`
+/// that is a name other than `localhost`: rebinding needs a name, and
+/// loopback clients (curl, a local Prometheus, the dashboard) use
+/// `127.0.0.1`, `[::1]` or `localhost`. Clients that send neither header
+/// (curl, Prometheus) are not affected.
+fn from_a_foreign_page(request: &Request<Incoming>, allow_remote: bool) -> Option<&'static str> {
+    let headers = request.headers();
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
+    let host = host.or_else(|| request.uri().authority().map(|a| a.to_string()));
+    let authority = host.as_deref().and_then(|h| h.parse::<http::uri::Authority>().ok());
+    if !allow_remote {
+        let name = authority.as_ref().map(|a| a.host().trim_start_matches('[').trim_end_matches(']'));
+        let loopback_name = name
+            .is_some_and(|n| n.parse::<std::net::IpAddr>().is_ok() || n.eq_ignore_ascii_case("localhost"));
+        if !loopback_name {
+            return Some("the admin listener answers Host: an IP address or localhost");
+        }
+    }
+    let origin = headers.get(header::ORIGIN)?;
+    let origin_authority =
+        origin.to_str().ok().and_then(|o| o.parse::<http::Uri>().ok()).and_then(|u| u.authority().cloned());
+    match (origin_authority, authority) {
+        (Some(origin), Some(host)) if origin.as_str().eq_ignore_ascii_case(host.as_str()) => None,
+        _ => Some("cross-origin requests to the admin listener are refused"),
     }
 }
 

@@ -679,3 +679,45 @@ async fn proxied_answers_carry_attempts_and_queue_time() {
     assert!(header(&retried, "x-pacegate-queued-ms") <= 2000);
     pg.stop().await.unwrap();
 }
+
+/// The status line the admin listener answers `head` (a raw HTTP/1.1
+/// request head) with.
+async fn admin_status_line(admin: SocketAddr, head: &str) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(admin).await.expect("admin listener");
+    stream.write_all(head.as_bytes()).await.expect("send");
+    let (mut line, mut reader) = (String::new(), BufReader::new(stream));
+    let read = reader.read_line(&mut line);
+    tokio::time::timeout(Duration::from_secs(5), read).await.expect("an answer").expect("read");
+    line.trim_end().to_owned()
+}
+
+/// A web page cannot drive the admin listener: not by posting to it from
+/// another origin, nor by rebinding its own name to loopback.
+#[tokio::test]
+async fn the_admin_listener_refuses_requests_from_foreign_pages() {
+    let pg = Pacegate::start("").await;
+    let port = pg.admin.port();
+    let ok = |host: &str, extra: &str| {
+        format!("GET /status HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n")
+    };
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}"), format!("[::1]:{port}")] {
+        assert_eq!(admin_status_line(pg.admin, &ok(&host, "")).await, "HTTP/1.1 200 OK", "Host: {host}");
+    }
+    let same_origin = ok(&format!("127.0.0.1:{port}"), &format!("Origin: http://127.0.0.1:{port}\r\n"));
+    assert_eq!(
+        admin_status_line(pg.admin, &same_origin).await,
+        "HTTP/1.1 200 OK",
+        "the dashboard's own origin"
+    );
+    let rebound =
+        ok(&format!("attacker.example:{port}"), &format!("Origin: http://attacker.example:{port}\r\n"));
+    assert_eq!(admin_status_line(pg.admin, &rebound).await, "HTTP/1.1 403 Forbidden", "DNS rebinding");
+    let cross = format!(
+        "POST /reload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: https://attacker.example\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(admin_status_line(pg.admin, &cross).await, "HTTP/1.1 403 Forbidden", "a cross-origin form");
+    let reloads = pg.metric(r#"pacegate_config_reloads_total{result="ok"}"#).await;
+    assert_eq!(reloads, Some(0.0), "the refused reload did not run");
+}
