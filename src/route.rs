@@ -69,6 +69,9 @@ impl Router {
     /// Decides where a request with this target goes.
     pub fn route(&self, uri: &Uri, version: Version) -> Result<Target, ProxyError> {
         let path_and_query = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        if has_dot_segment(path_and_query) {
+            return Err(bad_target("`.` and `..` path segments are refused"));
+        }
         if let Some(authority) = uri.authority() {
             check_absolute(uri, authority)?;
             if let Some(index) = self.upstream_for_host(authority) {
@@ -177,6 +180,33 @@ fn port_of(authority: &Authority) -> Result<Option<u16>, ProxyError> {
     }
 }
 
+/// Whether the path has a `.` or `..` segment, plain or percent-encoded
+/// (`%2e`). Refused rather than normalised: behind a route, `..` would climb
+/// out of base_url's path prefix, and upstreams disagree on how to resolve
+/// them, so no request pacegate forwards carries one.
+fn has_dot_segment(path_and_query: &str) -> bool {
+    let path = path_and_query.split('?').next().unwrap_or_default();
+    // Most paths have neither: one scan, no allocation, on every request.
+    if !path.contains('.') && !path.contains('%') {
+        return false;
+    }
+    path.split('/').any(is_dot_segment)
+}
+
+/// `.` or `..`, each dot written as `.` or `%2e` (either case).
+fn is_dot_segment(segment: &str) -> bool {
+    let (mut rest, mut dots) = (segment.as_bytes(), 0);
+    while !rest.is_empty() && dots < 3 {
+        rest = match rest {
+            [b'.', tail @ ..] => tail,
+            [b'%', b'2', e, tail @ ..] if e.eq_ignore_ascii_case(&b'e') => tail,
+            _ => return false,
+        };
+        dots += 1;
+    }
+    rest.is_empty() && (1..=2).contains(&dots)
+}
+
 fn bad_target(reason: &str) -> ProxyError {
     ProxyError::BadRequest(format!("invalid request target: {reason}"))
 }
@@ -245,6 +275,16 @@ mod tests {
             })
             .collect();
         crate::config::parse(std::path::Path::new("routes.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn dot_segments_are_refused() {
+        for path in ["/api/../admin", "/api/./x", "/api/%2e%2e/x", "/api/.%2E", "/..", "/api/x/..?q"] {
+            assert!(has_dot_segment(path), "{path}");
+        }
+        for path in ["/api/x", "/api/...", "/api/.hidden", "/api/x?q=/../", "/api/a..b"] {
+            assert!(!has_dot_segment(path), "{path}");
+        }
     }
 
     #[test]

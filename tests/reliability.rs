@@ -200,6 +200,10 @@ async fn malformed_heads_get_spec_answers() {
         ("CONNECT http://api.test:443/ HTTP/1.1\r\nHost: api.test\r\n\r\n".into(), 400, "bad_request"),
         ("CONNECT user@api.test:443 HTTP/1.1\r\nHost: api.test\r\n\r\n".into(), 400, "bad_request"),
         ("CONNECT api.test:99999 HTTP/1.1\r\nHost: api.test\r\n\r\n".into(), 400, "bad_request"),
+        // Dot segments would climb out of base_url's path: refused, not resolved.
+        ("GET /api/../admin HTTP/1.1\r\nHost: a\r\n\r\n".into(), 400, "bad_request"),
+        ("GET /api/%2e%2E/admin HTTP/1.1\r\nHost: a\r\n\r\n".into(), 400, "bad_request"),
+        ("GET http://api.test/x/./y HTTP/1.1\r\nHost: api.test\r\n\r\n".into(), 400, "bad_request"),
     ];
     for (request, status, code) in &cases {
         let mut stream = open(&pg).await;
