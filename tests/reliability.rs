@@ -641,3 +641,28 @@ async fn tls_failure_is_502_after_the_attempts() {
     assert_pacegate_error(response, 502, "upstream_unreachable", Some("api")).await;
     assert_eq!(mock.count(), 0, "a request was sent over a failed handshake");
 }
+
+/// The target names the host (RFC 9112 §3.2.2): a Host that differs from an
+/// absolute-form target, or two of them, never reach the upstream as sent.
+#[tokio::test]
+async fn the_target_decides_the_host_in_pass_through_too() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let target = mock.url().trim_start_matches("http://").to_owned();
+    let forward = "[forward]\nunknown_hosts = \"pass\"\nallow_private = true\n";
+    let pg = Pacegate::start_config(&format!("{}{forward}", server(""))).await;
+    for hosts in ["Host: evil.example\r\n", "Host: evil.example\r\nHost: other.example\r\n"] {
+        let mut stream = open(&pg).await;
+        let request = format!("GET http://{target}/x HTTP/1.1\r\n{hosts}\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_answer(&mut stream).await;
+        if answer.status == 400 {
+            continue; // two Hosts may be refused outright, which is as good
+        }
+        assert_eq!(answer.status, 200, "{hosts:?}");
+    }
+    assert!(mock.count() >= 1, "the first request reached the mock");
+    for arrival in mock.arrivals() {
+        let hosts: Vec<_> = arrival.headers.get_all("host").iter().collect();
+        assert_eq!(hosts, [target.as_str()], "the upstream saw the target's host only");
+    }
+}

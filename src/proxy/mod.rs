@@ -211,10 +211,11 @@ impl Proxy {
                     }
                 })?;
             let head = &mut prepared.head;
+            // The target decides the host (RFC 9112 §3.2.2): the client derives
+            // Host from the URI, whatever Host (or Hosts) the caller sent.
+            head.headers.remove(header::HOST);
             match prepared.queue {
                 Some(queue) => {
-                    // base_url decides the host: the client derives Host from the URI.
-                    head.headers.remove(header::HOST);
                     let index = queue.upstream as usize;
                     let client = runtime.client_for(index, &self.client);
                     runtime.upstreams[index]
