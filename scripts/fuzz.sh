@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzes pacegate's parsers with cargo-fuzz (libFuzzer): the config file
-# (`config`) and what a client sends, HTTP/1 framing and request targets
-# (`request`). The entry points are in src/fuzz.rs; every test run already
+# (`config`), what a client sends, HTTP/1 framing and request targets
+# (`request`), and what an upstream answers, rate-limit and Retry-After
+# headers and what pacing learns from them (`upstream_answer`). The entry points are in src/fuzz.rs; every test run already
 # feeds them random input for a few seconds (tests/fuzz_smoke.rs).
 #
 # Usage: scripts/fuzz.sh [SECONDS per target, default 60] [TARGET...]
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-60}
 shift || true
 targets=("$@")
-((${#targets[@]})) || targets=(config request)
+((${#targets[@]})) || targets=(config request upstream_answer)
 
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 # The fuzz build has its own flags (sanitizer, coverage): keep it apart.

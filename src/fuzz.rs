@@ -1,5 +1,5 @@
-//! Entry points for fuzzing: input that a config file or a client controls,
-//! fed to the code that parses it.
+//! Entry points for fuzzing: input that a config file, a client or an
+//! upstream controls, fed to the code that parses it.
 //!
 //! `fuzz/` (cargo-fuzz, run by `scripts/fuzz.sh`) calls these with
 //! libFuzzer's input; `tests/fuzz_smoke.rs` calls them with random and
@@ -8,11 +8,16 @@
 
 use std::path::Path;
 use std::sync::OnceLock;
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use http::{Uri, Version};
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Uri, Version};
+use tokio::time::Instant;
 
+use crate::admission::{Feedback, Pacing, Quotas};
 use crate::config;
+use crate::retry;
 use crate::route::{self, Router};
 use crate::server::framing::Framing;
 
@@ -58,6 +63,42 @@ pub fn request(data: &[u8]) {
         let _ = router.route(&uri, Version::HTTP_2);
         let _ = route::tunnel_target(&uri);
     }
+}
+
+/// Reads `data` as an upstream answer's header lines (`name: value`) with
+/// the rate-limit and `Retry-After` parsers, at a `now` that `data` also
+/// picks, then feeds what they found to a partition's pacing as it is,
+/// without the `max_retry_after` cap the exchange applies: resets and
+/// waits of any size must be parsed and learned without a panic.
+pub fn upstream_answer(data: &[u8]) {
+    let mut headers = HeaderMap::new();
+    for line in data.split(|b| *b == b'\n') {
+        let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
+        let value = line[colon + 1..].trim_ascii();
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(&line[..colon]), HeaderValue::from_bytes(value))
+        {
+            headers.append(name, value);
+        }
+    }
+    let seconds = data.iter().fold(0u64, |acc, b| acc.wrapping_mul(31).wrapping_add(u64::from(*b)));
+    let wall = UNIX_EPOCH.checked_add(Duration::from_secs(seconds % (1 << 40))).unwrap_or(UNIX_EPOCH);
+    let cooldown = retry::retry_after(&headers, wall);
+    let hint = retry::rate_limit(&headers, wall);
+    let now = Instant::now();
+    let mut pacing = Pacing::new(quotas(), now);
+    let feedback = Feedback { partition: 0, sent_at: now, rate_limited: true, cooldown, hint };
+    pacing.learn("fuzz", &feedback, false, now);
+    let _ = pacing.admit("fuzz", now + Duration::from_secs(1));
+}
+
+fn quotas() -> &'static Quotas {
+    static QUOTAS: OnceLock<Quotas> = OnceLock::new();
+    QUOTAS.get_or_init(|| Quotas {
+        rate: vec![config::parse_rate("10/s").expect("a valid rate")],
+        burst: std::num::NonZeroU32::MIN,
+        adaptive: true,
+    })
 }
 
 fn router() -> &'static Router {

@@ -1,7 +1,7 @@
 //! A bounded run of the fuzz entry points in every test pass (the real
 //! fuzzer is `scripts/fuzz.sh`): random bytes, and input made of pieces of
-//! valid config files and requests, which finds deep paths faster than
-//! random bytes. A panic is a failure.
+//! valid config files, requests and upstream answers, which finds deep paths
+//! faster than random bytes. A panic is a failure.
 
 use proptest::prelude::*;
 
@@ -64,6 +64,45 @@ const REQUEST_PIECES: &[&str] = &[
     "\u{1}",
 ];
 
+/// Header names an upstream's answer may carry about its limits.
+const ANSWER_NAMES: &[&str] = &[
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "x-ratelimit-limit",
+    "ratelimit-remaining",
+    "ratelimit-reset",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "retry-after",
+    "retry-after-ms",
+];
+
+/// Their values, from ordinary to absurd.
+const ANSWER_VALUES: &[&str] = &[
+    "0",
+    "5",
+    "1.5",
+    "999999999",
+    "1700000000",
+    "99999999999999999999999",
+    "18446744073709551615",
+    "9223372036854775807",
+    "1e308",
+    "-1",
+    "6m0s",
+    "99999999h",
+    "Sun, 06 Nov 1994 08:49:37 GMT",
+    "Fri, 31 Dec 9999 23:59:59 GMT",
+];
+
+/// Up to 6 header lines of an answer, `name: value`.
+fn answer_lines() -> impl Strategy<Value = Vec<u8>> {
+    let line = (prop::sample::select(ANSWER_NAMES), prop::sample::select(ANSWER_VALUES));
+    proptest::collection::vec(line, 0..6).prop_map(|lines| {
+        lines.iter().map(|(name, value)| format!("{name}: {value}\n")).collect::<String>().into_bytes()
+    })
+}
+
 /// Up to 24 of `from` (or a few random bytes) joined by `separator`.
 fn pieces(from: &'static [&'static str], separator: &'static [u8]) -> impl Strategy<Value = Vec<u8>> {
     let piece = prop_oneof![
@@ -87,8 +126,14 @@ proptest! {
     }
 
     #[test]
+    fn upstream_answers_never_panic(data in answer_lines()) {
+        pacegate::fuzz::upstream_answer(&data);
+    }
+
+    #[test]
     fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
         pacegate::fuzz::config(&data);
         pacegate::fuzz::request(&data);
+        pacegate::fuzz::upstream_answer(&data);
     }
 }
