@@ -119,6 +119,17 @@ async fn intercepted_https_reaches_the_upstream_and_is_paced() {
     assert_eq!(pg.metric(NONE_200).await, None, "a CONNECT to api.test counted under no upstream");
 }
 
+/// CONNECTs to the echo server at `echo` through `pg`: answered 200, and
+/// bytes sent come back through the tunnel.
+async fn assert_tunnel_reaches(pg: &Pacegate, echo: SocketAddr) {
+    let (mut stream, head) = connect(pg.proxy, &echo.to_string(), "").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    stream.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf, b"ping", "the tunnel reaches {echo}");
+}
+
 /// `pacegate_requests_total` of 200s answered for no configured upstream.
 const NONE_200: &str = r#"pacegate_requests_total{upstream="none",code="200"}"#;
 
@@ -176,12 +187,7 @@ async fn the_leaf_is_valid_for_the_connect_host_only() {
 async fn tunnels_to_unknown_hosts_when_pass_and_private_allowed() {
     let echo = echo_server().await;
     let pg = Pacegate::start("[forward]\nunknown_hosts = \"pass\"\nallow_private = true\n").await;
-    let (mut stream, head) = connect(pg.proxy, &echo.to_string(), "").await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    stream.write_all(b"ping").await.unwrap();
-    let mut buf = [0u8; 4];
-    tokio::time::timeout(WAIT, stream.read_exact(&mut buf)).await.unwrap().unwrap();
-    assert_eq!(&buf, b"ping");
+    assert_tunnel_reaches(&pg, echo).await;
 }
 
 #[tokio::test]
@@ -194,12 +200,7 @@ async fn tunnels_to_configured_hosts_without_mitm() {
     );
     // Configured upstreams may point at loopback even with allow_private = false.
     let pg = Pacegate::start(&config).await;
-    let (mut stream, head) = connect(pg.proxy, &echo.to_string(), "").await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    stream.write_all(b"pong").await.unwrap();
-    let mut buf = [0u8; 4];
-    tokio::time::timeout(WAIT, stream.read_exact(&mut buf)).await.unwrap().unwrap();
-    assert_eq!(&buf, b"pong");
+    assert_tunnel_reaches(&pg, echo).await;
     let api_200 = r#"pacegate_requests_total{upstream="api",code="200"}"#;
     assert_eq!(pg.metric(api_200).await, Some(1.0), "the unpaced tunnel is counted under its upstream");
     assert_eq!(pg.metric(NONE_200).await, None);
@@ -213,11 +214,7 @@ async fn a_plain_tunnel_is_only_for_the_port_its_upstream_claims() {
     // `hosts` left at its default: the upstream claims 127.0.0.1, at its base_url's port.
     let config = format!("[[upstream]]\nname = \"api\"\nbase_url = \"http://{echo}\"\nrate = \"10/s\"\n");
     let pg = Pacegate::start(&config).await;
-    let (mut stream, head) = connect(pg.proxy, &echo.to_string(), "").await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    stream.write_all(b"ping").await.unwrap();
-    let mut buf = [0u8; 4];
-    tokio::time::timeout(WAIT, stream.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_tunnel_reaches(&pg, echo).await;
     for other in [pg.admin, pg.proxy] {
         let (_stream, head) = connect(pg.proxy, &format!("127.0.0.1:{}", other.port()), "").await;
         assert!(head.starts_with("http/1.1 403"), "CONNECT to port {}: {head}", other.port());
