@@ -155,7 +155,6 @@ impl Dispatcher {
     ) -> Either<Ready<Result<Ticket, Refusal>>, impl Future<Output = Result<Ticket, Refusal>> + Send + '_>
     {
         let shared = self.shared();
-        let since = Instant::now();
         let mut core = shared.lock();
         // Read under the lock: the pacer counts on decisions being presented
         // in order and on time, not as late as the wait for the lock.
@@ -166,6 +165,7 @@ impl Dispatcher {
         }
         let (tickets, receiver) = oneshot::channel();
         let queued = core.enqueue(tickets, place, retry, now);
+        let since = now;
         drop(core);
         if let Err(refusal) = queued {
             return Either::Left(future::ready(Err(refusal)));
