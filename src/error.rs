@@ -29,12 +29,19 @@ pub enum RefusalReason {
     RateLimitStore,
     /// The upstream keeps `max_partitions` partitions already.
     TooManyPartitions,
+    /// The request alone costs more than an endpoint limit can ever hold (413).
+    CostExceedsQuota,
 }
 
 impl RefusalReason {
     /// Every reason, so that each has its series and `/status` key from the start.
-    pub const ALL: [Self; 4] =
-        [Self::QueueFull, Self::QueueTimeout, Self::RateLimitStore, Self::TooManyPartitions];
+    pub const ALL: [Self; 5] = [
+        Self::QueueFull,
+        Self::QueueTimeout,
+        Self::RateLimitStore,
+        Self::TooManyPartitions,
+        Self::CostExceedsQuota,
+    ];
 
     /// The stable snake_case name.
     pub fn as_str(self) -> &'static str {
@@ -43,6 +50,7 @@ impl RefusalReason {
             Self::QueueTimeout => "queue_timeout",
             Self::RateLimitStore => "rate_limit_store",
             Self::TooManyPartitions => "too_many_partitions",
+            Self::CostExceedsQuota => "cost_exceeds_quota",
         }
     }
 }
@@ -78,6 +86,8 @@ pub enum ProxyError {
     RateLimitStore { upstream: String },
     #[error("too many partitions for this upstream")]
     TooManyPartitions { upstream: String },
+    #[error("the request costs {cost} units of limit {limit}, which holds at most {capacity}")]
+    CostExceedsQuota { upstream: String, limit: String, cost: u32, capacity: u32 },
     #[error("the upstream did not answer within {timeout:?}")]
     UpstreamTimeout { upstream: Option<String>, timeout: Duration },
     #[error("internal error: {0}")]
@@ -92,7 +102,7 @@ impl ProxyError {
             Self::UnknownHost { .. } | Self::ForbiddenAddress { .. } => StatusCode::FORBIDDEN,
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTooLarge { .. } | Self::CostExceedsQuota { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge { .. } | Self::TooManyHeaders { .. } => {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             }
@@ -123,6 +133,7 @@ impl ProxyError {
             Self::QueueTimeout { .. } => RefusalReason::QueueTimeout.as_str(),
             Self::RateLimitStore { .. } => RefusalReason::RateLimitStore.as_str(),
             Self::TooManyPartitions { .. } => RefusalReason::TooManyPartitions.as_str(),
+            Self::CostExceedsQuota { .. } => RefusalReason::CostExceedsQuota.as_str(),
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::Internal(_) => "internal_error",
         }
@@ -134,7 +145,8 @@ impl ProxyError {
             Self::QueueFull { upstream, .. }
             | Self::QueueTimeout { upstream, .. }
             | Self::RateLimitStore { upstream }
-            | Self::TooManyPartitions { upstream } => Some(upstream),
+            | Self::TooManyPartitions { upstream }
+            | Self::CostExceedsQuota { upstream, .. } => Some(upstream),
             Self::BodyTooLarge { upstream, .. }
             | Self::UpstreamUnreachable { upstream, .. }
             | Self::UpstreamTimeout { upstream, .. } => upstream.as_deref(),
@@ -247,7 +259,13 @@ mod tests {
             assert_eq!((error.status(), error.code()), (StatusCode::SERVICE_UNAVAILABLE, reason.as_str()));
         }
         let names = RefusalReason::ALL.map(RefusalReason::as_str);
-        assert_eq!(names, ["queue_full", "queue_timeout", "rate_limit_store", "too_many_partitions"]);
+        assert_eq!(
+            names,
+            ["queue_full", "queue_timeout", "rate_limit_store", "too_many_partitions", "cost_exceeds_quota"]
+        );
+        let cost =
+            ProxyError::CostExceedsQuota { upstream: upstream(), limit: "w".into(), cost: 9, capacity: 5 };
+        assert_eq!((cost.status(), cost.code()), (StatusCode::PAYLOAD_TOO_LARGE, "cost_exceeds_quota"));
     }
 
     #[test]

@@ -87,9 +87,9 @@ pub fn upstream_answer(data: &[u8]) {
     let hint = retry::rate_limit(&headers, wall);
     let now = Instant::now();
     let mut pacing = Pacing::new(quotas(), now);
-    let feedback = Feedback { partition: 0, sent_at: now, rate_limited: true, cooldown, hint };
+    let feedback = Feedback { partition: 0, limit: None, sent_at: now, rate_limited: true, cooldown, hint };
     pacing.learn("fuzz", &feedback, false, now);
-    let _ = pacing.admit("fuzz", now + Duration::from_secs(1));
+    let _ = pacing.admit("fuzz", now + Duration::from_secs(1), std::num::NonZeroU32::MIN);
 }
 
 fn quotas() -> &'static Quotas {

@@ -217,15 +217,16 @@ async fn the_script_takes_from_all_quotas_or_none() {
     let rates = [parse_rate("10/s").unwrap(), parse_rate("6/min").unwrap()];
     let quotas = SharedQuotas::new(&paced_quotas(&rates, std::num::NonZeroU32::new(5).unwrap()));
     let keys = Keys::new("api", 0);
+    let own = [(None, &quotas, 1)];
 
-    assert_eq!(store.acquire(&keys, &quotas, 8).await, Ok(Verdict::Go(5)), "the burst, in one batch");
-    let Ok(Verdict::Wait(wait)) = store.acquire(&keys, &quotas, 1).await else { panic!("burst spent") };
+    assert_eq!(store.acquire(&keys, &own, 8).await, Ok(Verdict::Go(5)), "the burst, in one batch");
+    let Ok(Verdict::Wait(wait, None)) = store.acquire(&keys, &own, 1).await else { panic!("burst spent") };
     assert!(
         (Duration::from_millis(50)..=Duration::from_millis(105)).contains(&wait),
         "next 10/s slot in {wait:?}"
     );
     tokio::time::sleep(wait).await;
-    assert_eq!(store.acquire(&keys, &quotas, 3).await, Ok(Verdict::Go(1)), "the minute's 6th");
+    assert_eq!(store.acquire(&keys, &own, 3).await, Ok(Verdict::Go(1)), "the minute's 6th");
 
     let state = || -> Vec<(String, String)> {
         redis::cmd("HGETALL")
@@ -235,9 +236,40 @@ async fn the_script_takes_from_all_quotas_or_none() {
     };
     let before = state();
     tokio::time::sleep(Duration::from_millis(110)).await;
-    let Ok(Verdict::Wait(wait)) = store.acquire(&keys, &quotas, 1).await else {
+    let Ok(Verdict::Wait(wait, None)) = store.acquire(&keys, &own, 1).await else {
         panic!("the minute is spent")
     };
     assert!(wait > Duration::from_secs(5), "the volume cap refuses for {wait:?}");
     assert_eq!(state(), before, "a refused call takes nothing from the 10/s quota");
+}
+
+/// Endpoint limits in the script: a cost spaces attempts by units, a wait
+/// names the limit it is about, and attempts that do not need the limit
+/// still go.
+#[tokio::test]
+async fn the_script_weighs_costs_and_names_the_limit_that_waits() {
+    use pacegate::config::{Redis, RedisOnError, parse_rate};
+    use pacegate::limit::pacer::paced_quotas;
+    use pacegate::store::{Keys, SharedQuotas, Store, Verdict};
+
+    let redis = RedisServer::start().await;
+    let config = Redis { url: redis.url(), on_error: RedisOnError::Local };
+    let store = Store::new(&config, std::sync::Arc::new(pacegate::metrics::Metrics::new())).unwrap();
+    let one = std::num::NonZeroU32::MIN;
+    let own = SharedQuotas::new(&paced_quotas(&[parse_rate("100/s").unwrap()], one));
+    let writes = SharedQuotas::limit("writes", &paced_quotas(&[parse_rate("10/s").unwrap()], one));
+    let keys = Keys::new("api", 7);
+    let write = [(None, &own, 1), (Some(3), &writes, 5)];
+
+    assert_eq!(store.acquire(&keys, &write, 4).await, Ok(Verdict::Go(1)), "a cost of 5 leaves at once");
+    let Ok(Verdict::Wait(wait, Some(3))) = store.acquire(&keys, &write, 1).await else {
+        panic!("the next write waits for the writes limit")
+    };
+    assert!(
+        (Duration::from_millis(450)..=Duration::from_millis(520)).contains(&wait),
+        "five units at 10/s: {wait:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    let read = [(None, &own, 1)];
+    assert_eq!(store.acquire(&keys, &read, 1).await, Ok(Verdict::Go(1)), "a read does not wait for writes");
 }

@@ -34,16 +34,21 @@
 //!   a waiter gives up, [`Admission::feedback`] with what an answer said
 //!   about the upstream's limits (cooldown, adaptive rate, remaining quota).
 //!
-//! What comes next builds on the same shape: a quota a request needs beyond
-//! its partition's (token quotas, endpoint limits) is one more [`Pacing`]
-//! that the request's queue must pass, and a queue is keyed by the set of
-//! quotas its waiters need, so that waiters blocked on one quota never hold
-//! up waiters that do not need it.
+//! Endpoint limits (`[[upstream.limit]]`) are quotas a request needs beyond
+//! its partition's: each is one more [`Pacing`] in the partition, and a
+//! request says what it takes of each ([`Needs`], a cost in units). A queue
+//! is keyed by its partition and the set of limits its waiters need
+//! ([`QueueKey`]), and the ring walks queues, not partitions, so waiters
+//! blocked on one limit never hold up waiters that do not need it. A cost is
+//! paced evenly by units (see `limit::pacer`); a cost above what a limit can
+//! ever hold is refused at once ([`Refusal::CostExceedsQuota`]).
 //!
 //! Waiters are opaque to the core ([`Waiter`]): the dispatcher keeps a
 //! channel there, tests keep a number.
 
+pub mod needs;
 pub mod pacing;
+mod partition;
 pub mod schedule;
 #[cfg(test)]
 mod tests;
@@ -55,9 +60,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config;
-use crate::limit::pacer::{Taken, long_run_rate};
+use crate::limit::pacer::long_run_rate;
 use crate::retry::RateLimitHint;
+pub use needs::{LimitSet, Needs, QueueKey};
 pub use pacing::{Pacing, PauseReason, Quotas};
+use partition::{Partition, Slots};
 pub use schedule::{Priority, Schedule};
 
 /// The one partition of an upstream without `partition_by`.
@@ -98,6 +105,9 @@ pub enum Refusal {
     TooManyPartitions,
     /// Redis is unreachable and `on_error = "deny"`.
     StoreDown,
+    /// The request alone costs more units than endpoint limit `limit` (by
+    /// index) can ever hold.
+    CostExceedsQuota { limit: usize },
 }
 
 /// What one attempt's answer says about the upstream's limits.
@@ -105,6 +115,9 @@ pub enum Refusal {
 pub struct Feedback {
     /// The partition whose limits the answer speaks for.
     pub partition: u64,
+    /// The endpoint limit (by index) the answer names, if the request
+    /// needed it: a cooldown or hint then applies to that limit only.
+    pub limit: Option<usize>,
     /// When the attempt left (its ticket was handed out).
     pub sent_at: Instant,
     /// The upstream answered 429.
@@ -115,21 +128,25 @@ pub struct Feedback {
     pub hint: Option<RateLimitHint>,
 }
 
-/// What the shared limiter (Redis) says about the next attempts.
+/// What the shared limiter (Redis) says about the next attempts. A wait or
+/// cooldown names what it is about: an endpoint limit (by index), or the
+/// partition's own quotas (`None`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// This many attempts may leave: a slot of every quota was taken for each.
+    /// This many attempts may leave: their units of every quota were taken for each.
     Go(usize),
     /// The quotas admit nobody before this much time has passed.
-    Wait(Duration),
-    /// The upstream (or partition) cools down for this much longer.
-    Cooling(Duration),
+    Wait(Duration, Option<usize>),
+    /// The partition (or one of its limits) cools down for this much longer.
+    Cooling(Duration, Option<usize>),
 }
 
 /// An upstream's bounds, as the config states them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     pub quotas: Quotas,
+    /// `[[upstream.limit]]`, by index.
+    pub endpoints: Vec<Endpoint>,
     /// `queue_size`: new waiters are refused beyond it.
     pub queue_size: usize,
     /// `max_concurrency`: grants out at once.
@@ -138,10 +155,30 @@ pub struct Limits {
     pub max_partitions: usize,
 }
 
+/// One endpoint limit's quotas, in units.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub name: String,
+    pub quotas: Quotas,
+    /// Most units one request may cost: the smallest count of its quotas.
+    pub capacity: u32,
+}
+
+impl Endpoint {
+    pub fn of(limit: &config::Limit) -> Self {
+        Self {
+            name: limit.name.clone(),
+            quotas: Quotas { rate: limit.rate.clone(), burst: limit.burst, adaptive: false },
+            capacity: limit.rate.iter().map(|r| r.count.get()).min().unwrap_or(u32::MAX),
+        }
+    }
+}
+
 impl Limits {
     pub fn of(upstream: &config::Upstream) -> Self {
         Self {
             quotas: Quotas::of(upstream),
+            endpoints: upstream.limits.iter().map(Endpoint::of).collect(),
             queue_size: upstream.queue_size,
             max_concurrency: upstream.max_concurrency.get() as usize,
             max_partitions: upstream.max_partitions.get(),
@@ -170,8 +207,11 @@ pub enum Next<W> {
 #[derive(Debug)]
 #[must_use = "a confirmation is settled, or its slots are lost"]
 pub struct Confirm {
-    partition: u64,
-    slots: Vec<Taken>,
+    key: QueueKey,
+    /// What each caller needs of the endpoint limits (all alike: a queue
+    /// with limits confirms one caller at a time).
+    needs: Needs,
+    slots: Vec<Slots>,
     /// [`Admission::quota_changes`] when the slots were taken: slots of a
     /// pacer that a reload replaced meanwhile are not given back to the new one.
     quotas: u64,
@@ -179,7 +219,12 @@ pub struct Confirm {
 
 impl Confirm {
     pub fn partition(&self) -> u64 {
-        self.partition
+        self.key.partition
+    }
+
+    /// Units each caller takes from endpoint limits.
+    pub fn needs(&self) -> &Needs {
+        &self.needs
     }
 
     /// Callers the slots are for.
@@ -209,23 +254,22 @@ pub struct Status {
     pub cooldown_until: Option<Instant>,
     /// When the upstream last answered 429, and the pause it asked for.
     pub last_rate_limited: Option<(Instant, Option<Duration>)>,
+    /// Each endpoint limit, by index.
+    pub limits: Vec<LimitStatus>,
 }
 
-/// One partition: its waiters in serving order, and its pacing.
-struct Partition<W> {
-    waiters: Schedule<W>,
-    pacing: Pacing,
-}
-
-impl<W> Partition<W> {
-    fn new(quotas: &Quotas, now: Instant) -> Self {
-        Self { waiters: Schedule::default(), pacing: Pacing::new(quotas, now) }
-    }
-
-    /// Nothing waits and the pacing state is idle: dropping it loses nothing.
-    fn idle(&self, now: Instant) -> bool {
-        self.waiters.is_empty() && self.pacing.idle(now)
-    }
+/// One endpoint limit as `/status` shows it.
+#[derive(Debug, Clone)]
+pub struct LimitStatus {
+    pub name: String,
+    /// Units per second its quotas allow in the long run.
+    pub rate: f64,
+    /// Units per second it paces at now (hints included), in the partition that moved last.
+    pub effective_rate: f64,
+    /// Callers waiting that need it.
+    pub waiting: usize,
+    /// No request needing it leaves before this instant.
+    pub cooldown_until: Option<Instant>,
 }
 
 /// One upstream's admission state. See the module doc.
@@ -234,8 +278,8 @@ pub struct Admission<W> {
     name: String,
     limits: Limits,
     partitions: HashMap<u64, Partition<W>>,
-    /// Partitions with waiters, in round-robin order; each at most once.
-    ready: VecDeque<u64>,
+    /// Queues with waiters, in round-robin order; each at most once.
+    ready: VecDeque<QueueKey>,
     /// Waiters held over all partitions, departed ones included until reached.
     held: usize,
     /// Held waiters whose caller left ([`Admission::depart`]), not yet reached.
@@ -245,17 +289,16 @@ pub struct Admission<W> {
     /// Shared quotas are configured: every grant goes through the driver,
     /// so callers never leave on their own.
     shared: bool,
-    /// Pacing as the partition that moved last left it, for `/status`.
-    effective_rate: f64,
-    cooldown_until: Option<Instant>,
+    /// The partition that moved last, which `/status` shows.
+    observed: u64,
     last_rate_limited: Option<(Instant, Option<Duration>)>,
     /// Cooldown added since [`Admission::take_cooled`] last looked.
     cooled: Duration,
     /// Reloads that changed the quotas (and so replaced every pacer).
     quota_changes: u64,
-    /// The partition whose [`Confirm`] is out: out of the ring until
-    /// settled, and never evicted meanwhile (its slots go back to its pacer).
-    confirming: Option<u64>,
+    /// The queue whose [`Confirm`] is out: out of the ring until settled,
+    /// and its partition never evicted meanwhile (its slots go back there).
+    confirming: Option<QueueKey>,
 }
 
 impl<W: Waiter> Admission<W> {
@@ -264,11 +307,10 @@ impl<W: Waiter> Admission<W> {
     pub fn new(name: &str, limits: Limits, partitioned: bool, shared: bool, now: Instant) -> Self {
         let mut partitions = HashMap::new();
         if !partitioned {
-            partitions.insert(SINGLE, Partition::new(&limits.quotas, now));
+            partitions.insert(SINGLE, Partition::new(&limits, now));
         }
         Self {
             name: name.to_string(),
-            effective_rate: long_run_rate(&limits.quotas.rate),
             limits,
             partitions,
             ready: VecDeque::new(),
@@ -276,7 +318,7 @@ impl<W: Waiter> Admission<W> {
             departed: 0,
             in_flight: 0,
             shared,
-            cooldown_until: None,
+            observed: SINGLE,
             last_rate_limited: None,
             cooled: Duration::ZERO,
             quota_changes: 0,
@@ -285,13 +327,20 @@ impl<W: Waiter> Admission<W> {
     }
 
     /// Takes a reloaded config: bounds at once, new quotas from the next
-    /// grant (pacers are rebuilt only where quotas changed; cooldowns stay).
+    /// grant (pacers are rebuilt only where quotas changed; cooldowns stay;
+    /// an endpoint limit that kept its name keeps its state).
     pub fn reconfigure(&mut self, limits: Limits, shared: bool, now: Instant) {
-        if limits.quotas != self.limits.quotas {
+        if limits.quotas != self.limits.quotas || limits.endpoints != self.limits.endpoints {
+            let from: Vec<String> = self.limits.endpoints.iter().map(|e| e.name.clone()).collect();
             for partition in self.partitions.values_mut() {
                 partition.pacing.requota(&limits.quotas, now);
+                partition.relimit(&from, &limits, now);
             }
             self.quota_changes += 1;
+            // Queues may have merged or been renamed: every one with waiters
+            // takes its turn again, and a pending confirmation is let go.
+            self.confirming = None;
+            self.rebuild_ring();
             tracing::info!(upstream = %self.name, "new quotas take effect");
         }
         for partition in self.partitions.values_mut() {
@@ -317,45 +366,63 @@ impl<W: Waiter> Admission<W> {
         self.in_flight < self.limits.max_concurrency
     }
 
+    /// The first endpoint limit `needs` asks more of than it can ever hold.
+    fn never_fits(&self, needs: &Needs) -> Option<usize> {
+        needs.iter().find_map(|(index, units)| {
+            let capacity = self.limits.endpoints.get(index)?.capacity;
+            (units.get() > capacity).then_some(index)
+        })
+    }
+
     /// A grant without queueing, when nobody waits, a concurrency slot is
-    /// free and the caller's partition has a pacer slot now. True: the
+    /// free and every quota the caller needs admits it now. True: the
     /// caller counts in flight and leaves.
-    pub fn try_leave(&mut self, place: Place, now: Instant) -> bool {
-        if self.shared || self.depth() != 0 || !self.has_room() {
+    pub fn try_leave(&mut self, place: Place, needs: &Needs, now: Instant) -> bool {
+        if self.shared || self.depth() != 0 || !self.has_room() || self.never_fits(needs).is_some() {
             return false;
         }
         if !self.make_room_for(place.partition, now) {
             return false;
         }
         let Some(partition) = self.partitions.get_mut(&place.partition) else { return false };
-        let admitted = partition.pacing.admit(&self.name, now);
+        let admitted = partition.take(&self.name, needs, now);
         if admitted.is_ok() {
-            partition.pacing.record_grant(now);
+            partition.record_grant(needs, now);
             self.in_flight += 1;
         }
-        self.observe(place.partition);
+        self.observed = place.partition;
         admitted.is_ok()
     }
 
     /// Queues a waiter: at the back, or at the head of its caller's lane for
     /// a `retry`. New waiters are refused when `queue_size` wait already;
-    /// a retry is not (it held its place once).
-    pub fn enqueue(&mut self, waiter: W, place: Place, retry: bool, now: Instant) -> Result<(), Refusal> {
+    /// a retry is not (it held its place once). A cost no limit can hold
+    /// is refused either way.
+    pub fn enqueue(
+        &mut self,
+        waiter: W,
+        place: Place,
+        needs: Needs,
+        retry: bool,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        if let Some(limit) = self.never_fits(&needs) {
+            return Err(Refusal::CostExceedsQuota { limit });
+        }
         if !retry && self.depth() >= self.limits.queue_size {
             return Err(Refusal::Full { retry_after: self.estimate_wait(now) });
         }
-        let key = place.partition;
-        let partition = if self.make_room_for(key, now) { self.partitions.get_mut(&key) } else { None };
+        let key = QueueKey { partition: place.partition, set: needs.set() };
+        let partition = if self.make_room_for(key.partition, now) {
+            self.partitions.get_mut(&key.partition)
+        } else {
+            None
+        };
         let Some(partition) = partition else {
             tracing::warn!(upstream = %self.name, max = self.limits.max_partitions, "too_many_partitions");
             return Err(Refusal::TooManyPartitions);
         };
-        let was_empty = partition.waiters.is_empty();
-        if retry {
-            partition.waiters.push_front(place.caller, place.priority, waiter);
-        } else {
-            partition.waiters.push_back(place.caller, place.priority, waiter);
-        }
+        let was_empty = partition.push(place.caller, place.priority, needs, waiter, retry);
         self.held += 1;
         if was_empty && self.confirming != Some(key) {
             if retry {
@@ -409,55 +476,52 @@ impl<W: Waiter> Admission<W> {
             if let Some(at) = earliest {
                 return Next::At(at);
             }
-            // Everyone reached had gone: make sure every partition still
+            // Everyone reached had gone: make sure every queue still
             // holding waiters takes turns.
-            self.held = self.partitions.values().map(|p| p.waiters.len()).sum();
-            let waiting = self.partitions.iter().filter(|(_, p)| !p.waiters.is_empty());
-            self.ready = waiting.map(|(key, _)| *key).collect();
+            self.held = self.partitions.values().map(Partition::len).sum();
+            self.rebuild_ring();
         }
         Next::Idle
     }
 
-    /// Serves partition `key` if it can go now.
-    fn serve(&mut self, key: u64, now: Instant, confirm: bool) -> Served<W> {
+    /// Serves queue `key` if its next waiter can go now.
+    fn serve(&mut self, key: QueueKey, now: Instant, confirm: bool) -> Served<W> {
         let free = self.limits.max_concurrency.saturating_sub(self.in_flight);
-        let Some(partition) = self.partitions.get_mut(&key).filter(|p| !p.waiters.is_empty()) else {
-            return Served::Nobody;
-        };
-        let admitted = partition.pacing.admit(&self.name, now);
-        let served = match admitted {
+        let Some(partition) = self.partitions.get_mut(&key.partition) else { return Served::Nobody };
+        let (needs, dropped) = partition.head(key.set);
+        self.held -= dropped;
+        self.departed = self.departed.saturating_sub(dropped);
+        let Some(needs) = needs else { return Served::Nobody };
+        self.observed = key.partition;
+        match partition.take(&self.name, &needs, now) {
             Err(at) => Served::Later(at),
             Ok(first) if confirm => {
-                // One round trip may serve every caller a slot is free for.
-                let room = free.min(partition.waiters.len()).min(MAX_BATCH);
+                // One round trip may serve every caller a slot is free for;
+                // callers that need endpoint limits go one at a time.
+                let room =
+                    if needs.is_empty() { free.min(partition.waiting_in(key.set)).min(MAX_BATCH) } else { 1 };
                 let mut slots = vec![first];
                 while slots.len() < room {
                     let Some(next) = partition.pacing.take_another(now) else { break };
-                    slots.push(next);
+                    slots.push(Slots::own(next));
                 }
                 self.confirming = Some(key);
-                Served::Confirm(Confirm { partition: key, slots, quotas: self.quota_changes })
+                Served::Confirm(Confirm { key, needs, slots, quotas: self.quota_changes })
             }
-            Ok(taken) => match self.hand_out(key, now) {
-                Some(waiter) => {
-                    self.requeue(key);
-                    Served::Grant(waiter)
-                }
-                None => {
-                    self.give_back(key, vec![taken]);
-                    Served::Nobody
-                }
-            },
-        };
-        self.observe(key);
-        served
+            Ok(_taken) => {
+                // The head is known to be waiting: it is the one served.
+                let waiter = self.hand_out(key, now);
+                self.requeue(key);
+                waiter.map_or(Served::Nobody, Served::Grant)
+            }
+        }
     }
 
     /// Applies the shared limiter's verdict on `confirm`: the callers it
     /// allowed (as many as concurrency still allows) get their grants, the
-    /// other slots go back; a wait or cooldown holds the partition.
+    /// other slots go back; a wait or cooldown holds the queue.
     pub fn settle(&mut self, confirm: Confirm, verdict: Verdict, now: Instant) -> Vec<W> {
-        let Confirm { partition: key, slots, quotas } = confirm;
+        let Confirm { key, needs: _, slots, quotas } = confirm;
         self.confirming = None;
         let wanted = slots.len();
         // Slots of a pacer that a reload replaced are not the new one's to take back.
@@ -470,18 +534,23 @@ impl<W: Waiter> Admission<W> {
                     granted.push(waiter);
                 }
                 let used = granted.len().min(slots.len());
-                self.give_back(key, slots.split_off(used));
+                self.give_back(key.partition, slots.split_off(used));
             }
-            Verdict::Wait(wait) | Verdict::Cooling(wait) => {
-                self.give_back(key, slots);
-                if let Some(partition) = self.partitions.get_mut(&key) {
-                    if matches!(verdict, Verdict::Cooling(_)) {
-                        self.cooled += partition.pacing.cool_down(&self.name, now, wait, PauseReason::Shared);
+            Verdict::Wait(wait, on) | Verdict::Cooling(wait, on) => {
+                self.give_back(key.partition, slots);
+                if let Some(partition) = self.partitions.get_mut(&key.partition) {
+                    // A limit's wait holds only the queues that need it.
+                    let pacing = match on.and_then(|index| partition.limits.get_mut(index)) {
+                        Some(limit) => limit,
+                        None => &mut partition.pacing,
+                    };
+                    if matches!(verdict, Verdict::Cooling(..)) {
+                        self.cooled += pacing.cool_down(&self.name, now, wait, PauseReason::Shared);
                     } else {
-                        partition.pacing.wait_shared(pacing::later(now, wait));
+                        pacing.wait_shared(pacing::later(now, wait));
                     }
                 }
-                self.observe(key);
+                self.observed = key.partition;
             }
         }
         self.requeue(key);
@@ -492,11 +561,7 @@ impl<W: Waiter> Admission<W> {
     pub fn refuse_all(&mut self) -> Vec<W> {
         let mut refused = Vec::new();
         for partition in self.partitions.values_mut() {
-            while let Some(waiter) = partition.waiters.pop() {
-                if !waiter.gone() {
-                    refused.push(waiter);
-                }
-            }
+            refused.extend(partition.drain().filter(|waiter| !waiter.gone()));
         }
         self.ready.clear();
         self.held = 0;
@@ -517,11 +582,15 @@ impl<W: Waiter> Admission<W> {
         let partition = match self.partitions.entry(feedback.partition) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(_) if live >= self.limits.max_partitions => return None,
-            Entry::Vacant(entry) => entry.insert(Partition::new(&self.limits.quotas, now)),
+            Entry::Vacant(entry) => entry.insert(Partition::new(&self.limits, now)),
         };
-        let learned = partition.pacing.learn(&self.name, feedback, shared, now);
+        let pacing = match feedback.limit.and_then(|index| partition.limits.get_mut(index)) {
+            Some(limit) => limit,
+            None => &mut partition.pacing,
+        };
+        let learned = pacing.learn(&self.name, feedback, shared, now);
         self.cooled += learned.cooled;
-        self.observe(feedback.partition);
+        self.observed = feedback.partition;
         learned.pause
     }
 
@@ -529,25 +598,32 @@ impl<W: Waiter> Admission<W> {
     /// partition of an upstream without `partition_by` stays.
     pub fn sweep(&mut self, now: Instant) {
         let before = self.partitions.len();
-        let confirming = self.confirming;
+        let confirming = self.confirming.map(|key| key.partition);
         self.partitions
             .retain(|key, partition| *key == SINGLE || Some(*key) == confirming || !partition.idle(now));
         if self.partitions.len() < before {
             let partitions = &self.partitions;
-            self.ready.retain(|key| partitions.contains_key(key));
+            self.ready.retain(|key| partitions.contains_key(&key.partition));
             tracing::debug!(upstream = %self.name, evicted = before - self.partitions.len(), "idle partitions");
         }
     }
 
     /// Makes the bookkeeping whole again after a driver panicked in the
-    /// middle of a round: counts recomputed from the queues, every partition
+    /// middle of a round: counts recomputed from the queues, every queue
     /// with waiters back in the ring, a pending confirmation forgotten.
     pub fn recover(&mut self) {
-        self.held = self.partitions.values().map(|p| p.waiters.len()).sum();
-        self.departed = self.partitions.values().map(|p| p.waiters.count(|w| w.gone())).sum();
-        let waiting = self.partitions.iter().filter(|(_, p)| !p.waiters.is_empty());
-        self.ready = waiting.map(|(key, _)| *key).collect();
+        self.held = self.partitions.values().map(Partition::len).sum();
+        self.departed = self.partitions.values().map(|p| p.count(|w| w.gone())).sum();
+        self.rebuild_ring();
         self.confirming = None;
+    }
+
+    /// Every queue holding waiters, in the ring once.
+    fn rebuild_ring(&mut self) {
+        let waiting = self.partitions.iter().flat_map(|(partition, p)| {
+            p.waiting_sets().map(move |set| QueueKey { partition: *partition, set })
+        });
+        self.ready = waiting.collect();
     }
 
     /// Partitions held now.
@@ -565,9 +641,27 @@ impl<W: Waiter> Admission<W> {
         let mut callers: Vec<usize> = if self.held == 0 {
             Vec::new()
         } else {
-            self.partitions.values().flat_map(|p| p.waiters.caller_depths()).collect()
+            self.partitions.values().flat_map(Partition::caller_depths).collect()
         };
         callers.sort_unstable_by(|a, b| b.cmp(a));
+        let observed = self.partitions.get(&self.observed);
+        let limits = self.limits.endpoints.iter().enumerate().map(|(index, endpoint)| {
+            let pacing = observed.and_then(|p| p.limits.get(index));
+            let rate = long_run_rate(&endpoint.quotas.rate);
+            let needing = |p: &Partition<W>| {
+                p.waiting_sets()
+                    .filter(|set| set & 1 << index != 0)
+                    .map(|set| p.waiting_in(set))
+                    .sum::<usize>()
+            };
+            LimitStatus {
+                name: endpoint.name.clone(),
+                rate,
+                effective_rate: pacing.map_or(rate, Pacing::effective_rate),
+                waiting: self.partitions.values().map(needing).sum(),
+                cooldown_until: pacing.and_then(Pacing::cooldown_until),
+            }
+        });
         Status {
             depth: self.depth(),
             queue_size: self.limits.queue_size,
@@ -575,19 +669,26 @@ impl<W: Waiter> Admission<W> {
             max_concurrency: self.limits.max_concurrency,
             partitions: self.partitions.len(),
             callers,
-            effective_rate: self.effective_rate,
-            cooldown_until: self.cooldown_until,
+            effective_rate: self.effective_rate(),
+            cooldown_until: observed.and_then(|p| p.pacing.cooldown_until()),
             last_rate_limited: self.last_rate_limited,
+            limits: limits.collect(),
         }
+    }
+
+    /// Requests per second the partition that moved last is paced at.
+    fn effective_rate(&self) -> f64 {
+        let observed = self.partitions.get(&self.observed);
+        observed.map_or_else(|| long_run_rate(&self.limits.quotas.rate), |p| p.pacing.effective_rate())
     }
 
     /// An honest `Retry-After`: how long the queue as it stands takes to
     /// drain at the current pace, after any cooldown.
     pub fn estimate_wait(&self, now: Instant) -> Duration {
         let ahead = self.depth() as f64 + 1.0;
-        let drain = Duration::try_from_secs_f64(ahead / self.effective_rate).unwrap_or(Duration::MAX);
-        let cooldown =
-            self.cooldown_until.map_or(Duration::ZERO, |until| until.saturating_duration_since(now));
+        let drain = Duration::try_from_secs_f64(ahead / self.effective_rate()).unwrap_or(Duration::MAX);
+        let cooldown_until = self.partitions.get(&self.observed).and_then(|p| p.pacing.cooldown_until());
+        let cooldown = cooldown_until.map_or(Duration::ZERO, |until| until.saturating_duration_since(now));
         drain.saturating_add(cooldown)
     }
 
@@ -602,7 +703,7 @@ impl<W: Waiter> Admission<W> {
         if self.partitions.len() >= self.limits.max_partitions && !self.evict_least_recent(now) {
             return false;
         }
-        self.partitions.insert(key, Partition::new(&self.limits.quotas, now));
+        self.partitions.insert(key, Partition::new(&self.limits, now));
         true
     }
 
@@ -613,12 +714,9 @@ impl<W: Waiter> Admission<W> {
     /// grants, so if it comes back it may use its burst again. False when
     /// every partition has waiters or cools down.
     fn evict_least_recent(&mut self, now: Instant) -> bool {
-        let confirming = self.confirming;
+        let confirming = self.confirming.map(|key| key.partition);
         let evictable = self.partitions.iter().filter(|(key, partition)| {
-            **key != SINGLE
-                && Some(**key) != confirming
-                && partition.waiters.is_empty()
-                && !partition.pacing.cooling(now)
+            **key != SINGLE && Some(**key) != confirming && partition.is_empty() && !partition.cooling(now)
         });
         let Some(key) =
             evictable.min_by_key(|(_, partition)| partition.pacing.last_grant()).map(|(key, _)| *key)
@@ -630,42 +728,34 @@ impl<W: Waiter> Admission<W> {
         true
     }
 
-    /// Partition `key`'s next waiter still waiting, granted: it counts in
+    /// Queue `key`'s next waiter still waiting, granted: it counts in
     /// flight and its partition records the grant. `None`: all had gone.
-    fn hand_out(&mut self, key: u64, now: Instant) -> Option<W> {
-        let partition = self.partitions.get_mut(&key)?;
-        while let Some(waiter) = partition.waiters.pop() {
+    fn hand_out(&mut self, key: QueueKey, now: Instant) -> Option<W> {
+        let partition = self.partitions.get_mut(&key.partition)?;
+        while let Some(entry) = partition.pop(key.set) {
             self.held -= 1;
-            if waiter.gone() {
+            if entry.waiter.gone() {
                 self.departed = self.departed.saturating_sub(1);
                 continue;
             }
-            partition.pacing.record_grant(now);
+            partition.record_grant(&entry.needs, now);
             self.in_flight += 1;
-            return Some(waiter);
+            return Some(entry.waiter);
         }
         None
     }
 
-    /// Puts partition `key` back in the ring if callers still wait there; an
+    /// Puts queue `key` back in the ring if callers still wait there; an
     /// empty one leaves it until a new waiter brings it back.
-    fn requeue(&mut self, key: u64) {
-        if self.partitions.get(&key).is_some_and(|p| !p.waiters.is_empty()) {
+    fn requeue(&mut self, key: QueueKey) {
+        if self.partitions.get(&key.partition).is_some_and(|p| p.has_waiters(key.set)) {
             self.ready.push_back(key);
         }
     }
 
-    fn give_back(&mut self, key: u64, taken: Vec<Taken>) {
+    fn give_back(&mut self, key: u64, slots: Vec<Slots>) {
         if let Some(partition) = self.partitions.get_mut(&key) {
-            partition.pacing.give_back(taken);
-        }
-    }
-
-    /// `/status` shows the partition that moved last.
-    fn observe(&mut self, key: u64) {
-        if let Some(partition) = self.partitions.get(&key) {
-            self.effective_rate = partition.pacing.effective_rate();
-            self.cooldown_until = partition.pacing.cooldown_until();
+            partition.give_back(slots);
         }
     }
 
@@ -676,11 +766,11 @@ impl<W: Waiter> Admission<W> {
             return;
         }
         for partition in self.partitions.values_mut() {
-            partition.waiters.retain(|waiter| !waiter.gone());
+            partition.retain(|waiter| !waiter.gone());
         }
         let partitions = &self.partitions;
-        self.ready.retain(|key| partitions.get(key).is_some_and(|p| !p.waiters.is_empty()));
-        let held = self.partitions.values().map(|p| p.waiters.len()).sum();
+        self.ready.retain(|key| partitions.get(&key.partition).is_some_and(|p| p.has_waiters(key.set)));
+        let held = self.partitions.values().map(Partition::len).sum();
         self.departed = self.departed.saturating_sub(self.held - held);
         self.held = held;
     }
@@ -698,7 +788,7 @@ impl<W> std::fmt::Debug for Admission<W> {
     }
 }
 
-/// What serving one partition came to.
+/// What serving one queue came to.
 enum Served<W> {
     Grant(W),
     Confirm(Confirm),

@@ -142,20 +142,20 @@ impl Pacing {
         [self.cooldown_until, self.shared_wait].into_iter().flatten().filter(|at| *at > now).max()
     }
 
-    /// Takes a slot for an attempt leaving now, if the partition is neither
-    /// paused nor out of pacer slots; otherwise says when it may try again.
-    pub fn admit(&mut self, name: &str, now: Instant) -> Result<Taken, Instant> {
+    /// Takes `units` for an attempt leaving now, if the quotas are neither
+    /// paused nor owed; otherwise says when it may try again.
+    pub fn admit(&mut self, name: &str, now: Instant, units: NonZeroU32) -> Result<Taken, Instant> {
         self.refresh_cap(name, now);
         match self.blocked_until(now) {
             Some(until) => Err(until),
-            None => self.pacer.try_acquire(now),
+            None => self.pacer.try_acquire(now, units),
         }
     }
 
     /// One more slot at `now`, for a batch the shared limiter decides on;
     /// unlike [`Self::admit`], the partition is known not to be blocked.
     pub fn take_another(&mut self, now: Instant) -> Option<Taken> {
-        self.pacer.try_acquire(now).ok()
+        self.pacer.try_acquire(now, NonZeroU32::MIN).ok()
     }
 
     /// Gives back slots that were taken but not used, latest first.
@@ -324,10 +324,10 @@ mod tests {
             Duration::ZERO
         );
         assert_eq!(
-            pacing.admit("u", t0 + Duration::from_millis(1999)).err(),
+            pacing.admit("u", t0 + Duration::from_millis(1999), NonZeroU32::MIN).err(),
             Some(t0 + Duration::from_secs(2))
         );
-        assert!(pacing.admit("u", t0 + Duration::from_secs(2)).is_ok());
+        assert!(pacing.admit("u", t0 + Duration::from_secs(2), NonZeroU32::MIN).is_ok());
     }
 
     #[test]
@@ -338,6 +338,7 @@ mod tests {
             let hint = RateLimitHint { limit: None, remaining, reset_after: Duration::MAX };
             let feedback = Feedback {
                 partition: 0,
+                limit: None,
                 sent_at: t0,
                 rate_limited: true,
                 cooldown: Some(Duration::MAX),
@@ -345,6 +346,9 @@ mod tests {
             };
             pacing.learn("u", &feedback, false, t0);
         }
-        assert!(pacing.admit("u", t0 + Duration::from_secs(3600)).is_err(), "paused, as far as it can tell");
+        assert!(
+            pacing.admit("u", t0 + Duration::from_secs(3600), NonZeroU32::MIN).is_err(),
+            "paused, as far as it can tell"
+        );
     }
 }

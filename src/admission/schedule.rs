@@ -71,10 +71,21 @@ impl<T> Lanes<T> {
         self.lanes.iter().map(VecDeque::len).sum()
     }
 
-    fn pop(&mut self) -> Option<T> {
+    /// The lane served next: the highest non-empty one, unless a lower one
+    /// was passed over too often.
+    fn chosen(&self) -> Option<usize> {
         let waiting = |lane: usize| !self.lanes[lane].is_empty();
         let starved = (0..3).rev().find(|&l| waiting(l) && self.passed_over[l] >= STARVE_AFTER);
-        let chosen = starved.or_else(|| (0..3).find(|&l| waiting(l)))?;
+        starved.or_else(|| (0..3).find(|&l| waiting(l)))
+    }
+
+    fn peek(&self) -> Option<&T> {
+        self.lanes[self.chosen()?].front()
+    }
+
+    fn pop(&mut self) -> Option<T> {
+        let waiting = |lane: usize| !self.lanes[lane].is_empty();
+        let chosen = self.chosen()?;
         for lane in chosen + 1..3 {
             if waiting(lane) {
                 self.passed_over[lane] += 1;
@@ -141,6 +152,29 @@ impl<T> Schedule<T> {
             }
         }
         None
+    }
+
+    /// The waiter [`Self::pop`] would return.
+    pub fn peek(&self) -> Option<&T> {
+        let mut callers = self.ring.iter().filter_map(|caller| self.callers.get(caller));
+        callers.find_map(Lanes::peek)
+    }
+
+    /// Every waiter with its caller and priority: each caller's lanes in
+    /// order, callers in ring order.
+    pub fn into_entries(mut self) -> impl Iterator<Item = (u64, Priority, T)> {
+        let ring = std::mem::take(&mut self.ring);
+        ring.into_iter()
+            .filter_map(move |caller| self.callers.remove(&caller).map(|lanes| (caller, lanes)))
+            .flat_map(|(caller, lanes)| {
+                let [high, normal, low] = lanes.lanes;
+                let lane = |priority: Priority, lane: VecDeque<T>| {
+                    lane.into_iter().map(move |t| (caller, priority, t))
+                };
+                lane(Priority::High, high)
+                    .chain(lane(Priority::Normal, normal))
+                    .chain(lane(Priority::Low, low))
+            })
     }
 
     pub fn len(&self) -> usize {
@@ -233,6 +267,34 @@ mod tests {
         s.push_back(3, Priority::Normal, 'y');
         s.push_front(4, Priority::Low, 'z');
         assert_eq!(s.pop(), Some('z'), "a returning retry is served before new callers");
+    }
+
+    #[test]
+    fn peek_shows_what_pop_returns() {
+        let mut s = Schedule::default();
+        for i in 0..6 {
+            s.push_back(i % 2, Priority::Normal, i);
+        }
+        s.push_back(0, Priority::High, 10);
+        s.push_back(1, Priority::Low, 11);
+        for _ in 0..8 {
+            let peeked = s.peek().copied();
+            assert_eq!(peeked, s.pop());
+        }
+        assert_eq!(s.peek(), None);
+    }
+
+    #[test]
+    fn into_entries_keeps_callers_and_priorities() {
+        let mut s = Schedule::default();
+        s.push_back(1, Priority::Low, 'a');
+        s.push_back(2, Priority::Normal, 'b');
+        s.push_back(1, Priority::High, 'c');
+        let entries: Vec<_> = s.into_entries().collect();
+        assert_eq!(
+            entries,
+            vec![(1, Priority::High, 'c'), (1, Priority::Low, 'a'), (2, Priority::Normal, 'b')]
+        );
     }
 
     #[test]

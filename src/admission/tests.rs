@@ -36,6 +36,7 @@ fn limits(rate: &str, burst: u32) -> Limits {
             burst: NonZeroU32::new(burst).expect("burst"),
             adaptive: false,
         },
+        endpoints: Vec::new(),
         queue_size: 100,
         max_concurrency: 100,
         max_partitions: 100,
@@ -67,7 +68,7 @@ impl Bench {
     }
 
     fn join(&mut self, id: u32, place: Place) {
-        self.core.enqueue(caller(id), place, false, self.t0).expect("queued");
+        self.core.enqueue(caller(id), place, Needs::default(), false, self.t0).expect("queued");
     }
 
     /// Serves everyone from `start`, each attempt ending at once, sleeping
@@ -118,7 +119,7 @@ fn a_retry_rejoins_at_the_head() {
         b.join(id, Place::default());
     }
     assert_eq!(ids(&b.serve(0, 0)), [0]);
-    b.core.enqueue(caller(9), Place::default(), true, b.at(1)).expect("a retry is queued");
+    b.core.enqueue(caller(9), Place::default(), Needs::default(), true, b.at(1)).expect("a retry is queued");
     assert_eq!(ids(&b.serve(1, 10_000)), [9, 1, 2]);
 }
 
@@ -154,6 +155,7 @@ fn high_priority_goes_first_and_low_is_never_starved() {
 fn a_partition_in_cooldown_is_skipped_without_holding_others() {
     let mut b = Bench::with(limits("10/s", 1), true, false);
     let feedback = Feedback {
+        limit: None,
         partition: 1,
         sent_at: b.t0,
         rate_limited: true,
@@ -195,9 +197,11 @@ fn the_queue_is_bounded_and_retries_keep_their_place() {
     for id in 0..3 {
         b.join(id, Place::default());
     }
-    let refused = b.core.enqueue(caller(3), Place::default(), false, b.t0);
+    let refused = b.core.enqueue(caller(3), Place::default(), Needs::default(), false, b.t0);
     assert!(matches!(refused, Err(Refusal::Full { .. })), "{refused:?}");
-    b.core.enqueue(caller(4), Place::default(), true, b.t0).expect("a retry is not refused");
+    b.core
+        .enqueue(caller(4), Place::default(), Needs::default(), true, b.t0)
+        .expect("a retry is not refused");
     assert_eq!(b.core.depth(), 4);
 }
 
@@ -206,7 +210,7 @@ fn a_caller_that_left_is_skipped_and_spends_nothing() {
     let mut b = Bench::new(limits("10/s", 1));
     let leaving = caller(0);
     let gone = leaving.gone.clone();
-    b.core.enqueue(leaving, Place::default(), false, b.t0).expect("queued");
+    b.core.enqueue(leaving, Place::default(), Needs::default(), false, b.t0).expect("queued");
     b.join(1, Place::default());
     gone.set(true);
     b.core.depart();
@@ -220,12 +224,17 @@ fn a_caller_that_left_is_skipped_and_spends_nothing() {
 fn partitions_make_room_for_new_keys_least_recently_used_first() {
     let mut b = Bench::with(Limits { max_partitions: 2, ..limits("10/s", 1) }, true, false);
     for (partition, at) in [(1, 0), (2, 10)] {
-        assert!(b.core.try_leave(place(partition, 0, Priority::Normal), b.at(at)));
+        assert!(b.core.try_leave(place(partition, 0, Priority::Normal), &Needs::default(), b.at(at)));
         b.core.release();
     }
-    b.core.enqueue(caller(3), place(3, 0, Priority::Normal), false, b.at(50)).expect("room made");
+    b.core
+        .enqueue(caller(3), place(3, 0, Priority::Normal), Needs::default(), false, b.at(50))
+        .expect("room made");
     assert_eq!(b.core.partitions(), 2);
-    assert!(!b.core.try_leave(place(2, 0, Priority::Normal), b.at(60)), "key 2 kept its pacing");
+    assert!(
+        !b.core.try_leave(place(2, 0, Priority::Normal), &Needs::default(), b.at(60)),
+        "key 2 kept its pacing"
+    );
     // 1 was dropped, not 2: it comes back as new and leaves at once.
     b.core.sweep(b.at(60));
     assert_eq!(b.core.partitions(), 2, "a partition with a waiter stays");
@@ -236,6 +245,7 @@ fn a_new_key_is_refused_while_every_partition_is_busy() {
     let mut b = Bench::with(Limits { max_partitions: 2, ..limits("10/s", 1) }, true, false);
     b.join(1, place(1, 0, Priority::Normal));
     let feedback = Feedback {
+        limit: None,
         partition: 2,
         sent_at: b.t0,
         rate_limited: true,
@@ -243,34 +253,40 @@ fn a_new_key_is_refused_while_every_partition_is_busy() {
         hint: None,
     };
     b.core.feedback(&feedback, false, b.t0);
-    let refused = b.core.enqueue(caller(3), place(3, 0, Priority::Normal), false, b.t0);
+    let refused = b.core.enqueue(caller(3), place(3, 0, Priority::Normal), Needs::default(), false, b.t0);
     assert_eq!(refused, Err(Refusal::TooManyPartitions), "one has a waiter, the other cools down");
     // A 10/s quota forgets its grants after its window; the cooldown ends.
     assert_eq!(b.serve(0, 0), [(1, 0)]);
-    b.core.enqueue(caller(3), place(3, 0, Priority::Normal), false, b.at(5_000)).expect("room once idle");
+    b.core
+        .enqueue(caller(3), place(3, 0, Priority::Normal), Needs::default(), false, b.at(5_000))
+        .expect("room once idle");
 }
 
 #[test]
 fn a_caller_leaves_at_once_only_when_nobody_waits() {
     let mut b = Bench::new(limits("10/s", 1));
-    assert!(b.core.try_leave(Place::default(), b.t0));
-    assert!(!b.core.try_leave(Place::default(), b.at(50)), "paced like everyone else");
+    assert!(b.core.try_leave(Place::default(), &Needs::default(), b.t0));
+    assert!(!b.core.try_leave(Place::default(), &Needs::default(), b.at(50)), "paced like everyone else");
     b.join(0, Place::default());
-    assert!(!b.core.try_leave(Place::default(), b.at(500)), "never ahead of a waiter");
+    assert!(!b.core.try_leave(Place::default(), &Needs::default(), b.at(500)), "never ahead of a waiter");
     let mut shared = Bench::with(limits("10/s", 1), false, true);
-    assert!(!shared.core.try_leave(Place::default(), shared.t0), "shared quotas: the driver asks Redis");
+    assert!(
+        !shared.core.try_leave(Place::default(), &Needs::default(), shared.t0),
+        "shared quotas: the driver asks Redis"
+    );
 }
 
 #[test]
 fn retry_after_is_the_time_the_queue_takes_to_drain() {
     let mut b = Bench::new(limits("10/s", 1));
-    assert!(b.core.try_leave(Place::default(), b.t0));
+    assert!(b.core.try_leave(Place::default(), &Needs::default(), b.t0));
     for id in 0..9 {
         b.join(id, Place::default());
     }
     let estimate = b.core.estimate_wait(b.t0).as_secs_f64();
     assert!((estimate - 1.0).abs() < 1e-9, "9 waiting and the caller itself, at 10/s: {estimate}");
     let feedback = Feedback {
+        limit: None,
         partition: SINGLE,
         sent_at: b.t0,
         rate_limited: false,
@@ -295,7 +311,7 @@ fn the_shared_limiter_confirms_a_batch_and_unused_slots_go_back() {
     // The third slot went back: the burst still has three.
     let Next::Confirm(confirm) = b.core.next(b.t0, true) else { panic!("caller 2 still waits") };
     assert_eq!(confirm.wanted(), 1);
-    assert!(b.core.settle(confirm, Verdict::Wait(Duration::from_millis(500)), b.t0).is_empty());
+    assert!(b.core.settle(confirm, Verdict::Wait(Duration::from_millis(500), None), b.t0).is_empty());
     assert!(matches!(b.core.next(b.at(10), true), Next::At(at) if at == b.at(500)), "held as Redis said");
     let Next::Confirm(confirm) = b.core.next(b.at(500), true) else { panic!("asked again") };
     assert_eq!(b.core.settle(confirm, Verdict::Go(1), b.at(500)).len(), 1);
@@ -305,6 +321,7 @@ fn the_shared_limiter_confirms_a_batch_and_unused_slots_go_back() {
 fn a_reload_changes_bounds_at_once_and_keeps_a_cooldown() {
     let mut b = Bench::new(limits("10/s", 1));
     let feedback = Feedback {
+        limit: None,
         partition: SINGLE,
         sent_at: b.t0,
         rate_limited: true,
@@ -343,16 +360,16 @@ fn slots_of_a_pacer_replaced_by_a_reload_are_not_given_to_the_new_one() {
 #[test]
 fn a_release_wakes_the_driver_while_departed_entries_are_held() {
     let mut b = Bench::new(Limits { max_concurrency: 1, ..limits("10/s", 1) });
-    assert!(b.core.try_leave(Place::default(), b.t0));
+    assert!(b.core.try_leave(Place::default(), &Needs::default(), b.t0));
     let leaving = caller(0);
     let gone = leaving.gone.clone();
-    b.core.enqueue(leaving, Place::default(), false, b.t0).expect("queued");
+    b.core.enqueue(leaving, Place::default(), Needs::default(), false, b.t0).expect("queued");
     gone.set(true);
     b.core.depart();
     assert!(matches!(b.core.next(b.t0, false), Next::Full));
     assert!(b.core.release(), "the driver must clear the departed entry, or sleep forever");
     assert!(matches!(b.core.next(b.at(200), false), Next::Idle), "cleared without spending a slot");
-    assert!(b.core.try_leave(Place::default(), b.at(200)));
+    assert!(b.core.try_leave(Place::default(), &Needs::default(), b.at(200)));
 }
 
 #[test]
@@ -368,3 +385,5 @@ fn recover_makes_the_counts_whole_again() {
     assert_eq!(b.core.depth(), 2, "counted from the queue itself");
     assert_eq!(ids(&b.serve(0, 1_000)), [0, 1]);
 }
+
+mod limits;

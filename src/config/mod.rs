@@ -9,6 +9,7 @@
 mod authority;
 mod claims;
 mod error;
+mod limits;
 mod raw;
 mod units;
 mod validate;
@@ -25,6 +26,7 @@ use http::StatusCode;
 use http::uri::{Authority, Scheme};
 
 pub use error::ConfigError;
+pub use limits::{Cost, Limit, MAX_LIMITS, PathGlobs};
 pub use units::{MAX_DURATION, format_duration, parse_duration, parse_rate};
 
 /// Reads, parses and validates a config file.
@@ -237,4 +239,6 @@ pub struct Upstream {
     pub fair_by: Option<KeySource>,
     /// Extra PEM root certificates trusted for this upstream only.
     pub ca_file: Option<PathBuf>,
+    /// `[[upstream.limit]]`: extra quotas that only matching requests take.
+    pub limits: Vec<Limit>,
 }

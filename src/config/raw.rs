@@ -198,6 +198,24 @@ pub struct RawUpstream {
     pub max_partitions: Spanned<usize>,
     pub fair_by: Option<Spanned<String>>,
     pub ca_file: Option<Spanned<PathBuf>>,
+    /// `[[upstream.limit]]` tables.
+    #[serde(default, rename = "limit")]
+    pub limits: Vec<RawLimit>,
+}
+
+/// One `[[upstream.limit]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimit {
+    pub name: Spanned<String>,
+    /// Spanned: an empty list is refused where it is.
+    pub methods: Option<Spanned<Vec<Spanned<String>>>>,
+    pub paths: Option<Spanned<Vec<Spanned<String>>>>,
+    pub rate: Spanned<Rates>,
+    /// A number or a table by method: read as a value, checked in `limits`.
+    pub cost: Option<Spanned<toml::Value>>,
+    #[serde(default = "one")]
+    pub burst: Spanned<u32>,
 }
 
 /// `[upstream.retry]`.

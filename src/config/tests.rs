@@ -480,3 +480,5 @@ fn a_secret_of_the_wrong_type_is_not_echoed() {
         parse_str("[server]\nproxy_auth = \"al\\\"ice:s3cret\"\nworkers = \"x\"\n").expect_err("type");
     assert!(error.to_string().ends_with("invalid type: a string, expected a sequence"), "{error}");
 }
+
+mod limits;

@@ -196,6 +196,7 @@ fn upstream(cx: &Cx<'_>, claims: &mut Claims, raw: RawUpstream) -> Result<Upstre
             .ok_or_else(|| cx.err(raw.max_partitions.span(), "max_partitions must be at least 1"))?,
         fair_by: raw.fair_by.as_ref().map(|s| key_source(cx, "fair_by", s)).transpose()?,
         ca_file: raw.ca_file.map(Spanned::into_inner),
+        limits: super::limits::limits(cx, raw.limits)?,
         name,
     })
 }

@@ -24,6 +24,14 @@
 //! default 1 = even spacing); longer quotas are volume caps that admit up to
 //! their whole count back to back, as governor's own `Quota::per_hour(n)` does.
 //! Time comes from tokio, so paused-time tests drive the pacer too.
+//!
+//! **Costs.** A request may cost several units (an endpoint limit's weight,
+//! LLM tokens). governor's `check_n` pays a cost up front and refuses one
+//! above the burst for good; we want even spacing by cost instead: a request
+//! leaves once the units before it are paid for, and its own units push the
+//! schedule back by `cost` intervals. Each quota checks one unit as usual,
+//! then the other `cost - 1` intervals are added to its state cell, so no
+//! window `W` of a quota `N/W` holds more than `N` units plus one request's.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -112,6 +120,10 @@ pub struct Pacer {
     cap: Option<(f64, Limiter)>,
     /// State of the cap's limiter, kept across changes of the cap.
     cap_cell: TatCell,
+    /// Emission interval of each limiter (ns), to charge costs above one.
+    intervals: Vec<u64>,
+    /// Emission interval of the cap's limiter (ns).
+    cap_interval: u64,
 }
 
 impl Pacer {
@@ -121,6 +133,7 @@ impl Pacer {
         let clock = PresentedClock::default();
         let cells: Vec<TatCell> = rates.iter().map(|_| TatCell::default()).collect();
         let limiters = build_limiters(rates, burst, &cells, &clock);
+        let intervals = paced_quotas(rates, burst).iter().map(|q| nanos(q.interval)).collect();
         Self {
             origin: now,
             clock,
@@ -130,6 +143,8 @@ impl Pacer {
             rate_per_second: long_run_rate(rates),
             cap: None,
             cap_cell: TatCell::default(),
+            intervals,
+            cap_interval: 0,
         }
     }
 
@@ -145,6 +160,7 @@ impl Pacer {
             let period =
                 Duration::try_from_secs_f64(1.0 / rate).unwrap_or(Duration::MAX).min(LONGEST_CAP_PERIOD);
             let quota = Quota::with_period(period).unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN));
+            self.cap_interval = nanos(quota.replenish_interval());
             let limiter = with_origin(&self.clock, || {
                 RateLimiter::new(quota, self.cap_cell.clone(), self.clock.clone())
             });
@@ -162,8 +178,9 @@ impl Pacer {
         self.rate_per_second
     }
 
-    /// Takes one slot from every quota at `now`, or says when that can happen.
-    pub fn try_acquire(&mut self, now: Instant) -> Result<Taken, Instant> {
+    /// Takes `units` from every quota at `now` (see "Costs" above), or says
+    /// when that can happen.
+    pub fn try_acquire(&mut self, now: Instant, units: NonZeroU32) -> Result<Taken, Instant> {
         let real = now.saturating_duration_since(self.origin);
         let presented = match self.promised {
             // Woke up for a promised slot: keep the schedule, not the lateness.
@@ -182,6 +199,7 @@ impl Pacer {
         match earliest {
             None => {
                 self.promised = None;
+                self.charge(units.get() - 1);
                 Ok(saved)
             }
             Some(at) => {
@@ -197,6 +215,19 @@ impl Pacer {
         let cells: Vec<TatCell> = self.all_cells().cloned().collect();
         for (cell, tat) in cells.iter().zip(taken.0) {
             cell.0.store(tat, Ordering::Release);
+        }
+    }
+
+    /// Pushes every quota's schedule back by `extra` more units.
+    fn charge(&self, extra: u32) {
+        if extra == 0 {
+            return;
+        }
+        let cap = self.cap.as_ref().map(|_| (&self.cap_cell, self.cap_interval));
+        let charged = self.cells.iter().zip(self.intervals.iter().copied()).chain(cap);
+        for (cell, interval) in charged {
+            let tat = cell.0.load(Ordering::Acquire);
+            cell.0.store(tat.saturating_add(interval.saturating_mul(u64::from(extra))), Ordering::Release);
         }
     }
 
@@ -254,6 +285,10 @@ pub fn paced_quotas(rates: &[Rate], burst: NonZeroU32) -> Vec<PacedQuota> {
         .collect()
 }
 
+fn nanos(interval: Duration) -> u64 {
+    u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Time between two admissions of this quota, guard included.
 fn interval(rate: &Rate) -> Duration {
     (rate.per.mul_f64(1.0 + WIRE_MARGIN) + GUARD) / rate.count.get()
@@ -282,7 +317,7 @@ mod tests {
             if out.len() == n {
                 break;
             }
-            match pacer.try_acquire(now) {
+            match pacer.try_acquire(now, ONE) {
                 Ok(_) => out.push(now - start),
                 Err(at) => now = at.max(now) + late,
             }
@@ -311,7 +346,7 @@ mod tests {
             if times.len() == 50 {
                 break;
             }
-            match pacer.try_acquire(now) {
+            match pacer.try_acquire(now, ONE) {
                 Ok(_) => times.push(now),
                 Err(at) => now = at.max(now) + Duration::from_micros(if i % 3 == 0 { 1900 } else { 0 }),
             }
@@ -331,7 +366,7 @@ mod tests {
         assert!(times[2] < Duration::from_millis(300), "{times:?}");
         // The 4th waits for the volume cap, then the 10/s limiter still has a slot.
         assert!(times[3] >= Duration::from_millis(3300), "{times:?}");
-        assert!(pacer.try_acquire(start + times[3]).is_err());
+        assert!(pacer.try_acquire(start + times[3], ONE).is_err());
     }
 
     #[tokio::test(start_paused = true)]
@@ -339,9 +374,9 @@ mod tests {
         let mut pacer = Pacer::new(&[rate(10, 1000)], NonZeroU32::new(5).unwrap(), Instant::now());
         let now = Instant::now();
         for _ in 0..5 {
-            assert!(pacer.try_acquire(now).is_ok());
+            assert!(pacer.try_acquire(now, ONE).is_ok());
         }
-        assert!(pacer.try_acquire(now).is_err());
+        assert!(pacer.try_acquire(now, ONE).is_err());
     }
 
     #[tokio::test(start_paused = true)]
@@ -362,16 +397,50 @@ mod tests {
         let now = Instant::now();
         let mut pacer = Pacer::new(&[rate(10, 1000)], ONE, now);
         pacer.set_cap(Some(f64::MIN_POSITIVE));
-        assert!(pacer.try_acquire(now).is_ok());
-        assert!(pacer.try_acquire(now + Duration::from_secs(3600)).is_err(), "at most one a year");
+        assert!(pacer.try_acquire(now, ONE).is_ok());
+        assert!(pacer.try_acquire(now + Duration::from_secs(3600), ONE).is_err(), "at most one a year");
+    }
+
+    #[test]
+    fn costs_space_requests_evenly_by_units() {
+        let start = Instant::now();
+        let ms = |t: Instant| (t - start).as_millis();
+        let mut pacer = Pacer::new(&[rate(10, 1000)], ONE, start);
+        let five = NonZeroU32::new(5).unwrap();
+        assert!(pacer.try_acquire(start, five).is_ok(), "nothing is owed yet: a cost of 5 leaves at once");
+        // Its 5 units are paid at 10/s: the next request, whatever its cost, waits ~500 ms.
+        let next = pacer.try_acquire(start, ONE).unwrap_err();
+        assert!((500..=510).contains(&ms(next)), "{}", ms(next));
+        assert!(pacer.try_acquire(next, ONE).is_ok());
+        let after = pacer.try_acquire(next, ONE).unwrap_err();
+        assert!((600..=615).contains(&ms(after)), "{}", ms(after));
+    }
+
+    #[test]
+    fn a_cost_above_the_burst_still_leaves() {
+        // governor's check_n would refuse this forever.
+        let start = Instant::now();
+        let mut pacer = Pacer::new(&[rate(2, 1000)], ONE, start);
+        assert!(pacer.try_acquire(start, NonZeroU32::new(3).unwrap()).is_ok());
+        let next = pacer.try_acquire(start, ONE).unwrap_err();
+        assert!(next - start >= Duration::from_millis(1500), "three units at 2/s");
+    }
+
+    #[test]
+    fn an_undone_cost_is_given_back_whole() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new(&[rate(10, 1000)], ONE, start);
+        let taken = pacer.try_acquire(start, NonZeroU32::new(8).unwrap()).unwrap();
+        pacer.undo(taken);
+        assert!(pacer.try_acquire(start, ONE).is_ok());
     }
 
     #[tokio::test(start_paused = true)]
     async fn undo_gives_the_slot_back() {
         let mut pacer = Pacer::new(&[rate(1, 1000)], ONE, Instant::now());
         let now = Instant::now();
-        let taken = pacer.try_acquire(now).unwrap();
+        let taken = pacer.try_acquire(now, ONE).unwrap();
         pacer.undo(taken);
-        assert!(pacer.try_acquire(now).is_ok());
+        assert!(pacer.try_acquire(now, ONE).is_ok());
     }
 }

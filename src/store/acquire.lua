@@ -2,53 +2,79 @@
 -- server's own clock, so every replica shares one schedule whatever their
 -- clocks say.
 --
--- KEYS[1]  hash: field i = theoretical arrival time (µs) of quota i
--- KEYS[2]  string: end of the shared cooldown (µs)
--- ARGV[1]  attempts waiting: at most this many slots are taken
--- ARGV[2]  slack (µs): an attempt this late for its slot keeps the schedule
---          (the caller's margins make this safe, as in the local pacer)
--- ARGV[2i+1], ARGV[2i+2]  emission interval and burst tolerance (µs) of quota i
+-- An attempt takes from one or more quota sets: its partition's own quotas
+-- and each endpoint limit it matches, `cost` units of each quota of a set.
 --
--- Returns {1, n}: n >= 1 attempts go, a slot of every quota taken for each;
--- {0, µs}: the quotas admit nobody before then; {2, µs}: the upstream cools
--- down until then. Each slot is taken from all quotas or from none.
+-- KEYS[1]    hash: one field per quota = its theoretical arrival time (µs)
+-- KEYS[1+j]  string: end of quota set j's shared cooldown (µs)
+-- ARGV[1]    attempts waiting: at most this many are granted
+-- ARGV[2]    slack (µs): an attempt this late for its slot keeps the schedule
+--            (the caller's margins make this safe, as in the local pacer)
+-- ARGV[3]    number of quota sets; then per set: its cost in units, its
+--            number of quotas, then per quota: hash field, emission interval
+--            and burst tolerance (µs)
+--
+-- A cost is paid after the fact (even spacing by cost): an attempt leaves
+-- when every quota admits one unit, then each quota's schedule moves on by
+-- cost intervals. Each attempt takes from all quotas or from none.
+--
+-- Returns {1, n, 0}: n >= 1 attempts go; {0, µs, j}: the quotas admit nobody
+-- before then, set j being the one that waits longest; {2, µs, j}: set j
+-- cools down until then.
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local cooldown = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-if cooldown > now then
-  return {2, cooldown - now}
-end
 local wanted = tonumber(ARGV[1])
 local slack = tonumber(ARGV[2])
-local count = (#ARGV - 2) / 2
-local fields, tats = {}, {}
-for i = 1, count do
-  fields[i] = tostring(i)
+local sets = tonumber(ARGV[3])
+
+local cooling, cooling_set = 0, 0
+for j = 1, sets do
+  local until_ = tonumber(redis.call('GET', KEYS[1 + j]) or '0') or 0
+  if until_ - now > cooling then
+    cooling, cooling_set = until_ - now, j
+  end
 end
+if cooling > 0 then
+  return {2, cooling, cooling_set}
+end
+
+local fields, intervals, tolerances, costs, owners = {}, {}, {}, {}, {}
+local at = 4
+for j = 1, sets do
+  local cost, count = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
+  at = at + 2
+  for _ = 1, count do
+    local n = #fields + 1
+    fields[n], intervals[n], tolerances[n] = ARGV[at], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+    costs[n], owners[n] = cost, j
+    at = at + 3
+  end
+end
+
 local stored = redis.call('HMGET', KEYS[1], unpack(fields))
-for i = 1, count do
+local tats = {}
+for i = 1, #fields do
   tats[i] = math.max(tonumber(stored[i]) or 0, now - slack)
 end
-local granted, wait = 0, 0
+local granted, wait, wait_set = 0, 0, 0
 while granted < wanted and wait == 0 do
-  for i = 1, count do
-    local tolerance = tonumber(ARGV[2 * i + 2])
-    if tats[i] - tolerance > now then
-      wait = math.max(wait, tats[i] - tolerance - now)
+  for i = 1, #fields do
+    if tats[i] - tolerances[i] - now > wait then
+      wait, wait_set = tats[i] - tolerances[i] - now, owners[i]
     end
   end
   if wait == 0 then
     granted = granted + 1
-    for i = 1, count do
-      tats[i] = tats[i] + tonumber(ARGV[2 * i + 1])
+    for i = 1, #fields do
+      tats[i] = tats[i] + intervals[i] * costs[i]
     end
   end
 end
 if granted == 0 then
-  return {0, wait}
+  return {0, wait, wait_set}
 end
 local update, keep = {}, 0
-for i = 1, count do
+for i = 1, #fields do
   update[2 * i - 1] = fields[i]
   update[2 * i] = tats[i]
   keep = math.max(keep, tats[i] - now)
@@ -56,4 +82,4 @@ end
 redis.call('HSET', KEYS[1], unpack(update))
 -- Idle state expires once every quota would admit a full burst anyway.
 redis.call('PEXPIRE', KEYS[1], math.ceil(keep / 1000) + 1000)
-return {1, granted}
+return {1, granted, 0}

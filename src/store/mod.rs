@@ -2,9 +2,10 @@
 //! replica together stays inside one API quota.
 //!
 //! Each decision is one atomic Lua script (`acquire.lua`, sent once and then
-//! called by hash) that runs GCRA for all of a partition's quotas on the
-//! Redis server's clock (`TIME`), consumes from all or none, checks the shared
-//! cooldown, and answers go, wait, or cooling. Replicas never compare clocks,
+//! called by hash) that runs GCRA for all the quotas an attempt takes from
+//! (its partition's own, and each endpoint limit it matches, weighted by its
+//! cost) on the Redis server's clock (`TIME`), consumes from all or none,
+//! checks the shared cooldowns, and answers go, wait, or cooling. Replicas never compare clocks,
 //! and no lock is held across the network. Keys carry a hash tag per upstream
 //! (`pacegate:{name}:…`), so both keys a script touches live in one Redis
 //! Cluster slot; they expire once idle.
@@ -39,38 +40,72 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unavailable;
 
-/// Script arguments for one partition's quotas, as the local pacer paces
-/// them (margins included): slack, then interval and tolerance per quota, µs.
-/// The script takes from all or none, one slot after another, so several
+/// One quota set's script arguments (a partition's own quotas, or one
+/// endpoint limit's), as the local pacer paces them (margins included). The
+/// script takes from all or none, one attempt after another, so several
 /// quotas and batches never waste each other's slots.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct SharedQuotas(Vec<u64>);
+pub struct SharedQuotas {
+    /// The endpoint limit's name; `None` for the partition's own quotas.
+    limit: Option<String>,
+    /// Hash field, emission interval (µs) and burst tolerance (µs) per quota.
+    quotas: Vec<(String, u64, u64)>,
+}
 
 impl SharedQuotas {
+    /// A partition's own quotas (hash fields `1`, `2`, …).
     pub fn new(quotas: &[PacedQuota]) -> Self {
+        Self::named(None, quotas)
+    }
+
+    /// An endpoint limit's quotas (hash fields `limit:NAME:1`, …).
+    pub fn limit(name: &str, quotas: &[PacedQuota]) -> Self {
+        Self::named(Some(name), quotas)
+    }
+
+    /// The endpoint limit's name, if these are a limit's quotas.
+    pub fn name(&self) -> Option<&str> {
+        self.limit.as_deref()
+    }
+
+    fn named(limit: Option<&str>, quotas: &[PacedQuota]) -> Self {
         let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let mut args = vec![micros(GUARD)];
-        for quota in quotas {
+        let prefix = limit.map_or_else(String::new, |name| format!("limit:{name}:"));
+        let quotas = quotas.iter().enumerate().map(|(i, quota)| {
             let interval = micros(quota.interval).max(1);
-            args.extend([interval, interval.saturating_mul(u64::from(quota.burst.get() - 1))]);
-        }
-        Self(args)
+            let tolerance = interval.saturating_mul(u64::from(quota.burst.get() - 1));
+            (format!("{prefix}{}", i + 1), interval, tolerance)
+        });
+        Self { limit: limit.map(str::to_owned), quotas: quotas.collect() }
     }
 }
+
+/// What one attempt takes: quota sets with their cost in units, and what a
+/// wait or cooldown of each set is reported as (an endpoint limit's index,
+/// or `None` for the partition's own quotas).
+pub type Demand<'a> = [(Option<usize>, &'a SharedQuotas, u32)];
 
 /// The Redis keys of one partition of one upstream. The partition is a hash
 /// of its key (never the credential itself), identical on every replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
-    quotas: String,
-    cooldown: String,
+    prefix: String,
 }
 
 impl Keys {
     pub fn new(upstream: &str, partition: u64) -> Self {
-        Self {
-            quotas: format!("pacegate:{{{upstream}}}:{partition:016x}:quotas"),
-            cooldown: format!("pacegate:{{{upstream}}}:{partition:016x}:cooldown"),
+        Self { prefix: format!("pacegate:{{{upstream}}}:{partition:016x}") }
+    }
+
+    fn quotas(&self) -> String {
+        format!("{}:quotas", self.prefix)
+    }
+
+    /// The cooldown of the partition's own quotas, or of one endpoint limit.
+    fn cooldown(&self, limit: Option<&str>) -> String {
+        match limit {
+            None => format!("{}:cooldown", self.prefix),
+            Some(name) => format!("{}:limit:{name}:cooldown", self.prefix),
         }
     }
 }
@@ -149,38 +184,52 @@ impl Store {
     }
 
     /// Asks how many of the `wanted` next attempts of the partition at
-    /// `keys` may leave now: one round trip, however many.
+    /// `keys`, each taking `demand`, may leave now: one round trip, however many.
     pub async fn acquire(
         self: &Arc<Self>,
         keys: &Keys,
-        quotas: &SharedQuotas,
+        demand: &Demand<'_>,
         wanted: usize,
     ) -> Result<Verdict, Unavailable> {
         if !self.is_up() {
             return Err(Unavailable);
         }
         let wanted = wanted.max(1);
-        let mut invocation = self.acquire.key(&keys.quotas);
-        invocation.key(&keys.cooldown).arg(wanted).arg(&quotas.0);
+        let mut invocation = self.acquire.key(keys.quotas());
+        for (_, quotas, _) in demand {
+            invocation.key(keys.cooldown(quotas.limit.as_deref()));
+        }
+        invocation.arg(wanted).arg(GUARD.as_micros() as u64).arg(demand.len());
+        for (_, quotas, cost) in demand {
+            invocation.arg(*cost).arg(quotas.quotas.len());
+            for (field, interval, tolerance) in &quotas.quotas {
+                invocation.arg(field).arg(*interval).arg(*tolerance);
+            }
+        }
         let mut connection = self.connection.clone();
-        let (status, value): (u8, u64) = self.call(invocation.invoke_async(&mut connection)).await?;
+        let (status, value, set): (u8, u64, usize) =
+            self.call(invocation.invoke_async(&mut connection)).await?;
+        // The set the script names (1-based; 0 for none), as the caller knows it.
+        let on = set.checked_sub(1).and_then(|j| demand.get(j)).and_then(|(on, _, _)| *on);
         Ok(match status {
             1 => Verdict::Go(usize::try_from(value).unwrap_or(wanted).clamp(1, wanted)),
-            2 => Verdict::Cooling(Duration::from_micros(value)),
-            _ => Verdict::Wait(Duration::from_micros(value)),
+            2 => Verdict::Cooling(Duration::from_micros(value), on),
+            _ => Verdict::Wait(Duration::from_micros(value), on),
         })
     }
 
-    /// Pauses the partition at `keys` for every replica, in the background:
-    /// the local cooldown already holds this replica back.
-    pub fn cool_down(self: &Arc<Self>, keys: Keys, pause: Duration) {
+    /// Pauses the partition at `keys` (or one of its endpoint limits) for
+    /// every replica, in the background: the local cooldown already holds
+    /// this replica back.
+    pub fn cool_down(self: &Arc<Self>, keys: Keys, limit: Option<&str>, pause: Duration) {
         if !self.is_up() {
             return;
         }
         let store = self.clone();
+        let key = keys.cooldown(limit);
         self.runtime.spawn(async move {
             let pause = u64::try_from(pause.as_micros()).unwrap_or(u64::MAX);
-            let mut invocation = store.cool_down.key(&keys.cooldown);
+            let mut invocation = store.cool_down.key(&key);
             invocation.arg(pause);
             let mut connection = store.connection.clone();
             let _: Result<u8, _> = store.call(invocation.invoke_async(&mut connection)).await;

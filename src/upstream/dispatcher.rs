@@ -25,7 +25,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use super::shared::{Limiter, Shared, Ticket};
-use crate::admission::{Admission, Feedback, Limits, Place, Refusal, Status};
+use crate::admission::{Admission, Feedback, Limits, Needs, Place, Refusal, Status};
 use crate::config;
 use crate::limit::pacer::paced_quotas;
 use crate::metrics::Metrics;
@@ -92,7 +92,9 @@ impl Dispatcher {
         let up = limiter.as_ref().is_some_and(|l| l.store.is_up());
         let pause = shared.change(|core| core.feedback(&feedback, up, Instant::now()));
         if let (Some(pause), Some(limiter)) = (pause, limiter.as_ref()) {
-            limiter.store.cool_down(Keys::new(&shared.name, feedback.partition), pause);
+            let limit =
+                feedback.limit.and_then(|index| limiter.limits.get(index)).and_then(SharedQuotas::name);
+            limiter.store.cool_down(Keys::new(&shared.name, feedback.partition), limit, pause);
         }
     }
 
@@ -121,7 +123,8 @@ impl Dispatcher {
         shared.wake.notify_one();
     }
 
-    /// Waits for a ticket as a new caller at `place`, until `deadline`.
+    /// Waits for a ticket as a new caller at `place` that `needs` units of
+    /// endpoint limits, until `deadline`.
     ///
     /// Admission is decided before the future is made, so that what the
     /// future keeps while it waits is only the wait itself; a caller that
@@ -129,10 +132,11 @@ impl Dispatcher {
     pub fn join(
         &self,
         place: Place,
+        needs: Needs,
         deadline: Instant,
     ) -> Either<Ready<Result<Ticket, Refusal>>, impl Future<Output = Result<Ticket, Refusal>> + Send + '_>
     {
-        self.enter(place, deadline, false)
+        self.enter(place, needs, deadline, false)
     }
 
     /// Waits for a ticket for a retry, at the head of its caller's queue in
@@ -140,16 +144,18 @@ impl Dispatcher {
     pub fn rejoin(
         &self,
         place: Place,
+        needs: Needs,
         deadline: Instant,
     ) -> Either<Ready<Result<Ticket, Refusal>>, impl Future<Output = Result<Ticket, Refusal>> + Send + '_>
     {
-        self.enter(place, deadline, true)
+        self.enter(place, needs, deadline, true)
     }
 
     /// Leaves at once, or queues (a `retry` at the head) and waits.
     fn enter(
         &self,
         place: Place,
+        needs: Needs,
         deadline: Instant,
         retry: bool,
     ) -> Either<Ready<Result<Ticket, Refusal>>, impl Future<Output = Result<Ticket, Refusal>> + Send + '_>
@@ -159,12 +165,12 @@ impl Dispatcher {
         // Read under the lock: the pacer counts on decisions being presented
         // in order and on time, not as late as the wait for the lock.
         let now = Instant::now();
-        if core.try_leave(place, now) {
+        if core.try_leave(place, &needs, now) {
             drop(core);
             return Either::Left(future::ready(Ok(Ticket::new(shared))));
         }
         let (tickets, receiver) = oneshot::channel();
-        let queued = core.enqueue(tickets, place, retry, now);
+        let queued = core.enqueue(tickets, place, needs, retry, now);
         let since = now;
         drop(core);
         if let Err(refusal) = queued {
@@ -195,7 +201,9 @@ impl Dispatcher {
 /// The shared limiter for `upstream`'s quotas, with `[redis]`.
 fn limiter(upstream: &config::Upstream, store: Option<Arc<Store>>) -> Option<Arc<Limiter>> {
     let quotas = SharedQuotas::new(&paced_quotas(&upstream.rate, upstream.burst));
-    store.map(|store| Arc::new(Limiter { store, quotas }))
+    let limits = upstream.limits.iter();
+    let limits = limits.map(|l| SharedQuotas::limit(&l.name, &paced_quotas(&l.rate, l.burst))).collect();
+    store.map(|store| Arc::new(Limiter { store, quotas, limits }))
 }
 
 /// A caller's place in the queue; leaving it (even by being dropped when the

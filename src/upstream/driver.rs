@@ -117,7 +117,7 @@ fn round(shared: &Arc<Shared>, core: &mut Core, now: Instant, next_sweep: Instan
 async fn ask(shared: &Arc<Shared>, confirm: Confirm, limiter: &Limiter) {
     let keys = Keys::new(&shared.name, confirm.partition());
     let wanted = confirm.wanted();
-    let answer = limiter.store.acquire(&keys, &limiter.quotas, wanted).await;
+    let answer = limiter.store.acquire(&keys, &limiter.demand(&confirm), wanted).await;
     let deny = limiter.store.on_error() == RedisOnError::Deny;
     shared.change(|core| {
         let now = Instant::now();
@@ -125,7 +125,7 @@ async fn ask(shared: &Arc<Shared>, confirm: Confirm, limiter: &Limiter) {
             Ok(verdict) => verdict,
             Err(_) if !deny => Verdict::Go(wanted),
             Err(_) => {
-                drop(core.settle(confirm, Verdict::Wait(Duration::ZERO), now));
+                drop(core.settle(confirm, Verdict::Wait(Duration::ZERO, None), now));
                 return refuse_all(core, Refusal::StoreDown);
             }
         };

@@ -24,7 +24,7 @@ use super::shared::Ticket;
 use super::{
     ATTEMPTS_HEADER, QUEUED_HEADER, SendError, Upstream, UpstreamClient, inbound_response, outbound_request,
 };
-use crate::admission::{Feedback, Place, Refusal};
+use crate::admission::{Feedback, Needs, Place, Refusal};
 use crate::body::{self, ProxyBody, RequestBody};
 use crate::error::{ProxyError, RefusalReason};
 use crate::metrics::{AttemptOutcome, Metrics};
@@ -63,7 +63,11 @@ impl Upstream {
         let wait = max_wait.map_or(self.config.queue_timeout, |w| w.min(self.config.queue_timeout));
         let deadline = Instant::now() + wait;
         async move {
-            let ticket = self.dispatcher.join(place, deadline).await.map_err(|r| self.refused(r))?;
+            // What the request needs of endpoint limits is worked out again
+            // where it is used rather than kept: it would grow every queued
+            // request's future (see proxy::budget).
+            let joined = self.dispatcher.join(place, self.needs(head), deadline).await;
+            let ticket = joined.map_err(|r| self.refused(r, head))?;
             self.dispatcher.record_first_attempt();
             Box::pin(self.attempts(client, head, body, place, deadline, ticket)).await
         }
@@ -80,6 +84,7 @@ impl Upstream {
         mut deadline: Instant,
         mut ticket: Ticket,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        let needs = &self.needs(head);
         let retry = &self.config.retry;
         let idempotency_key = retry::has_idempotency_key(&head.headers);
         self.observe_wait(&ticket);
@@ -90,7 +95,7 @@ impl Upstream {
             let attempt_body = body.for_attempt().unwrap_or_else(body::empty);
             let result = client.send(outbound_request(head, attempt_body), self.config.timeout).await;
             self.observe_attempt(&result, sent_at);
-            let retry_after = self.learn(&result, sent_at, attempt, place.partition);
+            let retry_after = self.learn(&result, sent_at, attempt, (place.partition, needs));
             let outcome = outcome(&result);
             let Decision::Retry(reason) = retry::classify(retry, &head.method, idempotency_key, &outcome)
             else {
@@ -120,7 +125,7 @@ impl Upstream {
             tokio::time::sleep(delay).await;
             // Waiting out a backoff is not waiting in the queue.
             deadline += delay;
-            ticket = match self.dispatcher.rejoin(place, deadline).await {
+            ticket = match self.dispatcher.rejoin(place, needs.clone(), deadline).await {
                 Ok(ticket) => ticket,
                 Err(_) => return Ok(self.kept_answer(last, attempt, queued)),
             };
@@ -152,7 +157,13 @@ impl Upstream {
 
     /// Tells the dispatcher what an answer says about the upstream's limits;
     /// returns the answer's Retry-After.
-    fn learn(&self, result: &Attempt, sent_at: Instant, attempt: u32, partition: u64) -> Option<Duration> {
+    fn learn(
+        &self,
+        result: &Attempt,
+        sent_at: Instant,
+        attempt: u32,
+        (partition, needs): (u64, &Needs),
+    ) -> Option<Duration> {
         let Ok(response) = result else { return None };
         let now = SystemTime::now();
         let status = response.status();
@@ -184,7 +195,8 @@ impl Upstream {
             );
         }
         if rate_limited || cooldown.is_some() || hint.is_some() {
-            self.dispatcher.report(Feedback { partition, sent_at, rate_limited, cooldown, hint });
+            let limit = self.limit_named(response.headers(), needs);
+            self.dispatcher.report(Feedback { partition, limit, sent_at, rate_limited, cooldown, hint });
         }
         retry_after
     }
@@ -218,13 +230,14 @@ impl Upstream {
     }
 
     /// Logs, counts and maps a refusal to queue.
-    fn refused(&self, refusal: Refusal) -> ProxyError {
+    fn refused(&self, refusal: Refusal, head: &http::request::Parts) -> ProxyError {
         let upstream = self.config.name.clone();
         let reason = match refusal {
             Refusal::Full { .. } => RefusalReason::QueueFull,
             Refusal::Timeout { .. } => RefusalReason::QueueTimeout,
             Refusal::TooManyPartitions => RefusalReason::TooManyPartitions,
             Refusal::StoreDown => RefusalReason::RateLimitStore,
+            Refusal::CostExceedsQuota { .. } => RefusalReason::CostExceedsQuota,
         };
         self.metrics.all().rejected.get_or_create(&Metrics::reason(&upstream, reason.as_str())).inc();
         match refusal {
@@ -238,6 +251,18 @@ impl Upstream {
             }
             Refusal::TooManyPartitions => ProxyError::TooManyPartitions { upstream },
             Refusal::StoreDown => ProxyError::RateLimitStore { upstream },
+            Refusal::CostExceedsQuota { limit } => {
+                let config = self.config.limits.get(limit);
+                let cost = self
+                    .needs(head)
+                    .iter()
+                    .find(|(index, _)| *index == limit)
+                    .map_or(0, |(_, units)| units.get());
+                let capacity = config.and_then(|l| l.rate.iter().map(|r| r.count.get()).min()).unwrap_or(0);
+                let limit = config.map_or_else(String::new, |l| l.name.clone());
+                tracing::warn!(upstream = %upstream, limit = %limit, cost, capacity, reason = reason.as_str(), "cost_exceeds_quota");
+                ProxyError::CostExceedsQuota { upstream, limit, cost, capacity }
+            }
         }
     }
 }

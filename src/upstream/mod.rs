@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 
 use http::{HeaderMap, HeaderName, Request, Response};
 
-use crate::admission::SINGLE;
+use crate::admission::{Needs, SINGLE};
 pub use crate::admission::{Place, Priority, Refusal};
 use crate::body::{self, ProxyBody};
 use crate::config::{self, KeySource};
@@ -36,6 +36,8 @@ pub use shared::Ticket;
 pub const PRIORITY_HEADER: HeaderName = HeaderName::from_static("x-pacegate-priority");
 /// Header telling the caller how many attempts its answer took.
 pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-pacegate-attempts");
+/// Answer header naming the rate limit an answer is about (GitHub).
+pub const RESOURCE_HEADER: HeaderName = HeaderName::from_static("x-ratelimit-resource");
 /// Header telling the caller how long it waited in pacegate's queue.
 pub const QUEUED_HEADER: HeaderName = HeaderName::from_static("x-pacegate-queued-ms");
 
@@ -81,6 +83,28 @@ impl Upstream {
             caller: self.config.fair_by.as_ref().map_or(0, |source| key(source, caller_key)),
             priority,
         })
+    }
+
+    /// What a request takes from the endpoint limits it matches, by method
+    /// and by the path the caller sent after the route (the upstream path
+    /// without base_url's own prefix).
+    pub fn needs(&self, head: &http::request::Parts) -> Needs {
+        if self.config.limits.is_empty() {
+            return Needs::default();
+        }
+        let path = head.uri.path();
+        let path = path.strip_prefix(self.config.base_url.path.as_str()).unwrap_or(path);
+        let path = if path.is_empty() { "/" } else { path };
+        let limits = self.config.limits.iter().enumerate();
+        Needs::new(limits.filter_map(|(index, limit)| Some((index, limit.cost_of(&head.method, path)?))))
+    }
+
+    /// The endpoint limit an answer says it is about (GitHub's
+    /// `x-ratelimit-resource`), when the request needed that limit.
+    pub fn limit_named(&self, headers: &HeaderMap, needs: &Needs) -> Option<usize> {
+        let resource = headers.get(RESOURCE_HEADER)?.to_str().ok()?.trim();
+        let index = self.config.limits.iter().position(|limit| limit.name.eq_ignore_ascii_case(resource))?;
+        needs.iter().any(|(needed, _)| needed == index).then_some(index)
     }
 
     /// The same running upstream under a reloaded config.

@@ -9,7 +9,7 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use crate::admission::{Admission, Refusal, Waiter};
+use crate::admission::{Admission, Confirm, Refusal, Waiter};
 use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
 use crate::store::{SharedQuotas, Store};
@@ -68,6 +68,19 @@ pub(super) struct Limiter {
     pub store: Arc<Store>,
     /// The upstream's quotas as the shared script takes them.
     pub quotas: SharedQuotas,
+    /// Each endpoint limit's quotas, by index.
+    pub limits: Vec<SharedQuotas>,
+}
+
+impl Limiter {
+    /// What each attempt of `confirm` takes, for the shared script.
+    pub fn demand(&self, confirm: &Confirm) -> Vec<(Option<usize>, &SharedQuotas, u32)> {
+        let limits = confirm
+            .needs()
+            .iter()
+            .filter_map(|(index, units)| Some((Some(index), self.limits.get(index)?, units.get())));
+        std::iter::once((None, &self.quotas, 1)).chain(limits).collect()
+    }
 }
 
 /// What the callers, the tickets and the driver share.

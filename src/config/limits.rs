@@ -1,0 +1,183 @@
+//! `[[upstream.limit]]`: endpoint limits, validated.
+//!
+//! An endpoint limit is an extra quota that only matching requests take, on
+//! top of the upstream's own: GitHub's "80 content-creating requests a
+//! minute", or its points where a write costs 5. Matching is by method and
+//! by path glob, on the path the caller sent after the route (the path the
+//! upstream sees, less the base_url's own path). Globs follow `globset` with
+//! `/` as a separator that only `**` crosses:
+//! * `/repos/*/issues` matches `/repos/a/issues`, not `/repos/a/b/issues`;
+//! * `/repos/**` matches `/repos/a` and `/repos/a/b/c`, not `/repos`;
+//! * `/search/{code,issues}` matches either; `?` is one character but `/`;
+//! * the query string is never part of the match.
+
+use std::collections::HashSet;
+use std::num::NonZeroU32;
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use http::Method;
+use toml::Spanned;
+
+use super::error::Cx;
+use super::raw::RawLimit;
+use super::{ConfigError, Rate};
+
+/// Most endpoint limits per upstream: a request's set of limits is a bit set.
+pub const MAX_LIMITS: usize = 32;
+
+/// One `[[upstream.limit]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limit {
+    /// `[a-z0-9_-]+`, unique within the upstream: the label in `/status`,
+    /// metrics and the shared (Redis) key.
+    pub name: String,
+    /// Methods it applies to; empty: every method.
+    pub methods: Vec<Method>,
+    /// Paths it applies to; `None`: every path.
+    pub paths: Option<PathGlobs>,
+    /// Every quota is enforced, in units; at least one.
+    pub rate: Vec<Rate>,
+    /// Units one matching request takes.
+    pub cost: Cost,
+    /// Units that may leave back to back; 1 spaces requests evenly by cost.
+    pub burst: NonZeroU32,
+}
+
+impl Limit {
+    /// Units a request with this method and path takes from this limit, or
+    /// `None` when the limit does not apply to it.
+    pub fn cost_of(&self, method: &Method, path: &str) -> Option<NonZeroU32> {
+        let method_matches = self.methods.is_empty() || self.methods.contains(method);
+        let path_matches = self.paths.as_ref().is_none_or(|globs| globs.set.is_match(path));
+        (method_matches && path_matches).then(|| self.cost.of(method))
+    }
+}
+
+/// `cost`: one number, or a number per method with a default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cost {
+    pub default: NonZeroU32,
+    pub per_method: Vec<(Method, NonZeroU32)>,
+}
+
+impl Cost {
+    pub fn of(&self, method: &Method) -> NonZeroU32 {
+        self.per_method.iter().find(|(m, _)| m == method).map_or(self.default, |(_, cost)| *cost)
+    }
+}
+
+/// Path globs, compiled once; equal when written the same.
+#[derive(Debug, Clone)]
+pub struct PathGlobs {
+    patterns: Vec<String>,
+    set: GlobSet,
+}
+
+impl PartialEq for PathGlobs {
+    fn eq(&self, other: &Self) -> bool {
+        self.patterns == other.patterns
+    }
+}
+
+/// Validates an upstream's `[[upstream.limit]]` tables.
+pub fn limits(cx: &Cx<'_>, raw: Vec<RawLimit>) -> Result<Vec<Limit>, ConfigError> {
+    if let Some(extra) = raw.get(MAX_LIMITS) {
+        return Err(cx.err(extra.name.span(), format!("at most {MAX_LIMITS} limits per upstream")));
+    }
+    let mut names = HashSet::new();
+    raw.into_iter().map(|raw| limit(cx, &mut names, raw)).collect()
+}
+
+fn limit(cx: &Cx<'_>, names: &mut HashSet<String>, raw: RawLimit) -> Result<Limit, ConfigError> {
+    let name = raw.name.get_ref().clone();
+    let valid = !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if !valid {
+        return Err(cx.err(raw.name.span(), "a limit name must match [a-z0-9_-]+"));
+    }
+    if !names.insert(name.clone()) {
+        return Err(cx.err(raw.name.span(), format!("duplicate limit name {name:?}")));
+    }
+    let methods = match &raw.methods {
+        None => Vec::new(),
+        Some(list) if list.get_ref().is_empty() => {
+            return Err(cx.err(list.span(), "methods is empty: the limit would match nothing"));
+        }
+        Some(list) => list.get_ref().iter().map(|m| method(cx, m)).collect::<Result<_, _>>()?,
+    };
+    let paths = match &raw.paths {
+        None => None,
+        Some(list) if list.get_ref().is_empty() => {
+            return Err(cx.err(list.span(), "paths is empty: the limit would match nothing"));
+        }
+        Some(list) => Some(globs(cx, list.get_ref())?),
+    };
+    let rate = raw.rate.get_ref().0.clone();
+    if rate.is_empty() {
+        return Err(cx.err(raw.rate.span(), "rate needs at least one quota, like \"80/min\""));
+    }
+    let burst = NonZeroU32::new(*raw.burst.get_ref())
+        .ok_or_else(|| cx.err(raw.burst.span(), "burst must be at least 1"))?;
+    let cost = match &raw.cost {
+        None => Cost { default: NonZeroU32::MIN, per_method: Vec::new() },
+        Some(value) => cost(cx, value)?,
+    };
+    Ok(Limit { name, methods, paths, rate, cost, burst })
+}
+
+fn method(cx: &Cx<'_>, raw: &Spanned<String>) -> Result<Method, ConfigError> {
+    let upper = raw.get_ref().to_ascii_uppercase();
+    Method::from_bytes(upper.as_bytes())
+        .map_err(|_| cx.err(raw.span(), format!("invalid method {:?}", raw.get_ref())))
+}
+
+fn globs(cx: &Cx<'_>, raw: &[Spanned<String>]) -> Result<PathGlobs, ConfigError> {
+    let mut set = GlobSetBuilder::new();
+    for pattern in raw {
+        let text = pattern.get_ref();
+        if !text.starts_with('/') && !text.starts_with("**") {
+            return Err(cx.err(pattern.span(), format!("path glob {text:?} must start with /")));
+        }
+        let glob = GlobBuilder::new(text)
+            .literal_separator(true)
+            .build()
+            .map_err(|e| cx.err(pattern.span(), format!("invalid path glob {text:?}: {}", e.kind())))?;
+        set.add(glob);
+    }
+    let set = set.build().map_err(|e| cx.err(raw[0].span(), format!("invalid path globs: {e}")))?;
+    Ok(PathGlobs { patterns: raw.iter().map(|p| p.get_ref().clone()).collect(), set })
+}
+
+/// `cost = 5` or `cost = { default = 1, POST = 5 }`.
+fn cost(cx: &Cx<'_>, raw: &Spanned<toml::Value>) -> Result<Cost, ConfigError> {
+    let units =
+        |value: &toml::Value, what: &str| {
+            value.as_integer().and_then(|n| u32::try_from(n).ok()).and_then(NonZeroU32::new).ok_or_else(
+                || cx.err(raw.span(), format!("{what} must be a whole number of units, at least 1")),
+            )
+        };
+    match raw.get_ref() {
+        toml::Value::Table(table) => {
+            let mut default = NonZeroU32::MIN;
+            let mut per_method = Vec::new();
+            for (key, value) in table {
+                if key == "default" {
+                    default = units(value, "cost.default")?;
+                    continue;
+                }
+                let method = Method::from_bytes(key.as_bytes())
+                    .ok()
+                    .filter(|_| key.bytes().all(|b| b.is_ascii_uppercase()))
+                    .ok_or_else(|| {
+                        cx.err(
+                            raw.span(),
+                            format!("cost: {key:?} is neither default nor a method in capitals"),
+                        )
+                    })?;
+                per_method.push((method, units(value, &format!("cost.{key}"))?));
+            }
+            Ok(Cost { default, per_method })
+        }
+        value => Ok(Cost { default: units(value, "cost")?, per_method: Vec::new() }),
+    }
+}
