@@ -45,6 +45,11 @@ name = "demo-api"
 base_url = "http://$mock"
 route = "/demo"
 rate = "20/s"
+
+[[upstream.limit]]
+name = "items"
+paths = ["/item/*"]
+rate = "10/s"
 TOML
 target/debug/pacegate --config "$work/pacegate.toml" --log-format json 2>"$work/pacegate.log" &
 pids+=($!)
@@ -52,7 +57,7 @@ listening=$(await_line "$work/pacegate.log" 'listening proxy=[0-9.:]* admin=[0-9
 proxy=$(echo "$listening" | sed -E 's/.*proxy=([0-9.:]+).*/\1/')
 admin=$(echo "$listening" | sed -E 's/.*admin=([0-9.:]+).*/\1/')
 
-# Traffic: 100 requests queue up behind the 20/s quota (done in about 5 s).
+# Traffic: 100 requests queue up behind the items limit (10/s, done in about 10 s).
 for i in $(seq 100); do
   curl -s -o /dev/null --max-time 30 "http://$proxy/demo/item/$i" &
   pids+=($!)
@@ -73,4 +78,5 @@ answered=$(grep -o 'data-stat="requests">[0-9]*' "$work/dom.html" | grep -o '[0-
 [ "${answered:-0}" -gt 0 ] || fail "no answered requests shown"
 grep -q 'data-stat="queue">[0-9]' "$work/dom.html" || fail "no queue depth shown"
 grep -q 'quota 20/s' "$work/dom.html" || fail "quota not shown"
+grep -q 'data-limit="items"' "$work/dom.html" || fail "the items limit's row is missing"
 echo "dashboard test passed: demo-api card shows $answered answered requests"

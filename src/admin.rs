@@ -166,6 +166,20 @@ fn upstream_status(metrics: &Metrics, upstream: &Upstream) -> Value {
             "at_unix_ms": unix_ms(wall - now.saturating_duration_since(at)),
             "retry_after_ms": pause.map(|p| p.as_millis() as u64),
         })),
+        "limits": config.limits.iter().zip(&state.limits).map(|(limit, state)| {
+            let cooldown = state.cooldown_until.map(|until| until.saturating_duration_since(now));
+            json!({
+                "name": limit.name,
+                "quotas": limit.rate.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "rate": state.rate,
+                "effective_rate": state.effective_rate,
+                "waiting": state.waiting,
+                "cooldown": cooldown.filter(|d| !d.is_zero()).map(|d| json!({
+                    "remaining_ms": d.as_millis() as u64,
+                    "until_unix_ms": unix_ms(wall + d),
+                })),
+            })
+        }).collect::<Vec<_>>(),
     })
 }
 

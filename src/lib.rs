@@ -19,10 +19,11 @@
 //!   pass-through traffic off private addresses.
 //! - [`store`]: quotas and cooldowns shared by replicas through Redis.
 //! - [`admission`]: the admission core: who may leave an upstream's queue,
-//!   and when (queue, partitions with their own quotas and cooldown,
-//!   callers round-robin, priority lanes, concurrency and queue bounds). A
-//!   plain synchronous type, time passed in, unit-tested on a manual clock.
-//! - [`limit`]: the governor-based pacer.
+//!   and when (queues per partition and set of endpoint limits, partitions
+//!   with their own quotas, limits and cooldowns, callers round-robin,
+//!   priority lanes, concurrency and queue bounds). A plain synchronous
+//!   type, time passed in, unit-tested on a manual clock.
+//! - [`limit`]: the governor-based pacer, weighted by cost.
 //! - [`retry`]: what is retryable, backoff, Retry-After and rate-limit hints, budget.
 //! - [`error`]: the error table, the one mapping from errors to answers.
 //! - [`body`]: buffered (replayable) and streamed bodies.

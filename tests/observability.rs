@@ -358,7 +358,8 @@ budget = 100.0
     assert_eq!(u["attempts"]["ok"], 0, "{s:#}");
     assert_eq!(u["retries"]["status_429"], 1, "{s:#}");
     let rejections = u["rejections"].as_object().expect("rejections");
-    assert!(rejections.values().all(|v| v == 0) && rejections.len() == 4, "{s:#}");
+    assert!(rejections.values().all(|v| v == 0) && rejections.len() == 5, "{s:#}");
+    assert_eq!(u["limits"], serde_json::json!([]), "no endpoint limits configured: {s:#}");
 
     assert_eq!(one.await.unwrap(), (200, Some("2".into()), None));
     assert_eq!(two.await.unwrap(), (200, Some("1".into()), None));
@@ -373,6 +374,49 @@ budget = 100.0
         u["cooldown"].is_null() && u["requests"] == 2 && u["attempts"]["ok"] == 2 && u["queue"]["depth"] == 0
     };
     assert!(pg.wait_status(Duration::from_secs(5), settled).await, "{:#}", pg.status().await);
+    pg.stop().await.unwrap();
+}
+
+/// Each endpoint limit in `/status`: its quotas, pace, waiters and its own
+/// cooldown, while the upstream itself does not cool down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_each_endpoint_limit() {
+    let answer = Scripted::status_with(429, &[("retry-after", "2"), ("x-ratelimit-resource", "writes")]);
+    let mock = MockUpstream::start(Behaviour::new().script([answer])).await;
+    let extra = r#"rate = "50/s"
+[upstream.retry]
+jitter = "none"
+budget = 100.0
+
+[[upstream.limit]]
+name = "writes"
+methods = ["POST"]
+rate = "5/s"
+"#;
+    let pg = Pacegate::start(&upstream("api", &mock.url(), extra)).await;
+    let post = |path: &'static str| {
+        let url = pg.url(path);
+        tokio::spawn(async move { client().post(url).send().await.expect("proxied POST").status().as_u16() })
+    };
+    let first = post("/api/first");
+    let writes_cool = |s: &Value| !api(s)["limits"][0]["cooldown"].is_null();
+    assert!(pg.wait_status(Duration::from_secs(5), writes_cool).await, "{:#}", pg.status().await);
+    let second = post("/api/second");
+    // The first POST sleeps its backoff; the second waits for the limit.
+    let waiting = |s: &Value| api(s)["limits"][0]["waiting"] == 1;
+    assert!(pg.wait_status(Duration::from_secs(2), waiting).await, "{:#}", pg.status().await);
+    let s = pg.status().await;
+    let limit = &api(&s)["limits"][0];
+    assert_eq!(limit["name"], "writes", "{s:#}");
+    assert_eq!(limit["quotas"], serde_json::json!(["5/s"]), "{s:#}");
+    assert_eq!(limit["rate"], 5.0, "{s:#}");
+    let remaining = limit["cooldown"]["remaining_ms"].as_u64().expect("cooldown.remaining_ms");
+    assert!(remaining > 0 && remaining <= 2000, "{s:#}");
+    assert!(api(&s)["cooldown"].is_null(), "the upstream itself does not cool down: {s:#}");
+    let (status, _, _) = get(pg.url("/api/read")).await.unwrap();
+    assert_eq!(status, 200, "a GET does not wait for the writes limit");
+    assert_eq!(mock.arrivals().last().map(|a| a.method.clone()), Some("GET".into()), "the GET went first");
+    assert_eq!((first.await.unwrap(), second.await.unwrap()), (200, 200));
     pg.stop().await.unwrap();
 }
 
