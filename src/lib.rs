@@ -22,6 +22,9 @@
 //!   and when (queue, partitions with their own quotas and cooldown,
 //!   callers round-robin, priority lanes, concurrency and queue bounds). A
 //!   plain synchronous type, time passed in, unit-tested on a manual clock.
+//! - [`llm`]: LLM API calls: which requests are ones, their token estimate,
+//!   the usage answers report (JSON or streamed), token quota headers,
+//!   calibration. Pure functions, used by the request path.
 //! - [`limit`]: the governor-based pacer.
 //! - [`retry`]: what is retryable, backoff, Retry-After and rate-limit hints, budget.
 //! - [`error`]: the error table, the one mapping from errors to answers.
@@ -46,7 +49,7 @@
 //!           runtime
 //!           route server tls upstream
 //!           store
-//!           admission metrics
+//!           admission llm metrics
 //!           limit retry
 //!           error
 //!           body headers workers
@@ -61,6 +64,8 @@
 //!           guard
 //!           activity framing
 //!           head
+//! llm       request
+//!           endpoint image tokenizer
 //! tls       mitm
 //!           ca
 //! upstream  exchange
@@ -122,6 +127,7 @@ pub mod error;
 pub mod fuzz;
 pub mod headers;
 pub mod limit;
+pub mod llm;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
