@@ -65,7 +65,9 @@
 //!           activity framing
 //!           head
 //! llm       request
-//!           endpoint image tokenizer
+//!           image tokenizer
+//!           sse
+//!           endpoint headers usage
 //! tls       mitm
 //!           ca
 //! upstream  exchange
