@@ -67,7 +67,7 @@
 //! llm       request
 //!           image tokenizer
 //!           sse
-//!           endpoint headers usage
+//!           calibration endpoint headers usage
 //! tls       mitm
 //!           ca
 //! upstream  exchange
