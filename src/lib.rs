@@ -49,7 +49,8 @@
 //!           runtime
 //!           route server tls upstream
 //!           store
-//!           admission llm metrics
+//!           admission metrics
+//!           llm
 //!           limit retry
 //!           error
 //!           body headers workers
