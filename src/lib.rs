@@ -22,6 +22,9 @@
 //!   and when (queue, partitions with their own quotas and cooldown,
 //!   callers round-robin, priority lanes, concurrency and queue bounds). A
 //!   plain synchronous type, time passed in, unit-tested on a manual clock.
+//! - [`llm`]: LLM API calls: which requests are ones, their token estimate,
+//!   the usage answers report (JSON or streamed), token quota headers,
+//!   calibration. Pure functions, used by the request path.
 //! - [`limit`]: the governor-based pacer.
 //! - [`retry`]: what is retryable, backoff, Retry-After and rate-limit hints, budget.
 //! - [`error`]: the error table, the one mapping from errors to answers.
@@ -47,6 +50,7 @@
 //!           route server tls upstream
 //!           store
 //!           admission metrics
+//!           llm
 //!           limit retry
 //!           error
 //!           body headers workers
@@ -61,6 +65,10 @@
 //!           guard
 //!           activity framing
 //!           head
+//! llm       request
+//!           image tokenizer
+//!           sse
+//!           calibration endpoint headers usage
 //! tls       mitm
 //!           ca
 //! upstream  exchange
@@ -122,6 +130,7 @@ pub mod error;
 pub mod fuzz;
 pub mod headers;
 pub mod limit;
+pub mod llm;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
