@@ -482,3 +482,4 @@ fn a_secret_of_the_wrong_type_is_not_echoed() {
 }
 
 mod limits;
+mod tokens;
