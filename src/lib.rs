@@ -56,9 +56,13 @@
 //!           body headers workers
 //!           config
 //! config    validate
-//!           claims raw
+//!           claims limits
+//!           raw
 //!           authority units
 //!           error
+//! admission partition
+//!           pacing schedule tokens
+//!           needs
 //! retry     backoff budget hints policy
 //!           parse
 //! server    connection tunnel
@@ -72,6 +76,7 @@
 //! tls       mitm
 //!           ca
 //! upstream  exchange
+//!           tokens
 //!           dispatcher
 //!           driver
 //!           client shared
