@@ -180,6 +180,37 @@ fn upstream_status(metrics: &Metrics, upstream: &Upstream) -> Value {
                 })),
             })
         }).collect::<Vec<_>>(),
+        "tokens": tokens_status(config, &state),
+    })
+}
+
+/// An upstream's token quotas: what each allows a minute against what was
+/// sent (settled) in the last one, what attempts in flight reserved, and the
+/// calibration of input estimates. `null` without token quotas.
+fn tokens_status(config: &crate::config::Upstream, state: &crate::admission::Status) -> Value {
+    let (Some(tokens), Some(book)) = (&config.tokens, state.tokens) else { return Value::Null };
+    let quotas: Vec<Value> = tokens
+        .quotas
+        .iter()
+        .map(|(kind, rate)| {
+            let per_minute = rate.iter().map(|r| r.per_second() * 60.0).fold(f64::INFINITY, f64::min);
+            json!({
+                "name": kind.name(),
+                "quotas": rate.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "per_minute": per_minute.round() as u64,
+            })
+        })
+        .collect();
+    json!({
+        "quotas": quotas,
+        "sent_last_minute": book.sent_last_minute,
+        "reserved_in_flight": book.reserved_in_flight,
+        "calibration": { "ratio": book.calibration, "samples": book.calibration_samples },
+        "default_max_tokens": tokens.default_max_tokens,
+        "accounting": match tokens.accounting {
+            crate::config::TokenAccounting::Usage => "usage",
+            crate::config::TokenAccounting::Reserved => "reserved",
+        },
     })
 }
 

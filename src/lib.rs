@@ -23,6 +23,9 @@
 //!   with their own quotas, limits and cooldowns, callers round-robin,
 //!   priority lanes, concurrency and queue bounds). A plain synchronous
 //!   type, time passed in, unit-tested on a manual clock.
+//! - [`llm`]: LLM API calls: which requests are ones, their token estimate,
+//!   the usage answers report (JSON or streamed), token quota headers,
+//!   calibration. Pure functions, used by the request path.
 //! - [`limit`]: the governor-based pacer, weighted by cost.
 //! - [`retry`]: what is retryable, backoff, Retry-After and rate-limit hints, budget.
 //! - [`error`]: the error table, the one mapping from errors to answers.
@@ -48,23 +51,33 @@
 //!           route server tls upstream
 //!           store
 //!           admission metrics
+//!           llm
 //!           limit retry
 //!           error
 //!           body headers workers
 //!           config
 //! config    validate
-//!           claims raw
+//!           claims limits
+//!           raw
 //!           authority units
 //!           error
+//! admission partition
+//!           pacing schedule tokens
+//!           needs
 //! retry     backoff budget hints policy
 //!           parse
 //! server    connection tunnel
 //!           guard
 //!           activity framing
 //!           head
+//! llm       request
+//!           image tokenizer
+//!           sse
+//!           calibration endpoint headers usage
 //! tls       mitm
 //!           ca
 //! upstream  exchange
+//!           tokens
 //!           dispatcher
 //!           driver
 //!           client shared
@@ -123,6 +136,7 @@ pub mod error;
 pub mod fuzz;
 pub mod headers;
 pub mod limit;
+pub mod llm;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -59,6 +59,13 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub upstream: Arc<str>,
+    /// `input` or `output`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     /// `ok` or `error`.
     pub result: &'static str,
@@ -85,6 +92,8 @@ pub struct Metrics {
     pub cooldown_seconds: Family<UpstreamLabel, Counter<f64, AtomicU64>>,
     pub config_reloads: Family<ResultLabel, Counter>,
     pub effective_rate: Family<UpstreamLabel, Gauge<f64, AtomicU64>>,
+    /// LLM tokens charged against token quotas, as settled.
+    pub tokens: Family<KindLabels, Counter>,
     /// Answers per upstream, all codes together, for `/status` (not exported).
     pub answered: Family<UpstreamLabel, Counter>,
     /// 1 while the shared limiter's Redis is reachable.
@@ -128,6 +137,7 @@ impl Metrics {
         let cooldown_seconds = Family::default();
         let config_reloads = Family::default();
         let effective_rate = Family::default();
+        let tokens = Family::default();
         let panics = Counter::default();
         registry.register("pacegate_panics", "Panics caught; the task that panicked ended", panics.clone());
         registry.register("pacegate_requests", "Answers to callers, by HTTP status", requests.clone());
@@ -169,6 +179,11 @@ impl Metrics {
             "Requests per second the pacer uses now",
             effective_rate.clone(),
         );
+        registry.register(
+            "pacegate_tokens",
+            "LLM tokens charged against token quotas, as settled, by kind (input, output)",
+            tokens.clone(),
+        );
         for ok in [true, false] {
             let _ = config_reloads.get_or_create(&Self::reload_result(ok));
         }
@@ -199,6 +214,7 @@ impl Metrics {
             cooldown_seconds,
             config_reloads,
             effective_rate,
+            tokens,
             answered: Family::default(),
             redis_up,
             redis_errors,
@@ -267,6 +283,13 @@ impl Metrics {
         L: Clone + std::hash::Hash + Eq,
     {
         family.get(labels).map_or(0, |counter| counter.get())
+    }
+
+    /// Counts tokens an LLM call was charged; `0, 0` exports both series.
+    pub fn count_tokens(&self, upstream: &str, input: u64, output: u64) {
+        for (kind, tokens) in [("input", input), ("output", output)] {
+            self.tokens.get_or_create(&KindLabels { upstream: upstream.into(), kind }).inc_by(tokens);
+        }
     }
 
     /// Counts one reload by result (`ok` or `error`).

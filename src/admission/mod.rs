@@ -52,6 +52,7 @@ mod partition;
 pub mod schedule;
 #[cfg(test)]
 mod tests;
+pub mod tokens;
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -66,6 +67,8 @@ pub use needs::{LimitSet, Needs, QueueKey};
 pub use pacing::{Pacing, PauseReason, Quotas};
 use partition::{Partition, Slots};
 pub use schedule::{Priority, Schedule};
+use tokens::TokenBook;
+pub use tokens::{Reservation, Settlement, TokenQuotas, TokenStatus};
 
 /// The one partition of an upstream without `partition_by`.
 pub const SINGLE: u64 = 0;
@@ -153,6 +156,8 @@ pub struct Limits {
     pub max_concurrency: usize,
     /// `max_partitions`: live partitions at once.
     pub max_partitions: usize,
+    /// Which of `endpoints` are token quotas (the last ones).
+    pub tokens: TokenQuotas,
 }
 
 /// One endpoint limit's quotas, in units.
@@ -169,19 +174,45 @@ impl Endpoint {
         Self {
             name: limit.name.clone(),
             quotas: Quotas { rate: limit.rate.clone(), burst: limit.burst, adaptive: false },
-            capacity: limit.rate.iter().map(|r| r.count.get()).min().unwrap_or(u32::MAX),
+            capacity: capacity(&limit.rate),
         }
     }
+
+    /// A token quota: paced evenly by tokens (burst 1), never adaptive.
+    pub fn tokens(kind: config::TokenKind, rate: &[config::Rate]) -> Self {
+        Self {
+            name: kind.name().to_string(),
+            quotas: Quotas { rate: rate.to_vec(), burst: std::num::NonZeroU32::MIN, adaptive: false },
+            capacity: capacity(rate),
+        }
+    }
+}
+
+/// Most units one request may cost: the smallest count of the quotas.
+fn capacity(rate: &[config::Rate]) -> u32 {
+    rate.iter().map(|r| r.count.get()).min().unwrap_or(u32::MAX)
 }
 
 impl Limits {
     pub fn of(upstream: &config::Upstream) -> Self {
         Self {
             quotas: Quotas::of(upstream),
-            endpoints: upstream.limits.iter().map(Endpoint::of).collect(),
+            endpoints: upstream
+                .limits
+                .iter()
+                .map(Endpoint::of)
+                .chain(
+                    upstream
+                        .tokens
+                        .iter()
+                        .flat_map(|t| &t.quotas)
+                        .map(|(kind, rate)| Endpoint::tokens(*kind, rate)),
+                )
+                .collect(),
             queue_size: upstream.queue_size,
             max_concurrency: upstream.max_concurrency.get() as usize,
             max_partitions: upstream.max_partitions.get(),
+            tokens: TokenQuotas::of(upstream),
         }
     }
 }
@@ -254,8 +285,10 @@ pub struct Status {
     pub cooldown_until: Option<Instant>,
     /// When the upstream last answered 429, and the pause it asked for.
     pub last_rate_limited: Option<(Instant, Option<Duration>)>,
-    /// Each endpoint limit, by index.
+    /// Each endpoint limit, by index (token quotas last).
     pub limits: Vec<LimitStatus>,
+    /// With token quotas: tokens sent, reserved and the calibration.
+    pub tokens: Option<TokenStatus>,
 }
 
 /// One endpoint limit as `/status` shows it.
@@ -299,6 +332,8 @@ pub struct Admission<W> {
     /// The queue whose [`Confirm`] is out: out of the ring until settled,
     /// and its partition never evicted meanwhile (its slots go back there).
     confirming: Option<QueueKey>,
+    /// Tokens in flight and sent, and the input calibration.
+    tokens: TokenBook,
 }
 
 impl<W: Waiter> Admission<W> {
@@ -323,6 +358,7 @@ impl<W: Waiter> Admission<W> {
             cooled: Duration::ZERO,
             quota_changes: 0,
             confirming: None,
+            tokens: TokenBook::default(),
         }
     }
 
@@ -388,6 +424,7 @@ impl<W: Waiter> Admission<W> {
         let admitted = partition.take(&self.name, needs, now);
         if admitted.is_ok() {
             partition.record_grant(needs, now);
+            self.tokens.granted(&self.limits.tokens, needs);
             self.in_flight += 1;
         }
         self.observed = place.partition;
@@ -594,6 +631,40 @@ impl<W: Waiter> Admission<W> {
         learned.pause
     }
 
+    /// An input estimate corrected by what this upstream's answers reported.
+    pub fn calibrated(&self, input: u64) -> u64 {
+        self.tokens.calibration.apply(input)
+    }
+
+    /// Learns from one answer: an uncalibrated input estimate and the input reported.
+    pub fn calibrate(&mut self, estimated: u64, reported: u64) {
+        self.tokens.calibration.observe(estimated, reported);
+    }
+
+    /// Settles an attempt of `partition` that `reserved` tokens: the
+    /// token quotas are corrected to what it is charged (given back, never
+    /// before `now`, or taken on top). Returns what it is charged.
+    pub fn settle_tokens(
+        &mut self,
+        partition: u64,
+        reserved: Reservation,
+        settlement: Settlement,
+        now: Instant,
+    ) -> Reservation {
+        let quotas = self.limits.tokens;
+        let charged = quotas.charged(reserved, settlement);
+        self.tokens.settled(&quotas, reserved, charged, now);
+        // A partition evicted meanwhile has nothing left to correct.
+        if let Some(partition) = self.partitions.get_mut(&partition) {
+            for (index, delta) in quotas.corrections(reserved, charged) {
+                if let Some(limit) = partition.limits.get_mut(index) {
+                    limit.adjust(now, delta);
+                }
+            }
+        }
+        charged
+    }
+
     /// Drops idle partitions (nothing waits, nothing to remember); the single
     /// partition of an upstream without `partition_by` stays.
     pub fn sweep(&mut self, now: Instant) {
@@ -636,8 +707,8 @@ impl<W: Waiter> Admission<W> {
         std::mem::take(&mut self.cooled)
     }
 
-    /// The state as `/status` shows it.
-    pub fn status(&self) -> Status {
+    /// The state as `/status` shows it at `now`.
+    pub fn status(&self, now: Instant) -> Status {
         let mut callers: Vec<usize> = if self.held == 0 {
             Vec::new()
         } else {
@@ -673,6 +744,7 @@ impl<W: Waiter> Admission<W> {
             cooldown_until: observed.and_then(|p| p.pacing.cooldown_until()),
             last_rate_limited: self.last_rate_limited,
             limits: limits.collect(),
+            tokens: (!self.limits.tokens.is_empty()).then(|| self.tokens.status(now)),
         }
     }
 
@@ -739,6 +811,7 @@ impl<W: Waiter> Admission<W> {
                 continue;
             }
             partition.record_grant(&entry.needs, now);
+            self.tokens.granted(&self.limits.tokens, &entry.needs);
             self.in_flight += 1;
             return Some(entry.waiter);
         }

@@ -11,8 +11,8 @@
 use std::num::NonZeroU32;
 
 /// A set of endpoint limits, by index: bit `i` is limit `i`
-/// (`config::MAX_LIMITS` fit).
-pub type LimitSet = u32;
+/// (`config::MAX_LIMITS` fit, and the token quotas after them).
+pub type LimitSet = u64;
 
 /// The units a request takes from each endpoint limit it matches.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -70,7 +70,7 @@ mod tests {
 
     #[test]
     fn needs_are_kept_by_index_once() {
-        let needs = Needs::new([(3, units(5)), (0, units(1)), (3, units(7)), (40, units(1))]);
+        let needs = Needs::new([(3, units(5)), (0, units(1)), (3, units(7)), (70, units(1))]);
         assert_eq!(needs.iter().collect::<Vec<_>>(), vec![(0, units(1)), (3, units(5))]);
         assert_eq!(needs.set(), 0b1001);
         assert_eq!(Needs::default().set(), 0);

@@ -165,6 +165,12 @@ impl Pacing {
         }
     }
 
+    /// Corrects the units the last grants took by `delta`: positive takes
+    /// more, negative gives back (settling an LLM call's tokens).
+    pub fn adjust(&mut self, now: Instant, delta: i64) {
+        self.pacer.adjust(now, delta);
+    }
+
     pub fn record_grant(&mut self, now: Instant) {
         self.last_grant = Some(now);
         self.grants.push_back(now);

@@ -40,6 +40,7 @@ fn limits(rate: &str, burst: u32) -> Limits {
         queue_size: 100,
         max_concurrency: 100,
         max_partitions: 100,
+        tokens: TokenQuotas::default(),
     }
 }
 
@@ -173,7 +174,7 @@ fn a_partition_in_cooldown_is_skipped_without_holding_others() {
     let served = b.serve(1_000, 10_000);
     assert_eq!(ids(&served), [0, 1, 2]);
     assert_eq!(served[0].1, 5_000, "partition 1 leaves when its cooldown ends");
-    assert!(b.core.status().last_rate_limited.is_some());
+    assert!(b.core.status(b.t0).last_rate_limited.is_some());
 }
 
 #[test]
@@ -188,7 +189,7 @@ fn concurrency_is_bounded() {
     assert!(matches!(b.core.next(now, false), Next::Full), "two in flight");
     assert!(b.core.release(), "waiters wait: the driver must look again");
     assert!(matches!(b.core.next(now, false), Next::Grant(Caller { id: 2, .. })));
-    assert_eq!(b.core.status().in_flight, 2);
+    assert_eq!(b.core.status(b.t0).in_flight, 2);
 }
 
 #[test]
@@ -387,3 +388,4 @@ fn recover_makes_the_counts_whole_again() {
 }
 
 mod limits;
+mod tokens;

@@ -19,8 +19,11 @@ use http::Method;
 use toml::Spanned;
 
 use super::error::Cx;
-use super::raw::RawLimit;
-use super::{ConfigError, Rate};
+use super::raw::{Rates, RawLimit, RawUpstream};
+use super::{ConfigError, Rate, TokenAccounting, TokenKind, Tokens};
+
+/// Output reserved for an LLM call that names no `max_tokens` (SPEC's example).
+pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
 /// Most endpoint limits per upstream: a request's set of limits is a bit set.
 pub const MAX_LIMITS: usize = 32;
@@ -95,6 +98,12 @@ fn limit(cx: &Cx<'_>, names: &mut HashSet<String>, raw: RawLimit) -> Result<Limi
     if !valid {
         return Err(cx.err(raw.name.span(), "a limit name must match [a-z0-9_-]+"));
     }
+    if let Some(kind) = TokenKind::ALL.into_iter().find(|kind| kind.name() == name) {
+        return Err(cx.err(
+            raw.name.span(),
+            format!("{name:?} is the name of a token quota; set `{}` on the upstream instead", kind.name()),
+        ));
+    }
     if !names.insert(name.clone()) {
         return Err(cx.err(raw.name.span(), format!("duplicate limit name {name:?}")));
     }
@@ -123,6 +132,44 @@ fn limit(cx: &Cx<'_>, names: &mut HashSet<String>, raw: RawLimit) -> Result<Limi
         Some(value) => cost(cx, value)?,
     };
     Ok(Limit { name, methods, paths, rate, cost, burst })
+}
+
+/// Validates an upstream's token quotas and their settings.
+pub fn tokens(cx: &Cx<'_>, raw: &RawUpstream) -> Result<Option<Tokens>, ConfigError> {
+    let keys: [(TokenKind, &Option<Spanned<Rates>>); 3] = [
+        (TokenKind::Total, &raw.tokens),
+        (TokenKind::Input, &raw.input_tokens),
+        (TokenKind::Output, &raw.output_tokens),
+    ];
+    let mut quotas = Vec::new();
+    for (kind, rates) in keys {
+        let Some(rates) = rates else { continue };
+        if rates.get_ref().0.is_empty() {
+            return Err(
+                cx.err(rates.span(), format!("{} needs at least one quota, like \"30000/min\"", kind.name()))
+            );
+        }
+        quotas.push((kind, rates.get_ref().0.clone()));
+    }
+    if quotas.is_empty() {
+        // Settings for quotas that are not there would silently do nothing.
+        if let Some(span) = raw.default_max_tokens.as_ref().map(Spanned::span) {
+            return Err(cx.err(span, "default_max_tokens needs tokens, input_tokens or output_tokens"));
+        }
+        if let Some(span) = raw.token_accounting.as_ref().map(Spanned::span) {
+            return Err(cx.err(span, "token_accounting needs tokens, input_tokens or output_tokens"));
+        }
+        return Ok(None);
+    }
+    let default_max_tokens = match &raw.default_max_tokens {
+        None => DEFAULT_MAX_TOKENS,
+        Some(value) if *value.get_ref() == 0 => {
+            return Err(cx.err(value.span(), "default_max_tokens must be at least 1"));
+        }
+        Some(value) => *value.get_ref(),
+    };
+    let accounting = raw.token_accounting.as_ref().map_or(TokenAccounting::Usage, |a| (*a.get_ref()).into());
+    Ok(Some(Tokens { quotas, default_max_tokens, accounting }))
 }
 
 fn method(cx: &Cx<'_>, raw: &Spanned<String>) -> Result<Method, ConfigError> {

@@ -26,7 +26,7 @@ use http::StatusCode;
 use http::uri::{Authority, Scheme};
 
 pub use error::ConfigError;
-pub use limits::{Cost, Limit, MAX_LIMITS, PathGlobs};
+pub use limits::{Cost, DEFAULT_MAX_TOKENS, Limit, MAX_LIMITS, PathGlobs};
 pub use units::{MAX_DURATION, format_duration, parse_duration, parse_rate};
 
 /// Reads, parses and validates a config file.
@@ -241,4 +241,50 @@ pub struct Upstream {
     pub ca_file: Option<PathBuf>,
     /// `[[upstream.limit]]`: extra quotas that only matching requests take.
     pub limits: Vec<Limit>,
+    /// Token quotas of LLM calls; `None` when no token quota is set.
+    pub tokens: Option<Tokens>,
+}
+
+/// The token quotas of an upstream (`tokens`, `input_tokens`,
+/// `output_tokens`) and how LLM calls are charged against them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tokens {
+    /// Each configured quota, in [`TokenKind`] order; at least one.
+    pub quotas: Vec<(TokenKind, Vec<Rate>)>,
+    /// Output reserved for a request that names no `max_tokens`.
+    pub default_max_tokens: u64,
+    pub accounting: TokenAccounting,
+}
+
+/// Which tokens a token quota counts; its name is reserved for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// `tokens`: input and output together (OpenAI TPM).
+    Total,
+    /// `input_tokens` (Anthropic ITPM).
+    Input,
+    /// `output_tokens` (Anthropic OTPM).
+    Output,
+}
+
+impl TokenKind {
+    pub const ALL: [TokenKind; 3] = [TokenKind::Total, TokenKind::Input, TokenKind::Output];
+
+    /// The config key, and the quota's name in `/status` and Redis keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Total => "tokens",
+            Self::Input => "input_tokens",
+            Self::Output => "output_tokens",
+        }
+    }
+}
+
+/// `token_accounting`: what an answer's reported usage corrects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenAccounting {
+    /// The whole reservation is corrected to the usage reported.
+    Usage,
+    /// Only the input is; the output reservation stands (APIs that charge `max_tokens`).
+    Reserved,
 }

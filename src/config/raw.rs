@@ -16,7 +16,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use toml::Spanned;
 
 use super::units::{parse_duration, parse_rate};
-use super::{ConfigError, Jitter, Rate, RedisOnError, UnknownHosts};
+use super::{ConfigError, Jitter, Rate, RedisOnError, TokenAccounting, UnknownHosts};
 
 /// Parses config text into the raw structs; `path` only names the file in errors.
 pub fn from_str(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
@@ -201,6 +201,13 @@ pub struct RawUpstream {
     /// `[[upstream.limit]]` tables.
     #[serde(default, rename = "limit")]
     pub limits: Vec<RawLimit>,
+    /// Token quotas: spanned, so that an empty list is pointed at.
+    pub tokens: Option<Spanned<Rates>>,
+    pub input_tokens: Option<Spanned<Rates>>,
+    pub output_tokens: Option<Spanned<Rates>>,
+    /// Optional rather than defaulted: setting it without a token quota is an error.
+    pub default_max_tokens: Option<Spanned<u64>>,
+    pub token_accounting: Option<Spanned<RawTokenAccounting>>,
 }
 
 /// One `[[upstream.limit]]`.
@@ -407,6 +414,23 @@ impl From<RawRedisOnError> for RedisOnError {
         match raw {
             RawRedisOnError::Local => Self::Local,
             RawRedisOnError::Deny => Self::Deny,
+        }
+    }
+}
+
+/// `token_accounting`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawTokenAccounting {
+    Usage,
+    Reserved,
+}
+
+impl From<RawTokenAccounting> for TokenAccounting {
+    fn from(raw: RawTokenAccounting) -> Self {
+        match raw {
+            RawTokenAccounting::Usage => Self::Usage,
+            RawTokenAccounting::Reserved => Self::Reserved,
         }
     }
 }

@@ -78,7 +78,7 @@ fn docker_config_is_the_example_with_public_listeners() {
 fn shipped_example_is_valid() {
     let config = shipped("pacegate.toml");
     let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
-    assert_eq!(names, ["github", "openai", "stripe"]);
+    assert_eq!(names, ["github", "openai", "anthropic", "stripe"]);
     assert_eq!(config.server.listen, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
     assert_eq!(config.server.admin_listen, "127.0.0.1:9090".parse::<SocketAddr>().unwrap());
     assert_eq!(config.forward.unknown_hosts, UnknownHosts::Deny);
@@ -87,6 +87,10 @@ fn shipped_example_is_valid() {
     assert_eq!(github.hosts, ["api.github.com"]);
     assert_eq!(github.rate[0].to_string(), "5000/h");
     assert_eq!(config.upstreams[1].hosts, ["api.openai.com"]);
+    let token_quotas =
+        |u: &Upstream| u.tokens.as_ref().map(|t| t.quotas.iter().map(|(k, _)| k.name()).collect::<Vec<_>>());
+    assert_eq!(token_quotas(&config.upstreams[1]), Some(vec!["tokens"]));
+    assert_eq!(token_quotas(&config.upstreams[2]), Some(vec!["input_tokens", "output_tokens"]));
 }
 
 #[test]
@@ -482,3 +486,4 @@ fn a_secret_of_the_wrong_type_is_not_echoed() {
 }
 
 mod limits;
+mod tokens;

@@ -179,6 +179,7 @@ fn upstream(cx: &Cx<'_>, claims: &mut Claims, raw: RawUpstream) -> Result<Upstre
         return Err(cx.err(ca_file.span(), "ca_file is only used with an https base_url"));
     }
 
+    let tokens = super::limits::tokens(cx, &raw)?;
     Ok(Upstream {
         base_url,
         route,
@@ -197,6 +198,7 @@ fn upstream(cx: &Cx<'_>, claims: &mut Claims, raw: RawUpstream) -> Result<Upstre
         fair_by: raw.fair_by.as_ref().map(|s| key_source(cx, "fair_by", s)).transpose()?,
         ca_file: raw.ca_file.map(Spanned::into_inner),
         limits: super::limits::limits(cx, raw.limits)?,
+        tokens,
         name,
     })
 }

@@ -218,6 +218,29 @@ impl Pacer {
         }
     }
 
+    /// Corrects what earlier grants took by `delta` units: a positive delta
+    /// is charged like a cost; a negative one moves every quota's schedule
+    /// back by that many intervals, but never before `now`, so nothing given
+    /// back becomes a burst the quotas do not allow.
+    pub fn adjust(&mut self, now: Instant, delta: i64) {
+        let units = u32::try_from(delta.unsigned_abs()).unwrap_or(u32::MAX);
+        if delta >= 0 {
+            return self.charge(units);
+        }
+        let now = nanos(now.saturating_duration_since(self.origin));
+        let cap = self.cap.as_ref().map(|_| (&self.cap_cell, self.cap_interval));
+        let cells = self.cells.iter().zip(self.intervals.iter().copied()).chain(cap);
+        for (cell, interval) in cells {
+            let tat = cell.0.load(Ordering::Acquire);
+            // 0 is a fresh cell; a schedule already behind now owes nothing.
+            if tat <= now {
+                continue;
+            }
+            let back = tat.saturating_sub(interval.saturating_mul(u64::from(units)));
+            cell.0.store(back.max(now).max(1), Ordering::Release);
+        }
+    }
+
     /// Pushes every quota's schedule back by `extra` more units.
     fn charge(&self, extra: u32) {
         if extra == 0 {

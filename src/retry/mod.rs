@@ -19,7 +19,7 @@
 pub mod backoff;
 pub mod budget;
 pub mod hints;
-mod parse;
+pub(crate) mod parse;
 pub mod policy;
 
 #[cfg(test)]

@@ -16,6 +16,7 @@
 //! without spending quota.
 
 use std::future::Future;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -25,7 +26,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use super::shared::{Limiter, Shared, Ticket};
-use crate::admission::{Admission, Feedback, Limits, Needs, Place, Refusal, Status};
+use crate::admission::{Admission, Feedback, Limits, Needs, Place, Refusal, Reservation, Settlement, Status};
 use crate::config;
 use crate::limit::pacer::paced_quotas;
 use crate::metrics::Metrics;
@@ -72,6 +73,7 @@ impl Dispatcher {
             budget: Mutex::new(RetryBudget::from_config(&upstream.retry)),
         });
         tokio::spawn(super::driver::supervise(shared.clone()));
+        export_token_series(&shared.metrics, upstream);
         Self { handle: Arc::new(Handle { shared }) }
     }
 
@@ -81,7 +83,35 @@ impl Dispatcher {
 
     /// The admission state now, as `/status` and `/metrics` show it.
     pub fn status(&self) -> Status {
-        self.shared().lock().status()
+        self.shared().lock().status(Instant::now())
+    }
+
+    /// An LLM call's input estimate, corrected by this upstream's calibration.
+    pub fn calibrated(&self, input: u64) -> u64 {
+        self.shared().lock().calibrated(input)
+    }
+
+    /// Settles one attempt's token reservation (see `admission::tokens`):
+    /// the token quotas of `partition` are corrected to what it is charged,
+    /// which is counted, and an `estimated` input (uncalibrated, counted by
+    /// a tokenizer) learns from the usage reported. Tokens given back may
+    /// let a waiter leave sooner, so the driver looks again.
+    pub fn settle_tokens(
+        &self,
+        partition: u64,
+        reserved: Reservation,
+        settlement: Settlement,
+        estimated: Option<u64>,
+    ) {
+        let shared = self.shared();
+        let charged = shared.change(|core| {
+            if let (Settlement::Used(usage), Some(estimated)) = (settlement, estimated) {
+                core.calibrate(estimated, usage.input);
+            }
+            core.settle_tokens(partition, reserved, settlement, Instant::now())
+        });
+        shared.wake.notify_one();
+        shared.metrics.count_tokens(&shared.name, charged.input, charged.output);
     }
 
     /// Tells the core what an answer said about the upstream's limits; a
@@ -121,6 +151,7 @@ impl Dispatcher {
         shared.change(|core| core.reconfigure(limits, store.is_some(), Instant::now()));
         shared.limiter.store(limiter(upstream, store));
         shared.wake.notify_one();
+        export_token_series(&shared.metrics, upstream);
     }
 
     /// Waits for a ticket as a new caller at `place` that `needs` units of
@@ -198,11 +229,23 @@ impl Dispatcher {
     }
 }
 
-/// The shared limiter for `upstream`'s quotas, with `[redis]`.
+/// `pacegate_tokens_total` at 0 for an upstream with token quotas, from the start.
+fn export_token_series(metrics: &Metrics, upstream: &config::Upstream) {
+    if upstream.tokens.is_some() {
+        metrics.count_tokens(&upstream.name, 0, 0);
+    }
+}
+
+/// The shared limiter for `upstream`'s quotas, with `[redis]`: its own,
+/// then each endpoint limit's, then the token quotas, as `Limits` numbers them.
 fn limiter(upstream: &config::Upstream, store: Option<Arc<Store>>) -> Option<Arc<Limiter>> {
     let quotas = SharedQuotas::new(&paced_quotas(&upstream.rate, upstream.burst));
-    let limits = upstream.limits.iter();
-    let limits = limits.map(|l| SharedQuotas::limit(&l.name, &paced_quotas(&l.rate, l.burst))).collect();
+    let limits =
+        upstream.limits.iter().map(|l| SharedQuotas::limit(&l.name, &paced_quotas(&l.rate, l.burst)));
+    let tokens = upstream.tokens.iter().flat_map(|t| &t.quotas);
+    let tokens =
+        tokens.map(|(kind, rate)| SharedQuotas::limit(kind.name(), &paced_quotas(rate, NonZeroU32::MIN)));
+    let limits = limits.chain(tokens).collect();
     store.map(|store| Arc::new(Limiter { store, quotas, limits }))
 }
 

@@ -21,10 +21,11 @@ use tokio::time::Instant;
 
 use super::clean_head;
 use super::shared::Ticket;
+use super::tokens::{Priced, Reserved, settling};
 use super::{
     ATTEMPTS_HEADER, QUEUED_HEADER, SendError, Upstream, UpstreamClient, inbound_response, outbound_request,
 };
-use crate::admission::{Feedback, Needs, Place, Refusal};
+use crate::admission::{Feedback, Needs, Place, Refusal, Settlement};
 use crate::body::{self, ProxyBody, RequestBody};
 use crate::error::{ProxyError, RefusalReason};
 use crate::metrics::{AttemptOutcome, Metrics};
@@ -55,11 +56,15 @@ impl Upstream {
     pub fn exchange<'a>(
         &'a self,
         client: &'a UpstreamClient,
-        head: &'a http::request::Parts,
+        head: &'a mut http::request::Parts,
         body: &'a mut RequestBody,
         max_wait: Option<Duration>,
         place: Place,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a {
+        // An LLM call is priced once, before it queues; the price is kept
+        // in its head, where every attempt finds it.
+        self.price(head, body);
+        let head: &'a http::request::Parts = head;
         let wait = max_wait.map_or(self.config.queue_timeout, |w| w.min(self.config.queue_timeout));
         let deadline = Instant::now() + wait;
         async move {
@@ -85,6 +90,7 @@ impl Upstream {
         mut ticket: Ticket,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let needs = &self.needs(head);
+        let priced = Priced::of(head);
         let retry = &self.config.retry;
         let idempotency_key = retry::has_idempotency_key(&head.headers);
         self.observe_wait(&ticket);
@@ -92,24 +98,33 @@ impl Upstream {
         let mut attempt: u32 = 1;
         loop {
             let sent_at = Instant::now();
+            // Every attempt holds its own token reservation, taken with its ticket.
+            let mut reserved = priced.map(|p| Reserved::new(&self.dispatcher, place.partition, p));
             let attempt_body = body.for_attempt().unwrap_or_else(body::empty);
             let result = client.send(outbound_request(head, attempt_body), self.config.timeout).await;
             self.observe_attempt(&result, sent_at);
             let retry_after = self.learn(&result, sent_at, attempt, (place.partition, needs));
+            if not_processed(&result)
+                && let Some(reserved) = reserved.take()
+            {
+                reserved.settle(Settlement::NotProcessed);
+            }
             let outcome = outcome(&result);
             let Decision::Retry(reason) = retry::classify(retry, &head.method, idempotency_key, &outcome)
             else {
-                return Ok(self.answer(result, ticket, attempt, queued));
+                return Ok(self.answer(result, ticket, reserved, attempt, queued));
             };
             let give_up = attempt >= retry.max_attempts.get()
                 || retry::retry_after_too_long(retry, retry_after)
                 || !body.replayable()
                 || !self.dispatcher.withdraw_retry();
             if give_up {
-                return Ok(self.answer(result, ticket, attempt, queued));
+                return Ok(self.answer(result, ticket, reserved, attempt, queued));
             }
-            // Keep the answer and free the upstream connection and the slot.
+            // Keep the answer and free the upstream connection and the slot;
+            // a kept answer is not read for usage: its reservation stands.
             let last = keep(result).await;
+            drop(reserved);
             drop(ticket);
             let delay = retry::delay(retry, attempt, retry_after, &mut rand::rng());
             let labels = Metrics::reason(&self.config.name, reason.as_str());
@@ -198,14 +213,36 @@ impl Upstream {
             let limit = self.limit_named(response.headers(), needs);
             self.dispatcher.report(Feedback { partition, limit, sent_at, rate_limited, cooldown, hint });
         }
+        // The server's word on token quotas: one that is spent pauses until its reset.
+        for (index, hint) in self.exhausted_token_quotas(response.headers()) {
+            let hint = RateLimitHint { reset_after: hint.reset_after.min(retry.max_retry_after), ..hint };
+            let feedback = Feedback {
+                partition,
+                limit: Some(index),
+                sent_at,
+                rate_limited: false,
+                cooldown: None,
+                hint: Some(hint),
+            };
+            self.dispatcher.report(feedback);
+        }
         retry_after
     }
 
-    /// The caller's answer from the last attempt, as it came.
-    fn answer(&self, result: Attempt, ticket: Ticket, attempt: u32, queued: Duration) -> Response<ProxyBody> {
-        let response = match result {
-            Ok(response) => inbound_response(response, ticket),
-            Err(error) => self.failure(error).into_response(),
+    /// The caller's answer from the last attempt, as it came; an LLM call's
+    /// reservation is settled from the usage its body reports.
+    fn answer(
+        &self,
+        result: Attempt,
+        ticket: Ticket,
+        reserved: Option<Reserved>,
+        attempt: u32,
+        queued: Duration,
+    ) -> Response<ProxyBody> {
+        let response = match (result, reserved) {
+            (Ok(response), Some(reserved)) => settling(response, ticket, reserved),
+            (Ok(response), None) => inbound_response(response, ticket),
+            (Err(error), _) => self.failure(error).into_response(),
         };
         stamp(response, attempt, queued)
     }
@@ -252,18 +289,25 @@ impl Upstream {
             Refusal::TooManyPartitions => ProxyError::TooManyPartitions { upstream },
             Refusal::StoreDown => ProxyError::RateLimitStore { upstream },
             Refusal::CostExceedsQuota { limit } => {
-                let config = self.config.limits.get(limit);
                 let cost = self
                     .needs(head)
                     .iter()
                     .find(|(index, _)| *index == limit)
                     .map_or(0, |(_, units)| units.get());
-                let capacity = config.and_then(|l| l.rate.iter().map(|r| r.count.get()).min()).unwrap_or(0);
-                let limit = config.map_or_else(String::new, |l| l.name.clone());
+                let (limit, capacity) = self.limit_capacity(limit).unwrap_or(("", 0));
+                let limit = limit.to_string();
                 tracing::warn!(upstream = %upstream, limit = %limit, cost, capacity, reason = reason.as_str(), "cost_exceeds_quota");
                 ProxyError::CostExceedsQuota { upstream, limit, cost, capacity }
             }
         }
+    }
+}
+
+/// The upstream did not process the attempt: a 429, or nothing was sent.
+fn not_processed(result: &Attempt) -> bool {
+    match result {
+        Ok(response) => response.status() == StatusCode::TOO_MANY_REQUESTS,
+        Err(error) => matches!(error, SendError::Connect(_)),
     }
 }
 

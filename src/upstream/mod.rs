@@ -10,6 +10,7 @@ mod driver;
 mod exchange;
 pub mod guard;
 mod shared;
+mod tokens;
 
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
@@ -17,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 
 use http::{HeaderMap, HeaderName, Request, Response};
 
-use crate::admission::{Needs, SINGLE};
+use crate::admission::{Needs, SINGLE, TokenQuotas};
 pub use crate::admission::{Place, Priority, Refusal};
 use crate::body::{self, ProxyBody};
 use crate::config::{self, KeySource};
@@ -88,15 +89,33 @@ impl Upstream {
     /// What a request takes from the endpoint limits it matches, by method
     /// and by the path the caller sent after the route (the upstream path
     /// without base_url's own prefix).
+    ///
+    /// An LLM call priced by [`Upstream::price`] also takes its token
+    /// reservation from the token quotas, numbered after the limits.
     pub fn needs(&self, head: &http::request::Parts) -> Needs {
-        if self.config.limits.is_empty() {
+        let priced = tokens::Priced::of(head);
+        if self.config.limits.is_empty() && priced.is_none() {
             return Needs::default();
         }
         let path = head.uri.path();
         let path = path.strip_prefix(self.config.base_url.path.as_str()).unwrap_or(path);
         let path = if path.is_empty() { "/" } else { path };
         let limits = self.config.limits.iter().enumerate();
-        Needs::new(limits.filter_map(|(index, limit)| Some((index, limit.cost_of(&head.method, path)?))))
+        let limits = limits.filter_map(|(index, limit)| Some((index, limit.cost_of(&head.method, path)?)));
+        let tokens = priced.map(|p| TokenQuotas::of(&self.config).needs(p.reservation));
+        Needs::new(limits.chain(tokens.into_iter().flatten()))
+    }
+
+    /// The name and capacity (smallest count) of endpoint limit `index`,
+    /// a token quota included.
+    pub fn limit_capacity(&self, index: usize) -> Option<(&str, u32)> {
+        let capacity = |rate: &[config::Rate]| rate.iter().map(|r| r.count.get()).min().unwrap_or(0);
+        if let Some(limit) = self.config.limits.get(index) {
+            return Some((&limit.name, capacity(&limit.rate)));
+        }
+        let tokens = self.config.tokens.as_ref()?;
+        let (kind, rate) = tokens.quotas.get(index - self.config.limits.len())?;
+        Some((kind.name(), capacity(rate)))
     }
 
     /// The endpoint limit an answer says it is about (GitHub's

@@ -1,8 +1,10 @@
-//! Test harness shared by every integration test: the mock upstream, a real
+//! Test harness shared by every integration test: the mock upstream, the
+//! mock LLM API ([`llm_mock`], with a strict token window), a real
 //! pacegate started in-process on `127.0.0.1:0` (or as a child [`process`]),
 //! and a real [`redis_server`].
 #![allow(dead_code)]
 
+pub mod llm_mock;
 pub mod mock;
 pub mod process;
 pub mod redis_server;

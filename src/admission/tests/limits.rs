@@ -100,7 +100,7 @@ fn a_429_about_a_limit_pauses_that_limit_only() {
     let served = b.serve(0, 3_000);
     assert_eq!(served[0], (1, 0), "the upstream's own quota is not paused: {served:?}");
     assert_eq!(served[1], (0, 2_000), "the search limit is, until its cooldown ends: {served:?}");
-    let status = b.core.status();
+    let status = b.core.status(b.t0);
     assert!(status.cooldown_until.is_none(), "the upstream itself does not cool down");
     assert_eq!(status.limits[0].name, "search");
 }
@@ -130,7 +130,7 @@ fn a_reload_keeps_a_limits_state_by_name_and_queued_needs_follow_it() {
     assert_eq!(served[0], (1, 10), "the search request kept needing search only: {served:?}");
     assert!(served[1].0 == 2 && served[1].1 >= 1_000, "writes remembered its grant at 0: {served:?}");
     assert_eq!(
-        b.core.status().limits.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(),
+        b.core.status(b.t0).limits.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(),
         ["search", "writes", "new"]
     );
 }

@@ -1,0 +1,234 @@
+//! Token quotas end to end (issue 17): LLM calls through a real pacegate to
+//! the mock LLM API with its strict token window.
+//!
+//! Real sockets and the real clock: windows are short (a second), counts
+//! are scaled down from the issue's so the file runs in seconds, and every
+//! timing assertion leaves a wide margin on the side that does not matter.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::llm_mock::{LlmBehaviour, LlmMock, prompt_tokens};
+use support::{Pacegate, assert_pacegate_error, client, upstream};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// Bounds every single wait in this file.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// An upstream `llm` for `mock`, its request rate out of the way.
+async fn pacegate(mock: &LlmMock, keys: &str) -> Pacegate {
+    Pacegate::start(&upstream("llm", &mock.url(), &format!("rate = \"1000/s\"\n{keys}"))).await
+}
+
+/// English-like text of about `tokens` tokens (four characters each).
+fn prose(tokens: usize) -> String {
+    const WORDS: [&str; 8] = ["quick ", "brown ", "fox ", "jumps ", "over ", "lazy ", "dogs ", "again "];
+    let mut text = String::new();
+    for word in WORDS.iter().cycle() {
+        if text.len() >= tokens * 4 {
+            break;
+        }
+        text.push_str(word);
+    }
+    text
+}
+
+/// A chat completion; `stream` asks for the final usage chunk too.
+fn chat(prompt: &str, max_tokens: Option<u64>, stream: bool) -> Value {
+    let mut body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]});
+    if let Some(max) = max_tokens {
+        body["max_tokens"] = json!(max);
+    }
+    if stream {
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    body
+}
+
+/// An Anthropic message (its `max_tokens` is required).
+fn message(prompt: &str, max_tokens: u64, stream: bool) -> Value {
+    json!({"model": "claude-sonnet-4-5", "max_tokens": max_tokens, "stream": stream,
+        "messages": [{"role": "user", "content": prompt}]})
+}
+
+async fn post(pacegate: &Pacegate, path: &str, body: &Value) -> reqwest::Response {
+    let request = client().post(pacegate.url(&format!("/llm{path}"))).json(body).timeout(PATIENCE);
+    request.send().await.expect("pacegate answers")
+}
+
+/// Milliseconds the answer says its request waited in pacegate's queue.
+fn queued_ms(response: &reqwest::Response) -> u64 {
+    let value = response.headers().get("x-pacegate-queued-ms").expect("x-pacegate-queued-ms");
+    value.to_str().unwrap().parse().expect("a number")
+}
+
+fn tokens_status(status: &Value) -> Value {
+    status["upstreams"][0]["tokens"].clone()
+}
+
+/// Waits (bounded) until every reservation is settled.
+async fn settled(pacegate: &Pacegate) -> Value {
+    let done = |s: &Value| tokens_status(s)["reserved_in_flight"] == 0;
+    assert!(pacegate.wait_status(PATIENCE, done).await, "reservations still in flight");
+    tokens_status(&pacegate.status().await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_calls_keep_inside_a_strict_token_window() {
+    // pacegate paces at 2000 tokens/s; the mock allows 2300 in any sliding
+    // second: a post-paid quota lets one request's cost past N in a window.
+    let window = Duration::from_secs(1);
+    let behaviour = LlmBehaviour::new()
+        .token_limit(2300, window)
+        .output_len(40)
+        .stream_chunks(8, Duration::from_millis(5));
+    let mock = LlmMock::start(behaviour).await;
+    let pacegate = pacegate(&mock, "tokens = \"2000/s\"\ndefault_max_tokens = 256\n").await;
+
+    let mut calls = JoinSet::new();
+    let started = Instant::now();
+    for i in 0..60usize {
+        let prompt = prose(10 + i * 37 % 150);
+        let max_tokens = [Some(16), Some(64), Some(200), None][i % 4];
+        let stream = i % 2 == 0;
+        let (path, body) = if i % 3 == 0 {
+            ("/v1/messages", message(&prompt, max_tokens.unwrap_or(100), stream))
+        } else {
+            ("/v1/chat/completions", chat(&prompt, max_tokens, stream))
+        };
+        let url = pacegate.url(&format!("/llm{path}"));
+        calls.spawn(async move {
+            let response = client().post(url).json(&body).timeout(PATIENCE).send().await.expect("answer");
+            let status = response.status().as_u16();
+            let text = response.text().await.expect("whole body");
+            (status, stream, text)
+        });
+    }
+    while let Some(call) = calls.join_next().await {
+        let (status, stream, text) = call.expect("call");
+        assert_eq!(status, 200, "{text}");
+        if stream {
+            assert!(
+                text.ends_with("data: [DONE]\n\n") || text.contains("message_stop"),
+                "whole stream: {text}"
+            );
+        }
+    }
+    let elapsed = started.elapsed();
+    let rate_limited = mock.count_status(429);
+    assert!(rate_limited <= 3, "{rate_limited} calls met the mock's 429");
+    assert!(mock.max_tokens_in_window(window) <= 2300);
+    // Settled usage, not reservations, paces: ~2000 tokens a second.
+    let charged = mock.tokens_charged();
+    let ideal = charged as f64 / 2000.0;
+    assert!(elapsed.as_secs_f64() < 2.0 * ideal + 2.0, "{charged} tokens took {elapsed:?}");
+
+    let tokens = settled(&pacegate).await;
+    assert!(tokens["calibration"]["samples"].as_u64().is_some_and(|n| n > 0), "{tokens}");
+    let sent = tokens["sent_last_minute"].as_u64().expect("sent");
+    assert!(sent >= charged, "settled {sent} of the {charged} the mock charged (429s count nothing)");
+    let input = pacegate.metric("pacegate_tokens_total{upstream=\"llm\",kind=\"input\"}").await;
+    let output = pacegate.metric("pacegate_tokens_total{upstream=\"llm\",kind=\"output\"}").await;
+    let completion: u64 =
+        mock.arrivals().iter().filter(|a| a.status == 200).map(|a| a.completion_tokens).sum();
+    assert_eq!(output, Some(completion as f64), "output as the answers reported it");
+    assert!(input.is_some_and(|i| i > 0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_answer_reaches_the_caller_frame_by_frame_and_settles_at_its_end() {
+    let behaviour = LlmBehaviour::new().output_len(40).stream_chunks(8, Duration::from_millis(100));
+    let mock = LlmMock::start(behaviour).await;
+    let pacegate = pacegate(&mock, "tokens = \"100000/min\"\n").await;
+    let body = chat(&prose(30), Some(1000), true);
+    let mut response = post(&pacegate, "/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    let sent = Instant::now();
+    let mut arrivals = Vec::new();
+    while let Some(chunk) = response.chunk().await.expect("a frame") {
+        arrivals.push((sent.elapsed(), chunk.len()));
+    }
+    // 9 events 100 ms apart: each must be seen as it comes, not all at the end.
+    let spread = arrivals.last().map(|(at, _)| *at).unwrap_or_default() - arrivals[0].0;
+    assert!(arrivals.len() >= 5, "{arrivals:?}");
+    assert!(spread >= Duration::from_millis(500), "frames held back: {arrivals:?}");
+    let first_half = arrivals.iter().filter(|(at, _)| *at < spread / 2).count();
+    assert!(first_half >= 2, "frames arrive as they are sent: {arrivals:?}");
+
+    let tokens = settled(&pacegate).await;
+    let arrival = &mock.arrivals()[0];
+    let used = arrival.prompt_tokens + arrival.completion_tokens;
+    assert_eq!(tokens["sent_last_minute"], used, "settled to the final usage chunk: {tokens}");
+}
+
+/// Sends a call that reserves ~500 output tokens but uses 10, then a small
+/// one right after its answer ended: how long the second one queued (ms).
+async fn follow_up_wait(accounting: &str, stream: bool) -> u64 {
+    let mock = LlmMock::start(LlmBehaviour::new().output_len(10)).await;
+    let keys = format!("tokens = \"600/s\"\ntoken_accounting = \"{accounting}\"\n");
+    let pacegate = pacegate(&mock, &keys).await;
+    let first = post(&pacegate, "/v1/chat/completions", &chat(&prose(10), Some(500), stream)).await;
+    assert_eq!(first.status(), 200);
+    first.bytes().await.expect("whole first answer");
+    let second = post(&pacegate, "/v1/chat/completions", &chat(&prose(10), Some(10), false)).await;
+    assert_eq!(second.status(), 200);
+    queued_ms(&second)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settling_gives_unused_tokens_back_and_reserved_accounting_keeps_them() {
+    // 510+ tokens at 600/s owe ~850 ms; 30 used owe ~50 ms.
+    for stream in [false, true] {
+        let waited = follow_up_wait("usage", stream).await;
+        assert!(waited < 300, "stream {stream}: the follow-up waited {waited} ms for unused tokens");
+    }
+    let waited = follow_up_wait("reserved", false).await;
+    assert!(waited >= 600, "the output reservation stands: the follow-up waited only {waited} ms");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_larger_than_a_token_quota_is_refused_and_never_sent() {
+    let mock = LlmMock::start(LlmBehaviour::new()).await;
+    let pacegate = pacegate(&mock, "tokens = \"1000/min\"\n").await;
+    let response = post(&pacegate, "/v1/chat/completions", &chat(&prose(10), Some(5000), false)).await;
+    let body = assert_pacegate_error(response, 413, "cost_exceeds_quota", Some("llm")).await;
+    let message = body["message"].as_str().unwrap_or("");
+    assert!(message.contains("tokens"), "names the quota: {message}");
+    // Without max_tokens the default (4096) is reserved: too much as well.
+    let response = post(&pacegate, "/v1/chat/completions", &chat(&prose(10), None, false)).await;
+    assert_eq!(response.status(), 413);
+    let small = post(&pacegate, "/v1/chat/completions", &chat(&prose(10), Some(50), false)).await;
+    assert_eq!(small.status(), 200);
+    assert_eq!(mock.count(), 1, "only the call that fits was sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_token_quota_pauses_sending_until_its_reset() {
+    // The first call takes the mock's whole window: its answer says 0 remain.
+    let first = chat(&prose(40), Some(20), false);
+    let cost = prompt_tokens(&first) + 20;
+    let window = Duration::from_secs(1);
+    let mock = LlmMock::start(LlmBehaviour::new().token_limit(cost, window).output_len(20)).await;
+    let pacegate = pacegate(&mock, "tokens = \"100000/s\"\n").await;
+    let answer = post(&pacegate, "/v1/chat/completions", &first).await;
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["x-ratelimit-remaining-tokens"], "0");
+    answer.bytes().await.expect("whole answer");
+    // Requests that take no tokens are not held up by it.
+    let other = client().get(pacegate.url("/llm/v1/models")).timeout(PATIENCE).send().await.expect("answer");
+    assert_eq!(other.status(), 404, "the mock's own answer");
+    assert!(queued_ms(&other) < 200, "a request without tokens waited {} ms", queued_ms(&other));
+    let second = post(&pacegate, "/v1/chat/completions", &chat(&prose(5), Some(5), false)).await;
+    assert_eq!(second.status(), 200);
+    assert_eq!(mock.count_status(429), 0, "the second call waited for the reset instead of a 429");
+    assert_eq!(support::attempts_of(&second), 1);
+    let calls: Vec<Instant> =
+        mock.arrivals().iter().filter(|a| a.path.ends_with("/completions")).map(|a| a.at).collect();
+    let [first_at, second_at] = calls[..] else { panic!("two calls reached the mock: {calls:?}") };
+    let apart = second_at - first_at;
+    assert!(apart >= window - Duration::from_millis(50), "sent before the reset: {apart:?} after the first");
+}
