@@ -8,7 +8,7 @@ mod mock;
 
 use std::time::Duration;
 
-use mock::{Behaviour, MockUpstream, Scripted, max_in_any_window};
+use mock::{Behaviour, MockUpstream, Resource, Scripted, max_in_any_window};
 use tokio::time::Instant;
 
 /// Bounds every wait in this file; nothing here should come near it.
@@ -248,6 +248,41 @@ async fn rate_limit_headers_count_down_in_a_fixed_window() {
         let reset: u64 = header(&resp, "x-ratelimit-reset").parse().expect("epoch secs");
         assert!((now_epoch..=now_epoch + 61).contains(&reset), "{reset}");
     }
+    mock.shutdown().await;
+}
+
+/// GitHub-shaped limits: points where a POST costs 5, and a write limit on
+/// POSTs only. A refusal names its resource and counts in no window.
+#[tokio::test]
+async fn resources_weigh_methods_and_name_the_limit_that_refused() {
+    let minute = Duration::from_secs(60);
+    let points = Resource::new("points", 10, minute).cost("POST", 5);
+    let writes = Resource::new("writes", 2, minute).methods(&["post"]);
+    let mock = MockUpstream::start(Behaviour::new().resource(points).resource(writes)).await;
+    let client = client();
+    let post = async |path: &str| client.post(format!("{}{path}", mock.url())).send().await.expect("answer");
+
+    assert_eq!(post("/w1").await.status(), 200, "5 points, 1 write");
+    assert_eq!(get(&client, mock.url()).await.status(), 200, "6 points; a GET is no write");
+    let refused = post("/w2").await;
+    assert_eq!(refused.status(), 429, "11 points would be over 10");
+    assert_eq!(header(&refused, "x-ratelimit-resource"), "points");
+    assert_eq!(header(&refused, "retry-after"), "60", "until the first POST leaves the window");
+    for _ in 0..4 {
+        assert_eq!(get(&client, mock.url()).await.status(), 200, "the refused POST took nothing");
+    }
+    let refused = get(&client, mock.url()).await;
+    assert_eq!(refused.status(), 429, "11 points");
+    assert_eq!(header(&refused, "x-ratelimit-resource"), "points");
+
+    let writes = Resource::new("writes", 1, minute).methods(&["POST"]);
+    mock.set_behaviour(Behaviour::new().resource(writes));
+    assert_eq!(post("/w3").await.status(), 200);
+    let refused = post("/w4").await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(header(&refused, "x-ratelimit-resource"), "writes");
+    assert_eq!(get(&client, mock.url()).await.status(), 200, "writes does not count GETs");
+    assert_eq!(mock.count_status(429), 3);
     mock.shutdown().await;
 }
 

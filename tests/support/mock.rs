@@ -16,7 +16,10 @@
 //! 1. the next [`Scripted`] step, if the script is not empty;
 //! 2. `fail_first` / `fail_for`, while they last;
 //! 3. `limit`: a strict sliding window over accepted requests answers 429
-//!    with `Retry-After` once `n` were accepted within `window`;
+//!    with `Retry-After` once `n` were accepted within `window`; each
+//!    [`Resource`] (a named limit on some methods, each request costing
+//!    units) likewise, adding `x-ratelimit-resource: <name>` as GitHub does.
+//!    A request refused by one window counts in none;
 //! 4. the path: `/echo…` answers 200 JSON `{"method","path","query",
 //!    "headers","body_len"}`; `/sse?n=5&interval_ms=50` streams `n` events
 //!    `data: i\n\n` `interval_ms` apart; `/status/NNN` answers NNN;
@@ -108,6 +111,23 @@ pub struct Behaviour {
     rate_limit_headers: Option<(u64, Duration)>,
     /// Accept connections but never read from them (an upstream that hangs).
     never_read: bool,
+    /// Named limits on some requests, checked after `limit`.
+    resources: Vec<Resource>,
+}
+
+/// A named limit over some requests, as APIs with several limits have
+/// (GitHub's points, where a write costs 5; its content-creation limit):
+/// a strict sliding window of `units` per `window`. Refused requests get
+/// 429, `Retry-After` and `x-ratelimit-resource: <name>`.
+#[derive(Clone, Debug)]
+pub struct Resource {
+    name: String,
+    /// Methods it counts, upper case; empty: every method.
+    methods: Vec<String>,
+    units: u64,
+    window: Duration,
+    /// Units a request of this method takes; 1 for other methods.
+    costs: Vec<(String, u64)>,
 }
 
 /// One scripted reaction, consumed by exactly one request.
@@ -159,6 +179,9 @@ struct State {
     failed: usize,
     /// Accept times still inside the limit window, oldest first.
     accepted: VecDeque<Instant>,
+    /// Per resource (as in `behaviour.resources`): `(accept time, units)`
+    /// still inside its window, oldest first.
+    spent: Vec<VecDeque<(Instant, u64)>>,
     /// `(window index, requests counted)` for `rate_limit_headers`.
     fixed_window: (u64, u64),
 }
@@ -232,12 +255,53 @@ impl Behaviour {
         self
     }
 
+    /// Add a named limit (see [`Resource`]), checked after `limit`.
+    pub fn resource(mut self, resource: Resource) -> Self {
+        self.resources.push(resource);
+        self
+    }
+
     /// Add `X-RateLimit-Limit/-Remaining/-Reset` from a fixed-window counter of
     /// every arrival; headers only, combine with `limit` to enforce.
     pub fn rate_limit_headers(mut self, limit: u64, window: Duration) -> Self {
         assert!(!window.is_zero(), "rate_limit_headers needs a window");
         self.rate_limit_headers = Some((limit, window));
         self
+    }
+}
+
+// === impl Resource ===
+
+impl Resource {
+    /// At most `units` per sliding `window` over every method, each costing 1.
+    pub fn new(name: &str, units: u64, window: Duration) -> Self {
+        assert!(units > 0 && !window.is_zero(), "a resource needs units > 0 and a window");
+        Self { name: name.into(), methods: Vec::new(), units, window, costs: Vec::new() }
+    }
+
+    /// Count only these methods.
+    pub fn methods(mut self, methods: &[&str]) -> Self {
+        self.methods = methods.iter().map(|m| m.to_ascii_uppercase()).collect();
+        self
+    }
+
+    /// A request of `method` takes `units`.
+    pub fn cost(mut self, method: &str, units: u64) -> Self {
+        assert!(units > 0, "a cost is at least one unit");
+        self.costs.push((method.to_ascii_uppercase(), units));
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Units a request of `method` takes, or `None` when not counted.
+    fn cost_of(&self, method: &str) -> Option<u64> {
+        if !self.methods.is_empty() && !self.methods.iter().any(|m| m == method) {
+            return None;
+        }
+        Some(self.costs.iter().find(|(m, _)| m == method).map_or(1, |(_, units)| *units))
     }
 }
 
@@ -389,17 +453,18 @@ impl State {
         State {
             arrivals: Vec::new(),
             forgotten: 0,
-            behaviour,
             since: Instant::now(),
             since_wall: SystemTime::now(),
             failed: 0,
             accepted: VecDeque::new(),
+            spent: vec![VecDeque::new(); behaviour.resources.len()],
             fixed_window: (0, 0),
+            behaviour,
         }
     }
 
     /// Choose the answer for a request arriving `now` (see the module doc).
-    fn decide(&mut self, now: Instant, uri: &Uri) -> Plan {
+    fn decide(&mut self, now: Instant, method: &str, uri: &Uri) -> Plan {
         let mut headers = self.rate_limit_headers(now);
         if let Some(step) = self.behaviour.script.pop_front() {
             return match step {
@@ -428,6 +493,31 @@ impl State {
         {
             return answer(status, headers, Kind::Empty);
         }
+        // Every window admits the request before any counts it.
+        if let Some((wait, resource)) = self.refusal(now, method) {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            if let Some(name) = resource.and_then(|name| HeaderValue::from_str(&name).ok()) {
+                headers.insert("x-ratelimit-resource", name);
+            }
+            return answer(429, headers, Kind::Empty);
+        }
+        if self.behaviour.limit.is_some() {
+            self.accepted.push_back(now);
+        }
+        for (resource, spent) in self.behaviour.resources.iter().zip(&mut self.spent) {
+            if let Some(units) = resource.cost_of(method) {
+                spent.push_back((now, units));
+            }
+        }
+        let (status, body) = route(uri);
+        answer(status, headers, body)
+    }
+
+    /// Why a request of `method` arriving `now` is refused, if it is: how
+    /// long until the window that refuses it has room, and the resource's
+    /// name (`None`: `limit`). Expired entries are dropped on the way.
+    fn refusal(&mut self, now: Instant, method: &str) -> Option<(Duration, Option<String>)> {
         if let Some((n, window)) = self.behaviour.limit {
             while self.accepted.front().is_some_and(|t| now.duration_since(*t) >= window) {
                 self.accepted.pop_front();
@@ -435,15 +525,31 @@ impl State {
             if let Some(&oldest) = self.accepted.front()
                 && self.accepted.len() >= n
             {
-                let wait = (oldest + window).duration_since(now);
-                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
-                return answer(429, headers, Kind::Empty);
+                return Some(((oldest + window).duration_since(now), None));
             }
-            self.accepted.push_back(now);
         }
-        let (status, body) = route(uri);
-        answer(status, headers, body)
+        for (resource, spent) in self.behaviour.resources.iter().zip(&mut self.spent) {
+            let Some(cost) = resource.cost_of(method) else { continue };
+            while spent.front().is_some_and(|(t, _)| now.duration_since(*t) >= resource.window) {
+                spent.pop_front();
+            }
+            let mut used: u64 = spent.iter().map(|(_, units)| units).sum();
+            if used + cost <= resource.units {
+                continue;
+            }
+            // Room comes when enough of the oldest units leave the window
+            // (never, for a cost above the whole count: say one window).
+            let mut wait = resource.window;
+            for (at, units) in spent.iter() {
+                used -= units;
+                if used + cost <= resource.units {
+                    wait = (*at + resource.window).duration_since(now);
+                    break;
+                }
+            }
+            return Some((wait, Some(resource.name.clone())));
+        }
+        None
     }
 
     /// Count this arrival in the fixed window and report it GitHub-style.
@@ -572,7 +678,7 @@ async fn handle(
         let mut state = shared.lock();
         // Taken under the lock so arrival times are sorted like the arrivals.
         let now = Instant::now();
-        let plan = state.decide(now, &parts.uri);
+        let plan = state.decide(now, parts.method.as_str(), &parts.uri);
         let status = match &plan {
             Plan::Answer { status, .. } => status.as_u16(),
             Plan::Truncated => 200,
