@@ -29,12 +29,19 @@ pub enum RefusalReason {
     RateLimitStore,
     /// The upstream keeps `max_partitions` partitions already.
     TooManyPartitions,
+    /// pacegate is stopping and cannot serve the request within `shutdown_grace`.
+    ShuttingDown,
 }
 
 impl RefusalReason {
     /// Every reason, so that each has its series and `/status` key from the start.
-    pub const ALL: [Self; 4] =
-        [Self::QueueFull, Self::QueueTimeout, Self::RateLimitStore, Self::TooManyPartitions];
+    pub const ALL: [Self; 5] = [
+        Self::QueueFull,
+        Self::QueueTimeout,
+        Self::RateLimitStore,
+        Self::TooManyPartitions,
+        Self::ShuttingDown,
+    ];
 
     /// The stable snake_case name.
     pub fn as_str(self) -> &'static str {
@@ -43,6 +50,7 @@ impl RefusalReason {
             Self::QueueTimeout => "queue_timeout",
             Self::RateLimitStore => "rate_limit_store",
             Self::TooManyPartitions => "too_many_partitions",
+            Self::ShuttingDown => "shutting_down",
         }
     }
 }
@@ -78,6 +86,8 @@ pub enum ProxyError {
     RateLimitStore { upstream: String },
     #[error("too many partitions for this upstream")]
     TooManyPartitions { upstream: String },
+    #[error("pacegate is shutting down and cannot serve this request in time")]
+    ShuttingDown { upstream: String, retry_after: Duration },
     #[error("the upstream did not answer within {timeout:?}")]
     UpstreamTimeout { upstream: Option<String>, timeout: Duration },
     #[error("internal error: {0}")]
@@ -101,7 +111,8 @@ impl ProxyError {
             Self::QueueFull { .. }
             | Self::QueueTimeout { .. }
             | Self::RateLimitStore { .. }
-            | Self::TooManyPartitions { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::TooManyPartitions { .. }
+            | Self::ShuttingDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -123,6 +134,7 @@ impl ProxyError {
             Self::QueueTimeout { .. } => RefusalReason::QueueTimeout.as_str(),
             Self::RateLimitStore { .. } => RefusalReason::RateLimitStore.as_str(),
             Self::TooManyPartitions { .. } => RefusalReason::TooManyPartitions.as_str(),
+            Self::ShuttingDown { .. } => RefusalReason::ShuttingDown.as_str(),
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::Internal(_) => "internal_error",
         }
@@ -134,7 +146,8 @@ impl ProxyError {
             Self::QueueFull { upstream, .. }
             | Self::QueueTimeout { upstream, .. }
             | Self::RateLimitStore { upstream }
-            | Self::TooManyPartitions { upstream } => Some(upstream),
+            | Self::TooManyPartitions { upstream }
+            | Self::ShuttingDown { upstream, .. } => Some(upstream),
             Self::BodyTooLarge { upstream, .. }
             | Self::UpstreamUnreachable { upstream, .. }
             | Self::UpstreamTimeout { upstream, .. } => upstream.as_deref(),
@@ -145,9 +158,9 @@ impl ProxyError {
     /// How long the caller should wait before trying again, when we know.
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::QueueFull { retry_after, .. } | Self::QueueTimeout { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            Self::QueueFull { retry_after, .. }
+            | Self::QueueTimeout { retry_after, .. }
+            | Self::ShuttingDown { retry_after, .. } => Some(*retry_after),
             Self::RateLimitStore { .. } | Self::TooManyPartitions { .. } => Some(Duration::from_secs(1)),
             _ => None,
         }
@@ -242,12 +255,19 @@ mod tests {
             ),
             (ProxyError::RateLimitStore { upstream: upstream() }, RefusalReason::RateLimitStore),
             (ProxyError::TooManyPartitions { upstream: upstream() }, RefusalReason::TooManyPartitions),
+            (
+                ProxyError::ShuttingDown { upstream: upstream(), retry_after: wait },
+                RefusalReason::ShuttingDown,
+            ),
         ];
         for (error, reason) in refusals {
             assert_eq!((error.status(), error.code()), (StatusCode::SERVICE_UNAVAILABLE, reason.as_str()));
         }
         let names = RefusalReason::ALL.map(RefusalReason::as_str);
-        assert_eq!(names, ["queue_full", "queue_timeout", "rate_limit_store", "too_many_partitions"]);
+        assert_eq!(
+            names,
+            ["queue_full", "queue_timeout", "rate_limit_store", "too_many_partitions", "shutting_down"]
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! them before the first event and `rate()` does not miss it. The reload
 //! results are created with the process; an upstream's are created by the
 //! first scrape that sees the upstream ([`UpstreamMetrics::export_fixed`]),
-//! which keeps the 18 series per upstream off the start-up of a config
+//! which keeps the 19 series per upstream off the start-up of a config
 //! with thousands of upstreams. The Redis series exist only with `[redis]`
 //! (see [`Metrics::encode`]).
 

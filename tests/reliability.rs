@@ -541,6 +541,63 @@ async fn shutdown_drains_intercepted_sessions() {
     assert_eq!(request.await.unwrap().expect("answered during shutdown").status(), 200);
 }
 
+/// SIGTERM with requests in flight and many queued: every request gets
+/// exactly one answer. Those in flight complete; the queued ones are served
+/// (200) or answered 503 `shutting_down` with `Retry-After`, at once for
+/// those the upstream's pace cannot reach before the grace ends (10/s over
+/// 4 s), the others before their connection closes.
+#[tokio::test]
+async fn shutdown_answers_every_queued_request() {
+    const REQUESTS: usize = 80;
+    let mock = MockUpstream::start(Behaviour::new().latency(Duration::from_millis(300))).await;
+    let config = format!(
+        "{}{}",
+        server("shutdown_grace = \"4s\""),
+        upstream("api", &mock.url(), "rate = \"10/s\"\nmax_concurrency = 4\nqueue_timeout = \"60s\"")
+    );
+    let mut pg = Pacegate::start_config(&config).await;
+    let http = builder().timeout(WAIT * 2).build().unwrap();
+    let requests: Vec<_> = (0..REQUESTS)
+        .map(|i| {
+            let request = http.get(pg.url(&format!("/api/r{i}"))).send();
+            tokio::spawn(async move {
+                let response = request.await;
+                (i, response, Instant::now())
+            })
+        })
+        .collect();
+    assert!(pg.wait_status(WAIT, |s| queue_depth(s, "api") >= Some(60)).await, "the requests never queued");
+    let started = Instant::now();
+    let run = pg.begin_shutdown();
+    let reached: Vec<String> = mock.arrivals().into_iter().map(|a| a.path_and_query).collect();
+    assert!(!reached.is_empty(), "nothing in flight when shutdown started");
+
+    let (mut served, mut refused_early) = (0, 0);
+    for request in requests {
+        let (i, response, at) = request.await.unwrap();
+        let response = response.unwrap_or_else(|e| panic!("request {i} got no answer: {e}"));
+        if reached.contains(&format!("/r{i}")) {
+            assert_eq!(response.status(), 200, "request {i} was in flight at shutdown");
+        }
+        if response.status() == 200 {
+            served += 1;
+            continue;
+        }
+        let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+        let secs: u64 = retry_after.expect("a shutting_down answer has Retry-After").parse().unwrap();
+        assert!((1..=4).contains(&secs), "Retry-After {secs}: the rest of the grace");
+        assert_pacegate_error(response, 503, "shutting_down", Some("api")).await;
+        // The cutoff comes 3.6 s in: well before it, only the estimate answers.
+        if at.duration_since(started) < Duration::from_millis(1500) {
+            refused_early += 1;
+        }
+    }
+    assert!(served >= reached.len(), "fewer served ({served}) than were in flight");
+    assert!(refused_early > 0, "nobody was told at once that they would not be served");
+    tokio::time::timeout(WAIT, run).await.expect("shutdown finished").unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(6), "shutdown took {:?}", started.elapsed());
+}
+
 /// A plain tunnel cannot be drained: shutdown waits for it up to
 /// `shutdown_grace`, then closes it.
 #[tokio::test]

@@ -43,6 +43,7 @@
 //! Waiters are opaque to the core ([`Waiter`]): the dispatcher keeps a
 //! channel there, tests keep a number.
 
+mod closing;
 pub mod pacing;
 pub mod schedule;
 #[cfg(test)]
@@ -98,6 +99,9 @@ pub enum Refusal {
     TooManyPartitions,
     /// Redis is unreachable and `on_error = "deny"`.
     StoreDown,
+    /// pacegate is shutting down and the caller cannot leave before its
+    /// grace is over; `retry_after`: until the grace is over.
+    ShuttingDown { retry_after: Duration },
 }
 
 /// What one attempt's answer says about the upstream's limits.
@@ -256,6 +260,8 @@ pub struct Admission<W> {
     /// The partition whose [`Confirm`] is out: out of the ring until
     /// settled, and never evicted meanwhile (its slots go back to its pacer).
     confirming: Option<u64>,
+    /// Shutdown started: nobody leaves after its cutoff ([`closing`]).
+    closing: Option<closing::Closing>,
 }
 
 impl<W: Waiter> Admission<W> {
@@ -281,6 +287,7 @@ impl<W: Waiter> Admission<W> {
             cooled: Duration::ZERO,
             quota_changes: 0,
             confirming: None,
+            closing: None,
         }
     }
 
@@ -321,7 +328,7 @@ impl<W: Waiter> Admission<W> {
     /// free and the caller's partition has a pacer slot now. True: the
     /// caller counts in flight and leaves.
     pub fn try_leave(&mut self, place: Place, now: Instant) -> bool {
-        if self.shared || self.depth() != 0 || !self.has_room() {
+        if self.shared || self.depth() != 0 || !self.has_room() || self.closed(now) {
             return false;
         }
         if !self.make_room_for(place.partition, now) {
@@ -345,11 +352,19 @@ impl<W: Waiter> Admission<W> {
             return Err(Refusal::Full { retry_after: self.estimate_wait(now) });
         }
         let key = place.partition;
+        if self.closed(now) {
+            return Err(self.shutting_down(now));
+        }
         let partition = if self.make_room_for(key, now) { self.partitions.get_mut(&key) } else { None };
         let Some(partition) = partition else {
             tracing::warn!(upstream = %self.name, max = self.limits.max_partitions, "too_many_partitions");
             return Err(Refusal::TooManyPartitions);
         };
+        if let Some(closing) = &self.closing
+            && partition.waiters.len() >= closing.servable(&partition.pacing, &self.limits, now)
+        {
+            return Err(self.shutting_down(now));
+        }
         let was_empty = partition.waiters.is_empty();
         if retry {
             partition.waiters.push_front(place.caller, place.priority, waiter);

@@ -15,7 +15,7 @@ pub mod connect;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -55,6 +55,10 @@ pub struct Proxy {
     /// The CA interception signs with, loaded for the `[mitm]` paths it names.
     interceptor: Mutex<Option<(config::Mitm, Arc<Interceptor>)>>,
     metrics: Arc<Metrics>,
+    /// Set when shutdown starts: when its grace ends, and the margin at its
+    /// end kept for answering. Kept so that upstreams a reload brings in
+    /// meanwhile close too.
+    closing: OnceLock<(tokio::time::Instant, Duration)>,
 }
 
 impl Proxy {
@@ -66,6 +70,28 @@ impl Proxy {
             guarded_client: UpstreamClient::guarded(workers),
             interceptor: Mutex::new(None),
             metrics,
+            closing: OnceLock::new(),
+        }
+    }
+
+    /// Puts a new config generation in force (a reload).
+    pub fn install(&self, runtime: Arc<Runtime>) {
+        self.runtime.store(runtime);
+        self.close_upstreams();
+    }
+
+    /// Shutdown started; connections close at `ends`. Every request that
+    /// cannot be answered by `ends - margin` is answered 503
+    /// `shutting_down` instead (see `Dispatcher::close`).
+    pub fn close(&self, ends: tokio::time::Instant, margin: Duration) {
+        let _ = self.closing.set((ends, margin));
+        self.close_upstreams();
+    }
+
+    fn close_upstreams(&self) {
+        let Some((ends, margin)) = self.closing.get() else { return };
+        for upstream in &self.runtime.load().upstreams {
+            upstream.dispatcher.close(*ends, *margin);
         }
     }
 

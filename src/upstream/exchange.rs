@@ -88,7 +88,14 @@ impl Upstream {
         loop {
             let sent_at = Instant::now();
             let attempt_body = body.for_attempt().unwrap_or_else(body::empty);
-            let result = client.send(outbound_request(head, attempt_body), self.config.timeout).await;
+            let send = client.send(outbound_request(head, attempt_body), self.config.timeout);
+            // Shutting down, an attempt still without an answer near the end
+            // of the grace gives up, so that the caller hears why.
+            let result = tokio::select! {
+                biased;
+                result = send => result,
+                ends = self.dispatcher.last_call() => return Err(self.refused(shutting_down(ends))),
+            };
             self.observe_attempt(&result, sent_at);
             let retry_after = self.learn(&result, sent_at, attempt, place.partition);
             let outcome = outcome(&result);
@@ -117,7 +124,11 @@ impl Upstream {
                 reason = reason.as_str(),
                 "retry"
             );
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                // Shutting down: no time for another attempt.
+                _ = self.dispatcher.last_call() => return Ok(self.kept_answer(last, attempt, queued)),
+            }
             // Waiting out a backoff is not waiting in the queue.
             deadline += delay;
             ticket = match self.dispatcher.rejoin(place, deadline).await {
@@ -225,6 +236,7 @@ impl Upstream {
             Refusal::Timeout { .. } => RefusalReason::QueueTimeout,
             Refusal::TooManyPartitions => RefusalReason::TooManyPartitions,
             Refusal::StoreDown => RefusalReason::RateLimitStore,
+            Refusal::ShuttingDown { .. } => RefusalReason::ShuttingDown,
         };
         self.metrics.all().rejected.get_or_create(&Metrics::reason(&upstream, reason.as_str())).inc();
         match refusal {
@@ -238,7 +250,18 @@ impl Upstream {
             }
             Refusal::TooManyPartitions => ProxyError::TooManyPartitions { upstream },
             Refusal::StoreDown => ProxyError::RateLimitStore { upstream },
+            Refusal::ShuttingDown { retry_after } => {
+                tracing::info!(upstream = %upstream, reason = reason.as_str(), "shutting_down");
+                ProxyError::ShuttingDown { upstream, retry_after }
+            }
         }
+    }
+}
+
+/// The refusal of an attempt cut short by shutdown, whose grace `ends` then.
+fn shutting_down(ends: Instant) -> Refusal {
+    Refusal::ShuttingDown {
+        retry_after: ends.saturating_duration_since(Instant::now()).max(Duration::from_secs(1)),
     }
 }
 
