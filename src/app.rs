@@ -113,6 +113,7 @@ fn connection_settings(config: &Config) -> ConnectionSettings {
         max_connections: server.max_connections.get(),
         header_read_timeout: server.header_read_timeout,
         idle_timeout: server.idle_timeout,
+        send_timeout: server.send_timeout,
         max_header_bytes: server.max_header_bytes,
         shutdown_grace: server.shutdown_grace,
     }

@@ -6,13 +6,18 @@
 //! such a request is never retried. Response bodies are never buffered: they
 //! are streamed to the caller frame by frame (server-sent events included).
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::Sleep;
 
 /// Error type of every body we pass around.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -35,7 +40,8 @@ pub enum RequestBody {
     /// Fully read; every attempt sends a cheap clone.
     Buffered(Bytes),
     /// Too large to keep: can be sent once, so the request is not retryable.
-    Streaming(Option<ProxyBody>),
+    /// The flag is set if the caller stopped sending it for `body_read_timeout`.
+    Streaming(Option<ProxyBody>, Arc<AtomicBool>),
 }
 
 impl RequestBody {
@@ -49,8 +55,14 @@ impl RequestBody {
         match self {
             Self::Buffered(bytes) if bytes.is_empty() => Some(empty()),
             Self::Buffered(bytes) => Some(full(bytes.clone())),
-            Self::Streaming(body) => body.take(),
+            Self::Streaming(body, _) => body.take(),
         }
+    }
+
+    /// Whether the caller stopped sending this (streamed) body for
+    /// `body_read_timeout`, so that its attempt failed for that reason.
+    pub fn stalled(&self) -> bool {
+        matches!(self, Self::Streaming(_, stalled) if stalled.load(Ordering::Relaxed))
     }
 }
 
@@ -61,14 +73,30 @@ pub enum BodyError {
     TooLarge(u64),
     #[error("reading the request body failed: {0}")]
     Read(#[from] hyper::Error),
+    #[error("no byte of the request body arrived for {0:?}")]
+    Stalled(Duration),
 }
 
 /// Reads up to `buffer_limit` bytes into memory; beyond that, streams the rest.
 ///
 /// `hard_limit` (`max_request_bytes`) is enforced here for buffered bodies
-/// and by [`CappedBody`] for streamed ones.
-pub async fn read(
-    mut body: Incoming,
+/// and by [`CappedBody`] for streamed ones. A body that sends nothing for
+/// `stall_timeout` (`body_read_timeout`) fails with [`BodyError::Stalled`]
+/// here, or, once streaming, ends its attempt with an error and marks the
+/// body [`RequestBody::stalled`].
+pub fn read(
+    body: Incoming,
+    buffer_limit: usize,
+    hard_limit: Option<u64>,
+    stall_timeout: Duration,
+) -> impl Future<Output = Result<RequestBody, BodyError>> + Send {
+    // Not an async fn: it would keep `body` and `stall_timeout` twice, and
+    // a queued request's future is as large as its largest step.
+    read_timed(Timed::new(body, stall_timeout), buffer_limit, hard_limit)
+}
+
+async fn read_timed(
+    mut body: Timed<Incoming>,
     buffer_limit: usize,
     hard_limit: Option<u64>,
 ) -> Result<RequestBody, BodyError> {
@@ -98,11 +126,86 @@ pub async fn read(
     Ok(RequestBody::Buffered(buffered.freeze()))
 }
 
-fn streaming(head: BytesMut, rest: Incoming, hard_limit: Option<u64>) -> RequestBody {
+fn streaming(head: BytesMut, rest: Timed<Incoming>, hard_limit: Option<u64>) -> RequestBody {
     let sent = head.len() as u64;
     let head = (!head.is_empty()).then(|| head.freeze());
+    let stalled = rest.stalled.clone();
     let capped = CappedBody { head, rest, sent, limit: hard_limit };
-    RequestBody::Streaming(Some(capped.boxed()))
+    RequestBody::Streaming(Some(capped.boxed()), stalled)
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that fails with [`BodyError::Stalled`] once no frame
+    /// arrived for `timeout` while one was awaited (nginx's
+    /// `client_body_timeout`): a caller that stops sending mid-body must not
+    /// hold its connection, its queue place or a concurrency slot for ever.
+    struct Timed<B> {
+        #[pin]
+        inner: B,
+        timeout: Duration,
+        // Armed when a frame is awaited; boxed, and made only then, so a
+        // body that arrives with its head costs no timer.
+        deadline: Option<Pin<Box<Sleep>>>,
+        // Set when the timeout fired: read by whoever sent the body on.
+        stalled: Arc<AtomicBool>,
+    }
+}
+
+impl<B> Timed<B> {
+    fn new(inner: B, timeout: Duration) -> Self {
+        Self { inner, timeout, deadline: None, stalled: Arc::default() }
+    }
+}
+
+impl<B> Body for Timed<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                // The next wait starts afresh.
+                *this.deadline = None;
+                Poll::Ready(frame.map(|frame| frame.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let timeout = *this.timeout;
+                let deadline = this.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if deadline.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.stalled.store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(BodyError::Stalled(timeout).into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Timed<Incoming> {
+    /// One frame, with [`BodyError`]s as they are (not boxed).
+    async fn frame(&mut self) -> Option<Result<Frame<Bytes>, BodyError>> {
+        let frame = BodyExt::frame(self).await?;
+        Some(frame.map_err(|error| match error.downcast::<hyper::Error>() {
+            Ok(error) => BodyError::Read(*error),
+            Err(_) => BodyError::Stalled(self.timeout),
+        }))
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -111,7 +214,7 @@ pin_project_lite::pin_project! {
     struct CappedBody {
         head: Option<Bytes>,
         #[pin]
-        rest: Incoming,
+        rest: Timed<Incoming>,
         sent: u64,
         limit: Option<u64>,
     }
@@ -141,7 +244,7 @@ impl Body for CappedBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }

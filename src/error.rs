@@ -2,9 +2,11 @@
 //!
 //! The error table (docs/http.md) lives here and only here: every other module returns a
 //! [`ProxyError`] and lets [`ProxyError::into_response`] pick the status, the
-//! `x-pacegate-error` code and the JSON body. Two rows go beyond the table users see documented first:
-//! 414 `uri_too_long` (RFC 9112 §3 requires 414 for a request target longer
-//! than we parse) and 500 `internal_error` (a request task panicked).
+//! `x-pacegate-error` code and the JSON body. Three rows go beyond the table users see documented first:
+//! 408 `body_timeout` (a body that stopped arriving, nginx's answer to its
+//! `client_body_timeout`), 414 `uri_too_long` (RFC 9112 §3 requires 414 for
+//! a request target longer than we parse) and 500 `internal_error` (a
+//! request task panicked).
 
 use std::time::Duration;
 
@@ -70,6 +72,8 @@ pub enum ProxyError {
     ProxyAuthRequired,
     #[error("request body is larger than {limit} bytes")]
     BodyTooLarge { upstream: Option<String>, limit: u64 },
+    #[error("no byte of the request body arrived for {timeout:?}")]
+    BodyTimeout { upstream: Option<String>, timeout: Duration },
     #[error("request headers are larger than {limit} bytes")]
     HeadersTooLarge { limit: usize },
     #[error("more than {limit} request header lines")]
@@ -103,6 +107,7 @@ impl ProxyError {
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::HeadersTooLarge { .. } | Self::TooManyHeaders { .. } => {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             }
@@ -127,6 +132,7 @@ impl ProxyError {
             Self::NoRoute { .. } => "no_route",
             Self::ProxyAuthRequired => "proxy_auth_required",
             Self::BodyTooLarge { .. } => "body_too_large",
+            Self::BodyTimeout { .. } => "body_timeout",
             Self::HeadersTooLarge { .. } | Self::TooManyHeaders { .. } => "headers_too_large",
             Self::UriTooLong { .. } => "uri_too_long",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
@@ -149,6 +155,7 @@ impl ProxyError {
             | Self::TooManyPartitions { upstream }
             | Self::ShuttingDown { upstream, .. } => Some(upstream),
             Self::BodyTooLarge { upstream, .. }
+            | Self::BodyTimeout { upstream, .. }
             | Self::UpstreamUnreachable { upstream, .. }
             | Self::UpstreamTimeout { upstream, .. } => upstream.as_deref(),
             _ => None,

@@ -59,6 +59,32 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabel {
+    /// A [`ClientTimeout::as_str`].
+    pub timeout: &'static str,
+}
+
+/// A client-side timeout that cost a caller its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientTimeout {
+    /// No byte of a request body for `body_read_timeout`.
+    BodyRead,
+    /// An answer the caller took nothing of for `send_timeout`.
+    Send,
+}
+
+impl ClientTimeout {
+    pub const ALL: [Self; 2] = [Self::BodyRead, Self::Send];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BodyRead => "body_read",
+            Self::Send => "send",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     /// `ok` or `error`.
     pub result: &'static str,
@@ -95,6 +121,8 @@ pub struct Metrics {
     pub redis_fallbacks: Counter,
     /// Panics caught in request, stream and connection tasks.
     pub panics: Counter,
+    /// Requests lost to a client-side timeout, by [`ClientTimeout`].
+    pub client_timeouts: Family<TimeoutLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -172,6 +200,15 @@ impl Metrics {
         for ok in [true, false] {
             let _ = config_reloads.get_or_create(&Self::reload_result(ok));
         }
+        let client_timeouts = Family::<TimeoutLabel, Counter>::default();
+        registry.register(
+            "pacegate_client_timeouts",
+            "Requests lost because the caller stopped sending its body or reading its answer",
+            client_timeouts.clone(),
+        );
+        for timeout in ClientTimeout::ALL {
+            let _ = client_timeouts.get_or_create(&TimeoutLabel { timeout: timeout.as_str() });
+        }
         let mut redis = Registry::default();
         let (redis_up, redis_errors, redis_fallbacks): (Gauge, Counter, Counter) = Default::default();
         redis.register(
@@ -204,7 +241,13 @@ impl Metrics {
             redis_errors,
             redis_fallbacks,
             panics,
+            client_timeouts,
         }
+    }
+
+    /// Counts a request lost to a client-side timeout.
+    pub fn timed_out(&self, timeout: ClientTimeout) {
+        self.client_timeouts.get_or_create(&TimeoutLabel { timeout: timeout.as_str() }).inc();
     }
 
     /// Logs and counts a caught panic; `what` says what it ended (a request,
@@ -449,6 +492,8 @@ mod tests {
         let mut expected = vec![
             r#"pacegate_config_reloads_total{result="ok"} 0"#.to_owned(),
             r#"pacegate_config_reloads_total{result="error"} 0"#.to_owned(),
+            r#"pacegate_client_timeouts_total{timeout="body_read"} 0"#.to_owned(),
+            r#"pacegate_client_timeouts_total{timeout="send"} 0"#.to_owned(),
             r#"pacegate_cooldown_seconds_total{upstream="api"} 0.0"#.to_owned(),
         ];
         let series = |name: &str, label: &str, value: &str| {

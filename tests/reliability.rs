@@ -441,6 +441,81 @@ async fn disconnect_mid_upload_frees_everything() {
     assert_eq!(paths, ["/large", "/next"], "the cut buffered upload reached the upstream");
 }
 
+/// A caller that stops sending its body for `body_read_timeout` loses its
+/// request: a buffered body is answered 408 `body_timeout` and never
+/// reaches the upstream, a streamed one is cut there and answered 408 too;
+/// each connection closes and its slots come back (`max_connections = 2`,
+/// `max_concurrency = 1`), and both are counted.
+#[tokio::test]
+async fn stalled_request_bodies_lose_their_request() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let config = format!(
+        "{}{}",
+        server("body_read_timeout = \"500ms\"\nmax_body_bytes = 1024\nmax_connections = 2"),
+        upstream("api", &mock.url(), "rate = \"100/s\"\nmax_concurrency = 1")
+    );
+    let pg = Pacegate::start_config(&config).await;
+
+    let mut small = open(&pg).await;
+    small
+        .write_all(b"POST /api/small HTTP/1.1\r\nHost: a\r\nContent-Length: 500\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut large = open(&pg).await;
+    large.write_all(b"PUT /api/large HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n").await.unwrap();
+    large.write_all(&[b'x'; 4096]).await.unwrap();
+    for stalled in [&mut small, &mut large] {
+        let got = read_until_closed(stalled, WAIT).await;
+        let found = answers(&got);
+        assert_eq!(found.len(), 1, "{:?}", String::from_utf8_lossy(&got));
+        assert_error_parts(
+            found[0].status,
+            &found[0].headers,
+            &found[0].body,
+            408,
+            "body_timeout",
+            Some("api"),
+        );
+    }
+    // Both connection slots and the concurrency slot are free again.
+    let next = client().get(pg.url("/api/next")).timeout(WAIT).send().await.unwrap();
+    assert_eq!(next.status(), 200);
+    let paths: Vec<String> = mock.arrivals().into_iter().map(|a| a.path_and_query).collect();
+    assert_eq!(paths, ["/large", "/next"], "the stalled buffered body reached the upstream");
+    let counted = pg.metric("pacegate_client_timeouts_total{timeout=\"body_read\"}").await;
+    assert_eq!(counted, Some(2.0));
+}
+
+/// A caller that takes nothing of its answer for `send_timeout` loses its
+/// connection and the request's concurrency slot (`max_concurrency = 1`),
+/// and it is counted; an answer that waits for its upstream is not cut.
+#[tokio::test]
+async fn callers_that_read_nothing_lose_their_answer() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let config = format!(
+        "{}{}",
+        server("send_timeout = \"500ms\""),
+        upstream("api", &mock.url(), "rate = \"100/s\"\nmax_concurrency = 1\nqueue_timeout = \"20s\"")
+    );
+    let pg = Pacegate::start_config(&config).await;
+    // An event stream quieter than the send timeout is not cut.
+    let events = client().get(pg.url("/api/sse?n=3&interval_ms=400")).timeout(WAIT).send().await.unwrap();
+    assert_eq!(events.text().await.unwrap().matches("data:").count(), 3);
+
+    // 256 MB cannot sit in socket buffers: the proxy soon cannot write.
+    let mut reader = open(&pg).await;
+    reader.write_all(&get("/api/bytes?n=268435456")).await.unwrap();
+    assert!(mock.wait_for_arrivals(2, WAIT).await);
+    let started = Instant::now();
+    let next = client().get(pg.url("/api/next")).timeout(WAIT).send().await.unwrap();
+    assert_eq!(next.status(), 200, "the stalled reader's slot never came back");
+    assert!(started.elapsed() >= Duration::from_millis(400), "served before the send timeout");
+    let got = read_until_closed(&mut reader, WAIT).await;
+    assert!(got.len() < 268_435_456, "the whole answer went out");
+    let counted = pg.metric("pacegate_client_timeouts_total{timeout=\"send\"}").await;
+    assert_eq!(counted, Some(1.0));
+}
+
 // === panics ===
 
 /// A handler that panics on `/panic`, streams a body that panics on
@@ -472,6 +547,7 @@ async fn panics_are_caught_counted_and_serving_goes_on() {
         max_connections: 100,
         header_read_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(5),
+        send_timeout: Duration::from_secs(5),
         max_header_bytes: 8192,
         shutdown_grace: Duration::from_secs(1),
     };

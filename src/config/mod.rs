@@ -79,6 +79,10 @@ pub struct Server {
     pub header_read_timeout: Duration,
     /// Idle keep-alive client connections are closed after this time.
     pub idle_timeout: Duration,
+    /// A request body that sends nothing for this long loses its request (408).
+    pub body_read_timeout: Duration,
+    /// A connection whose caller takes nothing of an answer for this long is closed.
+    pub send_timeout: Duration,
     /// Threads serving the proxy listener; `None` means one per CPU core.
     pub workers: Option<NonZeroUsize>,
 }

@@ -28,7 +28,7 @@ use crate::body::{self, BodyError, ProxyBody};
 use crate::config;
 use crate::error::ProxyError;
 use crate::headers;
-use crate::metrics::{Metrics, NO_UPSTREAM};
+use crate::metrics::{ClientTimeout, Metrics, NO_UPSTREAM};
 use crate::route::Target;
 use crate::runtime::Runtime;
 use crate::tls::{Interceptor, TlsError};
@@ -209,7 +209,15 @@ impl Proxy {
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         async move {
             let result = self.send(&runtime, &mut prepared).await;
-            self.answer(result, prepared.upstream(&runtime))
+            // The rest of a body that stopped arriving is never read: the
+            // connection cannot carry another request.
+            let close = matches!(result, Err(ProxyError::BodyTimeout { .. }))
+                && prepared.head.version < http::Version::HTTP_2;
+            let mut response = self.answer(result, prepared.upstream(&runtime));
+            if close {
+                response.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            response
         }
     }
 
@@ -225,22 +233,24 @@ impl Proxy {
             let server = &runtime.config.server;
             let incoming =
                 prepared.incoming.take().ok_or_else(|| ProxyError::Internal("request sent twice".into()))?;
-            let mut body = body::read(incoming, server.max_body_bytes, server.max_request_bytes)
-                .await
-                .map_err(|e| match e {
-                    BodyError::TooLarge(limit) => {
-                        let upstream = prepared.upstream(runtime).map(|u| u.config.name.clone());
-                        ProxyError::BodyTooLarge { upstream, limit }
-                    }
-                    BodyError::Read(e) => {
-                        ProxyError::BadRequest(format!("reading the request body failed: {e}"))
-                    }
-                })?;
+            let read = body::read(
+                incoming,
+                server.max_body_bytes,
+                server.max_request_bytes,
+                server.body_read_timeout,
+            );
+            let mut body = read.await.map_err(|e| match e {
+                BodyError::TooLarge(limit) => {
+                    ProxyError::BodyTooLarge { upstream: upstream_name(runtime, prepared.queue), limit }
+                }
+                BodyError::Read(e) => ProxyError::BadRequest(format!("reading the request body failed: {e}")),
+                BodyError::Stalled(_) => self.body_timeout(runtime, prepared.queue),
+            })?;
             let head = &mut prepared.head;
             // The target decides the host (RFC 9112 §3.2.2): the client derives
             // Host from the URI, whatever Host (or Hosts) the caller sent.
             head.headers.remove(header::HOST);
-            match prepared.queue {
+            let answer = match prepared.queue {
                 Some(queue) => {
                     let index = queue.upstream as usize;
                     let client = runtime.client_for(index, &self.client);
@@ -258,8 +268,21 @@ impl Proxy {
                     // Boxed like CONNECT: only unknown hosts take this path.
                     Box::pin(self.pass_through(client, head, &mut body)).await
                 }
+            };
+            // A streamed body that stopped arriving broke its attempt: that,
+            // not the upstream, is why.
+            if body.stalled() {
+                return Err(self.body_timeout(runtime, prepared.queue));
             }
+            answer
         }
+    }
+
+    /// Counts a body that stopped arriving, and says so.
+    fn body_timeout(&self, runtime: &Runtime, queue: Option<Queue>) -> ProxyError {
+        self.metrics.timed_out(ClientTimeout::BodyRead);
+        let timeout = runtime.config.server.body_read_timeout;
+        ProxyError::BodyTimeout { upstream: upstream_name(runtime, queue), timeout }
     }
 
     /// Forwards a request for a host no upstream claims, once, without pacing.
@@ -365,6 +388,11 @@ fn prepare(
     headers::strip_hop_by_hop(&mut head.headers);
     headers::add_via(&mut head.headers);
     Ok(Prepared { head, incoming: Some(incoming), queue })
+}
+
+/// The name of the upstream that paces `queue`, for error answers.
+fn upstream_name(runtime: &Runtime, queue: Option<Queue>) -> Option<String> {
+    queue.map(|queue| runtime.upstreams[queue.upstream as usize].config.name.clone())
 }
 
 /// 403 when a pass-through target resolves to a guarded address. The guarded
