@@ -9,11 +9,12 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::{self, Either};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -77,61 +78,159 @@ pub enum BodyError {
     Stalled(Duration),
 }
 
-/// Reads up to `buffer_limit` bytes into memory; beyond that, streams the rest.
+/// What bounds the reading of one request body (`[server]`).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// `max_body_bytes`: bodies up to this size are buffered for replay.
+    pub buffer: usize,
+    /// `max_request_bytes`: larger bodies are refused (413).
+    pub hard: Option<u64>,
+    /// `body_read_timeout`: a body that sends nothing this long fails.
+    pub stall: Duration,
+    /// `max_buffered_bytes`: bodies buffered at once, all requests together.
+    pub total: usize,
+}
+
+/// Reads a body into memory when it fits both `max_body_bytes` and what
+/// `budget` has left of `max_buffered_bytes`; otherwise streams it (once,
+/// so its request is not retried), keeping what was read.
 ///
-/// `hard_limit` (`max_request_bytes`) is enforced here for buffered bodies
+/// `limits.hard` (`max_request_bytes`) is enforced here for buffered bodies
 /// and by [`CappedBody`] for streamed ones. A body that sends nothing for
-/// `stall_timeout` (`body_read_timeout`) fails with [`BodyError::Stalled`]
+/// `limits.stall` (`body_read_timeout`) fails with [`BodyError::Stalled`]
 /// here, or, once streaming, ends its attempt with an error and marks the
 /// body [`RequestBody::stalled`].
 pub fn read(
     body: Incoming,
-    buffer_limit: usize,
-    hard_limit: Option<u64>,
-    stall_timeout: Duration,
-) -> impl Future<Output = Result<RequestBody, BodyError>> + Send {
-    // Not an async fn: it would keep `body` and `stall_timeout` twice, and
-    // a queued request's future is as large as its largest step.
-    read_timed(Timed::new(body, stall_timeout), buffer_limit, hard_limit)
+    limits: BodyLimits,
+    budget: &Arc<BufferBudget>,
+) -> impl Future<Output = Result<RequestBody, BodyError>> + Send + use<> {
+    // A queued request's future is as large as its largest step, so the
+    // reading is boxed, and only requests that have a body pay for it.
+    if body.is_end_stream() {
+        return Either::Left(future::ready(Ok(RequestBody::Buffered(Bytes::new()))));
+    }
+    Either::Right(Box::pin(read_timed(Timed::new(body, limits.stall), limits, Reservation::new(budget))))
 }
 
 async fn read_timed(
     mut body: Timed<Incoming>,
-    buffer_limit: usize,
-    hard_limit: Option<u64>,
+    limits: BodyLimits,
+    mut reservation: Reservation,
 ) -> Result<RequestBody, BodyError> {
-    if let Some(limit) = hard_limit
-        && body.size_hint().lower() > limit
+    let hint = body.size_hint();
+    if let Some(limit) = limits.hard
+        && hint.lower() > limit
     {
         return Err(BodyError::TooLarge(limit));
     }
-    if body.size_hint().lower() > buffer_limit as u64 {
-        return Ok(streaming(BytesMut::new(), body, hard_limit));
+    if hint.lower() > limits.buffer as u64 {
+        return Ok(streaming(BytesMut::new(), reservation, body, limits.hard));
     }
-    let mut buffered = BytesMut::new();
+    // A known length is reserved at once (at most max_body_bytes, as just checked).
+    let exact = hint.exact().map(|len| len as usize);
+    if let Some(len) = exact
+        && !reservation.grow(len, limits.total)
+    {
+        return Ok(streaming(BytesMut::new(), reservation, body, limits.hard));
+    }
+    let mut buffered = BytesMut::with_capacity(exact.unwrap_or(0));
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame?.into_data() else {
             continue; // trailers are not replayed
         };
-        if let Some(limit) = hard_limit
+        if let Some(limit) = limits.hard
             && (buffered.len() + data.len()) as u64 > limit
         {
             return Err(BodyError::TooLarge(limit));
         }
+        let fits = exact.is_some() || reservation.grow(data.len(), limits.total);
         buffered.extend_from_slice(&data);
-        if buffered.len() > buffer_limit {
-            return Ok(streaming(buffered, body, hard_limit));
+        if !fits || buffered.len() > limits.buffer {
+            return Ok(streaming(buffered, reservation, body, limits.hard));
         }
     }
-    Ok(RequestBody::Buffered(buffered.freeze()))
+    Ok(RequestBody::Buffered(reservation.hold(buffered)))
 }
 
-fn streaming(head: BytesMut, rest: Timed<Incoming>, hard_limit: Option<u64>) -> RequestBody {
+fn streaming(
+    head: BytesMut,
+    reservation: Reservation,
+    rest: Timed<Incoming>,
+    hard_limit: Option<u64>,
+) -> RequestBody {
     let sent = head.len() as u64;
-    let head = (!head.is_empty()).then(|| head.freeze());
+    let head = (!head.is_empty()).then(|| reservation.hold(head));
     let stalled = rest.stalled.clone();
     let capped = CappedBody { head, rest, sent, limit: hard_limit };
     RequestBody::Streaming(Some(capped.boxed()), stalled)
+}
+
+/// Request body bytes buffered now, all requests together, so that
+/// `max_buffered_bytes` bounds them (150 connections sending just under
+/// `max_body_bytes` each would otherwise hold 1.5 GB).
+#[derive(Debug, Default)]
+pub struct BufferBudget {
+    used: AtomicUsize,
+}
+
+impl BufferBudget {
+    /// Bytes buffered now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// Bytes one body took from its [`BufferBudget`], given back when dropped:
+/// by then the buffer they account for is gone (see [`Reservation::hold`]).
+#[derive(Debug)]
+struct Reservation {
+    budget: Arc<BufferBudget>,
+    bytes: usize,
+}
+
+impl Reservation {
+    fn new(budget: &Arc<BufferBudget>) -> Self {
+        Self { budget: budget.clone(), bytes: 0 }
+    }
+
+    /// Takes `more` bytes if the budget stays within `limit`.
+    fn grow(&mut self, more: usize, limit: usize) -> bool {
+        let taken = self.budget.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+            used.checked_add(more).filter(|after| *after <= limit)
+        });
+        if taken.is_ok() {
+            self.bytes += more;
+        }
+        taken.is_ok()
+    }
+
+    /// The buffer as `Bytes` that keep this reservation until their last
+    /// clone is gone (an attempt's body still being written included).
+    fn hold(self, buffer: BytesMut) -> Bytes {
+        if self.bytes == 0 {
+            return buffer.freeze();
+        }
+        Bytes::from_owner(Held { buffer, _reservation: self })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// A buffer and the reservation that accounts for it.
+struct Held {
+    buffer: BytesMut,
+    _reservation: Reservation,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.buffer
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -319,5 +418,27 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_is_shared_and_given_back_with_the_last_buffer() {
+        let budget = Arc::new(BufferBudget::default());
+        let mut first = Reservation::new(&budget);
+        assert!(first.grow(10, 16));
+        let mut second = Reservation::new(&budget);
+        assert!(!second.grow(10, 16), "two reservations together stay within the limit");
+        assert!(second.grow(6, 16));
+        drop(second);
+        let bytes = first.hold(BytesMut::from(&b"0123456789"[..]));
+        let attempt = bytes.clone();
+        drop(bytes);
+        assert_eq!(budget.used(), 10, "a clone still being sent keeps its bytes counted");
+        drop(attempt);
+        assert_eq!(budget.used(), 0);
     }
 }

@@ -516,6 +516,35 @@ async fn callers_that_read_nothing_lose_their_answer() {
     assert_eq!(counted, Some(1.0));
 }
 
+/// `max_buffered_bytes` bounds the bodies buffered at once: while one 48 KiB
+/// body is held (its request in flight), a second one does not fit in 64 KiB
+/// and is streamed once, so the 503 it gets is not retried; once the first
+/// is done, the same body is buffered and retried again.
+#[tokio::test]
+async fn buffered_bodies_share_one_bound() {
+    let steps = [Scripted::status(200), Scripted::status(503), Scripted::status(503)];
+    let mock = MockUpstream::start(Behaviour::new().latency(Duration::from_millis(500)).script(steps)).await;
+    let config = format!(
+        "{}{}{}",
+        server("max_body_bytes = 1_048_576\nmax_buffered_bytes = 65_536"),
+        upstream("api", &mock.url(), "rate = \"1000/s\""),
+        fast_retry(2),
+    );
+    let pg = Pacegate::start_config(&config).await;
+    let http = client();
+    let body = vec![b'x'; 48 * 1024];
+    let first = tokio::spawn(http.put(pg.url("/api/first")).body(body.clone()).timeout(WAIT).send());
+    assert!(mock.wait_for_arrivals(1, WAIT).await, "the first upload never reached the upstream");
+    let second = http.put(pg.url("/api/second")).body(body.clone()).timeout(WAIT).send().await.unwrap();
+    assert_eq!((second.status().as_u16(), attempts_of(&second)), (503, 1), "a streamed body was retried");
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    // Nothing is held any more: the same body is buffered, and retried.
+    let third = http.put(pg.url("/api/third")).body(body).timeout(WAIT).send().await.unwrap();
+    assert_eq!((third.status().as_u16(), attempts_of(&third)), (200, 2));
+    let lengths: Vec<usize> = mock.arrivals().iter().map(|a| a.body_len).collect();
+    assert_eq!(lengths, [48 * 1024; 4], "every attempt carried the whole body");
+}
+
 // === panics ===
 
 /// A handler that panics on `/panic`, streams a body that panics on

@@ -83,6 +83,9 @@ pub struct Server {
     pub body_read_timeout: Duration,
     /// A connection whose caller takes nothing of an answer for this long is closed.
     pub send_timeout: Duration,
+    /// Request bodies buffered at once, all requests together; a body that
+    /// does not fit is streamed once, without retries.
+    pub max_buffered_bytes: usize,
     /// Threads serving the proxy listener; `None` means one per CPU core.
     pub workers: Option<NonZeroUsize>,
 }

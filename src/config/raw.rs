@@ -100,6 +100,7 @@ pub struct RawServer {
     pub idle_timeout: Spanned<Dur>,
     pub body_read_timeout: Spanned<Dur>,
     pub send_timeout: Spanned<Dur>,
+    pub max_buffered_bytes: usize,
     /// 0 means one per CPU core.
     pub workers: Spanned<usize>,
 }
@@ -120,6 +121,7 @@ impl Default for RawServer {
             idle_timeout: unspanned(Dur::secs(60)),
             body_read_timeout: unspanned(Dur::secs(30)),
             send_timeout: unspanned(Dur::secs(60)),
+            max_buffered_bytes: 268_435_456,
             workers: unspanned(0),
         }
     }

@@ -106,6 +106,7 @@ fn defaults_match_the_documentation() {
     assert_eq!(server.idle_timeout, Duration::from_secs(60));
     assert_eq!(server.body_read_timeout, Duration::from_secs(30));
     assert_eq!(server.send_timeout, Duration::from_secs(60));
+    assert_eq!(server.max_buffered_bytes, 268_435_456);
     assert_eq!(server.workers, None);
     assert_eq!(config.forward.unknown_hosts, UnknownHosts::Deny);
     assert!(!config.forward.allow_private);
@@ -164,6 +165,7 @@ header_read_timeout = "1s"
 idle_timeout = "2m"
 body_read_timeout = "3s"
 send_timeout = "4s"
+max_buffered_bytes = 5
 workers = 3
 
 [forward]
@@ -212,6 +214,7 @@ budget = 0
     assert_eq!(config.server.workers.map(NonZeroUsize::get), Some(3));
     assert_eq!(config.server.body_read_timeout, Duration::from_secs(3));
     assert_eq!(config.server.send_timeout, Duration::from_secs(4));
+    assert_eq!(config.server.max_buffered_bytes, 5);
     assert_eq!(config.forward.unknown_hosts, UnknownHosts::Pass);
     let redis = config.redis.unwrap();
     assert_eq!(redis.url, "redis://127.0.0.1:6379");

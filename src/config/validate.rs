@@ -92,6 +92,7 @@ fn server(cx: &Cx<'_>, raw: RawServer) -> Result<Server, ConfigError> {
         idle_timeout: positive(cx, "idle_timeout", &raw.idle_timeout)?,
         body_read_timeout: positive(cx, "body_read_timeout", &raw.body_read_timeout)?,
         send_timeout: positive(cx, "send_timeout", &raw.send_timeout)?,
+        max_buffered_bytes: raw.max_buffered_bytes,
         workers: NonZeroUsize::new(workers),
     })
 }

@@ -24,7 +24,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, Request, Response, Uri, header};
 use hyper::body::Incoming;
 
-use crate::body::{self, BodyError, ProxyBody};
+use crate::body::{self, BodyError, BodyLimits, BufferBudget, ProxyBody};
 use crate::config;
 use crate::error::ProxyError;
 use crate::headers;
@@ -59,6 +59,8 @@ pub struct Proxy {
     /// end kept for answering. Kept so that upstreams a reload brings in
     /// meanwhile close too.
     closing: OnceLock<(tokio::time::Instant, Duration)>,
+    /// Request bodies buffered now, against `max_buffered_bytes`.
+    buffers: Arc<BufferBudget>,
 }
 
 impl Proxy {
@@ -71,6 +73,7 @@ impl Proxy {
             interceptor: Mutex::new(None),
             metrics,
             closing: OnceLock::new(),
+            buffers: Arc::default(),
         }
     }
 
@@ -233,12 +236,13 @@ impl Proxy {
             let server = &runtime.config.server;
             let incoming =
                 prepared.incoming.take().ok_or_else(|| ProxyError::Internal("request sent twice".into()))?;
-            let read = body::read(
-                incoming,
-                server.max_body_bytes,
-                server.max_request_bytes,
-                server.body_read_timeout,
-            );
+            let limits = BodyLimits {
+                buffer: server.max_body_bytes,
+                hard: server.max_request_bytes,
+                stall: server.body_read_timeout,
+                total: server.max_buffered_bytes,
+            };
+            let read = body::read(incoming, limits, &self.buffers);
             let mut body = read.await.map_err(|e| match e {
                 BodyError::TooLarge(limit) => {
                     ProxyError::BodyTooLarge { upstream: upstream_name(runtime, prepared.queue), limit }
