@@ -51,6 +51,8 @@
 //!           error
 //!           body headers workers
 //!           config
+//! admission closing
+//!           pacing schedule
 //! config    validate
 //!           claims raw
 //!           authority units
