@@ -29,6 +29,7 @@
 //! - [`headers`]: hop-by-hop and pacegate's own headers, stripped both ways.
 //! - [`metrics`]: the Prometheus series pacegate exports.
 //! - [`workers`]: the worker threads and their runtimes (see below).
+//! - [`fds`]: the open-files limit, raised at start for `max_connections`.
 //! - [`config`]: the TOML file, parsed then validated into runtime types.
 //! - [`fuzz`]: entry points for `fuzz/` (cargo-fuzz) and its smoke test.
 //!
@@ -49,7 +50,7 @@
 //!           admission metrics
 //!           limit retry
 //!           error
-//!           body headers workers
+//!           body fds headers workers
 //!           config
 //! admission closing
 //!           pacing schedule
@@ -121,6 +122,7 @@ pub mod app;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod fds;
 pub mod fuzz;
 pub mod headers;
 pub mod limit;
