@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -41,9 +41,21 @@ pub enum RequestBody {
     /// Fully read; every attempt sends a cheap clone.
     Buffered(Bytes),
     /// Too large to keep: can be sent once, so the request is not retryable.
-    /// The flag is set if the caller stopped sending it for `body_read_timeout`.
-    Streaming(Option<ProxyBody>, Arc<AtomicBool>),
+    /// The flag says whether the caller's side of it failed ([`Failure`]).
+    Streaming(Option<ProxyBody>, Arc<AtomicU8>),
 }
+
+/// Why a streamed body broke its attempt on the caller's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Nothing arrived for `body_read_timeout`.
+    Stalled,
+    /// What arrived could not be read (framing refused, connection lost).
+    Unreadable,
+}
+
+const STALLED: u8 = 1;
+const UNREADABLE: u8 = 2;
 
 impl RequestBody {
     /// Whether another attempt can send this body again.
@@ -60,10 +72,15 @@ impl RequestBody {
         }
     }
 
-    /// Whether the caller stopped sending this (streamed) body for
-    /// `body_read_timeout`, so that its attempt failed for that reason.
-    pub fn stalled(&self) -> bool {
-        matches!(self, Self::Streaming(_, stalled) if stalled.load(Ordering::Relaxed))
+    /// Whether this (streamed) body failed on the caller's side, so that
+    /// its attempt failed for that reason rather than the upstream's.
+    pub fn failure(&self) -> Option<Failure> {
+        let Self::Streaming(_, failed) = self else { return None };
+        match failed.load(Ordering::Relaxed) {
+            STALLED => Some(Failure::Stalled),
+            UNREADABLE => Some(Failure::Unreadable),
+            _ => None,
+        }
     }
 }
 
@@ -99,7 +116,7 @@ pub struct BodyLimits {
 /// and by [`CappedBody`] for streamed ones. A body that sends nothing for
 /// `limits.stall` (`body_read_timeout`) fails with [`BodyError::Stalled`]
 /// here, or, once streaming, ends its attempt with an error and marks the
-/// body [`RequestBody::stalled`].
+/// body [`RequestBody::failure`].
 pub fn read(
     body: Incoming,
     limits: BodyLimits,
@@ -161,9 +178,9 @@ fn streaming(
 ) -> RequestBody {
     let sent = head.len() as u64;
     let head = (!head.is_empty()).then(|| reservation.hold(head));
-    let stalled = rest.stalled.clone();
+    let failed = rest.failed.clone();
     let capped = CappedBody { head, rest, sent, limit: hard_limit };
-    RequestBody::Streaming(Some(capped.boxed()), stalled)
+    RequestBody::Streaming(Some(capped.boxed()), failed)
 }
 
 /// Request body bytes buffered now, all requests together, so that
@@ -245,14 +262,14 @@ pin_project_lite::pin_project! {
         // Armed when a frame is awaited; boxed, and made only then, so a
         // body that arrives with its head costs no timer.
         deadline: Option<Pin<Box<Sleep>>>,
-        // Set when the timeout fired: read by whoever sent the body on.
-        stalled: Arc<AtomicBool>,
+        // Set when the caller's side failed: read by whoever sent the body on.
+        failed: Arc<AtomicU8>,
     }
 }
 
 impl<B> Timed<B> {
     fn new(inner: B, timeout: Duration) -> Self {
-        Self { inner, timeout, deadline: None, stalled: Arc::default() }
+        Self { inner, timeout, deadline: None, failed: Arc::default() }
     }
 }
 
@@ -273,6 +290,9 @@ where
             Poll::Ready(frame) => {
                 // The next wait starts afresh.
                 *this.deadline = None;
+                if let Some(Err(_)) = &frame {
+                    this.failed.store(UNREADABLE, Ordering::Relaxed);
+                }
                 Poll::Ready(frame.map(|frame| frame.map_err(Into::into)))
             }
             Poll::Pending => {
@@ -281,7 +301,7 @@ where
                 if deadline.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
-                this.stalled.store(true, Ordering::Relaxed);
+                this.failed.store(STALLED, Ordering::Relaxed);
                 Poll::Ready(Some(Err(BodyError::Stalled(timeout).into())))
             }
         }

@@ -235,6 +235,46 @@ async fn request_smuggling_is_refused() {
     assert_eq!(paths, ["/first"]);
 }
 
+/// A chunk-size line longer than 4 096 bytes cannot be followed, so what
+/// comes after it could not be checked: the request is answered 400 and its
+/// connection closed, nothing reaches the upstream, and the smuggling head
+/// hidden after it is never served.
+#[tokio::test]
+async fn chunked_bodies_that_cannot_be_followed_are_refused() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let pg = Pacegate::start(&api(&mock.url(), "")).await;
+    let request = [
+        b"POST /api/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;".as_slice(),
+        &[b'e'; 5000],
+        b"\r\nhello\r\n0\r\n\r\n",
+        b"POST /api/smuggled HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ]
+    .concat();
+    let got = send_raw(&pg, &request).await;
+    let found = answers(&got);
+    assert_eq!(found.len(), 1, "{:?}", String::from_utf8_lossy(&got));
+    found[0].assert_error(400, "bad_request");
+    assert_eq!(mock.count(), 0, "a request reached the upstream");
+
+    // A body too large to buffer is already streaming upstream when the
+    // line comes: its attempt is cut, and the caller hears why.
+    let config = format!("{}{}", server("max_body_bytes = 1024"), api(&mock.url(), ""));
+    let pg = Pacegate::start_config(&config).await;
+    let streamed = [
+        b"PUT /api/large HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n".as_slice(),
+        &[b'x'; 0x800],
+        b"\r\n5;",
+        &[b'e'; 5000],
+        b"\r\nhello\r\n0\r\n\r\n",
+    ]
+    .concat();
+    let got = send_raw(&pg, &streamed).await;
+    let found = answers(&got);
+    assert_eq!(found.len(), 1, "{:?}", String::from_utf8_lossy(&got));
+    found[0].assert_error(400, "bad_request");
+    assert!(mock.arrivals().iter().all(|a| a.body_len <= 0x800), "bytes after the line went upstream");
+}
+
 // === client side: slow, idle and too many connections ===
 
 /// Connections that send their head too slowly are closed at

@@ -24,7 +24,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, Request, Response, Uri, header};
 use hyper::body::Incoming;
 
-use crate::body::{self, BodyError, BodyLimits, BufferBudget, ProxyBody};
+use crate::body::{self, BodyError, BodyLimits, BufferBudget, Failure, ProxyBody};
 use crate::config;
 use crate::error::ProxyError;
 use crate::headers;
@@ -273,12 +273,15 @@ impl Proxy {
                     Box::pin(self.pass_through(client, head, &mut body)).await
                 }
             };
-            // A streamed body that stopped arriving broke its attempt: that,
-            // not the upstream, is why.
-            if body.stalled() {
-                return Err(self.body_timeout(runtime, prepared.queue));
+            // A streamed body that the caller stopped sending, or that could
+            // not be read, broke its attempt: that, not the upstream, is why.
+            match body.failure() {
+                Some(Failure::Stalled) => Err(self.body_timeout(runtime, prepared.queue)),
+                Some(Failure::Unreadable) => {
+                    Err(ProxyError::BadRequest("reading the request body failed".to_string()))
+                }
+                None => answer,
             }
-            answer
         }
     }
 
