@@ -8,9 +8,11 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::admin::{self, Admin};
 use crate::config::Config;
@@ -65,6 +67,7 @@ impl App {
         let admin_addr = listeners.admin.local_addr()?;
         let config = self.proxy.runtime.load_full().config.clone();
         let settings = connection_settings(&config);
+        let grace = settings.shutdown_grace;
         let worker_count = workers::count(config.server.workers);
         let workers = Workers::start(worker_count)?;
         let (stop, stopped) = watch::channel(false);
@@ -80,7 +83,7 @@ impl App {
             move |_peer, request| admin::handle(admin.clone(), request),
             wait_for(stopped.clone()),
         ));
-        let proxy = self.proxy;
+        let proxy = self.proxy.clone();
         let handler = move |peer, request| proxy.clone().handle(peer, request);
         let proxy_task = tokio::spawn(server::serve(
             listeners.proxy,
@@ -94,6 +97,8 @@ impl App {
         shutdown.await;
         tracing::info!("shutting down: no new connections, finishing queued and in-flight requests");
         let _ = stop.send(true);
+        // The config bounds durations to 100 years: no overflow.
+        self.proxy.close(Instant::now() + grace, answer_margin(grace));
         let _ = proxy_task.await;
         let _ = admin_task.await;
         drop(watcher);
@@ -108,10 +113,21 @@ fn connection_settings(config: &Config) -> ConnectionSettings {
         max_connections: server.max_connections.get(),
         header_read_timeout: server.header_read_timeout,
         idle_timeout: server.idle_timeout,
+        send_timeout: server.send_timeout,
         max_header_bytes: server.max_header_bytes,
         shutdown_grace: server.shutdown_grace,
     }
 }
+
+/// The end of the shutdown grace kept for answering what cannot be served
+/// (503 `shutting_down`) before connections are closed: a tenth of it, at
+/// most [`MAX_ANSWER_MARGIN`].
+fn answer_margin(grace: Duration) -> Duration {
+    (grace / 10).min(MAX_ANSWER_MARGIN)
+}
+
+/// Writing a few thousand short answers takes far less.
+const MAX_ANSWER_MARGIN: Duration = Duration::from_secs(1);
 
 async fn wait_for(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;

@@ -6,13 +6,19 @@
 //! such a request is never retried. Response bodies are never buffered: they
 //! are streamed to the caller frame by frame (server-sent events included).
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::{self, Either};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::Sleep;
 
 /// Error type of every body we pass around.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -35,8 +41,21 @@ pub enum RequestBody {
     /// Fully read; every attempt sends a cheap clone.
     Buffered(Bytes),
     /// Too large to keep: can be sent once, so the request is not retryable.
-    Streaming(Option<ProxyBody>),
+    /// The flag says whether the caller's side of it failed ([`Failure`]).
+    Streaming(Option<ProxyBody>, Arc<AtomicU8>),
 }
+
+/// Why a streamed body broke its attempt on the caller's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Nothing arrived for `body_read_timeout`.
+    Stalled,
+    /// What arrived could not be read (framing refused, connection lost).
+    Unreadable,
+}
+
+const STALLED: u8 = 1;
+const UNREADABLE: u8 = 2;
 
 impl RequestBody {
     /// Whether another attempt can send this body again.
@@ -49,7 +68,18 @@ impl RequestBody {
         match self {
             Self::Buffered(bytes) if bytes.is_empty() => Some(empty()),
             Self::Buffered(bytes) => Some(full(bytes.clone())),
-            Self::Streaming(body) => body.take(),
+            Self::Streaming(body, _) => body.take(),
+        }
+    }
+
+    /// Whether this (streamed) body failed on the caller's side, so that
+    /// its attempt failed for that reason rather than the upstream's.
+    pub fn failure(&self) -> Option<Failure> {
+        let Self::Streaming(_, failed) = self else { return None };
+        match failed.load(Ordering::Relaxed) {
+            STALLED => Some(Failure::Stalled),
+            UNREADABLE => Some(Failure::Unreadable),
+            _ => None,
         }
     }
 }
@@ -61,48 +91,240 @@ pub enum BodyError {
     TooLarge(u64),
     #[error("reading the request body failed: {0}")]
     Read(#[from] hyper::Error),
+    #[error("no byte of the request body arrived for {0:?}")]
+    Stalled(Duration),
 }
 
-/// Reads up to `buffer_limit` bytes into memory; beyond that, streams the rest.
+/// What bounds the reading of one request body (`[server]`).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// `max_body_bytes`: bodies up to this size are buffered for replay.
+    pub buffer: usize,
+    /// `max_request_bytes`: larger bodies are refused (413).
+    pub hard: Option<u64>,
+    /// `body_read_timeout`: a body that sends nothing this long fails.
+    pub stall: Duration,
+    /// `max_buffered_bytes`: bodies buffered at once, all requests together.
+    pub total: usize,
+}
+
+/// Reads a body into memory when it fits both `max_body_bytes` and what
+/// `budget` has left of `max_buffered_bytes`; otherwise streams it (once,
+/// so its request is not retried), keeping what was read.
 ///
-/// `hard_limit` (`max_request_bytes`) is enforced here for buffered bodies
-/// and by [`CappedBody`] for streamed ones.
-pub async fn read(
-    mut body: Incoming,
-    buffer_limit: usize,
-    hard_limit: Option<u64>,
+/// `limits.hard` (`max_request_bytes`) is enforced here for buffered bodies
+/// and by [`CappedBody`] for streamed ones. A body that sends nothing for
+/// `limits.stall` (`body_read_timeout`) fails with [`BodyError::Stalled`]
+/// here, or, once streaming, ends its attempt with an error and marks the
+/// body [`RequestBody::failure`].
+pub fn read(
+    body: Incoming,
+    limits: BodyLimits,
+    budget: &Arc<BufferBudget>,
+) -> impl Future<Output = Result<RequestBody, BodyError>> + Send + use<> {
+    // A queued request's future is as large as its largest step, so the
+    // reading is boxed, and only requests that have a body pay for it.
+    if body.is_end_stream() {
+        return Either::Left(future::ready(Ok(RequestBody::Buffered(Bytes::new()))));
+    }
+    Either::Right(Box::pin(read_timed(Timed::new(body, limits.stall), limits, Reservation::new(budget))))
+}
+
+async fn read_timed(
+    mut body: Timed<Incoming>,
+    limits: BodyLimits,
+    mut reservation: Reservation,
 ) -> Result<RequestBody, BodyError> {
-    if let Some(limit) = hard_limit
-        && body.size_hint().lower() > limit
+    let hint = body.size_hint();
+    if let Some(limit) = limits.hard
+        && hint.lower() > limit
     {
         return Err(BodyError::TooLarge(limit));
     }
-    if body.size_hint().lower() > buffer_limit as u64 {
-        return Ok(streaming(BytesMut::new(), body, hard_limit));
+    if hint.lower() > limits.buffer as u64 {
+        return Ok(streaming(BytesMut::new(), reservation, body, limits.hard));
     }
-    let mut buffered = BytesMut::new();
+    // A known length is reserved at once (at most max_body_bytes, as just checked).
+    let exact = hint.exact().map(|len| len as usize);
+    if let Some(len) = exact
+        && !reservation.grow(len, limits.total)
+    {
+        return Ok(streaming(BytesMut::new(), reservation, body, limits.hard));
+    }
+    let mut buffered = BytesMut::with_capacity(exact.unwrap_or(0));
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame?.into_data() else {
             continue; // trailers are not replayed
         };
-        if let Some(limit) = hard_limit
+        if let Some(limit) = limits.hard
             && (buffered.len() + data.len()) as u64 > limit
         {
             return Err(BodyError::TooLarge(limit));
         }
+        let fits = exact.is_some() || reservation.grow(data.len(), limits.total);
         buffered.extend_from_slice(&data);
-        if buffered.len() > buffer_limit {
-            return Ok(streaming(buffered, body, hard_limit));
+        if !fits || buffered.len() > limits.buffer {
+            return Ok(streaming(buffered, reservation, body, limits.hard));
         }
     }
-    Ok(RequestBody::Buffered(buffered.freeze()))
+    Ok(RequestBody::Buffered(reservation.hold(buffered)))
 }
 
-fn streaming(head: BytesMut, rest: Incoming, hard_limit: Option<u64>) -> RequestBody {
+fn streaming(
+    head: BytesMut,
+    reservation: Reservation,
+    rest: Timed<Incoming>,
+    hard_limit: Option<u64>,
+) -> RequestBody {
     let sent = head.len() as u64;
-    let head = (!head.is_empty()).then(|| head.freeze());
+    let head = (!head.is_empty()).then(|| reservation.hold(head));
+    let failed = rest.failed.clone();
     let capped = CappedBody { head, rest, sent, limit: hard_limit };
-    RequestBody::Streaming(Some(capped.boxed()))
+    RequestBody::Streaming(Some(capped.boxed()), failed)
+}
+
+/// Request body bytes buffered now, all requests together, so that
+/// `max_buffered_bytes` bounds them (150 connections sending just under
+/// `max_body_bytes` each would otherwise hold 1.5 GB).
+#[derive(Debug, Default)]
+pub struct BufferBudget {
+    used: AtomicUsize,
+}
+
+impl BufferBudget {
+    /// Bytes buffered now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// Bytes one body took from its [`BufferBudget`], given back when dropped:
+/// by then the buffer they account for is gone (see [`Reservation::hold`]).
+#[derive(Debug)]
+struct Reservation {
+    budget: Arc<BufferBudget>,
+    bytes: usize,
+}
+
+impl Reservation {
+    fn new(budget: &Arc<BufferBudget>) -> Self {
+        Self { budget: budget.clone(), bytes: 0 }
+    }
+
+    /// Takes `more` bytes if the budget stays within `limit`.
+    fn grow(&mut self, more: usize, limit: usize) -> bool {
+        let taken = self.budget.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+            used.checked_add(more).filter(|after| *after <= limit)
+        });
+        if taken.is_ok() {
+            self.bytes += more;
+        }
+        taken.is_ok()
+    }
+
+    /// The buffer as `Bytes` that keep this reservation until their last
+    /// clone is gone (an attempt's body still being written included).
+    fn hold(self, buffer: BytesMut) -> Bytes {
+        if self.bytes == 0 {
+            return buffer.freeze();
+        }
+        Bytes::from_owner(Held { buffer, _reservation: self })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// A buffer and the reservation that accounts for it.
+struct Held {
+    buffer: BytesMut,
+    _reservation: Reservation,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.buffer
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that fails with [`BodyError::Stalled`] once no frame
+    /// arrived for `timeout` while one was awaited (nginx's
+    /// `client_body_timeout`): a caller that stops sending mid-body must not
+    /// hold its connection, its queue place or a concurrency slot for ever.
+    struct Timed<B> {
+        #[pin]
+        inner: B,
+        timeout: Duration,
+        // Armed when a frame is awaited; boxed, and made only then, so a
+        // body that arrives with its head costs no timer.
+        deadline: Option<Pin<Box<Sleep>>>,
+        // Set when the caller's side failed: read by whoever sent the body on.
+        failed: Arc<AtomicU8>,
+    }
+}
+
+impl<B> Timed<B> {
+    fn new(inner: B, timeout: Duration) -> Self {
+        Self { inner, timeout, deadline: None, failed: Arc::default() }
+    }
+}
+
+impl<B> Body for Timed<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                // The next wait starts afresh.
+                *this.deadline = None;
+                if let Some(Err(_)) = &frame {
+                    this.failed.store(UNREADABLE, Ordering::Relaxed);
+                }
+                Poll::Ready(frame.map(|frame| frame.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let timeout = *this.timeout;
+                let deadline = this.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if deadline.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.failed.store(STALLED, Ordering::Relaxed);
+                Poll::Ready(Some(Err(BodyError::Stalled(timeout).into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Timed<Incoming> {
+    /// One frame, with [`BodyError`]s as they are (not boxed).
+    async fn frame(&mut self) -> Option<Result<Frame<Bytes>, BodyError>> {
+        let frame = BodyExt::frame(self).await?;
+        Some(frame.map_err(|error| match error.downcast::<hyper::Error>() {
+            Ok(error) => BodyError::Read(*error),
+            Err(_) => BodyError::Stalled(self.timeout),
+        }))
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -111,7 +333,7 @@ pin_project_lite::pin_project! {
     struct CappedBody {
         head: Option<Bytes>,
         #[pin]
-        rest: Incoming,
+        rest: Timed<Incoming>,
         sent: u64,
         limit: Option<u64>,
     }
@@ -141,7 +363,7 @@ impl Body for CappedBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
@@ -216,5 +438,27 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_is_shared_and_given_back_with_the_last_buffer() {
+        let budget = Arc::new(BufferBudget::default());
+        let mut first = Reservation::new(&budget);
+        assert!(first.grow(10, 16));
+        let mut second = Reservation::new(&budget);
+        assert!(!second.grow(10, 16), "two reservations together stay within the limit");
+        assert!(second.grow(6, 16));
+        drop(second);
+        let bytes = first.hold(BytesMut::from(&b"0123456789"[..]));
+        let attempt = bytes.clone();
+        drop(bytes);
+        assert_eq!(budget.used(), 10, "a clone still being sent keeps its bytes counted");
+        drop(attempt);
+        assert_eq!(budget.used(), 0);
     }
 }

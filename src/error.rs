@@ -2,9 +2,11 @@
 //!
 //! The error table (docs/http.md) lives here and only here: every other module returns a
 //! [`ProxyError`] and lets [`ProxyError::into_response`] pick the status, the
-//! `x-pacegate-error` code and the JSON body. Two rows go beyond the table users see documented first:
-//! 414 `uri_too_long` (RFC 9112 §3 requires 414 for a request target longer
-//! than we parse) and 500 `internal_error` (a request task panicked).
+//! `x-pacegate-error` code and the JSON body. Three rows go beyond the table users see documented first:
+//! 408 `body_timeout` (a body that stopped arriving, nginx's answer to its
+//! `client_body_timeout`), 414 `uri_too_long` (RFC 9112 §3 requires 414 for
+//! a request target longer than we parse) and 500 `internal_error` (a
+//! request task panicked).
 
 use std::time::Duration;
 
@@ -31,16 +33,19 @@ pub enum RefusalReason {
     TooManyPartitions,
     /// The request alone costs more than an endpoint limit can ever hold (413).
     CostExceedsQuota,
+    /// pacegate is stopping and cannot serve the request within `shutdown_grace`.
+    ShuttingDown,
 }
 
 impl RefusalReason {
     /// Every reason, so that each has its series and `/status` key from the start.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::QueueFull,
         Self::QueueTimeout,
         Self::RateLimitStore,
         Self::TooManyPartitions,
         Self::CostExceedsQuota,
+        Self::ShuttingDown,
     ];
 
     /// The stable snake_case name.
@@ -51,6 +56,7 @@ impl RefusalReason {
             Self::RateLimitStore => "rate_limit_store",
             Self::TooManyPartitions => "too_many_partitions",
             Self::CostExceedsQuota => "cost_exceeds_quota",
+            Self::ShuttingDown => "shutting_down",
         }
     }
 }
@@ -70,6 +76,8 @@ pub enum ProxyError {
     ProxyAuthRequired,
     #[error("request body is larger than {limit} bytes")]
     BodyTooLarge { upstream: Option<String>, limit: u64 },
+    #[error("no byte of the request body arrived for {timeout:?}")]
+    BodyTimeout { upstream: Option<String>, timeout: Duration },
     #[error("request headers are larger than {limit} bytes")]
     HeadersTooLarge { limit: usize },
     #[error("more than {limit} request header lines")]
@@ -88,6 +96,8 @@ pub enum ProxyError {
     TooManyPartitions { upstream: String },
     #[error("the request costs {cost} units of limit {limit}, which holds at most {capacity}")]
     CostExceedsQuota { upstream: String, limit: String, cost: u32, capacity: u32 },
+    #[error("pacegate is shutting down and cannot serve this request in time")]
+    ShuttingDown { upstream: String, retry_after: Duration },
     #[error("the upstream did not answer within {timeout:?}")]
     UpstreamTimeout { upstream: Option<String>, timeout: Duration },
     #[error("internal error: {0}")]
@@ -103,6 +113,7 @@ impl ProxyError {
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             Self::BodyTooLarge { .. } | Self::CostExceedsQuota { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::HeadersTooLarge { .. } | Self::TooManyHeaders { .. } => {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             }
@@ -111,7 +122,8 @@ impl ProxyError {
             Self::QueueFull { .. }
             | Self::QueueTimeout { .. }
             | Self::RateLimitStore { .. }
-            | Self::TooManyPartitions { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::TooManyPartitions { .. }
+            | Self::ShuttingDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -126,6 +138,7 @@ impl ProxyError {
             Self::NoRoute { .. } => "no_route",
             Self::ProxyAuthRequired => "proxy_auth_required",
             Self::BodyTooLarge { .. } => "body_too_large",
+            Self::BodyTimeout { .. } => "body_timeout",
             Self::HeadersTooLarge { .. } | Self::TooManyHeaders { .. } => "headers_too_large",
             Self::UriTooLong { .. } => "uri_too_long",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
@@ -134,6 +147,7 @@ impl ProxyError {
             Self::RateLimitStore { .. } => RefusalReason::RateLimitStore.as_str(),
             Self::TooManyPartitions { .. } => RefusalReason::TooManyPartitions.as_str(),
             Self::CostExceedsQuota { .. } => RefusalReason::CostExceedsQuota.as_str(),
+            Self::ShuttingDown { .. } => RefusalReason::ShuttingDown.as_str(),
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::Internal(_) => "internal_error",
         }
@@ -147,7 +161,9 @@ impl ProxyError {
             | Self::RateLimitStore { upstream }
             | Self::TooManyPartitions { upstream }
             | Self::CostExceedsQuota { upstream, .. } => Some(upstream),
+            Self::ShuttingDown { upstream, .. } => Some(upstream),
             Self::BodyTooLarge { upstream, .. }
+            | Self::BodyTimeout { upstream, .. }
             | Self::UpstreamUnreachable { upstream, .. }
             | Self::UpstreamTimeout { upstream, .. } => upstream.as_deref(),
             _ => None,
@@ -157,9 +173,9 @@ impl ProxyError {
     /// How long the caller should wait before trying again, when we know.
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::QueueFull { retry_after, .. } | Self::QueueTimeout { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            Self::QueueFull { retry_after, .. }
+            | Self::QueueTimeout { retry_after, .. }
+            | Self::ShuttingDown { retry_after, .. } => Some(*retry_after),
             Self::RateLimitStore { .. } | Self::TooManyPartitions { .. } => Some(Duration::from_secs(1)),
             _ => None,
         }
@@ -254,6 +270,10 @@ mod tests {
             ),
             (ProxyError::RateLimitStore { upstream: upstream() }, RefusalReason::RateLimitStore),
             (ProxyError::TooManyPartitions { upstream: upstream() }, RefusalReason::TooManyPartitions),
+            (
+                ProxyError::ShuttingDown { upstream: upstream(), retry_after: wait },
+                RefusalReason::ShuttingDown,
+            ),
         ];
         for (error, reason) in refusals {
             assert_eq!((error.status(), error.code()), (StatusCode::SERVICE_UNAVAILABLE, reason.as_str()));
@@ -261,7 +281,14 @@ mod tests {
         let names = RefusalReason::ALL.map(RefusalReason::as_str);
         assert_eq!(
             names,
-            ["queue_full", "queue_timeout", "rate_limit_store", "too_many_partitions", "cost_exceeds_quota"]
+            [
+                "queue_full",
+                "queue_timeout",
+                "rate_limit_store",
+                "too_many_partitions",
+                "cost_exceeds_quota",
+                "shutting_down"
+            ]
         );
         let cost =
             ProxyError::CostExceedsQuota { upstream: upstream(), limit: "w".into(), cost: 9, capacity: 5 };

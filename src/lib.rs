@@ -33,6 +33,7 @@
 //! - [`headers`]: hop-by-hop and pacegate's own headers, stripped both ways.
 //! - [`metrics`]: the Prometheus series pacegate exports.
 //! - [`workers`]: the worker threads and their runtimes (see below).
+//! - [`fds`]: the open-files limit, raised at start for `max_connections`.
 //! - [`config`]: the TOML file, parsed then validated into runtime types.
 //! - [`fuzz`]: entry points for `fuzz/` (cargo-fuzz) and its smoke test.
 //!
@@ -54,8 +55,10 @@
 //!           llm
 //!           limit retry
 //!           error
-//!           body headers workers
+//!           body fds headers workers
 //!           config
+//! admission closing
+//!           pacing schedule
 //! config    validate
 //!           claims limits
 //!           raw
@@ -133,6 +136,7 @@ pub mod app;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod fds;
 pub mod fuzz;
 pub mod headers;
 pub mod limit;

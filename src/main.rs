@@ -105,6 +105,10 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Before any socket is open: accepts past the soft limit would fail.
+    if let Err(error) = pacegate::fds::raise_for(config.server.max_connections.get()) {
+        tracing::warn!(%error, "cannot raise the open-files limit");
+    }
     if config.mitm.enabled
         && let Err(error) = tls::Interceptor::load(&config.mitm)
     {

@@ -13,7 +13,7 @@
 //! them before the first event and `rate()` does not miss it. The reload
 //! results are created with the process; an upstream's are created by the
 //! first scrape that sees the upstream ([`UpstreamMetrics::export_fixed`]),
-//! which keeps the 18 series per upstream off the start-up of a config
+//! which keeps the 19 series per upstream off the start-up of a config
 //! with thousands of upstreams. The Redis series exist only with `[redis]`
 //! (see [`Metrics::encode`]).
 
@@ -66,6 +66,32 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabel {
+    /// A [`ClientTimeout::as_str`].
+    pub timeout: &'static str,
+}
+
+/// A client-side timeout that cost a caller its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientTimeout {
+    /// No byte of a request body for `body_read_timeout`.
+    BodyRead,
+    /// An answer the caller took nothing of for `send_timeout`.
+    Send,
+}
+
+impl ClientTimeout {
+    pub const ALL: [Self; 2] = [Self::BodyRead, Self::Send];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BodyRead => "body_read",
+            Self::Send => "send",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     /// `ok` or `error`.
     pub result: &'static str,
@@ -104,6 +130,8 @@ pub struct Metrics {
     pub redis_fallbacks: Counter,
     /// Panics caught in request, stream and connection tasks.
     pub panics: Counter,
+    /// Requests lost to a client-side timeout, by [`ClientTimeout`].
+    pub client_timeouts: Family<TimeoutLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -187,6 +215,15 @@ impl Metrics {
         for ok in [true, false] {
             let _ = config_reloads.get_or_create(&Self::reload_result(ok));
         }
+        let client_timeouts = Family::<TimeoutLabel, Counter>::default();
+        registry.register(
+            "pacegate_client_timeouts",
+            "Requests lost because the caller stopped sending its body or reading its answer",
+            client_timeouts.clone(),
+        );
+        for timeout in ClientTimeout::ALL {
+            let _ = client_timeouts.get_or_create(&TimeoutLabel { timeout: timeout.as_str() });
+        }
         let mut redis = Registry::default();
         let (redis_up, redis_errors, redis_fallbacks): (Gauge, Counter, Counter) = Default::default();
         redis.register(
@@ -220,7 +257,13 @@ impl Metrics {
             redis_errors,
             redis_fallbacks,
             panics,
+            client_timeouts,
         }
+    }
+
+    /// Counts a request lost to a client-side timeout.
+    pub fn timed_out(&self, timeout: ClientTimeout) {
+        self.client_timeouts.get_or_create(&TimeoutLabel { timeout: timeout.as_str() }).inc();
     }
 
     /// Logs and counts a caught panic; `what` says what it ended (a request,
@@ -472,6 +515,8 @@ mod tests {
         let mut expected = vec![
             r#"pacegate_config_reloads_total{result="ok"} 0"#.to_owned(),
             r#"pacegate_config_reloads_total{result="error"} 0"#.to_owned(),
+            r#"pacegate_client_timeouts_total{timeout="body_read"} 0"#.to_owned(),
+            r#"pacegate_client_timeouts_total{timeout="send"} 0"#.to_owned(),
             r#"pacegate_cooldown_seconds_total{upstream="api"} 0.0"#.to_owned(),
         ];
         let series = |name: &str, label: &str, value: &str| {

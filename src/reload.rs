@@ -68,7 +68,7 @@ impl Reloader {
         }
         let version = Version::new(self.generation.fetch_add(1, Ordering::AcqRel) + 1, &text);
         let next = current.reload(config, version.clone(), &self.metrics);
-        self.proxy.runtime.store(Arc::new(next));
+        self.proxy.install(Arc::new(next));
         self.metrics.count_reload(true);
         tracing::info!(trigger, version = %version, "config_reloaded");
         Ok(version)

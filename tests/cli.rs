@@ -38,14 +38,15 @@ fn check_prints_one_line_per_upstream_of_the_shipped_config() {
     assert!(output.status.success(), "exit {:?}: {stderr}", output.status);
     print!("{stdout}");
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 3, "{stdout}");
-    for (line, name) in lines.iter().zip(["github", "openai", "stripe"]) {
+    assert_eq!(lines.len(), 4, "{stdout}");
+    for (line, name) in lines.iter().zip(["github", "openai", "anthropic", "stripe"]) {
         assert!(line.starts_with(name), "{line:?} should name {name}");
     }
     // Each line shows the quotas and where requests come from.
     assert!(lines[0].contains("5000/h") && lines[0].contains("/github"), "{}", lines[0]);
     assert!(lines[1].contains("500/min") && lines[1].contains("api.openai.com"), "{}", lines[1]);
-    assert!(lines[2].contains("25/s") && lines[2].contains("/stripe"), "{}", lines[2]);
+    assert!(lines[2].contains("50/min") && lines[2].contains("/anthropic"), "{}", lines[2]);
+    assert!(lines[3].contains("25/s") && lines[3].contains("/stripe"), "{}", lines[3]);
 }
 
 #[test]
@@ -111,4 +112,73 @@ async fn binary_logs_bound_addresses_and_exits_0_on_sigterm() {
 
     let status = pacegate.terminate().await;
     assert!(status.success(), "exit after SIGTERM: {status:?}");
+}
+
+/// The soft open-files limit of process `pid`, from /proc.
+fn soft_open_files(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("read /proc limits");
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("open files line");
+    let soft = line.split_whitespace().nth(3).expect("soft limit column");
+    soft.parse().unwrap_or(u64::MAX) // "unlimited"
+}
+
+/// Starts pacegate under `ulimit` `limits` with `max_connections = 1000`,
+/// waits (bounded) for its `listening` line and returns its soft open-files
+/// limit and everything it logged until then.
+fn start_under_ulimit(limits: &str) -> (u64, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pacegate.toml");
+    let text = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmax_connections = 1000\n";
+    std::fs::write(&config, text).unwrap();
+    let script = format!("ulimit {limits} && exec \"$0\" --config \"$1\" --log-format json");
+    let mut child = Command::new("sh")
+        .args(["-c", &script, BIN, config.to_str().unwrap()])
+        .env("PACEGATE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pacegate under sh");
+    let stderr = child.stderr.take().unwrap();
+    let (lines, logged) = mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let mut log = String::new();
+    let started = loop {
+        match logged.recv_timeout(PATIENCE) {
+            Ok(line) => {
+                log.push_str(&line);
+                log.push('\n');
+                if line.contains("listening proxy=") {
+                    break true;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    let soft = started.then(|| soft_open_files(child.id()));
+    let _ = child.kill();
+    let _ = child.wait();
+    (soft.unwrap_or_else(|| panic!("pacegate did not start:\n{log}")), log)
+}
+
+/// A soft open-files limit too low for `max_connections` is raised at start,
+/// up to the hard limit, with a warning when the hard limit is lower.
+#[test]
+fn the_open_files_limit_is_raised_for_max_connections() {
+    let hard = {
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+        let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_owned();
+        line.split_whitespace().nth(4).unwrap().parse::<u64>().unwrap_or(u64::MAX)
+    };
+    let wanted = pacegate::fds::wanted(1000);
+    let (soft, _) = start_under_ulimit("-Sn 512");
+    assert_eq!(soft, wanted.min(hard), "the soft limit was not raised");
+    let (soft, log) = start_under_ulimit("-Sn 512 && ulimit -Hn 600");
+    assert_eq!(soft, 600.min(hard), "raised as far as the hard limit allows");
+    assert!(log.contains("hard open-files limit is lower"), "no warning:\n{log}");
 }

@@ -237,7 +237,8 @@ budget = 100.0
 const OUTCOMES: [&str; 7] =
     ["ok", "client_error", "rate_limited", "server_error", "connect_error", "timeout", "broken"];
 const RETRY_REASONS: [&str; 6] = ["status_429", "status_5xx", "status_other", "connect", "timeout", "broken"];
-const REFUSALS: [&str; 4] = ["queue_full", "queue_timeout", "rate_limit_store", "too_many_partitions"];
+const REFUSALS: [&str; 5] =
+    ["queue_full", "queue_timeout", "rate_limit_store", "too_many_partitions", "shutting_down"];
 
 /// Asserts that every series of upstream `name` with a fixed label set is there, at 0.
 fn assert_fixed_series_at_zero(m: &[Sample], text: &str, name: &str) {
@@ -358,7 +359,7 @@ budget = 100.0
     assert_eq!(u["attempts"]["ok"], 0, "{s:#}");
     assert_eq!(u["retries"]["status_429"], 1, "{s:#}");
     let rejections = u["rejections"].as_object().expect("rejections");
-    assert!(rejections.values().all(|v| v == 0) && rejections.len() == 5, "{s:#}");
+    assert!(rejections.values().all(|v| v == 0) && rejections.len() == 6, "{s:#}");
     assert_eq!(u["limits"], serde_json::json!([]), "no endpoint limits configured: {s:#}");
 
     assert_eq!(one.await.unwrap(), (200, Some("2".into()), None));

@@ -235,6 +235,46 @@ async fn request_smuggling_is_refused() {
     assert_eq!(paths, ["/first"]);
 }
 
+/// A chunk-size line longer than 4 096 bytes cannot be followed, so what
+/// comes after it could not be checked: the request is answered 400 and its
+/// connection closed, nothing reaches the upstream, and the smuggling head
+/// hidden after it is never served.
+#[tokio::test]
+async fn chunked_bodies_that_cannot_be_followed_are_refused() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let pg = Pacegate::start(&api(&mock.url(), "")).await;
+    let request = [
+        b"POST /api/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;".as_slice(),
+        &[b'e'; 5000],
+        b"\r\nhello\r\n0\r\n\r\n",
+        b"POST /api/smuggled HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ]
+    .concat();
+    let got = send_raw(&pg, &request).await;
+    let found = answers(&got);
+    assert_eq!(found.len(), 1, "{:?}", String::from_utf8_lossy(&got));
+    found[0].assert_error(400, "bad_request");
+    assert_eq!(mock.count(), 0, "a request reached the upstream");
+
+    // A body too large to buffer is already streaming upstream when the
+    // line comes: its attempt is cut, and the caller hears why.
+    let config = format!("{}{}", server("max_body_bytes = 1024"), api(&mock.url(), ""));
+    let pg = Pacegate::start_config(&config).await;
+    let streamed = [
+        b"PUT /api/large HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n".as_slice(),
+        &[b'x'; 0x800],
+        b"\r\n5;",
+        &[b'e'; 5000],
+        b"\r\nhello\r\n0\r\n\r\n",
+    ]
+    .concat();
+    let got = send_raw(&pg, &streamed).await;
+    let found = answers(&got);
+    assert_eq!(found.len(), 1, "{:?}", String::from_utf8_lossy(&got));
+    found[0].assert_error(400, "bad_request");
+    assert!(mock.arrivals().iter().all(|a| a.body_len <= 0x800), "bytes after the line went upstream");
+}
+
 // === client side: slow, idle and too many connections ===
 
 /// Connections that send their head too slowly are closed at
@@ -441,6 +481,110 @@ async fn disconnect_mid_upload_frees_everything() {
     assert_eq!(paths, ["/large", "/next"], "the cut buffered upload reached the upstream");
 }
 
+/// A caller that stops sending its body for `body_read_timeout` loses its
+/// request: a buffered body is answered 408 `body_timeout` and never
+/// reaches the upstream, a streamed one is cut there and answered 408 too;
+/// each connection closes and its slots come back (`max_connections = 2`,
+/// `max_concurrency = 1`), and both are counted.
+#[tokio::test]
+async fn stalled_request_bodies_lose_their_request() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let config = format!(
+        "{}{}",
+        server("body_read_timeout = \"500ms\"\nmax_body_bytes = 1024\nmax_connections = 2"),
+        upstream("api", &mock.url(), "rate = \"100/s\"\nmax_concurrency = 1")
+    );
+    let pg = Pacegate::start_config(&config).await;
+
+    let mut small = open(&pg).await;
+    small
+        .write_all(b"POST /api/small HTTP/1.1\r\nHost: a\r\nContent-Length: 500\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut large = open(&pg).await;
+    large.write_all(b"PUT /api/large HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n").await.unwrap();
+    large.write_all(&[b'x'; 4096]).await.unwrap();
+    for stalled in [&mut small, &mut large] {
+        let got = read_until_closed(stalled, WAIT).await;
+        let found = answers(&got);
+        assert_eq!(found.len(), 1, "{:?}", String::from_utf8_lossy(&got));
+        assert_error_parts(
+            found[0].status,
+            &found[0].headers,
+            &found[0].body,
+            408,
+            "body_timeout",
+            Some("api"),
+        );
+    }
+    // Both connection slots and the concurrency slot are free again.
+    let next = client().get(pg.url("/api/next")).timeout(WAIT).send().await.unwrap();
+    assert_eq!(next.status(), 200);
+    let paths: Vec<String> = mock.arrivals().into_iter().map(|a| a.path_and_query).collect();
+    assert_eq!(paths, ["/large", "/next"], "the stalled buffered body reached the upstream");
+    let counted = pg.metric("pacegate_client_timeouts_total{timeout=\"body_read\"}").await;
+    assert_eq!(counted, Some(2.0));
+}
+
+/// A caller that takes nothing of its answer for `send_timeout` loses its
+/// connection and the request's concurrency slot (`max_concurrency = 1`),
+/// and it is counted; an answer that waits for its upstream is not cut.
+#[tokio::test]
+async fn callers_that_read_nothing_lose_their_answer() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let config = format!(
+        "{}{}",
+        server("send_timeout = \"500ms\""),
+        upstream("api", &mock.url(), "rate = \"100/s\"\nmax_concurrency = 1\nqueue_timeout = \"20s\"")
+    );
+    let pg = Pacegate::start_config(&config).await;
+    // An event stream quieter than the send timeout is not cut.
+    let events = client().get(pg.url("/api/sse?n=3&interval_ms=400")).timeout(WAIT).send().await.unwrap();
+    assert_eq!(events.text().await.unwrap().matches("data:").count(), 3);
+
+    // 256 MB cannot sit in socket buffers: the proxy soon cannot write.
+    let mut reader = open(&pg).await;
+    reader.write_all(&get("/api/bytes?n=268435456")).await.unwrap();
+    assert!(mock.wait_for_arrivals(2, WAIT).await);
+    let started = Instant::now();
+    let next = client().get(pg.url("/api/next")).timeout(WAIT).send().await.unwrap();
+    assert_eq!(next.status(), 200, "the stalled reader's slot never came back");
+    assert!(started.elapsed() >= Duration::from_millis(400), "served before the send timeout");
+    let got = read_until_closed(&mut reader, WAIT).await;
+    assert!(got.len() < 268_435_456, "the whole answer went out");
+    let counted = pg.metric("pacegate_client_timeouts_total{timeout=\"send\"}").await;
+    assert_eq!(counted, Some(1.0));
+}
+
+/// `max_buffered_bytes` bounds the bodies buffered at once: while one 48 KiB
+/// body is held (its request in flight), a second one does not fit in 64 KiB
+/// and is streamed once, so the 503 it gets is not retried; once the first
+/// is done, the same body is buffered and retried again.
+#[tokio::test]
+async fn buffered_bodies_share_one_bound() {
+    let steps = [Scripted::status(200), Scripted::status(503), Scripted::status(503)];
+    let mock = MockUpstream::start(Behaviour::new().latency(Duration::from_millis(500)).script(steps)).await;
+    let config = format!(
+        "{}{}{}",
+        server("max_body_bytes = 1_048_576\nmax_buffered_bytes = 65_536"),
+        upstream("api", &mock.url(), "rate = \"1000/s\""),
+        fast_retry(2),
+    );
+    let pg = Pacegate::start_config(&config).await;
+    let http = client();
+    let body = vec![b'x'; 48 * 1024];
+    let first = tokio::spawn(http.put(pg.url("/api/first")).body(body.clone()).timeout(WAIT).send());
+    assert!(mock.wait_for_arrivals(1, WAIT).await, "the first upload never reached the upstream");
+    let second = http.put(pg.url("/api/second")).body(body.clone()).timeout(WAIT).send().await.unwrap();
+    assert_eq!((second.status().as_u16(), attempts_of(&second)), (503, 1), "a streamed body was retried");
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    // Nothing is held any more: the same body is buffered, and retried.
+    let third = http.put(pg.url("/api/third")).body(body).timeout(WAIT).send().await.unwrap();
+    assert_eq!((third.status().as_u16(), attempts_of(&third)), (200, 2));
+    let lengths: Vec<usize> = mock.arrivals().iter().map(|a| a.body_len).collect();
+    assert_eq!(lengths, [48 * 1024; 4], "every attempt carried the whole body");
+}
+
 // === panics ===
 
 /// A handler that panics on `/panic`, streams a body that panics on
@@ -472,6 +616,7 @@ async fn panics_are_caught_counted_and_serving_goes_on() {
         max_connections: 100,
         header_read_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(5),
+        send_timeout: Duration::from_secs(5),
         max_header_bytes: 8192,
         shutdown_grace: Duration::from_secs(1),
     };
@@ -539,6 +684,63 @@ async fn shutdown_drains_intercepted_sessions() {
     let stopped_after = arrived.elapsed();
     assert!(stopped_after >= Duration::from_millis(400), "stopped {stopped_after:?} after the arrival");
     assert_eq!(request.await.unwrap().expect("answered during shutdown").status(), 200);
+}
+
+/// SIGTERM with requests in flight and many queued: every request gets
+/// exactly one answer. Those in flight complete; the queued ones are served
+/// (200) or answered 503 `shutting_down` with `Retry-After`, at once for
+/// those the upstream's pace cannot reach before the grace ends (10/s over
+/// 4 s), the others before their connection closes.
+#[tokio::test]
+async fn shutdown_answers_every_queued_request() {
+    const REQUESTS: usize = 80;
+    let mock = MockUpstream::start(Behaviour::new().latency(Duration::from_millis(300))).await;
+    let config = format!(
+        "{}{}",
+        server("shutdown_grace = \"4s\""),
+        upstream("api", &mock.url(), "rate = \"10/s\"\nmax_concurrency = 4\nqueue_timeout = \"60s\"")
+    );
+    let mut pg = Pacegate::start_config(&config).await;
+    let http = builder().timeout(WAIT * 2).build().unwrap();
+    let requests: Vec<_> = (0..REQUESTS)
+        .map(|i| {
+            let request = http.get(pg.url(&format!("/api/r{i}"))).send();
+            tokio::spawn(async move {
+                let response = request.await;
+                (i, response, Instant::now())
+            })
+        })
+        .collect();
+    assert!(pg.wait_status(WAIT, |s| queue_depth(s, "api") >= Some(60)).await, "the requests never queued");
+    let started = Instant::now();
+    let run = pg.begin_shutdown();
+    let reached: Vec<String> = mock.arrivals().into_iter().map(|a| a.path_and_query).collect();
+    assert!(!reached.is_empty(), "nothing in flight when shutdown started");
+
+    let (mut served, mut refused_early) = (0, 0);
+    for request in requests {
+        let (i, response, at) = request.await.unwrap();
+        let response = response.unwrap_or_else(|e| panic!("request {i} got no answer: {e}"));
+        if reached.contains(&format!("/r{i}")) {
+            assert_eq!(response.status(), 200, "request {i} was in flight at shutdown");
+        }
+        if response.status() == 200 {
+            served += 1;
+            continue;
+        }
+        let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+        let secs: u64 = retry_after.expect("a shutting_down answer has Retry-After").parse().unwrap();
+        assert!((1..=4).contains(&secs), "Retry-After {secs}: the rest of the grace");
+        assert_pacegate_error(response, 503, "shutting_down", Some("api")).await;
+        // The cutoff comes 3.6 s in: well before it, only the estimate answers.
+        if at.duration_since(started) < Duration::from_millis(1500) {
+            refused_early += 1;
+        }
+    }
+    assert!(served >= reached.len(), "fewer served ({served}) than were in flight");
+    assert!(refused_early > 0, "nobody was told at once that they would not be served");
+    tokio::time::timeout(WAIT, run).await.expect("shutdown finished").unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(6), "shutdown took {:?}", started.elapsed());
 }
 
 /// A plain tunnel cannot be drained: shutdown waits for it up to

@@ -46,6 +46,7 @@
 //! Waiters are opaque to the core ([`Waiter`]): the dispatcher keeps a
 //! channel there, tests keep a number.
 
+mod closing;
 pub mod needs;
 pub mod pacing;
 mod partition;
@@ -111,6 +112,9 @@ pub enum Refusal {
     /// The request alone costs more units than endpoint limit `limit` (by
     /// index) can ever hold.
     CostExceedsQuota { limit: usize },
+    /// pacegate is shutting down and the caller cannot leave before its
+    /// grace is over; `retry_after`: until the grace is over.
+    ShuttingDown { retry_after: Duration },
 }
 
 /// What one attempt's answer says about the upstream's limits.
@@ -334,6 +338,8 @@ pub struct Admission<W> {
     confirming: Option<QueueKey>,
     /// Tokens in flight and sent, and the input calibration.
     tokens: TokenBook,
+    /// Shutdown started: nobody leaves after its cutoff ([`closing`]).
+    closing: Option<closing::Closing>,
 }
 
 impl<W: Waiter> Admission<W> {
@@ -359,6 +365,7 @@ impl<W: Waiter> Admission<W> {
             quota_changes: 0,
             confirming: None,
             tokens: TokenBook::default(),
+            closing: None,
         }
     }
 
@@ -414,7 +421,12 @@ impl<W: Waiter> Admission<W> {
     /// free and every quota the caller needs admits it now. True: the
     /// caller counts in flight and leaves.
     pub fn try_leave(&mut self, place: Place, needs: &Needs, now: Instant) -> bool {
-        if self.shared || self.depth() != 0 || !self.has_room() || self.never_fits(needs).is_some() {
+        if self.shared
+            || self.depth() != 0
+            || !self.has_room()
+            || self.never_fits(needs).is_some()
+            || self.closed(now)
+        {
             return false;
         }
         if !self.make_room_for(place.partition, now) {
@@ -450,6 +462,9 @@ impl<W: Waiter> Admission<W> {
             return Err(Refusal::Full { retry_after: self.estimate_wait(now) });
         }
         let key = QueueKey { partition: place.partition, set: needs.set() };
+        if self.closed(now) {
+            return Err(self.shutting_down(now));
+        }
         let partition = if self.make_room_for(key.partition, now) {
             self.partitions.get_mut(&key.partition)
         } else {
@@ -459,6 +474,11 @@ impl<W: Waiter> Admission<W> {
             tracing::warn!(upstream = %self.name, max = self.limits.max_partitions, "too_many_partitions");
             return Err(Refusal::TooManyPartitions);
         };
+        if let Some(closing) = &self.closing
+            && partition.len() >= closing.servable(&partition.pacing, &self.limits, now)
+        {
+            return Err(self.shutting_down(now));
+        }
         let was_empty = partition.push(place.caller, place.priority, needs, waiter, retry);
         self.held += 1;
         if was_empty && self.confirming != Some(key) {

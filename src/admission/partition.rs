@@ -183,6 +183,31 @@ impl<W: Waiter> Partition<W> {
         }
     }
 
+    /// Keeps the first `keep` live waiters (each queue in its serving
+    /// order, one queue after another) and returns the others, with the
+    /// number of departed entries dropped on the way.
+    pub fn keep_first(&mut self, keep: usize) -> (Vec<W>, usize) {
+        let (mut refused, mut gone, mut kept_in_all) = (Vec::new(), 0, 0);
+        for (_, queue) in &mut self.queues {
+            let mut kept = Vec::new();
+            while let Some((caller, priority, entry)) = queue.pop_placed() {
+                if entry.waiter.gone() {
+                    gone += 1;
+                } else if kept_in_all < keep {
+                    kept_in_all += 1;
+                    kept.push((caller, priority, entry));
+                } else {
+                    refused.push(entry.waiter);
+                }
+            }
+            // Queued again in the order they would have been served.
+            for (caller, priority, entry) in kept {
+                queue.push_back(caller, priority, entry);
+            }
+        }
+        (refused, gone)
+    }
+
     /// Keeps only the waiters for which `keep` holds.
     pub fn retain(&mut self, mut keep: impl FnMut(&W) -> bool) {
         for (_, queue) in &mut self.queues {

@@ -52,6 +52,14 @@ impl Priority {
             Self::Low => 2,
         }
     }
+
+    fn of_lane(lane: usize) -> Self {
+        match lane {
+            0 => Self::High,
+            1 => Self::Normal,
+            _ => Self::Low,
+        }
+    }
 }
 
 /// One caller's waiters, one FIFO per priority.
@@ -83,7 +91,8 @@ impl<T> Lanes<T> {
         self.lanes[self.chosen()?].front()
     }
 
-    fn pop(&mut self) -> Option<T> {
+    /// The next waiter and the lane it was in.
+    fn pop(&mut self) -> Option<(usize, T)> {
         let waiting = |lane: usize| !self.lanes[lane].is_empty();
         let chosen = self.chosen()?;
         for lane in chosen + 1..3 {
@@ -92,7 +101,7 @@ impl<T> Lanes<T> {
             }
         }
         self.passed_over[chosen] = 0;
-        self.lanes[chosen].pop_front()
+        self.lanes[chosen].pop_front().map(|waiter| (chosen, waiter))
     }
 }
 
@@ -138,17 +147,23 @@ impl<T> Schedule<T> {
     /// The next waiter: the front caller's best lane; that caller then goes
     /// to the back of the ring.
     pub fn pop(&mut self) -> Option<T> {
+        self.pop_placed().map(|(_, _, waiter)| waiter)
+    }
+
+    /// [`Self::pop`], with the caller and priority the waiter was queued
+    /// under, so that it can be queued again in the same place.
+    pub fn pop_placed(&mut self) -> Option<(u64, Priority, T)> {
         while let Some(caller) = self.ring.pop_front() {
             let Some(lanes) = self.callers.get_mut(&caller) else { continue };
-            let waiter = lanes.pop();
+            let popped = lanes.pop();
             if lanes.len() == 0 {
                 self.callers.remove(&caller);
             } else {
                 self.ring.push_back(caller);
             }
-            if let Some(waiter) = waiter {
+            if let Some((lane, waiter)) = popped {
                 self.len -= 1;
-                return Some(waiter);
+                return Some((caller, Priority::of_lane(lane), waiter));
             }
         }
         None

@@ -387,5 +387,58 @@ fn recover_makes_the_counts_whole_again() {
     assert_eq!(ids(&b.serve(0, 1_000)), [0, 1]);
 }
 
+#[test]
+fn shutdown_refuses_at_once_whoever_cannot_leave_before_the_cutoff() {
+    // 10/s, burst 1: within 450 ms, at most 1 + 4 leave (t = 0, 100, .., 400).
+    let mut b = Bench::new(limits("10/s", 1));
+    for id in 0..8 {
+        b.join(id, place(SINGLE, u64::from(id % 2), Priority::Normal));
+    }
+    let refused = b.core.close(b.at(450), b.at(1000), b.t0);
+    let mut refused: Vec<u32> = refused.iter().map(|c| c.id).collect();
+    refused.sort_unstable();
+    assert_eq!(refused, [5, 6, 7], "the last in serving order are refused now");
+    assert_eq!(b.core.depth(), 5);
+    let late = b.core.enqueue(caller(9), Place::default(), Needs::default(), false, b.at(10));
+    assert!(matches!(late, Err(Refusal::ShuttingDown { .. })), "no room before the cutoff: {late:?}");
+    assert_eq!(ids(&b.serve(0, 10_000)), [0, 1, 2, 3, 4], "the kept ones leave in their order");
+    assert!(b.core.closed(b.at(450)));
+    assert!(
+        !b.core.try_leave(Place::default(), &Needs::default(), b.at(2000)),
+        "nobody leaves after the cutoff"
+    );
+    let Err(Refusal::ShuttingDown { retry_after }) =
+        b.core.enqueue(caller(10), Place::default(), Needs::default(), false, b.at(900))
+    else {
+        panic!("refused after the cutoff");
+    };
+    assert_eq!(retry_after, Duration::from_secs(1), "until the grace ends, at least a second");
+}
+
+#[test]
+fn shutdown_counts_a_cooldown_and_skips_departed_callers() {
+    let mut b = Bench::new(limits("10/s", 1));
+    let gone = caller(0);
+    gone.gone.set(true);
+    b.core.enqueue(gone, Place::default(), Needs::default(), false, b.t0).expect("queued");
+    b.core.depart();
+    for id in 1..4 {
+        b.join(id, Place::default());
+    }
+    let pause = Feedback {
+        partition: SINGLE,
+        limit: None,
+        sent_at: b.t0,
+        rate_limited: true,
+        cooldown: Some(Duration::from_millis(300)),
+        hint: None,
+    };
+    b.core.feedback(&pause, false, b.t0);
+    // Cooling until 300 ms: only t = 300 and 400 remain before 450.
+    let refused: Vec<u32> = b.core.close(b.at(450), b.at(500), b.t0).iter().map(|c| c.id).collect();
+    assert_eq!(refused, [3]);
+    assert_eq!(b.core.depth(), 2);
+}
+
 mod limits;
 mod tokens;

@@ -81,6 +81,13 @@ pub struct Server {
     pub header_read_timeout: Duration,
     /// Idle keep-alive client connections are closed after this time.
     pub idle_timeout: Duration,
+    /// A request body that sends nothing for this long loses its request (408).
+    pub body_read_timeout: Duration,
+    /// A connection whose caller takes nothing of an answer for this long is closed.
+    pub send_timeout: Duration,
+    /// Request bodies buffered at once, all requests together; a body that
+    /// does not fit is streamed once, without retries.
+    pub max_buffered_bytes: usize,
     /// Threads serving the proxy listener; `None` means one per CPU core.
     pub workers: Option<NonZeroUsize>,
 }

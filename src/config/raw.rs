@@ -98,6 +98,9 @@ pub struct RawServer {
     pub max_header_bytes: Spanned<usize>,
     pub header_read_timeout: Spanned<Dur>,
     pub idle_timeout: Spanned<Dur>,
+    pub body_read_timeout: Spanned<Dur>,
+    pub send_timeout: Spanned<Dur>,
+    pub max_buffered_bytes: usize,
     /// 0 means one per CPU core.
     pub workers: Spanned<usize>,
 }
@@ -116,6 +119,9 @@ impl Default for RawServer {
             max_header_bytes: unspanned(65_536),
             header_read_timeout: unspanned(Dur::secs(10)),
             idle_timeout: unspanned(Dur::secs(60)),
+            body_read_timeout: unspanned(Dur::secs(30)),
+            send_timeout: unspanned(Dur::secs(60)),
+            max_buffered_bytes: 268_435_456,
             workers: unspanned(0),
         }
     }

@@ -108,6 +108,9 @@ fn defaults_match_the_documentation() {
     assert_eq!(server.max_header_bytes, 65_536);
     assert_eq!(server.header_read_timeout, Duration::from_secs(10));
     assert_eq!(server.idle_timeout, Duration::from_secs(60));
+    assert_eq!(server.body_read_timeout, Duration::from_secs(30));
+    assert_eq!(server.send_timeout, Duration::from_secs(60));
+    assert_eq!(server.max_buffered_bytes, 268_435_456);
     assert_eq!(server.workers, None);
     assert_eq!(config.forward.unknown_hosts, UnknownHosts::Deny);
     assert!(!config.forward.allow_private);
@@ -164,6 +167,9 @@ max_connections = 7
 max_header_bytes = 1024
 header_read_timeout = "1s"
 idle_timeout = "2m"
+body_read_timeout = "3s"
+send_timeout = "4s"
+max_buffered_bytes = 5
 workers = 3
 
 [forward]
@@ -210,6 +216,9 @@ budget = 0
     assert_eq!(config.server.max_request_bytes, Some(2048));
     assert_eq!(config.server.proxy_auth, ["u:p"]);
     assert_eq!(config.server.workers.map(NonZeroUsize::get), Some(3));
+    assert_eq!(config.server.body_read_timeout, Duration::from_secs(3));
+    assert_eq!(config.server.send_timeout, Duration::from_secs(4));
+    assert_eq!(config.server.max_buffered_bytes, 5);
     assert_eq!(config.forward.unknown_hosts, UnknownHosts::Pass);
     let redis = config.redis.unwrap();
     assert_eq!(redis.url, "redis://127.0.0.1:6379");
@@ -433,6 +442,7 @@ fn numeric_limits() {
     assert_error("[server]\nmax_connections = 0\n", 2, 19, &["max_connections"]);
     assert_error("[server]\nmax_header_bytes = 1023\n", 2, 20, &["1024"]);
     assert_error("[server]\nidle_timeout = \"0ms\"\n", 2, 16, &["idle_timeout"]);
+    assert_error("[server]\nsend_timeout = \"0s\"\n", 2, 16, &["send_timeout"]);
     assert_error("[server]\nworkers = 1025\n", 2, 11, &["workers", "1024"]);
 }
 

@@ -90,6 +90,9 @@ fn server(cx: &Cx<'_>, raw: RawServer) -> Result<Server, ConfigError> {
         max_header_bytes,
         header_read_timeout: positive(cx, "header_read_timeout", &raw.header_read_timeout)?,
         idle_timeout: positive(cx, "idle_timeout", &raw.idle_timeout)?,
+        body_read_timeout: positive(cx, "body_read_timeout", &raw.body_read_timeout)?,
+        send_timeout: positive(cx, "send_timeout", &raw.send_timeout)?,
+        max_buffered_bytes: raw.max_buffered_bytes,
         workers: NonZeroUsize::new(workers),
     })
 }

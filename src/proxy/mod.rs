@@ -15,7 +15,7 @@ pub mod connect;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -24,11 +24,11 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, Request, Response, Uri, header};
 use hyper::body::Incoming;
 
-use crate::body::{self, BodyError, ProxyBody};
+use crate::body::{self, BodyError, BodyLimits, BufferBudget, Failure, ProxyBody};
 use crate::config;
 use crate::error::ProxyError;
 use crate::headers;
-use crate::metrics::{Metrics, NO_UPSTREAM};
+use crate::metrics::{ClientTimeout, Metrics, NO_UPSTREAM};
 use crate::route::Target;
 use crate::runtime::Runtime;
 use crate::tls::{Interceptor, TlsError};
@@ -55,6 +55,12 @@ pub struct Proxy {
     /// The CA interception signs with, loaded for the `[mitm]` paths it names.
     interceptor: Mutex<Option<(config::Mitm, Arc<Interceptor>)>>,
     metrics: Arc<Metrics>,
+    /// Set when shutdown starts: when its grace ends, and the margin at its
+    /// end kept for answering. Kept so that upstreams a reload brings in
+    /// meanwhile close too.
+    closing: OnceLock<(tokio::time::Instant, Duration)>,
+    /// Request bodies buffered now, against `max_buffered_bytes`.
+    buffers: Arc<BufferBudget>,
 }
 
 impl Proxy {
@@ -66,6 +72,29 @@ impl Proxy {
             guarded_client: UpstreamClient::guarded(workers),
             interceptor: Mutex::new(None),
             metrics,
+            closing: OnceLock::new(),
+            buffers: Arc::default(),
+        }
+    }
+
+    /// Puts a new config generation in force (a reload).
+    pub fn install(&self, runtime: Arc<Runtime>) {
+        self.runtime.store(runtime);
+        self.close_upstreams();
+    }
+
+    /// Shutdown started; connections close at `ends`. Every request that
+    /// cannot be answered by `ends - margin` is answered 503
+    /// `shutting_down` instead (see `Dispatcher::close`).
+    pub fn close(&self, ends: tokio::time::Instant, margin: Duration) {
+        let _ = self.closing.set((ends, margin));
+        self.close_upstreams();
+    }
+
+    fn close_upstreams(&self) {
+        let Some((ends, margin)) = self.closing.get() else { return };
+        for upstream in &self.runtime.load().upstreams {
+            upstream.dispatcher.close(*ends, *margin);
         }
     }
 
@@ -183,7 +212,15 @@ impl Proxy {
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         async move {
             let result = self.send(&runtime, &mut prepared).await;
-            self.answer(result, prepared.upstream(&runtime))
+            // The rest of a body that stopped arriving is never read: the
+            // connection cannot carry another request.
+            let close = matches!(result, Err(ProxyError::BodyTimeout { .. }))
+                && prepared.head.version < http::Version::HTTP_2;
+            let mut response = self.answer(result, prepared.upstream(&runtime));
+            if close {
+                response.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            response
         }
     }
 
@@ -199,22 +236,25 @@ impl Proxy {
             let server = &runtime.config.server;
             let incoming =
                 prepared.incoming.take().ok_or_else(|| ProxyError::Internal("request sent twice".into()))?;
-            let mut body = body::read(incoming, server.max_body_bytes, server.max_request_bytes)
-                .await
-                .map_err(|e| match e {
-                    BodyError::TooLarge(limit) => {
-                        let upstream = prepared.upstream(runtime).map(|u| u.config.name.clone());
-                        ProxyError::BodyTooLarge { upstream, limit }
-                    }
-                    BodyError::Read(e) => {
-                        ProxyError::BadRequest(format!("reading the request body failed: {e}"))
-                    }
-                })?;
+            let limits = BodyLimits {
+                buffer: server.max_body_bytes,
+                hard: server.max_request_bytes,
+                stall: server.body_read_timeout,
+                total: server.max_buffered_bytes,
+            };
+            let read = body::read(incoming, limits, &self.buffers);
+            let mut body = read.await.map_err(|e| match e {
+                BodyError::TooLarge(limit) => {
+                    ProxyError::BodyTooLarge { upstream: upstream_name(runtime, prepared.queue), limit }
+                }
+                BodyError::Read(e) => ProxyError::BadRequest(format!("reading the request body failed: {e}")),
+                BodyError::Stalled(_) => self.body_timeout(runtime, prepared.queue),
+            })?;
             let head = &mut prepared.head;
             // The target decides the host (RFC 9112 §3.2.2): the client derives
             // Host from the URI, whatever Host (or Hosts) the caller sent.
             head.headers.remove(header::HOST);
-            match prepared.queue {
+            let answer = match prepared.queue {
                 Some(queue) => {
                     let index = queue.upstream as usize;
                     let client = runtime.client_for(index, &self.client);
@@ -232,8 +272,24 @@ impl Proxy {
                     // Boxed like CONNECT: only unknown hosts take this path.
                     Box::pin(self.pass_through(client, head, &mut body)).await
                 }
+            };
+            // A streamed body that the caller stopped sending, or that could
+            // not be read, broke its attempt: that, not the upstream, is why.
+            match body.failure() {
+                Some(Failure::Stalled) => Err(self.body_timeout(runtime, prepared.queue)),
+                Some(Failure::Unreadable) => {
+                    Err(ProxyError::BadRequest("reading the request body failed".to_string()))
+                }
+                None => answer,
             }
         }
+    }
+
+    /// Counts a body that stopped arriving, and says so.
+    fn body_timeout(&self, runtime: &Runtime, queue: Option<Queue>) -> ProxyError {
+        self.metrics.timed_out(ClientTimeout::BodyRead);
+        let timeout = runtime.config.server.body_read_timeout;
+        ProxyError::BodyTimeout { upstream: upstream_name(runtime, queue), timeout }
     }
 
     /// Forwards a request for a host no upstream claims, once, without pacing.
@@ -339,6 +395,11 @@ fn prepare(
     headers::strip_hop_by_hop(&mut head.headers);
     headers::add_via(&mut head.headers);
     Ok(Prepared { head, incoming: Some(incoming), queue })
+}
+
+/// The name of the upstream that paces `queue`, for error answers.
+fn upstream_name(runtime: &Runtime, queue: Option<Queue>) -> Option<String> {
+    queue.map(|queue| runtime.upstreams[queue.upstream as usize].config.name.clone())
 }
 
 /// 403 when a pass-through target resolves to a guarded address. The guarded

@@ -11,9 +11,15 @@
 //!   started (slowloris guard);
 //! - nothing in flight, no head started: the connection is idle and closes
 //!   `idle_timeout` after its last answer;
-//! - something in flight: no deadline (queueing and long streams are bounded
-//!   elsewhere).
+//! - something in flight: no deadline for the request itself (queueing and
+//!   long streams are bounded elsewhere), but an answer the caller takes
+//!   nothing of for `send_timeout` closes the connection (nginx's
+//!   `send_timeout`): an answer is *waiting for the caller* from when it is
+//!   handed to hyper, and again after each frame hyper took, until hyper
+//!   asks for the next frame (see [`Answering`]). An answer waiting for its
+//!   upstream (a quiet event stream) is not.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 use std::time::Duration;
@@ -26,6 +32,9 @@ use tokio::time::Instant;
 pub(super) struct Activity {
     header_read_timeout: Duration,
     idle_timeout: Duration,
+    send_timeout: Duration,
+    /// Origin of the instants [`Answering`] keeps as numbers.
+    epoch: Instant,
     state: Mutex<State>,
     /// Wakes [`Activity::expired`] when the state changes.
     changed: Notify,
@@ -42,17 +51,41 @@ struct State {
     head_since: Option<Instant>,
     /// Whether a request has been received (a new connection owes one).
     served: bool,
+    /// Answers being sent: since when each waits for the caller (see [`Answering`]).
+    answers: Vec<Arc<AtomicU64>>,
 }
 
 /// A request in flight; dropping it (answer sent, or abandoned) ends it.
 pub(super) struct Busy(Arc<Activity>);
 
+/// A request whose answer is being sent. Holds: 0 while the answer waits
+/// for its upstream, else 1 + nanoseconds from the epoch to when it started
+/// waiting for the caller to take what it has. One atomic store per frame,
+/// no lock: the connection reads them when it computes its deadline.
+pub(super) struct Answering {
+    waiting: Arc<AtomicU64>,
+    busy: Busy,
+}
+
+/// Why a connection is past its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Expired {
+    /// A head took too long, or the connection idled: close it gracefully.
+    HeadOrIdle,
+    /// The caller took nothing of an answer for `send_timeout`: drop it.
+    Send,
+}
+
 impl Activity {
-    pub(super) fn new(header_read_timeout: Duration, idle_timeout: Duration) -> Self {
-        let state = State { inflight: 0, idle_since: Instant::now(), head_since: None, served: false };
+    pub(super) fn new(header_read_timeout: Duration, idle_timeout: Duration, send_timeout: Duration) -> Self {
+        let now = Instant::now();
+        let state =
+            State { inflight: 0, idle_since: now, head_since: None, served: false, answers: Vec::new() };
         Self {
             header_read_timeout,
             idle_timeout,
+            send_timeout,
+            epoch: now,
             state: Mutex::new(state),
             changed: Notify::new(),
             reader: AtomicWaker::new(),
@@ -94,22 +127,26 @@ impl Activity {
     }
 
     /// When the connection should be closed, if nothing happens until then.
-    fn deadline(&self) -> Option<Instant> {
+    fn deadline(&self) -> Option<(Instant, Expired)> {
         let state = self.lock();
         if state.inflight > 0 {
-            return None;
+            let waiting = state.answers.iter().map(|since| since.load(Ordering::Acquire));
+            let oldest = waiting.filter(|since| *since != 0).min()?;
+            let since = self.epoch + Duration::from_nanos(oldest - 1);
+            return Some((since + self.send_timeout, Expired::Send));
         }
         // A head collected while an answer was still going out started
         // counting when that answer ended.
         let head_since = state.head_since.map(|at| at.max(state.idle_since));
-        match head_since.or((!state.served).then_some(state.idle_since)) {
-            Some(since) => Some(since + self.header_read_timeout),
-            None => Some(state.idle_since + self.idle_timeout),
-        }
+        let at = match head_since.or((!state.served).then_some(state.idle_since)) {
+            Some(since) => since + self.header_read_timeout,
+            None => state.idle_since + self.idle_timeout,
+        };
+        Some((at, Expired::HeadOrIdle))
     }
 
-    /// Resolves once the connection is past its deadline.
-    pub(super) async fn expired(&self) {
+    /// Resolves once the connection is past its deadline, saying which.
+    pub(super) async fn expired(&self) -> Expired {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -117,13 +154,58 @@ impl Activity {
             changed.as_mut().enable();
             match self.deadline() {
                 None => changed.await,
-                Some(at) if at <= Instant::now() => return,
-                Some(at) => tokio::select! {
+                Some((at, why)) if at <= Instant::now() => return why,
+                Some((at, _)) => tokio::select! {
                     () = tokio::time::sleep_until(at) => {}
                     () = changed => {}
                 },
             }
         }
+    }
+}
+
+impl Busy {
+    /// The request's answer is handed to hyper: from now on it waits for
+    /// the caller to take it.
+    pub(super) fn answering(self) -> Answering {
+        let activity = &self.0;
+        let waiting = Arc::new(AtomicU64::new(activity.since_epoch()));
+        activity.lock().answers.push(waiting.clone());
+        // A deadline may start where there was none.
+        activity.changed.notify_waiters();
+        Answering { waiting, busy: self }
+    }
+}
+
+impl Activity {
+    /// Now, as [`Answering`] keeps it (never 0).
+    fn since_epoch(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1).saturating_add(1)
+    }
+}
+
+impl Answering {
+    /// hyper took a frame: what comes next waits for the caller.
+    pub(super) fn wait_for_caller(&self) {
+        let was = self.waiting.swap(self.busy.0.since_epoch(), Ordering::AcqRel);
+        if was == 0 {
+            // A deadline may start where there was none.
+            self.busy.0.changed.notify_waiters();
+        }
+    }
+
+    /// hyper asked for more and the answer has nothing yet: the wait is
+    /// the upstream's, not the caller's.
+    pub(super) fn wait_for_upstream(&self) {
+        self.waiting.store(0, Ordering::Release);
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        let waiting = &self.waiting;
+        self.busy.0.lock().answers.retain(|other| !Arc::ptr_eq(other, waiting));
+        // `busy` drops next: the request is no longer in flight.
     }
 }
 
@@ -147,16 +229,17 @@ mod tests {
 
     const HEAD: Duration = Duration::from_secs(2);
     const IDLE: Duration = Duration::from_secs(10);
+    const SEND: Duration = Duration::from_secs(4);
 
     async fn expires_after(activity: &Activity) -> Duration {
         let start = Instant::now();
-        activity.expired().await;
+        assert_eq!(activity.expired().await, Expired::HeadOrIdle);
         start.elapsed()
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_new_connection_owes_a_head_then_idles() {
-        let activity = Arc::new(Activity::new(HEAD, IDLE));
+        let activity = Arc::new(Activity::new(HEAD, IDLE, SEND));
         assert_eq!(expires_after(&activity).await, HEAD);
         let busy = activity.begin();
         let waited = tokio::time::timeout(IDLE * 3, activity.expired()).await;
@@ -167,10 +250,36 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_started_head_has_the_header_timeout() {
-        let activity = Arc::new(Activity::new(HEAD, IDLE));
+        let activity = Arc::new(Activity::new(HEAD, IDLE, SEND));
         drop(activity.begin());
         tokio::time::sleep(Duration::from_secs(5)).await;
         activity.collecting(true);
         assert_eq!(expires_after(&activity).await, HEAD);
+    }
+}
+
+#[cfg(test)]
+mod send_tests {
+    use super::*;
+
+    const SEND: Duration = Duration::from_secs(4);
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_the_caller_takes_nothing_of_expires_after_the_send_timeout() {
+        let activity = Arc::new(Activity::new(Duration::from_secs(2), Duration::from_secs(10), SEND));
+        let answering = activity.begin().answering();
+        // Waiting for its upstream (a quiet stream): no deadline.
+        answering.wait_for_upstream();
+        let waited = tokio::time::timeout(SEND * 3, activity.expired()).await;
+        assert!(waited.is_err(), "an answer waiting for its upstream never times out");
+        // A frame taken, then nothing for a while, then another.
+        answering.wait_for_caller();
+        tokio::time::sleep(SEND / 2).await;
+        answering.wait_for_caller();
+        let start = Instant::now();
+        assert_eq!(activity.expired().await, Expired::Send);
+        assert_eq!(start.elapsed(), SEND, "counted from the last frame taken");
+        drop(answering);
+        assert!(activity.lock().answers.is_empty(), "a finished answer is no longer watched");
     }
 }

@@ -27,11 +27,15 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+
 use super::Scope;
-use super::activity::{Activity, Busy};
+use super::activity::{Activity, Answering, Busy, Expired};
 use super::guard::Guard;
-use crate::body::{Guarded, ProxyBody};
+use crate::body::{BoxError, ProxyBody};
 use crate::error::ProxyError;
+use crate::metrics::ClientTimeout;
 
 /// Serves requests on `io` with `handler` until the connection ends; `scope`
 /// is the client connection it belongs to (an intercepted TLS session
@@ -44,7 +48,8 @@ where
 {
     let shared = scope.shared().clone();
     let settings = &shared.settings;
-    let activity = Arc::new(Activity::new(settings.header_read_timeout, settings.idle_timeout));
+    let activity =
+        Arc::new(Activity::new(settings.header_read_timeout, settings.idle_timeout, settings.send_timeout));
     let io = Guard::new(io, settings.max_header_bytes, activity.clone(), shared.metrics.clone());
     let service = {
         let (activity, scope) = (activity.clone(), scope.clone());
@@ -77,11 +82,20 @@ where
                 }
                 return;
             }
-            () = activity.expired(), if !closing => {
-                tracing::debug!("closing a connection past its header or idle timeout");
-                (closing, timed_out) = (true, true);
-                connection.as_mut().graceful_shutdown();
-            }
+            expired = activity.expired(), if !closing => match expired {
+                Expired::HeadOrIdle => {
+                    tracing::debug!("closing a connection past its header or idle timeout");
+                    (closing, timed_out) = (true, true);
+                    connection.as_mut().graceful_shutdown();
+                }
+                // Nothing more can be sent: every request on it ends now,
+                // giving back its slots.
+                Expired::Send => {
+                    tracing::debug!("closing a connection whose caller took nothing for send_timeout");
+                    shared.metrics.timed_out(ClientTimeout::Send);
+                    return;
+                }
+            },
             () = tokio::time::sleep(settings.header_read_timeout), if timed_out => return,
             () = scope.draining(), if !closing => {
                 closing = true;
@@ -112,9 +126,9 @@ struct Finish {
     refused_connect_closes: bool,
 }
 
-/// What a client connection sends: the handler's answer, its body holding
-/// the request's [`Busy`] (no second box around the handler's one).
-type Sent = Response<Guarded<ProxyBody, Busy>>;
+/// What a client connection sends: the handler's answer, its body watched
+/// (no second box around the handler's one).
+type Sent = Response<Watched>;
 
 impl<F: Future<Output = Response<ProxyBody>>> Future for Handling<F> {
     type Output = Result<Sent, Infallible>;
@@ -138,7 +152,53 @@ impl Finish {
         if self.refused_connect_closes && !response.status().is_success() {
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        let busy = self.busy;
-        response.map(|body| Guarded::new(body, busy))
+        let answering = Some(self.busy.answering());
+        response.map(|inner| Watched { inner, answering })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer's body on its way to the caller: keeps its request in
+    /// flight until it ends, and tells the connection whether the caller or
+    /// the upstream is what it waits for (`send_timeout`).
+    struct Watched {
+        #[pin]
+        inner: ProxyBody,
+        answering: Option<Answering>,
+    }
+}
+
+impl Body for Watched {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(answering) = this.answering {
+                    answering.wait_for_caller();
+                }
+            }
+            Poll::Pending => {
+                if let Some(answering) = this.answering {
+                    answering.wait_for_upstream();
+                }
+            }
+            Poll::Ready(None | Some(Err(_))) => drop(this.answering.take()),
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

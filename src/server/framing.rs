@@ -4,9 +4,13 @@
 //! Bytes go on unchanged and in order; only a head is held back until it is
 //! complete and checked. Bodies are followed by their framing
 //! (`Content-Length` or chunked) to find where the next head starts. What
-//! cannot be followed is passed on unchecked ("opaque"): an HTTP/2
-//! connection, a CONNECT tunnel, or a chunked body too odd for us (hyper
-//! still parses it, and refuses it if it is invalid).
+//! is not HTTP/1 is passed on unchecked ("opaque"): an HTTP/2 connection, a
+//! CONNECT tunnel. A chunked body we cannot follow (a chunk-size line over
+//! 4 096 bytes, which hyper would still accept, a trailer section over the
+//! head limit, a malformed size or line end) is refused instead: passing it
+//! on would leave every later head on the connection unchecked. Its request
+//! is already with hyper, so the refusal is the body's ([`Framing::broken`]):
+//! its reader fails, the request is answered 400 and the connection closed.
 
 use bytes::BytesMut;
 
@@ -60,11 +64,19 @@ enum State {
     Opaque,
     /// A head was refused; nothing more goes on.
     Refused,
+    /// A chunked body could not be followed; nothing more goes on.
+    Broken,
 }
 
 impl Framing {
     pub fn new(limit: usize) -> Self {
         Self { state: State::Sniff, held: BytesMut::new(), limit }
+    }
+
+    /// Whether the last refusal was of a body whose head hyper already has
+    /// (rather than of a head).
+    pub fn broken(&self) -> bool {
+        self.state == State::Broken
     }
 
     /// Whether part of a head has been received but not passed on yet.
@@ -90,10 +102,13 @@ impl Framing {
                     out.extend_from_slice(input);
                     input.len()
                 }
-                State::Refused => input.len(),
+                State::Refused | State::Broken => input.len(),
                 _ => {
-                    let n = self.chunked(input);
+                    let (n, broken) = self.chunked(input);
                     out.extend_from_slice(&input[..n]);
+                    if let Some(error) = broken {
+                        return Err(error);
+                    }
                     n
                 }
             };
@@ -175,8 +190,10 @@ impl Framing {
         error
     }
 
-    /// Follows a chunked body; returns how many bytes of `input` belong to it.
-    fn chunked(&mut self, input: &[u8]) -> usize {
+    /// Follows a chunked body; returns how many bytes of `input` belong to
+    /// it and may go on, and the refusal when it cannot be followed (the
+    /// byte that broke it does not go on).
+    fn chunked(&mut self, input: &[u8]) -> (usize, Option<ProxyError>) {
         let mut used = 0;
         while used < input.len() {
             if let State::ChunkData(left) = self.state {
@@ -186,16 +203,35 @@ impl Framing {
                     if n == left { State::ChunkEnd { cr: false } } else { State::ChunkData(left - n) };
                 continue;
             }
-            self.state = self.chunk_byte(input[used]);
+            let next = self.chunk_byte(input[used]);
+            if next == State::Broken {
+                let error = ProxyError::BadRequest(self.why_broken());
+                self.state = State::Broken;
+                self.held = BytesMut::new();
+                return (used, Some(error));
+            }
+            self.state = next;
             used += 1;
-            if matches!(self.state, State::Head | State::Opaque) {
+            if self.state == State::Head {
                 break;
             }
         }
-        used
+        (used, None)
     }
 
-    /// The state after one byte of chunked framing (outside chunk data).
+    /// Why the chunked framing cannot be followed in the current state.
+    fn why_broken(&self) -> String {
+        match self.state {
+            State::ChunkExt { .. } => format!("a chunk-size line is longer than {MAX_CHUNK_LINE} bytes"),
+            State::Trailer { .. } => {
+                format!("the chunked trailer section is larger than {} bytes", self.limit)
+            }
+            _ => "malformed chunked framing".to_string(),
+        }
+    }
+
+    /// The state after one byte of chunked framing (outside chunk data);
+    /// [`State::Broken`] when it cannot be followed.
     fn chunk_byte(&self, byte: u8) -> State {
         let after_size = |size| match size {
             0 => State::Trailer { line: 0, total: 0 },
@@ -207,21 +243,21 @@ impl Framing {
                 Some(digit) if digits < 16 => {
                     State::ChunkSize { digits: digits + 1, size: (size << 4) | u64::from(digit) }
                 }
-                _ if digits == 0 => State::Opaque,
+                _ if digits == 0 => State::Broken,
                 None if byte == b'\n' => after_size(size),
                 None if matches!(byte, b'\r' | b';' | b' ' | b'\t') => State::ChunkExt { len: 1, size },
-                _ => State::Opaque,
+                _ => State::Broken,
             },
             State::ChunkExt { size, .. } if byte == b'\n' => after_size(size),
             State::ChunkExt { len, size } if len < MAX_CHUNK_LINE => State::ChunkExt { len: len + 1, size },
             State::ChunkEnd { cr: false } if byte == b'\r' => State::ChunkEnd { cr: true },
             State::ChunkEnd { .. } if byte == b'\n' => State::ChunkSize { digits: 0, size: 0 },
-            State::Trailer { total, .. } if total >= self.limit => State::Opaque,
+            State::Trailer { total, .. } if total >= self.limit => State::Broken,
             State::Trailer { line: 0, .. } if byte == b'\n' => State::Head,
             State::Trailer { total, .. } if byte == b'\n' => State::Trailer { line: 0, total: total + 1 },
             State::Trailer { line, total } if byte == b'\r' => State::Trailer { line, total: total + 1 },
             State::Trailer { line, total } => State::Trailer { line: line + 1, total: total + 1 },
-            _ => State::Opaque,
+            _ => State::Broken,
         }
     }
 }
@@ -267,6 +303,28 @@ mod tests {
         let (out, refused) = feed(input, &[70, 71, 90]);
         assert_eq!(refused, Some("bad_request"), "the smuggling head after the body was seen");
         assert!(input.starts_with(&out) && out.ends_with(b"X-Trailer: t\r\n\r\n"));
+    }
+
+    #[test]
+    fn a_chunked_body_that_cannot_be_followed_is_refused_not_passed_on() {
+        let head: &[u8] = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let rest: &[u8] = b"\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n";
+        let long_line = [head, b"5;", &vec![b'e'; 5000], rest].concat();
+        let bad_size = [head, b"5x\r\nhello", rest].concat();
+        for (input, why) in [(&long_line, "a chunk-size line is longer"), (&bad_size, "malformed chunked")] {
+            let mut framing = Framing::new(LIMIT);
+            let mut out = BytesMut::new();
+            let error = framing.push(input, &mut out).expect_err("refused");
+            assert_eq!(error.code(), "bad_request");
+            assert!(error.to_string().starts_with(why), "{error}");
+            assert!(framing.broken(), "the refusal is the body's");
+            assert!(out.len() <= head.len() + MAX_CHUNK_LINE + 1, "{} bytes went on", out.len());
+            assert!(input.starts_with(&out));
+            assert_eq!(framing.push(b"GET / HTTP/1.1\r\n\r\n", &mut out).map_err(|e| e.code()), Ok(()));
+            assert!(input.starts_with(&out), "nothing goes on after the refusal");
+        }
+        let (_, refused) = feed(&long_line, &[100, 3000, 5000]);
+        assert_eq!(refused, Some("bad_request"), "however the bytes arrive");
     }
 
     #[test]

@@ -7,6 +7,14 @@
 //! bad head has been answered, and when it then closes the connection, the
 //! error answer is written before the socket is shut down. Nothing after
 //! the bad head is read, so nothing after it is served.
+//!
+//! A body that cannot be followed (see [`Framing`]) belongs to a request
+//! hyper is already serving, so it is not answered here: once the bytes
+//! before it are read, reading fails. hyper hands that error to the
+//! request's body, whose reader answers 400, and stops reading, so the
+//! connection closes after that answer. Holding the refusal until the
+//! connection is idle, as for a head, would wait for ever: the request
+//! stays in flight until its body ends.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -48,6 +56,9 @@ enum Refusal {
         written: usize,
     },
     Sent,
+    /// A body could not be followed: reading fails with this, after the
+    /// bytes before it.
+    Broken(String),
 }
 
 impl<T> Guard<T> {
@@ -83,6 +94,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guard<T> {
                     return Poll::Ready(Ok(()));
                 }
                 Refusal::Due { .. } | Refusal::Sent => return Poll::Ready(Ok(())),
+                Refusal::Broken(why) => {
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, why.clone())));
+                }
                 Refusal::None if this.eof => return Poll::Ready(Ok(())),
                 Refusal::None => {}
             }
@@ -97,9 +111,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guard<T> {
                 continue;
             }
             if let Err(error) = this.framing.push(read.filled(), &mut this.ready) {
-                tracing::debug!(code = error.code(), "request head refused: {error}");
-                this.metrics.count_request(NO_UPSTREAM, error.status());
-                this.refusal = Refusal::Held(error.to_http1_bytes());
+                if this.framing.broken() {
+                    // Its request's reader answers (and counts) it.
+                    tracing::debug!(code = error.code(), "request body refused: {error}");
+                    this.refusal = Refusal::Broken(error.to_string());
+                } else {
+                    tracing::debug!(code = error.code(), "request head refused: {error}");
+                    this.metrics.count_request(NO_UPSTREAM, error.status());
+                    this.refusal = Refusal::Held(error.to_http1_bytes());
+                }
             }
             this.activity.collecting(this.framing.collecting());
         }

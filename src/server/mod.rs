@@ -62,6 +62,9 @@ pub struct ConnectionSettings {
     /// A connection with nothing in flight is closed after this time; a
     /// tunnel after this long without a byte either way.
     pub idle_timeout: Duration,
+    /// A connection whose caller takes nothing of an answer for this long
+    /// is closed, with every request on it.
+    pub send_timeout: Duration,
     /// Request heads (request line and headers) larger than this are refused.
     pub max_header_bytes: usize,
     /// How long in-flight work may take to finish once shutdown starts.

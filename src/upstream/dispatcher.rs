@@ -19,10 +19,11 @@ use std::future::Future;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use futures_util::future::{self, Either, Ready};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 
 use super::shared::{Limiter, Shared, Ticket};
@@ -70,6 +71,7 @@ impl Dispatcher {
             wake: Notify::new(),
             limiter: ArcSwapOption::new(limiter(upstream, store)),
             closed: AtomicBool::new(false),
+            closing: watch::Sender::new(None),
             budget: Mutex::new(RetryBudget::from_config(&upstream.retry)),
         });
         tokio::spawn(super::driver::supervise(shared.clone()));
@@ -152,6 +154,41 @@ impl Dispatcher {
         shared.limiter.store(limiter(upstream, store));
         shared.wake.notify_one();
         export_token_series(&shared.metrics, upstream);
+    }
+
+    /// Shutdown started; its grace `ends` then, and the last `margin` of it
+    /// is for answering. Nobody leaves the queue after `ends - margin`:
+    /// waiters that cannot leave before are refused now, the others then
+    /// if still waiting (`admission::closing`). Attempts with no answer
+    /// yet at `ends - margin / 2` give up ([`Self::last_call`]), so that
+    /// every caller still has time to get its 503 before its connection is
+    /// closed.
+    pub fn close(&self, ends: Instant, margin: Duration) {
+        let shared = self.shared();
+        let cutoff = ends.checked_sub(margin).unwrap_or(ends);
+        let last_call = ends.checked_sub(margin / 2).unwrap_or(ends);
+        shared.closing.send_replace(Some((last_call, ends)));
+        shared.change(|core| {
+            let now = Instant::now();
+            let refused = core.close(cutoff, ends, now);
+            let refusal = core.shutting_down(now);
+            for tickets in refused {
+                let _ = tickets.send(Err(refusal));
+            }
+        });
+        shared.wake.notify_one();
+    }
+
+    /// Resolves once shutdown started and an attempt without an answer
+    /// must give up (see [`Self::close`]), with the grace's end.
+    pub async fn last_call(&self) -> Instant {
+        let mut closing = self.shared().closing.subscribe();
+        let Ok(Some((last_call, ends))) = closing.wait_for(Option::is_some).await.map(|at| *at) else {
+            // The sender lives as long as `self`: never.
+            return std::future::pending().await;
+        };
+        tokio::time::sleep_until(last_call).await;
+        ends
     }
 
     /// Waits for a ticket as a new caller at `place` that `needs` units of

@@ -88,6 +88,31 @@ fn round(shared: &Arc<Shared>, core: &mut Core, now: Instant, next_sweep: Instan
     if up == Some(false) && limiter.as_ref().is_some_and(|l| l.store.on_error() == RedisOnError::Deny) {
         refuse_all(core, Refusal::StoreDown);
     }
+    // Shutting down: past the cutoff nobody leaves, and whoever still waits
+    // is answered while its connection is open.
+    if core.closed(now) {
+        let refusal = core.shutting_down(now);
+        refuse_all(core, refusal);
+    }
+    let step = next_step(shared, core, now, next_sweep, up, limiter);
+    // Until the cutoff, so that nobody waits past it.
+    match (step, core.cutoff()) {
+        (Step::Sleep(at), Some(cutoff)) if core.depth() > 0 => {
+            Step::Sleep(Some(at.map_or(cutoff, |at| at.min(cutoff))))
+        }
+        (step, _) => step,
+    }
+}
+
+/// Hands out what the core grants now; says what to wait for next.
+fn next_step(
+    shared: &Arc<Shared>,
+    core: &mut Core,
+    now: Instant,
+    next_sweep: Instant,
+    up: Option<bool>,
+    limiter: Option<Arc<Limiter>>,
+) -> Step {
     loop {
         match core.next(now, up == Some(true)) {
             Next::Grant(tickets) => shared.hand(core, tickets),

@@ -101,7 +101,14 @@ impl Upstream {
             // Every attempt holds its own token reservation, taken with its ticket.
             let mut reserved = priced.map(|p| Reserved::new(&self.dispatcher, place.partition, p));
             let attempt_body = body.for_attempt().unwrap_or_else(body::empty);
-            let result = client.send(outbound_request(head, attempt_body), self.config.timeout).await;
+            let send = client.send(outbound_request(head, attempt_body), self.config.timeout);
+            // Shutting down, an attempt still without an answer near the end
+            // of the grace gives up, so that the caller hears why.
+            let result = tokio::select! {
+                biased;
+                result = send => result,
+                ends = self.dispatcher.last_call() => return Err(self.refused(shutting_down(ends), head)),
+            };
             self.observe_attempt(&result, sent_at);
             let retry_after = self.learn(&result, sent_at, attempt, (place.partition, needs));
             if not_processed(&result)
@@ -137,7 +144,11 @@ impl Upstream {
                 reason = reason.as_str(),
                 "retry"
             );
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                // Shutting down: no time for another attempt.
+                _ = self.dispatcher.last_call() => return Ok(self.kept_answer(last, attempt, queued)),
+            }
             // Waiting out a backoff is not waiting in the queue.
             deadline += delay;
             ticket = match self.dispatcher.rejoin(place, needs.clone(), deadline).await {
@@ -275,6 +286,7 @@ impl Upstream {
             Refusal::TooManyPartitions => RefusalReason::TooManyPartitions,
             Refusal::StoreDown => RefusalReason::RateLimitStore,
             Refusal::CostExceedsQuota { .. } => RefusalReason::CostExceedsQuota,
+            Refusal::ShuttingDown { .. } => RefusalReason::ShuttingDown,
         };
         self.metrics.all().rejected.get_or_create(&Metrics::reason(&upstream, reason.as_str())).inc();
         match refusal {
@@ -299,6 +311,10 @@ impl Upstream {
                 tracing::warn!(upstream = %upstream, limit = %limit, cost, capacity, reason = reason.as_str(), "cost_exceeds_quota");
                 ProxyError::CostExceedsQuota { upstream, limit, cost, capacity }
             }
+            Refusal::ShuttingDown { retry_after } => {
+                tracing::info!(upstream = %upstream, reason = reason.as_str(), "shutting_down");
+                ProxyError::ShuttingDown { upstream, retry_after }
+            }
         }
     }
 }
@@ -308,6 +324,13 @@ fn not_processed(result: &Attempt) -> bool {
     match result {
         Ok(response) => response.status() == StatusCode::TOO_MANY_REQUESTS,
         Err(error) => matches!(error, SendError::Connect(_)),
+    }
+}
+
+/// The refusal of an attempt cut short by shutdown, whose grace `ends` then.
+fn shutting_down(ends: Instant) -> Refusal {
+    Refusal::ShuttingDown {
+        retry_after: ends.saturating_duration_since(Instant::now()).max(Duration::from_secs(1)),
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::admission::{Admission, Confirm, Refusal, Waiter};
@@ -98,6 +98,9 @@ pub(super) struct Shared {
     pub closed: AtomicBool,
     /// Retries allowed as a share of first attempts (`budget`).
     pub budget: Mutex<RetryBudget>,
+    /// Set when shutdown starts: (when attempts still without an answer
+    /// give up, when the grace ends).
+    pub closing: watch::Sender<Option<(Instant, Instant)>>,
 }
 
 impl Shared {

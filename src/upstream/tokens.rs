@@ -58,7 +58,7 @@ impl Upstream {
         let Some(endpoint) = llm::classify(&head.method, head.uri.path(), &head.headers) else { return };
         let estimate = match body {
             RequestBody::Buffered(bytes) => llm::estimate(endpoint, bytes, tokens.default_max_tokens),
-            RequestBody::Streaming(_) => {
+            RequestBody::Streaming(..) => {
                 // Too large to buffer: priced by its announced size, or as the
                 // largest body the estimate would parse, a cost that is never free.
                 let length = head.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
