@@ -8,6 +8,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
+use crate::admission::breaker::State as BreakerState;
 use crate::body::{self, ProxyBody};
 use crate::error::RefusalReason;
 use crate::metrics::{AttemptOutcome, Metrics};
@@ -103,6 +104,11 @@ fn metrics(admin: &Admin) -> Response<ProxyBody> {
         admin.metrics.queue_depth.get_or_create(&label).set(state.depth as i64);
         admin.metrics.inflight.get_or_create(&label).set(state.in_flight as i64);
         admin.metrics.effective_rate.get_or_create(&label).set(state.effective_rate);
+        if let Some(breaker) = state.breaker {
+            admin.metrics.breaker_state.get_or_create(&label).set(breaker.state.gauge());
+            // At 0 before the first opening, as every counter here.
+            let _ = admin.metrics.breaker_opened.get_or_create(&label);
+        }
     }
     let exposition = admin.metrics.encode(runtime.config.redis.is_some());
     text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", exposition)
@@ -181,6 +187,16 @@ fn upstream_status(metrics: &Metrics, upstream: &Upstream) -> Value {
             })
         }).collect::<Vec<_>>(),
         "tokens": tokens_status(config, &state),
+        "breaker": state.breaker.map(|b| json!({
+            "state": b.state.as_str(),
+            "failures": b.failures,
+            "attempts": b.attempts,
+            "opened": Metrics::read(&metrics.breaker_opened, &Metrics::upstream(name)),
+            "half_open_in_ms": match b.state {
+                BreakerState::Open { until } => Some(until.saturating_duration_since(now).as_millis() as u64),
+                _ => None,
+            },
+        })),
     })
 }
 

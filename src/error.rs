@@ -35,17 +35,20 @@ pub enum RefusalReason {
     CostExceedsQuota,
     /// pacegate is stopping and cannot serve the request within `shutdown_grace`.
     ShuttingDown,
+    /// The upstream's breaker is open and the request cannot wait for it.
+    CircuitOpen,
 }
 
 impl RefusalReason {
     /// Every reason, so that each has its series and `/status` key from the start.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::QueueFull,
         Self::QueueTimeout,
         Self::RateLimitStore,
         Self::TooManyPartitions,
         Self::CostExceedsQuota,
         Self::ShuttingDown,
+        Self::CircuitOpen,
     ];
 
     /// The stable snake_case name.
@@ -57,6 +60,7 @@ impl RefusalReason {
             Self::TooManyPartitions => "too_many_partitions",
             Self::CostExceedsQuota => "cost_exceeds_quota",
             Self::ShuttingDown => "shutting_down",
+            Self::CircuitOpen => "circuit_open",
         }
     }
 }
@@ -98,6 +102,8 @@ pub enum ProxyError {
     CostExceedsQuota { upstream: String, limit: String, cost: u32, capacity: u32 },
     #[error("pacegate is shutting down and cannot serve this request in time")]
     ShuttingDown { upstream: String, retry_after: Duration },
+    #[error("the upstream's circuit breaker is open and the request cannot wait for it")]
+    CircuitOpen { upstream: String, retry_after: Duration },
     #[error("the upstream did not answer within {timeout:?}")]
     UpstreamTimeout { upstream: Option<String>, timeout: Duration },
     #[error("internal error: {0}")]
@@ -123,7 +129,8 @@ impl ProxyError {
             | Self::QueueTimeout { .. }
             | Self::RateLimitStore { .. }
             | Self::TooManyPartitions { .. }
-            | Self::ShuttingDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::ShuttingDown { .. }
+            | Self::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -148,6 +155,7 @@ impl ProxyError {
             Self::TooManyPartitions { .. } => RefusalReason::TooManyPartitions.as_str(),
             Self::CostExceedsQuota { .. } => RefusalReason::CostExceedsQuota.as_str(),
             Self::ShuttingDown { .. } => RefusalReason::ShuttingDown.as_str(),
+            Self::CircuitOpen { .. } => RefusalReason::CircuitOpen.as_str(),
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::Internal(_) => "internal_error",
         }
@@ -160,8 +168,9 @@ impl ProxyError {
             | Self::QueueTimeout { upstream, .. }
             | Self::RateLimitStore { upstream }
             | Self::TooManyPartitions { upstream }
-            | Self::CostExceedsQuota { upstream, .. } => Some(upstream),
-            Self::ShuttingDown { upstream, .. } => Some(upstream),
+            | Self::CostExceedsQuota { upstream, .. }
+            | Self::ShuttingDown { upstream, .. }
+            | Self::CircuitOpen { upstream, .. } => Some(upstream),
             Self::BodyTooLarge { upstream, .. }
             | Self::BodyTimeout { upstream, .. }
             | Self::UpstreamUnreachable { upstream, .. }
@@ -175,7 +184,8 @@ impl ProxyError {
         match self {
             Self::QueueFull { retry_after, .. }
             | Self::QueueTimeout { retry_after, .. }
-            | Self::ShuttingDown { retry_after, .. } => Some(*retry_after),
+            | Self::ShuttingDown { retry_after, .. }
+            | Self::CircuitOpen { retry_after, .. } => Some(*retry_after),
             Self::RateLimitStore { .. } | Self::TooManyPartitions { .. } => Some(Duration::from_secs(1)),
             _ => None,
         }
@@ -270,6 +280,7 @@ mod tests {
             ),
             (ProxyError::RateLimitStore { upstream: upstream() }, RefusalReason::RateLimitStore),
             (ProxyError::TooManyPartitions { upstream: upstream() }, RefusalReason::TooManyPartitions),
+            (ProxyError::CircuitOpen { upstream: upstream(), retry_after: wait }, RefusalReason::CircuitOpen),
             (
                 ProxyError::ShuttingDown { upstream: upstream(), retry_after: wait },
                 RefusalReason::ShuttingDown,
@@ -287,7 +298,8 @@ mod tests {
                 "rate_limit_store",
                 "too_many_partitions",
                 "cost_exceeds_quota",
-                "shutting_down"
+                "shutting_down",
+                "circuit_open"
             ]
         );
         let cost =

@@ -21,8 +21,9 @@
 //! - [`admission`]: the admission core: who may leave an upstream's queue,
 //!   and when (queues per partition and set of endpoint limits, partitions
 //!   with their own quotas, limits and cooldowns, callers round-robin,
-//!   priority lanes, concurrency and queue bounds). A plain synchronous
-//!   type, time passed in, unit-tested on a manual clock.
+//!   priority lanes, concurrency and queue bounds, the circuit breaker,
+//!   shutdown). A plain synchronous type, time passed in, unit-tested on a
+//!   manual clock.
 //! - [`llm`]: LLM API calls: which requests are ones, their token estimate,
 //!   the usage answers report (JSON or streamed), token quota headers,
 //!   calibration. Pure functions, used by the request path.
@@ -57,14 +58,12 @@
 //!           error
 //!           body fds headers workers
 //!           config
-//! admission closing
-//!           pacing schedule
 //! config    validate
 //!           claims limits
 //!           raw
 //!           authority units
 //!           error
-//! admission partition
+//! admission breaker closing partition
 //!           pacing schedule tokens
 //!           needs
 //! retry     backoff budget hints policy

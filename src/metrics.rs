@@ -120,6 +120,10 @@ pub struct Metrics {
     pub effective_rate: Family<UpstreamLabel, Gauge<f64, AtomicU64>>,
     /// LLM tokens charged against token quotas, as settled.
     pub tokens: Family<KindLabels, Counter>,
+    /// Upstreams with a breaker only: 0 closed, 1 half-open, 2 open.
+    pub breaker_state: Family<UpstreamLabel, Gauge>,
+    /// Upstreams with a breaker only: times it opened (reopenings included).
+    pub breaker_opened: Family<UpstreamLabel, Counter>,
     /// Answers per upstream, all codes together, for `/status` (not exported).
     pub answered: Family<UpstreamLabel, Counter>,
     /// 1 while the shared limiter's Redis is reachable.
@@ -186,6 +190,17 @@ impl Metrics {
             queue_depth.clone(),
         );
         registry.register("pacegate_inflight", "Attempts in flight to the upstream", inflight.clone());
+        let (breaker_state, breaker_opened) = (Family::default(), Family::default());
+        registry.register(
+            "pacegate_breaker_state",
+            "Circuit breaker: 0 closed, 1 half-open, 2 open",
+            Family::clone(&breaker_state),
+        );
+        registry.register(
+            "pacegate_breaker_opened",
+            "Times the circuit breaker opened",
+            Family::clone(&breaker_opened),
+        );
         registry.register(
             "pacegate_queue_wait_seconds",
             "Time an attempt waited for its turn",
@@ -252,6 +267,8 @@ impl Metrics {
             config_reloads,
             effective_rate,
             tokens,
+            breaker_state,
+            breaker_opened,
             answered: Family::default(),
             redis_up,
             redis_errors,

@@ -359,7 +359,7 @@ budget = 100.0
     assert_eq!(u["attempts"]["ok"], 0, "{s:#}");
     assert_eq!(u["retries"]["status_429"], 1, "{s:#}");
     let rejections = u["rejections"].as_object().expect("rejections");
-    assert!(rejections.values().all(|v| v == 0) && rejections.len() == 6, "{s:#}");
+    assert!(rejections.values().all(|v| v == 0) && rejections.len() == 7, "{s:#}");
     assert_eq!(u["limits"], serde_json::json!([]), "no endpoint limits configured: {s:#}");
 
     assert_eq!(one.await.unwrap(), (200, Some("2".into()), None));

@@ -46,6 +46,7 @@
 //! Waiters are opaque to the core ([`Waiter`]): the dispatcher keeps a
 //! channel there, tests keep a number.
 
+pub mod breaker;
 mod closing;
 pub mod needs;
 pub mod pacing;
@@ -64,6 +65,7 @@ use tokio::time::Instant;
 use crate::config;
 use crate::limit::pacer::long_run_rate;
 use crate::retry::RateLimitHint;
+pub use breaker::{Breaker, BreakerStatus, Transition};
 pub use needs::{LimitSet, Needs, QueueKey};
 pub use pacing::{Pacing, PauseReason, Quotas};
 use partition::{Partition, Slots};
@@ -112,6 +114,9 @@ pub enum Refusal {
     /// The request alone costs more units than endpoint limit `limit` (by
     /// index) can ever hold.
     CostExceedsQuota { limit: usize },
+    /// The breaker is open and the caller cannot wait for the break to end;
+    /// `retry_after`: what remains of the break.
+    CircuitOpen { retry_after: Duration },
     /// pacegate is shutting down and the caller cannot leave before its
     /// grace is over; `retry_after`: until the grace is over.
     ShuttingDown { retry_after: Duration },
@@ -162,6 +167,8 @@ pub struct Limits {
     pub max_partitions: usize,
     /// Which of `endpoints` are token quotas (the last ones).
     pub tokens: TokenQuotas,
+    /// `[upstream.breaker]`, if any.
+    pub breaker: Option<config::Breaker>,
 }
 
 /// One endpoint limit's quotas, in units.
@@ -213,6 +220,7 @@ impl Limits {
                         .map(|(kind, rate)| Endpoint::tokens(*kind, rate)),
                 )
                 .collect(),
+            breaker: upstream.breaker.clone(),
             queue_size: upstream.queue_size,
             max_concurrency: upstream.max_concurrency.get() as usize,
             max_partitions: upstream.max_partitions.get(),
@@ -293,6 +301,8 @@ pub struct Status {
     pub limits: Vec<LimitStatus>,
     /// With token quotas: tokens sent, reserved and the calibration.
     pub tokens: Option<TokenStatus>,
+    /// With a breaker: its state.
+    pub breaker: Option<BreakerStatus>,
 }
 
 /// One endpoint limit as `/status` shows it.
@@ -340,12 +350,17 @@ pub struct Admission<W> {
     tokens: TokenBook,
     /// Shutdown started: nobody leaves after its cutoff ([`closing`]).
     closing: Option<closing::Closing>,
+    /// `[upstream.breaker]`: when open, nobody leaves ([`breaker`]).
+    breaker: Option<Breaker>,
+    /// What waiters' deadlines are counted from (see `partition::Entry`).
+    epoch: Instant,
 }
 
 impl<W: Waiter> Admission<W> {
     /// The admission state of an upstream that starts at `now`. Without
     /// `partition_by` its single partition is there from the start.
     pub fn new(name: &str, limits: Limits, partitioned: bool, shared: bool, now: Instant) -> Self {
+        let breaker = limits.breaker.clone().map(Breaker::new);
         let mut partitions = HashMap::new();
         if !partitioned {
             partitions.insert(SINGLE, Partition::new(&limits, now));
@@ -366,6 +381,8 @@ impl<W: Waiter> Admission<W> {
             confirming: None,
             tokens: TokenBook::default(),
             closing: None,
+            breaker,
+            epoch: now,
         }
     }
 
@@ -389,6 +406,15 @@ impl<W: Waiter> Admission<W> {
         for partition in self.partitions.values_mut() {
             partition.pacing.refresh_cap(&self.name, now);
         }
+        // A breaker keeps its state through a reload that keeps it at all.
+        self.breaker = match (self.breaker.take(), &limits.breaker) {
+            (Some(mut breaker), Some(config)) => {
+                breaker.reconfigure(config.clone());
+                Some(breaker)
+            }
+            (None, Some(config)) => Some(Breaker::new(config.clone())),
+            (_, None) => None,
+        };
         self.limits = limits;
         self.shared = shared;
     }
@@ -426,6 +452,7 @@ impl<W: Waiter> Admission<W> {
             || !self.has_room()
             || self.never_fits(needs).is_some()
             || self.closed(now)
+            || self.breaker.as_mut().is_some_and(|b| b.admits(now).is_err())
         {
             return false;
         }
@@ -438,6 +465,9 @@ impl<W: Waiter> Admission<W> {
             partition.record_grant(needs, now);
             self.tokens.granted(&self.limits.tokens, needs);
             self.in_flight += 1;
+            if let Some(breaker) = &mut self.breaker {
+                breaker.granted();
+            }
         }
         self.observed = place.partition;
         admitted.is_ok()
@@ -446,17 +476,23 @@ impl<W: Waiter> Admission<W> {
     /// Queues a waiter: at the back, or at the head of its caller's lane for
     /// a `retry`. New waiters are refused when `queue_size` wait already;
     /// a retry is not (it held its place once). A cost no limit can hold
-    /// is refused either way.
+    /// is refused either way, and so is a caller whose `deadline` (`None`:
+    /// it waits as long as it takes) comes before an open breaker's end.
     pub fn enqueue(
         &mut self,
         waiter: W,
         place: Place,
         needs: Needs,
-        retry: bool,
+        (retry, deadline): (bool, Option<Instant>),
         now: Instant,
     ) -> Result<(), Refusal> {
         if let Some(limit) = self.never_fits(&needs) {
             return Err(Refusal::CostExceedsQuota { limit });
+        }
+        if let Some(until) = self.breaker.as_ref().and_then(Breaker::open_until)
+            && deadline.is_some_and(|deadline| deadline < until)
+        {
+            return Err(Refusal::CircuitOpen { retry_after: until.saturating_duration_since(now) });
         }
         if !retry && self.depth() >= self.limits.queue_size {
             return Err(Refusal::Full { retry_after: self.estimate_wait(now) });
@@ -479,7 +515,9 @@ impl<W: Waiter> Admission<W> {
         {
             return Err(self.shutting_down(now));
         }
-        let was_empty = partition.push(place.caller, place.priority, needs, waiter, retry);
+        let deadline = deadline.map_or(u32::MAX, |at| since(self.epoch, at));
+        let entry = partition::Entry { waiter, needs, deadline };
+        let was_empty = partition.push((place.caller, place.priority), entry, retry);
         self.held += 1;
         if was_empty && self.confirming != Some(key) {
             if retry {
@@ -516,6 +554,12 @@ impl<W: Waiter> Admission<W> {
             }
             if !self.has_room() {
                 return Next::Full;
+            }
+            match self.breaker.as_mut().map(|b| b.admits(now)) {
+                Some(Err(Some(until))) => return Next::At(until),
+                // Half-open, every probe out: the next answer decides.
+                Some(Err(None)) => return Next::Full,
+                _ => {}
             }
             let mut earliest: Option<Instant> = None;
             for _ in 0..self.ready.len() {
@@ -555,8 +599,12 @@ impl<W: Waiter> Admission<W> {
             Ok(first) if confirm => {
                 // One round trip may serve every caller a slot is free for;
                 // callers that need endpoint limits go one at a time.
-                let room =
-                    if needs.is_empty() { free.min(partition.waiting_in(key.set)).min(MAX_BATCH) } else { 1 };
+                let probing = self.breaker.as_mut().is_some_and(|b| b.probing(now));
+                let room = if needs.is_empty() && !probing {
+                    free.min(partition.waiting_in(key.set)).min(MAX_BATCH)
+                } else {
+                    1
+                };
                 let mut slots = vec![first];
                 while slots.len() < room {
                     let Some(next) = partition.pacing.take_another(now) else { break };
@@ -765,6 +813,7 @@ impl<W: Waiter> Admission<W> {
             last_rate_limited: self.last_rate_limited,
             limits: limits.collect(),
             tokens: (!self.limits.tokens.is_empty()).then(|| self.tokens.status(now)),
+            breaker: self.breaker.as_ref().map(|b| b.status(now)),
         }
     }
 
@@ -833,6 +882,9 @@ impl<W: Waiter> Admission<W> {
             partition.record_grant(&entry.needs, now);
             self.tokens.granted(&self.limits.tokens, &entry.needs);
             self.in_flight += 1;
+            if let Some(breaker) = &mut self.breaker {
+                breaker.granted();
+            }
             return Some(entry.waiter);
         }
         None
@@ -879,6 +931,11 @@ impl<W> std::fmt::Debug for Admission<W> {
             .field("partitions", &self.partitions.len())
             .finish_non_exhaustive()
     }
+}
+
+/// `at` in ms since `epoch`, saturating (a deadline beyond 49 days is as good as none).
+fn since(epoch: Instant, at: Instant) -> u32 {
+    u32::try_from(at.saturating_duration_since(epoch).as_millis()).unwrap_or(u32::MAX)
 }
 
 /// What serving one queue came to.

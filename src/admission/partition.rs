@@ -21,6 +21,9 @@ use crate::limit::pacer::Taken;
 pub struct Entry<W> {
     pub waiter: W,
     pub needs: Needs,
+    /// When its caller stops waiting, in ms since the core's epoch (compact:
+    /// a queue may hold many thousands).
+    pub deadline: u32,
 }
 
 /// Units taken for one attempt: one of the partition's own quotas, and its
@@ -80,7 +83,8 @@ impl<W: Waiter> Partition<W> {
 
     /// Queues a waiter (a `retry` at the head of its caller's lane); true
     /// when its queue was empty, so the queue must join the ring.
-    pub fn push(&mut self, caller: u64, priority: Priority, needs: Needs, waiter: W, retry: bool) -> bool {
+    pub fn push(&mut self, (caller, priority): (u64, Priority), entry: Entry<W>, retry: bool) -> bool {
+        let Entry { waiter, needs, deadline } = entry;
         let set = needs.set();
         let index = match self.queues.iter().position(|(s, _)| *s == set) {
             Some(index) => index,
@@ -91,7 +95,7 @@ impl<W: Waiter> Partition<W> {
         };
         let queue = &mut self.queues[index].1;
         let was_empty = queue.is_empty();
-        let entry = Entry { waiter, needs };
+        let entry = Entry { waiter, needs, deadline };
         if retry {
             queue.push_front(caller, priority, entry);
         } else {
@@ -187,14 +191,30 @@ impl<W: Waiter> Partition<W> {
     /// order, one queue after another) and returns the others, with the
     /// number of departed entries dropped on the way.
     pub fn keep_first(&mut self, keep: usize) -> (Vec<W>, usize) {
-        let (mut refused, mut gone, mut kept_in_all) = (Vec::new(), 0, 0);
+        let mut kept = 0;
+        self.sift(|_| {
+            kept += 1;
+            kept <= keep
+        })
+    }
+
+    /// Returns the live waiters whose deadline is before `deadline` (ms
+    /// since the core's epoch), with the number of departed entries dropped.
+    pub fn hopeless(&mut self, deadline: u32) -> (Vec<W>, usize) {
+        self.sift(|entry| entry.deadline >= deadline)
+    }
+
+    /// Keeps the live waiters for which `keep` holds (asked in each queue's
+    /// serving order, one queue after another), returns the others and the
+    /// number of departed entries dropped.
+    fn sift(&mut self, mut keep: impl FnMut(&Entry<W>) -> bool) -> (Vec<W>, usize) {
+        let (mut refused, mut gone) = (Vec::new(), 0);
         for (_, queue) in &mut self.queues {
             let mut kept = Vec::new();
             while let Some((caller, priority, entry)) = queue.pop_placed() {
                 if entry.waiter.gone() {
                     gone += 1;
-                } else if kept_in_all < keep {
-                    kept_in_all += 1;
+                } else if keep(&entry) {
                     kept.push((caller, priority, entry));
                 } else {
                     refused.push(entry.waiter);
@@ -252,7 +272,7 @@ impl<W: Waiter> Partition<W> {
         for (_, queue) in queues {
             for (caller, priority, entry) in queue.into_entries() {
                 let needs = entry.needs.renumbered(to);
-                self.push(caller, priority, needs, entry.waiter, false);
+                self.push((caller, priority), Entry { needs, ..entry }, false);
             }
         }
     }

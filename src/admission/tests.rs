@@ -37,6 +37,7 @@ fn limits(rate: &str, burst: u32) -> Limits {
             adaptive: false,
         },
         endpoints: Vec::new(),
+        breaker: None,
         queue_size: 100,
         max_concurrency: 100,
         max_partitions: 100,
@@ -69,7 +70,7 @@ impl Bench {
     }
 
     fn join(&mut self, id: u32, place: Place) {
-        self.core.enqueue(caller(id), place, Needs::default(), false, self.t0).expect("queued");
+        self.core.enqueue(caller(id), place, Needs::default(), (false, None), self.t0).expect("queued");
     }
 
     /// Serves everyone from `start`, each attempt ending at once, sleeping
@@ -120,7 +121,9 @@ fn a_retry_rejoins_at_the_head() {
         b.join(id, Place::default());
     }
     assert_eq!(ids(&b.serve(0, 0)), [0]);
-    b.core.enqueue(caller(9), Place::default(), Needs::default(), true, b.at(1)).expect("a retry is queued");
+    b.core
+        .enqueue(caller(9), Place::default(), Needs::default(), (true, None), b.at(1))
+        .expect("a retry is queued");
     assert_eq!(ids(&b.serve(1, 10_000)), [9, 1, 2]);
 }
 
@@ -198,10 +201,10 @@ fn the_queue_is_bounded_and_retries_keep_their_place() {
     for id in 0..3 {
         b.join(id, Place::default());
     }
-    let refused = b.core.enqueue(caller(3), Place::default(), Needs::default(), false, b.t0);
+    let refused = b.core.enqueue(caller(3), Place::default(), Needs::default(), (false, None), b.t0);
     assert!(matches!(refused, Err(Refusal::Full { .. })), "{refused:?}");
     b.core
-        .enqueue(caller(4), Place::default(), Needs::default(), true, b.t0)
+        .enqueue(caller(4), Place::default(), Needs::default(), (true, None), b.t0)
         .expect("a retry is not refused");
     assert_eq!(b.core.depth(), 4);
 }
@@ -211,7 +214,7 @@ fn a_caller_that_left_is_skipped_and_spends_nothing() {
     let mut b = Bench::new(limits("10/s", 1));
     let leaving = caller(0);
     let gone = leaving.gone.clone();
-    b.core.enqueue(leaving, Place::default(), Needs::default(), false, b.t0).expect("queued");
+    b.core.enqueue(leaving, Place::default(), Needs::default(), (false, None), b.t0).expect("queued");
     b.join(1, Place::default());
     gone.set(true);
     b.core.depart();
@@ -229,7 +232,7 @@ fn partitions_make_room_for_new_keys_least_recently_used_first() {
         b.core.release();
     }
     b.core
-        .enqueue(caller(3), place(3, 0, Priority::Normal), Needs::default(), false, b.at(50))
+        .enqueue(caller(3), place(3, 0, Priority::Normal), Needs::default(), (false, None), b.at(50))
         .expect("room made");
     assert_eq!(b.core.partitions(), 2);
     assert!(
@@ -254,12 +257,13 @@ fn a_new_key_is_refused_while_every_partition_is_busy() {
         hint: None,
     };
     b.core.feedback(&feedback, false, b.t0);
-    let refused = b.core.enqueue(caller(3), place(3, 0, Priority::Normal), Needs::default(), false, b.t0);
+    let refused =
+        b.core.enqueue(caller(3), place(3, 0, Priority::Normal), Needs::default(), (false, None), b.t0);
     assert_eq!(refused, Err(Refusal::TooManyPartitions), "one has a waiter, the other cools down");
     // A 10/s quota forgets its grants after its window; the cooldown ends.
     assert_eq!(b.serve(0, 0), [(1, 0)]);
     b.core
-        .enqueue(caller(3), place(3, 0, Priority::Normal), Needs::default(), false, b.at(5_000))
+        .enqueue(caller(3), place(3, 0, Priority::Normal), Needs::default(), (false, None), b.at(5_000))
         .expect("room once idle");
 }
 
@@ -364,7 +368,7 @@ fn a_release_wakes_the_driver_while_departed_entries_are_held() {
     assert!(b.core.try_leave(Place::default(), &Needs::default(), b.t0));
     let leaving = caller(0);
     let gone = leaving.gone.clone();
-    b.core.enqueue(leaving, Place::default(), Needs::default(), false, b.t0).expect("queued");
+    b.core.enqueue(leaving, Place::default(), Needs::default(), (false, None), b.t0).expect("queued");
     gone.set(true);
     b.core.depart();
     assert!(matches!(b.core.next(b.t0, false), Next::Full));
@@ -399,7 +403,7 @@ fn shutdown_refuses_at_once_whoever_cannot_leave_before_the_cutoff() {
     refused.sort_unstable();
     assert_eq!(refused, [5, 6, 7], "the last in serving order are refused now");
     assert_eq!(b.core.depth(), 5);
-    let late = b.core.enqueue(caller(9), Place::default(), Needs::default(), false, b.at(10));
+    let late = b.core.enqueue(caller(9), Place::default(), Needs::default(), (false, None), b.at(10));
     assert!(matches!(late, Err(Refusal::ShuttingDown { .. })), "no room before the cutoff: {late:?}");
     assert_eq!(ids(&b.serve(0, 10_000)), [0, 1, 2, 3, 4], "the kept ones leave in their order");
     assert!(b.core.closed(b.at(450)));
@@ -408,7 +412,7 @@ fn shutdown_refuses_at_once_whoever_cannot_leave_before_the_cutoff() {
         "nobody leaves after the cutoff"
     );
     let Err(Refusal::ShuttingDown { retry_after }) =
-        b.core.enqueue(caller(10), Place::default(), Needs::default(), false, b.at(900))
+        b.core.enqueue(caller(10), Place::default(), Needs::default(), (false, None), b.at(900))
     else {
         panic!("refused after the cutoff");
     };
@@ -420,7 +424,7 @@ fn shutdown_counts_a_cooldown_and_skips_departed_callers() {
     let mut b = Bench::new(limits("10/s", 1));
     let gone = caller(0);
     gone.gone.set(true);
-    b.core.enqueue(gone, Place::default(), Needs::default(), false, b.t0).expect("queued");
+    b.core.enqueue(gone, Place::default(), Needs::default(), (false, None), b.t0).expect("queued");
     b.core.depart();
     for id in 1..4 {
         b.join(id, Place::default());
@@ -440,5 +444,6 @@ fn shutdown_counts_a_cooldown_and_skips_departed_callers() {
     assert_eq!(b.core.depth(), 2);
 }
 
+mod breaker;
 mod limits;
 mod tokens;

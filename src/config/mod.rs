@@ -248,6 +248,8 @@ pub struct Upstream {
     pub ca_file: Option<PathBuf>,
     /// `[[upstream.limit]]`: extra quotas that only matching requests take.
     pub limits: Vec<Limit>,
+    /// `[upstream.breaker]`: stop sending while the upstream fails.
+    pub breaker: Option<Breaker>,
     /// Token quotas of LLM calls; `None` when no token quota is set.
     pub tokens: Option<Tokens>,
 }
@@ -294,4 +296,24 @@ pub enum TokenAccounting {
     Usage,
     /// Only the input is; the output reservation stands (APIs that charge `max_tokens`).
     Reserved,
+}
+
+/// `[upstream.breaker]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Breaker {
+    /// Open when this share of the window's attempts failed (0 < r <= 1)...
+    pub failure_ratio: f64,
+    /// ...out of at least this many.
+    pub min_attempts: NonZeroU32,
+    /// The sliding window outcomes are counted over.
+    pub window: Duration,
+    /// The first break; each reopening doubles it (with jitter)...
+    pub open_for: Duration,
+    /// ...up to this; never shorter than `open_for`.
+    pub max_open_for: Duration,
+    /// Attempts let through when half-open.
+    pub probes: NonZeroU32,
+    /// Statuses that count as failures (connect errors, timeouts and broken
+    /// connections always do; 429 never does).
+    pub on_status: Vec<StatusCode>,
 }

@@ -214,6 +214,35 @@ pub struct RawUpstream {
     /// Optional rather than defaulted: setting it without a token quota is an error.
     pub default_max_tokens: Option<Spanned<u64>>,
     pub token_accounting: Option<Spanned<RawTokenAccounting>>,
+    pub breaker: Option<RawBreaker>,
+}
+
+/// `[upstream.breaker]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBreaker {
+    pub failure_ratio: Spanned<f64>,
+    pub min_attempts: Spanned<u32>,
+    pub window: Spanned<Dur>,
+    /// Spanned, like `max_open_for`: the two are compared.
+    pub open_for: Spanned<Dur>,
+    pub max_open_for: Spanned<Dur>,
+    pub probes: Spanned<u32>,
+    pub on_status: Vec<Spanned<u16>>,
+}
+
+impl Default for RawBreaker {
+    fn default() -> Self {
+        Self {
+            failure_ratio: unspanned(0.5),
+            min_attempts: unspanned(20),
+            window: unspanned(Dur::secs(10)),
+            open_for: unspanned(Dur::secs(5)),
+            max_open_for: unspanned(Dur::secs(60)),
+            probes: unspanned(1),
+            on_status: [500, 502, 503, 504].into_iter().map(unspanned).collect(),
+        }
+    }
 }
 
 /// One `[[upstream.limit]]`.

@@ -15,9 +15,9 @@ use toml::Spanned;
 use super::authority::{HostPort, parse_base_url, parse_host_port};
 use super::claims::{Claims, HostClaim};
 use super::error::Cx;
-use super::raw::{Dur, RawConfig, RawRedis, RawRetry, RawServer, RawUpstream};
+use super::raw::{Dur, RawBreaker, RawConfig, RawRedis, RawRetry, RawServer, RawUpstream};
 use super::units::format_duration;
-use super::{Config, ConfigError, Forward, KeySource, Mitm, Redis, Retry, Server, Upstream};
+use super::{Breaker, Config, ConfigError, Forward, KeySource, Mitm, Redis, Retry, Server, Upstream};
 
 /// Smallest `max_header_bytes` that still fits ordinary API requests.
 const MIN_HEADER_BYTES: usize = 1024;
@@ -202,6 +202,7 @@ fn upstream(cx: &Cx<'_>, claims: &mut Claims, raw: RawUpstream) -> Result<Upstre
         ca_file: raw.ca_file.map(Spanned::into_inner),
         limits: super::limits::limits(cx, raw.limits)?,
         tokens,
+        breaker: raw.breaker.map(|b| breaker(cx, b)).transpose()?,
         name,
     })
 }
@@ -224,10 +225,10 @@ fn key_source(cx: &Cx<'_>, key: &str, raw: &Spanned<String>) -> Result<KeySource
     })
 }
 
-fn retry(cx: &Cx<'_>, raw: RawRetry) -> Result<Retry, ConfigError> {
-    let max_attempts = at_least_one(cx, "max_attempts", &raw.max_attempts)?;
-    let mut on_status = Vec::with_capacity(raw.on_status.len());
-    for code in &raw.on_status {
+/// An `on_status` list: HTTP status codes, duplicates dropped.
+fn statuses(cx: &Cx<'_>, raw: &[Spanned<u16>]) -> Result<Vec<StatusCode>, ConfigError> {
+    let mut on_status = Vec::with_capacity(raw.len());
+    for code in raw {
         let status = Some(*code.get_ref())
             .filter(|c| (100..=599).contains(c))
             .and_then(|c| StatusCode::from_u16(c).ok())
@@ -238,6 +239,48 @@ fn retry(cx: &Cx<'_>, raw: RawRetry) -> Result<Retry, ConfigError> {
             on_status.push(status);
         }
     }
+    Ok(on_status)
+}
+
+fn breaker(cx: &Cx<'_>, raw: RawBreaker) -> Result<Breaker, ConfigError> {
+    let failure_ratio = *raw.failure_ratio.get_ref();
+    if !(failure_ratio > 0.0 && failure_ratio <= 1.0) {
+        return Err(cx.err(raw.failure_ratio.span(), "failure_ratio must be above 0 and at most 1"));
+    }
+    let (open_for, max_open_for) =
+        (positive(cx, "open_for", &raw.open_for)?, positive(cx, "max_open_for", &raw.max_open_for)?);
+    if open_for > max_open_for {
+        let span =
+            if raw.max_open_for.span().is_empty() { raw.open_for.span() } else { raw.max_open_for.span() };
+        return Err(cx.err(
+            span,
+            format!(
+                "open_for ({}) must not be longer than max_open_for ({})",
+                format_duration(open_for),
+                format_duration(max_open_for)
+            ),
+        ));
+    }
+    let on_status = statuses(cx, &raw.on_status)?;
+    if let Some(code) = raw.on_status.iter().find(|c| *c.get_ref() == 429) {
+        return Err(
+            cx.err(code.span(), "429 is never a failure for the breaker: it is the cooldown's business")
+        );
+    }
+    Ok(Breaker {
+        failure_ratio,
+        min_attempts: at_least_one(cx, "min_attempts", &raw.min_attempts)?,
+        window: positive(cx, "window", &raw.window)?,
+        open_for,
+        max_open_for,
+        probes: at_least_one(cx, "probes", &raw.probes)?,
+        on_status,
+    })
+}
+
+fn retry(cx: &Cx<'_>, raw: RawRetry) -> Result<Retry, ConfigError> {
+    let max_attempts = at_least_one(cx, "max_attempts", &raw.max_attempts)?;
+    let on_status = statuses(cx, &raw.on_status)?;
     let (base_delay, max_delay) = (raw.base_delay.get_ref().0, raw.max_delay.get_ref().0);
     if base_delay > max_delay {
         // Point at whichever of the two is actually written in the file.

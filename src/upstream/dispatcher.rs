@@ -27,7 +27,9 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 
 use super::shared::{Limiter, Shared, Ticket};
-use crate::admission::{Admission, Feedback, Limits, Needs, Place, Refusal, Reservation, Settlement, Status};
+use crate::admission::{
+    Admission, Feedback, Limits, Needs, Place, Refusal, Reservation, Settlement, Status, Transition,
+};
 use crate::config;
 use crate::limit::pacer::paced_quotas;
 use crate::metrics::Metrics;
@@ -128,6 +130,43 @@ impl Dispatcher {
                 feedback.limit.and_then(|index| limiter.limits.get(index)).and_then(SharedQuotas::name);
             limiter.store.cool_down(Keys::new(&shared.name, feedback.partition), limit, pause);
         }
+    }
+
+    /// Tells the breaker how an attempt sent at `sent_at` ended. When that
+    /// opens it, the callers that cannot wait for the break are answered
+    /// `circuit_open` now; the transition is logged and counted.
+    pub fn record_outcome(&self, sent_at: Instant, failed: bool) {
+        let shared = self.shared();
+        let jitter = rand::random::<f64>();
+        let (transition, refused) = shared.change(|core| {
+            let now = Instant::now();
+            let (transition, refused) = core.record_outcome(now, sent_at, failed, jitter);
+            let retry_after = core.break_left(now).unwrap_or_default();
+            let count = refused.len();
+            for tickets in refused {
+                let _ = tickets.send(Err(Refusal::CircuitOpen { retry_after }));
+            }
+            (transition, count)
+        });
+        let label = Metrics::upstream(&shared.name);
+        match transition {
+            Some(Transition::Opened { open_for, failures, attempts }) => {
+                shared.metrics.breaker_opened.get_or_create(&label).inc();
+                tracing::warn!(
+                    upstream = %shared.name,
+                    failures,
+                    attempts,
+                    open_for_ms = open_for.as_millis() as u64,
+                    refused,
+                    "breaker_opened"
+                );
+            }
+            Some(Transition::Closed) => tracing::info!(upstream = %shared.name, "breaker_closed"),
+            None => {}
+        }
+        // An answer may end a half-open wait, or open the breaker: the
+        // driver must look again either way.
+        shared.wake.notify_one();
     }
 
     /// Counts a first attempt towards the retry budget.
@@ -238,7 +277,7 @@ impl Dispatcher {
             return Either::Left(future::ready(Ok(Ticket::new(shared))));
         }
         let (tickets, receiver) = oneshot::channel();
-        let queued = core.enqueue(tickets, place, needs, retry, now);
+        let queued = core.enqueue(tickets, place, needs, (retry, Some(deadline)), now);
         let since = now;
         drop(core);
         if let Err(refusal) = queued {

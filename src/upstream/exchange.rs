@@ -27,6 +27,7 @@ use super::{
 };
 use crate::admission::{Feedback, Needs, Place, Refusal, Settlement};
 use crate::body::{self, ProxyBody, RequestBody};
+use crate::config;
 use crate::error::{ProxyError, RefusalReason};
 use crate::metrics::{AttemptOutcome, Metrics};
 use crate::retry::{self, Decision, Outcome, RateLimitHint};
@@ -110,6 +111,9 @@ impl Upstream {
                 ends = self.dispatcher.last_call() => return Err(self.refused(shutting_down(ends), head)),
             };
             self.observe_attempt(&result, sent_at);
+            if let Some(failed) = self.config.breaker.as_ref().and_then(|b| breaker_outcome(b, &result)) {
+                self.dispatcher.record_outcome(sent_at, failed);
+            }
             let retry_after = self.learn(&result, sent_at, attempt, (place.partition, needs));
             if not_processed(&result)
                 && let Some(reserved) = reserved.take()
@@ -153,6 +157,8 @@ impl Upstream {
             deadline += delay;
             ticket = match self.dispatcher.rejoin(place, needs.clone(), deadline).await {
                 Ok(ticket) => ticket,
+                // The breaker opened meanwhile and this retry cannot wait for it.
+                Err(refusal @ Refusal::CircuitOpen { .. }) => return Err(self.refused(refusal, head)),
                 Err(_) => return Ok(self.kept_answer(last, attempt, queued)),
             };
             self.observe_wait(&ticket);
@@ -287,6 +293,7 @@ impl Upstream {
             Refusal::StoreDown => RefusalReason::RateLimitStore,
             Refusal::CostExceedsQuota { .. } => RefusalReason::CostExceedsQuota,
             Refusal::ShuttingDown { .. } => RefusalReason::ShuttingDown,
+            Refusal::CircuitOpen { .. } => RefusalReason::CircuitOpen,
         };
         self.metrics.all().rejected.get_or_create(&Metrics::reason(&upstream, reason.as_str())).inc();
         match refusal {
@@ -311,6 +318,10 @@ impl Upstream {
                 tracing::warn!(upstream = %upstream, limit = %limit, cost, capacity, reason = reason.as_str(), "cost_exceeds_quota");
                 ProxyError::CostExceedsQuota { upstream, limit, cost, capacity }
             }
+            Refusal::CircuitOpen { retry_after } => {
+                tracing::warn!(upstream = %upstream, reason = reason.as_str(), retry_after_ms = retry_after.as_millis() as u64, "circuit_open");
+                ProxyError::CircuitOpen { upstream, retry_after }
+            }
             Refusal::ShuttingDown { retry_after } => {
                 tracing::info!(upstream = %upstream, reason = reason.as_str(), "shutting_down");
                 ProxyError::ShuttingDown { upstream, retry_after }
@@ -331,6 +342,17 @@ fn not_processed(result: &Attempt) -> bool {
 fn shutting_down(ends: Instant) -> Refusal {
     Refusal::ShuttingDown {
         retry_after: ends.saturating_duration_since(Instant::now()).max(Duration::from_secs(1)),
+    }
+}
+
+/// What the breaker counts an attempt as: failed (a status it lists, or no
+/// answer at all) or not; a 429 not at all, since it is the cooldown's
+/// business and says the upstream is up.
+fn breaker_outcome(breaker: &config::Breaker, result: &Attempt) -> Option<bool> {
+    match result {
+        Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => None,
+        Ok(response) => Some(breaker.on_status.contains(&response.status())),
+        Err(_) => Some(true),
     }
 }
 

@@ -30,7 +30,7 @@ fn needs(index: usize, n: u32) -> Needs {
 
 impl Bench {
     fn join_needing(&mut self, id: u32, needs: Needs) {
-        self.core.enqueue(caller(id), Place::default(), needs, false, self.t0).expect("queued");
+        self.core.enqueue(caller(id), Place::default(), needs, (false, None), self.t0).expect("queued");
     }
 }
 
@@ -77,7 +77,7 @@ fn a_cost_no_limit_can_hold_is_refused_at_once() {
     let mut b = Bench::new(with_endpoints(&[("small", "3/s"), ("points", "10/s")]));
     let too_big = Needs::new([(0, units(1)), (1, units(11))]);
     assert!(!b.core.try_leave(Place::default(), &too_big, b.t0), "never sent");
-    let refused = b.core.enqueue(caller(0), Place::default(), too_big, false, b.t0);
+    let refused = b.core.enqueue(caller(0), Place::default(), too_big, (false, None), b.t0);
     assert_eq!(refused, Err(Refusal::CostExceedsQuota { limit: 1 }));
     assert_eq!(b.core.depth(), 0);
     assert!(b.core.try_leave(Place::default(), &needs(1, 10), b.t0), "a cost of the whole count fits");
@@ -112,7 +112,9 @@ fn a_retry_rejoins_at_the_head_of_its_limits_queue() {
         b.join_needing(id, needs(0, 1));
     }
     assert_eq!(ids(&b.serve(0, 500)), [0]);
-    b.core.enqueue(caller(9), Place::default(), needs(0, 1), true, b.at(500)).expect("a retry is queued");
+    b.core
+        .enqueue(caller(9), Place::default(), needs(0, 1), (true, None), b.at(500))
+        .expect("a retry is queued");
     assert_eq!(ids(&b.serve(500, 3_100)), [9, 1, 2]);
 }
 

@@ -23,7 +23,7 @@ fn next_after(accounting: TokenAccounting, settlement: Settlement) -> u64 {
     assert_eq!(b.core.status(b.t0).tokens.map(|t| t.reserved_in_flight), Some(600));
     b.core.release();
     let small = Needs::new(b.core.limits().tokens.needs(Reservation { input: 100, output: 0 }));
-    b.core.enqueue(caller(1), Place::default(), small, false, b.t0).expect("queued");
+    b.core.enqueue(caller(1), Place::default(), small, (false, None), b.t0).expect("queued");
     b.core.settle_tokens(SINGLE, reserved, settlement, b.t0);
     let mut now = b.t0;
     for _ in 0..10 {
@@ -60,7 +60,7 @@ fn usage_above_the_reservation_is_taken_on_top() {
 fn a_request_larger_than_a_token_quota_is_refused_at_once() {
     let mut b = Bench::new(with_tokens(TokenAccounting::Usage));
     let needs = Needs::new(b.core.limits().tokens.needs(Reservation { input: 900, output: 200 }));
-    let refused = b.core.enqueue(caller(0), Place::default(), needs, false, b.t0);
+    let refused = b.core.enqueue(caller(0), Place::default(), needs, (false, None), b.t0);
     assert_eq!(refused, Err(Refusal::CostExceedsQuota { limit: 0 }));
 }
 

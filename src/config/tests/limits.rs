@@ -1,4 +1,4 @@
-//! `[[upstream.limit]]`: parsing, validation and matching.
+//! `[[upstream.limit]]` and `[upstream.breaker]`: parsing, validation and matching.
 
 use http::Method;
 
@@ -106,4 +106,24 @@ fn bad_limits_are_located() {
     assert_error(&limit("rate = \"1/s\"\n"), 7, 1, &["missing field", "name"]);
     let twice = limit("name = \"w\"\nrate = \"1/s\"\n\n[[upstream.limit]]\nname = \"w\"\nrate = \"2/s\"\n");
     assert_error(&twice, 12, 8, &["duplicate limit name \"w\""]);
+}
+
+#[test]
+fn a_breaker_parses_with_its_defaults_and_bad_values_are_located() {
+    let upstream = only_upstream(&with_limits("\n[upstream.breaker]\nmin_attempts = 5\n"));
+    let breaker = upstream.breaker.expect("a breaker");
+    assert_eq!((breaker.failure_ratio, breaker.min_attempts.get(), breaker.probes.get()), (0.5, 5, 1));
+    assert_eq!(
+        (breaker.window, breaker.open_for, breaker.max_open_for),
+        (Duration::from_secs(10), Duration::from_secs(5), Duration::from_secs(60))
+    );
+    assert_eq!(breaker.on_status.len(), 4);
+    assert_eq!(only_upstream(MINIMAL).breaker, None, "no breaker unless asked for");
+    let bad = |body: &str| with_limits(&format!("\n[upstream.breaker]\n{body}"));
+    assert_error(&bad("failure_ratio = 0.0\n"), 8, 17, &["failure_ratio"]);
+    assert_error(&bad("failure_ratio = 1.5\n"), 8, 17, &["at most 1"]);
+    assert_error(&bad("open_for = \"90s\"\n"), 8, 12, &["open_for (1m30s)", "max_open_for (1m)"]);
+    assert_error(&bad("on_status = [500, 429]\n"), 8, 19, &["429", "cooldown"]);
+    assert_error(&bad("probes = 0\n"), 8, 10, &["probes"]);
+    assert_error(&bad("colour = 1\n"), 8, 1, &["unknown field"]);
 }

@@ -1,0 +1,111 @@
+//! The circuit breaker against the shared mock: a failing upstream sees at
+//! most `min_attempts` and the probes, what can wait is served after the
+//! recovery at the paced rate, what cannot is answered `circuit_open` at
+//! once, and 429s never open it.
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::mock::{Behaviour, MockUpstream, Scripted};
+use support::{Pacegate, assert_pacegate_error, client, upstream};
+use tokio::time::Instant;
+
+/// 20/s, no retries (so that each request is one attempt), and a breaker
+/// that opens after 4 attempts of which half failed, for 1 s at first.
+const BREAKER: &str = r#"rate = "20/s"
+queue_timeout = "30s"
+[upstream.retry]
+max_attempts = 1
+[upstream.breaker]
+failure_ratio = 0.5
+min_attempts = 4
+window = "10s"
+open_for = "1s"
+max_open_for = "4s"
+probes = 1
+"#;
+
+fn breaker(status: &Value) -> &Value {
+    &status["upstreams"][0]["breaker"]
+}
+
+/// A GET with its own bound on the queue wait. One client for all: making
+/// one per request costs a debug build about a second of CPU.
+async fn get(http: reqwest::Client, url: String, max_wait: &'static str) -> reqwest::Response {
+    http.get(url).header("x-pacegate-max-wait", max_wait).send().await.expect("proxied request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_upstream_is_spared_and_the_queue_is_held_until_it_recovers() {
+    let failing = Duration::from_millis(1_500);
+    let mock = MockUpstream::start(Behaviour::new().fail_for(failing, 500)).await;
+    let started = Instant::now();
+    let pg = Pacegate::start(&upstream("api", &mock.url(), BREAKER)).await;
+    let http = client();
+
+    // Four failures open the breaker.
+    for i in 0..4 {
+        let response = get(http.clone(), pg.url(&format!("/api/fail{i}")), "30s").await;
+        assert_eq!(response.status(), 500, "the upstream's own answer");
+    }
+    let open = |s: &Value| breaker(s)["state"] == "open";
+    assert!(pg.wait_status(Duration::from_secs(2), open).await, "{:#}", pg.status().await);
+
+    // Callers that can wait are held; one that cannot is told at once.
+    let waiting: Vec<_> =
+        (0..8).map(|i| tokio::spawn(get(http.clone(), pg.url(&format!("/api/held{i}")), "30s"))).collect();
+    let asked = Instant::now();
+    let hurried = get(http.clone(), pg.url("/api/hurried"), "200ms").await;
+    assert!(asked.elapsed() < Duration::from_millis(150), "answered at once, not after its wait");
+    let retry_after: u64 = hurried.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry_after), "what remains of the break: {retry_after}");
+    assert_pacegate_error(hurried, 503, "circuit_open", Some("api")).await;
+
+    let mut statuses = Vec::new();
+    for held in waiting {
+        statuses.push(held.await.unwrap().status().as_u16());
+    }
+    // The head of the queue is the probe: while the upstream still fails,
+    // that probe's caller gets the failure (no retries here); the others
+    // are held through the outage and served.
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert!(served >= 7 && statuses.iter().all(|s| [200, 500].contains(s)), "{statuses:?}");
+    let arrivals = mock.arrivals();
+    let during: Vec<_> = arrivals.iter().filter(|a| a.at.duration_since(started) < failing).collect();
+    assert!(
+        during.len() <= 4 + 1,
+        "4 failures and at most one probe reached the failing upstream: {}",
+        during.len()
+    );
+    assert_eq!(arrivals.iter().filter(|a| a.path_and_query.contains("hurried")).count(), 0, "never sent");
+    // After the outage the queue drains at 20/s, not in a burst.
+    let drained: Vec<Instant> = arrivals.iter().filter(|a| a.status == 200).map(|a| a.at).collect();
+    assert_eq!(drained.len(), served);
+    let span = drained[served - 1].duration_since(drained[0]);
+    let paced = Duration::from_millis(50 * (served as u64 - 1));
+    assert!(span >= paced.mul_f64(0.9), "paced at 20/s, not a burst: {span:?} for {served}");
+
+    let s = pg.status().await;
+    assert_eq!(breaker(&s)["state"], "closed", "{s:#}");
+    assert!(breaker(&s)["opened"].as_u64().is_some_and(|n| n >= 1), "{s:#}");
+    assert_eq!(pg.metric("pacegate_breaker_state{upstream=\"api\"}").await, Some(0.0));
+    pg.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_answers_never_open_the_breaker() {
+    let too_many = || Scripted::status_with(429, &[("retry-after-ms", "10")]);
+    let mock = MockUpstream::start(Behaviour::new().script((0..6).map(|_| too_many()))).await;
+    let pg = Pacegate::start(&upstream("api", &mock.url(), BREAKER)).await;
+    let http = client();
+    for i in 0..6 {
+        let response = get(http.clone(), pg.url(&format!("/api/{i}")), "30s").await;
+        assert_eq!(response.status(), 429);
+    }
+    let s = pg.status().await;
+    assert_eq!(breaker(&s)["state"], "closed", "{s:#}");
+    assert_eq!(breaker(&s)["attempts"], 0, "a 429 is not counted at all: {s:#}");
+    assert_eq!(get(http.clone(), pg.url("/api/ok"), "30s").await.status(), 200);
+    pg.stop().await.unwrap();
+}
