@@ -109,3 +109,32 @@ async fn rate_limited_answers_never_open_the_breaker() {
     assert_eq!(get(http.clone(), pg.url("/api/ok"), "30s").await.status(), 200);
     pg.stop().await.unwrap();
 }
+
+/// A reload that keeps the breaker keeps its state: an open breaker stays
+/// open (and keeps refusing who cannot wait) across `POST /reload`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_an_open_breaker_open() {
+    let mock = MockUpstream::start(Behaviour::new().fail_for(Duration::from_secs(30), 500)).await;
+    let pg = Pacegate::start(&upstream("api", &mock.url(), BREAKER)).await;
+    let http = client();
+    for i in 0..4 {
+        assert_eq!(get(http.clone(), pg.url(&format!("/api/{i}")), "30s").await.status(), 500);
+    }
+    let open = |s: &Value| breaker(s)["state"] == "open";
+    assert!(pg.wait_status(Duration::from_secs(2), open).await, "{:#}", pg.status().await);
+    // Another setting changes (the queue size); the breaker's do not.
+    let config = std::fs::read_to_string(&pg.config_path).unwrap();
+    std::fs::write(
+        &pg.config_path,
+        config.replace("queue_timeout = \"30s\"", "queue_timeout = \"30s\"\nqueue_size = 50"),
+    )
+    .unwrap();
+    let reload = http.post(pg.admin_url("/reload")).send().await.unwrap();
+    assert_eq!(reload.status(), 200);
+    let s = pg.status().await;
+    assert_eq!(breaker(&s)["state"], "open", "kept across the reload: {s:#}");
+    let hurried = get(http.clone(), pg.url("/api/hurried"), "100ms").await;
+    assert_pacegate_error(hurried, 503, "circuit_open", Some("api")).await;
+    assert_eq!(mock.count(), 4, "nothing more reached the failing upstream");
+    pg.stop().await.unwrap();
+}
