@@ -273,3 +273,32 @@ async fn the_script_weighs_costs_and_names_the_limit_that_waits() {
     let read = [(None, &own, 1)];
     assert_eq!(store.acquire(&keys, &read, 1).await, Ok(Verdict::Go(1)), "a read does not wait for writes");
 }
+
+/// An opening seen by one replica opens the others' breakers: replica B
+/// refuses a caller that cannot wait (`circuit_open`) and sends nothing to
+/// the failing upstream, though it saw no failure itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_opened_by_one_replica_holds_the_other() {
+    let redis = RedisServer::start().await;
+    let mock = MockUpstream::start(Behaviour::new().fail_for(Duration::from_secs(30), 500)).await;
+    let breaker = r#"rate = "100/s"
+[upstream.retry]
+max_attempts = 1
+[upstream.breaker]
+min_attempts = 4
+open_for = "10s"
+"#;
+    let text = config(&redis.url(), "local", &upstream("api", &mock.url(), breaker));
+    let (a, b) = (Pacegate::start_config(&text).await, Pacegate::start_config(&text).await);
+    for i in 0..4 {
+        assert_eq!(get(a.url(&format!("/api/a{i}"))).await, 500);
+    }
+    let written =
+        eventually(Duration::from_secs(2), async || !redis.keys("pacegate:{api}:breaker").is_empty());
+    assert!(written.await, "replica A shares its opening through Redis");
+
+    let hurried = client().get(b.url("/api/b")).header("x-pacegate-max-wait", "1s").send().await.unwrap();
+    support::assert_pacegate_error(hurried, 503, "circuit_open", Some("api")).await;
+    assert_eq!(mock.count(), 4, "replica B sent nothing to the failing upstream");
+    assert_eq!(b.status().await["upstreams"][0]["breaker"]["state"], "open");
+}

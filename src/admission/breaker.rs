@@ -11,8 +11,9 @@
 //! failure reopens it with the break doubled, jittered, up to `max_open_for`.
 //!
 //! One breaker per upstream, not per partition: an API that is down is down
-//! for every key. Like the rest of the core it reads no clock: `now` and the
-//! jitter are passed in.
+//! for every key. With `[redis]`, an opening is shared: another replica's
+//! break reaches this one as [`Breaker::force_open`]. Like the rest of the
+//! core it reads no clock: `now` and the jitter are passed in.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -202,6 +203,18 @@ impl Breaker {
         }
     }
 
+    /// Another replica opened the upstream's breaker for `open_for` more:
+    /// open here too, until then (never shortening a break of its own).
+    pub fn force_open(&mut self, now: Instant, open_for: Duration) {
+        let until = later(now, open_for);
+        if self.open_until().is_some_and(|current| current >= until) {
+            return;
+        }
+        self.state = State::Open { until };
+        self.last_break = open_for.clamp(self.config.open_for, self.config.max_open_for);
+        self.outcomes.clear();
+    }
+
     fn open(&mut self, now: Instant, open_for: Duration, (failures, attempts): (usize, usize)) -> Transition {
         self.state = State::Open { until: later(now, open_for) };
         self.last_break = open_for;
@@ -236,10 +249,16 @@ impl<W: Waiter> Admission<W> {
     ) -> (Option<Transition>, Vec<W>) {
         let Some(breaker) = &mut self.breaker else { return (None, Vec::new()) };
         let transition = breaker.record(now, sent_at, failed, jitter);
-        let Some(until) = breaker.open_until() else { return (transition, Vec::new()) };
         if !matches!(transition, Some(Transition::Opened { .. })) {
             return (transition, Vec::new());
         }
+        (transition, self.hopeless())
+    }
+
+    /// While the breaker is open, the waiters whose deadline comes before
+    /// the break ends, taken out of the queue to be answered `circuit_open`.
+    pub fn hopeless(&mut self) -> Vec<W> {
+        let Some(until) = self.breaker.as_ref().and_then(Breaker::open_until) else { return Vec::new() };
         let bound = super::since(self.epoch, until);
         let mut hopeless = Vec::new();
         for partition in self.partitions.values_mut() {
@@ -250,7 +269,7 @@ impl<W: Waiter> Admission<W> {
         }
         let partitions = &self.partitions;
         self.ready.retain(|key| partitions.get(&key.partition).is_some_and(|p| p.has_waiters(key.set)));
-        (transition, hopeless)
+        hopeless
     }
 
     /// What remains of an open break at `now`, for a `circuit_open` answer.

@@ -151,6 +151,8 @@ pub enum Verdict {
     Wait(Duration, Option<usize>),
     /// The partition (or one of its limits) cools down for this much longer.
     Cooling(Duration, Option<usize>),
+    /// Another replica opened the upstream's breaker for this much longer.
+    Open(Duration),
 }
 
 /// An upstream's bounds, as the config states them.
@@ -656,6 +658,19 @@ impl<W: Waiter> Admission<W> {
                     }
                 }
                 self.observed = key.partition;
+            }
+            Verdict::Open(open_for) => {
+                self.give_back(key.partition, slots);
+                match &mut self.breaker {
+                    Some(breaker) => breaker.force_open(now, open_for),
+                    // Opened by a replica that has a breaker this one has
+                    // not (yet): held all the same.
+                    None => {
+                        if let Some(partition) = self.partitions.get_mut(&key.partition) {
+                            partition.pacing.wait_shared(pacing::later(now, open_for));
+                        }
+                    }
+                }
             }
         }
         self.requeue(key);

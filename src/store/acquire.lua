@@ -18,14 +18,23 @@
 -- when every quota admits one unit, then each quota's schedule moves on by
 -- cost intervals. Each attempt takes from all quotas or from none.
 --
+-- KEYS[2+sets], when given: end of the upstream's shared circuit break (µs).
+--
 -- Returns {1, n, 0}: n >= 1 attempts go; {0, µs, j}: the quotas admit nobody
 -- before then, set j being the one that waits longest; {2, µs, j}: set j
--- cools down until then.
+-- cools down until then; {3, µs, 0}: the upstream's breaker is open until then.
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local wanted = tonumber(ARGV[1])
 local slack = tonumber(ARGV[2])
 local sets = tonumber(ARGV[3])
+
+if #KEYS > 1 + sets then
+  local open = tonumber(redis.call('GET', KEYS[2 + sets]) or '0') or 0
+  if open > now then
+    return {3, open - now, 0}
+  end
+end
 
 local cooling, cooling_set = 0, 0
 for j = 1, sets do

@@ -90,11 +90,16 @@ pub type Demand<'a> = [(Option<usize>, &'a SharedQuotas, u32)];
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
     prefix: String,
+    /// The upstream's circuit break (one per upstream, not per partition).
+    breaker: String,
 }
 
 impl Keys {
     pub fn new(upstream: &str, partition: u64) -> Self {
-        Self { prefix: format!("pacegate:{{{upstream}}}:{partition:016x}") }
+        Self {
+            prefix: format!("pacegate:{{{upstream}}}:{partition:016x}"),
+            breaker: format!("pacegate:{{{upstream}}}:breaker"),
+        }
     }
 
     fn quotas(&self) -> String {
@@ -199,6 +204,7 @@ impl Store {
         for (_, quotas, _) in demand {
             invocation.key(keys.cooldown(quotas.limit.as_deref()));
         }
+        invocation.key(&keys.breaker);
         invocation.arg(wanted).arg(GUARD.as_micros() as u64).arg(demand.len());
         for (_, quotas, cost) in demand {
             invocation.arg(*cost).arg(quotas.quotas.len());
@@ -214,6 +220,7 @@ impl Store {
         Ok(match status {
             1 => Verdict::Go(usize::try_from(value).unwrap_or(wanted).clamp(1, wanted)),
             2 => Verdict::Cooling(Duration::from_micros(value), on),
+            3 => Verdict::Open(Duration::from_micros(value)),
             _ => Verdict::Wait(Duration::from_micros(value), on),
         })
     }
@@ -222,11 +229,21 @@ impl Store {
     /// every replica, in the background: the local cooldown already holds
     /// this replica back.
     pub fn cool_down(self: &Arc<Self>, keys: Keys, limit: Option<&str>, pause: Duration) {
+        self.extend(keys.cooldown(limit), pause);
+    }
+
+    /// Opens the upstream's breaker at `keys` for every replica for
+    /// `pause`, in the background (this replica's own is open already).
+    pub fn open_breaker(self: &Arc<Self>, keys: Keys, pause: Duration) {
+        self.extend(keys.breaker, pause);
+    }
+
+    /// Extends the deadline kept at `key` to `pause` from the server's now.
+    fn extend(self: &Arc<Self>, key: String, pause: Duration) {
         if !self.is_up() {
             return;
         }
         let store = self.clone();
-        let key = keys.cooldown(limit);
         self.runtime.spawn(async move {
             let pause = u64::try_from(pause.as_micros()).unwrap_or(u64::MAX);
             let mut invocation = store.cool_down.key(&key);

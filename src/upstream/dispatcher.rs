@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use super::shared::{Limiter, Shared, Ticket};
 use crate::admission::{
-    Admission, Feedback, Limits, Needs, Place, Refusal, Reservation, Settlement, Status, Transition,
+    Admission, Feedback, Limits, Needs, Place, Refusal, Reservation, SINGLE, Settlement, Status, Transition,
 };
 use crate::config;
 use crate::limit::pacer::paced_quotas;
@@ -152,6 +152,10 @@ impl Dispatcher {
         match transition {
             Some(Transition::Opened { open_for, failures, attempts }) => {
                 shared.metrics.breaker_opened.get_or_create(&label).inc();
+                // The other replicas hold their queues too, through Redis.
+                if let Some(limiter) = shared.limiter.load().as_ref() {
+                    limiter.store.open_breaker(Keys::new(&shared.name, SINGLE), open_for);
+                }
                 tracing::warn!(
                     upstream = %shared.name,
                     failures,

@@ -157,6 +157,12 @@ async fn ask(shared: &Arc<Shared>, confirm: Confirm, limiter: &Limiter) {
         for tickets in core.settle(confirm, verdict, now) {
             shared.hand(core, tickets);
         }
+        // Another replica's breaker opened: who cannot wait is told now.
+        if let Verdict::Open(open_for) = verdict {
+            for tickets in core.hopeless() {
+                let _ = tickets.send(Err(Refusal::CircuitOpen { retry_after: open_for }));
+            }
+        }
     });
 }
 
