@@ -8,12 +8,19 @@ Every scenario runs on loopback, bounded in requests and time, with the
 release pacegate binary and the project's mock upstream
 (examples/mock_upstream.rs, the same code the tests use). Results go to
 bench/results/latest.json, charts to bench/results/*.svg, and the tables
-between the markers in BENCHMARKS.md are regenerated.
+between the markers in BENCHMARKS.md are regenerated. Scenarios named on the
+command line only print, unless `--update` is given too: then they replace
+their own figures in latest.json, charts and tables, and keep the others'.
+The token scenario (issue 17) runs the LLM mock (examples/llm_mock.rs) and
+two small Python pieces below: the workers' client recipe and a post-paid
+counter as LiteLLM's limiter works.
 """
 
 import asyncio
 import json
+import math
 import os
+import random
 import re
 import resource
 import shutil
@@ -32,6 +39,7 @@ RESULTS = ROOT / "bench" / "results"
 # PACEGATE_BIN: another build to measure (bench/compare.sh sets it).
 PACEGATE = Path(os.environ.get("PACEGATE_BIN", ROOT / "target" / "release" / "pacegate"))
 MOCK = ROOT / "target" / "release" / "examples" / "mock_upstream"
+LLM_MOCK = ROOT / "target" / "release" / "examples" / "llm_mock"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WORK = Path(tempfile.mkdtemp(prefix="pacegate-bench-"))
 
@@ -63,10 +71,12 @@ def drain(stream):
 
 
 class Mock:
-    def __init__(self, limit=None):
+    def __init__(self, limit=None, resources=()):
         args = [str(MOCK), "--listen", "127.0.0.1:0", "--ignore-stdin"]
         if limit:
             args += ["--limit", f"{limit[0]}/{limit[1]}"]
+        for resource in resources:  # e.g. "name=writes,limit=20/1000,methods=POST"
+            args += ["--resource", resource]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
         self.addr = await_line(self.proc.stdout, r"listening (\S+)").group(1)
         self.url = f"http://{self.addr}"
@@ -430,11 +440,324 @@ def redis_mode(k=500, real=50):
                          "caller_failures": sum(s != 200 for s in statuses)}}
 
 
-def charts(results):
+# --- endpoint limits (issue 18) ---------------------------------------------
+
+async def fire_timed(requests, spacing):
+    """Sends the (method, url) list in order, one every `spacing` seconds
+    whatever the answers; returns (status, seconds from its send to its answer)."""
+    import aiohttp
+    connector = aiohttp.TCPConnector(limit=len(requests))
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+        started = time.monotonic()
+
+        async def one(i, method, url):
+            await asyncio.sleep(max(0.0, started + i * spacing - time.monotonic()))
+            sent = time.monotonic()
+            try:
+                async with session.request(method, url, data=b"{}" if method == "POST" else None) as response:
+                    await response.read()
+                    return response.status, time.monotonic() - sent
+            except aiohttp.ClientError:
+                return 0, time.monotonic() - sent
+        return await asyncio.gather(*(one(i, m, u) for i, (m, u) in enumerate(requests)))
+
+
+def max_units_in_window(times, units, window):
+    """Most units accepted within any sliding `window` (times sorted)."""
+    best, total, j = 0, 0, 0
+    for i, t in enumerate(times):
+        total += units[i]
+        while times[j] <= t - window:
+            total -= units[j]
+            j += 1
+        best = max(best, total)
+    return best
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
+
+
+def endpoint_limits(k=400, arrive_s=2.0, posts=0.2, points=180, writes=20, post_cost=5):
+    """GitHub-shaped traffic (80 % reads, 20 % writes, arriving in `arrive_s`,
+    far faster than the limits) against a mock with GitHub's two per-minute
+    limits scaled to one second: points (a POST costs 5) and writes (POSTs
+    only), in GitHub's proportions (900 points and 80 writes a minute). pacegate with `[[upstream.limit]]`
+    tables modelling them, against pacegate with one request rate."""
+    rng = random.Random(18)
+    methods = ["POST"] * int(k * posts) + ["GET"] * (k - int(k * posts))
+    rng.shuffle(methods)
+    mean_cost = posts * post_cost + (1 - posts)
+    limit_tables = lambda points_rate: (
+        f'[[upstream.limit]]\nname = "points"\nrate = "{points_rate}/s"\ncost = {{ default = 1, POST = {post_cost} }}\n'
+        f'[[upstream.limit]]\nname = "writes"\nmethods = ["POST"]\nrate = "{writes}/s"\n')
+    # Even pacing by cost lets a window see N plus one request's cost: leave
+    # the costliest request's units free, as docs/tokens.md advises.
+    configs = {
+        "limits": ("1000/s", points - post_cost),
+        "limits_exact": ("1000/s", points),
+        # All-POST traffic at this rate breaks no limit: the safe single rate.
+        "single_rate": (f"{min(writes, points // post_cost)}/s", None),
+        # The mix's average fits both limits on average, not in every window.
+        "average_rate": (f"{int(min(points / mean_cost, writes / posts))}/s", None),
+    }
+    results = {}
+    for name, (rate, points_rate) in configs.items():
+        extra = limit_tables(points_rate) if points_rate else ""
+        mock = Mock(resources=[f"name=points,limit={points}/1000,cost.POST={post_cost}",
+                               f"name=writes,limit={writes}/1000,methods=POST"])
+        pg = Pacegate(upstream("github", mock.url, rate, extra))
+        requests = [(m, f"http://{pg.proxy}/github/repos/o/r/issues" + ("" if m == "POST" else f"/{i}"))
+                    for i, m in enumerate(methods)]
+        answers = asyncio.run(fire_timed(requests, arrive_s / k))
+        pg.stop()
+        summary = mock.stop()
+        ok = [(t / 1000, m) for t, s, m in zip(summary["arrivals_ms"], summary["statuses"], summary["methods"])
+              if s == 200]
+        times = [t for t, _ in ok]
+        reads = [lat for (s, lat), m in zip(answers, methods) if m == "GET" and s == 200]
+        writes_done = [lat for (s, lat), m in zip(answers, methods) if m == "POST" and s == 200]
+        results[name] = {
+            "rate": rate, "limits": f"points {points_rate}/s, writes {writes}/s" if points_rate else "-",
+            "makespan_s": times[-1] - times[0], "upstream_429": summary["statuses"].count(429),
+            "caller_failures": sum(s != 200 for s, _ in answers),
+            "read_p50_s": percentile(reads, 0.5), "read_p95_s": percentile(reads, 0.95),
+            "write_p50_s": percentile(writes_done, 0.5), "last_read_s": max(reads, default=None),
+            "max_points_in_1s": max_units_in_window(times, [post_cost if m == "POST" else 1 for _, m in ok], 1.0),
+            "max_writes_in_1s": max_in_window([t for t, m in ok if m == "POST"], 1.0),
+            "accepted_s": {m: [t - times[0] for t, mm in ok if mm == m] for m in ("GET", "POST")}}
+    return {"k": k, "arrive_s": arrive_s, "posts": posts, "points": points, "writes": writes, "post_cost": post_cost,
+            "ideal_s": max(k * mean_cost / points, k * posts / writes), "runs": results}
+
+
+# --- token quotas (issue 17) ------------------------------------------------
+
+class LlmMock:
+    """examples/llm_mock.rs: the tests' mock LLM API with a strict token window."""
+
+    def __init__(self, limit, window_ms, output_len, latency_ms=100, stream_chunks="16/20"):
+        self.proc = subprocess.Popen([str(LLM_MOCK), "--listen", "127.0.0.1:0", "--token-limit", f"{limit}/{window_ms}",
+                                      "--output-len", str(output_len), "--latency-ms", str(latency_ms),
+                                      "--stream-chunks", stream_chunks], stdout=subprocess.PIPE, text=True)
+        self.url = "http://" + await_line(self.proc.stdout, r"listening (\S+)").group(1)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        return json.loads(out.strip().splitlines()[-1])
+
+
+WORDS = "the quota token window model answer stream request limit pace queue retry".split()
+
+
+def llm_mix(k, output_len, seed=17):
+    """K chat calls: prompts of 100 to 8 000 characters, log-uniform (many
+    short, a few long, as chat traffic is), max_tokens 64 to 512
+    (the mock answers at most `output_len`, so settling gives tokens back),
+    a third streamed with usage. Returns the bodies and what the mock will
+    charge each (its deterministic count: characters / 4, plus the output)."""
+    rng = random.Random(seed)
+    calls, costs = [], []
+    for i in range(k):
+        words, size = [], math.exp(rng.uniform(math.log(100), math.log(8000)))
+        while sum(len(w) + 1 for w in words) < size:
+            words.append(rng.choice(WORDS))
+        content = " ".join(words)
+        cap = rng.choice([64, 128, 256, 512])
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], "max_tokens": cap}
+        if i % 3 == 0:
+            body.update(stream=True, stream_options={"include_usage": True})
+        calls.append(body)
+        costs.append(math.ceil((len("user") + len(content)) / 4) + min(cap, output_len))
+    return calls, costs
+
+
+def best_request_rate(costs, limit):
+    """The most calls per window such that every run of that many
+    consecutive calls fits the token limit: the fastest request-only rate
+    that never breaks the window for this very sequence, in hindsight."""
+    m = 1
+    while m < len(costs) and max(sum(costs[i:i + m + 1]) for i in range(len(costs) - m)) <= limit:
+        m += 1
+    return m
+
+
+# One worker process of the token scenario: its share of the calls, with at
+# most 50 in flight; optionally an aiolimiter token bucket at the full limit
+# (the estimate users write: characters / 4 plus max_tokens) and tenacity
+# retrying 429s with exponential jitter. Prints failures, 429s seen, latencies.
+LLM_CLIENT = r"""
+import asyncio, json, math, sys, time, aiohttp
+from aiolimiter import AsyncLimiter
+from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt, wait_random_exponential
+url, calls_file, worker, workers, limit, window, retries = sys.argv[1:8]
+calls = json.load(open(calls_file))[int(worker)::int(workers)]
+limiter = AsyncLimiter(int(limit), float(window)) if int(limit) else None
+seen_429 = 0
+async def main():
+    global seen_429
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+        async def call(body):
+            global seen_429
+            if limiter:
+                await limiter.acquire(math.ceil(len(body["messages"][0]["content"]) / 4) + body["max_tokens"])
+            async with session.post(f"{url}/v1/chat/completions", json=body) as r:
+                await r.read()
+                seen_429 += r.status == 429
+                return r.status
+        async def one(body):
+            if retries == "0":
+                return await call(body)
+            retrying = AsyncRetrying(retry=retry_if_result(lambda s: s == 429),
+                                     wait=wait_random_exponential(multiplier=0.5, max=10),
+                                     stop=stop_after_attempt(8),
+                                     retry_error_callback=lambda state: state.outcome.result())
+            return await retrying(call, body)
+        sem = asyncio.Semaphore(50)
+        async def bounded(body):
+            async with sem:
+                try:
+                    return await one(body)
+                except aiohttp.ClientError:
+                    return 0
+        statuses = await asyncio.gather(*(bounded(b) for b in calls))
+    print(json.dumps({"failures": sum(s != 200 for s in statuses), "seen_429": seen_429}))
+asyncio.run(main())
+"""
+
+# Post-paid counting as LiteLLM's limiter does it: a fixed window of tokens
+# per key; a call is refused (429) only when the window is already over the
+# limit, and its tokens are added after its answer, from the usage reported.
+# Streamed calls are counted too (LiteLLM's issue 41610 says they were not).
+POSTPAID = r"""
+import asyncio, json, math, sys, time
+from aiohttp import web, ClientSession, ClientTimeout
+upstream, limit, window = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+start, used = time.monotonic(), {}
+def usage_of(data):
+    total = 0
+    for line in data.decode().splitlines():
+        line = line[len("data: "):] if line.startswith("data: ") else line
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and doc.get("usage"):
+            total = doc["usage"].get("total_tokens", 0)
+    return total
+async def handle(request):
+    now = time.monotonic() - start
+    slot = int(now // window)
+    if used.get(slot, 0) >= limit:
+        return web.json_response({"error": {"message": "Max tpm limit reached"}}, status=429,
+                                 headers={"retry-after": str(max(1, math.ceil((slot + 1) * window - now)))})
+    body = await request.read()
+    async with request.app["session"].post(upstream + request.path, data=body,
+                                           headers={"content-type": "application/json"}) as r:
+        reply = web.StreamResponse(status=r.status, headers={"content-type": r.headers.get("content-type", "")})
+        await reply.prepare(request)
+        data = b""
+        async for chunk in r.content.iter_any():
+            data += chunk
+            await reply.write(chunk)
+        await reply.write_eof()
+    if r.status == 200:
+        done = int((time.monotonic() - start) // window)
+        used[done] = used.get(done, 0) + usage_of(data)
+    return reply
+async def main():
+    app = web.Application()
+    app["session"] = ClientSession(timeout=ClientTimeout(total=300))
+    app.router.add_post("/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    print("listening 127.0.0.1:%d" % site._server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def token_quotas(k=240, window_s=10, ideal_s=25, output_len=200, workers=4, only=None):
+    """The same mixed LLM load (K chat calls from 4 worker processes) against
+    a strict sliding token window, four ways: pacegate `tokens`; pacegate
+    with the best request-only `rate`; client-side aiolimiter + tenacity
+    per worker; a post-paid counter in front (LiteLLM's way). `only`: a subset
+    of the approaches, to investigate one."""
+    calls, costs = llm_mix(k, output_len)
+    total = sum(costs)
+    limit = round(total * window_s / ideal_s)  # the window's tokens: the run's ideal is `ideal_s`
+    calls_file = WORK / "llm_calls.json"
+    calls_file.write_text(json.dumps(calls))
+    # Even pacing by cost lets a window see the quota plus one call: leave the
+    # costliest call's reservation free (prompt + max_tokens), as docs/tokens.md says.
+    largest = max(c - min(b["max_tokens"], output_len) + b["max_tokens"] for b, c in zip(calls, costs))
+    best = best_request_rate(costs, limit)
+    modes = {
+        "pacegate_tokens": f'tokens = "{limit - largest}/{window_s}s"\n',
+        "pacegate_tokens_exact": f'tokens = "{limit}/{window_s}s"\n',
+        "pacegate_rate": None,
+        "client_side": None,
+        "post_paid": None,
+    }
+    results = {}
+    for mode in only or modes:
+        mock = LlmMock(limit, window_s * 1000, output_len)
+        pg = proxy = None
+        if mode.startswith("pacegate_tokens"):
+            pg = Pacegate(upstream("llm", mock.url, "1000/s", modes[mode]))
+        elif mode == "pacegate_rate":
+            pg = Pacegate(upstream("llm", mock.url, f"{best}/{window_s}s"))
+        elif mode == "post_paid":
+            proxy = subprocess.Popen([sys.executable, "-c", POSTPAID, mock.url, str(limit), str(window_s)],
+                                     stdout=subprocess.PIPE, text=True)
+            proxy_url = "http://" + await_line(proxy.stdout, r"listening (\S+)").group(1)
+        url = f"http://{pg.proxy}/llm" if pg else proxy_url if proxy else mock.url
+        limited, retries = (limit, "1") if mode == "client_side" else (0, "1" if mode == "post_paid" else "0")
+        started = time.monotonic()
+        procs = [subprocess.Popen([sys.executable, "-c", LLM_CLIENT, url, str(calls_file), str(i), str(workers),
+                                   str(limited), str(window_s), retries], stdout=subprocess.PIPE, text=True)
+                 for i in range(workers)]
+        reports = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
+        wall = time.monotonic() - started
+        if pg:
+            pg.stop()
+        if proxy:
+            proxy.terminate()
+            proxy.wait(timeout=30)
+        summary = mock.stop()
+        charged = [(t / 1000, c) for t, c in zip(summary["arrivals_ms"], summary["charged"]) if c]
+        span = charged[-1][0] - charged[0][0]
+        rate = limit / window_s
+        results[mode] = {
+            "makespan_s": span, "wall_s": wall, "vs_ideal_pct": (span / (summary["tokens_charged"] / rate) - 1) * 100,
+            "tokens_charged": summary["tokens_charged"], "utilisation_pct": summary["tokens_charged"] / rate / span * 100,
+            "max_tokens_in_window": summary["max_tokens_in_window"], "calls_sent": summary["count"],
+            "upstream_429": summary["statuses"].count(429),
+            "upstream_429_pct": summary["statuses"].count(429) / k * 100,
+            "caller_429": sum(r["seen_429"] for r in reports),
+            "caller_failures": sum(r["failures"] for r in reports),
+            "charged_s": [[t - charged[0][0], c] for t, c in charged]}
+    # The rate that is safe whatever the order: the largest calls back to back fit.
+    safe = sum(1 for i in range(1, k + 1) if sum(sorted(costs, reverse=True)[:i]) <= limit)
+    return {"k": k, "workers": workers, "window_s": window_s, "limit": limit, "tokens_quota": limit - largest,
+            "best_rate_per_window": best, "safe_rate_per_window": safe,
+            "safe_rate_makespan_s": (k - 1) * window_s / safe, "mix_tokens": total, "ideal_s": total / (limit / window_s),
+            "output_len": output_len, "runs": results}
+
+
+def charts(results, names):
+    """Draws the charts of the scenarios in `names`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    for p in results["pacing"]:
+    if "endpoint_limits" in names:
+        endpoint_limits_chart(results["endpoint_limits"], plt)
+    if "tokens" in names:
+        tokens_chart(results["tokens"], plt)
+    for p in results["pacing"] if "pacing" in names else []:
         times, rate = p["arrivals_s"], p["rate"]
         buckets = [0] * (int(times[-1] * 10) + 1)
         for t in times:
@@ -449,6 +772,8 @@ def charts(results):
         fig.tight_layout()
         fig.savefig(RESULTS / f"pacing_{rate}.svg")
         plt.close(fig)
+    if "overhead" not in names:
+        return
     o = results["overhead"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3))
     names = list(o)
@@ -461,6 +786,49 @@ def charts(results):
     b.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "overhead.svg")
+    plt.close(fig)
+
+
+def endpoint_limits_chart(e, plt):
+    """Requests accepted by the upstream over time, reads and writes apart."""
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    shown = {"limits": ("tab:blue", "limits"), "single_rate": ("tab:orange", "single rate")}
+    for name, (color, label) in shown.items():
+        run = e["runs"][name]
+        for method, style in (("GET", "-"), ("POST", "--")):
+            times = run["accepted_s"][method]
+            ax.step(times, range(1, len(times) + 1), where="post", color=color, linestyle=style,
+                    label=f"{label} ({run['limits'] if run['limits'] != '-' else run['rate']}): {method}")
+    ax.set_xlabel("seconds since the first request reached the upstream")
+    ax.set_ylabel("requests accepted")
+    ax.set_title(f"{e['k']} GitHub-shaped requests in {e['arrive_s']:g} s: reads and writes reaching the upstream")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "endpoint_limits.svg")
+    plt.close(fig)
+
+
+def tokens_chart(t, plt):
+    """Tokens charged by the upstream over time per approach, against the quota's slope."""
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    rate = t["limit"] / t["window_s"]
+    end = max(run["charged_s"][-1][0] for run in t["runs"].values())
+    ax.plot([0, t["mix_tokens"] / rate], [0, t["mix_tokens"]], color="grey", linestyle=":",
+            label=f"ideal: {t['limit']} tokens per {t['window_s']} s")
+    for name, run in t["runs"].items():
+        times = [c[0] for c in run["charged_s"]]
+        total, cumulative = 0, []
+        for _, tokens in run["charged_s"]:
+            total += tokens
+            cumulative.append(total)
+        ax.step(times, cumulative, where="post", label=f"{name.replace('_', ' ')} ({run['upstream_429']} upstream 429s)")
+    ax.set_xlim(0, end * 1.02)
+    ax.set_xlabel("seconds since the first call was charged")
+    ax.set_ylabel("tokens charged by the upstream")
+    ax.set_title(f"{t['k']} mixed LLM calls against a strict token window")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "tokens.svg")
     plt.close(fig)
 
 
@@ -509,7 +877,61 @@ def tables(r):
                   "|---|---|---|---|---|---|",
                   f"| {rep['makespan_s']:.2f} s | {rep['ideal_s']:.2f} s | {rep['vs_ideal_pct']:+.1f} % | "
                   f"{rep['max_in_1s_window']} | {rep['upstream_429']} | {rep['caller_failures']} |"]
+    if "endpoint_limits" in r:
+        lines += endpoint_limits_table(r["endpoint_limits"])
+    if "tokens" in r:
+        lines += tokens_table(r["tokens"])
     return "\n".join(lines)
+
+
+def endpoint_limits_table(e):
+    names = {"limits": "endpoint limits", "limits_exact": "endpoint limits at the upstream's exact counts",
+             "single_rate": "one rate, safe for any mix", "average_rate": "one rate, the mix's average"}
+    lines = ["", f"### Endpoint limits (GitHub-shaped: {e['k']} requests arriving in {e['arrive_s']:g} s, "
+             f"{e['posts'] * 100:.0f} % POST; upstream allows {e['points']} points/s with POST = {e['post_cost']} "
+             f"and {e['writes']} writes/s)", "",
+             "| pacegate | rate | limits | makespan | vs ideal | 429s at the upstream | caller failures | "
+             "read p50 | read p95 | last read | max points / writes in any 1 s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, v in e["runs"].items():
+        lines.append(f"| {names[name]} | {v['rate']} | {v['limits']} | {v['makespan_s']:.2f} s | "
+                     f"{(v['makespan_s'] / e['ideal_s'] - 1) * 100:+.0f} % | {v['upstream_429']} | "
+                     f"{v['caller_failures']} | {v['read_p50_s']:.2f} s | {v['read_p95_s']:.2f} s | "
+                     f"{v['last_read_s']:.2f} s | {v['max_points_in_1s']} / {v['max_writes_in_1s']} |")
+    lines += ["", f"Ideal: {e['ideal_s']:.2f} s (the binding limit's units at its rate)."]
+    return lines
+
+
+def tokens_table(t):
+    names = {"pacegate_tokens": f"pacegate `tokens = \"{t['tokens_quota']}/{t['window_s']}s\"` (one call below)",
+             "pacegate_tokens_exact": f"pacegate `tokens = \"{t['limit']}/{t['window_s']}s\"` (the exact limit)",
+             "pacegate_rate": f"pacegate `rate = \"{t['best_rate_per_window']}/{t['window_s']}s\"` (best request-only rate)",
+             "client_side": "client side: aiolimiter per worker + tenacity",
+             "post_paid": "post-paid counter (LiteLLM's way) + tenacity"}
+    lines = ["", f"### Token quotas ({t['k']} chat calls from {t['workers']} workers, "
+             f"{t['mix_tokens']} tokens; upstream allows {t['limit']} tokens per sliding {t['window_s']} s)", "",
+             "| approach | makespan | vs ideal | utilisation | 429s at the upstream | 429s seen by callers | "
+             "caller failures | most tokens in any window |", "|---|---|---|---|---|---|---|---|"]
+    for name, v in t["runs"].items():
+        lines.append(f"| {names[name]} | {v['makespan_s']:.2f} s | {v['vs_ideal_pct']:+.1f} % | "
+                     f"{v['utilisation_pct']:.1f} % | {v['upstream_429']} ({v['upstream_429_pct']:.1f} %) | "
+                     f"{v['caller_429']} | {v['caller_failures']} | {v['max_tokens_in_window']} |")
+    lines += ["", f"Ideal: {t['ideal_s']:.2f} s (tokens charged / the window's rate). The best request-only rate "
+              f"is found in hindsight: the most calls per window such that every run of that many consecutive calls "
+              f"of this very sequence fits. A rate safe whatever the order ({t['safe_rate_per_window']} calls per "
+              f"{t['window_s']} s: the largest calls back to back fit) would take "
+              f"{t['safe_rate_makespan_s']:.1f} s (computed, not run)."]
+    return lines
+
+
+def summarised(value):
+    """A result without its per-arrival series, to print."""
+    series = {"arrivals_s", "accepted_s", "charged_s"}
+    if isinstance(value, dict):
+        return {k: summarised(v) for k, v in value.items() if k not in series}
+    if isinstance(value, list):
+        return [summarised(v) for v in value]
+    return value
 
 
 def main():
@@ -518,22 +940,28 @@ def main():
     steps = [("overhead", pass_through_overhead),
              ("pacing", lambda: [pacing(10, 40), pacing(100, 400), pacing(1000, 3000)]),
              ("misconfigured", misconfigured), ("client_side", client_side_vs_pacegate), ("scale", scale),
-             ("redis", redis_mode)]
-    only = set(sys.argv[1:])
+             ("redis", redis_mode), ("endpoint_limits", endpoint_limits), ("tokens", token_quotas)]
+    # --update: run the scenarios named, keep the others' figures from the last run.
+    update = "--update" in sys.argv[1:]
+    only = set(sys.argv[1:]) - {"--update"}
+    if update:
+        if not only:
+            sys.exit("--update needs the scenarios to run")
+        results = json.loads((RESULTS / "latest.json").read_text())
     for name, step in steps:
         if only and name not in only:
             continue
         print(f"== {name}", flush=True)
         results[name] = step()
-        shown = {k: v for k, v in results[name].items() if k != "arrivals_s"} if isinstance(results[name], dict) else \
-            [{k: v for k, v in p.items() if k != "arrivals_s"} for p in results[name]]
-        print(json.dumps(shown, indent=1), flush=True)
-    if only:
+        if update:
+            results.setdefault("updated", {})[name] = time.time()
+        print(json.dumps(summarised(results[name]), indent=1), flush=True)
+    if only and not update:
         if out := os.environ.get("BENCH_OUT"):
             Path(out).write_text(json.dumps(results, indent=1))
         return
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=1))
-    charts(results)
+    charts(results, only or {name for name, _ in steps})
     doc = ROOT / "BENCHMARKS.md"
     text = doc.read_text()
     begin, end = "<!-- results:begin -->", "<!-- results:end -->"

@@ -5,7 +5,7 @@
 # Runs every pacegate benchmark scenario on loopback and regenerates
 # bench/results/latest.json, the SVG charts and the tables in BENCHMARKS.md.
 # Installs what it needs when missing (nginx, wrk and redis-server from Debian when root,
-# Python packages from PyPI). Whole suite: a few minutes on 2 cores.
+# Python packages from PyPI). Whole suite: about ten minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,5 +24,5 @@ fi
 python3 -c "import aiohttp, aiolimiter, tenacity, matplotlib, h2" 2>/dev/null \
   || python3 -m pip install --quiet aiohttp aiolimiter tenacity matplotlib h2
 
-cargo build --release --quiet --bin pacegate --example mock_upstream
+cargo build --release --quiet --bin pacegate --example mock_upstream --example llm_mock
 exec python3 bench/bench.py "$@"

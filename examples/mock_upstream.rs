@@ -3,11 +3,19 @@
 //!
 //! ```text
 //! cargo run --example mock_upstream -- --listen 127.0.0.1:0 --limit 10/1000 --latency-ms 5
+//! cargo run --example mock_upstream -- \
+//!     --resource name=points,limit=100/1000,cost.POST=5 \
+//!     --resource name=writes,limit=10/1000,methods=POST+PATCH
 //! ```
+//! `--resource` adds a named limit (`Resource`: GitHub-shaped points and
+//! write limits): `name` and `limit=N/WINDOW_MS` are required, `methods` is
+//! a `+`-separated list (default: every method), each `cost.METHOD=UNITS`
+//! weighs a method (default 1).
+//!
 //! Prints `listening ADDR` once bound. On SIGINT, SIGTERM or stdin EOF it
-//! prints one JSON line `{"addr","count","arrivals_ms","statuses","status_counts"}`
-//! (`arrivals_ms`: arrival times in ms since start, `statuses[i]` answers
-//! arrival `i`) and exits. Started with stdin at `/dev/null` (e.g. backgrounded
+//! prints one JSON line `{"addr","count","arrivals_ms","statuses","methods","status_counts"}`
+//! (`arrivals_ms`: arrival times in ms since start, `statuses[i]` and
+//! `methods[i]` belong to arrival `i`) and exits. Started with stdin at `/dev/null` (e.g. backgrounded
 //! by a script), it would stop at once: pass `--ignore-stdin` then.
 
 #[path = "../tests/support/mock.rs"]
@@ -19,7 +27,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use mock::{Behaviour, MockUpstream};
+use mock::{Behaviour, MockUpstream, Resource};
 use tokio::io::AsyncReadExt;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
@@ -33,6 +41,9 @@ struct Args {
     /// Sliding-window quota as N/WINDOW_MS, answered with 429 + Retry-After beyond it.
     #[arg(long, value_parser = parse_limit)]
     limit: Option<Limit>,
+    /// A named limit, repeatable: `name=NAME,limit=N/WINDOW_MS[,methods=A+B][,cost.METHOD=UNITS]...`.
+    #[arg(long = "resource", value_parser = parse_resource)]
+    resources: Vec<Resource>,
     /// Delay before every answer, in milliseconds.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
@@ -67,12 +78,47 @@ fn parse_limit(s: &str) -> Result<Limit, String> {
     Ok(Limit { n, window })
 }
 
+fn parse_resource(s: &str) -> Result<Resource, String> {
+    let (mut name, mut limit, mut methods, mut costs) = (None, None, Vec::new(), Vec::new());
+    for field in s.split(',') {
+        let (key, value) = field.split_once('=').ok_or_else(|| format!("{field:?}: expected KEY=VALUE"))?;
+        match key {
+            "name" if !value.is_empty() => name = Some(value),
+            "limit" => limit = Some(parse_limit(value)?),
+            "methods" => methods.extend(value.split('+').filter(|m| !m.is_empty())),
+            _ => {
+                let method = key.strip_prefix("cost.").filter(|m| !m.is_empty());
+                let method =
+                    method.ok_or_else(|| format!("{key:?}: expected name, limit, methods or cost.METHOD"))?;
+                let units: u64 = value.parse().map_err(|e| format!("cost.{method}: {e}"))?;
+                if units == 0 {
+                    return Err(format!("cost.{method}: at least one unit"));
+                }
+                costs.push((method, units));
+            }
+        }
+    }
+    let name = name.ok_or("a resource needs name=NAME")?;
+    let Limit { n, window } = limit.ok_or("a resource needs limit=N/WINDOW_MS")?;
+    let mut resource = Resource::new(name, n as u64, window);
+    if !methods.is_empty() {
+        resource = resource.methods(&methods);
+    }
+    for (method, units) in costs {
+        resource = resource.cost(method, units);
+    }
+    Ok(resource)
+}
+
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
     let mut behaviour = Behaviour::new().latency(Duration::from_millis(args.latency_ms));
     if let Some(Limit { n, window }) = args.limit {
         behaviour = behaviour.limit(n, window);
+    }
+    for resource in args.resources {
+        behaviour = behaviour.resource(resource);
     }
 
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
@@ -103,6 +149,7 @@ async fn main() {
             .map(|a| a.at.duration_since(started).as_micros() as f64 / 1000.0)
             .collect::<Vec<_>>(),
         "statuses": arrivals.iter().map(|a| a.status).collect::<Vec<_>>(),
+        "methods": arrivals.iter().map(|a| a.method.as_str()).collect::<Vec<_>>(),
         "status_counts": status_counts,
     });
     let _ = writeln!(stdout, "{summary}");
