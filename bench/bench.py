@@ -71,8 +71,10 @@ def drain(stream):
 
 
 class Mock:
-    def __init__(self, limit=None, resources=()):
+    def __init__(self, limit=None, resources=(), outage=None):
         args = [str(MOCK), "--listen", "127.0.0.1:0", "--ignore-stdin"]
+        if outage:  # (start s, duration s): 500 to everything meanwhile
+            args += ["--outage", f"{outage[0] * 1000}/{outage[1] * 1000}"]
         if limit:
             args += ["--limit", f"{limit[0]}/{limit[1]}"]
         for resource in resources:  # e.g. "name=writes,limit=20/1000,methods=POST"
@@ -748,6 +750,95 @@ def token_quotas(k=240, window_s=10, ideal_s=25, output_len=200, workers=4, only
             "output_len": output_len, "runs": results}
 
 
+OUTAGE_LOAD = r"""
+import asyncio, json, sys, time, aiohttp
+from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt, wait_random_exponential
+url, n, rate, retried = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
+async def main():
+    results = []
+    start = time.monotonic()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        async def call(i):
+            try:
+                async with session.get(f"{url}/r{i}") as r:
+                    await r.read(); return r.status
+            except Exception:
+                return 0
+        async def one(i):
+            if retried:
+                # What users write today: tenacity, exponential backoff with jitter, per call.
+                retrying = AsyncRetrying(retry=retry_if_result(lambda s: s == 0 or s >= 500),
+                                         wait=wait_random_exponential(multiplier=0.5, max=8),
+                                         stop=stop_after_attempt(6),
+                                         retry_error_callback=lambda state: state.outcome.result())
+                status = await retrying(call, i)
+            else:
+                status = await call(i)
+            results.append((time.monotonic() - start, status))
+        tasks = []
+        for i in range(n):
+            tasks.append(asyncio.create_task(one(i)))
+            await asyncio.sleep(max(0.0, start + (i + 1) / rate - time.monotonic()))
+        await asyncio.gather(*tasks)
+    print(json.dumps(results))
+asyncio.run(main())
+"""
+
+
+def breaker(rate=20, seconds=20, outage=(5, 10)):
+    """A steady load of `rate` requests a second for `seconds`, against an
+    upstream that answers 500 to everything from outage[0] for outage[1]
+    seconds: pacegate without a breaker (its retries as configured), with a
+    breaker, and the client-side recipe (tenacity per call, no proxy)."""
+    k = rate * seconds
+    quota = f"{rate * 2}/s"
+    breaker_section = ('[upstream.breaker]\nfailure_ratio = 0.5\nmin_attempts = 10\nwindow = "1s"\n'
+                       'open_for = "2s"\nmax_open_for = "8s"\nprobes = 1\n')
+    runs = {}
+    for mode in ("no_breaker", "breaker", "client_tenacity"):
+        mock = Mock(outage=outage)
+        pg = None
+        if mode != "client_tenacity":
+            extra = breaker_section if mode == "breaker" else ""
+            pg = Pacegate(upstream("api", mock.url, quota, extra))
+        url = f"http://{pg.proxy}/api" if pg else mock.url
+        load = subprocess.run([sys.executable, "-c", OUTAGE_LOAD, url, str(k), str(rate),
+                               "1" if mode == "client_tenacity" else "0"],
+                              capture_output=True, text=True, timeout=300)
+        answers = json.loads(load.stdout)
+        if pg:
+            pg.stop()
+        summary = mock.stop()
+        down_from, down_until = outage[0] * 1000, (outage[0] + outage[1]) * 1000
+        during = [s for t, s in zip(summary["arrivals_ms"], summary["statuses"]) if down_from <= t < down_until]
+        ok = sum(1 for _, status in answers if status == 200)
+        runs[mode] = {"upstream_arrivals_during_outage": len(during), "upstream_arrivals": summary["count"],
+                      "caller_ok": ok, "caller_errors": len(answers) - ok,
+                      "last_answer_s": max(t for t, _ in answers),
+                      "drained_after_outage_s": max(t for t, _ in answers) - (outage[0] + outage[1]),
+                      "arrivals_ms": summary["arrivals_ms"], "statuses": summary["statuses"]}
+    return {"rate": rate, "seconds": seconds, "k": k, "outage_s": list(outage), "runs": runs}
+
+
+def breaker_chart(b, plt):
+    fig, ax = plt.subplots(figsize=(8, 3))
+    for mode, color in (("no_breaker", "#c62828"), ("breaker", "#2f5fd0"), ("client_tenacity", "#c77700")):
+        times = b["runs"][mode]["arrivals_ms"]
+        buckets = [0] * (int(max(times, default=0) / 500) + 1)
+        for t in times:
+            buckets[int(t / 500)] += 1
+        ax.step([i / 2 for i in range(len(buckets))], [n * 2 for n in buckets], where="post",
+                label=mode.replace("_", " "), color=color)
+    ax.axvspan(b["outage_s"][0], sum(b["outage_s"]), color="#ddd", label="upstream down (500)")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("arrivals/s at the upstream")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"{b['rate']}/s steady load, upstream down {b['outage_s'][1]} s")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "breaker.svg")
+    plt.close(fig)
+
+
 def charts(results, names):
     """Draws the charts of the scenarios in `names`."""
     import matplotlib
@@ -757,6 +848,8 @@ def charts(results, names):
         endpoint_limits_chart(results["endpoint_limits"], plt)
     if "tokens" in names:
         tokens_chart(results["tokens"], plt)
+    if "breaker" in names:
+        breaker_chart(results["breaker"], plt)
     for p in results["pacing"] if "pacing" in names else []:
         times, rate = p["arrivals_s"], p["rate"]
         buckets = [0] * (int(times[-1] * 10) + 1)
@@ -881,7 +974,22 @@ def tables(r):
         lines += endpoint_limits_table(r["endpoint_limits"])
     if "tokens" in r:
         lines += tokens_table(r["tokens"])
+    if "breaker" in r:
+        lines += breaker_table(r["breaker"])
     return "\n".join(lines)
+
+
+def breaker_table(b):
+    names = {"no_breaker": "pacegate, retries only", "breaker": "pacegate with [upstream.breaker]",
+             "client_tenacity": "no proxy: tenacity per call (6 attempts, exponential backoff)"}
+    lines = ["", f"### Circuit breaker ({b['k']} requests at {b['rate']}/s; the upstream answers 500 to everything "
+             f"from {b['outage_s'][0]} s for {b['outage_s'][1]} s)", "",
+             "| approach | arrivals at the dead upstream | arrivals in all | callers 200 | caller errors | "
+             "last answer after the outage ended |", "|---|---|---|---|---|---|"]
+    for name, v in b["runs"].items():
+        lines.append(f"| {names[name]} | {v['upstream_arrivals_during_outage']} | {v['upstream_arrivals']} | "
+                     f"{v['caller_ok']} | {v['caller_errors']} | {v['drained_after_outage_s']:.1f} s |")
+    return lines
 
 
 def endpoint_limits_table(e):
@@ -926,7 +1034,7 @@ def tokens_table(t):
 
 def summarised(value):
     """A result without its per-arrival series, to print."""
-    series = {"arrivals_s", "accepted_s", "charged_s"}
+    series = {"arrivals_s", "accepted_s", "charged_s", "arrivals_ms", "statuses"}
     if isinstance(value, dict):
         return {k: summarised(v) for k, v in value.items() if k not in series}
     if isinstance(value, list):
@@ -940,7 +1048,8 @@ def main():
     steps = [("overhead", pass_through_overhead),
              ("pacing", lambda: [pacing(10, 40), pacing(100, 400), pacing(1000, 3000)]),
              ("misconfigured", misconfigured), ("client_side", client_side_vs_pacegate), ("scale", scale),
-             ("redis", redis_mode), ("endpoint_limits", endpoint_limits), ("tokens", token_quotas)]
+             ("redis", redis_mode), ("endpoint_limits", endpoint_limits), ("tokens", token_quotas),
+             ("breaker", breaker)]
     # --update: run the scenarios named, keep the others' figures from the last run.
     update = "--update" in sys.argv[1:]
     only = set(sys.argv[1:]) - {"--update"}

@@ -10,7 +10,9 @@
 //! `--resource` adds a named limit (`Resource`: GitHub-shaped points and
 //! write limits): `name` and `limit=N/WINDOW_MS` are required, `methods` is
 //! a `+`-separated list (default: every method), each `cost.METHOD=UNITS`
-//! weighs a method (default 1).
+//! weighs a method (default 1). `--outage START_MS/DURATION_MS` answers 500
+//! to everything for DURATION_MS, from START_MS after start (an upstream
+//! that goes down in the middle of a load).
 //!
 //! Prints `listening ADDR` once bound. On SIGINT, SIGTERM or stdin EOF it
 //! prints one JSON line `{"addr","count","arrivals_ms","statuses","methods","status_counts"}`
@@ -44,6 +46,9 @@ struct Args {
     /// A named limit, repeatable: `name=NAME,limit=N/WINDOW_MS[,methods=A+B][,cost.METHOD=UNITS]...`.
     #[arg(long = "resource", value_parser = parse_resource)]
     resources: Vec<Resource>,
+    /// An outage: 500 to everything from START_MS after start, for DURATION_MS.
+    #[arg(long, value_parser = parse_outage)]
+    outage: Option<(Duration, Duration)>,
     /// Delay before every answer, in milliseconds.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
@@ -76,6 +81,13 @@ fn parse_limit(s: &str) -> Result<Limit, String> {
     }
     let window = Duration::from_millis(ms);
     Ok(Limit { n, window })
+}
+
+fn parse_outage(s: &str) -> Result<(Duration, Duration), String> {
+    let (start, length) = s.split_once('/').ok_or("expected START_MS/DURATION_MS, e.g. 5000/10000")?;
+    let start: u64 = start.parse().map_err(|e| format!("START_MS: {e}"))?;
+    let length: u64 = length.parse().map_err(|e| format!("DURATION_MS: {e}"))?;
+    Ok((Duration::from_millis(start), Duration::from_millis(length)))
 }
 
 fn parse_resource(s: &str) -> Result<Resource, String> {
@@ -129,7 +141,14 @@ async fn main() {
         }
     };
     let started = Instant::now();
-    let mock = MockUpstream::start_on(listener, behaviour).await;
+    let mock = std::sync::Arc::new(MockUpstream::start_on(listener, behaviour.clone()).await);
+    if let Some((start, length)) = args.outage {
+        let mock = mock.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(start).await;
+            mock.set_behaviour(behaviour.fail_for(length, 500));
+        });
+    }
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "listening {}", mock.addr());
     let _ = stdout.flush();
@@ -154,7 +173,6 @@ async fn main() {
     });
     let _ = writeln!(stdout, "{summary}");
     let _ = stdout.flush();
-    mock.shutdown().await;
     // tokio's stdin reader blocks a thread the runtime would otherwise wait for.
     std::process::exit(0);
 }
