@@ -327,3 +327,34 @@ async fn settling_through_one_replica_lets_the_other_send_earlier() {
     assert!(waited < 2000, "replica B waited {waited} ms for tokens A gave back");
     assert_eq!(mock.count(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_for_tokens_pauses_only_the_token_quota() {
+    // The mock's window holds the first call and 10 tokens more: the second
+    // call is refused, and the answer says only 10 tokens remain.
+    let first = chat(&prose(40), Some(20), false);
+    let cost = prompt_tokens(&first) + 20;
+    let behaviour = LlmBehaviour::new().token_limit(cost + 10, Duration::from_secs(2)).output_len(20);
+    let mock = LlmMock::start(behaviour).await;
+    let pacegate = pacegate(&mock, "tokens = \"100000/s\"\n").await;
+    let answer = post(&pacegate, "/v1/chat/completions", &first).await;
+    assert_eq!(answer.status(), 200);
+    answer.bytes().await.expect("whole answer");
+
+    let url = pacegate.url("/llm/v1/chat/completions");
+    let second = chat(&prose(40), Some(20), false);
+    let second = tokio::spawn(client().post(url).json(&second).timeout(PATIENCE).send());
+    let rate_limited = |s: &Value| !s["upstreams"][0]["last_rate_limited"].is_null();
+    assert!(pacegate.wait_status(PATIENCE, rate_limited).await, "the mock's 429 was not seen");
+    let status = pacegate.status().await;
+    let upstream = &status["upstreams"][0];
+    assert!(upstream["cooldown"].is_null(), "the whole upstream cools down: {upstream}");
+    assert!(!upstream["tokens"]["quotas"][0]["cooldown"].is_null(), "the token quota does not: {upstream}");
+    // Requests that take no tokens are not held up by it.
+    let other = client().get(pacegate.url("/llm/v1/models")).timeout(PATIENCE).send().await.expect("answer");
+    assert_eq!(other.status(), 404, "the mock's own answer");
+    assert!(queued_ms(&other) < 500, "a request without tokens waited {} ms", queued_ms(&other));
+    let second = second.await.expect("task").expect("answer");
+    assert_eq!(second.status(), 200, "retried once the token quota cooled down");
+    assert_eq!(support::attempts_of(&second), 2);
+}
