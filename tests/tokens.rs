@@ -358,3 +358,27 @@ async fn a_429_for_tokens_pauses_only_the_token_quota() {
     assert_eq!(second.status(), 200, "retried once the token quota cooled down");
     assert_eq!(support::attempts_of(&second), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_queued_tokens_ahead_outlast_its_max_wait_is_answered_at_once() {
+    // 10 tokens a second: the first call leaves at once and owes ~50 s, the
+    // second queues behind it, the third would queue ~50 s behind the second.
+    let mock = LlmMock::start(LlmBehaviour::new().output_len(10)).await;
+    let pacegate = pacegate(&mock, "tokens = \"600/min\"\nqueue_timeout = \"120s\"\n").await;
+    let big = chat(&prose(10), Some(500), false);
+    assert_eq!(post(&pacegate, "/v1/chat/completions", &big).await.status(), 200);
+    let url = pacegate.url("/llm/v1/chat/completions");
+    let _second = tokio::spawn(client().post(url.clone()).json(&big).send());
+    let queued = |s: &Value| s["upstreams"][0]["queue"]["depth"] == 1;
+    assert!(pacegate.wait_status(PATIENCE, queued).await, "the second call did not queue");
+
+    let asked = Instant::now();
+    let third = client().post(url).json(&big).header("x-pacegate-max-wait", "5s").timeout(PATIENCE);
+    let third = third.send().await.expect("an answer");
+    let answered = asked.elapsed();
+    let retry_after = third.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    assert_pacegate_error(third, 503, "queue_timeout", Some("llm")).await;
+    assert!(answered < Duration::from_millis(2500), "answered after {answered:?}, not at once");
+    assert!(retry_after >= Some(40), "Retry-After {retry_after:?}: the ~50 s of tokens ahead");
+    assert_eq!(mock.count(), 1);
+}
