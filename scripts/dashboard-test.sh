@@ -44,18 +44,35 @@ admin_listen = "127.0.0.1:0"
 name = "demo-api"
 base_url = "http://$mock"
 route = "/demo"
+hosts = []
 rate = "20/s"
 
 [[upstream.limit]]
 name = "items"
 paths = ["/item/*"]
 rate = "10/s"
+
+[[upstream]]
+name = "llm"
+base_url = "http://$mock"
+route = "/llm"
+hosts = []
+rate = "20/s"
+tokens = "60000/min"
 TOML
 target/debug/pacegate --config "$work/pacegate.toml" --log-format json 2>"$work/pacegate.log" &
 pids+=($!)
 listening=$(await_line "$work/pacegate.log" 'listening proxy=[0-9.:]* admin=[0-9.:]*')
 proxy=$(echo "$listening" | sed -E 's/.*proxy=([0-9.:]+).*/\1/')
 admin=$(echo "$listening" | sed -E 's/.*admin=([0-9.:]+).*/\1/')
+
+# A few LLM calls, answered before the page loads: the mock reports no
+# usage, so their reservations stand and count as sent.
+for i in $(seq 3); do
+  curl -s -o /dev/null --max-time 30 -H 'content-type: application/json' \
+    -d '{"model":"gpt-4o-mini","max_tokens":50,"messages":[{"role":"user","content":"hello"}]}' \
+    "http://$proxy/llm/v1/chat/completions"
+done
 
 # Traffic: 100 requests queue up behind the items limit (10/s, done in about 10 s).
 for i in $(seq 100); do
@@ -74,9 +91,12 @@ fi
 
 fail() { echo "dashboard test FAILED: $1" >&2; head -c 4000 "$work/dom.html" >&2; exit 1; }
 grep -q 'data-upstream="demo-api"' "$work/dom.html" || fail "the upstream's card is missing"
-answered=$(grep -o 'data-stat="requests">[0-9]*' "$work/dom.html" | grep -o '[0-9]*$' || true)
+answered=$(grep -o 'data-stat="requests">[0-9]*' "$work/dom.html" | head -1 | grep -o '[0-9]*$' || true)
 [ "${answered:-0}" -gt 0 ] || fail "no answered requests shown"
 grep -q 'data-stat="queue">[0-9]' "$work/dom.html" || fail "no queue depth shown"
 grep -q 'quota 20/s' "$work/dom.html" || fail "quota not shown"
 grep -q 'data-limit="items"' "$work/dom.html" || fail "the items limit's row is missing"
+grep -q 'data-tokens="tokens"' "$work/dom.html" || fail "the llm upstream's token quota row is missing"
+grep -Eq 'data-stat="tokens">tokens sent last minute [1-9][0-9]*' "$work/dom.html" || fail "no tokens sent shown"
+grep -q 'calibration 1.00' "$work/dom.html" || fail "no calibration shown"
 echo "dashboard test passed: demo-api card shows $answered answered requests"

@@ -186,7 +186,7 @@ fn upstream_status(metrics: &Metrics, upstream: &Upstream) -> Value {
                 })),
             })
         }).collect::<Vec<_>>(),
-        "tokens": tokens_status(config, &state),
+        "tokens": tokens_status(config, &state, (now, wall)),
         "breaker": state.breaker.map(|b| json!({
             "state": b.state.as_str(),
             "failures": b.failures,
@@ -203,17 +203,26 @@ fn upstream_status(metrics: &Metrics, upstream: &Upstream) -> Value {
 /// An upstream's token quotas: what each allows a minute against what was
 /// sent (settled) in the last one, what attempts in flight reserved, and the
 /// calibration of input estimates. `null` without token quotas.
-fn tokens_status(config: &crate::config::Upstream, state: &crate::admission::Status) -> Value {
+fn tokens_status(
+    config: &crate::config::Upstream,
+    state: &crate::admission::Status,
+    (now, wall): (tokio::time::Instant, SystemTime),
+) -> Value {
     let (Some(tokens), Some(book)) = (&config.tokens, state.tokens) else { return Value::Null };
-    let quotas: Vec<Value> = tokens
-        .quotas
-        .iter()
-        .map(|(kind, rate)| {
+    // Token quotas come after the endpoint limits in the admission state.
+    let states = state.limits.iter().skip(config.limits.len());
+    let quotas: Vec<Value> = (tokens.quotas.iter().zip(states))
+        .map(|((kind, rate), state)| {
             let per_minute = rate.iter().map(|r| r.per_second() * 60.0).fold(f64::INFINITY, f64::min);
+            let cooldown = state.cooldown_until.map(|until| until.saturating_duration_since(now));
             json!({
                 "name": kind.name(),
                 "quotas": rate.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "per_minute": per_minute.round() as u64,
+                "cooldown": cooldown.filter(|d| !d.is_zero()).map(|d| json!({
+                    "remaining_ms": d.as_millis() as u64,
+                    "until_unix_ms": unix_ms(wall + d),
+                })),
             })
         })
         .collect();

@@ -302,3 +302,42 @@ open_for = "10s"
     assert_eq!(mock.count(), 4, "replica B sent nothing to the failing upstream");
     assert_eq!(b.status().await["upstreams"][0]["breaker"]["state"], "open");
 }
+
+/// Settling in the script: units given back let the next attempt leave
+/// sooner, never before now (no burst); units taken on top make it wait.
+#[tokio::test]
+async fn the_adjust_script_gives_back_never_before_now_and_takes_on_top() {
+    use pacegate::config::{Redis, RedisOnError, parse_rate};
+    use pacegate::limit::pacer::paced_quotas;
+    use pacegate::store::{Keys, SharedQuotas, Store, Verdict};
+
+    let redis = RedisServer::start().await;
+    let config = Redis { url: redis.url(), on_error: RedisOnError::Local };
+    let store = Store::new(&config, std::sync::Arc::new(pacegate::metrics::Metrics::new())).unwrap();
+    let one = std::num::NonZeroU32::MIN;
+    let own = SharedQuotas::new(&paced_quotas(&[parse_rate("1000/s").unwrap()], one));
+    let tokens = SharedQuotas::limit("tokens", &paced_quotas(&[parse_rate("100/s").unwrap()], one));
+    let keys = Keys::new("llm", 0);
+    let call = |units| [(None, &own, 1), (Some(0), &tokens, units)];
+    let waits = async |units| match store.acquire(&keys, &call(units), 1).await {
+        Ok(Verdict::Wait(wait, Some(0))) => wait,
+        other => panic!("the tokens quota should hold the next call: {other:?}"),
+    };
+
+    // 300 tokens reserved at 100/s owe 3 s; 290 given back leave 0.1 s.
+    assert_eq!(store.acquire(&keys, &call(300), 1).await, Ok(Verdict::Go(1)));
+    assert!(waits(1).await > Duration::from_millis(2500));
+    store.adjust(&keys, &tokens, -290).await.expect("redis is up");
+    let wait = waits(1).await;
+    assert!(wait <= Duration::from_millis(110), "given back: the next waits {wait:?}");
+    // More given back than is owed: the schedule stops at now, so one call
+    // leaves, and the one after it waits for its own cost again.
+    store.adjust(&keys, &tokens, -1000).await.expect("redis is up");
+    assert_eq!(store.acquire(&keys, &call(50), 1).await, Ok(Verdict::Go(1)));
+    let wait = waits(1).await;
+    assert!(wait >= Duration::from_millis(400), "no burst from tokens given back: {wait:?}");
+    // Used more than reserved: the quota owes that on top.
+    store.adjust(&keys, &tokens, 200).await.expect("redis is up");
+    let wait = waits(1).await;
+    assert!(wait >= Duration::from_millis(2300), "charged on top: {wait:?}");
+}

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::llm_mock::{LlmBehaviour, LlmMock, prompt_tokens};
-use support::{Pacegate, assert_pacegate_error, client, upstream};
+use support::redis_server::RedisServer;
+use support::{Pacegate, TEST_SERVER, assert_pacegate_error, client, upstream};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -231,4 +232,153 @@ async fn a_spent_token_quota_pauses_sending_until_its_reset() {
     let [first_at, second_at] = calls[..] else { panic!("two calls reached the mock: {calls:?}") };
     let apart = second_at - first_at;
     assert!(apart >= window - Duration::from_millis(50), "sent before the reset: {apart:?} after the first");
+}
+
+/// Two replicas of an upstream `llm` for `mock`, sharing `redis`.
+async fn replicas(redis: &RedisServer, mock: &LlmMock, keys: &str) -> [Pacegate; 2] {
+    let llm = upstream("llm", &mock.url(), &format!("rate = \"1000/s\"\n{keys}"));
+    let text = format!("{TEST_SERVER}\n[redis]\nurl = \"{}\"\non_error = \"local\"\n\n{llm}", redis.url());
+    [Pacegate::start_config(&text).await, Pacegate::start_config(&text).await]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_through_redis_share_one_token_quota() {
+    // Each replica alone would pace at 1000 tokens/s, so together they
+    // would send twice that: only the shared schedule keeps the tokens
+    // arriving in any second within 1000 plus one call and some jitter.
+    let window = Duration::from_secs(1);
+    let mock = LlmMock::start(LlmBehaviour::new().output_len(40)).await;
+    let redis = RedisServer::start().await;
+    let replicas = replicas(&redis, &mock, "tokens = \"1000/s\"\n").await;
+    // One small call each first, so that each replica's connections are
+    // open. Anthropic calls: their character estimate is cheap, where a
+    // debug build's tokenizer would load the machine.
+    for replica in &replicas {
+        let warm_up = post(replica, "/v1/messages", &message("hello", 5, false)).await;
+        assert_eq!(warm_up.status(), 200);
+        warm_up.bytes().await.expect("whole warm-up answer");
+    }
+
+    // 30 calls of ~100 tokens each, half streamed, all at once: 3 s shared.
+    let mut calls = JoinSet::new();
+    for i in 0..30usize {
+        let body = message(&prose(50 + i % 20), 40, i % 2 == 0);
+        let url = replicas[i % 2].url("/llm/v1/messages");
+        calls.spawn(async move {
+            let response = client().post(url).json(&body).timeout(PATIENCE).send().await.expect("answer");
+            (response.status().as_u16(), response.text().await.expect("whole body"))
+        });
+    }
+    while let Some(call) = calls.join_next().await {
+        let (status, text) = call.expect("call");
+        assert_eq!(status, 200, "{text}");
+    }
+    let busiest = mock.max_tokens_in_window(window);
+    let mut fell_back = 0.0;
+    for replica in &replicas {
+        fell_back += replica.metric("pacegate_redis_fallbacks_total").await.unwrap_or(0.0);
+    }
+    // A Redis call slower than 250 ms (a loaded machine) sends a replica to
+    // its local pacer for a second: the tokens are not shared meanwhile.
+    let allowed = if fell_back == 0.0 { 1250 } else { 2 * 1250 };
+    assert!(busiest <= allowed, "{busiest} tokens reached the mock in one second ({fell_back} fallbacks)");
+    assert_eq!(mock.count(), 32, "each call sent once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settling_through_one_replica_lets_the_other_send_earlier() {
+    // 100 tokens/s: a call reserving ~510 tokens owes 5 s of the shared
+    // schedule; settled to the ~21 it used, it owes 0.2 s.
+    let mock = LlmMock::start(LlmBehaviour::new().output_len(10)).await;
+    let redis = RedisServer::start().await;
+    let [a, b] = replicas(&redis, &mock, "tokens = \"6000/min\"\n").await;
+    let server_time = || -> u64 {
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut redis.connection()).expect("TIME");
+        secs * 1_000_000 + micros
+    };
+    let shared_schedule = || -> Option<u64> {
+        redis::cmd("HGET")
+            .arg("pacegate:{llm}:0000000000000000:quotas")
+            .arg("limit:tokens:1")
+            .query(&mut redis.connection())
+            .expect("HGET")
+    };
+
+    let first = post(&a, "/v1/chat/completions", &chat(&prose(10), Some(500), false)).await;
+    assert_eq!(first.status(), 200);
+    first.bytes().await.expect("whole first answer");
+    let answered = server_time();
+    // Replica A corrects the shared schedule in the background once its
+    // answer ended: wait (bounded) for it to come back from ~5 s ahead
+    // (less the time the answer took) to about now.
+    let deadline = Instant::now() + PATIENCE / 4;
+    let mut settled = false;
+    while !settled && Instant::now() < deadline {
+        settled = shared_schedule().is_some_and(|tat| tat < answered + 2_500_000);
+        if !settled {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(settled, "the shared schedule still holds the reservation: {:?}", shared_schedule());
+
+    let second = post(&b, "/v1/chat/completions", &chat(&prose(10), Some(10), false)).await;
+    assert_eq!(second.status(), 200);
+    let waited = queued_ms(&second);
+    assert!(waited < 2000, "replica B waited {waited} ms for tokens A gave back");
+    assert_eq!(mock.count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_for_tokens_pauses_only_the_token_quota() {
+    // The mock's window holds the first call and 10 tokens more: the second
+    // call is refused, and the answer says only 10 tokens remain.
+    let first = chat(&prose(40), Some(20), false);
+    let cost = prompt_tokens(&first) + 20;
+    let behaviour = LlmBehaviour::new().token_limit(cost + 10, Duration::from_secs(2)).output_len(20);
+    let mock = LlmMock::start(behaviour).await;
+    let pacegate = pacegate(&mock, "tokens = \"100000/s\"\n").await;
+    let answer = post(&pacegate, "/v1/chat/completions", &first).await;
+    assert_eq!(answer.status(), 200);
+    answer.bytes().await.expect("whole answer");
+
+    let url = pacegate.url("/llm/v1/chat/completions");
+    let second = chat(&prose(40), Some(20), false);
+    let second = tokio::spawn(client().post(url).json(&second).timeout(PATIENCE).send());
+    let rate_limited = |s: &Value| !s["upstreams"][0]["last_rate_limited"].is_null();
+    assert!(pacegate.wait_status(PATIENCE, rate_limited).await, "the mock's 429 was not seen");
+    let status = pacegate.status().await;
+    let upstream = &status["upstreams"][0];
+    assert!(upstream["cooldown"].is_null(), "the whole upstream cools down: {upstream}");
+    assert!(!upstream["tokens"]["quotas"][0]["cooldown"].is_null(), "the token quota does not: {upstream}");
+    // Requests that take no tokens are not held up by it.
+    let other = client().get(pacegate.url("/llm/v1/models")).timeout(PATIENCE).send().await.expect("answer");
+    assert_eq!(other.status(), 404, "the mock's own answer");
+    assert!(queued_ms(&other) < 500, "a request without tokens waited {} ms", queued_ms(&other));
+    let second = second.await.expect("task").expect("answer");
+    assert_eq!(second.status(), 200, "retried once the token quota cooled down");
+    assert_eq!(support::attempts_of(&second), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_queued_tokens_ahead_outlast_its_max_wait_is_answered_at_once() {
+    // 10 tokens a second: the first call leaves at once and owes ~50 s, the
+    // second queues behind it, the third would queue ~50 s behind the second.
+    let mock = LlmMock::start(LlmBehaviour::new().output_len(10)).await;
+    let pacegate = pacegate(&mock, "tokens = \"600/min\"\nqueue_timeout = \"120s\"\n").await;
+    let big = chat(&prose(10), Some(500), false);
+    assert_eq!(post(&pacegate, "/v1/chat/completions", &big).await.status(), 200);
+    let url = pacegate.url("/llm/v1/chat/completions");
+    let _second = tokio::spawn(client().post(url.clone()).json(&big).send());
+    let queued = |s: &Value| s["upstreams"][0]["queue"]["depth"] == 1;
+    assert!(pacegate.wait_status(PATIENCE, queued).await, "the second call did not queue");
+
+    let asked = Instant::now();
+    let third = client().post(url).json(&big).header("x-pacegate-max-wait", "5s").timeout(PATIENCE);
+    let third = third.send().await.expect("an answer");
+    let answered = asked.elapsed();
+    let retry_after = third.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    assert_pacegate_error(third, 503, "queue_timeout", Some("llm")).await;
+    assert!(answered < Duration::from_millis(2500), "answered after {answered:?}, not at once");
+    assert!(retry_after >= Some(40), "Retry-After {retry_after:?}: the ~50 s of tokens ahead");
+    assert_eq!(mock.count(), 1);
 }

@@ -252,17 +252,17 @@ impl<W: Waiter> Admission<W> {
         if !matches!(transition, Some(Transition::Opened { .. })) {
             return (transition, Vec::new());
         }
-        (transition, self.hopeless())
+        (transition, self.outwaited_by_break())
     }
 
     /// While the breaker is open, the waiters whose deadline comes before
     /// the break ends, taken out of the queue to be answered `circuit_open`.
-    pub fn hopeless(&mut self) -> Vec<W> {
+    pub fn outwaited_by_break(&mut self) -> Vec<W> {
         let Some(until) = self.breaker.as_ref().and_then(Breaker::open_until) else { return Vec::new() };
         let bound = super::since(self.epoch, until);
         let mut hopeless = Vec::new();
         for partition in self.partitions.values_mut() {
-            let (mut refused, gone) = partition.hopeless(bound);
+            let (mut refused, gone) = partition.due_before(bound);
             self.held -= refused.len() + gone;
             self.departed = self.departed.saturating_sub(gone);
             hopeless.append(&mut refused);

@@ -848,6 +848,35 @@ impl<W: Waiter> Admission<W> {
         drain.saturating_add(cooldown)
     }
 
+    /// The least a new caller at `place` needing `needs` will wait: for
+    /// each endpoint limit it needs, the units the callers certainly served
+    /// before it (its own FIFO) take, paid at the limit's long-run rate,
+    /// after the limit's cooldown. Reservations count as reserved: what
+    /// settling gives back later is not known yet. Zero without limits.
+    pub fn queued_wait(&self, place: Place, needs: &Needs, now: Instant) -> Duration {
+        let Some(partition) = self.partitions.get(&place.partition) else { return Duration::ZERO };
+        let set = needs.set();
+        let waits = needs.iter().filter_map(|(index, _)| {
+            let rate = long_run_rate(&self.limits.endpoints.get(index)?.quotas.rate);
+            let ahead = partition.units_ahead(set, place.caller, place.priority, index);
+            let paid = Duration::try_from_secs_f64(ahead as f64 / rate).unwrap_or(Duration::MAX);
+            let cooldown = partition.limits.get(index).and_then(Pacing::cooldown_until);
+            Some(paid.saturating_add(
+                cooldown.map_or(Duration::ZERO, |until| until.saturating_duration_since(now)),
+            ))
+        });
+        waits.max().unwrap_or(Duration::ZERO)
+    }
+
+    /// A new caller whose [`Self::queued_wait`] already exceeds what it may
+    /// wait (until `deadline`) is answered at once, with that wait as its
+    /// `Retry-After`, instead of holding a place it cannot use.
+    pub fn hopeless(&self, place: Place, needs: &Needs, deadline: Instant, now: Instant) -> Option<Refusal> {
+        let wait = self.queued_wait(place, needs, now);
+        (wait > deadline.saturating_duration_since(now))
+            .then_some(Refusal::Timeout { waited: Duration::ZERO, retry_after: wait })
+    }
+
     /// Makes sure partition `key` exists, new if the bound allows (after
     /// evicting idle ones); false when `max_partitions` busy ones are live.
     fn make_room_for(&mut self, key: u64, now: Instant) -> bool {

@@ -108,6 +108,17 @@ impl<W: Waiter> Partition<W> {
         self.queues.iter_mut().find(|(s, _)| *s == set).map(|(_, queue)| queue)
     }
 
+    /// Units of endpoint limit `index` that the live waiters a new one at
+    /// (`caller`, `priority`) in queue `set` would certainly follow take.
+    pub fn units_ahead(&self, set: LimitSet, caller: u64, priority: Priority, index: usize) -> u64 {
+        let Some((_, queue)) = self.queues.iter().find(|(s, _)| *s == set) else { return 0 };
+        let units = |entry: &Entry<W>| {
+            let needed = entry.needs.iter().find(|(i, _)| *i == index);
+            needed.map_or(0, |(_, units)| u64::from(units.get()))
+        };
+        queue.ahead(caller, priority).filter(|entry| !entry.waiter.gone()).map(units).sum()
+    }
+
     /// Waiters in queue `set`.
     pub fn waiting_in(&self, set: LimitSet) -> usize {
         self.queues.iter().find(|(s, _)| *s == set).map_or(0, |(_, queue)| queue.len())
@@ -200,7 +211,7 @@ impl<W: Waiter> Partition<W> {
 
     /// Returns the live waiters whose deadline is before `deadline` (ms
     /// since the core's epoch), with the number of departed entries dropped.
-    pub fn hopeless(&mut self, deadline: u32) -> (Vec<W>, usize) {
+    pub fn due_before(&mut self, deadline: u32) -> (Vec<W>, usize) {
         self.sift(|entry| entry.deadline >= deadline)
     }
 

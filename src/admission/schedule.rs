@@ -219,6 +219,13 @@ impl<T> Schedule<T> {
         lanes.flat_map(|lane| lane.iter()).filter(|waiter| matches(waiter)).count()
     }
 
+    /// The waiters a new one of `caller` at `priority` would queue behind
+    /// in its own FIFO: served before it whatever else happens.
+    pub fn ahead(&self, caller: u64, priority: Priority) -> impl Iterator<Item = &T> {
+        let lanes = self.callers.get(&caller);
+        lanes.into_iter().flat_map(move |lanes| lanes.lanes[priority.lane()].iter())
+    }
+
     /// Waiters per active caller, without the caller keys.
     pub fn caller_depths(&self) -> impl Iterator<Item = usize> + '_ {
         self.callers.values().map(Lanes::len)

@@ -5,7 +5,9 @@
 //! called by hash) that runs GCRA for all the quotas an attempt takes from
 //! (its partition's own, and each endpoint limit it matches, weighted by its
 //! cost) on the Redis server's clock (`TIME`), consumes from all or none,
-//! checks the shared cooldowns, and answers go, wait, or cooling. Replicas never compare clocks,
+//! checks the shared cooldowns, and answers go, wait, or cooling. Once an
+//! LLM call's answer says what it used, `adjust.lua` corrects its token
+//! quotas' shared schedule as the local pacer's is. Replicas never compare clocks,
 //! and no lock is held across the network. Keys carry a hash tag per upstream
 //! (`pacegate:{name}:…`), so both keys a script touches live in one Redis
 //! Cluster slot; they expire once idle.
@@ -124,6 +126,7 @@ pub struct Store {
     address: String,
     acquire: Script,
     cool_down: Script,
+    adjust: Script,
     /// False from a failed call until the probe reaches Redis again.
     up: AtomicBool,
     metrics: Arc<Metrics>,
@@ -162,6 +165,7 @@ impl Store {
             address,
             acquire: Script::new(include_str!("acquire.lua")),
             cool_down: Script::new(include_str!("cool_down.lua")),
+            adjust: Script::new(include_str!("adjust.lua")),
             up: AtomicBool::new(true),
             metrics,
             runtime: tokio::runtime::Handle::current(),
@@ -251,6 +255,29 @@ impl Store {
             let mut connection = store.connection.clone();
             let _: Result<u8, _> = store.call(invocation.invoke_async(&mut connection)).await;
         });
+    }
+
+    /// Corrects what earlier attempts of the partition at `keys` took from
+    /// `quotas` by `units` (settling an LLM call's tokens: positive takes
+    /// more, negative gives back, never before Redis' now), for every
+    /// replica. Only the driver calls it, before its next acquire, so that
+    /// Redis still sees one caller per upstream and replica.
+    pub async fn adjust(
+        self: &Arc<Self>,
+        keys: &Keys,
+        quotas: &SharedQuotas,
+        units: i64,
+    ) -> Result<(), Unavailable> {
+        if !self.is_up() {
+            return Err(Unavailable);
+        }
+        let mut invocation = self.adjust.key(keys.quotas());
+        invocation.arg(units).arg(quotas.quotas.len());
+        for (field, interval, _) in &quotas.quotas {
+            invocation.arg(field).arg(*interval);
+        }
+        let mut connection = self.connection.clone();
+        self.call(invocation.invoke_async::<u8>(&mut connection)).await.map(drop)
     }
 
     /// Runs one Redis call under [`CALL_TIMEOUT`]; a failure marks the store down.

@@ -75,6 +75,7 @@ impl Dispatcher {
             closed: AtomicBool::new(false),
             closing: watch::Sender::new(None),
             budget: Mutex::new(RetryBudget::from_config(&upstream.retry)),
+            owed: Mutex::new(Vec::new()),
         });
         tokio::spawn(super::driver::supervise(shared.clone()));
         export_token_series(&shared.metrics, upstream);
@@ -98,8 +99,9 @@ impl Dispatcher {
     /// Settles one attempt's token reservation (see `admission::tokens`):
     /// the token quotas of `partition` are corrected to what it is charged,
     /// which is counted, and an `estimated` input (uncalibrated, counted by
-    /// a tokenizer) learns from the usage reported. Tokens given back may
-    /// let a waiter leave sooner, so the driver looks again.
+    /// a tokenizer) learns from the usage reported. With `[redis]` the
+    /// shared schedule is corrected alike, for every replica. Tokens given
+    /// back may let a waiter leave sooner, so the driver looks again.
     pub fn settle_tokens(
         &self,
         partition: u64,
@@ -108,12 +110,17 @@ impl Dispatcher {
         estimated: Option<u64>,
     ) {
         let shared = self.shared();
-        let charged = shared.change(|core| {
+        let (charged, quotas) = shared.change(|core| {
             if let (Settlement::Used(usage), Some(estimated)) = (settlement, estimated) {
                 core.calibrate(estimated, usage.input);
             }
-            core.settle_tokens(partition, reserved, settlement, Instant::now())
+            let charged = core.settle_tokens(partition, reserved, settlement, Instant::now());
+            (charged, core.limits().tokens)
         });
+        // With `[redis]` the driver corrects the shared schedule before it asks again.
+        if shared.limiter.load().is_some() {
+            shared.owe(partition, quotas.corrections(reserved, charged));
+        }
         shared.wake.notify_one();
         shared.metrics.count_tokens(&shared.name, charged.input, charged.output);
     }
@@ -279,6 +286,10 @@ impl Dispatcher {
         if core.try_leave(place, &needs, now) {
             drop(core);
             return Either::Left(future::ready(Ok(Ticket::new(shared))));
+        }
+        // Its costs queued ahead may already say it cannot leave in time.
+        if let Some(refusal) = core.hopeless(place, &needs, deadline, now).filter(|_| !retry) {
+            return Either::Left(future::ready(Err(refusal)));
         }
         let (tickets, receiver) = oneshot::channel();
         let queued = core.enqueue(tickets, place, needs, (retry, Some(deadline)), now);

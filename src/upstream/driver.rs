@@ -58,6 +58,8 @@ pub(super) async fn supervise(shared: Arc<Shared>) {
 async fn drive(shared: &Arc<Shared>) {
     let mut next_sweep = Instant::now() + SWEEP_EVERY;
     loop {
+        // Settled tokens first: what they give back may let the next go now.
+        correct(shared).await;
         let step = shared.change(|core| {
             // Read under the lock, like every caller's decision.
             let now = Instant::now();
@@ -159,11 +161,26 @@ async fn ask(shared: &Arc<Shared>, confirm: Confirm, limiter: &Limiter) {
         }
         // Another replica's breaker opened: who cannot wait is told now.
         if let Verdict::Open(open_for) = verdict {
-            for tickets in core.hopeless() {
+            for tickets in core.outwaited_by_break() {
                 let _ = tickets.send(Err(Refusal::CircuitOpen { retry_after: open_for }));
             }
         }
     });
+}
+
+/// Sends the token corrections settled since the last round to the shared
+/// schedule; with Redis down they are dropped (the local pacer has them).
+async fn correct(shared: &Shared) {
+    let owed = shared.take_owed();
+    let Some(limiter) = shared.limiter.load_full() else { return };
+    for (partition, index, units) in owed {
+        let Some(quotas) = limiter.limits.get(index) else { continue };
+        if units != 0
+            && limiter.store.adjust(&Keys::new(&shared.name, partition), quotas, units).await.is_err()
+        {
+            return;
+        }
+    }
 }
 
 /// Answers every waiter with `refusal`.

@@ -226,7 +226,27 @@ impl Upstream {
                 "rate_limited"
             );
         }
-        if rate_limited || cooldown.is_some() || hint.is_some() {
+        // A 429 an LLM call drew for its tokens pauses only the token quotas
+        // it names: calls that need no tokens (or other quotas) keep going.
+        let short =
+            if rate_limited { self.short_token_quotas(response.headers(), needs) } else { Vec::new() };
+        for &index in &short {
+            let limit = Some(index);
+            self.dispatcher.report(Feedback {
+                partition,
+                limit,
+                sent_at,
+                rate_limited,
+                cooldown,
+                hint: None,
+            });
+        }
+        if !short.is_empty() {
+            if hint.is_some() {
+                let (limit, rate_limited, cooldown) = (None, false, None);
+                self.dispatcher.report(Feedback { partition, limit, sent_at, rate_limited, cooldown, hint });
+            }
+        } else if rate_limited || cooldown.is_some() || hint.is_some() {
             let limit = self.limit_named(response.headers(), needs);
             self.dispatcher.report(Feedback { partition, limit, sent_at, rate_limited, cooldown, hint });
         }

@@ -101,6 +101,9 @@ pub(super) struct Shared {
     /// Set when shutdown starts: (when attempts still without an answer
     /// give up, when the grace ends).
     pub closing: watch::Sender<Option<(Instant, Instant)>>,
+    /// With `[redis]`: settled token corrections the shared schedule still
+    /// owes, as (partition, limit index, units), one entry per pair.
+    pub owed: Mutex<Vec<(u64, usize, i64)>>,
 }
 
 impl Shared {
@@ -120,6 +123,23 @@ impl Shared {
             self.metrics.cooldown_seconds.get_or_create(&label).inc_by(cooled.as_secs_f64());
         }
         result
+    }
+
+    /// Adds settled corrections for the driver to send to Redis; summed per
+    /// partition and quota, so the list is bounded by those pairs.
+    pub fn owe(&self, partition: u64, corrections: Vec<(usize, i64)>) {
+        let mut owed = self.owed.lock().unwrap_or_else(PoisonError::into_inner);
+        for (index, units) in corrections {
+            match owed.iter_mut().find(|(p, i, _)| *p == partition && *i == index) {
+                Some((_, _, sum)) => *sum = sum.saturating_add(units),
+                None => owed.push((partition, index, units)),
+            }
+        }
+    }
+
+    /// The corrections owed so far, taken.
+    pub fn take_owed(&self) -> Vec<(u64, usize, i64)> {
+        std::mem::take(&mut *self.owed.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Hands a ticket to `tickets`, under the lock so that a caller leaving

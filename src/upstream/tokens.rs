@@ -23,7 +23,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use super::dispatcher::Dispatcher;
 use super::shared::Ticket;
 use super::{Upstream, clean_head};
-use crate::admission::{Reservation, Settlement, TokenQuotas};
+use crate::admission::{Needs, Reservation, Settlement, TokenQuotas};
 use crate::body::{BoxError, Guarded, ProxyBody, RequestBody};
 use crate::config::TokenKind;
 use crate::llm::{self, Basis, UsageScanner};
@@ -97,6 +97,40 @@ impl Upstream {
             .filter_map(|(kind, hint)| Some((quotas.index(kind)?, hint?)))
             .filter(|(_, hint)| hint.remaining == 0 && !hint.reset_after.is_zero())
             .collect()
+    }
+}
+
+impl Upstream {
+    /// The token quotas a 429 is about, by limit index: those the answer
+    /// says have fewer tokens left than this call needs (OpenAI's
+    /// `x-ratelimit-remaining-tokens`, Anthropic's
+    /// `anthropic-ratelimit-{tokens,input-tokens,output-tokens}-remaining`),
+    /// unless it also says the request quota is spent. Empty when the 429
+    /// is not known to be about tokens: then it cools the whole partition.
+    pub fn short_token_quotas(&self, headers: &http::HeaderMap, needs: &Needs) -> Vec<usize> {
+        let quotas = TokenQuotas::of(&self.config);
+        if quotas.is_empty() {
+            return Vec::new();
+        }
+        let now = std::time::SystemTime::now();
+        if crate::retry::rate_limit(headers, now).is_some_and(|hint| hint.remaining == 0) {
+            return Vec::new();
+        }
+        let hints = llm::token_hints(headers, now);
+        let needed = |index: usize| needs.iter().find(|(i, _)| *i == index).map(|(_, units)| units.get());
+        let by_kind = [
+            (TokenKind::Total, hints.tokens),
+            (TokenKind::Input, hints.input),
+            (TokenKind::Output, hints.output),
+        ];
+        let mut short: Vec<usize> = by_kind
+            .into_iter()
+            .filter_map(|(kind, hint)| Some((quotas.index(kind)?, hint?)))
+            .filter(|(index, hint)| needed(*index).is_some_and(|need| hint.remaining < u64::from(need)))
+            .map(|(index, _)| index)
+            .collect();
+        short.dedup();
+        short
     }
 }
 

@@ -72,3 +72,25 @@ fn calibration_scales_input_estimates() {
     assert_eq!(b.core.calibrated(100), 150);
     assert_eq!(b.core.status(b.t0).tokens.map(|t| t.calibration_samples), Some(1));
 }
+
+#[test]
+fn a_caller_whose_queued_tokens_ahead_outlast_its_deadline_is_answered_at_once() {
+    let mut b = Bench::new(with_tokens(TokenAccounting::Usage));
+    let needs = |tokens| Needs::new(b.core.limits().tokens.needs(Reservation { input: tokens, output: 0 }));
+    let (big, small) = (needs(400), needs(100));
+    // Two callers queue 800 tokens at 1000/s: 0.8 s before a third may leave.
+    for id in 0..2 {
+        b.core.enqueue(caller(id), Place::default(), big.clone(), (false, None), b.t0).expect("queued");
+    }
+    let wait = b.core.queued_wait(Place::default(), &small, b.t0);
+    assert!((Duration::from_millis(795)..=Duration::from_millis(805)).contains(&wait), "{wait:?}");
+    assert_eq!(b.core.hopeless(Place::default(), &small, b.at(1_000), b.t0), None, "it can make it");
+    let refused = b.core.hopeless(Place::default(), &small, b.at(500), b.t0);
+    assert_eq!(refused, Some(Refusal::Timeout { waited: Duration::ZERO, retry_after: wait }));
+    // A request that needs no tokens is not behind them.
+    let plain = Needs::default();
+    assert_eq!(b.core.queued_wait(Place::default(), &plain, b.t0), Duration::ZERO);
+    // Nor is a caller in another FIFO (fair_by), who may be served first.
+    let other = Place { caller: 7, ..Place::default() };
+    assert_eq!(b.core.hopeless(other, &small, b.at(500), b.t0), None);
+}
