@@ -64,6 +64,7 @@
 //!           authority units
 //!           error
 //! admission breaker closing partition
+//!           terms
 //!           pacing schedule tokens
 //!           needs
 //! retry     backoff budget hints policy

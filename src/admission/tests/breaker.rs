@@ -7,6 +7,7 @@ use std::num::NonZeroU32;
 use http::StatusCode;
 
 use super::*;
+use crate::config;
 
 /// 10/s with a breaker: 4 attempts, half failed, open 1 s (up to 4 s), one probe.
 fn with_breaker() -> Limits {
