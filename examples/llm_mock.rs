@@ -13,6 +13,8 @@
 
 #[path = "../tests/support/llm_mock.rs"]
 mod llm_mock;
+#[path = "process/mod.rs"]
+mod process;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -20,14 +22,13 @@ use std::time::Duration;
 
 use clap::Parser;
 use llm_mock::{LlmArrival, LlmBehaviour, LlmMock};
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
 
 #[derive(Parser)]
 #[command(about = "pacegate's mock LLM API as a process")]
 struct Args {
     /// Loopback address to listen on; port 0 picks a free one.
-    #[arg(long, default_value = "127.0.0.1:0", value_parser = parse_loopback)]
+    #[arg(long, default_value = "127.0.0.1:0", value_parser = process::parse_loopback)]
     listen: SocketAddr,
     /// Strict sliding token window as TOKENS/WINDOW_MS, 429 beyond it.
     #[arg(long, value_parser = parse_pair)]
@@ -41,15 +42,6 @@ struct Args {
     /// Streamed answers: TOKENS per content delta / MS between events.
     #[arg(long, value_parser = parse_pair)]
     stream_chunks: Option<(u64, u64)>,
-}
-
-fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
-    let addr: SocketAddr = s.parse().map_err(|e| format!("{e}"))?;
-    // The mock is a test fixture; it has no business on a real interface.
-    if !addr.ip().is_loopback() {
-        return Err(format!("{addr} is not a loopback address"));
-    }
-    Ok(addr)
 }
 
 /// `A/B`, both positive.
@@ -75,30 +67,14 @@ async fn main() {
         behaviour = behaviour.stream_chunks(tokens, Duration::from_millis(ms));
     }
 
-    let listener = match tokio::net::TcpListener::bind(args.listen).await {
-        Ok(listener) => listener,
-        Err(e) => {
-            eprintln!("cannot listen on {}: {e}", args.listen);
-            std::process::exit(1);
-        }
-    };
+    let listener = process::bind(args.listen).await;
     let started = Instant::now();
     let mock = LlmMock::start_on(listener, behaviour).await;
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "listening {}", mock.addr());
     let _ = stdout.flush();
 
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            eprintln!("cannot watch SIGTERM: {e}");
-            std::process::exit(1);
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    process::wait_for_stop(true).await;
 
     let arrivals = mock.arrivals();
     let window = args.token_limit.map(|(_, ms)| Duration::from_millis(ms));

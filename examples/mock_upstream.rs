@@ -22,6 +22,8 @@
 
 #[path = "../tests/support/mock.rs"]
 mod mock;
+#[path = "process/mod.rs"]
+mod process;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -30,15 +32,13 @@ use std::time::Duration;
 
 use clap::Parser;
 use mock::{Behaviour, MockUpstream, Resource};
-use tokio::io::AsyncReadExt;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
 
 #[derive(Parser)]
 #[command(about = "pacegate's mock upstream as a process")]
 struct Args {
     /// Loopback address to listen on; port 0 picks a free one.
-    #[arg(long, default_value = "127.0.0.1:0", value_parser = parse_loopback)]
+    #[arg(long, default_value = "127.0.0.1:0", value_parser = process::parse_loopback)]
     listen: SocketAddr,
     /// Sliding-window quota as N/WINDOW_MS, answered with 429 + Retry-After beyond it.
     #[arg(long, value_parser = parse_limit)]
@@ -61,15 +61,6 @@ struct Args {
 struct Limit {
     n: usize,
     window: Duration,
-}
-
-fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
-    let addr: SocketAddr = s.parse().map_err(|e| format!("{e}"))?;
-    // The mock is a test fixture; it has no business on a real interface.
-    if !addr.ip().is_loopback() {
-        return Err(format!("{addr} is not a loopback address"));
-    }
-    Ok(addr)
 }
 
 fn parse_limit(s: &str) -> Result<Limit, String> {
@@ -133,13 +124,7 @@ async fn main() {
         behaviour = behaviour.resource(resource);
     }
 
-    let listener = match tokio::net::TcpListener::bind(args.listen).await {
-        Ok(listener) => listener,
-        Err(e) => {
-            eprintln!("cannot listen on {}: {e}", args.listen);
-            std::process::exit(1);
-        }
-    };
+    let listener = process::bind(args.listen).await;
     let started = Instant::now();
     let mock = std::sync::Arc::new(MockUpstream::start_on(listener, behaviour.clone()).await);
     if let Some((start, length)) = args.outage {
@@ -153,7 +138,7 @@ async fn main() {
     let _ = writeln!(stdout, "listening {}", mock.addr());
     let _ = stdout.flush();
 
-    wait_for_stop(args.ignore_stdin).await;
+    process::wait_for_stop(args.ignore_stdin).await;
 
     let arrivals = mock.arrivals();
     let mut status_counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -175,27 +160,4 @@ async fn main() {
     let _ = stdout.flush();
     // tokio's stdin reader blocks a thread the runtime would otherwise wait for.
     std::process::exit(0);
-}
-
-/// Resolves on SIGINT, SIGTERM or (unless ignored) EOF on stdin.
-async fn wait_for_stop(ignore_stdin: bool) {
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            eprintln!("cannot watch SIGTERM: {e}");
-            std::process::exit(1);
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-        () = stdin_eof(), if !ignore_stdin => {}
-    }
-}
-
-/// Reads and discards stdin until EOF (or a read error, treated the same).
-async fn stdin_eof() {
-    let mut stdin = tokio::io::stdin();
-    let mut buf = [0u8; 1024];
-    while let Ok(1..) = stdin.read(&mut buf).await {}
 }
