@@ -495,5 +495,6 @@ fn a_secret_of_the_wrong_type_is_not_echoed() {
     assert!(error.to_string().ends_with("invalid type: a string, expected a sequence"), "{error}");
 }
 
+mod cache;
 mod limits;
 mod tokens;
