@@ -298,3 +298,29 @@ async fn reload_keeps_entries_that_still_fit() {
     let off = http.get(pacegate.url("/api/cached?max_age=60")).send().await.expect("an answer");
     assert!(off.headers().get("x-pacegate-cache").is_none(), "no cache, no header");
 }
+
+#[tokio::test]
+async fn the_queue_bound_holds_for_waiters_and_a_fetch_nobody_waits_for_is_dropped() {
+    let mock = MockUpstream::start(Behaviour::new().latency(Duration::from_millis(1500))).await;
+    let extra = "rate = \"1/3s\"\nqueue_size = 2\n[upstream.cache]\n";
+    let pacegate =
+        Pacegate::start_config(&format!("{TEST_SERVER}\n{}", upstream("api", &mock.url(), extra))).await;
+    let http = client();
+    let url = pacegate.url("/api/cached?max_age=60");
+    let seen = all((0..6).map(|_| spawn_get(&http, url.clone())).collect()).await;
+    let statuses: Vec<u16> = seen.iter().map(|s| s.status).collect();
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 3, "the fetch and two waiters: {seen:?}");
+    assert_eq!(statuses.iter().filter(|&&s| s == 503).count(), 3, "beyond queue_size waiters: {seen:?}");
+    assert_eq!(mock.count(), 1);
+
+    // The quota is spent for three seconds: a new fetch queues, and its only
+    // caller gives up. Nobody waits for it any more, so it leaves the
+    // queue without being sent.
+    let other = pacegate.url("/api/cached?max_age=60&n=2");
+    let gave_up = http.get(other).timeout(Duration::from_millis(300)).send().await;
+    assert!(gave_up.is_err(), "the caller gave up while its fetch was queued");
+    // An absence can only be waited for: past the next slot of the quota.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(mock.count(), 1, "{:?}", mock.arrivals());
+    assert_eq!(pacegate.status().await["upstreams"][0]["queue"]["depth"], 0);
+}
