@@ -67,8 +67,17 @@ impl Outcome {
 pub enum Joined {
     /// It starts the fetch, which it must run for the flight.
     Leader(Arc<Flight>, Waiter),
-    /// It waits for a fetch already under way.
-    Follower(Waiter),
+    /// It waits for a fetch already under way, counted while it follows.
+    Follower(Waiter, Following),
+}
+
+/// Counts a caller waiting for someone else's fetch, until dropped.
+pub struct Following(Arc<AtomicUsize>);
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The cache of one upstream; kept across reloads like its dispatcher.
@@ -141,11 +150,11 @@ impl Cache {
 
     /// Joins the fetch under way for `flight`, or starts one (registered
     /// for others to join when coalescing). A follower beyond `bound`
-    /// waiting at once gets `None`.
+    /// waiting at once gets `None`. A fetch that takes no more waiters
+    /// (closed, or abandoned by all of its own) is replaced by a new one.
     pub fn join(&self, flight: Option<Key>, bound: usize) -> Option<Joined> {
         let Some(key) = flight else {
-            let flight = Flight::new();
-            let waiter = flight.wait();
+            let (flight, waiter) = Flight::start();
             return Some(Joined::Leader(flight, waiter));
         };
         let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
@@ -153,27 +162,18 @@ impl Cache {
             if self.followers.load(Ordering::Relaxed) >= bound {
                 return None;
             }
-            return Some(Joined::Follower(under_way.wait()));
+            if let Some(waiter) = under_way.try_wait() {
+                // Counted under the map's lock, so that `bound` holds.
+                self.followers.fetch_add(1, Ordering::Relaxed);
+                return Some(Joined::Follower(waiter, Following(self.followers.clone())));
+            }
         }
-        let flight = Flight::new();
-        let waiter = flight.wait();
+        let (flight, waiter) = Flight::start();
         flights.insert(key, flight.clone());
         Some(Joined::Leader(flight, waiter))
     }
 
-    /// Counts a follower until the guard is dropped.
-    pub fn following(&self) -> impl Drop + Send + use<> {
-        struct Following(Arc<AtomicUsize>);
-        impl Drop for Following {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-        self.followers.fetch_add(1, Ordering::Relaxed);
-        Following(self.followers.clone())
-    }
-
-    /// Closes `flight` to new callers (it ended, or its answer is not one to share).
+    /// Takes `flight` off the map (it ended, or takes no more callers).
     pub fn land(&self, key: Key, flight: &Arc<Flight>) {
         let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
         if flights.get(&key).is_some_and(|registered| Arc::ptr_eq(registered, flight)) {

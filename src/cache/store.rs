@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, header};
 use http_cache_semantics::{AfterResponse, BeforeRequest, CacheOptions, CachePolicy};
 
 use super::key::Key;
@@ -58,25 +58,52 @@ impl Stored {
         (!validators.is_empty()).then_some(validators)
     }
 
-    /// This answer refreshed by a 304 to its revalidation: the 304's headers
-    /// replace the stored ones, the body stays.
-    pub fn refreshed(&self, seen: &Seen, not_modified: &http::response::Parts, now: SystemTime) -> Stored {
-        match self.policy.after_response(seen, not_modified, now) {
-            AfterResponse::NotModified(policy, parts) => {
-                Stored { policy, status: self.status, headers: parts.headers, body: self.body.clone() }
+    /// This answer refreshed by a 304 to its revalidation, and whether it
+    /// may be stored again: the 304's headers replace or join the stored
+    /// ones (all but those describing a body it does not have), the body
+    /// stays. A 304 that says `no-store`, or that names no validator of
+    /// ours (no ETag in it while we stored one), refreshes nothing: the
+    /// upstream still said our validator matched, so the stored answer is
+    /// served, and not stored again.
+    pub fn refreshed(
+        &self,
+        seen: &Seen,
+        not_modified: &http::response::Parts,
+        now: SystemTime,
+    ) -> (Stored, bool) {
+        let (policy, storable) = match self.policy.after_response(seen, not_modified, now) {
+            AfterResponse::NotModified(policy, _) => {
+                let storable = policy.is_storable();
+                (policy, storable)
             }
-            // A 304 that names no validator of ours (no ETag in it while we
-            // stored one): the upstream still said our validator matched,
-            // so the stored answer stands, as it was.
-            AfterResponse::Modified(..) => Stored {
-                policy: self.policy.clone(),
-                status: self.status,
-                headers: self.headers.clone(),
-                body: self.body.clone(),
-            },
+            AfterResponse::Modified(..) => (self.policy.clone(), false),
+        };
+        let mut headers = self.headers.clone();
+        if storable {
+            for name in not_modified.headers.keys() {
+                if !NOT_FROM_A_304.contains(name) {
+                    headers.remove(name);
+                    for value in not_modified.headers.get_all(name) {
+                        headers.append(name, value.clone());
+                    }
+                }
+            }
         }
+        (Stored { policy, status: self.status, headers, body: self.body.clone() }, storable)
+    }
+
+    /// The stored headers, multiple values kept, with `Age` brought up to date.
+    fn served_headers(&self, now: SystemTime) -> HeaderMap {
+        let mut headers = self.headers.clone();
+        headers.insert(header::AGE, HeaderValue::from(self.policy.age(now).as_secs()));
+        headers
     }
 }
+
+/// Headers a 304 does not update: they describe a body it does not carry
+/// (RFC 9111 §3.2), or the hop it came over.
+static NOT_FROM_A_304: [HeaderName; 4] =
+    [header::CONTENT_LENGTH, header::CONTENT_ENCODING, header::TRANSFER_ENCODING, header::CONTENT_RANGE];
 
 /// What the cache holds for a request.
 pub enum Lookup {
@@ -130,7 +157,7 @@ impl Store {
         let Some(variants) = self.entries.get(key) else { return Lookup::Miss };
         for stored in variants.iter() {
             match stored.policy.before_request(seen, now) {
-                BeforeRequest::Fresh(parts) => return Lookup::Fresh(stored.clone(), parts.headers),
+                BeforeRequest::Fresh(_) => return Lookup::Fresh(stored.clone(), stored.served_headers(now)),
                 BeforeRequest::Stale { matches: true, .. } => {
                     return match stored.validators(seen, now) {
                         Some(validators) => Lookup::Stale(stored.clone(), validators),
@@ -157,7 +184,9 @@ impl Store {
         credentialed: bool,
         now: SystemTime,
     ) -> Option<CachePolicy> {
-        if head.headers().contains_key(header::SET_COOKIE) {
+        // A cookie is someone's; `Vary: *` never matches another request.
+        let vary_all = head.headers().get_all(header::VARY).iter().any(|v| v.as_bytes().trim_ascii() == b"*");
+        if head.headers().contains_key(header::SET_COOKIE) || vary_all {
             return None;
         }
         let options = CacheOptions {
@@ -298,6 +327,7 @@ mod tests {
             &[("cache-control", "no-store")][..],
             &[("cache-control", "private, max-age=60")],
             &[("cache-control", "max-age=60"), ("set-cookie", "a=b")],
+            &[("cache-control", "max-age=60"), ("vary", "*")],
             // No freshness stated and nothing to revalidate with: no heuristics.
             &[("last-modified", "x")][..0],
         ] {
@@ -344,7 +374,8 @@ mod tests {
             answer(&[("cache-control", "max-age=10"), ("etag", "\"v1\"")]).into_parts();
         not_modified.status = StatusCode::NOT_MODIFIED;
         not_modified.headers.insert("date", httpdate::fmt_http_date(at(20_000)).parse().expect("a date"));
-        let refreshed = stored.refreshed(&request, &not_modified, at(20_000));
+        let (refreshed, storable) = stored.refreshed(&request, &not_modified, at(20_000));
+        assert!(storable);
         assert_eq!(refreshed.status, StatusCode::OK);
         assert_eq!(refreshed.body, "body");
         store.insert(key(1), &request, refreshed, at(20_000));

@@ -71,11 +71,12 @@ impl Proxy {
         let upstream = &runtime.upstreams[queue.upstream as usize];
         let flight_key = cache.coalesces().then(|| cache.keyer.flight(entry, head));
         let Some(joined) = cache.join(flight_key, upstream.config.queue_size) else {
+            cache.count(Outcome::Coalesced);
             let refusal = Refusal::Full { retry_after: FULL_RETRY_AFTER };
             return (Err(upstream.refused(refusal, head)), Outcome::Coalesced);
         };
         let (waiter, following) = match joined {
-            Joined::Follower(waiter) => (waiter, Some(cache.following())),
+            Joined::Follower(waiter, following) => (waiter, Some(following)),
             Joined::Leader(flight, waiter) => {
                 let credentialed = cache.keyer.has_credential(&head.headers);
                 let (stale, validators) = stale.unzip();
@@ -112,12 +113,17 @@ impl Proxy {
             (None, Some(shared)) if shared.source == Outcome::Revalidated.as_str() => Outcome::Revalidated,
             (None, _) => Outcome::Miss,
         };
-        let Some(shared) = shared else {
+        cache.count(outcome);
+        let Some(mut shared) = shared else {
             let waited = waited_from.elapsed();
             let refusal = Refusal::Timeout { waited, retry_after: FULL_RETRY_AFTER };
             return (Err(upstream.refused(refusal, head)), outcome);
         };
-        cache.count(outcome);
+        if following.is_some() {
+            // A cookie is set for the caller whose request drew it, never
+            // for the callers who shared its answer.
+            shared.headers.remove(header::SET_COOKIE);
+        }
         drop(following);
         (Ok(serve(&conditionals, shared.status, shared.headers, |_| waiter.body())), outcome)
     }
@@ -187,41 +193,45 @@ impl Fetch {
         let store = self.cache.store();
         let now = SystemTime::now();
         if let Some(stale) = self.stale.as_ref().filter(|_| parts.status == StatusCode::NOT_MODIFIED) {
-            let refreshed = stale.refreshed(&self.seen, &parts, now);
+            let (refreshed, storable) = stale.refreshed(&self.seen, &parts, now);
             let mut headers = refreshed.headers.clone();
             stamp_from(&mut headers, &parts.headers);
             let source = Outcome::Revalidated.as_str();
             self.flight.publish_head(Head { status: refreshed.status, headers, source });
-            self.flight.push(refreshed.body.clone());
+            self.flight.push(refreshed.body.clone()).await;
             self.flight.end(true);
-            store.insert(self.entry, &self.seen, refreshed, now);
+            if storable {
+                store.insert(self.entry, &self.seen, refreshed, now);
+            }
             return;
         }
         let kept = kept_answer(&parts);
         let mut policy = store.admit(&self.seen, &kept, self.credentialed, now);
         if policy.is_none() {
-            // Callers who come now get their own answer.
-            self.land();
+            self.close();
         }
         let source = Outcome::Miss.as_str();
         self.flight.publish_head(Head { status: parts.status, headers: parts.headers, source });
+        // The client's timeout ends at the answer's head; a body that stops
+        // must not hold the flight, and whoever joins it, for ever.
+        let stall = upstream.config.timeout;
         let mut len = 0u64;
         loop {
             if policy.is_none() && self.flight.waiters() == 0 {
                 return;
             }
-            match incoming.frame().await {
-                None => break,
-                Some(Ok(frame)) => {
-                    let Ok(data) = frame.into_data() else { continue };
-                    len += data.len() as u64;
-                    if !store.fits(len) {
-                        policy = None;
-                    }
-                    self.flight.push(data);
-                }
-                Some(Err(_)) => return self.flight.end(false),
+            let frame = match tokio::time::timeout(stall, incoming.frame()).await {
+                Ok(Some(Ok(frame))) => frame,
+                Ok(None) => break,
+                Ok(Some(Err(_))) | Err(_) => return self.flight.end(false),
+            };
+            let Ok(data) = frame.into_data() else { continue };
+            len += data.len() as u64;
+            if policy.is_some() && !store.fits(len) {
+                policy = None;
+                self.close();
             }
+            self.flight.push(data).await;
         }
         self.flight.end(true);
         if let (Some(policy), Some(body)) = (policy, self.flight.body()) {
@@ -229,7 +239,14 @@ impl Fetch {
         }
     }
 
-    /// Closes the flight to new callers: they find the store, or fetch anew.
+    /// Nobody joins any more (the answer will not be stored): the flight
+    /// streams through a bounded buffer from now on.
+    fn close(&self) {
+        self.land();
+        self.flight.close();
+    }
+
+    /// Takes the flight off the map: new callers find the store, or fetch anew.
     fn land(&self) {
         if let Some(key) = self.flight_key {
             self.cache.land(key, &self.flight);

@@ -134,11 +134,13 @@ impl Upstream {
     pub fn reconfigured(&self, config: config::Upstream, store: Option<Arc<Store>>) -> Self {
         self.dispatcher.reconfigure(&config, store);
         let cache = match (&self.cache, config.cache) {
-            (Some(cache), Some(settings)) => {
+            // Keys name the partition header as a credential: a new one
+            // starts a new cache rather than share entries across it.
+            (Some(cache), Some(settings)) if config.partition_by == self.config.partition_by => {
                 cache.reconfigure(settings);
                 Some(cache.clone())
             }
-            (None, Some(settings)) => Some(Arc::new(Cache::new(&config, settings, self.metrics.clone()))),
+            (_, Some(settings)) => Some(Arc::new(Cache::new(&config, settings, self.metrics.clone()))),
             (_, None) => None,
         };
         Self { config, dispatcher: self.dispatcher.clone(), metrics: self.metrics.clone(), cache }
