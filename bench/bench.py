@@ -91,13 +91,16 @@ class Mock:
 
 
 class Pacegate:
-    def __init__(self, upstreams, server=""):
+    def __init__(self, upstreams, server="", preload=None):
         self.config = WORK / f"pacegate-{time.monotonic_ns()}.toml"
         self.config.write_text(
             f'[server]\nlisten = "127.0.0.1:0"\nadmin_listen = "127.0.0.1:0"\n{server}\n{upstreams}')
         started = time.monotonic()
+        env = {**os.environ, "PACEGATE_LOG": "warn,pacegate=info"}
+        if preload:  # another allocator, e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+            env["LD_PRELOAD"] = preload
         self.proc = subprocess.Popen([str(PACEGATE), "--config", str(self.config), "--log-format", "json"],
-                                     stderr=subprocess.PIPE, text=True, env={**os.environ, "PACEGATE_LOG": "warn,pacegate=info"})
+                                     stderr=subprocess.PIPE, text=True, env=env)
         m = await_line(self.proc.stderr, r"listening proxy=(\S+) admin=([0-9.:]+)", timeout=60)
         self.startup = time.monotonic() - started
         drain(self.proc.stderr)
@@ -407,6 +410,79 @@ def scale(queued=10000, upstreams=10000):
     result.update({"upstreams": upstreams, "startup_s": big.startup, "rss_mib": big.rss_kib() / 1024})
     big.stop()
     return result
+
+
+ALLOCATORS = {"glibc": None, "jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+              "mimalloc": "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2"}
+
+
+def flood_rss(pg, commands):
+    """Runs `commands` (curl uploads) at once; pacegate's peak RSS while
+    they run and its RSS 3 s after the last ended, in MiB."""
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], pg.rss_kib())
+            time.sleep(0.01)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for c in commands]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    done.set()
+    sampler.join()
+    time.sleep(3)
+    # curl --fail exits non-zero on a failure; h2load reports "N succeeded".
+    failures = 0
+    for proc, (out, _) in zip(procs, outputs):
+        if m := re.search(r"(\d+) total, \d+ started, \d+ done, (\d+) succeeded", out or ""):
+            failures += int(m.group(1)) - int(m.group(2))
+        elif proc.returncode:
+            failures += 1
+    return {"peak_mib": peak[0] / 1024, "after_mib": pg.rss_kib() / 1024, "client_failures": failures}
+
+
+def flood(connections=150, streams=60, body_mib=9):
+    """Memory under body floods (issue 22): `connections` HTTP/1.1 clients
+    each POSTing a `body_mib` MiB body (buffered: under max_body_bytes) at
+    once (curl), then one h2c connection carrying `streams` such uploads
+    at once (h2load); with the
+    default max_buffered_bytes (256 MiB), with the bound lifted (as before
+    it existed), and with jemalloc or mimalloc preloaded instead of glibc's
+    allocator."""
+    body = WORK / "flood.bin"
+    body.write_bytes(os.urandom(body_mib << 20))
+    mock = Mock()
+    runs = {}
+    for bound, allocator in (("bounded", "glibc"), ("unbounded", "glibc"), ("bounded", "jemalloc"),
+                             ("unbounded", "jemalloc"), ("bounded", "mimalloc")):
+        if ALLOCATORS[allocator] and not Path(ALLOCATORS[allocator]).exists():
+            continue
+        server = "max_buffered_bytes = 1_099_511_627_776\n" if bound == "unbounded" else ""
+        pg = Pacegate(upstream("api", mock.url, "100000/s", "max_concurrency = 1000\n"), server=server,
+                      preload=ALLOCATORS[allocator])
+        url = f"http://{pg.proxy}/api/echo"
+        idle = pg.rss_kib() / 1024
+        h1 = flood_rss(pg, [["curl", "-s", "-o", "/dev/null", "--fail", "--http1.1", "--max-time", "120",
+                             "--data-binary", f"@{body}", url] for _ in range(connections)])
+        h2 = flood_rss(pg, [["h2load", "-n", str(streams), "-c", "1", "-m", str(streams), "-d", str(body), url]])
+        pg.stop()
+        runs[f"{bound}_{allocator}"] = {"bound": bound, "allocator": allocator, "idle_mib": idle, "h1": h1, "h2": h2}
+    mock.stop()
+    return {"connections": connections, "streams": streams, "body_mib": body_mib, "runs": runs}
+
+
+def flood_table(f):
+    lines = ["", f"### Body floods ({f['connections']} HTTP/1.1 uploads of {f['body_mib']} MiB at once; then one h2c "
+             f"connection with {f['streams']} such uploads; pacegate's RSS)", "",
+             "| max_buffered_bytes | allocator | idle | HTTP/1.1 flood: peak | 3 s after | h2c flood: peak | 3 s after | "
+             "client failures |", "|---|---|---|---|---|---|---|---|"]
+    for v in f["runs"].values():
+        bound = "256 MiB (default)" if v["bound"] == "bounded" else "none (as before it existed)"
+        lines.append(f"| {bound} | {v['allocator']} | {v['idle_mib']:.0f} MiB | {v['h1']['peak_mib']:.0f} MiB | "
+                     f"{v['h1']['after_mib']:.0f} MiB | {v['h2']['peak_mib']:.0f} MiB | {v['h2']['after_mib']:.0f} MiB | "
+                     f"{v['h1']['client_failures'] + v['h2']['client_failures']} |")
+    return lines
 
 
 # --- report ----------------------------------------------------------------
@@ -1078,6 +1154,8 @@ def tables(r):
         lines += breaker_table(r["breaker"])
     if "cache" in r:
         lines += cache_table(r["cache"])
+    if "flood" in r:
+        lines += flood_table(r["flood"])
     return "\n".join(lines)
 
 
@@ -1151,7 +1229,7 @@ def main():
              ("pacing", lambda: [pacing(10, 40), pacing(100, 400), pacing(1000, 3000)]),
              ("misconfigured", misconfigured), ("client_side", client_side_vs_pacegate), ("scale", scale),
              ("redis", redis_mode), ("endpoint_limits", endpoint_limits), ("tokens", token_quotas),
-             ("breaker", breaker), ("cache", cache)]
+             ("breaker", breaker), ("cache", cache), ("flood", flood)]
     # --update: run the scenarios named, keep the others' figures from the last run.
     update = "--update" in sys.argv[1:]
     only = set(sys.argv[1:]) - {"--update"}

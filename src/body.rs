@@ -161,7 +161,12 @@ async fn read_timed(
         {
             return Err(BodyError::TooLarge(limit));
         }
-        let fits = exact.is_some() || reservation.grow(data.len(), limits.total);
+        // What a growing buffer costs is its capacity, which doubles, not
+        // its length: an unknown length is accounted by capacity.
+        let capacity = buffered.capacity();
+        buffered.reserve(data.len());
+        let grown = buffered.capacity() - capacity;
+        let fits = exact.is_some() || reservation.grow(grown, limits.total);
         buffered.extend_from_slice(&data);
         if !fits || buffered.len() > limits.buffer {
             return Ok(streaming(buffered, reservation, body, limits.hard));
