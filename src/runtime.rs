@@ -2,8 +2,9 @@
 //! and how a reloaded generation inherits from the one before.
 //!
 //! A reload never drops a request: an upstream that keeps its name keeps its
-//! dispatcher (queue, in-flight slots, and pacer state when its quotas did
-//! not change), and only receives the new settings. An upstream that is gone
+//! dispatcher (queue, in-flight slots, and pacer state; changed quotas
+//! continue the pacer's schedule at the new rate), and only receives the
+//! new settings. An upstream that is gone
 //! from the file is simply not carried over: requests that hold it finish,
 //! and its dispatcher stops once its queue is empty.
 

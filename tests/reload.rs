@@ -280,6 +280,50 @@ async fn unchanged_upstream_keeps_its_limiter() {
     pg.stop().await.unwrap();
 }
 
+/// Spends the only slot of `from` (a rate of 1/s) with one request, reloads
+/// `to`, then sends two more, one after the other: returns the gaps between
+/// the three arrivals at the upstream.
+async fn gaps_around_a_rate_change(from: &str, to: &str) -> [Duration; 2] {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let api = |rate: &str| upstream("api", &mock.url(), &format!("rate = \"{rate}\"\nburst = 1"));
+    let pg = Pacegate::start(&api(from)).await;
+    assert_eq!(client().get(pg.url("/api/first")).send().await.unwrap().status(), 200);
+    let first = mock.arrivals()[0].at;
+
+    overwrite(&pg.config_path, &config_file(&api(to)));
+    let (status, body) = post_reload(&pg).await;
+    assert_eq!(status, 200, "{body}");
+    let reloaded = Instant::now() - first;
+    assert!(reloaded < Duration::from_millis(600), "inconclusive: the reload took until {reloaded:?}");
+    for path in ["/api/second", "/api/third"] {
+        let answer = within(Duration::from_secs(5), path, client().get(pg.url(path)).send()).await;
+        assert_eq!(answer.unwrap().status(), 200);
+    }
+    assert_eq!(upstream_of(&pg.status().await, "api").unwrap()["quotas"], serde_json::json!([to]));
+    pg.stop().await.unwrap();
+    let at: Vec<Instant> = mock.arrivals().iter().map(|a| a.at).collect();
+    assert_eq!(at.len(), 3);
+    [at[1] - at[0], at[2] - at[1]]
+}
+
+#[tokio::test]
+async fn a_lower_rate_continues_from_the_last_grant() {
+    // After the reload, 30/min spaces 2 s from the last grant; a fresh
+    // pacer would let the next request out at once.
+    for gap in gaps_around_a_rate_change("1/s", "30/min").await {
+        let ms = gap.as_millis();
+        assert!((1700..2700).contains(&ms), "30/min spaces about 2010 ms, gap was {ms} ms");
+    }
+}
+
+#[tokio::test]
+async fn respelling_a_rate_changes_no_spacing() {
+    for gap in gaps_around_a_rate_change("1/s", "60/min").await {
+        let ms = gap.as_millis();
+        assert!((800..1500).contains(&ms), "60/min spaces about 1005 ms, gap was {ms} ms");
+    }
+}
+
 #[tokio::test]
 async fn file_watch_picks_up_changes_within_2s() {
     let mock = MockUpstream::start(Behaviour::new()).await;

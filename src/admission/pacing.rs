@@ -111,19 +111,19 @@ impl Pacing {
         }
     }
 
-    /// New quotas: a fresh pacer and adaptive state; cooldown is kept (the
-    /// upstream asked for it, whatever our quotas say). The same quotas
-    /// again change nothing.
-    pub fn requota(&mut self, quotas: &Quotas, now: Instant) {
+    /// New quotas: the pacer keeps its schedule (the next slot follows the
+    /// last grant at the new rate, never a fresh burst), adaptive state
+    /// starts over, cooldown is kept (the upstream asked for it, whatever
+    /// our quotas say). The same quotas again change nothing.
+    pub fn requota(&mut self, quotas: &Quotas) {
         if *quotas == self.quotas {
             return;
         }
-        let fresh = Self::new(quotas, now);
-        self.quotas = fresh.quotas;
-        self.pacer = fresh.pacer;
-        self.adaptive = fresh.adaptive;
-        self.window = fresh.window;
-        self.idle_after = fresh.idle_after;
+        self.pacer.requota(&quotas.rate, quotas.burst);
+        self.adaptive = quotas.adaptive.then(|| Adaptive::new(self.pacer.rate_per_second()));
+        self.window = quotas.pacing_window();
+        self.idle_after = quotas.longest_window() + GUARD;
+        self.quotas = quotas.clone();
         self.hint_cap = None;
     }
 
