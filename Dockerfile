@@ -19,6 +19,9 @@ RUN apt-get update \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin pacegate
 COPY --from=build /src/target/release/pacegate /usr/local/bin/pacegate
 COPY config/docker.toml /etc/pacegate/pacegate.toml
+# Paths inside the config are taken from its directory; this one is for
+# relative paths given on the command line (`pacegate check --config x.toml`).
+WORKDIR /etc/pacegate
 USER pacegate
 ENV PACEGATE_CONFIG=/etc/pacegate/pacegate.toml PACEGATE_LOG=info
 EXPOSE 8080 9090

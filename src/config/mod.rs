@@ -117,9 +117,10 @@ pub struct Forward {
 pub struct Mitm {
     /// Off by default: interception needs a CA the callers trust.
     pub enabled: bool,
-    /// PEM certificate of the CA that signs per-host certificates.
+    /// PEM certificate of the CA that signs per-host certificates (a
+    /// relative path in the file is taken from the file's directory).
     pub ca_cert: PathBuf,
-    /// PEM private key of that CA.
+    /// PEM private key of that CA, found the same way.
     pub ca_key: PathBuf,
 }
 
