@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::route::Router;
 use crate::store::Store;
+use crate::tls;
 use crate::upstream::{Upstream, UpstreamClient};
 use crate::workers;
 
@@ -69,12 +70,13 @@ impl Runtime {
     }
 
     fn inherit(
-        config: Config,
+        mut config: Config,
         version: Version,
         metrics: &Arc<Metrics>,
         previous: &HashMap<&str, &Arc<Upstream>>,
         previous_store: Option<&Arc<Store>>,
     ) -> Self {
+        tls::provision(&mut config.mitm);
         let router = Router::new(&config);
         let store = config.redis.as_ref().and_then(|redis| match previous_store {
             Some(store) if store.serves(redis) => Some(store.clone()),

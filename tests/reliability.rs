@@ -145,7 +145,8 @@ fn get(path: &str) -> Vec<u8> {
 /// `host:port`, so CONNECT to the mock is a plain tunnel.
 async fn tunnel_setup(server_keys: &str) -> (MockUpstream, Pacegate) {
     let mock = MockUpstream::start(Behaviour::new()).await;
-    let config = format!("{}{}", server(server_keys), api_for(&mock.url(), &mock.addr().to_string()));
+    let claimed = api_for(&mock.url(), &mock.addr().to_string());
+    let config = format!("{}[mitm]\nenabled = false\n{claimed}", server(server_keys));
     let pg = Pacegate::start_config(&config).await;
     (mock, pg)
 }

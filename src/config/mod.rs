@@ -115,7 +115,8 @@ pub struct Forward {
 /// `[mitm]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mitm {
-    /// Off by default: interception needs a CA the callers trust.
+    /// On by default, so `HTTPS_PROXY` traffic is paced; off when the CA
+    /// could neither be found nor created ([`crate::tls::provision`]).
     pub enabled: bool,
     /// PEM certificate of the CA that signs per-host certificates (a
     /// relative path in the file is taken from the file's directory).

@@ -115,7 +115,7 @@ fn defaults_match_the_documentation() {
     assert_eq!(server.workers, None);
     assert_eq!(config.forward.unknown_hosts, UnknownHosts::Deny);
     assert!(!config.forward.allow_private);
-    assert!(!config.mitm.enabled);
+    assert!(config.mitm.enabled);
     assert_eq!(config.mitm.ca_cert, Path::new("ca.pem"));
     assert_eq!(config.mitm.ca_key, Path::new("ca-key.pem"));
     assert_eq!(config.redis, None);
