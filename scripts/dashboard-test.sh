@@ -25,6 +25,9 @@ cat >"$work/pacegate.toml" <<TOML
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 
+[mitm]
+enabled = false
+
 [[upstream]]
 name = "demo-api"
 base_url = "http://$mock"
@@ -46,6 +49,11 @@ route = "/llm"
 hosts = []
 rate = "20/s"
 tokens = "60000/min"
+
+[[upstream]]
+name = "tunneled"
+base_url = "http://$mock"
+rate = "20/s"
 TOML
 target/debug/pacegate --config "$work/pacegate.toml" --log-format json 2>"$work/pacegate.log" &
 pids+=($!)
@@ -65,6 +73,9 @@ done
 for i in 1 2; do
   curl -s -o /dev/null --max-time 30 "http://$proxy/demo/cached?max_age=60"
 done
+
+# A CONNECT to the host `tunneled` claims: a plain tunnel, not paced.
+curl -s -o /dev/null --max-time 10 --proxytunnel -x "http://$proxy" "http://$mock/through-a-tunnel"
 
 # Traffic: 100 requests queue up behind the items limit (10/s, done in about 10 s).
 for i in $(seq 100); do
@@ -92,4 +103,5 @@ grep -q 'data-tokens="tokens"' "$work/dom.html" || fail "the llm upstream's toke
 grep -Eq 'data-stat="tokens">tokens sent last minute [1-9][0-9]*' "$work/dom.html" || fail "no tokens sent shown"
 grep -q 'calibration 1.00' "$work/dom.html" || fail "no calibration shown"
 grep -Eq 'data-stat="cache">cache hit ratio [0-9]+ % · 1 hits' "$work/dom.html" || fail "no cache hit ratio shown"
+grep -q 'data-stat="unpaced">1 HTTPS tunnel not paced' "$work/dom.html" || fail "the unpaced tunnel is not shown"
 echo "dashboard test passed: demo-api card shows $answered answered requests"
