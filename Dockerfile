@@ -1,9 +1,10 @@
 # syntax=docker/dockerfile:1
 # Build: docker build -t pacegate .
 # Run:   docker run -p 8080:8080 -p 127.0.0.1:9090:9090 \
-#          -v "$PWD/config/pacegate.toml:/etc/pacegate/pacegate.toml:ro" pacegate
-# In a container the listeners must bind 0.0.0.0 (see config/docker.toml for the
-# admin opt-in); publish the admin port on the host's loopback only.
+#          -v "$PWD/config/docker.toml:/etc/pacegate/pacegate.toml:ro" pacegate
+# Mount your own copy of config/docker.toml, not config/pacegate.toml: in a
+# container the listeners must bind 0.0.0.0 (docker.toml does, with the admin
+# opt-in); publish the admin port on the host's loopback only.
 
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
@@ -19,6 +20,9 @@ RUN apt-get update \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin pacegate
 COPY --from=build /src/target/release/pacegate /usr/local/bin/pacegate
 COPY config/docker.toml /etc/pacegate/pacegate.toml
+# Paths inside the config are taken from its directory; this one is for
+# relative paths given on the command line (`pacegate check --config x.toml`).
+WORKDIR /etc/pacegate
 USER pacegate
 ENV PACEGATE_CONFIG=/etc/pacegate/pacegate.toml PACEGATE_LOG=info
 EXPOSE 8080 9090

@@ -14,22 +14,7 @@ if [ -z "$browser" ]; then
 fi
 cargo build --quiet --bin pacegate --example mock_upstream
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-# Reads the first line of FILE matching PATTERN, waiting at most 10 s.
-await_line() {
-  for _ in $(seq 100); do
-    if line=$(grep -m1 -o "$2" "$1" 2>/dev/null); then echo "$line"; return 0; fi
-    sleep 0.1
-  done
-  echo "timed out waiting for '$2' in $1" >&2; cat "$1" >&2; return 1
-}
+source scripts/common.sh
 
 target/debug/examples/mock_upstream --listen 127.0.0.1:0 --ignore-stdin >"$work/mock.out" &
 pids+=($!)
@@ -39,6 +24,9 @@ cat >"$work/pacegate.toml" <<TOML
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
+
+[mitm]
+enabled = false
 
 [[upstream]]
 name = "demo-api"
@@ -61,6 +49,11 @@ route = "/llm"
 hosts = []
 rate = "20/s"
 tokens = "60000/min"
+
+[[upstream]]
+name = "tunneled"
+base_url = "http://$mock"
+rate = "20/s"
 TOML
 target/debug/pacegate --config "$work/pacegate.toml" --log-format json 2>"$work/pacegate.log" &
 pids+=($!)
@@ -80,6 +73,9 @@ done
 for i in 1 2; do
   curl -s -o /dev/null --max-time 30 "http://$proxy/demo/cached?max_age=60"
 done
+
+# A CONNECT to the host `tunneled` claims: a plain tunnel, not paced.
+curl -s -o /dev/null --max-time 10 --proxytunnel -x "http://$proxy" "http://$mock/through-a-tunnel"
 
 # Traffic: 100 requests queue up behind the items limit (10/s, done in about 10 s).
 for i in $(seq 100); do
@@ -107,4 +103,5 @@ grep -q 'data-tokens="tokens"' "$work/dom.html" || fail "the llm upstream's toke
 grep -Eq 'data-stat="tokens">tokens sent last minute [1-9][0-9]*' "$work/dom.html" || fail "no tokens sent shown"
 grep -q 'calibration 1.00' "$work/dom.html" || fail "no calibration shown"
 grep -Eq 'data-stat="cache">cache hit ratio [0-9]+ % · 1 hits' "$work/dom.html" || fail "no cache hit ratio shown"
+grep -q 'data-stat="unpaced">1 HTTPS tunnel not paced' "$work/dom.html" || fail "the unpaced tunnel is not shown"
 echo "dashboard test passed: demo-api card shows $answered answered requests"

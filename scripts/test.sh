@@ -48,3 +48,6 @@ cargo test --all-targets "$@"
 
 echo "== dashboard in a real browser"
 scripts/dashboard-test.sh
+
+echo "== README's client commands"
+scripts/readme-clients.sh

@@ -166,6 +166,7 @@ fn upstream_status(metrics: &Metrics, upstream: &Upstream) -> Value {
             "until_unix_ms": unix_ms(wall + d),
         })),
         "requests": Metrics::read(&metrics.answered, &Metrics::upstream(name)),
+        "unpaced_tunnels": upstream.metrics.unpaced_tunnels(),
         "attempts": attempts,
         "retries": counts(&metrics.retries, &RetryReason::ALL.map(RetryReason::as_str)),
         "rejections": counts(&metrics.rejected, &RefusalReason::ALL.map(RefusalReason::as_str)),

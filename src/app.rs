@@ -72,8 +72,8 @@ impl App {
         let workers = Workers::start(worker_count)?;
         let (stop, stopped) = watch::channel(false);
 
-        tracing::info!("listening proxy={proxy_addr} admin={admin_addr} workers={worker_count}");
         let watcher = reload::watch(self.reloader.clone(), wait_for(stopped.clone()));
+        tracing::info!("listening proxy={proxy_addr} admin={admin_addr} workers={worker_count}");
         let admin = Admin::new(self.proxy.clone(), self.metrics.clone(), self.reloader, self.started);
         let admin_task = tokio::spawn(server::serve(
             listeners.admin,

@@ -111,6 +111,22 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// Whether the answer must close an HTTP/1 connection: the request was
+    /// refused before it was read whole (bad target or headers, 413, 431,
+    /// a body that stopped), so what follows it on the wire cannot be told
+    /// apart from the next request.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            Self::BadRequest(_)
+                | Self::BodyTooLarge { .. }
+                | Self::BodyTimeout { .. }
+                | Self::HeadersTooLarge { .. }
+                | Self::TooManyHeaders { .. }
+                | Self::UriTooLong { .. }
+        )
+    }
+
     /// The HTTP status of the error table.
     pub fn status(&self) -> StatusCode {
         match self {

@@ -11,7 +11,8 @@
 //! - [`server`]: client connections for any handler: accept loop, slots,
 //!   request heads checked before hyper, header and idle timeouts, panics
 //!   caught, graceful shutdown, CONNECT relays.
-//! - [`tls`]: the local CA and interception of CONNECT tunnels.
+//! - [`tls`]: the local CA (created beside the config when missing) and
+//!   interception of CONNECT tunnels.
 //! - [`upstream`]: an upstream at run time: its [`upstream::dispatcher`] (the
 //!   admission core behind one lock, shared by callers and one driver task
 //!   that carries out its answers), one exchange (attempts and retries), the

@@ -63,6 +63,13 @@ fn main() -> ExitCode {
 fn check(path: &Path) -> ExitCode {
     match config::load(path) {
         Ok(config) => {
+            if config.mitm.enabled && tls::ca_missing(&config.mitm) {
+                let (cert, key) = (config.mitm.ca_cert.display(), config.mitm.ca_key.display());
+                eprintln!("[mitm]: no CA yet; pacegate creates {cert} and {key} when it starts");
+            } else if let Err(error) = interception_ready(&config.mitm) {
+                eprintln!("{}: {error}", path.display());
+                return ExitCode::FAILURE;
+            }
             for upstream in &config.upstreams {
                 println!("{}", describe(upstream));
             }
@@ -85,9 +92,10 @@ fn ca_init(out: &Path) -> ExitCode {
             println!("  export SSL_CERT_FILE={cert}        # OpenSSL-based tools, Go, Ruby");
             println!("  export REQUESTS_CA_BUNDLE={cert}   # Python requests");
             println!("  export NODE_EXTRA_CA_CERTS={cert}  # Node.js");
-            println!("  curl --cacert {cert} --proxy http://127.0.0.1:8080 https://api.example.com/");
+            println!("  curl --cacert {cert} --proxy http://127.0.0.1:8080 https://api.github.com/zen");
             println!("SSL_CERT_FILE replaces the system bundle: concatenate both if other hosts are needed.");
-            println!("Then set [mitm] enabled = true, ca_cert and ca_key in the config.");
+            println!("Interception is on by default and uses ca.pem and ca-key.pem next to the");
+            println!("config file; for a CA elsewhere, set [mitm] ca_cert and ca_key.");
             ExitCode::SUCCESS
         }
         Err(error) => {
@@ -97,8 +105,18 @@ fn ca_init(out: &Path) -> ExitCode {
     }
 }
 
+/// Interception, when on, has a CA it can load.
+fn interception_ready(mitm: &config::Mitm) -> Result<(), String> {
+    match mitm.enabled {
+        true => tls::Interceptor::load(mitm)
+            .map(drop)
+            .map_err(|error| format!("[mitm] is enabled but its CA cannot be loaded: {error}")),
+        false => Ok(()),
+    }
+}
+
 fn run(path: &Path) -> ExitCode {
-    let config = match config::load(path) {
+    let mut config = match config::load(path) {
         Ok(config) => config,
         Err(error) => {
             tracing::error!("{error}");
@@ -109,10 +127,11 @@ fn run(path: &Path) -> ExitCode {
     if let Err(error) = pacegate::fds::raise_for(config.server.max_connections.get()) {
         tracing::warn!(%error, "cannot raise the open-files limit");
     }
-    if config.mitm.enabled
-        && let Err(error) = tls::Interceptor::load(&config.mitm)
-    {
-        tracing::error!("[mitm] is enabled but its CA cannot be loaded: {error}");
+    // Creates the CA on first start (or turns interception off), so that
+    // a CA that exists but cannot be used stops pacegate here.
+    tls::provision(&mut config.mitm);
+    if let Err(error) = interception_ready(&config.mitm) {
+        tracing::error!("{error}");
         return ExitCode::FAILURE;
     }
     let runtime = match tokio::runtime::Runtime::new() {

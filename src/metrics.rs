@@ -23,8 +23,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use crate::error::RefusalReason;
 use crate::retry::RetryReason;
@@ -444,6 +445,16 @@ pub struct UpstreamMetrics {
     codes: [OnceLock<Counter>; KEPT_CODES.len()],
     /// Set once [`Self::export_fixed`] has created the fixed-label series.
     exported: OnceLock<()>,
+    /// Plain CONNECT tunnels to this upstream's hosts, which pacing cannot
+    /// see into: how many (for `/status`), and the hosts warned about.
+    unpaced: Mutex<Unpaced>,
+}
+
+#[derive(Debug, Default)]
+struct Unpaced {
+    tunnels: u64,
+    /// Hosts the upstream claims, so bounded by the config.
+    hosts: HashSet<String>,
 }
 
 impl UpstreamMetrics {
@@ -459,7 +470,21 @@ impl UpstreamMetrics {
             attempts: Default::default(),
             codes: Default::default(),
             exported: OnceLock::new(),
+            unpaced: Mutex::default(),
         }
+    }
+
+    /// Counts a plain tunnel to `host`; true the first time for that host,
+    /// which deserves a warning.
+    pub fn unpaced_tunnel(&self, host: &str) -> bool {
+        let mut unpaced = self.unpaced.lock().unwrap_or_else(PoisonError::into_inner);
+        unpaced.tunnels += 1;
+        unpaced.hosts.insert(host.to_ascii_lowercase())
+    }
+
+    /// Plain tunnels opened to this upstream's hosts so far.
+    pub fn unpaced_tunnels(&self) -> u64 {
+        self.unpaced.lock().unwrap_or_else(PoisonError::into_inner).tunnels
     }
 
     /// Creates this upstream's fixed-label series (at 0, or as they are),
@@ -572,6 +597,15 @@ mod tests {
         for line in expected {
             assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn an_unpaced_host_is_warned_about_once_and_every_tunnel_counted() {
+        let api = UpstreamMetrics::new(Arc::new(Metrics::new()), "api");
+        assert!(api.unpaced_tunnel("api.example.com"));
+        assert!(!api.unpaced_tunnel("API.example.com"), "host names are case-insensitive");
+        assert!(api.unpaced_tunnel("uploads.example.com"));
+        assert_eq!(api.unpaced_tunnels(), 3);
     }
 
     #[test]

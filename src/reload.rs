@@ -4,8 +4,12 @@
 //!
 //! The file's directory is watched, not the file: editors that save by
 //! writing a new file and renaming it over the old one replace the inode a
-//! file watch would follow. Bursts of events are debounced, and a file whose
-//! text did not change is not reloaded again.
+//! file watch would follow. Events about other files of the directory (a
+//! log written next to the config) are dropped by name before anything
+//! else. Bursts of events are debounced, and the watcher loads neither the
+//! text in force nor the text it last rejected again: a broken file is
+//! rejected (logged, counted) once per content, however often it is touched,
+//! until it changes. SIGHUP and `POST /reload` always load the file.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -38,21 +42,30 @@ pub struct Reloader {
     generation: AtomicU64,
     /// One reload at a time, so generations follow each other.
     reloading: tokio::sync::Mutex<()>,
+    /// Hash of the text last rejected, until a reload succeeds: the
+    /// watcher does not load it again.
+    rejected: std::sync::Mutex<Option<String>>,
 }
 
 impl Reloader {
     /// Reloads `path` into `proxy`, numbering generations after the one it runs.
     pub fn new(path: PathBuf, proxy: Arc<Proxy>, metrics: Arc<Metrics>) -> Self {
         let generation = AtomicU64::new(proxy.runtime.load().version.generation);
-        Self { path, proxy, metrics, generation, reloading: tokio::sync::Mutex::new(()) }
+        let (reloading, rejected) = (tokio::sync::Mutex::new(()), std::sync::Mutex::new(None));
+        Self { path, proxy, metrics, generation, reloading, rejected }
     }
 
     /// Reloads the config file; on error the old config keeps serving.
     pub async fn reload(&self, trigger: &'static str) -> Result<Version, ConfigError> {
         let _one_at_a_time = self.reloading.lock().await;
-        let loaded = std::fs::read_to_string(&self.path)
-            .map_err(|e| ConfigError::io(&self.path, &e))
-            .and_then(|text| config::parse(&self.path, &text).map(|config| (config, text)));
+        let text = std::fs::read_to_string(&self.path).map_err(|e| ConfigError::io(&self.path, &e));
+        let loaded = text.and_then(|text| match config::parse(&self.path, &text) {
+            Ok(config) => Ok((config, text)),
+            Err(error) => {
+                *self.last_rejected() = Some(Version::new(0, &text).hash);
+                Err(error)
+            }
+        });
         let (config, text) = match loaded {
             Ok(loaded) => loaded,
             Err(error) => {
@@ -69,35 +82,45 @@ impl Reloader {
         let version = Version::new(self.generation.fetch_add(1, Ordering::AcqRel) + 1, &text);
         let next = current.reload(config, version.clone(), &self.metrics);
         self.proxy.install(Arc::new(next));
+        *self.last_rejected() = None;
         self.metrics.count_reload(true);
         tracing::info!(trigger, version = %version, "config_reloaded");
         Ok(version)
     }
 
-    /// Whether the file's text differs from the config in force.
+    /// Whether the file holds a text the watcher has not judged yet: neither
+    /// the config in force nor the text last rejected.
     fn file_changed(&self) -> bool {
         match std::fs::read_to_string(&self.path) {
-            Ok(text) => Version::new(0, &text).hash != self.proxy.runtime.load().version.hash,
+            Ok(text) => {
+                let hash = Version::new(0, &text).hash;
+                hash != self.proxy.runtime.load().version.hash && self.last_rejected().as_ref() != Some(&hash)
+            }
             Err(_) => true, // let the reload report the error
         }
     }
+
+    fn last_rejected(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        // The value is replaced whole: a panic elsewhere cannot leave it half written.
+        self.rejected.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
-/// Reloads on SIGHUP and on file changes until `stop` resolves.
+/// Reloads on SIGHUP and on file changes until `stop` resolves. The file is
+/// watched before this returns, so no change made after it is missed.
 pub fn watch(
     reloader: Arc<Reloader>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
+    let (events, mut changed) = mpsc::unbounded_channel();
+    let watcher = file_watcher(&reloader.path, events)
+        .inspect_err(|error| {
+            tracing::warn!(%error, "cannot watch the config file; reload with SIGHUP or POST /reload");
+        })
+        .ok();
     tokio::spawn(async move {
-        let (events, mut changed) = mpsc::unbounded_channel();
         // Kept alive for as long as this task runs.
-        let _watcher = match file_watcher(&reloader.path, events) {
-            Ok(watcher) => Some(watcher),
-            Err(error) => {
-                tracing::warn!(%error, "cannot watch the config file; reload with SIGHUP or POST /reload");
-                None
-            }
-        };
+        let _watcher = watcher;
         let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         tokio::pin!(stop);
         loop {
@@ -148,9 +171,7 @@ fn file_watcher(
     };
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        if may_change_content(&event.kind)
-            && event.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == name)
-        {
+        if event.paths.iter().any(|p| p.file_name() == name.as_deref()) && may_change_content(&event.kind) {
             let _ = events.send(());
         }
     })?;

@@ -2,8 +2,9 @@
 //! and how a reloaded generation inherits from the one before.
 //!
 //! A reload never drops a request: an upstream that keeps its name keeps its
-//! dispatcher (queue, in-flight slots, and pacer state when its quotas did
-//! not change), and only receives the new settings. An upstream that is gone
+//! dispatcher (queue, in-flight slots, and pacer state; changed quotas
+//! continue the pacer's schedule at the new rate), and only receives the
+//! new settings. An upstream that is gone
 //! from the file is simply not carried over: requests that hold it finish,
 //! and its dispatcher stops once its queue is empty.
 
@@ -15,6 +16,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::route::Router;
 use crate::store::Store;
+use crate::tls;
 use crate::upstream::{Upstream, UpstreamClient};
 use crate::workers;
 
@@ -68,12 +70,13 @@ impl Runtime {
     }
 
     fn inherit(
-        config: Config,
+        mut config: Config,
         version: Version,
         metrics: &Arc<Metrics>,
         previous: &HashMap<&str, &Arc<Upstream>>,
         previous_store: Option<&Arc<Store>>,
     ) -> Self {
+        tls::provision(&mut config.mitm);
         let router = Router::new(&config);
         let store = config.redis.as_ref().and_then(|redis| match previous_store {
             Some(store) if store.serves(redis) => Some(store.clone()),

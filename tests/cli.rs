@@ -91,6 +91,22 @@ fn check_reports_file_line_and_column() {
     }
 }
 
+#[test]
+fn check_finds_the_ca_beside_the_config_from_any_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("conf");
+    let init = pacegate(dir.path(), &["ca", "init", "--out", conf.to_str().unwrap()]);
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let config = conf.join("pacegate.toml");
+    std::fs::write(&config, "[mitm]\nenabled = true\nca_cert = \"ca.pem\"\nca_key = \"ca-key.pem\"\n")
+        .unwrap();
+    // Started from the directory above, where there is no ca.pem.
+    let output = pacegate(dir.path(), &["check", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.is_empty(), "the CA beside the config is found and loads: {stderr}");
+}
+
 #[tokio::test]
 async fn binary_logs_bound_addresses_and_exits_0_on_sigterm() {
     let text = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\n\

@@ -190,20 +190,66 @@ async fn tunnels_to_unknown_hosts_when_pass_and_private_allowed() {
     assert_tunnel_reaches(&pg, echo).await;
 }
 
+/// `[mitm]` turned off.
+const NO_MITM: &str = "[mitm]\nenabled = false\n";
+
+/// `unpaced_tunnels` of upstream `api` in `/status`.
+async fn unpaced_tunnels(pg: &Pacegate) -> u64 {
+    let status = pg.status().await;
+    let api = status["upstreams"].as_array().unwrap().iter().find(|u| u["name"] == "api").cloned();
+    api.expect("upstream api")["unpaced_tunnels"].as_u64().expect("unpaced_tunnels")
+}
+
 #[tokio::test]
 async fn tunnels_to_configured_hosts_without_mitm() {
     let echo = echo_server().await;
     let config = format!(
-        "[[upstream]]\nname = \"api\"\nbase_url = \"http://{echo}\"\nhosts = [\"{ip}:{port}\"]\nrate = \"10/s\"\n",
+        "{NO_MITM}[[upstream]]\nname = \"api\"\nbase_url = \"http://{echo}\"\nhosts = [\"{ip}:{port}\"]\nrate = \"10/s\"\n",
         ip = echo.ip(),
         port = echo.port()
     );
     // Configured upstreams may point at loopback even with allow_private = false.
     let pg = Pacegate::start(&config).await;
+    assert_eq!(unpaced_tunnels(&pg).await, 0);
     assert_tunnel_reaches(&pg, echo).await;
     let api_200 = r#"pacegate_requests_total{upstream="api",code="200"}"#;
     assert_eq!(pg.metric(api_200).await, Some(1.0), "the unpaced tunnel is counted under its upstream");
     assert_eq!(pg.metric(NONE_200).await, None);
+    assert_tunnel_reaches(&pg, echo).await;
+    assert_eq!(unpaced_tunnels(&pg).await, 2, "/status shows the unpaced tunnels");
+}
+
+#[tokio::test]
+async fn interception_is_on_by_default_with_a_ca_created_beside_the_config() {
+    use std::os::unix::fs::PermissionsExt;
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let upstream =
+        format!("[[upstream]]\nname = \"api\"\nbase_url = \"{}\"\nhosts = [\"api.test\"]\n", mock.url());
+    let pg = Pacegate::start(&format!("{upstream}rate = \"100/s\"\n")).await;
+    let dir = pg.config_path.parent().expect("config dir");
+    let key = dir.join("ca-key.pem");
+    assert_eq!(std::fs::metadata(&key).expect("ca-key.pem").permissions().mode() & 0o777, 0o600);
+    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).expect("ca.pem beside the config");
+
+    let response = https_client(&pg, Some(&ca_pem)).get("https://api.test/zen").send().await;
+    assert_eq!(response.expect("intercepted with the new CA").status(), 200);
+    assert_eq!(mock.count(), 1, "the request inside the tunnel reached the upstream");
+    assert_eq!(unpaced_tunnels(&pg).await, 0);
+}
+
+#[tokio::test]
+async fn a_ca_that_cannot_be_written_leaves_interception_off() {
+    let echo = echo_server().await;
+    // A file where the CA's directory should be: not writable, even as root.
+    let blocker = tempfile::NamedTempFile::new().expect("temp file");
+    let config = format!(
+        "[mitm]\nca_cert = \"{0}/ca.pem\"\nca_key = \"{0}/ca-key.pem\"\n\n\
+         [[upstream]]\nname = \"api\"\nbase_url = \"http://{echo}\"\nrate = \"10/s\"\n",
+        blocker.path().display()
+    );
+    let pg = Pacegate::start(&config).await;
+    assert_tunnel_reaches(&pg, echo).await;
+    assert_eq!(unpaced_tunnels(&pg).await, 1, "a plain tunnel, counted as unpaced");
 }
 
 /// An upstream claims a host and a port: a plain tunnel cannot reach the
@@ -212,7 +258,8 @@ async fn tunnels_to_configured_hosts_without_mitm() {
 async fn a_plain_tunnel_is_only_for_the_port_its_upstream_claims() {
     let echo = echo_server().await;
     // `hosts` left at its default: the upstream claims 127.0.0.1, at its base_url's port.
-    let config = format!("[[upstream]]\nname = \"api\"\nbase_url = \"http://{echo}\"\nrate = \"10/s\"\n");
+    let config =
+        format!("{NO_MITM}[[upstream]]\nname = \"api\"\nbase_url = \"http://{echo}\"\nrate = \"10/s\"\n");
     let pg = Pacegate::start(&config).await;
     assert_tunnel_reaches(&pg, echo).await;
     for other in [pg.admin, pg.proxy] {
@@ -422,16 +469,22 @@ fn ca_init_writes_a_private_key_and_never_overwrites() {
 }
 
 #[test]
-fn mitm_without_a_ca_is_a_startup_error() {
+fn mitm_with_half_a_ca_is_a_startup_and_check_error() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("pacegate.toml");
-    let text = format!(
-        "{TEST_SERVER}\n[mitm]\nenabled = true\nca_cert = \"{0}/ca.pem\"\nca_key = \"{0}/ca-key.pem\"\n",
-        dir.path().display()
-    );
-    std::fs::write(&config, text).unwrap();
-    let output = run_binary(&["--config", config.to_str().unwrap()]);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("pacegate ca init"), "{stderr}");
+    std::fs::write(&config, format!("{TEST_SERVER}\n[mitm]\nenabled = true\n")).unwrap();
+    let config = config.to_str().unwrap();
+    // Neither file: a start creates them, so the check passes and says so.
+    let check = run_binary(&["check", "--config", config]);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(String::from_utf8_lossy(&check.stderr).contains("creates"));
+
+    // Only the certificate: neither a start nor the check can use it.
+    std::fs::write(dir.path().join("ca.pem"), "not a certificate").unwrap();
+    for args in [vec!["--config", config], vec!["check", "--config", config]] {
+        let output = run_binary(&args);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("pacegate ca init") && stderr.contains("ca-key.pem"), "{args:?}: {stderr}");
+    }
 }

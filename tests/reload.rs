@@ -173,6 +173,59 @@ async fn invalid_file_is_rejected_and_old_config_keeps_serving() {
     pg.stop().await.unwrap();
 }
 
+/// Polls `/metrics` (bounded) until `series` reaches `at_least`; its last value.
+async fn metric_reaching(pg: &Pacegate, series: &str, at_least: f64, timeout: Duration) -> f64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let value = pg.metric(series).await.unwrap_or(0.0);
+        if value >= at_least || Instant::now() >= deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_broken_file_is_rejected_once_per_content() {
+    const ERRORS: &str = "pacegate_config_reloads_total{result=\"error\"}";
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let pg = Pacegate::start(&upstream("api", &mock.url(), "rate = \"100/s\"")).await;
+    let broken = config_file(&upstream("api", &mock.url(), "rate = \"100/s\"\nbogus_key = 1"));
+    // The admin answers once the file is watched.
+    let start = generation(&pg.status().await);
+
+    overwrite(&pg.config_path, &broken);
+    let errors = metric_reaching(&pg, ERRORS, 1.0, Duration::from_secs(3)).await;
+    assert_eq!(errors, 1.0, "the broken file is picked up and rejected");
+
+    // The same broken text saved again and again, and a log written next
+    // to the config: nothing new to judge. Each save would be looked at
+    // within 200 ms; give it five times that to be counted again.
+    let log = pg.config_path.with_file_name("pacegate.log");
+    for line in 0..5 {
+        overwrite(&pg.config_path, &broken);
+        std::fs::write(&log, format!("line {line}\n")).expect("write log");
+    }
+    let errors = metric_reaching(&pg, ERRORS, 2.0, Duration::from_secs(1)).await;
+    assert_eq!(errors, 1.0, "the same content is rejected once");
+
+    // Another broken content is news, and so is the first one again once a
+    // good file came in between.
+    let other = config_file(&upstream("api", &mock.url(), "rate = \"100/s\"\nother_key = 1"));
+    overwrite(&pg.config_path, &other);
+    assert_eq!(metric_reaching(&pg, ERRORS, 2.0, Duration::from_secs(3)).await, 2.0);
+    overwrite(&pg.config_path, &config_file(&upstream("api", &mock.url(), "rate = \"50/s\"")));
+    assert!(pg.wait_status(Duration::from_secs(3), |s| generation(s) > start).await, "the fix is loaded");
+    overwrite(&pg.config_path, &broken);
+    assert_eq!(metric_reaching(&pg, ERRORS, 3.0, Duration::from_secs(3)).await, 3.0);
+
+    // An explicit reload always reads the file, and says what is wrong.
+    let (status, body) = post_reload(&pg).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("bogus_key")), "{body}");
+    pg.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn post_reload_returns_the_new_version() {
     let mock = MockUpstream::start(Behaviour::new()).await;
@@ -278,6 +331,50 @@ async fn unchanged_upstream_keeps_its_limiter() {
     assert!(generation(&status) > before);
     assert!(upstream_of(&status, "other").is_some(), "the reload was applied");
     pg.stop().await.unwrap();
+}
+
+/// Spends the only slot of `from` (a rate of 1/s) with one request, reloads
+/// `to`, then sends two more, one after the other: returns the gaps between
+/// the three arrivals at the upstream.
+async fn gaps_around_a_rate_change(from: &str, to: &str) -> [Duration; 2] {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let api = |rate: &str| upstream("api", &mock.url(), &format!("rate = \"{rate}\"\nburst = 1"));
+    let pg = Pacegate::start(&api(from)).await;
+    assert_eq!(client().get(pg.url("/api/first")).send().await.unwrap().status(), 200);
+    let first = mock.arrivals()[0].at;
+
+    overwrite(&pg.config_path, &config_file(&api(to)));
+    let (status, body) = post_reload(&pg).await;
+    assert_eq!(status, 200, "{body}");
+    let reloaded = Instant::now() - first;
+    assert!(reloaded < Duration::from_millis(600), "inconclusive: the reload took until {reloaded:?}");
+    for path in ["/api/second", "/api/third"] {
+        let answer = within(Duration::from_secs(5), path, client().get(pg.url(path)).send()).await;
+        assert_eq!(answer.unwrap().status(), 200);
+    }
+    assert_eq!(upstream_of(&pg.status().await, "api").unwrap()["quotas"], serde_json::json!([to]));
+    pg.stop().await.unwrap();
+    let at: Vec<Instant> = mock.arrivals().iter().map(|a| a.at).collect();
+    assert_eq!(at.len(), 3);
+    [at[1] - at[0], at[2] - at[1]]
+}
+
+#[tokio::test]
+async fn a_lower_rate_continues_from_the_last_grant() {
+    // After the reload, 30/min spaces 2 s from the last grant; a fresh
+    // pacer would let the next request out at once.
+    for gap in gaps_around_a_rate_change("1/s", "30/min").await {
+        let ms = gap.as_millis();
+        assert!((1700..2700).contains(&ms), "30/min spaces about 2010 ms, gap was {ms} ms");
+    }
+}
+
+#[tokio::test]
+async fn respelling_a_rate_changes_no_spacing() {
+    for gap in gaps_around_a_rate_change("1/s", "60/min").await {
+        let ms = gap.as_millis();
+        assert!((800..1500).contains(&ms), "60/min spaces about 1005 ms, gap was {ms} ms");
+    }
 }
 
 #[tokio::test]

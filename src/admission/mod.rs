@@ -256,13 +256,14 @@ impl<W: Waiter> Admission<W> {
     }
 
     /// Takes a reloaded config: bounds at once, new quotas from the next
-    /// grant (pacers are rebuilt only where quotas changed; cooldowns stay;
-    /// an endpoint limit that kept its name keeps its state).
+    /// grant (pacers whose quotas changed continue from their last grant at
+    /// the new rate; cooldowns stay; an endpoint limit that kept its name
+    /// keeps its state).
     pub fn reconfigure(&mut self, limits: Limits, shared: bool, now: Instant) {
         if limits.quotas != self.limits.quotas || limits.endpoints != self.limits.endpoints {
             let from: Vec<String> = self.limits.endpoints.iter().map(|e| e.name.clone()).collect();
             for partition in self.partitions.values_mut() {
-                partition.pacing.requota(&limits.quotas, now);
+                partition.pacing.requota(&limits.quotas);
                 partition.relimit(&from, &limits, now);
             }
             self.quota_changes += 1;

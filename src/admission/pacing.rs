@@ -111,20 +111,25 @@ impl Pacing {
         }
     }
 
-    /// New quotas: a fresh pacer and adaptive state; cooldown is kept (the
-    /// upstream asked for it, whatever our quotas say). The same quotas
-    /// again change nothing.
-    pub fn requota(&mut self, quotas: &Quotas, now: Instant) {
+    /// New quotas: the pacer keeps its schedule (the next slot follows the
+    /// last grant at the new rate, never a fresh burst), cooldown is kept
+    /// (the upstream asked for it, whatever our quotas say). The adaptive
+    /// rate and the upstream's hints start over when the long-run rate
+    /// changed; a respelling (10/s as 600/min) keeps them too. The same
+    /// quotas again change nothing.
+    pub fn requota(&mut self, quotas: &Quotas) {
         if *quotas == self.quotas {
             return;
         }
-        let fresh = Self::new(quotas, now);
-        self.quotas = fresh.quotas;
-        self.pacer = fresh.pacer;
-        self.adaptive = fresh.adaptive;
-        self.window = fresh.window;
-        self.idle_after = fresh.idle_after;
-        self.hint_cap = None;
+        let rate = self.pacer.rate_per_second();
+        self.pacer.requota(&quotas.rate, quotas.burst);
+        if self.pacer.rate_per_second() != rate || quotas.adaptive != self.quotas.adaptive {
+            self.adaptive = quotas.adaptive.then(|| Adaptive::new(self.pacer.rate_per_second()));
+            self.hint_cap = None;
+        }
+        self.window = quotas.pacing_window();
+        self.idle_after = quotas.longest_window() + GUARD;
+        self.quotas = quotas.clone();
     }
 
     /// Nothing cools down or caps the pace, and the pacer forgot every
@@ -334,6 +339,35 @@ mod tests {
             Some(t0 + Duration::from_secs(2))
         );
         assert!(pacing.admit("u", t0 + Duration::from_secs(2), NonZeroU32::MIN).is_ok());
+    }
+
+    #[test]
+    fn a_respelt_rate_keeps_the_adaptive_rate_and_a_new_one_resets_it() {
+        let t0 = Instant::now();
+        let adaptive = |rates: &[&str]| Quotas { adaptive: true, ..quotas(rates) };
+        let mut pacing = Pacing::new(&adaptive(&["10/s"]), t0);
+        for ms in 0..10 {
+            pacing.record_grant(t0 + Duration::from_millis(ms * 100));
+        }
+        let now = t0 + Duration::from_secs(1);
+        let feedback = Feedback {
+            partition: 0,
+            limit: None,
+            sent_at: now,
+            rate_limited: true,
+            cooldown: None,
+            hint: None,
+        };
+        pacing.learn("u", &feedback, false, now);
+        let lowered = pacing.effective_rate();
+        assert!(lowered < 10.0, "a 429 lowers the rate: {lowered}");
+
+        pacing.requota(&adaptive(&["600/min"]));
+        pacing.refresh_cap("u", now);
+        assert_eq!(pacing.effective_rate(), lowered, "600/min is 10/s: what was learnt stays");
+        pacing.requota(&adaptive(&["5/s"]));
+        pacing.refresh_cap("u", now);
+        assert_eq!(pacing.effective_rate(), 5.0, "a new rate starts from its own quota");
     }
 
     #[test]

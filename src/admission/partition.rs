@@ -272,7 +272,7 @@ impl<W: Waiter> Partition<W> {
         for endpoint in &limits.endpoints {
             let kept = from.iter().position(|name| *name == endpoint.name).and_then(|i| old[i].take());
             let mut pacing = kept.unwrap_or_else(|| Pacing::new(&endpoint.quotas, now));
-            pacing.requota(&endpoint.quotas, now);
+            pacing.requota(&endpoint.quotas);
             self.limits.push(pacing);
         }
         let to = |old: usize| {

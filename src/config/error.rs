@@ -45,6 +45,12 @@ impl<'a> Cx<'a> {
         ConfigError::at(self.path, self.text, span, message)
     }
 
+    /// A path the file names: a relative one is taken from the config file's
+    /// directory, so the file means the same from any working directory.
+    pub fn beside(&self, path: PathBuf) -> PathBuf {
+        self.path.parent().map_or(path.clone(), |dir| dir.join(&path))
+    }
+
     /// 1-based line of a span's start, to name the other half of a conflict.
     pub fn line(&self, span: &Range<usize>) -> usize {
         line_col(self.text, span.start).0

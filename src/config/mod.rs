@@ -115,11 +115,13 @@ pub struct Forward {
 /// `[mitm]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mitm {
-    /// Off by default: interception needs a CA the callers trust.
+    /// On by default, so `HTTPS_PROXY` traffic is paced; off when the CA
+    /// could neither be found nor created ([`crate::tls::provision`]).
     pub enabled: bool,
-    /// PEM certificate of the CA that signs per-host certificates.
+    /// PEM certificate of the CA that signs per-host certificates (a
+    /// relative path in the file is taken from the file's directory).
     pub ca_cert: PathBuf,
-    /// PEM private key of that CA.
+    /// PEM private key of that CA, found the same way.
     pub ca_key: PathBuf,
 }
 

@@ -153,11 +153,7 @@ pub struct RawMitm {
 
 impl Default for RawMitm {
     fn default() -> Self {
-        Self {
-            enabled: false,
-            ca_cert: PathBuf::from("config/ca.pem"),
-            ca_key: PathBuf::from("config/ca-key.pem"),
-        }
+        Self { enabled: true, ca_cert: PathBuf::from("ca.pem"), ca_key: PathBuf::from("ca-key.pem") }
     }
 }
 

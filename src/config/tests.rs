@@ -115,9 +115,9 @@ fn defaults_match_the_documentation() {
     assert_eq!(server.workers, None);
     assert_eq!(config.forward.unknown_hosts, UnknownHosts::Deny);
     assert!(!config.forward.allow_private);
-    assert!(!config.mitm.enabled);
-    assert_eq!(config.mitm.ca_cert, Path::new("config/ca.pem"));
-    assert_eq!(config.mitm.ca_key, Path::new("config/ca-key.pem"));
+    assert!(config.mitm.enabled);
+    assert_eq!(config.mitm.ca_cert, Path::new("ca.pem"));
+    assert_eq!(config.mitm.ca_key, Path::new("ca-key.pem"));
     assert_eq!(config.redis, None);
 
     let up = &config.upstreams[0];
@@ -150,6 +150,21 @@ fn defaults_match_the_documentation() {
 fn empty_file_is_a_proxy_with_no_upstreams() {
     let config = parse_str("").unwrap();
     assert!(config.upstreams.is_empty());
+}
+
+#[test]
+fn relative_paths_are_taken_from_the_config_files_directory() {
+    let text = MINIMAL.replace("rate =", "ca_file = \"certs/private.pem\"\nrate =");
+    let text = format!("[mitm]\nca_key = \"/abs/key.pem\"\n{text}");
+    for (file, dir) in
+        [("/etc/pacegate/p.toml", "/etc/pacegate"), ("config/p.toml", "config"), ("p.toml", "")]
+    {
+        let config = parse(Path::new(file), &text).unwrap_or_else(|e| panic!("{e}"));
+        let dir = Path::new(dir);
+        assert_eq!(config.mitm.ca_cert, dir.join("ca.pem"), "the default, beside {file}");
+        assert_eq!(config.mitm.ca_key, Path::new("/abs/key.pem"), "an absolute path stays");
+        assert_eq!(config.upstreams[0].ca_file.as_deref(), Some(&*dir.join("certs/private.pem")));
+    }
 }
 
 #[test]

@@ -32,7 +32,11 @@ pub fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, Confi
     let server = server(&cx, raw.server)?;
     let forward =
         Forward { unknown_hosts: raw.forward.unknown_hosts.into(), allow_private: raw.forward.allow_private };
-    let mitm = Mitm { enabled: raw.mitm.enabled, ca_cert: raw.mitm.ca_cert, ca_key: raw.mitm.ca_key };
+    let mitm = Mitm {
+        enabled: raw.mitm.enabled,
+        ca_cert: cx.beside(raw.mitm.ca_cert),
+        ca_key: cx.beside(raw.mitm.ca_key),
+    };
     let redis = raw.redis.map(|r| redis(&cx, r)).transpose()?;
 
     let mut claims = Claims::default();
@@ -199,7 +203,7 @@ fn upstream(cx: &Cx<'_>, claims: &mut Claims, raw: RawUpstream) -> Result<Upstre
         max_partitions: NonZeroUsize::new(*raw.max_partitions.get_ref())
             .ok_or_else(|| cx.err(raw.max_partitions.span(), "max_partitions must be at least 1"))?,
         fair_by: raw.fair_by.as_ref().map(|s| key_source(cx, "fair_by", s)).transpose()?,
-        ca_file: raw.ca_file.map(Spanned::into_inner),
+        ca_file: raw.ca_file.map(|file| cx.beside(file.into_inner())),
         limits: super::limits::limits(cx, raw.limits)?,
         tokens,
         breaker: raw.breaker.map(|b| breaker(cx, b)).transpose()?,

@@ -25,6 +25,13 @@
 //! their whole count back to back, as governor's own `Quota::per_hour(n)` does.
 //! Time comes from tokio, so paused-time tests drive the pacer too.
 //!
+//! **New quotas.** A reload that changes the quotas keeps the schedule
+//! ([`Pacer::requota`]): what the last grant still owes each quota is paid
+//! at the new interval, counted from that grant. Lowering 10/s to 5/s puts
+//! the next slot 200 ms after the last grant, respelling 10/s as 600/min
+//! changes nothing, and no change ever frees a burst the upstream would
+//! answer with a 429.
+//!
 //! **Costs.** A request may cost several units (an endpoint limit's weight,
 //! LLM tokens). governor's `check_n` pays a cost up front and refuses one
 //! above the burst for good; we want even spacing by cost instead: a request
@@ -102,7 +109,12 @@ type Limiter = RateLimiter<NotKeyed, TatCell, PresentedClock, NoOpMiddleware<Dur
 /// One slot taken from every quota, which can be given back with [`Pacer::undo`].
 #[derive(Debug)]
 #[must_use = "a taken slot is either used or given back"]
-pub struct Taken(Vec<u64>);
+pub struct Taken {
+    /// Every cell's state before the slot was taken.
+    cells: Vec<u64>,
+    /// The last grant before this one.
+    last_grant: Option<Duration>,
+}
 
 /// Paces one upstream: every attempt needs a slot from each of its quotas.
 #[derive(Debug)]
@@ -122,6 +134,10 @@ pub struct Pacer {
     cap_cell: TatCell,
     /// Emission interval of each limiter (ns), to charge costs above one.
     intervals: Vec<u64>,
+    /// Window of each quota, to tell which old quota a new one takes over.
+    windows: Vec<Duration>,
+    /// Instant presented for the last grant: new quotas continue from it.
+    last_grant: Option<Duration>,
     /// Emission interval of the cap's limiter (ns).
     cap_interval: u64,
 }
@@ -130,22 +146,69 @@ impl Pacer {
     /// A pacer for `rates`, the tightest admitting `burst` back to back,
     /// starting at `now`.
     pub fn new(rates: &[Rate], burst: NonZeroU32, now: Instant) -> Self {
-        let clock = PresentedClock::default();
-        let cells: Vec<TatCell> = rates.iter().map(|_| TatCell::default()).collect();
-        let limiters = build_limiters(rates, burst, &cells, &clock);
-        let intervals = paced_quotas(rates, burst).iter().map(|q| nanos(q.interval)).collect();
-        Self {
+        let mut pacer = Self {
             origin: now,
-            clock,
-            limiters,
-            cells,
+            clock: PresentedClock::default(),
+            limiters: Vec::new(),
+            cells: Vec::new(),
             promised: None,
-            rate_per_second: long_run_rate(rates),
+            rate_per_second: 0.0,
             cap: None,
             cap_cell: TatCell::default(),
-            intervals,
+            intervals: Vec::new(),
+            windows: Vec::new(),
+            last_grant: None,
             cap_interval: 0,
+        };
+        pacer.install(rates, burst, vec![0; rates.len()]);
+        pacer
+    }
+
+    /// Paces by `rates` from now on, keeping the schedule (see "New quotas"
+    /// above). A new quota takes over the old one of the same window, else
+    /// the new pacing quota takes over the old pacing one; what the old
+    /// quota still owed past the last grant, counted in units, is owed at
+    /// the new interval. A quota that takes over nothing starts empty.
+    pub fn requota(&mut self, rates: &[Rate], burst: NonZeroU32) {
+        let paced = paced_quotas(rates, burst);
+        let tightest = paced.iter().map(|q| q.interval).min();
+        let anchor = nanos(self.last_grant.unwrap_or_default());
+        let states = rates
+            .iter()
+            .zip(&paced)
+            .map(|(rate, quota)| {
+                let same_window = self.windows.iter().position(|w| *w == rate.per);
+                let pacing = (Some(quota.interval) == tightest).then(|| self.pacing_index()).flatten();
+                same_window.or(pacing).map_or(0, |old| self.owed_at(old, anchor, nanos(quota.interval)))
+            })
+            .collect();
+        self.install(rates, burst, states);
+    }
+
+    /// The state of old quota `old` with what it owes past `anchor`
+    /// converted to `interval` (ns).
+    fn owed_at(&self, old: usize, anchor: u64, interval: u64) -> u64 {
+        let tat = self.cells[old].0.load(Ordering::Acquire);
+        if tat == 0 {
+            return 0;
         }
+        let units_owed = u128::from(tat.saturating_sub(anchor)) * u128::from(interval);
+        let owed = units_owed / u128::from(self.intervals[old].max(1));
+        anchor.saturating_add(u64::try_from(owed).unwrap_or(u64::MAX)).max(1)
+    }
+
+    /// Index of the quota that paces (the shortest interval).
+    fn pacing_index(&self) -> Option<usize> {
+        (0..self.intervals.len()).min_by_key(|&i| self.intervals[i])
+    }
+
+    /// Builds the limiters of `rates` over cells holding `states`.
+    fn install(&mut self, rates: &[Rate], burst: NonZeroU32, states: Vec<u64>) {
+        self.cells = states.into_iter().map(|tat| TatCell(Arc::new(AtomicU64::new(tat)))).collect();
+        self.limiters = build_limiters(rates, burst, &self.cells, &self.clock);
+        self.intervals = paced_quotas(rates, burst).iter().map(|q| nanos(q.interval)).collect();
+        self.windows = rates.iter().map(|r| r.per).collect();
+        self.rate_per_second = long_run_rate(rates);
     }
 
     /// Paces at most `cap` requests per second on top of the quotas, evenly
@@ -188,7 +251,8 @@ impl Pacer {
             _ => real,
         };
         self.clock.present(presented);
-        let saved = Taken(self.all_cells().map(|c| c.0.load(Ordering::Acquire)).collect());
+        let cells = self.all_cells().map(|c| c.0.load(Ordering::Acquire)).collect();
+        let saved = Taken { cells, last_grant: self.last_grant };
         let mut earliest: Option<Duration> = None;
         for limiter in self.limiters.iter().chain(self.cap.as_ref().map(|(_, l)| l)) {
             if let Err(not_until) = limiter.check() {
@@ -199,6 +263,7 @@ impl Pacer {
         match earliest {
             None => {
                 self.promised = None;
+                self.last_grant = Some(presented);
                 self.charge(units.get() - 1);
                 Ok(saved)
             }
@@ -213,9 +278,10 @@ impl Pacer {
     /// Gives back a slot that was taken but not used.
     pub fn undo(&mut self, taken: Taken) {
         let cells: Vec<TatCell> = self.all_cells().cloned().collect();
-        for (cell, tat) in cells.iter().zip(taken.0) {
+        for (cell, tat) in cells.iter().zip(taken.cells) {
             cell.0.store(tat, Ordering::Release);
         }
+        self.last_grant = taken.last_grant;
     }
 
     /// Corrects what earlier grants took by `delta` units: a positive delta
@@ -456,6 +522,84 @@ mod tests {
         let taken = pacer.try_acquire(start, NonZeroU32::new(8).unwrap()).unwrap();
         pacer.undo(taken);
         assert!(pacer.try_acquire(start, ONE).is_ok());
+    }
+
+    /// Milliseconds from `start` until `pacer` admits a request asked at `now`.
+    fn next_slot_ms(pacer: &mut Pacer, start: Instant, now: Instant) -> u128 {
+        match pacer.try_acquire(now, ONE) {
+            Ok(taken) => {
+                pacer.undo(taken);
+                (now - start).as_millis()
+            }
+            Err(at) => (at - start).as_millis(),
+        }
+    }
+
+    fn parsed(rates: &[&str]) -> Vec<Rate> {
+        rates.iter().map(|r| crate::config::parse_rate(r).expect("rate")).collect()
+    }
+
+    #[test]
+    fn new_quotas_continue_from_the_last_grant() {
+        let start = Instant::now();
+        let later = start + Duration::from_millis(20);
+        let cases: [(&[&str], &[&str], std::ops::RangeInclusive<u128>); 4] = [
+            (&["10/s"], &["5/s"], 200..=202),
+            (&["10/s"], &["600/min"], 100..=101),
+            (&["10/s"], &["20/s"], 50..=51),
+            (&["10/s", "5000/h"], &["5/s", "5000/h"], 200..=202),
+        ];
+        for (from, to, expected) in cases {
+            let mut pacer = Pacer::new(&parsed(from), ONE, start);
+            assert!(pacer.try_acquire(start, ONE).is_ok());
+            pacer.requota(&parsed(to), ONE);
+            let next = next_slot_ms(&mut pacer, start, later);
+            assert!(expected.contains(&next), "{from:?} -> {to:?}: next slot at {next} ms");
+        }
+    }
+
+    #[test]
+    fn new_quotas_owe_a_costly_grant_at_the_new_rate() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new(&[rate(10, 1000)], ONE, start);
+        assert!(pacer.try_acquire(start, NonZeroU32::new(3).unwrap()).is_ok());
+        pacer.requota(&[rate(5, 1000)], ONE);
+        let next = next_slot_ms(&mut pacer, start, start);
+        assert!((600..=605).contains(&next), "3 units at 5/s: {next} ms");
+    }
+
+    #[test]
+    fn new_quotas_after_a_pause_owe_nothing() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new(&[rate(10, 1000)], ONE, start);
+        assert!(pacer.try_acquire(start, ONE).is_ok());
+        pacer.requota(&[rate(1, 1000)], ONE);
+        let rested = start + Duration::from_secs(2);
+        assert_eq!(next_slot_ms(&mut pacer, start, rested), 2000);
+    }
+
+    #[test]
+    fn new_quotas_keep_what_a_volume_cap_has_counted() {
+        // 3 per 10 s caps volume; the pacing quota changes from 10/s to 5/s.
+        let start = Instant::now();
+        let mut pacer = Pacer::new(&[rate(10, 1000), rate(3, 10_000)], ONE, start);
+        let times = admissions(&mut pacer, start, 3, Duration::ZERO);
+        let last = start + times[2];
+        pacer.requota(&[rate(5, 1000), rate(3, 10_000)], ONE);
+        let next = next_slot_ms(&mut pacer, start, last);
+        assert!(next >= 3300, "the cap still counts 3 sends: next slot at {next} ms");
+    }
+
+    #[test]
+    fn an_undone_grant_is_not_the_last_one() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new(&[rate(10, 1000)], ONE, start);
+        assert!(pacer.try_acquire(start, ONE).is_ok());
+        let after = start + Duration::from_millis(101);
+        let taken = pacer.try_acquire(after, ONE).expect("the next slot");
+        pacer.undo(taken);
+        pacer.requota(&[rate(5, 1000)], ONE);
+        assert_eq!(next_slot_ms(&mut pacer, start, after), 201, "200 ms at 5/s after the grant at 0");
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,7 +6,8 @@
 //! `https://host/...`, so it is paced, queued and retried. Anything else is a
 //! plain byte tunnel, which pacing cannot see into: to a configured upstream
 //! when interception is off (only for the host and port it claims, and to
-//! the address of its base_url), or to an unknown host when
+//! the address of its base_url; counted under that upstream, and warned
+//! about once per host as `unpaced_tunnel`), or to an unknown host when
 //! `unknown_hosts = "pass"` (then through the private-address guard).
 //!
 //! The target is connected to (or the leaf made) before the 200 goes out, so
@@ -94,10 +95,15 @@ pub async fn connect(
             scope.spawn(intercept(proxy.clone(), peer, authority, tls, upgrade, scope.clone()));
         }
         Some(index) => {
+            let upstream = &runtime.upstreams[index];
+            if upstream.metrics.unpaced_tunnel(&host) {
+                let hint = "[mitm] interception is off: requests in this tunnel are not paced";
+                tracing::warn!(upstream = %upstream.config.name, host, hint, "unpaced_tunnel");
+            }
             // The address connected to is the upstream's own, from its
             // base_url: configured upstreams may point anywhere (loopback
             // included), so that is what the tunnel may reach, no more.
-            let base = &runtime.config.upstreams[index].base_url;
+            let base = &upstream.config.base_url;
             let addrs = guard::resolve(&base.host, base.port).await.map_err(unreachable)?;
             tunnel(&scope, upgrade, open(&base.host, &addrs).await?);
         }

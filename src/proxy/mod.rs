@@ -196,8 +196,12 @@ impl Proxy {
         request: Request<Incoming>,
         tunnel: Option<&Authority>,
     ) -> Either<Answering, impl Future<Output = Response<ProxyBody>> + Send + use<>> {
+        let version = request.version();
         match prepare(&runtime, peer, request, tunnel) {
-            Err(error) => Either::Left(self.refused(error)),
+            Err(error) => {
+                let response = self.answer_closing(Err(error), None, version);
+                Either::Left(Box::pin(std::future::ready(response)))
+            }
             Ok(prepared) => match prepared.cache(&runtime) {
                 Some(cache) => Either::Left(self.forward_cached(runtime, prepared, cache)),
                 None => Either::Right(self.forward(runtime, prepared)),
@@ -244,11 +248,20 @@ impl Proxy {
         prepared: &Prepared,
         result: Result<Response<ProxyBody>, ProxyError>,
     ) -> Response<ProxyBody> {
-        // The rest of a body that stopped arriving is never read: the
-        // connection cannot carry another request.
-        let close = matches!(result, Err(ProxyError::BodyTimeout { .. }))
-            && prepared.head.version < http::Version::HTTP_2;
-        let mut response = self.answer(result, prepared.upstream(runtime));
+        self.answer_closing(result, prepared.upstream(runtime), prepared.head.version)
+    }
+
+    /// [`Self::answer`], closing an HTTP/1 connection that cannot carry
+    /// another request after this refusal ([`ProxyError::closes_connection`]).
+    fn answer_closing(
+        &self,
+        result: Result<Response<ProxyBody>, ProxyError>,
+        upstream: Option<&Upstream>,
+        version: http::Version,
+    ) -> Response<ProxyBody> {
+        let close =
+            version < http::Version::HTTP_2 && result.as_ref().is_err_and(ProxyError::closes_connection);
+        let mut response = self.answer(result, upstream);
         if close {
             response.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
         }

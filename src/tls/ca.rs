@@ -1,5 +1,6 @@
-//! The local certificate authority: created once by `pacegate ca init`,
-//! loaded at startup when `[mitm]` is enabled.
+//! The local certificate authority: created by `pacegate ca init`, or at
+//! start-up when `[mitm]` is enabled and neither of its files exists
+//! (mitmproxy's convention), then loaded.
 //!
 //! The key never leaves the machine and is written owner-readable only;
 //! existing files are never overwritten, so a CA callers already trust is not
@@ -59,16 +60,25 @@ impl Ca {
 pub fn write_new_ca(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
     let cert_path = dir.join(CA_CERT_FILE);
     let key_path = dir.join(CA_KEY_FILE);
-    for path in [&cert_path, &key_path] {
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Io { path: dir.to_path_buf(), source })?;
+    write_new_pair(&cert_path, &key_path)?;
+    Ok((cert_path, key_path))
+}
+
+/// Creates a new CA as `cert_path` and `key_path` (mode 0600); refuses if
+/// either exists, and leaves neither behind when one cannot be written.
+pub fn write_new_pair(cert_path: &Path, key_path: &Path) -> Result<(), TlsError> {
+    for path in [cert_path, key_path] {
         if path.exists() {
-            return Err(TlsError::Exists { path: path.clone() });
+            return Err(TlsError::Exists { path: path.to_path_buf() });
         }
     }
     let (cert_pem, key_pem) = generate()?;
-    std::fs::create_dir_all(dir).map_err(|source| TlsError::Io { path: dir.to_path_buf(), source })?;
-    write_new(&key_path, &key_pem, 0o600)?;
-    write_new(&cert_path, &cert_pem, 0o644)?;
-    Ok((cert_path, key_path))
+    write_new(key_path, &key_pem, 0o600)?;
+    write_new(cert_path, &cert_pem, 0o644).inspect_err(|_| {
+        // Half a CA would stop the next start: take the key back.
+        let _ = std::fs::remove_file(key_path);
+    })
 }
 
 /// A fresh self-signed CA: (certificate PEM, key PEM).

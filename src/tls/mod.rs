@@ -2,15 +2,129 @@
 //! CONNECT tunnels with per-host certificates signed by it.
 //!
 //! Interception is how pacing reaches HTTPS traffic sent through
-//! `HTTPS_PROXY`: without it pacegate only sees opaque bytes.
+//! `HTTPS_PROXY`: without it pacegate only sees opaque bytes. So it is on by
+//! default, and a config generation that finds neither CA file creates them
+//! ([`provision`]); where they cannot be written (a read-only mount),
+//! interception is off, with one warning saying what to do.
 
 pub mod ca;
 pub mod mitm;
 
 use std::path::PathBuf;
 
-pub use ca::{Ca, write_new_ca};
+pub use ca::{Ca, write_new_ca, write_new_pair};
 pub use mitm::Interceptor;
+
+use crate::config::Mitm;
+
+/// What a new config generation made of `[mitm]`'s CA files.
+#[derive(Debug)]
+pub enum Provision {
+    /// Interception is off in the config: nothing to do.
+    Off,
+    /// A file is there: it is loaded as it is (and must be usable).
+    Found,
+    /// Neither file was there: a new CA was written.
+    Created,
+    /// Neither file was there and they could not be written: interception
+    /// is now off.
+    Unwritable(TlsError),
+}
+
+/// Neither CA file exists: a start would create them.
+pub fn ca_missing(mitm: &Mitm) -> bool {
+    !mitm.ca_cert.exists() && !mitm.ca_key.exists()
+}
+
+/// Readies `[mitm]` for a new config generation. With interception on and
+/// neither CA file there, writes a new CA there and logs how to trust it;
+/// when they cannot be written, turns interception off and warns.
+pub fn provision(mitm: &mut Mitm) -> Provision {
+    if !mitm.enabled {
+        return Provision::Off;
+    }
+    if !ca_missing(mitm) {
+        return Provision::Found;
+    }
+    let cert = mitm.ca_cert.display().to_string();
+    match write_new_pair(&mitm.ca_cert, &mitm.ca_key) {
+        Ok(()) => {
+            tracing::info!(
+                ca_cert = %cert,
+                ca_key = %mitm.ca_key.display(),
+                "created a CA for HTTPS interception; trust {cert} in the programs that use \
+                 pacegate as HTTPS_PROXY (curl --cacert {cert}, SSL_CERT_FILE, \
+                 REQUESTS_CA_BUNDLE, NODE_EXTRA_CA_CERTS); the key never leaves its file"
+            );
+            Provision::Created
+        }
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                "cannot create the CA for HTTPS interception: interception is off, so HTTPS \
+                 through CONNECT is not paced; create one with `pacegate ca init --out DIR` \
+                 in a writable DIR and set [mitm] ca_cert and ca_key to its files, or set \
+                 [mitm] enabled = false to go without"
+            );
+            mitm.enabled = false;
+            Provision::Unwritable(error)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    use super::*;
+
+    fn mitm_in(dir: &Path) -> Mitm {
+        Mitm { enabled: true, ca_cert: dir.join("ca.pem"), ca_key: dir.join("ca-key.pem") }
+    }
+
+    #[test]
+    fn a_missing_ca_is_created_once_with_a_private_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut mitm = mitm_in(dir.path());
+        assert!(matches!(provision(&mut mitm), Provision::Created));
+        assert!(mitm.enabled);
+        assert_eq!(std::fs::metadata(&mitm.ca_key).unwrap().permissions().mode() & 0o777, 0o600);
+        let cert = std::fs::read(&mitm.ca_cert).unwrap();
+        assert!(Interceptor::load(&mitm).is_ok());
+        assert!(matches!(provision(&mut mitm), Provision::Found), "the next start finds it");
+        assert_eq!(std::fs::read(&mitm.ca_cert).unwrap(), cert, "and never replaces it");
+    }
+
+    #[test]
+    fn half_a_ca_is_left_alone_for_loading_to_refuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut mitm = mitm_in(dir.path());
+        std::fs::write(&mitm.ca_cert, "someone's certificate").unwrap();
+        assert!(matches!(provision(&mut mitm), Provision::Found));
+        assert!(!mitm.ca_key.exists(), "no key is made up for a certificate");
+        assert!(Interceptor::load(&mitm).is_err());
+    }
+
+    #[test]
+    fn an_unwritable_place_turns_interception_off() {
+        // A file where the directory should be: not writable, even as root.
+        let blocker = tempfile::NamedTempFile::new().unwrap();
+        let mut mitm = mitm_in(blocker.path());
+        assert!(matches!(provision(&mut mitm), Provision::Unwritable(_)));
+        assert!(!mitm.enabled);
+        assert!(matches!(provision(&mut mitm), Provision::Off), "off stays off");
+    }
+
+    #[test]
+    fn a_key_is_not_left_behind_without_its_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mitm =
+            Mitm { enabled: true, ca_cert: dir.path().join("no/such/dir/ca.pem"), ..mitm_in(dir.path()) };
+        assert!(write_new_pair(&mitm.ca_cert, &mitm.ca_key).is_err());
+        assert!(!mitm.ca_key.exists());
+    }
+}
 
 /// Why a CA or a certificate could not be made or loaded.
 #[derive(Debug, thiserror::Error)]
