@@ -36,6 +36,43 @@ pub fn empty() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
+/// Largest piece a buffered body is sent in. The upstream client copies
+/// each piece into its write buffer (one buffer, one write per message: see
+/// `upstream::client`), and only takes the next once that buffer has room:
+/// sent whole, a 9 MiB body would be held twice while it goes out.
+const SLICE: usize = 64 * 1024;
+
+/// A buffered body sent in [`SLICE`]s of its one buffer (no copy), its
+/// length known, so it still goes out with its `Content-Length`.
+struct Sliced {
+    rest: Bytes,
+}
+
+impl Body for Sliced {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.rest.is_empty() {
+            return Poll::Ready(None);
+        }
+        let len = self.rest.len().min(SLICE);
+        let piece = self.rest.split_to(len);
+        Poll::Ready(Some(Ok(Frame::data(piece))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.rest.len() as u64)
+    }
+}
+
 /// A request body, ready to be sent one or more times.
 pub enum RequestBody {
     /// Fully read; every attempt sends a cheap clone.
@@ -67,7 +104,8 @@ impl RequestBody {
     pub fn for_attempt(&mut self) -> Option<ProxyBody> {
         match self {
             Self::Buffered(bytes) if bytes.is_empty() => Some(empty()),
-            Self::Buffered(bytes) => Some(full(bytes.clone())),
+            Self::Buffered(bytes) if bytes.len() <= SLICE => Some(full(bytes.clone())),
+            Self::Buffered(bytes) => Some(Sliced { rest: bytes.clone() }.boxed()),
             Self::Streaming(body, _) => body.take(),
         }
     }
@@ -465,5 +503,21 @@ mod tests {
         assert_eq!(budget.used(), 10, "a clone still being sent keeps its bytes counted");
         drop(attempt);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_large_buffered_body_goes_out_in_slices_of_known_length() {
+        let bytes = Bytes::from(vec![7u8; 3 * SLICE + 5]);
+        let mut body = RequestBody::Buffered(bytes.clone());
+        for _ in 0..2 {
+            let mut attempt = body.for_attempt().expect("replayable");
+            assert_eq!(attempt.size_hint().exact(), Some(bytes.len() as u64));
+            let mut pieces = Vec::new();
+            while let Some(frame) = attempt.frame().await {
+                pieces.push(frame.expect("a slice").into_data().expect("data"));
+            }
+            assert_eq!(pieces.iter().map(Bytes::len).collect::<Vec<_>>(), [SLICE, SLICE, SLICE, 5]);
+            assert_eq!(pieces.concat(), bytes, "every attempt sends the same bytes");
+        }
     }
 }
