@@ -42,11 +42,14 @@ use nodes::{Link, Nodes};
 
 /// Longest a dispatcher waits for one Redis answer before falling back.
 const CALL_TIMEOUT: Duration = Duration::from_millis(250);
-/// How often a down store checks whether Redis is back, and how long one
-/// check may take: making a connection anew (asking the sentinels, checking
-/// the master they name, connecting to it) takes several round trips,
-/// which a busy replica may not fit in [`CALL_TIMEOUT`], and no request waits on it.
+/// How often a down store checks whether Redis is back.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How long making a connection and one check of the probe may take: a
+/// connection made anew (asking the sentinels, checking the master they
+/// name, connecting to it; or reaching every cluster node and reading the
+/// slots) takes several round trips, which a busy replica may not fit in
+/// [`CALL_TIMEOUT`], and no request waits on it.
+const PROBE_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Redis could not be asked; the store is down until the probe succeeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,7 +175,7 @@ impl Store {
             .map(|url| url.as_str().into_connection_info().map(|info| info.addr().to_string()))
             .collect();
         let address = addresses?.join(",");
-        let nodes = Nodes::new(&config.nodes, CALL_TIMEOUT, PROBE_EVERY)?;
+        let nodes = Nodes::new(&config.nodes, CALL_TIMEOUT, PROBE_PATIENCE)?;
         metrics.redis_up.set(1);
         Ok(Arc::new(Self {
             nodes,
@@ -351,7 +354,7 @@ impl Store {
         if let Some(link) = current.as_ref() {
             return Ok(link.clone());
         }
-        let (link, master) = self.nodes.connect(CALL_TIMEOUT).await?;
+        let (link, master) = self.nodes.connect().await?;
         if let Ok(mut shown) = self.master.lock() {
             *shown = Some(master);
         }
@@ -367,7 +370,7 @@ async fn probe(store: Weak<Store>) {
         tokio::time::sleep(PROBE_EVERY).await;
         let Some(store) = store.upgrade() else { return };
         let ping = async { redis::cmd("PING").query_async::<String>(&mut store.link().await?).await };
-        match store.timed(PROBE_EVERY, ping).await {
+        match store.timed(PROBE_PATIENCE, ping).await {
             Ok(_) => {
                 store.up.store(true, Ordering::Release);
                 store.metrics.redis_up.set(1);

@@ -45,6 +45,8 @@ pub enum Nodes {
         /// Scheme, credentials and database for the master: those of the
         /// first sentinel URL.
         node: SentinelNodeConnectionInfo,
+        /// Timeouts of the connection to the master.
+        timeouts: AsyncConnectionConfig,
     },
 }
 
@@ -57,24 +59,25 @@ pub enum Link {
 }
 
 impl Nodes {
-    /// Clients for `config`, with `timeout` on every connection and answer.
-    /// Nothing connects yet.
-    pub fn new(config: &RedisNodes, timeout: Duration, retry_delay: Duration) -> RedisResult<Self> {
+    /// Clients for `config` that wait at most `answer` for an answer and
+    /// `patience` for a connection (and the server's reconnections at most
+    /// that long apart). Nothing connects yet.
+    pub fn new(config: &RedisNodes, answer: Duration, patience: Duration) -> RedisResult<Self> {
         Ok(match config {
             RedisNodes::Server(url) => {
                 let manager = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout))
+                    .set_connection_timeout(Some(patience))
+                    .set_response_timeout(Some(answer))
                     .set_number_of_retries(1)
-                    .set_max_delay(retry_delay);
+                    .set_max_delay(patience);
                 let client = redis::Client::open(url.as_str())?;
                 let address = client.get_connection_info().addr().to_string();
                 Self::Server { manager: ConnectionManager::new_lazy_with_config(client, manager)?, address }
             }
             RedisNodes::Cluster(seeds) => Self::Cluster(
                 ClusterClient::builder(seeds.iter().map(String::as_str))
-                    .connection_timeout(timeout)
-                    .response_timeout(timeout)
+                    .connection_timeout(patience)
+                    .response_timeout(answer)
                     .build()?,
             ),
             RedisNodes::Sentinel { sentinels, master } => {
@@ -89,6 +92,9 @@ impl Nodes {
                     sentinels: tokio::sync::Mutex::new(Sentinel::build(sentinels.clone())?),
                     master: master.clone(),
                     node,
+                    timeouts: AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(patience))
+                        .set_response_timeout(Some(answer)),
                 }
             }
         })
@@ -96,7 +102,7 @@ impl Nodes {
 
     /// A new connection, and the node (or nodes, in a cluster) that take
     /// writes through it, for `/status`.
-    pub async fn connect(&self, timeout: Duration) -> RedisResult<(Link, String)> {
+    pub async fn connect(&self) -> RedisResult<(Link, String)> {
         match self {
             Self::Server { manager, address } => Ok((Link::Server(manager.clone()), address.clone())),
             Self::Cluster(client) => {
@@ -104,13 +110,10 @@ impl Nodes {
                 let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut connection).await?;
                 Ok((Link::Cluster(connection), masters(&nodes)))
             }
-            Self::Sentinel { sentinels, master, node } => {
+            Self::Sentinel { sentinels, master, node, timeouts } => {
                 let client = sentinels.lock().await.async_master_for(master, Some(node)).await?;
                 let address = client.get_connection_info().addr().to_string();
-                let config = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout));
-                let connection = client.get_multiplexed_async_connection_with_config(&config).await?;
+                let connection = client.get_multiplexed_async_connection_with_config(timeouts).await?;
                 Ok((Link::Master(connection), address))
             }
         }
