@@ -24,6 +24,11 @@ fn config_of(nodes: &str, on_error: &str, upstreams: &str) -> String {
     format!("{TEST_SERVER}\n[redis]\n{nodes}\non_error = \"{on_error}\"\n\n{upstreams}")
 }
 
+/// Held by the tests that put two replicas under load (and start up to
+/// five Redis processes): one at a time, their timing stays honest on a
+/// small machine, and a failover or migration is not starved by the others.
+static UNDER_LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// `urls` as a TOML array.
 fn toml_list(urls: &[String]) -> String {
     format!("[{}]", urls.iter().map(|url| format!("\"{url}\"")).collect::<Vec<_>>().join(", "))
@@ -51,6 +56,7 @@ async fn eventually(limit: Duration, mut ready: impl AsyncFnMut() -> bool) -> bo
 /// upstream in about (500-1)/50 s with (almost) no 429.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_stay_inside_one_shared_quota() {
+    let _alone = UNDER_LOAD.lock().await;
     let redis = RedisServer::start().await;
     let mock = MockUpstream::start(Behaviour::new().limit(50, Duration::from_secs(1))).await;
     let extra = "rate = \"50/s\"\nqueue_size = 1000\nqueue_timeout = \"60s\"";
@@ -379,6 +385,7 @@ async fn the_adjust_script_gives_back_never_before_now_and_takes_on_top() {
 /// there on `NOSCRIPT`), and no call falls back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_quotas_through_a_cluster() {
+    let _alone = UNDER_LOAD.lock().await;
     const QUOTA: usize = 20;
     const PER_UPSTREAM: usize = 30;
     let Some(cluster) = RedisCluster::start(3).await else { return };
@@ -440,6 +447,101 @@ async fn two_replicas_share_quotas_through_a_cluster() {
     }
 }
 
+/// A slot migration under load loses nothing: while the upstream's slot
+/// moves to another master (held half moved for a while, so that calls
+/// meet `ASK` and `TRYAGAIN`), two replicas keep answering every request;
+/// afterwards the bucket lives on the new master, is paced there at the
+/// shared quota, and no replica is left in fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_migration_under_load_loses_nothing() {
+    let _alone = UNDER_LOAD.lock().await;
+    const QUOTA: usize = 20;
+    let Some(cluster) = RedisCluster::start(3).await else { return };
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let extra = format!("rate = \"{QUOTA}/s\"\nqueue_timeout = \"30s\"");
+    let text = config_of(
+        &format!("cluster = {}", toml_list(&cluster.urls())),
+        "local",
+        &upstream("api", &mock.url(), &extra),
+    );
+    let replicas = Arc::new([Pacegate::start_config(&text).await, Pacegate::start_config(&text).await]);
+    let from = cluster.owner("{api}").address();
+    let to = cluster.nodes.iter().find(|node| node.address() != from).expect("another master");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers = load(&replicas, 8, &stop);
+    // Shared pacing first, so that the slot has keys to move.
+    assert!(mock.wait_for_arrivals(QUOTA, Duration::from_secs(10)).await);
+    let moving = tokio::time::Instant::now();
+    cluster.migrate("{api}", to, Duration::from_secs(1)).await;
+    let moved = tokio::time::Instant::now();
+    assert_eq!(cluster.owner("{api}").address(), to.address());
+    // Shared again, through the new owner.
+    for replica in replicas.iter() {
+        let up = eventually(Duration::from_secs(30), async || {
+            replica.metric("pacegate_redis_up").await == Some(1.0)
+        });
+        assert!(up.await, "shared mode did not resume after the migration");
+    }
+    let resumed = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let answered = stopped(callers, &stop).await;
+
+    assert_eq!(to.keys("pacegate:{api}:*:quotas").len(), 1, "the bucket moved to the new owner");
+    let times: Vec<_> = mock.arrivals().iter().map(|a| a.at).collect();
+    let second = Duration::from_secs(1);
+    let after: Vec<_> = times.iter().copied().filter(|&t| t >= resumed + second).collect();
+    let (busiest, after) = (max_in_any_window(&times, second), max_in_any_window(&after, second));
+    let mut fallbacks = 0.0;
+    for replica in replicas.iter() {
+        fallbacks += replica.metric("pacegate_redis_fallbacks_total").await.unwrap_or_default();
+    }
+    println!(
+        "slot migration under load: {answered} requests, all 200; slot moved in {:.2} s, {fallbacks} fallbacks; \
+         busiest second {busiest}, after {after} (quota {QUOTA}/s, 2 replicas)",
+        (moved - moving).as_secs_f64()
+    );
+    assert!(after <= QUOTA + 1, "{after} in one second once the slot moved");
+    assert!(busiest <= 2 * QUOTA + 1, "{busiest} in one second: above the allowance");
+}
+
+/// `per_replica` callers on each replica, each sending one request after
+/// another to `/api/` until `stop`; each returns the statuses it got.
+fn load(
+    replicas: &Arc<[Pacegate; 2]>,
+    per_replica: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<u16>>> {
+    (0..2 * per_replica)
+        .map(|caller| {
+            let (replicas, stop) = (replicas.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                for i in 0.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    statuses.push(get(replicas[caller % 2].url(&format!("/api/{caller}-{i}"))).await);
+                }
+                statuses
+            })
+        })
+        .collect()
+}
+
+/// Stops the `callers` of [`load`], asserts each request was answered
+/// 200, and returns how many there were.
+async fn stopped(callers: Vec<tokio::task::JoinHandle<Vec<u16>>>, stop: &AtomicBool) -> usize {
+    stop.store(true, Ordering::Relaxed);
+    let mut answered = 0;
+    for caller in callers {
+        let statuses = caller.await.expect("caller");
+        assert!(statuses.iter().all(|&s| s == 200), "every request answered 200: {statuses:?}");
+        answered += statuses.len();
+    }
+    answered
+}
+
 /// Sentinel: the master is killed (SIGKILL) while two replicas serve a
 /// steady load. Every request is answered 200; each replica falls back once
 /// (`on_error = "local"`), finds the promoted replica through the sentinels
@@ -448,6 +550,7 @@ async fn two_replicas_share_quotas_through_a_cluster() {
 /// replica pacing alone: twice the quota) while the master is away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_under_load_answers_everything_and_sharing_resumes() {
+    let _alone = UNDER_LOAD.lock().await;
     const QUOTA: usize = 20;
     let Some(mut set) = RedisSentinels::start().await else { return };
     let mock = MockUpstream::start(Behaviour::new()).await;
@@ -462,21 +565,7 @@ async fn a_sentinel_failover_under_load_answers_everything_and_sharing_resumes()
 
     // Eight callers per replica, each sending one request after another.
     let stop = Arc::new(AtomicBool::new(false));
-    let callers: Vec<_> = (0..16)
-        .map(|caller| {
-            let (replicas, stop) = (replicas.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut statuses = Vec::new();
-                for i in 0.. {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    statuses.push(get(replicas[caller % 2].url(&format!("/api/{caller}-{i}"))).await);
-                }
-                statuses
-            })
-        })
-        .collect();
+    let callers = load(&replicas, 8, &stop);
     // Shared mode under load, then the master dies.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let killed = tokio::time::Instant::now();
@@ -486,7 +575,14 @@ async fn a_sentinel_failover_under_load_answers_everything_and_sharing_resumes()
             let redis = &replica.status().await["redis"];
             redis["up"] == true && redis["master"] == set.replica.address()
         });
-        assert!(promoted.await, "no return to shared mode through the promoted replica");
+        let promoted = promoted.await;
+        let (status, named) = (replica.status().await, set.named_master());
+        let replica = set.replica.address();
+        assert!(
+            promoted,
+            "not shared through {replica}: sentinels name {named}, /status {}",
+            status["redis"]
+        );
     }
     let resumed = tokio::time::Instant::now();
     assert_eq!(set.named_master(), set.replica.address(), "the sentinels promoted the replica");
@@ -496,13 +592,7 @@ async fn a_sentinel_failover_under_load_answers_everything_and_sharing_resumes()
     }
     // Shared mode again, under the same load.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut answered = 0;
-    for caller in callers {
-        let statuses = caller.await.unwrap();
-        assert!(statuses.iter().all(|&s| s == 200), "every request answered 200: {statuses:?}");
-        answered += statuses.len();
-    }
+    let answered = stopped(callers, &stop).await;
     // One fallback per outage, not one per request; a busy machine may add
     // one when the new master is slow to answer at first.
     assert!(fallbacks.iter().all(|&n| (1.0..=3.0).contains(&n)), "fallbacks per replica: {fallbacks:?}");

@@ -216,13 +216,68 @@ impl RedisCluster {
         self.nodes.iter().map(RedisServer::url).collect()
     }
 
+    /// Moves `key`'s slot and its keys from the node that serves it to
+    /// `to`, as `redis-cli --cluster reshard` moves each slot: IMPORTING on
+    /// the target, MIGRATING on the source, the keys sent over in batches,
+    /// then every node told the new owner. `pause` holds the slot half
+    /// moved (some keys on each side) before the last keys go, so that
+    /// calls meanwhile meet `ASK` and `TRYAGAIN`.
+    pub async fn migrate(&self, key: &str, to: &RedisServer, pause: Duration) {
+        let from = self.owner(key);
+        let slot = self.slot(key);
+        let id = |node: &RedisServer| -> String {
+            redis::cmd("CLUSTER").arg("MYID").query(&mut node.connection()).expect("CLUSTER MYID")
+        };
+        let (from_id, to_id) = (id(from), id(to));
+        let setslot = |node: &RedisServer, state: &str, owner: &str| {
+            let _: () = redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(state)
+                .arg(owner)
+                .query(&mut node.connection())
+                .unwrap_or_else(|e| panic!("CLUSTER SETSLOT {slot} {state}: {e}"));
+        };
+        setslot(to, "IMPORTING", &from_id);
+        setslot(from, "MIGRATING", &to_id);
+        let mut first = true;
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(if first { 1 } else { 100 })
+                .query(&mut from.connection())
+                .expect("GETKEYSINSLOT");
+            if keys.is_empty() {
+                break;
+            }
+            let _: () = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to.port())
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query(&mut from.connection())
+                .expect("MIGRATE");
+            if first {
+                tokio::time::sleep(pause).await;
+                first = false;
+            }
+        }
+        for node in [to, from].into_iter().chain(&self.nodes) {
+            setslot(node, "NODE", &to_id);
+        }
+    }
+
+    fn slot(&self, key: &str) -> u16 {
+        redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut self.nodes[0].connection()).expect("KEYSLOT")
+    }
+
     /// The node that serves `key`'s slot now.
     pub fn owner(&self, key: &str) -> &RedisServer {
-        let slot: u16 = redis::cmd("CLUSTER")
-            .arg("KEYSLOT")
-            .arg(key)
-            .query(&mut self.nodes[0].connection())
-            .expect("KEYSLOT");
+        let slot = self.slot(key);
         let nodes: String =
             redis::cmd("CLUSTER").arg("NODES").query(&mut self.nodes[0].connection()).expect("CLUSTER NODES");
         let owner = nodes.lines().find_map(|line| {
