@@ -17,7 +17,8 @@
 //!   that carries out its answers), one exchange (attempts and retries), the
 //!   pooled rustls [`upstream::client`], and [`upstream::guard`], which keeps
 //!   pass-through traffic off private addresses.
-//! - [`store`]: quotas and cooldowns shared by replicas through Redis.
+//! - [`store`]: quotas and cooldowns shared by replicas through Redis: one
+//!   server, a Redis Cluster, or the master Sentinel names.
 //! - [`admission`]: the admission core: who may leave an upstream's queue,
 //!   and when (queues per partition and set of endpoint limits, partitions
 //!   with their own quotas, limits and cooldowns, callers round-robin,
