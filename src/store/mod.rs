@@ -364,7 +364,8 @@ impl Store {
 }
 
 /// Connects a down store anew and pings through the new connection until
-/// it answers, then brings shared mode back. Ends early if the store is dropped (a reload changed `[redis]`).
+/// it answers, then brings shared mode back. Ends early if the store is
+/// dropped (a reload changed `[redis]`).
 async fn probe(store: Weak<Store>) {
     loop {
         tokio::time::sleep(PROBE_EVERY).await;
