@@ -4,8 +4,9 @@
 #
 # Runs every pacegate benchmark scenario on loopback and regenerates
 # bench/results/latest.json, the SVG charts and the tables in BENCHMARKS.md.
-# Installs what it needs when missing (nginx, wrk and redis-server from Debian when root,
-# Python packages from PyPI). Whole suite: about ten minutes on 2 cores.
+# Installs what it needs when missing (nginx, wrk, redis-server, redis-tools and
+# redis-sentinel from Debian when root, Python packages from PyPI). Whole
+# suite: about ten minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,8 @@ missing=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel)
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
