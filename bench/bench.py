@@ -71,8 +71,8 @@ def drain(stream):
 
 
 class Mock:
-    def __init__(self, limit=None, resources=(), outage=None):
-        args = [str(MOCK), "--listen", "127.0.0.1:0", "--ignore-stdin"]
+    def __init__(self, limit=None, resources=(), outage=None, latency_ms=0):
+        args = [str(MOCK), "--listen", "127.0.0.1:0", "--ignore-stdin", "--latency-ms", str(latency_ms)]
         if outage:  # (start s, duration s): 500 to everything meanwhile
             args += ["--outage", f"{outage[0] * 1000}/{outage[1] * 1000}"]
         if limit:
@@ -964,6 +964,104 @@ def breaker(rate=20, seconds=20, outage=(5, 10)):
     return {"rate": rate, "seconds": seconds, "k": k, "outage_s": list(outage), "runs": runs}
 
 
+async def timed_gets(urls, workers):
+    """GETs `urls` in order from `workers` closed-loop workers; returns
+    (status, seconds from start to answer, latency) per request."""
+    import aiohttp
+    connector = aiohttp.TCPConnector(limit=workers)
+    timeout = aiohttp.ClientTimeout(total=600)
+    queue = list(reversed(urls))
+    results = []
+    start = time.monotonic()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async def worker():
+            while queue:
+                url = queue.pop()
+                sent = time.monotonic()
+                try:
+                    async with session.get(url) as response:
+                        await response.read()
+                        status = response.status
+                except aiohttp.ClientError:
+                    status = 0
+                done = time.monotonic()
+                results.append((status, done - start, done - sent))
+        await asyncio.gather(*(worker() for _ in range(workers)))
+    return results
+
+
+def cache(k=400, distinct=150, zipf_s=1.1, workers=10, rate=20, crowd=100, latency_ms=200, seed=11):
+    """The response cache. A crawl: `workers` closed-loop workers GET `k`
+    URLs drawn from `distinct` with Zipf(`zipf_s`) popularity (fresh for 2 s,
+    with an ETag), against a mock that allows `rate` a second, pacegate at
+    the same rate: without a cache, and with one. A crowd: `crowd`
+    identical GETs at once against an upstream answering in `latency_ms`."""
+    rng = random.Random(seed)
+    weights = [1 / (i + 1) ** zipf_s for i in range(distinct)]
+    picks = rng.choices(range(distinct), weights=weights, k=k)
+    runs = {}
+    for mode in ("no_cache", "cache"):
+        mock = Mock(limit=(rate, 1000), latency_ms=latency_ms // 10)
+        extra = "[upstream.cache]\n" if mode == "cache" else ""
+        pg = Pacegate(upstream("api", mock.url, f"{rate}/s", extra))
+        urls = [f"http://{pg.proxy}/api/cached?max_age=2&etag=e{n}&n={n}" for n in picks]
+        answers = asyncio.run(timed_gets(urls, workers))
+        pg.stop()
+        summary = mock.stop()
+        statuses = summary["statuses"]
+        runs[mode] = {"makespan_s": max(t for _, t, _ in answers), "upstream_arrivals": summary["count"],
+                      "upstream_304": statuses.count(304), "upstream_429": statuses.count(429),
+                      "caller_failures": sum(1 for s, _, _ in answers if s != 200)}
+    crowds = {}
+    for mode in ("no_cache", "cache"):
+        mock = Mock(latency_ms=latency_ms)
+        extra = "[upstream.cache]\n" if mode == "cache" else ""
+        pg = Pacegate(upstream("api", mock.url, f"{rate}/s", extra))
+        answers = asyncio.run(timed_gets([f"http://{pg.proxy}/api/cached?max_age=60"] * crowd, crowd))
+        pg.stop()
+        summary = mock.stop()
+        latencies = [latency for _, _, latency in answers]
+        crowds[mode] = {"upstream_arrivals": summary["count"], "p50_s": percentile(latencies, 0.5),
+                        "p99_s": percentile(latencies, 0.99),
+                        "caller_failures": sum(1 for s, _, _ in answers if s != 200)}
+    return {"k": k, "distinct": distinct, "distinct_drawn": len(set(picks)), "zipf_s": zipf_s, "workers": workers,
+            "rate": rate, "crowd": crowd, "latency_ms": latency_ms, "crawl": runs, "crowd_runs": crowds}
+
+
+def cache_chart(c, plt):
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3))
+    modes, colors = ("no_cache", "cache"), ("#c62828", "#2f5fd0")
+    labels = ["no cache", "cache"]
+    panels = [(axes[0], [c["crawl"][m]["upstream_arrivals"] for m in modes], "crawl: upstream requests"),
+              (axes[1], [c["crawl"][m]["makespan_s"] for m in modes], "crawl: makespan (s)"),
+              (axes[2], [c["crowd_runs"][m]["p99_s"] * 1000 for m in modes], f"{c['crowd']} identical GETs: p99 (ms)")]
+    for ax, values, title in panels:
+        ax.bar(labels, values, color=colors)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "cache.svg")
+    plt.close(fig)
+
+
+def cache_table(c):
+    names = {"no_cache": "pacegate, no cache", "cache": "pacegate with [upstream.cache]"}
+    lines = ["", f"### Response cache: a crawl ({c['k']} GETs from {c['workers']} workers over {c['distinct']} URLs, "
+             f"Zipf s={c['zipf_s']} ({c['distinct_drawn']} distinct drawn), fresh 2 s with an ETag; upstream allows "
+             f"{c['rate']}/s)", "",
+             "| pacegate | makespan | upstream requests (quota used) | of which 304 | 429s at the upstream | caller failures |",
+             "|---|---|---|---|---|---|"]
+    for name, v in c["crawl"].items():
+        lines.append(f"| {names[name]} | {v['makespan_s']:.2f} s | {v['upstream_arrivals']} | {v['upstream_304']} | "
+                     f"{v['upstream_429']} | {v['caller_failures']} |")
+    lines += ["", f"### Response cache: {c['crowd']} identical GETs at once (upstream answers in {c['latency_ms']} ms, "
+              f"quota {c['rate']}/s)", "",
+              "| pacegate | upstream requests | p50 | p99 | caller failures |", "|---|---|---|---|---|"]
+    for name, v in c["crowd_runs"].items():
+        lines.append(f"| {names[name]} | {v['upstream_arrivals']} | {v['p50_s'] * 1000:.0f} ms | "
+                     f"{v['p99_s'] * 1000:.0f} ms | {v['caller_failures']} |")
+    return lines
+
+
 def breaker_chart(b, plt):
     fig, ax = plt.subplots(figsize=(8, 3))
     for mode, color in (("no_breaker", "#c62828"), ("breaker", "#2f5fd0"), ("client_tenacity", "#c77700")):
@@ -994,6 +1092,8 @@ def charts(results, names):
         tokens_chart(results["tokens"], plt)
     if "breaker" in names:
         breaker_chart(results["breaker"], plt)
+    if "cache" in names:
+        cache_chart(results["cache"], plt)
     for p in results["pacing"] if "pacing" in names else []:
         times, rate = p["arrivals_s"], p["rate"]
         buckets = [0] * (int(times[-1] * 10) + 1)
@@ -1140,6 +1240,8 @@ def tables(r):
         lines += tokens_table(r["tokens"])
     if "breaker" in r:
         lines += breaker_table(r["breaker"])
+    if "cache" in r:
+        lines += cache_table(r["cache"])
     return "\n".join(lines)
 
 
@@ -1213,7 +1315,7 @@ def main():
              ("pacing", lambda: [pacing(10, 40), pacing(100, 400), pacing(1000, 3000)]),
              ("misconfigured", misconfigured), ("client_side", client_side_vs_pacegate), ("scale", scale),
              ("redis", redis_mode), ("redis_ha", redis_ha), ("endpoint_limits", endpoint_limits), ("tokens", token_quotas),
-             ("breaker", breaker)]
+             ("breaker", breaker), ("cache", cache)]
     # --update: run the scenarios named, keep the others' figures from the last run.
     update = "--update" in sys.argv[1:]
     only = set(sys.argv[1:]) - {"--update"}

@@ -63,6 +63,8 @@ name = "items"
 paths = ["/item/*"]
 rate = "10/s"
 
+[upstream.cache]
+
 [[upstream]]
 name = "llm"
 base_url = "http://$mock"
@@ -83,6 +85,11 @@ for i in $(seq 3); do
   curl -s -o /dev/null --max-time 30 -H 'content-type: application/json' \
     -d '{"model":"gpt-4o-mini","max_tokens":50,"messages":[{"role":"user","content":"hello"}]}' \
     "http://$proxy/llm/v1/chat/completions"
+done
+
+# The same cacheable GET twice: a miss, then a hit.
+for i in 1 2; do
+  curl -s -o /dev/null --max-time 30 "http://$proxy/demo/cached?max_age=60"
 done
 
 # Traffic: 100 requests queue up behind the items limit (10/s, done in about 10 s).
@@ -110,6 +117,7 @@ grep -q 'data-limit="items"' "$work/dom.html" || fail "the items limit's row is 
 grep -q 'data-tokens="tokens"' "$work/dom.html" || fail "the llm upstream's token quota row is missing"
 grep -Eq 'data-stat="tokens">tokens sent last minute [1-9][0-9]*' "$work/dom.html" || fail "no tokens sent shown"
 grep -q 'calibration 1.00' "$work/dom.html" || fail "no calibration shown"
+grep -Eq 'data-stat="cache">cache hit ratio [0-9]+ % · 1 hits' "$work/dom.html" || fail "no cache hit ratio shown"
 grep -q "data-stat=\"redis\">redis server · master 127.0.0.1:$redis_port<" "$work/dom.html" ||
   fail "the Redis form and master are not named"
 echo "dashboard test passed: demo-api card shows $answered answered requests"

@@ -54,6 +54,7 @@ pub async fn handle(admin: Admin, request: Request<Incoming>) -> Response<ProxyB
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
         (&Method::GET, "/metrics") => metrics(&admin),
         (&Method::GET, "/status") => json_answer(StatusCode::OK, &status(&admin)),
+        (&Method::POST, "/cache/purge") => purge(&admin, request.uri().query()),
         (&Method::POST, "/reload") => match admin.reloader.reload("admin").await {
             Ok(version) => json_answer(StatusCode::OK, &json!({ "version": version.to_string() })),
             Err(error) => json_answer(StatusCode::BAD_REQUEST, &json!({ "error": error.to_string() })),
@@ -199,7 +200,31 @@ fn upstream_status(metrics: &Metrics, upstream: &Upstream) -> Value {
                 _ => None,
             },
         })),
+        "cache": upstream.cache.as_ref().map(|cache| cache.status()),
     })
+}
+
+/// `POST /cache/purge[?upstream=NAME]`: empties the caches, or one
+/// upstream's; says how many entries each held.
+fn purge(admin: &Admin, query: Option<&str>) -> Response<ProxyBody> {
+    let runtime = admin.proxy.runtime.load();
+    let wanted = query.into_iter().flat_map(|q| q.split('&')).find_map(|pair| pair.strip_prefix("upstream="));
+    let chosen: Vec<_> =
+        runtime.upstreams.iter().filter(|u| wanted.is_none_or(|name| u.config.name == name)).collect();
+    if let Some(name) = wanted
+        && chosen.is_empty()
+    {
+        return json_answer(
+            StatusCode::NOT_FOUND,
+            &json!({ "error": format!("no upstream named {name:?}") }),
+        );
+    }
+    let purged: serde_json::Map<String, Value> = chosen
+        .iter()
+        .filter_map(|u| Some((u.config.name.clone(), json!(u.cache.as_ref()?.purge()))))
+        .collect();
+    tracing::info!(upstreams = purged.len(), "cache_purged");
+    json_answer(StatusCode::OK, &json!({ "purged": purged }))
 }
 
 /// An upstream's token quotas: what each allows a minute against what was

@@ -17,6 +17,9 @@
 //!   that carries out its answers), one exchange (attempts and retries), the
 //!   pooled rustls [`upstream::client`], and [`upstream::guard`], which keeps
 //!   pass-through traffic off private addresses.
+//! - [`cache`]: an upstream's response cache: answers kept under RFC 9111
+//!   per credential, revalidated when stale, identical GETs in flight
+//!   sharing one fetch ([`cache::flight`]); `proxy::cached` uses it.
 //! - [`store`]: quotas and cooldowns shared by replicas through Redis: one
 //!   server, a Redis Cluster, or the master Sentinel names.
 //! - [`admission`]: the admission core: who may leave an upstream's queue,
@@ -52,7 +55,7 @@
 //!           fuzz proxy
 //!           runtime
 //!           route server tls upstream
-//!           store
+//!           cache store
 //!           admission metrics
 //!           llm
 //!           limit retry
@@ -62,7 +65,7 @@
 //! config    validate
 //!           claims limits
 //!           raw
-//!           authority units
+//!           authority cache units
 //!           error
 //! admission breaker closing partition
 //!           terms
@@ -78,6 +81,8 @@
 //!           image tokenizer
 //!           sse
 //!           calibration endpoint headers usage
+//! cache     flight store
+//!           conditional key
 //! tls       mitm
 //!           ca
 //! upstream  exchange
@@ -135,6 +140,7 @@ pub mod admin;
 pub mod admission;
 pub mod app;
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod fds;

@@ -52,6 +52,13 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub upstream: Arc<str>,
+    /// What the cache did: `hit`, `miss`, `revalidated`, `coalesced` or `bypass`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub upstream: Arc<str>,
     /// A [`RetryReason::as_str`] or a [`RefusalReason::as_str`].
@@ -124,6 +131,8 @@ pub struct Metrics {
     pub breaker_state: Family<UpstreamLabel, Gauge>,
     /// Upstreams with a breaker only: times it opened (reopenings included).
     pub breaker_opened: Family<UpstreamLabel, Counter>,
+    /// Upstreams with a cache only: answers by what the cache did.
+    pub cache: Family<CacheLabels, Counter>,
     /// Answers per upstream, all codes together, for `/status` (not exported).
     pub answered: Family<UpstreamLabel, Counter>,
     /// 1 while the shared limiter's Redis is reachable.
@@ -191,6 +200,12 @@ impl Metrics {
         );
         registry.register("pacegate_inflight", "Attempts in flight to the upstream", inflight.clone());
         let (breaker_state, breaker_opened) = (Family::default(), Family::default());
+        let cache = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "pacegate_cache",
+            "Answers of upstreams with a cache, by what the cache did",
+            cache.clone(),
+        );
         registry.register(
             "pacegate_breaker_state",
             "Circuit breaker: 0 closed, 1 half-open, 2 open",
@@ -269,6 +284,7 @@ impl Metrics {
             tokens,
             breaker_state,
             breaker_opened,
+            cache,
             answered: Family::default(),
             redis_up,
             redis_errors,
@@ -494,6 +510,16 @@ impl UpstreamMetrics {
     /// Counts one attempt by its outcome.
     pub fn count_attempt(&self, outcome: AttemptOutcome) {
         self.attempt(outcome).inc();
+    }
+
+    /// Counts one answer of a cache-enabled upstream by what the cache did.
+    pub fn count_cache(&self, result: &'static str) {
+        self.cache_series(result).inc();
+    }
+
+    /// The cache series for `result`, created at 0 when new.
+    pub fn cache_series(&self, result: &'static str) -> Counter {
+        self.all.cache.get_or_create(&CacheLabels { upstream: self.name.clone(), result }).clone()
     }
 
     /// Records how long an attempt waited for its ticket.

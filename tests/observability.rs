@@ -256,13 +256,6 @@ fn assert_fixed_series_at_zero(m: &[Sample], text: &str, name: &str) {
     assert_eq!(value(m, "pacegate_cooldown_seconds_total", &[up]), Some(0.0), "{name}: {text}");
 }
 
-/// Writes `toml` as the config file and reloads it.
-async fn reload_with(pg: &Pacegate, toml: &str) {
-    std::fs::write(&pg.config_path, toml).expect("write config");
-    let reload = client().post(pg.admin_url("/reload")).send().await.expect("reload");
-    assert_eq!(reload.status(), 200, "{}", reload.text().await.unwrap_or_default());
-}
-
 /// A scrape before anything happened shows every series with a fixed label
 /// set at 0, and so does one after a reload added an upstream; the Redis
 /// series come and go with `[redis]`.
@@ -280,14 +273,14 @@ async fn fixed_label_series_are_exported_at_zero_from_start_up() {
 
     let second = upstream("second", "http://second.test", "rate = \"10/s\"");
     let redis = format!("[redis]\nurl = \"{}\"\n", RedisServer::unreachable_url());
-    reload_with(&pg, &format!("{TEST_SERVER}\n{redis}\n{first}\n{second}")).await;
+    pg.reload_with(&format!("{TEST_SERVER}\n{redis}\n{first}\n{second}")).await;
     let (text, m) = scrape(&pg).await;
     assert_fixed_series_at_zero(&m, &text, "second");
     assert!(value(&m, "pacegate_redis_up", &[]).is_some(), "{text}");
     assert_eq!(value(&m, "pacegate_redis_errors_total", &[]), Some(0.0), "{text}");
     assert_eq!(value(&m, "pacegate_redis_fallbacks_total", &[]), Some(0.0), "{text}");
 
-    reload_with(&pg, &format!("{TEST_SERVER}\n{first}")).await;
+    pg.reload_with(&format!("{TEST_SERVER}\n{first}")).await;
     let (text, _) = scrape(&pg).await;
     assert!(!text.contains("pacegate_redis_"), "[redis] removed, its series gone: {text}");
     pg.stop().await.unwrap();

@@ -119,12 +119,19 @@ impl TokenQuotas {
 
     /// What an attempt is charged in the end: what it used, where the
     /// accounting trusts the answer; its reservation where nothing is known.
+    ///
+    /// With an `input_tokens` quota (Anthropic's ITPM), tokens read from the
+    /// provider's prompt cache are not charged: Anthropic does not count
+    /// cache reads against it. A `tokens` quota (OpenAI's TPM) counts them.
     pub fn charged(&self, reserved: Reservation, settlement: Settlement) -> Reservation {
         match settlement {
             Settlement::NotProcessed => Reservation::default(),
             Settlement::Unknown => reserved,
             Settlement::Used(usage) => Reservation {
-                input: usage.input,
+                input: match self.input {
+                    Some(_) => usage.input.saturating_sub(usage.cached_input),
+                    None => usage.input,
+                },
                 output: match self.accounting {
                     TokenAccounting::Usage => usage.output,
                     TokenAccounting::Reserved => reserved.output,
@@ -281,6 +288,16 @@ mod tests {
         assert_eq!(q.charged(reserved, Settlement::Unknown), reserved);
         let nothing = q.charged(reserved, Settlement::NotProcessed);
         assert_eq!(q.corrections(reserved, nothing), [(2, -600), (3, -500)]);
+    }
+
+    #[test]
+    fn cache_reads_are_charged_to_tokens_but_not_to_input_tokens() {
+        let usage = Usage { input: 1000, cached_input: 800, output: 10 };
+        let reserved = Reservation { input: 1000, output: 100 };
+        let openai = quotas(true, false, false).charged(reserved, Settlement::Used(usage));
+        assert_eq!(openai, Reservation { input: 1000, output: 10 }, "TPM counts cached prompt tokens");
+        let anthropic = quotas(false, true, true).charged(reserved, Settlement::Used(usage));
+        assert_eq!(anthropic, Reservation { input: 200, output: 10 }, "ITPM does not count cache reads");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! non-zero where zero would make no sense.
 
 mod authority;
+mod cache;
 mod claims;
 mod error;
 mod limits;
@@ -25,6 +26,7 @@ use std::time::Duration;
 use http::StatusCode;
 use http::uri::{Authority, Scheme};
 
+pub use cache::Cache;
 pub use error::ConfigError;
 pub use limits::{Cost, DEFAULT_MAX_TOKENS, Limit, MAX_LIMITS, PathGlobs};
 pub use units::{MAX_DURATION, format_duration, parse_duration, parse_rate};
@@ -283,6 +285,8 @@ pub struct Upstream {
     pub limits: Vec<Limit>,
     /// `[upstream.breaker]`: stop sending while the upstream fails.
     pub breaker: Option<Breaker>,
+    /// `[upstream.cache]`: answers kept and shared, when enabled.
+    pub cache: Option<Cache>,
     /// Token quotas of LLM calls; `None` when no token quota is set.
     pub tokens: Option<Tokens>,
 }

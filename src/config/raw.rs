@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use toml::Spanned;
 
+use super::cache::RawCache;
 use super::units::{parse_duration, parse_rate};
 use super::{ConfigError, Jitter, Rate, RedisOnError, TokenAccounting, UnknownHosts};
 
@@ -215,6 +216,7 @@ pub struct RawUpstream {
     pub default_max_tokens: Option<Spanned<u64>>,
     pub token_accounting: Option<Spanned<RawTokenAccounting>>,
     pub breaker: Option<RawBreaker>,
+    pub cache: Option<RawCache>,
 }
 
 /// `[upstream.breaker]`.

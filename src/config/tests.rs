@@ -86,6 +86,7 @@ fn shipped_example_is_valid() {
     assert_eq!(github.route.as_deref(), Some("/github"));
     assert_eq!(github.hosts, ["api.github.com"]);
     assert_eq!(github.rate[0].to_string(), "5000/h");
+    assert!(github.cache.is_some_and(|cache| cache.coalesce), "GitHub's answers are cached");
     assert_eq!(config.upstreams[1].hosts, ["api.openai.com"]);
     let token_quotas =
         |u: &Upstream| u.tokens.as_ref().map(|t| t.quotas.iter().map(|(k, _)| k.name()).collect::<Vec<_>>());
@@ -527,5 +528,6 @@ fn a_secret_of_the_wrong_type_is_not_echoed() {
     assert!(error.to_string().ends_with("invalid type: a string, expected a sequence"), "{error}");
 }
 
+mod cache;
 mod limits;
 mod tokens;

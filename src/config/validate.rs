@@ -269,6 +269,7 @@ fn upstream(cx: &Cx<'_>, claims: &mut Claims, raw: RawUpstream) -> Result<Upstre
         limits: super::limits::limits(cx, raw.limits)?,
         tokens,
         breaker: raw.breaker.map(|b| breaker(cx, b)).transpose()?,
+        cache: super::cache::cache(cx, raw.cache)?,
         name,
     })
 }

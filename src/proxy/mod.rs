@@ -10,6 +10,7 @@
 pub mod auth;
 #[cfg(test)]
 mod budget;
+mod cached;
 pub mod connect;
 
 use std::future::Future;
@@ -25,6 +26,7 @@ use http::{HeaderMap, HeaderName, Request, Response, Uri, header};
 use hyper::body::Incoming;
 
 use crate::body::{self, BodyError, BodyLimits, BufferBudget, Failure, ProxyBody};
+use crate::cache::{CACHE_HEADER, Cache};
 use crate::config;
 use crate::error::ProxyError;
 use crate::headers;
@@ -196,7 +198,10 @@ impl Proxy {
     ) -> Either<Answering, impl Future<Output = Response<ProxyBody>> + Send + use<>> {
         match prepare(&runtime, peer, request, tunnel) {
             Err(error) => Either::Left(self.refused(error)),
-            Ok(prepared) => Either::Right(self.forward(runtime, prepared)),
+            Ok(prepared) => match prepared.cache(&runtime) {
+                Some(cache) => Either::Left(self.forward_cached(runtime, prepared, cache)),
+                None => Either::Right(self.forward(runtime, prepared)),
+            },
         }
     }
 
@@ -212,16 +217,42 @@ impl Proxy {
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         async move {
             let result = self.send(&runtime, &mut prepared).await;
-            // The rest of a body that stopped arriving is never read: the
-            // connection cannot carry another request.
-            let close = matches!(result, Err(ProxyError::BodyTimeout { .. }))
-                && prepared.head.version < http::Version::HTTP_2;
-            let mut response = self.answer(result, prepared.upstream(&runtime));
-            if close {
-                response.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
-            }
-            response
+            self.finish(&runtime, &prepared, result)
         }
+    }
+
+    /// [`Self::forward`] for an upstream with a cache; boxed, so that the
+    /// cache's state does not size every request's future.
+    fn forward_cached(
+        self: Arc<Self>,
+        runtime: Arc<Runtime>,
+        mut prepared: Prepared,
+        (queue, cache): (Queue, Arc<Cache>),
+    ) -> Answering {
+        Box::pin(async move {
+            let (result, outcome) = self.clone().cached(runtime.clone(), &mut prepared, queue, cache).await;
+            let mut response = self.finish(&runtime, &prepared, result);
+            response.headers_mut().insert(CACHE_HEADER, outcome.header());
+            response
+        })
+    }
+
+    /// The caller's answer to a forwarded request.
+    fn finish(
+        &self,
+        runtime: &Runtime,
+        prepared: &Prepared,
+        result: Result<Response<ProxyBody>, ProxyError>,
+    ) -> Response<ProxyBody> {
+        // The rest of a body that stopped arriving is never read: the
+        // connection cannot carry another request.
+        let close = matches!(result, Err(ProxyError::BodyTimeout { .. }))
+            && prepared.head.version < http::Version::HTTP_2;
+        let mut response = self.answer(result, prepared.upstream(runtime));
+        if close {
+            response.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
+        response
     }
 
     /// Reads the body, then exchanges the request with its upstream, or
@@ -330,6 +361,12 @@ struct Prepared {
 impl Prepared {
     fn upstream<'r>(&self, runtime: &'r Runtime) -> Option<&'r Upstream> {
         self.queue.map(|queue| &*runtime.upstreams[queue.upstream as usize])
+    }
+
+    /// Its queue and its upstream's cache, when that upstream has one.
+    fn cache(&self, runtime: &Runtime) -> Option<(Queue, Arc<Cache>)> {
+        let queue = self.queue?;
+        Some((queue, self.upstream(runtime)?.cache.clone()?))
     }
 }
 

@@ -304,7 +304,7 @@ impl Upstream {
     }
 
     /// Logs, counts and maps a refusal to queue.
-    fn refused(&self, refusal: Refusal, head: &http::request::Parts) -> ProxyError {
+    pub fn refused(&self, refusal: Refusal, head: &http::request::Parts) -> ProxyError {
         let upstream = self.config.name.clone();
         let reason = match refusal {
             Refusal::Full { .. } => RefusalReason::QueueFull,

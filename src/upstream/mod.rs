@@ -21,6 +21,7 @@ use http::{HeaderMap, HeaderName, Request, Response};
 use crate::admission::{Needs, SINGLE, TokenQuotas};
 pub use crate::admission::{Place, Priority, Refusal};
 use crate::body::{self, ProxyBody};
+use crate::cache::Cache;
 use crate::config::{self, KeySource};
 use crate::error::ProxyError;
 use crate::headers;
@@ -49,6 +50,8 @@ pub struct Upstream {
     pub dispatcher: Dispatcher,
     /// This upstream's series, kept across reloads like the dispatcher.
     pub metrics: Arc<UpstreamMetrics>,
+    /// `[upstream.cache]`: kept across reloads while the table stays.
+    pub cache: Option<Arc<Cache>>,
 }
 
 impl Upstream {
@@ -56,7 +59,8 @@ impl Upstream {
     pub fn start(config: config::Upstream, metrics: Arc<Metrics>, store: Option<Arc<Store>>) -> Self {
         let dispatcher = Dispatcher::spawn(&config, metrics.clone(), store);
         let metrics = Arc::new(UpstreamMetrics::new(metrics, &config.name));
-        Self { config, dispatcher, metrics }
+        let cache = config.cache.map(|settings| Arc::new(Cache::new(&config, settings, metrics.clone())));
+        Self { config, dispatcher, metrics, cache }
     }
 
     /// Where a request queues: its partition (`partition_by`), its caller
@@ -129,7 +133,17 @@ impl Upstream {
     /// The same running upstream under a reloaded config.
     pub fn reconfigured(&self, config: config::Upstream, store: Option<Arc<Store>>) -> Self {
         self.dispatcher.reconfigure(&config, store);
-        Self { config, dispatcher: self.dispatcher.clone(), metrics: self.metrics.clone() }
+        let cache = match (&self.cache, config.cache) {
+            // Keys name the partition header as a credential: a new one
+            // starts a new cache rather than share entries across it.
+            (Some(cache), Some(settings)) if config.partition_by == self.config.partition_by => {
+                cache.reconfigure(settings);
+                Some(cache.clone())
+            }
+            (_, Some(settings)) => Some(Arc::new(Cache::new(&config, settings, self.metrics.clone()))),
+            (_, None) => None,
+        };
+        Self { config, dispatcher: self.dispatcher.clone(), metrics: self.metrics.clone(), cache }
     }
 }
 

@@ -6,7 +6,7 @@
 //! how many requests, when, with which headers, and what it answered.
 //!
 //! This file depends only on tokio, hyper, hyper-util, http, http-body-util,
-//! bytes, futures-util and serde_json, never on the pacegate library,
+//! bytes, futures-util, httpdate and serde_json, never on the pacegate library,
 //! because `examples/mock_upstream.rs` compiles it in via `#[path]` too.
 //!
 //! # How a request is answered
@@ -23,7 +23,12 @@
 //! 4. the path: `/echo…` answers 200 JSON `{"method","path","query",
 //!    "headers","body_len"}`; `/sse?n=5&interval_ms=50` streams `n` events
 //!    `data: i\n\n` `interval_ms` apart; `/status/NNN` answers NNN;
-//!    `/bytes?n=N` answers N bytes; anything else answers 200, empty.
+//!    `/bytes?n=N` answers N bytes; `/cached…` answers a cacheable body
+//!    `{"seq":N}` (its arrival index, padded with spaces to `size` bytes)
+//!    with `Cache-Control: max-age=<max_age>` (`private, ` before it with
+//!    `private=1`; `no-store` instead with `no_store=1`), `ETag: "<etag>"`
+//!    (and 304, no body, to an `If-None-Match` naming it), `Vary: <vary>`
+//!    and, with `cookie=1`, a `Set-Cookie`; anything else answers 200, empty.
 //!
 //! Only requests that pass step 3 count as accepted; special paths do pass
 //! through steps 1-3, so a limited mock limits `/echo` too. The request body
@@ -74,6 +79,8 @@ type Body = BoxBody<Bytes, BoxError>;
 /// Upper bounds on `/sse` parameters, so a typo cannot pin a connection for hours.
 const MAX_SSE_EVENTS: u64 = 100_000;
 const MAX_SSE_INTERVAL_MS: u64 = 60_000;
+/// Upper bound on a `/cached` body.
+const MAX_CACHED_BYTES: u64 = 16 << 20;
 
 /// What [`Scripted::Garbage`] sends instead of a response.
 pub const GARBAGE: &[u8] = b"this is not HTTP at all\r\n\r\n";
@@ -198,8 +205,13 @@ enum Plan {
 enum Kind {
     Empty,
     Echo,
-    Sse { n: u64, interval: Duration },
+    Sse {
+        n: u64,
+        interval: Duration,
+    },
     Bytes(u64),
+    /// `/cached`: `{"seq":N}` padded to this many bytes.
+    Cached(u64),
 }
 
 // === impl Behaviour ===
@@ -464,7 +476,7 @@ impl State {
     }
 
     /// Choose the answer for a request arriving `now` (see the module doc).
-    fn decide(&mut self, now: Instant, method: &str, uri: &Uri) -> Plan {
+    fn decide(&mut self, now: Instant, method: &str, uri: &Uri, request: &HeaderMap) -> Plan {
         let mut headers = self.rate_limit_headers(now);
         if let Some(step) = self.behaviour.script.pop_front() {
             return match step {
@@ -510,7 +522,7 @@ impl State {
                 spent.push_back((now, units));
             }
         }
-        let (status, body) = route(uri);
+        let (status, body) = route(uri, request, &mut headers);
         answer(status, headers, body)
     }
 
@@ -584,8 +596,9 @@ fn answer(status: u16, headers: HeaderMap, body: Kind) -> Plan {
     Plan::Answer { status, headers, body }
 }
 
-/// The special paths; malformed parameters answer 400.
-fn route(uri: &Uri) -> (u16, Kind) {
+/// The special paths; malformed parameters answer 400. `/cached` adds its
+/// caching headers to `headers`.
+fn route(uri: &Uri, request: &HeaderMap, headers: &mut HeaderMap) -> (u16, Kind) {
     let path = uri.path();
     let param = |name: &str| {
         let query = uri.query().unwrap_or("");
@@ -612,9 +625,55 @@ fn route(uri: &Uri) -> (u16, Kind) {
             Some(Ok(n)) => (200, Kind::Bytes(n)),
             _ => (400, Kind::Empty),
         }
+    } else if path.starts_with("/cached") {
+        cached(uri, request, headers)
     } else {
         (200, Kind::Empty)
     }
+}
+
+/// `/cached`: see the module doc.
+fn cached(uri: &Uri, request: &HeaderMap, headers: &mut HeaderMap) -> (u16, Kind) {
+    let query = uri.query().unwrap_or("");
+    let text = |name: &str| {
+        let mut pairs = query.split('&').filter_map(|p| p.split_once('='));
+        pairs.find(|(k, _)| *k == name).map(|(_, v)| v.to_owned())
+    };
+    let flag = |name: &str| text(name).as_deref() == Some("1");
+    let (Ok(max_age), Ok(size)) = (
+        text("max_age").unwrap_or_default().parse::<u64>(),
+        text("size").map_or(Ok(0), |s| s.parse::<u64>()),
+    ) else {
+        return (400, Kind::Empty);
+    };
+    let cache_control = match (flag("no_store"), flag("private")) {
+        (true, _) => "no-store".to_owned(),
+        (false, true) => format!("private, max-age={max_age}"),
+        (false, false) => format!("max-age={max_age}"),
+    };
+    let mut add = |name: &'static str, value: String| {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    };
+    add("cache-control", cache_control);
+    add("date", httpdate::fmt_http_date(SystemTime::now()));
+    if let Some(vary) = text("vary") {
+        add("vary", vary);
+    }
+    if flag("cookie") {
+        add("set-cookie", "session=1".to_owned());
+    }
+    if let Some(etag) = text("etag") {
+        let tag = format!("\"{etag}\"");
+        let matched =
+            request.get_all("if-none-match").iter().filter_map(|v| v.to_str().ok()).any(|v| v.contains(&tag));
+        add("etag", tag);
+        if matched {
+            return (304, Kind::Empty);
+        }
+    }
+    (200, Kind::Cached(size.min(MAX_CACHED_BYTES)))
 }
 
 // === serving ===
@@ -678,7 +737,7 @@ async fn handle(
         let mut state = shared.lock();
         // Taken under the lock so arrival times are sorted like the arrivals.
         let now = Instant::now();
-        let plan = state.decide(now, parts.method.as_str(), &parts.uri);
+        let plan = state.decide(now, parts.method.as_str(), &parts.uri, &parts.headers);
         let status = match &plan {
             Plan::Answer { status, .. } => status.as_u16(),
             Plan::Truncated => 200,
@@ -739,6 +798,13 @@ async fn handle(
         Kind::Bytes(n) => {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
             bytes_body(n)
+        }
+        Kind::Cached(size) => {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            let mut body = format!("{{\"seq\":{seq}}}");
+            let padding = (size as usize).saturating_sub(body.len());
+            body.extend(std::iter::repeat_n(' ', padding));
+            Full::new(Bytes::from(body)).map_err(Into::into).boxed()
         }
     };
     let mut response = Response::new(body);

@@ -71,6 +71,13 @@ impl Pacegate {
         }
     }
 
+    /// Writes `toml` as the config file and reloads it through the admin API.
+    pub async fn reload_with(&self, toml: &str) {
+        std::fs::write(&self.config_path, toml).expect("write config");
+        let reload = client().post(self.admin_url("/reload")).send().await.expect("reload");
+        assert_eq!(reload.status(), 200, "{}", reload.text().await.unwrap_or_default());
+    }
+
     /// URL of `path` on the proxy listener (reverse mode).
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.proxy)
