@@ -116,20 +116,110 @@ class Pacegate:
 
 
 class Redis:
-    def __init__(self):
+    """One redis-server (or, with program="redis-sentinel", one sentinel)."""
+
+    def __init__(self, options=(), program="redis-server"):
         self.port = free_port()
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(WORK)], stdout=subprocess.PIPE, text=True)
-        await_line(self.proc.stdout, r"Ready to accept connections")
+        self.address = f"127.0.0.1:{self.port}"
+        self.url = f"redis://{self.address}"
+        folder = Path(tempfile.mkdtemp(dir=WORK))
+        args = [program]
+        if program == "redis-sentinel":  # a sentinel needs a config file it may rewrite
+            (folder / "sentinel.conf").write_text("")
+            args.append(str(folder / "sentinel.conf"))
+        else:
+            args += ["--save", "", "--appendonly", "no"]
+        args += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(folder), *options]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        await_line(self.proc.stdout, r"Ready to accept connections|Sentinel ID is")
         drain(self.proc.stdout)
-        self.url = f"redis://127.0.0.1:{self.port}"
 
     def section(self):
         return f'[redis]\nurl = "{self.url}"\non_error = "local"\n'
 
+    def cli(self, *args):
+        return subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True,
+                              timeout=30).stdout
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=30)
+
+
+def settle(what, ready, timeout=30):
+    """Polls (bounded) until ready() holds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+def toml_list(urls):
+    return "[" + ", ".join(f'"{url}"' for url in urls) + "]"
+
+
+class RedisCluster:
+    """Three masters in cluster mode, joined by redis-cli --cluster create."""
+
+    def __init__(self, masters=3):
+        options = lambda: ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                           "--cluster-port", str(free_port())]
+        self.nodes = [Redis(options()) for _ in range(masters)]
+        subprocess.run(["redis-cli", "--cluster", "create", *(n.address for n in self.nodes),
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        settle("cluster_state:ok", lambda: all("cluster_state:ok" in n.cli("cluster", "info") for n in self.nodes))
+
+    def section(self):
+        return f'[redis]\ncluster = {toml_list(n.url for n in self.nodes)}\non_error = "local"\n'
+
+    def stop(self):
+        for node in self.nodes:
+            node.stop()
+
+
+class RedisSentinels:
+    """A master, its replica, and three sentinels (quorum 2, down after 1 s)."""
+    NAME = "bench"
+
+    def __init__(self):
+        self.master = Redis()
+        self.replica = Redis(["--replicaof", "127.0.0.1", str(self.master.port)])
+        lines = [f"monitor {self.NAME} 127.0.0.1 {self.master.port} 2", f"down-after-milliseconds {self.NAME} 1000",
+                 f"failover-timeout {self.NAME} 10000"]
+        options = [word for line in lines for word in ["--sentinel", *line.split()]]
+        self.sentinels = [Redis(options, "redis-sentinel") for _ in range(3)]
+        settle("replica in sync", lambda: "master_link_status:up" in self.replica.cli("info", "replication"))
+
+        def known(sentinel):
+            fields = sentinel.cli("sentinel", "master", self.NAME).split()
+            info = dict(zip(fields[::2], fields[1::2]))
+            return info.get("num-slaves") == "1" and info.get("num-other-sentinels") == "2"
+        settle("sentinels know the replica and each other", lambda: all(known(s) for s in self.sentinels))
+
+    def section(self):
+        urls = toml_list(s.url for s in self.sentinels)
+        return f'[redis]\nsentinels = {urls}\nmaster = "{self.NAME}"\non_error = "local"\n'
+
+    def stop(self):
+        for server in [*self.sentinels, self.master, self.replica]:
+            if server.proc.poll() is None:
+                server.stop()
+
+
+def admin(pg, path):
+    import urllib.request
+    with urllib.request.urlopen(f"http://{pg.admin}{path}", timeout=10) as answer:
+        return answer.read().decode()
+
+
+def admin_json(pg, path):
+    return json.loads(admin(pg, path))
+
+
+def metric(pg, series):
+    """The value of one unlabelled series in /metrics."""
+    return float(re.search(rf"^{series} (\S+)$", admin(pg, "/metrics"), re.M).group(1))
 
 
 def upstream(name, base_url, rate, extra=""):
@@ -483,6 +573,60 @@ def flood_table(f):
                      f"{v['h1']['after_mib']:.0f} MiB | {v['h2']['peak_mib']:.0f} MiB | {v['h2']['after_mib']:.0f} MiB | "
                      f"{v['h1']['client_failures'] + v['h2']['client_failures']} |")
     return lines
+
+
+def redis_ha(k=900, real=50):
+    """Requests/s and p99 through one pacegate sharing an unlimited quota
+    through one server, a 3-master cluster and Sentinel; then two replicas
+    at a shared quota through Sentinel while its master is killed."""
+    mock = Mock()
+    unlimited = upstream("api", mock.url, "1000000/s", "burst = 100000\nmax_concurrency = 1024")
+    throughput = {}
+    for name, make in (("server", Redis), ("cluster", RedisCluster), ("sentinel", RedisSentinels)):
+        redis = make()
+        pg = Pacegate(unlimited, redis.section())
+        report = wrk(f"http://{pg.proxy}/api/x")
+        throughput[name] = {"rps": report["rps"], "p99_us": report["p99"], "errors": report["errors"] + report["non_2xx"],
+                            "shared": admin_json(pg, "/status")["redis"]["up"]}
+        pg.stop(), redis.stop()
+    mock.stop()
+
+    # The failover: k requests from 100 callers over two replicas at a shared
+    # `real`/s; the master is SIGKILLed once a third of them went out. Times
+    # are on the mock's clock (ms since it started listening).
+    sentinels, mock = RedisSentinels(), Mock()
+    mock_started = time.monotonic()
+    replicas = [Pacegate(upstream("api", mock.url, f"{real}/s"), sentinels.section()) for _ in range(2)]
+    urls = [f"http://{replicas[i % 2].proxy}/api/f{i}" for i in range(k)]
+    marks = {}
+
+    def shared_through(address):
+        states = [admin_json(pg, "/status")["redis"] for pg in replicas]
+        return all(state["up"] and state["master"] == address for state in states)
+
+    def kill_then_watch():
+        time.sleep(k / real / 3)
+        marks["killed"] = time.monotonic() - mock_started
+        sentinels.master.proc.kill()
+        settle("shared again through the promoted replica", lambda: shared_through(sentinels.replica.address), 60)
+        marks["resumed"] = time.monotonic() - mock_started
+    watcher = threading.Thread(target=kill_then_watch)
+    watcher.start()
+    statuses = asyncio.run(fire(urls, 100))
+    watcher.join()
+    fallbacks = sum(metric(pg, "pacegate_redis_fallbacks_total") for pg in replicas)
+    for pg in replicas:
+        pg.stop()
+    summary = mock.stop()
+    sentinels.stop()
+    times = accepted_times(summary)
+    killed, resumed = marks["killed"], marks["resumed"]
+    return {"throughput": throughput,
+            "failover": {"replicas": 2, "rate": real, "k": k, "caller_failures": sum(s != 200 for s in statuses),
+                         "shared_again_after_s": resumed - killed, "fallbacks": fallbacks,
+                         "max_in_1s_window_before": max_in_window([t for t in times if t < killed], 1.0),
+                         "max_in_1s_window_during": max_in_window([t for t in times if killed <= t < resumed + 1], 1.0),
+                         "max_in_1s_window_after": max_in_window([t for t in times if t >= resumed + 1], 1.0)}}
 
 
 # --- report ----------------------------------------------------------------
@@ -1101,6 +1245,24 @@ def tokens_chart(t, plt):
     plt.close(fig)
 
 
+def redis_ha_table(r):
+    f = r["failover"]
+    lines = ["", "### Redis Cluster and Sentinel", "",
+             "| one pacegate, unlimited quota shared through (wrk -t2 -c64, 4 s) | req/s | p99 | errors | still shared at the end |",
+             "|---|---|---|---|---|"]
+    for name, v in r["throughput"].items():
+        lines.append(f"| {name} | {v['rps']:.0f} | {v['p99_us']/1000:.2f} ms | {v['errors']} | "
+                     f"{'yes' if v['shared'] else 'no'} |")
+    lines += ["", f"Two replicas sharing one {f['rate']}/s quota through Sentinel, {f['k']} requests from 100 callers, "
+              f"the master SIGKILLed a third of the way in (`down-after-milliseconds` 1 s):", "",
+              "| caller failures | shared again after the kill | fallbacks (both replicas) | busiest 1 s before | "
+              "during the failover | after |",
+              "|---|---|---|---|---|---|",
+              f"| {f['caller_failures']} | {f['shared_again_after_s']:.2f} s | {f['fallbacks']:.0f} | "
+              f"{f['max_in_1s_window_before']} | {f['max_in_1s_window_during']} | {f['max_in_1s_window_after']} |"]
+    return lines
+
+
 def tables(r):
     o = r["overhead"]
     lines = ["### Pass-through overhead (wrk -t2 -c64, 2 interleaved runs of 4 s, means)", "",
@@ -1146,6 +1308,8 @@ def tables(r):
                   "|---|---|---|---|---|---|",
                   f"| {rep['makespan_s']:.2f} s | {rep['ideal_s']:.2f} s | {rep['vs_ideal_pct']:+.1f} % | "
                   f"{rep['max_in_1s_window']} | {rep['upstream_429']} | {rep['caller_failures']} |"]
+    if "redis_ha" in r:
+        lines += redis_ha_table(r["redis_ha"])
     if "endpoint_limits" in r:
         lines += endpoint_limits_table(r["endpoint_limits"])
     if "tokens" in r:
@@ -1228,8 +1392,8 @@ def main():
     steps = [("overhead", pass_through_overhead),
              ("pacing", lambda: [pacing(10, 40), pacing(100, 400), pacing(1000, 3000)]),
              ("misconfigured", misconfigured), ("client_side", client_side_vs_pacegate), ("scale", scale),
-             ("redis", redis_mode), ("endpoint_limits", endpoint_limits), ("tokens", token_quotas),
-             ("breaker", breaker), ("cache", cache), ("flood", flood)]
+             ("redis", redis_mode), ("redis_ha", redis_ha), ("endpoint_limits", endpoint_limits),
+             ("tokens", token_quotas), ("breaker", breaker), ("cache", cache), ("flood", flood)]
     # --update: run the scenarios named, keep the others' figures from the last run.
     update = "--update" in sys.argv[1:]
     only = set(sys.argv[1:]) - {"--update"}

@@ -4,8 +4,9 @@
 #
 # Runs every pacegate benchmark scenario on loopback and regenerates
 # bench/results/latest.json, the SVG charts and the tables in BENCHMARKS.md.
-# Installs what it needs when missing (nginx, wrk and redis-server from Debian when root,
-# Python packages from PyPI). Whole suite: about ten minutes on 2 cores.
+# Installs what it needs when missing (nginx, wrk, redis-server, redis-tools and
+# redis-sentinel from Debian when root, Python packages from PyPI). Whole
+# suite: about ten minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,8 @@ command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 # Allocators the flood scenario compares with glibc's (preloaded, no rebuild).
 [ -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] || missing+=(libjemalloc2)
 [ -e /usr/lib/x86_64-linux-gnu/libmimalloc.so.2 ] || missing+=(libmimalloc2.0)
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel)
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

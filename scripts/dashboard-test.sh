@@ -2,7 +2,7 @@
 # Loads the admin dashboard in headless Chromium against a running pacegate
 # that carries traffic, and checks that the upstream's name and live numbers
 # appear. Needs the debug binaries (`cargo build --bin pacegate --example
-# mock_upstream`), chromium and curl. Set SCREENSHOT=path.png to also save a
+# mock_upstream`), chromium, curl and redis-server. Set SCREENSHOT=path.png to also save a
 # screenshot for a human to look at.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,14 @@ target/debug/examples/mock_upstream --listen 127.0.0.1:0 --ignore-stdin >"$work/
 pids+=($!)
 mock=$(await_line "$work/mock.out" 'listening [0-9.:]*' | cut -d' ' -f2)
 
+# A Redis for shared quotas, on a loopback port nothing listens on.
+for _ in $(seq 20); do
+  redis_port=$((20000 + RANDOM % 30000))
+  (exec 3<>"/dev/tcp/127.0.0.1/$redis_port") 2>/dev/null || break
+done
+redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --loglevel warning >"$work/redis.out" &
+pids+=($!)
+
 cat >"$work/pacegate.toml" <<TOML
 [server]
 listen = "127.0.0.1:0"
@@ -27,6 +35,9 @@ admin_listen = "127.0.0.1:0"
 
 [mitm]
 enabled = false
+
+[redis]
+url = "redis://127.0.0.1:$redis_port"
 
 [[upstream]]
 name = "demo-api"
@@ -104,4 +115,6 @@ grep -Eq 'data-stat="tokens">tokens sent last minute [1-9][0-9]*' "$work/dom.htm
 grep -q 'calibration 1.00' "$work/dom.html" || fail "no calibration shown"
 grep -Eq 'data-stat="cache">cache hit ratio [0-9]+ % · 1 hits' "$work/dom.html" || fail "no cache hit ratio shown"
 grep -q 'data-stat="unpaced">1 HTTPS tunnel not paced' "$work/dom.html" || fail "the unpaced tunnel is not shown"
+grep -q "data-stat=\"redis\">redis server · master 127.0.0.1:$redis_port<" "$work/dom.html" ||
+  fail "the Redis form and master are not named"
 echo "dashboard test passed: demo-api card shows $answered answered requests"

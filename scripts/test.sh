@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 # Commands the tests need -> Debian package. Required ones fail the run when
 # they cannot be installed; optional ones skip the tests that use them.
-declare -A REQUIRED=([kill]=procps [curl]=curl [redis-server]=redis-server)
+declare -A REQUIRED=([kill]=procps [curl]=curl [redis-server]=redis-server [redis-cli]=redis-tools
+  [redis-sentinel]=redis-sentinel)
 declare -A OPTIONAL=([chromium]=chromium)
 
 can_install() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; }

@@ -126,7 +126,9 @@ fn status(admin: &Admin) -> Value {
         "uptime_seconds": admin.started.elapsed().as_secs_f64(),
         // Shared quotas: where, and whether pacing uses them right now.
         "redis": runtime.store.as_ref().map(|store| json!({
+            "form": store.form(),
             "address": store.address(),
+            "master": store.master(),
             "up": store.is_up(),
             "on_error": format!("{:?}", store.on_error()).to_lowercase(),
         })),

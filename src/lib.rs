@@ -21,7 +21,8 @@
 //! - [`cache`]: an upstream's response cache: answers kept under RFC 9111
 //!   per credential, revalidated when stale, identical GETs in flight
 //!   sharing one fetch ([`cache::flight`]); `proxy::cached` uses it.
-//! - [`store`]: quotas and cooldowns shared by replicas through Redis.
+//! - [`store`]: quotas and cooldowns shared by replicas through Redis: one
+//!   server, a Redis Cluster, or the master Sentinel names.
 //! - [`admission`]: the admission core: who may leave an upstream's queue,
 //!   and when (queues per partition and set of endpoint limits, partitions
 //!   with their own quotas, limits and cooldowns, callers round-robin,

@@ -1,17 +1,37 @@
 //! Quotas and cooldowns shared by replicas through a real
-//! `redis-server` (each test starts its own on a free loopback port).
+//! `redis-server` (each test starts its own on a free loopback port), a
+//! Redis Cluster of three masters, or a master with a replica and three
+//! sentinels.
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use support::mock::{Behaviour, MockUpstream};
+use support::mock::{Behaviour, MockUpstream, max_in_any_window};
 use support::process::Process;
-use support::redis_server::RedisServer;
+use support::redis_server::{RedisCluster, RedisSentinels, RedisServer};
 use support::{Pacegate, TEST_SERVER, client, upstream};
 
-/// A full config: test listeners, `[redis]`, then `upstreams`.
+/// A full config: test listeners, `[redis]` with one server, then `upstreams`.
 fn config(redis_url: &str, on_error: &str, upstreams: &str) -> String {
-    format!("{TEST_SERVER}\n[redis]\nurl = \"{redis_url}\"\non_error = \"{on_error}\"\n\n{upstreams}")
+    config_of(&format!("url = \"{redis_url}\""), on_error, upstreams)
+}
+
+/// A full config whose `[redis]` names its servers with `nodes` (the
+/// `url`, `cluster` or `sentinels` lines).
+fn config_of(nodes: &str, on_error: &str, upstreams: &str) -> String {
+    format!("{TEST_SERVER}\n[redis]\n{nodes}\non_error = \"{on_error}\"\n\n{upstreams}")
+}
+
+/// Held by the tests that put two replicas under load (and start up to
+/// five Redis processes): one at a time, their timing stays honest on a
+/// small machine, and a failover or migration is not starved by the others.
+static UNDER_LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `urls` as a TOML array.
+fn toml_list(urls: &[String]) -> String {
+    format!("[{}]", urls.iter().map(|url| format!("\"{url}\"")).collect::<Vec<_>>().join(", "))
 }
 
 /// GET through pacegate; the status, or 0 if the request failed.
@@ -36,6 +56,7 @@ async fn eventually(limit: Duration, mut ready: impl AsyncFnMut() -> bool) -> bo
 /// upstream in about (500-1)/50 s with (almost) no 429.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_stay_inside_one_shared_quota() {
+    let _alone = UNDER_LOAD.lock().await;
     let redis = RedisServer::start().await;
     let mock = MockUpstream::start(Behaviour::new().limit(50, Duration::from_secs(1))).await;
     let extra = "rate = \"50/s\"\nqueue_size = 1000\nqueue_timeout = \"60s\"";
@@ -89,15 +110,30 @@ async fn two_replicas_stay_inside_one_shared_quota() {
 #[tokio::test]
 async fn a_429_through_one_replica_pauses_the_other() {
     let redis = RedisServer::start().await;
+    a_429_pauses_the_other_replica(&format!("url = \"{}\"", redis.url()), |pattern| redis.keys(pattern))
+        .await;
+}
+
+/// The same through a Redis Cluster: the cooldown is written to the master
+/// of the upstream's slot, and read there by the other replica.
+#[tokio::test]
+async fn a_429_through_one_replica_pauses_the_other_through_a_cluster() {
+    let Some(cluster) = RedisCluster::start(3).await else { return };
+    let nodes = format!("cluster = {}", toml_list(&cluster.urls()));
+    a_429_pauses_the_other_replica(&nodes, |pattern| cluster.owner("{api}").keys(pattern)).await;
+}
+
+/// Replica A gets a 429 (`Retry-After: 2`); replica B, sharing the `[redis]`
+/// named by `nodes` (whose keys `keys` lists), waits the pause out too.
+async fn a_429_pauses_the_other_replica(nodes: &str, keys: impl Fn(&str) -> Vec<String>) {
     let mock = MockUpstream::start(Behaviour::new().respond_429_once("2")).await;
-    let text = config(&redis.url(), "local", &upstream("api", &mock.url(), "rate = \"100/s\""));
+    let text = config_of(nodes, "local", &upstream("api", &mock.url(), "rate = \"100/s\""));
     let (a, b) = (Pacegate::start_config(&text).await, Pacegate::start_config(&text).await);
 
     let first = tokio::spawn(client().get(a.url("/api/first")).send());
     assert!(mock.wait_for_arrivals(1, Duration::from_secs(5)).await);
     // Replica A writes the cooldown in the background once it has the 429.
-    let written =
-        eventually(Duration::from_secs(2), async || !redis.keys("pacegate:{api}:*:cooldown").is_empty());
+    let written = eventually(Duration::from_secs(2), async || !keys("pacegate:{api}:*:cooldown").is_empty());
     assert!(written.await, "no shared cooldown in Redis");
 
     assert_eq!(get(b.url("/api/second")).await, 200);
@@ -206,12 +242,12 @@ async fn partitions_share_their_own_buckets_without_the_key_in_clear() {
 /// leaves every quota untouched.
 #[tokio::test]
 async fn the_script_takes_from_all_quotas_or_none() {
-    use pacegate::config::{Redis, RedisOnError, parse_rate};
+    use pacegate::config::{Redis, RedisNodes, RedisOnError, parse_rate};
     use pacegate::limit::pacer::paced_quotas;
     use pacegate::store::{Keys, SharedQuotas, Store, Verdict};
 
     let redis = RedisServer::start().await;
-    let config = Redis { url: redis.url(), on_error: RedisOnError::Local };
+    let config = Redis { nodes: RedisNodes::Server(redis.url()), on_error: RedisOnError::Local };
     let store = Store::new(&config, std::sync::Arc::new(pacegate::metrics::Metrics::new())).unwrap();
     // 10/s admitting 5 back to back, and at most 6 per minute.
     let rates = [parse_rate("10/s").unwrap(), parse_rate("6/min").unwrap()];
@@ -248,12 +284,12 @@ async fn the_script_takes_from_all_quotas_or_none() {
 /// still go.
 #[tokio::test]
 async fn the_script_weighs_costs_and_names_the_limit_that_waits() {
-    use pacegate::config::{Redis, RedisOnError, parse_rate};
+    use pacegate::config::{Redis, RedisNodes, RedisOnError, parse_rate};
     use pacegate::limit::pacer::paced_quotas;
     use pacegate::store::{Keys, SharedQuotas, Store, Verdict};
 
     let redis = RedisServer::start().await;
-    let config = Redis { url: redis.url(), on_error: RedisOnError::Local };
+    let config = Redis { nodes: RedisNodes::Server(redis.url()), on_error: RedisOnError::Local };
     let store = Store::new(&config, std::sync::Arc::new(pacegate::metrics::Metrics::new())).unwrap();
     let one = std::num::NonZeroU32::MIN;
     let own = SharedQuotas::new(&paced_quotas(&[parse_rate("100/s").unwrap()], one));
@@ -307,12 +343,12 @@ open_for = "10s"
 /// sooner, never before now (no burst); units taken on top make it wait.
 #[tokio::test]
 async fn the_adjust_script_gives_back_never_before_now_and_takes_on_top() {
-    use pacegate::config::{Redis, RedisOnError, parse_rate};
+    use pacegate::config::{Redis, RedisNodes, RedisOnError, parse_rate};
     use pacegate::limit::pacer::paced_quotas;
     use pacegate::store::{Keys, SharedQuotas, Store, Verdict};
 
     let redis = RedisServer::start().await;
-    let config = Redis { url: redis.url(), on_error: RedisOnError::Local };
+    let config = Redis { nodes: RedisNodes::Server(redis.url()), on_error: RedisOnError::Local };
     let store = Store::new(&config, std::sync::Arc::new(pacegate::metrics::Metrics::new())).unwrap();
     let one = std::num::NonZeroU32::MIN;
     let own = SharedQuotas::new(&paced_quotas(&[parse_rate("1000/s").unwrap()], one));
@@ -340,4 +376,253 @@ async fn the_adjust_script_gives_back_never_before_now_and_takes_on_top() {
     store.adjust(&keys, &tokens, 200).await.expect("redis is up");
     let wait = waits(1).await;
     assert!(wait >= Duration::from_millis(2300), "charged on top: {wait:?}");
+}
+
+/// Two replicas share quotas through a Redis Cluster of three masters that
+/// they know by one seed only: three upstreams whose hash tags fall on the
+/// three masters are each paced at their one shared rate, every script
+/// call reaching the master of its upstream's slot (loading the script
+/// there on `NOSCRIPT`), and no call falls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_quotas_through_a_cluster() {
+    let _alone = UNDER_LOAD.lock().await;
+    const QUOTA: usize = 20;
+    const PER_UPSTREAM: usize = 30;
+    let Some(cluster) = RedisCluster::start(3).await else { return };
+    // One upstream name per master, by the slot of its hash tag.
+    let mut names: Vec<(String, String)> = Vec::new();
+    for candidate in (0..100).map(|i| format!("api{i}")) {
+        let owner = cluster.owner(&format!("{{{candidate}}}")).address();
+        if !names.iter().any(|(_, taken)| *taken == owner) {
+            names.push((candidate, owner));
+        }
+    }
+    assert_eq!(names.len(), 3, "a name for each master: {names:?}");
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let extra = format!("rate = \"{QUOTA}/s\"\nqueue_timeout = \"30s\"");
+    let upstreams: String =
+        names.iter().map(|(name, _)| upstream(name, &format!("{}/{name}", mock.url()), &extra)).collect();
+    let text = config_of(&format!("cluster = [\"{}\"]", cluster.nodes[0].url()), "local", &upstreams);
+    let replicas = Arc::new([Pacegate::start_config(&text).await, Pacegate::start_config(&text).await]);
+
+    // Every request at once, split across both replicas.
+    let calls: Vec<_> = names
+        .iter()
+        .flat_map(|(name, _)| (0..PER_UPSTREAM).map(move |i| (name.clone(), i)))
+        .map(|(name, i)| {
+            let replicas = replicas.clone();
+            tokio::spawn(async move { get(replicas[i % 2].url(&format!("/{name}/{i}"))).await })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 200);
+    }
+
+    let arrivals = mock.arrivals();
+    for (name, owner) in &names {
+        let prefix = format!("/{name}/");
+        let times: Vec<_> =
+            arrivals.iter().filter(|a| a.path_and_query.starts_with(&prefix)).map(|a| a.at).collect();
+        let busiest = max_in_any_window(&times, Duration::from_secs(1));
+        println!("cluster, upstream {name} on {owner}: busiest second {busiest} at a shared {QUOTA}/s");
+        assert_eq!(times.len(), PER_UPSTREAM);
+        assert!(busiest <= QUOTA + 1, "{name}: {busiest} in one second, quota {QUOTA}/s");
+        let node = cluster.nodes.iter().find(|node| node.address() == *owner).expect("owner");
+        assert_eq!(
+            node.keys(&format!("pacegate:{{{name}}}:*:quotas")).len(),
+            1,
+            "{name}'s bucket on {owner}"
+        );
+    }
+    for replica in replicas.iter() {
+        assert_eq!(replica.metric("pacegate_redis_fallbacks_total").await, Some(0.0));
+        let redis = &replica.status().await["redis"];
+        assert_eq!(redis["form"], "cluster");
+        let masters: Vec<String> = cluster.nodes.iter().map(RedisServer::address).collect();
+        let mut shown: Vec<&str> = redis["master"].as_str().unwrap_or_default().split(',').collect();
+        shown.sort_unstable();
+        let mut masters: Vec<&str> = masters.iter().map(String::as_str).collect();
+        masters.sort_unstable();
+        assert_eq!(shown, masters, "/status names the cluster's masters");
+    }
+}
+
+/// A slot migration under load loses nothing: while the upstream's slot
+/// moves to another master (held half moved for a while, so that calls
+/// meet `ASK` and `TRYAGAIN`), two replicas keep answering every request;
+/// afterwards the bucket lives on the new master, is paced there at the
+/// shared quota, and no replica is left in fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_migration_under_load_loses_nothing() {
+    let _alone = UNDER_LOAD.lock().await;
+    const QUOTA: usize = 20;
+    let Some(cluster) = RedisCluster::start(3).await else { return };
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let extra = format!("rate = \"{QUOTA}/s\"\nqueue_timeout = \"30s\"");
+    let text = config_of(
+        &format!("cluster = {}", toml_list(&cluster.urls())),
+        "local",
+        &upstream("api", &mock.url(), &extra),
+    );
+    let replicas = Arc::new([Pacegate::start_config(&text).await, Pacegate::start_config(&text).await]);
+    let from = cluster.owner("{api}").address();
+    let to = cluster.nodes.iter().find(|node| node.address() != from).expect("another master");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers = load(&replicas, 8, &stop);
+    // Shared pacing first, so that the slot has keys to move.
+    assert!(mock.wait_for_arrivals(QUOTA, Duration::from_secs(10)).await);
+    let moving = tokio::time::Instant::now();
+    cluster.migrate("{api}", to, Duration::from_secs(1)).await;
+    let moved = tokio::time::Instant::now();
+    assert_eq!(cluster.owner("{api}").address(), to.address());
+    // Shared again, through the new owner.
+    for replica in replicas.iter() {
+        let up = eventually(Duration::from_secs(30), async || {
+            replica.metric("pacegate_redis_up").await == Some(1.0)
+        });
+        assert!(up.await, "shared mode did not resume after the migration");
+    }
+    let resumed = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let answered = stopped(callers, &stop).await;
+
+    assert_eq!(to.keys("pacegate:{api}:*:quotas").len(), 1, "the bucket moved to the new owner");
+    let times: Vec<_> = mock.arrivals().iter().map(|a| a.at).collect();
+    let second = Duration::from_secs(1);
+    let after: Vec<_> = times.iter().copied().filter(|&t| t >= resumed + second).collect();
+    let (busiest, after) = (max_in_any_window(&times, second), max_in_any_window(&after, second));
+    let mut fallbacks = 0.0;
+    for replica in replicas.iter() {
+        fallbacks += replica.metric("pacegate_redis_fallbacks_total").await.unwrap_or_default();
+    }
+    println!(
+        "slot migration under load: {answered} requests, all 200; slot moved in {:.2} s, {fallbacks} fallbacks; \
+         busiest second {busiest}, after {after} (quota {QUOTA}/s, 2 replicas)",
+        (moved - moving).as_secs_f64()
+    );
+    assert!(after <= QUOTA + 1, "{after} in one second once the slot moved");
+    assert!(busiest <= 2 * QUOTA + 1, "{busiest} in one second: above the allowance");
+}
+
+/// `per_replica` callers on each replica, each sending one request after
+/// another to `/api/` until `stop`; each returns the statuses it got.
+fn load(
+    replicas: &Arc<[Pacegate; 2]>,
+    per_replica: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<u16>>> {
+    (0..2 * per_replica)
+        .map(|caller| {
+            let (replicas, stop) = (replicas.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                for i in 0.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    statuses.push(get(replicas[caller % 2].url(&format!("/api/{caller}-{i}"))).await);
+                }
+                statuses
+            })
+        })
+        .collect()
+}
+
+/// Stops the `callers` of [`load`], asserts each request was answered
+/// 200, and returns how many there were.
+async fn stopped(callers: Vec<tokio::task::JoinHandle<Vec<u16>>>, stop: &AtomicBool) -> usize {
+    stop.store(true, Ordering::Relaxed);
+    let mut answered = 0;
+    for caller in callers {
+        let statuses = caller.await.expect("caller");
+        assert!(statuses.iter().all(|&s| s == 200), "every request answered 200: {statuses:?}");
+        answered += statuses.len();
+    }
+    answered
+}
+
+/// Sentinel: the master is killed (SIGKILL) while two replicas serve a
+/// steady load. Every request is answered 200; each replica falls back once
+/// (`on_error = "local"`), finds the promoted replica through the sentinels
+/// and shares the quota again. The upstream sees at most the quota in any
+/// second of shared mode, and at most the documented allowance (each
+/// replica pacing alone: twice the quota) while the master is away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_under_load_answers_everything_and_sharing_resumes() {
+    let _alone = UNDER_LOAD.lock().await;
+    const QUOTA: usize = 20;
+    let Some(mut set) = RedisSentinels::start().await else { return };
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let nodes = format!("sentinels = {}\nmaster = \"{}\"", toml_list(&set.urls()), RedisSentinels::MASTER);
+    let extra = format!("rate = \"{QUOTA}/s\"\nqueue_timeout = \"30s\"");
+    let text = config_of(&nodes, "local", &upstream("api", &mock.url(), &extra));
+    let replicas = Arc::new([Pacegate::start_config(&text).await, Pacegate::start_config(&text).await]);
+    for replica in replicas.iter() {
+        assert_eq!(get(replica.url("/api/warm-up")).await, 200);
+        assert_eq!(replica.status().await["redis"]["master"], set.master.address());
+    }
+
+    // Eight callers per replica, each sending one request after another.
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers = load(&replicas, 8, &stop);
+    // Shared mode under load, then the master dies.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let killed = tokio::time::Instant::now();
+    set.master.kill();
+    for replica in replicas.iter() {
+        let promoted = eventually(Duration::from_secs(30), async || {
+            let redis = &replica.status().await["redis"];
+            redis["up"] == true && redis["master"] == set.replica.address()
+        });
+        let promoted = promoted.await;
+        let (status, named) = (replica.status().await, set.named_master());
+        let replica = set.replica.address();
+        assert!(
+            promoted,
+            "not shared through {replica}: sentinels name {named}, /status {}",
+            status["redis"]
+        );
+    }
+    let resumed = tokio::time::Instant::now();
+    assert_eq!(set.named_master(), set.replica.address(), "the sentinels promoted the replica");
+    let mut fallbacks = Vec::new();
+    for replica in replicas.iter() {
+        fallbacks.push(replica.metric("pacegate_redis_fallbacks_total").await.unwrap_or_default());
+    }
+    // Shared mode again, under the same load.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let answered = stopped(callers, &stop).await;
+    // One fallback per outage, not one per request; a busy machine may add
+    // one when the new master is slow to answer at first.
+    assert!(fallbacks.iter().all(|&n| (1.0..=3.0).contains(&n)), "fallbacks per replica: {fallbacks:?}");
+    let mut later = false;
+    for (replica, before) in replicas.iter().zip(&fallbacks) {
+        later |= replica.metric("pacegate_redis_fallbacks_total").await.unwrap_or_default() > *before;
+    }
+
+    let times: Vec<_> =
+        mock.arrivals().iter().filter(|a| !a.path_and_query.contains("warm-up")).map(|a| a.at).collect();
+    let second = Duration::from_secs(1);
+    let busiest = |from: tokio::time::Instant, to: tokio::time::Instant| {
+        let within: Vec<_> = times.iter().copied().filter(|&t| t >= from && t < to).collect();
+        max_in_any_window(&within, second)
+    };
+    let far = tokio::time::Instant::now() + second;
+    let (before, during) =
+        (busiest(killed - Duration::from_secs(60), killed), busiest(killed, resumed + second));
+    let after = busiest(resumed + second, far);
+    println!(
+        "sentinel failover under load: {answered} requests, all 200; shared again {:.2} s after the kill; \
+         busiest second before {before}, during {during}, after {after} (quota {QUOTA}/s, 2 replicas)",
+        (resumed - killed).as_secs_f64()
+    );
+    assert!(before <= QUOTA + 1, "{before} in one second before the failover");
+    if later {
+        println!("a replica fell back again after the failover: its second is held to the allowance only");
+    }
+    let allowed_after = if later { 2 * QUOTA + 1 } else { QUOTA + 1 };
+    assert!(after <= allowed_after, "{after} in one second once shared again");
+    assert!(during <= 2 * QUOTA + 1, "{during} in one second during the failover: above the allowance");
+    assert!(busiest(killed - Duration::from_secs(60), far) <= 2 * QUOTA + 1);
 }

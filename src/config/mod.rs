@@ -137,10 +137,43 @@ pub enum RedisOnError {
 /// `[redis]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Redis {
-    /// `redis://` or `rediss://` URL of the shared store.
-    pub url: String,
+    /// Where the shared store lives: one server, a cluster, or a master
+    /// found through Sentinel.
+    pub nodes: RedisNodes,
     /// What pacing does while Redis cannot be reached.
     pub on_error: RedisOnError,
+}
+
+/// The three forms of `[redis]`; every URL is `redis://` or `rediss://`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisNodes {
+    /// `url`: one server.
+    Server(String),
+    /// `cluster`: seed nodes of a Redis Cluster, which tell the rest.
+    Cluster(Vec<String>),
+    /// `sentinels` and `master`: the sentinels that know which server is the
+    /// master named `master` now.
+    Sentinel { sentinels: Vec<String>, master: String },
+}
+
+impl RedisNodes {
+    /// The form's name, as `/status` shows it.
+    pub fn form(&self) -> &'static str {
+        match self {
+            Self::Server(_) => "server",
+            Self::Cluster(_) => "cluster",
+            Self::Sentinel { .. } => "sentinel",
+        }
+    }
+
+    /// Every URL the form names.
+    pub fn urls(&self) -> &[String] {
+        match self {
+            Self::Server(url) => std::slice::from_ref(url),
+            Self::Cluster(seeds) => seeds,
+            Self::Sentinel { sentinels, .. } => sentinels,
+        }
+    }
 }
 
 /// One quota: `count` requests per `per`.

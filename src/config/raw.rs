@@ -157,19 +157,19 @@ impl Default for RawMitm {
     }
 }
 
-/// `[redis]`.
-#[derive(Debug, Deserialize)]
+/// `[redis]`. The three ways to name the servers stay optional here, so
+/// that `validate` can require exactly one and point at the one too many.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawRedis {
     /// Spanned: the scheme is checked in `validate`.
-    pub url: Spanned<String>,
+    pub url: Option<Spanned<String>>,
+    /// Spanned, each seed too: `validate` points at the list or at one URL.
+    pub cluster: Option<Spanned<Vec<Spanned<String>>>>,
+    pub sentinels: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Spanned: it is an error without `sentinels`.
+    pub master: Option<Spanned<String>>,
     pub on_error: RawRedisOnError,
-}
-
-impl Default for RawRedis {
-    fn default() -> Self {
-        Self { url: unspanned("redis://127.0.0.1:6379".to_owned()), on_error: RawRedisOnError::Local }
-    }
 }
 
 /// One `[[upstream]]`.
@@ -435,9 +435,10 @@ impl From<RawUnknownHosts> for UnknownHosts {
 }
 
 /// `redis.on_error`.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RawRedisOnError {
+    #[default]
     Local,
     Deny,
 }

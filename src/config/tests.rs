@@ -237,7 +237,7 @@ budget = 0
     assert_eq!(config.server.max_buffered_bytes, 5);
     assert_eq!(config.forward.unknown_hosts, UnknownHosts::Pass);
     let redis = config.redis.unwrap();
-    assert_eq!(redis.url, "redis://127.0.0.1:6379");
+    assert_eq!(redis.nodes, RedisNodes::Server("redis://127.0.0.1:6379".to_owned()));
     assert_eq!(redis.on_error, RedisOnError::Deny);
     let up = &config.upstreams[0];
     assert_eq!(up.route.as_deref(), Some("/x"));
@@ -485,6 +485,38 @@ fn misc_rules() {
     assert_error(&text, 5, 11, &["ca_file"]);
     let text = MINIMAL.replace("rate =", "hosts = [\"a b\"]\nrate =");
     assert_error(&text, 5, 10, &["invalid host"]);
+}
+
+#[test]
+fn redis_takes_one_of_three_forms() {
+    let nodes = |text: &str| parse_str(text).unwrap_or_else(|e| panic!("{e}")).redis.map(|r| r.nodes);
+    let urls = |urls: &[&str]| urls.iter().map(|u| (*u).to_owned()).collect::<Vec<_>>();
+    assert_eq!(
+        nodes("[redis]\ncluster = [\"redis://a:7000\", \"redis://b:7001\"]\n"),
+        Some(RedisNodes::Cluster(urls(&["redis://a:7000", "redis://b:7001"])))
+    );
+    assert_eq!(
+        nodes("[redis]\nsentinels = [\"rediss://:pw@a:26379\"]\nmaster = \"mymaster\"\n"),
+        Some(RedisNodes::Sentinel { sentinels: urls(&["rediss://:pw@a:26379"]), master: "mymaster".into() })
+    );
+    let both = "[redis]\nurl = \"redis://a\"\ncluster = [\"redis://b\"]\n";
+    assert_error(both, 3, 11, &["one of url, cluster or sentinels"]);
+    let both = "[redis]\nsentinels = [\"redis://b\"]\nmaster = \"m\"\nurl = \"redis://a\"\n";
+    assert_error(both, 4, 7, &["one of url, cluster or sentinels"]);
+    assert_error("[redis]\nsentinels = [\"redis://a:26379\"]\n", 2, 13, &["master = "]);
+    assert_error("[redis]\nmaster = \"m\"\n", 2, 10, &["sentinels"]);
+    assert_error("[redis]\ncluster = []\n", 2, 11, &["at least one"]);
+    assert_error("[redis]\ncluster = [\"redis://a\", \"http://b\"]\n", 2, 25, &["redis://"]);
+    assert_error(
+        "[redis]\nsentinels = [\"redis://a\", \"rediss://b\"]\nmaster = \"m\"\n",
+        2,
+        13,
+        &["rediss://"],
+    );
+    let passwords = "[redis]\ncluster = [\"redis://:one@a\", \"redis://:two@b\"]\n";
+    let (line, col, message) = error(passwords);
+    assert_eq!((line, col), (2, 11), "{message}");
+    assert!(message.contains("different password") && !message.contains("one@"), "{message}");
 }
 
 #[test]

@@ -17,7 +17,9 @@ use super::claims::{Claims, HostClaim};
 use super::error::Cx;
 use super::raw::{Dur, RawBreaker, RawConfig, RawRedis, RawRetry, RawServer, RawUpstream};
 use super::units::format_duration;
-use super::{Breaker, Config, ConfigError, Forward, KeySource, Mitm, Redis, Retry, Server, Upstream};
+use super::{
+    Breaker, Config, ConfigError, Forward, KeySource, Mitm, Redis, RedisNodes, Retry, Server, Upstream,
+};
 
 /// Smallest `max_header_bytes` that still fits ordinary API requests.
 const MIN_HEADER_BYTES: usize = 1024;
@@ -101,15 +103,79 @@ fn server(cx: &Cx<'_>, raw: RawServer) -> Result<Server, ConfigError> {
     })
 }
 
+/// Where `[redis]` finds its servers when it names none.
+const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
 fn redis(cx: &Cx<'_>, raw: RawRedis) -> Result<Redis, ConfigError> {
-    let url = raw.url.get_ref();
+    let on_error = raw.on_error.into();
+    if let Some(master) = raw.master.as_ref().filter(|_| raw.sentinels.is_none()) {
+        return Err(cx.err(master.span(), "master names a Sentinel master: it needs sentinels = [...]"));
+    }
+    // Exactly one form: point at the second one written.
+    let mut forms = [raw.url.as_ref().map(Spanned::span), span(&raw.cluster), span(&raw.sentinels)]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>();
+    forms.sort_by_key(|span| span.start);
+    if let Some(second) = forms.get(1) {
+        return Err(cx.err(second.clone(), "[redis] takes one of url, cluster or sentinels"));
+    }
+    let nodes = match (raw.url, raw.cluster, raw.sentinels) {
+        (Some(url), _, _) => RedisNodes::Server(redis_url(cx, url)?),
+        (_, Some(seeds), _) => {
+            let span = seeds.span();
+            let seeds = redis_urls(cx, "cluster", seeds)?;
+            // The client refuses seeds that disagree on credentials or database.
+            if let Err(error) = redis::cluster::ClusterClient::new(seeds.clone()) {
+                return Err(cx.err(span, format!("bad redis cluster: {error}")));
+            }
+            RedisNodes::Cluster(seeds)
+        }
+        (_, _, Some(sentinels)) => {
+            let span = sentinels.span();
+            let sentinels = redis_urls(cx, "sentinels", sentinels)?;
+            let master = raw.master.map(Spanned::into_inner).filter(|m| !m.is_empty());
+            let master = master.ok_or_else(|| {
+                cx.err(span, "sentinels need master = \"NAME\", the name the sentinels monitor")
+            })?;
+            RedisNodes::Sentinel { sentinels, master }
+        }
+        _ => RedisNodes::Server(DEFAULT_REDIS_URL.to_owned()),
+    };
+    Ok(Redis { nodes, on_error })
+}
+
+fn span<T>(value: &Option<Spanned<T>>) -> Option<std::ops::Range<usize>> {
+    value.as_ref().map(Spanned::span)
+}
+
+/// A non-empty list of Redis URLs, all with the same scheme.
+fn redis_urls(
+    cx: &Cx<'_>,
+    key: &str,
+    raw: Spanned<Vec<Spanned<String>>>,
+) -> Result<Vec<String>, ConfigError> {
+    let span = raw.span();
+    let urls = raw.into_inner().into_iter().map(|url| redis_url(cx, url)).collect::<Result<Vec<_>, _>>()?;
+    let Some(first) = urls.first() else {
+        return Err(cx.err(span, format!("{key} needs at least one redis:// or rediss:// URL")));
+    };
+    let tls = |url: &str| url.starts_with("rediss://");
+    if urls.iter().any(|url| tls(url) != tls(first)) {
+        return Err(cx.err(span, format!("{key}: use redis:// for every URL or rediss:// for every URL")));
+    }
+    Ok(urls)
+}
+
+fn redis_url(cx: &Cx<'_>, raw: Spanned<String>) -> Result<String, ConfigError> {
+    let url = raw.get_ref();
     if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-        return Err(cx.err(raw.url.span(), "redis url must start with redis:// or rediss://"));
+        return Err(cx.err(raw.span(), "redis url must start with redis:// or rediss://"));
     }
     if let Err(error) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
-        return Err(cx.err(raw.url.span(), format!("bad redis url: {error}")));
+        return Err(cx.err(raw.span(), format!("bad redis url: {error}")));
     }
-    Ok(Redis { url: raw.url.into_inner(), on_error: raw.on_error.into() })
+    Ok(raw.into_inner())
 }
 
 fn socket_addr(cx: &Cx<'_>, key: &str, raw: &Spanned<String>) -> Result<SocketAddr, ConfigError> {

@@ -12,6 +12,9 @@
 //! (`pacegate:{name}:…`), so both keys a script touches live in one Redis
 //! Cluster slot; they expire once idle.
 //!
+//! The servers may be one, a Redis Cluster or a master found through
+//! Sentinel ([`nodes`]); the calls are the same in every form.
+//!
 //! Only the dispatcher task asks, once per attempt at the head of its queue,
 //! so Redis sees one caller per upstream and replica, never a herd of pollers.
 //!
@@ -19,24 +22,34 @@
 //! marked down: the transition is logged once and counted, and from then on
 //! no dispatcher waits on Redis. They fall back to their in-process pacer
 //! (`on_error = "local"`) or refuse (`"deny"`), while one background probe
-//! pings Redis every [`PROBE_EVERY`] and brings shared mode back.
+//! connects anew every [`PROBE_EVERY`] (asking the sentinels for the master
+//! again, or a cluster for its slots) and brings shared mode back once the
+//! new connection answers.
+
+mod nodes;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Script};
+use redis::{FromRedisValue, IntoConnectionInfo, RedisError, RedisResult, Script, ScriptInvocation};
 
 pub use crate::admission::Verdict;
 use crate::config::{self, RedisOnError};
 use crate::limit::pacer::{GUARD, PacedQuota};
 use crate::metrics::Metrics;
+use nodes::{Link, Nodes};
 
 /// Longest a dispatcher waits for one Redis answer before falling back.
 const CALL_TIMEOUT: Duration = Duration::from_millis(250);
 /// How often a down store checks whether Redis is back.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How long making a connection and one check of the probe may take: a
+/// connection made anew (asking the sentinels, checking the master they
+/// name, connecting to it; or reaching every cluster node and reading the
+/// slots) takes several round trips, which a busy replica may not fit in
+/// [`CALL_TIMEOUT`], and no request waits on it.
+const PROBE_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Redis could not be asked; the store is down until the probe succeeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,10 +132,16 @@ impl Keys {
 
 /// A connection to the shared Redis and what to do without it.
 pub struct Store {
-    connection: ConnectionManager,
+    nodes: Nodes,
+    /// The connection in use: made on first use, dropped by a failed call,
+    /// made anew by the probe.
+    link: tokio::sync::Mutex<Option<Link>>,
+    /// The node taking writes through the last connection made (a
+    /// cluster's masters), for `/status`; `None` before the first.
+    master: std::sync::Mutex<Option<String>>,
     /// The `[redis]` section this store was made from, to keep it on reload.
     config: config::Redis,
-    /// Server address for logs, without credentials.
+    /// Server addresses (seeds, sentinels) for logs, without credentials.
     address: String,
     acquire: Script,
     cool_down: Script,
@@ -146,21 +165,22 @@ impl Store {
     /// at start-up is handled like one that goes away later. Made on the main
     /// runtime (with each config generation), where its background calls run.
     pub fn new(config: &config::Redis, metrics: Arc<Metrics>) -> Result<Arc<Self>, RedisError> {
-        if config.url.starts_with("rediss://") {
+        let urls = config.nodes.urls();
+        if urls.iter().any(|url| url.starts_with("rediss://")) {
             // redis' TLS takes rustls' process default; ours is ring.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let client = redis::Client::open(config.url.as_str())?;
-        let address = client.get_connection_info().addr().to_string();
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CALL_TIMEOUT))
-            .set_response_timeout(Some(CALL_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(PROBE_EVERY);
-        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        let addresses: RedisResult<Vec<String>> = urls
+            .iter()
+            .map(|url| url.as_str().into_connection_info().map(|info| info.addr().to_string()))
+            .collect();
+        let address = addresses?.join(",");
+        let nodes = Nodes::new(&config.nodes, CALL_TIMEOUT, PROBE_PATIENCE)?;
         metrics.redis_up.set(1);
         Ok(Arc::new(Self {
-            connection,
+            nodes,
+            link: tokio::sync::Mutex::new(None),
+            master: std::sync::Mutex::new(None),
             config: config.clone(),
             address,
             acquire: Script::new(include_str!("acquire.lua")),
@@ -182,9 +202,20 @@ impl Store {
         self.config.on_error
     }
 
-    /// Server address, without credentials.
+    /// Server address (a cluster's seeds, the sentinels), without credentials.
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// `server`, `cluster` or `sentinel`: the form of `[redis]`.
+    pub fn form(&self) -> &'static str {
+        self.config.nodes.form()
+    }
+
+    /// The node that took writes through the last connection made (the
+    /// master the sentinels named; a cluster's masters, comma-separated).
+    pub fn master(&self) -> Option<String> {
+        self.master.lock().ok().and_then(|master| master.clone())
     }
 
     /// False while Redis is known to be unreachable.
@@ -216,9 +247,7 @@ impl Store {
                 invocation.arg(field).arg(*interval).arg(*tolerance);
             }
         }
-        let mut connection = self.connection.clone();
-        let (status, value, set): (u8, u64, usize) =
-            self.call(invocation.invoke_async(&mut connection)).await?;
+        let (status, value, set): (u8, u64, usize) = self.call(&invocation).await?;
         // The set the script names (1-based; 0 for none), as the caller knows it.
         let on = set.checked_sub(1).and_then(|j| demand.get(j)).and_then(|(on, _, _)| *on);
         Ok(match status {
@@ -252,8 +281,7 @@ impl Store {
             let pause = u64::try_from(pause.as_micros()).unwrap_or(u64::MAX);
             let mut invocation = store.cool_down.key(&key);
             invocation.arg(pause);
-            let mut connection = store.connection.clone();
-            let _: Result<u8, _> = store.call(invocation.invoke_async(&mut connection)).await;
+            let _: Result<u8, _> = store.call(&invocation).await;
         });
     }
 
@@ -276,19 +304,18 @@ impl Store {
         for (field, interval, _) in &quotas.quotas {
             invocation.arg(field).arg(*interval);
         }
-        let mut connection = self.connection.clone();
-        self.call(invocation.invoke_async::<u8>(&mut connection)).await.map(drop)
+        self.call::<u8>(&invocation).await.map(drop)
     }
 
-    /// Runs one Redis call under [`CALL_TIMEOUT`]; a failure marks the store down.
-    async fn call<T>(
+    /// Runs one script under [`CALL_TIMEOUT`]; a failure marks the store down.
+    async fn call<T: FromRedisValue>(
         self: &Arc<Self>,
-        call: impl Future<Output = Result<T, RedisError>>,
+        invocation: &ScriptInvocation<'_>,
     ) -> Result<T, Unavailable> {
-        let error = match tokio::time::timeout(CALL_TIMEOUT, call).await {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(error)) => error.to_string(),
-            Err(_) => format!("no answer within {CALL_TIMEOUT:?}"),
+        let call = async { invocation.invoke_async(&mut self.link().await?).await };
+        let error = match self.timed(CALL_TIMEOUT, call).await {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
         };
         self.metrics.redis_errors.inc();
         if self.up.swap(false, Ordering::AcqRel) {
@@ -303,23 +330,56 @@ impl Store {
         }
         Err(Unavailable)
     }
+
+    /// Runs `call` for at most `patience`; on failure the connection is
+    /// dropped, so that the next one is made anew (and a Sentinel master
+    /// found again).
+    async fn timed<T>(
+        &self,
+        patience: Duration,
+        call: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, String> {
+        let error = match tokio::time::timeout(patience, call).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!("no answer within {patience:?}"),
+        };
+        *self.link.lock().await = None;
+        Err(error)
+    }
+
+    /// The connection in use, made first if there is none.
+    async fn link(&self) -> RedisResult<Link> {
+        let mut current = self.link.lock().await;
+        if let Some(link) = current.as_ref() {
+            return Ok(link.clone());
+        }
+        let (link, master) = self.nodes.connect().await?;
+        if let Ok(mut shown) = self.master.lock() {
+            *shown = Some(master);
+        }
+        *current = Some(link.clone());
+        Ok(link)
+    }
 }
 
-/// Pings a down store's Redis until it answers, then brings shared mode
-/// back. Ends early if the store is dropped (a reload changed `[redis]`).
+/// Connects a down store anew and pings through the new connection until
+/// it answers, then brings shared mode back. Ends early if the store is
+/// dropped (a reload changed `[redis]`).
 async fn probe(store: Weak<Store>) {
     loop {
         tokio::time::sleep(PROBE_EVERY).await;
         let Some(store) = store.upgrade() else { return };
-        let mut connection = store.connection.clone();
-        let ping = redis::cmd("PING");
-        if let Ok(Ok(_)) =
-            tokio::time::timeout(CALL_TIMEOUT, ping.query_async::<String>(&mut connection)).await
-        {
-            store.up.store(true, Ordering::Release);
-            store.metrics.redis_up.set(1);
-            tracing::info!(redis = %store.address, "redis reachable again: quotas shared again");
-            return;
+        let ping = async { redis::cmd("PING").query_async::<String>(&mut store.link().await?).await };
+        match store.timed(PROBE_PATIENCE, ping).await {
+            Ok(_) => {
+                store.up.store(true, Ordering::Release);
+                store.metrics.redis_up.set(1);
+                let master = store.master().unwrap_or_default();
+                tracing::info!(redis = %store.address, %master, "redis reachable again: quotas shared again");
+                return;
+            }
+            Err(error) => tracing::debug!(redis = %store.address, %error, "redis still unreachable"),
         }
     }
 }

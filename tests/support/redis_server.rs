@@ -1,7 +1,13 @@
-//! A real `redis-server` on a free loopback port, owned by one test.
+//! A real `redis-server` on a free loopback port, owned by one test, and
+//! the two highly available topologies made of them: a Redis Cluster
+//! ([`RedisCluster`]) and a master with a replica watched by three
+//! `redis-sentinel`s ([`RedisSentinels`]).
 //!
-//! `scripts/test.sh` installs redis-server; each test starts its own (no
-//! persistence, its own temp dir) and the server is killed when the guard drops.
+//! `scripts/test.sh` installs redis-server and redis-sentinel; each test
+//! starts its own (no persistence, its own temp dir) and every process is
+//! killed when its guard drops, whether the test passed or not. The
+//! topologies are `None` when a program they need is missing: the test
+//! then says it is skipped and passes.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -12,8 +18,15 @@ use tokio::net::TcpStream;
 /// Bounds the wait for a started server to answer PING.
 const START_PATIENCE: Duration = Duration::from_secs(10);
 
+/// Bounds the wait for a cluster or Sentinel set-up to settle.
+const SETTLE_PATIENCE: Duration = Duration::from_secs(30);
+
 pub struct RedisServer {
     port: u16,
+    /// `redis-server`, or `redis-sentinel`.
+    program: &'static str,
+    /// Options after the common ones (cluster mode, replicaof, sentinel lines).
+    options: Vec<String>,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -21,13 +34,23 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers.
     pub async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let mut server = Self { port, child: None, dir: tempfile::tempdir().expect("temp dir") };
+        Self::spawn("redis-server", Vec::new()).await
+    }
+
+    async fn spawn(program: &'static str, options: Vec<String>) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = Self { port: free_port(), program, options, child: None, dir };
         server.launch().await;
         server
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:PORT`, as Redis names its nodes.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
     }
 
     /// `redis://127.0.0.1:PORT`.
@@ -37,8 +60,7 @@ impl RedisServer {
 
     /// A URL on a port where no Redis listens (bound, then released).
     pub fn unreachable_url() -> String {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        format!("redis://127.0.0.1:{port}")
+        format!("redis://127.0.0.1:{}", free_port())
     }
 
     /// Kills the server at once (SIGKILL), as a crash would.
@@ -68,15 +90,29 @@ impl RedisServer {
         keys
     }
 
+    /// `INFO section` as `field:value` lines.
+    pub fn info(&self, section: &str) -> String {
+        redis::cmd("INFO").arg(section).query(&mut self.connection()).unwrap_or_default()
+    }
+
     async fn launch(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--loglevel", "warning", "--dir"])
+        let mut command = Command::new(self.program);
+        if self.program == "redis-sentinel" {
+            // A sentinel needs a config file it may rewrite.
+            let config = self.dir.path().join("sentinel.conf");
+            std::fs::write(&config, "").expect("write sentinel.conf");
+            command.arg(config);
+        } else {
+            command.args(["--save", "", "--appendonly", "no"]);
+        }
+        let child = command
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--loglevel", "warning", "--dir"])
             .arg(self.dir.path())
+            .args(&self.options)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
-            .expect("redis-server not found: run scripts/test.sh (it installs it) or apt-get install redis-server");
+            .unwrap_or_else(|e| panic!("{} ({e}): run scripts/test.sh, which installs it", self.program));
         self.child = Some(child);
         let deadline = tokio::time::Instant::now() + START_PATIENCE;
         while tokio::time::Instant::now() < deadline {
@@ -85,7 +121,7 @@ impl RedisServer {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("redis-server on port {} did not answer PING within {START_PATIENCE:?}", self.port);
+        panic!("{} on port {} did not answer PING within {START_PATIENCE:?}", self.program, self.port);
     }
 
     async fn pong(&self) -> bool {
@@ -100,5 +136,236 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A port that was free a moment ago (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+/// True, after saying why, when one of `programs` cannot be run.
+fn missing(programs: &[&str]) -> bool {
+    let absent = programs.iter().find(|program| Command::new(program).arg("--version").output().is_err());
+    if let Some(program) = absent {
+        eprintln!("skipped: {program} is not installed (scripts/test.sh installs it)");
+    }
+    absent.is_some()
+}
+
+/// Polls (bounded by [`SETTLE_PATIENCE`]) until `ready` holds; panics
+/// naming `what` otherwise.
+async fn settle(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + SETTLE_PATIENCE;
+    while !ready() {
+        assert!(tokio::time::Instant::now() < deadline, "{what} not within {SETTLE_PATIENCE:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// === impl RedisCluster ===
+
+/// A Redis Cluster of masters only, on free loopback ports (each node's
+/// cluster bus on another free port), made by `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `masters` nodes, joins them and waits until every node says
+    /// the cluster is ok; `None` (skipped) without redis-server or redis-cli.
+    pub async fn start(masters: usize) -> Option<Self> {
+        if missing(&["redis-server", "redis-cli"]) {
+            return None;
+        }
+        let mut nodes = Vec::with_capacity(masters);
+        for _ in 0..masters {
+            let options = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+                .into_iter()
+                .map(str::to_owned)
+                .chain(["--cluster-port".to_owned(), free_port().to_string()])
+                .chain(["--cluster-node-timeout".to_owned(), "2000".to_owned()])
+                .collect();
+            nodes.push(RedisServer::spawn("redis-server", options).await);
+        }
+        let create = tokio::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(nodes.iter().map(RedisServer::address))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let created =
+            tokio::time::timeout(SETTLE_PATIENCE, create).await.expect("redis-cli --cluster create");
+        let created = created.expect("run redis-cli");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        let cluster = Self { nodes };
+        settle("cluster_state:ok on every node", || {
+            cluster.nodes.iter().all(|node| node.info_cluster().contains("cluster_state:ok"))
+        })
+        .await;
+        Some(cluster)
+    }
+
+    /// Every node's `redis://` URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// Moves `key`'s slot and its keys from the node that serves it to
+    /// `to`, as `redis-cli --cluster reshard` moves each slot: IMPORTING on
+    /// the target, MIGRATING on the source, the keys sent over in batches,
+    /// then every node told the new owner. `pause` holds the slot half
+    /// moved (some keys on each side) before the last keys go, so that
+    /// calls meanwhile meet `ASK` and `TRYAGAIN`.
+    pub async fn migrate(&self, key: &str, to: &RedisServer, pause: Duration) {
+        let from = self.owner(key);
+        let slot = self.slot(key);
+        let id = |node: &RedisServer| -> String {
+            redis::cmd("CLUSTER").arg("MYID").query(&mut node.connection()).expect("CLUSTER MYID")
+        };
+        let (from_id, to_id) = (id(from), id(to));
+        let setslot = |node: &RedisServer, state: &str, owner: &str| {
+            let _: () = redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(state)
+                .arg(owner)
+                .query(&mut node.connection())
+                .unwrap_or_else(|e| panic!("CLUSTER SETSLOT {slot} {state}: {e}"));
+        };
+        setslot(to, "IMPORTING", &from_id);
+        setslot(from, "MIGRATING", &to_id);
+        let mut first = true;
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(if first { 1 } else { 100 })
+                .query(&mut from.connection())
+                .expect("GETKEYSINSLOT");
+            if keys.is_empty() {
+                break;
+            }
+            let _: () = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to.port())
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query(&mut from.connection())
+                .expect("MIGRATE");
+            if first {
+                tokio::time::sleep(pause).await;
+                first = false;
+            }
+        }
+        for node in [to, from].into_iter().chain(&self.nodes) {
+            setslot(node, "NODE", &to_id);
+        }
+    }
+
+    fn slot(&self, key: &str) -> u16 {
+        redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut self.nodes[0].connection()).expect("KEYSLOT")
+    }
+
+    /// The node that serves `key`'s slot now.
+    pub fn owner(&self, key: &str) -> &RedisServer {
+        let slot = self.slot(key);
+        let nodes: String =
+            redis::cmd("CLUSTER").arg("NODES").query(&mut self.nodes[0].connection()).expect("CLUSTER NODES");
+        let owner = nodes.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let serves = fields.iter().skip(8).any(|range| {
+                let (low, high) = range.split_once('-').unwrap_or((range, range));
+                matches!((low.parse::<u16>(), high.parse::<u16>()), (Ok(low), Ok(high)) if (low..=high).contains(&slot))
+            });
+            serves.then(|| fields[1].split('@').next().unwrap_or_default().to_owned())
+        });
+        let owner = owner.unwrap_or_else(|| panic!("no node serves slot {slot}"));
+        self.nodes.iter().find(|node| node.address() == owner).expect("the owner is one of ours")
+    }
+}
+
+impl RedisServer {
+    fn info_cluster(&self) -> String {
+        redis::cmd("CLUSTER").arg("INFO").query(&mut self.connection()).unwrap_or_default()
+    }
+}
+
+// === impl RedisSentinels ===
+
+/// One master, one replica of it, and three sentinels that watch it as
+/// [`RedisSentinels::MASTER`] (quorum 2, down after 1 s).
+pub struct RedisSentinels {
+    pub master: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Vec<RedisServer>,
+}
+
+impl RedisSentinels {
+    pub const MASTER: &str = "pacegate-test";
+
+    /// Starts the five processes and waits until the replica is in sync
+    /// and every sentinel knows the replica and the two other sentinels;
+    /// `None` (skipped) without redis-server or redis-sentinel.
+    pub async fn start() -> Option<Self> {
+        if missing(&["redis-server", "redis-sentinel"]) {
+            return None;
+        }
+        let master = RedisServer::spawn("redis-server", Vec::new()).await;
+        let replicaof = vec!["--replicaof".to_owned(), "127.0.0.1".to_owned(), master.port().to_string()];
+        let replica = RedisServer::spawn("redis-server", replicaof).await;
+        let name = Self::MASTER;
+        let lines = [
+            format!("monitor {name} 127.0.0.1 {} 2", master.port()),
+            format!("down-after-milliseconds {name} 1000"),
+            format!("failover-timeout {name} 10000"),
+        ];
+        // Each line as `--sentinel WORD...`, one argument per word.
+        let options: Vec<String> = lines
+            .iter()
+            .flat_map(|line| std::iter::once("--sentinel").chain(line.split_whitespace()).map(str::to_owned))
+            .collect();
+        let mut sentinels = Vec::with_capacity(3);
+        for _ in 0..3 {
+            sentinels.push(RedisServer::spawn("redis-sentinel", options.clone()).await);
+        }
+        let set = Self { master, replica, sentinels };
+        settle("replica in sync", || set.replica.info("replication").contains("master_link_status:up")).await;
+        settle("sentinels know the replica and each other", || {
+            set.sentinels.iter().all(|sentinel| {
+                let master: std::collections::HashMap<String, String> = redis::cmd("SENTINEL")
+                    .arg("MASTER")
+                    .arg(name)
+                    .query(&mut sentinel.connection())
+                    .unwrap_or_default();
+                master.get("num-slaves").is_some_and(|n| n == "1")
+                    && master.get("num-other-sentinels").is_some_and(|n| n == "2")
+            })
+        })
+        .await;
+        Some(set)
+    }
+
+    /// Every sentinel's `redis://` URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.sentinels.iter().map(RedisServer::url).collect()
+    }
+
+    /// The master's address as the first sentinel names it now.
+    pub fn named_master(&self) -> String {
+        let address: Vec<String> = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(Self::MASTER)
+            .query(&mut self.sentinels[0].connection())
+            .unwrap_or_default();
+        address.join(":")
     }
 }
