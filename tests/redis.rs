@@ -255,14 +255,16 @@ async fn the_script_takes_from_all_quotas_or_none() {
     let keys = Keys::new("api", 0);
     let own = [(None, &quotas, 1)];
 
-    assert_eq!(store.acquire(&keys, &own, 8).await, Ok(Verdict::Go(5)), "the burst, in one batch");
-    let Ok(Verdict::Wait(wait, None)) = store.acquire(&keys, &own, 1).await else { panic!("burst spent") };
+    assert_eq!(store.acquire(&keys, &own, 8, None).await, Ok(Verdict::Go(5)), "the burst, in one batch");
+    let Ok(Verdict::Wait(wait, None)) = store.acquire(&keys, &own, 1, None).await else {
+        panic!("burst spent")
+    };
     assert!(
         (Duration::from_millis(50)..=Duration::from_millis(105)).contains(&wait),
         "next 10/s slot in {wait:?}"
     );
     tokio::time::sleep(wait).await;
-    assert_eq!(store.acquire(&keys, &own, 3).await, Ok(Verdict::Go(1)), "the minute's 6th");
+    assert_eq!(store.acquire(&keys, &own, 3, None).await, Ok(Verdict::Go(1)), "the minute's 6th");
 
     let state = || -> Vec<(String, String)> {
         redis::cmd("HGETALL")
@@ -272,7 +274,7 @@ async fn the_script_takes_from_all_quotas_or_none() {
     };
     let before = state();
     tokio::time::sleep(Duration::from_millis(110)).await;
-    let Ok(Verdict::Wait(wait, None)) = store.acquire(&keys, &own, 1).await else {
+    let Ok(Verdict::Wait(wait, None)) = store.acquire(&keys, &own, 1, None).await else {
         panic!("the minute is spent")
     };
     assert!(wait > Duration::from_secs(5), "the volume cap refuses for {wait:?}");
@@ -297,8 +299,8 @@ async fn the_script_weighs_costs_and_names_the_limit_that_waits() {
     let keys = Keys::new("api", 7);
     let write = [(None, &own, 1), (Some(3), &writes, 5)];
 
-    assert_eq!(store.acquire(&keys, &write, 4).await, Ok(Verdict::Go(1)), "a cost of 5 leaves at once");
-    let Ok(Verdict::Wait(wait, Some(3))) = store.acquire(&keys, &write, 1).await else {
+    assert_eq!(store.acquire(&keys, &write, 4, None).await, Ok(Verdict::Go(1)), "a cost of 5 leaves at once");
+    let Ok(Verdict::Wait(wait, Some(3))) = store.acquire(&keys, &write, 1, None).await else {
         panic!("the next write waits for the writes limit")
     };
     assert!(
@@ -307,7 +309,25 @@ async fn the_script_weighs_costs_and_names_the_limit_that_waits() {
     );
     tokio::time::sleep(Duration::from_millis(15)).await;
     let read = [(None, &own, 1)];
-    assert_eq!(store.acquire(&keys, &read, 1).await, Ok(Verdict::Go(1)), "a read does not wait for writes");
+    assert_eq!(
+        store.acquire(&keys, &read, 1, None).await,
+        Ok(Verdict::Go(1)),
+        "a read does not wait for writes"
+    );
+
+    // A half-open breaker's probes are shared: the second replica asking
+    // within the window is told to wait it out.
+    let probe = Some((1, Duration::from_secs(2)));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(store.acquire(&keys, &read, 1, probe).await, Ok(Verdict::Go(1)), "the first probe goes");
+    tokio::time::sleep(Duration::from_millis(30)).await; // past the own quota's next slot
+    let Ok(Verdict::Open(left)) = store.acquire(&keys, &read, 1, probe).await else {
+        panic!("a second probe within the window waits")
+    };
+    assert!(
+        (Duration::from_millis(1500)..=Duration::from_secs(2)).contains(&left),
+        "the window's rest: {left:?}"
+    );
 }
 
 /// An opening seen by one replica opens the others' breakers: replica B
@@ -339,6 +359,54 @@ open_for = "10s"
     assert_eq!(b.status().await["upstreams"][0]["breaker"]["state"], "open");
 }
 
+/// When a shared break ends, the replicas share its probes: one probe
+/// reaches the failing upstream, not one per replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replicas_share_a_half_open_breakers_probe() {
+    let redis = RedisServer::start().await;
+    // A probe that takes a while to fail, as during an outage: without
+    // sharing, the other replica would probe meanwhile.
+    let failing = Behaviour::new().fail_for(Duration::from_secs(60), 500).latency(Duration::from_millis(800));
+    let mock = MockUpstream::start(failing).await;
+    let breaker = r#"rate = "100/s"
+timeout = "3s"
+[upstream.retry]
+max_attempts = 1
+[upstream.breaker]
+min_attempts = 4
+open_for = "2s"
+max_open_for = "2s"
+"#;
+    let text = config(&redis.url(), "local", &upstream("api", &mock.url(), breaker));
+    let (a, b) = (Pacegate::start_config(&text).await, Pacegate::start_config(&text).await);
+    let failures: Vec<_> = (0..4).map(|i| tokio::spawn(get(a.url(&format!("/api/a{i}"))))).collect();
+    for failure in failures {
+        assert_eq!(failure.await.expect("request task"), 500);
+    }
+    let opened = tokio::time::Instant::now();
+    let written =
+        eventually(Duration::from_secs(2), async || !redis.keys("pacegate:{api}:breaker").is_empty());
+    assert!(written.await, "replica A shares its opening through Redis");
+    // Callers that can wait for the break queue on both replicas.
+    let http = client();
+    let waiting: Vec<_> = [&a, &b, &a, &b]
+        .iter()
+        .enumerate()
+        .map(|(i, replica)| {
+            let request = http.get(replica.url(&format!("/api/w{i}"))).header("x-pacegate-max-wait", "15s");
+            tokio::spawn(request.send())
+        })
+        .collect();
+    // The break ends 1.6 to 2 s after it opened (jitter); its probe fails
+    // 0.8 s later and opens the next break, which cannot end before 4 s.
+    tokio::time::sleep_until(opened + Duration::from_millis(3500)).await;
+    let probes = mock.count() - 4;
+    assert_eq!(probes, 1, "one probe for both replicas: {:?}", mock.arrivals());
+    for request in waiting {
+        request.abort();
+    }
+}
+
 /// Settling in the script: units given back let the next attempt leave
 /// sooner, never before now (no burst); units taken on top make it wait.
 #[tokio::test]
@@ -355,13 +423,13 @@ async fn the_adjust_script_gives_back_never_before_now_and_takes_on_top() {
     let tokens = SharedQuotas::limit("tokens", &paced_quotas(&[parse_rate("100/s").unwrap()], one));
     let keys = Keys::new("llm", 0);
     let call = |units| [(None, &own, 1), (Some(0), &tokens, units)];
-    let waits = async |units| match store.acquire(&keys, &call(units), 1).await {
+    let waits = async |units| match store.acquire(&keys, &call(units), 1, None).await {
         Ok(Verdict::Wait(wait, Some(0))) => wait,
         other => panic!("the tokens quota should hold the next call: {other:?}"),
     };
 
     // 300 tokens reserved at 100/s owe 3 s; 290 given back leave 0.1 s.
-    assert_eq!(store.acquire(&keys, &call(300), 1).await, Ok(Verdict::Go(1)));
+    assert_eq!(store.acquire(&keys, &call(300), 1, None).await, Ok(Verdict::Go(1)));
     assert!(waits(1).await > Duration::from_millis(2500));
     store.adjust(&keys, &tokens, -290).await.expect("redis is up");
     let wait = waits(1).await;
@@ -369,7 +437,7 @@ async fn the_adjust_script_gives_back_never_before_now_and_takes_on_top() {
     // More given back than is owed: the schedule stops at now, so one call
     // leaves, and the one after it waits for its own cost again.
     store.adjust(&keys, &tokens, -1000).await.expect("redis is up");
-    assert_eq!(store.acquire(&keys, &call(50), 1).await, Ok(Verdict::Go(1)));
+    assert_eq!(store.acquire(&keys, &call(50), 1, None).await, Ok(Verdict::Go(1)));
     let wait = waits(1).await;
     assert!(wait >= Duration::from_millis(400), "no burst from tokens given back: {wait:?}");
     // Used more than reserved: the quota owes that on top.

@@ -127,6 +127,8 @@ pub struct Confirm {
     /// [`Admission::quota_changes`] when the slots were taken: slots of a
     /// pacer that a reload replaced meanwhile are not given back to the new one.
     quotas: u64,
+    /// The breaker is half-open: this is a probe, which replicas share.
+    probing: bool,
 }
 
 impl Confirm {
@@ -142,6 +144,11 @@ impl Confirm {
     /// Callers the slots are for.
     pub fn wanted(&self) -> usize {
         self.slots.len()
+    }
+
+    /// Whether the slot is a half-open breaker's probe (then one at a time).
+    pub fn probing(&self) -> bool {
+        self.probing
     }
 }
 
@@ -481,7 +488,7 @@ impl<W: Waiter> Admission<W> {
                     slots.push(Slots::own(next));
                 }
                 self.confirming = Some(key);
-                Served::Confirm(Confirm { key, needs, slots, quotas: self.quota_changes })
+                Served::Confirm(Confirm { key, needs, slots, quotas: self.quota_changes, probing })
             }
             Ok(_taken) => {
                 // The head is known to be waiting: it is the one served.
@@ -496,7 +503,7 @@ impl<W: Waiter> Admission<W> {
     /// allowed (as many as concurrency still allows) get their grants, the
     /// other slots go back; a wait or cooldown holds the queue.
     pub fn settle(&mut self, confirm: Confirm, verdict: Verdict, now: Instant) -> Vec<W> {
-        let Confirm { key, needs: _, slots, quotas } = confirm;
+        let Confirm { key, needs: _, slots, quotas, probing: _ } = confirm;
         self.confirming = None;
         let wanted = slots.len();
         // Slots of a pacer that a reload replaced are not the new one's to take back.

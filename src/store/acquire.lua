@@ -19,6 +19,11 @@
 -- cost intervals. Each attempt takes from all quotas or from none.
 --
 -- KEYS[2+sets], when given: end of the upstream's shared circuit break (µs).
+-- KEYS[3+sets], when given: probes taken by the replicas since a break
+--            ended, with ARGV after the sets: probes allowed, probe window
+--            (µs). The attempt is then a half-open breaker's probe: it goes
+--            only while the replicas together took fewer than allowed in
+--            the window; otherwise {3, µs, 0} until the window ends.
 --
 -- Returns {1, n, 0}: n >= 1 attempts go; {0, µs, j}: the quotas admit nobody
 -- before then, set j being the one that waits longest; {2, µs, j}: set j
@@ -81,6 +86,16 @@ while granted < wanted and wait == 0 do
 end
 if granted == 0 then
   return {0, wait, wait_set}
+end
+if #KEYS > 2 + sets then
+  local probes, window = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
+  local taken = redis.call('INCRBY', KEYS[3 + sets], granted)
+  if taken == granted then
+    redis.call('PEXPIRE', KEYS[3 + sets], math.max(1, math.ceil(window / 1000)))
+  end
+  if taken > probes then
+    return {3, math.max(1, redis.call('PTTL', KEYS[3 + sets])) * 1000, 0}
+  end
 end
 local update, keep = {}, 0
 for i = 1, #fields do

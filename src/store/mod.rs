@@ -107,6 +107,8 @@ pub struct Keys {
     prefix: String,
     /// The upstream's circuit break (one per upstream, not per partition).
     breaker: String,
+    /// Probes taken since the break ended, shared by the replicas.
+    probes: String,
 }
 
 impl Keys {
@@ -114,6 +116,7 @@ impl Keys {
         Self {
             prefix: format!("pacegate:{{{upstream}}}:{partition:016x}"),
             breaker: format!("pacegate:{{{upstream}}}:breaker"),
+            probes: format!("pacegate:{{{upstream}}}:probes"),
         }
     }
 
@@ -225,11 +228,18 @@ impl Store {
 
     /// Asks how many of the `wanted` next attempts of the partition at
     /// `keys`, each taking `demand`, may leave now: one round trip, however many.
+    ///
+    /// A half-open breaker's probe passes `probe`: how many probes the
+    /// replicas share, and how long one takes at most. Whichever replica
+    /// takes one first sends it; the others are told the breaker stays open
+    /// until that window is over (by then the prober either reopened the
+    /// shared break, or the upstream answered and the next one probes too).
     pub async fn acquire(
         self: &Arc<Self>,
         keys: &Keys,
         demand: &Demand<'_>,
         wanted: usize,
+        probe: Option<(u32, Duration)>,
     ) -> Result<Verdict, Unavailable> {
         if !self.is_up() {
             return Err(Unavailable);
@@ -247,6 +257,10 @@ impl Store {
                 invocation.arg(field).arg(*interval).arg(*tolerance);
             }
         }
+        if let Some((probes, window)) = probe {
+            invocation.key(&keys.probes);
+            invocation.arg(probes).arg(u64::try_from(window.as_micros()).unwrap_or(u64::MAX));
+        }
         let (status, value, set): (u8, u64, usize) = self.call(&invocation).await?;
         // The set the script names (1-based; 0 for none), as the caller knows it.
         let on = set.checked_sub(1).and_then(|j| demand.get(j)).and_then(|(on, _, _)| *on);
@@ -262,17 +276,19 @@ impl Store {
     /// every replica, in the background: the local cooldown already holds
     /// this replica back.
     pub fn cool_down(self: &Arc<Self>, keys: Keys, limit: Option<&str>, pause: Duration) {
-        self.extend(keys.cooldown(limit), pause);
+        self.extend(keys.cooldown(limit), None, pause);
     }
 
     /// Opens the upstream's breaker at `keys` for every replica for
     /// `pause`, in the background (this replica's own is open already).
     pub fn open_breaker(self: &Arc<Self>, keys: Keys, pause: Duration) {
-        self.extend(keys.breaker, pause);
+        // A new break: its half-open probes are counted anew.
+        self.extend(keys.breaker, Some(keys.probes), pause);
     }
 
     /// Extends the deadline kept at `key` to `pause` from the server's now.
-    fn extend(self: &Arc<Self>, key: String, pause: Duration) {
+    /// `clear`: a key deleted in the same call (a new break's probe count).
+    fn extend(self: &Arc<Self>, key: String, clear: Option<String>, pause: Duration) {
         if !self.is_up() {
             return;
         }
@@ -280,6 +296,9 @@ impl Store {
         self.runtime.spawn(async move {
             let pause = u64::try_from(pause.as_micros()).unwrap_or(u64::MAX);
             let mut invocation = store.cool_down.key(&key);
+            if let Some(clear) = &clear {
+                invocation.key(clear);
+            }
             invocation.arg(pause);
             let _: Result<u8, _> = store.call(&invocation).await;
         });

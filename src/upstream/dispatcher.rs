@@ -337,7 +337,9 @@ fn limiter(upstream: &config::Upstream, store: Option<Arc<Store>>) -> Option<Arc
     let tokens =
         tokens.map(|(kind, rate)| SharedQuotas::limit(kind.name(), &paced_quotas(rate, NonZeroU32::MIN)));
     let limits = limits.chain(tokens).collect();
-    store.map(|store| Arc::new(Limiter { store, quotas, limits }))
+    // A probe answers within one attempt's timeout, or counts as failed.
+    let probes = upstream.breaker.as_ref().map(|b| (b.probes.get(), upstream.timeout));
+    store.map(|store| Arc::new(Limiter { store, quotas, limits, probes }))
 }
 
 /// A caller's place in the queue; leaving it (even by being dropped when the

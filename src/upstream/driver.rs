@@ -144,7 +144,8 @@ fn next_step(
 async fn ask(shared: &Arc<Shared>, confirm: Confirm, limiter: &Limiter) {
     let keys = Keys::new(&shared.name, confirm.partition());
     let wanted = confirm.wanted();
-    let answer = limiter.store.acquire(&keys, &limiter.demand(&confirm), wanted).await;
+    let probe = limiter.probes.filter(|_| confirm.probing());
+    let answer = limiter.store.acquire(&keys, &limiter.demand(&confirm), wanted, probe).await;
     let deny = limiter.store.on_error() == RedisOnError::Deny;
     shared.change(|core| {
         let now = Instant::now();

@@ -70,6 +70,9 @@ pub(super) struct Limiter {
     pub quotas: SharedQuotas,
     /// Each endpoint limit's quotas, by index.
     pub limits: Vec<SharedQuotas>,
+    /// With a breaker: the probes the replicas share when half-open, and
+    /// how long one may take.
+    pub probes: Option<(u32, Duration)>,
 }
 
 impl Limiter {
