@@ -138,3 +138,33 @@ async fn a_reload_keeps_an_open_breaker_open() {
     assert_eq!(mock.count(), 4, "nothing more reached the failing upstream");
     pg.stop().await.unwrap();
 }
+
+/// A failed probe reopens the breaker for twice as long (less at most a
+/// fifth of jitter): the probes reach a still-failing upstream further and
+/// further apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_probe_doubles_the_break() {
+    let mock = MockUpstream::start(Behaviour::new().fail_for(Duration::from_secs(60), 500)).await;
+    let pg = Pacegate::start(&upstream("api", &mock.url(), BREAKER)).await;
+    let http = client();
+    for i in 0..4 {
+        assert_eq!(get(http.clone(), pg.url(&format!("/api/fail{i}")), "30s").await.status(), 500);
+    }
+    let opened = Instant::now();
+    // Callers that wait: each probe is one of them.
+    let waiting: Vec<_> =
+        (0..4).map(|i| tokio::spawn(get(http.clone(), pg.url(&format!("/api/held{i}")), "30s"))).collect();
+    assert!(mock.wait_for_arrivals(6, Duration::from_secs(10)).await, "two probes");
+    let arrivals = mock.arrivals();
+    let (first, second) = (arrivals[4].at, arrivals[5].at);
+    // 1 s, then 2 s (each up to a fifth shorter); generous on the late side
+    // for a busy machine, strict on the early side, which is the point.
+    let first_break = first.duration_since(opened);
+    assert!(first_break >= Duration::from_millis(750), "first break {first_break:?}");
+    let second_break = second.duration_since(first);
+    assert!(second_break >= Duration::from_millis(1550), "the break doubled: {second_break:?}");
+    assert!(second_break > first_break, "{first_break:?} then {second_break:?}");
+    for request in waiting {
+        request.abort();
+    }
+}
