@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //! - [`app`]: wires listeners, the proxy, admin, reloads and shutdown.
-//! - [`admin`]: health, metrics, status and reload endpoints.
+//! - [`admin`]: health, metrics, status and reload endpoints, and the task
+//!   that samples the dashboard's history.
+//! - [`history`]: the last five minutes of every upstream, a sample a second.
 //! - [`reload`]: the reload itself and its triggers (SIGHUP, the file on disk).
 //! - [`proxy`]: the life of one request: check, route, read body, exchange;
 //!   [`proxy::connect`] decides intercept, tunnel or refuse for a CONNECT.
@@ -55,7 +57,7 @@
 //!           fuzz proxy
 //!           runtime
 //!           route server tls upstream
-//!           cache store
+//!           cache history store
 //!           admission metrics
 //!           llm
 //!           limit retry
@@ -146,6 +148,7 @@ pub mod error;
 pub mod fds;
 pub mod fuzz;
 pub mod headers;
+pub mod history;
 pub mod limit;
 pub mod llm;
 pub mod metrics;
