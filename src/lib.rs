@@ -130,7 +130,9 @@
 //!   reload; it hands tickets to queued requests), reloads and their file
 //!   and signal watcher, every Redis call (a request's cooldown write is
 //!   spawned on the runtime its store was made on) and the probe that waits
-//!   for Redis to come back, and shutdown.
+//!   for Redis to come back, the task that samples every upstream once a
+//!   second for the dashboard's history ([`admin::keep_history`]), and
+//!   shutdown.
 //!
 //! So work that belongs to one connection is spawned from it and stays on its
 //! worker; work that serves every worker (an upstream's dispatcher, Redis)
