@@ -772,11 +772,18 @@ async fn status_history_has_samples_after_traffic() {
     let mock = MockUpstream::start(Behaviour::new().fail_first(1, 429)).await;
     let extra = "rate = \"100/s\"\n[upstream.retry]\nbase_delay = \"10ms\"";
     let pg = Pacegate::start(&upstream("api", &mock.url(), extra)).await;
+    // The sampler takes a sample a second: the first one after the start
+    // (bounded wait), so that the traffic falls into samples.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while history(&pg).await["upstreams"][0]["samples"].as_array().is_none_or(Vec::is_empty) {
+        assert!(tokio::time::Instant::now() < deadline, "no sample within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for _ in 0..3 {
         let response = client().get(pg.url("/api/x")).send().await.expect("request");
         assert_eq!(response.status(), 200);
     }
-    // The sampler takes a sample a second: bounded wait for the one after the traffic.
+    // Bounded wait for the sample after the traffic.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let api = loop {
         let history = history(&pg).await;
