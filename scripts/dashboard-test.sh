@@ -94,6 +94,17 @@ for i in $(seq 100); do
   pids+=($!)
 done
 
+# pacegate samples a second: wait (bounded) until its history holds more
+# seconds than the page could poll itself within its virtual time budget
+# (12 samples of each of the 3 upstreams).
+history_points() {
+  curl -s --max-time 5 "http://$admin/status/history" | grep -o '"at_unix_ms"' | wc -l
+}
+for _ in $(seq 60); do
+  [ "$(history_points)" -ge 36 ] && break
+  sleep 0.5
+done
+
 flags=(--headless --no-sandbox --disable-gpu --disable-quic --no-first-run
   --disable-background-networking --disable-component-update --disable-sync
   --user-data-dir="$work/profile" --virtual-time-budget=3000)
@@ -117,4 +128,12 @@ grep -Eq 'data-stat="cache">cache hit ratio [0-9]+ % · 1 hits' "$work/dom.html"
 grep -q 'data-stat="unpaced">1 HTTPS tunnel not paced' "$work/dom.html" || fail "the unpaced tunnel is not shown"
 grep -q "data-stat=\"redis\">redis server · master 127.0.0.1:$redis_port<" "$work/dom.html" ||
   fail "the Redis form and master are not named"
+# Charts are drawn from the server's history on the first load: far more
+# points than the page's own few polls could give (the history above holds
+# at least 12 samples of every upstream; demo-api's card comes first).
+points=$(grep -o 'data-chart="rate"[^>]*>.*' "$work/dom.html" | grep -o 'data-points="[0-9]*"' | head -1 | grep -o '[0-9]*' || true)
+[ "${points:-0}" -ge 8 ] || fail "the rate chart has ${points:-no} points on the first load"
+grep -q 'data-stat="where">route /demo' "$work/dom.html" || fail "the upstream's route is not shown"
+grep -q 'data-series="queue timeout"' "$work/dom.html" || fail "no queue_timeout series"
+grep -q '>-5 min<' "$work/dom.html" || fail "no time axis"
 echo "dashboard test passed: demo-api card shows $answered answered requests"

@@ -1,7 +1,9 @@
 //! The admin listener: the dashboard at `/`, `/healthz`, `/metrics`,
-//! `/status`, `POST /reload`.
+//! `/status`, `/status/history`, `POST /reload`; and [`keep_history`], the
+//! task that samples what `/status/history` serves.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -11,7 +13,8 @@ use serde_json::{Value, json};
 use crate::admission::breaker::State as BreakerState;
 use crate::body::{self, ProxyBody};
 use crate::error::RefusalReason;
-use crate::metrics::{AttemptOutcome, Metrics};
+use crate::history::{History, Totals};
+use crate::metrics::{AttemptOutcome, CodeLabels, Metrics};
 use crate::proxy::Proxy;
 use crate::reload::Reloader;
 use crate::retry::RetryReason;
@@ -30,6 +33,8 @@ pub struct Admin {
     reloader: Arc<Reloader>,
     /// Start of `uptime_seconds`.
     started: tokio::time::Instant,
+    /// What `/status/history` serves, filled by [`keep_history`].
+    history: Arc<Mutex<History>>,
 }
 
 impl Admin {
@@ -39,8 +44,80 @@ impl Admin {
         reloader: Arc<Reloader>,
         started: tokio::time::Instant,
     ) -> Self {
-        Self { proxy, metrics, reloader, started }
+        Self { proxy, metrics, reloader, started, history: Arc::default() }
     }
+}
+
+/// How often [`keep_history`] samples.
+const HISTORY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Samples every upstream once a second into the history `/status/history`
+/// serves, until `stop` resolves. Runs on the main runtime: it reads every
+/// worker's counts, and belongs to none.
+pub async fn keep_history(admin: Admin, stop: impl Future<Output = ()>) {
+    let mut ticks = tokio::time::interval(HISTORY_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = &mut stop => return,
+        }
+        let runtime = admin.proxy.runtime.load();
+        let readings: Vec<_> = runtime
+            .upstreams
+            .iter()
+            .map(|u| (u.config.name.clone(), totals(&admin.metrics, u), u.dispatcher.status().depth as u64))
+            .collect();
+        let now = unix_ms(SystemTime::now());
+        admin.history.lock().unwrap_or_else(PoisonError::into_inner).record(now, readings);
+    }
+}
+
+/// An upstream's counters as the history reads them.
+fn totals(metrics: &Metrics, upstream: &Upstream) -> Totals {
+    let name = upstream.config.name.as_str();
+    let attempt = |outcome| Metrics::read(&metrics.attempts, &Metrics::outcome(name, outcome));
+    let rejected =
+        |reason: RefusalReason| Metrics::read(&metrics.rejected, &Metrics::reason(name, reason.as_str()));
+    let answered = |code: &str| {
+        Metrics::read(&metrics.requests, &CodeLabels { upstream: name.into(), code: code.to_owned() })
+    };
+    Totals {
+        requests: Metrics::read(&metrics.answered, &Metrics::upstream(name)),
+        attempts: AttemptOutcome::ALL.into_iter().map(attempt).sum(),
+        rate_limited: attempt(AttemptOutcome::RateLimited),
+        retries: RetryReason::ALL
+            .into_iter()
+            .map(|reason| Metrics::read(&metrics.retries, &Metrics::reason(name, reason.as_str())))
+            .sum(),
+        queue_full: rejected(RefusalReason::QueueFull),
+        queue_timeout: rejected(RefusalReason::QueueTimeout),
+        bad_gateway: answered("502"),
+        gateway_timeout: answered("504"),
+        waits: upstream.metrics.queue_waits(),
+    }
+}
+
+/// `/status/history`: per upstream its route and hosts, a sample a second
+/// for the last five minutes, and the last minute's sums.
+fn history(admin: &Admin) -> Value {
+    let runtime = admin.proxy.runtime.load();
+    let now = unix_ms(SystemTime::now());
+    let history = admin.history.lock().unwrap_or_else(PoisonError::into_inner);
+    let upstreams: Vec<Value> = runtime
+        .upstreams
+        .iter()
+        .map(|u| {
+            let config = &u.config;
+            let mut value = history.upstream(&config.name, now).unwrap_or_else(|| json!({ "samples": [] }));
+            value["name"] = json!(config.name);
+            value["route"] = json!(config.route);
+            value["hosts"] = json!(config.hosts);
+            value
+        })
+        .collect();
+    json!({ "interval_ms": HISTORY_INTERVAL.as_millis() as u64, "upstreams": upstreams })
 }
 
 /// Answers one admin request.
@@ -54,6 +131,7 @@ pub async fn handle(admin: Admin, request: Request<Incoming>) -> Response<ProxyB
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
         (&Method::GET, "/metrics") => metrics(&admin),
         (&Method::GET, "/status") => json_answer(StatusCode::OK, &status(&admin)),
+        (&Method::GET, "/status/history") => json_answer(StatusCode::OK, &history(&admin)),
         (&Method::POST, "/cache/purge") => purge(&admin, request.uri().query()),
         (&Method::POST, "/reload") => match admin.reloader.reload("admin").await {
             Ok(version) => json_answer(StatusCode::OK, &json!({ "version": version.to_string() })),

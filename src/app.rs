@@ -75,6 +75,7 @@ impl App {
         let watcher = reload::watch(self.reloader.clone(), wait_for(stopped.clone()));
         tracing::info!("listening proxy={proxy_addr} admin={admin_addr} workers={worker_count}");
         let admin = Admin::new(self.proxy.clone(), self.metrics.clone(), self.reloader, self.started);
+        let history_task = tokio::spawn(admin::keep_history(admin.clone(), wait_for(stopped.clone())));
         let admin_task = tokio::spawn(server::serve(
             listeners.admin,
             Workers::none(),
@@ -101,6 +102,7 @@ impl App {
         self.proxy.close(Instant::now() + grace, answer_margin(grace));
         let _ = proxy_task.await;
         let _ = admin_task.await;
+        let _ = history_task.await;
         drop(watcher);
         tracing::info!("stopped");
         Ok(())

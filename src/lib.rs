@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //! - [`app`]: wires listeners, the proxy, admin, reloads and shutdown.
-//! - [`admin`]: health, metrics, status and reload endpoints.
+//! - [`admin`]: health, metrics, status and reload endpoints, and the task
+//!   that samples the dashboard's history.
+//! - [`history`]: the last five minutes of every upstream, a sample a second.
 //! - [`reload`]: the reload itself and its triggers (SIGHUP, the file on disk).
 //! - [`proxy`]: the life of one request: check, route, read body, exchange;
 //!   [`proxy::connect`] decides intercept, tunnel or refuse for a CONNECT.
@@ -56,7 +58,7 @@
 //!           fuzz proxy
 //!           runtime
 //!           route server tls upstream
-//!           cache store
+//!           cache history store
 //!           admission metrics
 //!           llm
 //!           limit retry
@@ -129,7 +131,9 @@
 //!   reload; it hands tickets to queued requests), reloads and their file
 //!   and signal watcher, every Redis call (a request's cooldown write is
 //!   spawned on the runtime its store was made on) and the probe that waits
-//!   for Redis to come back, and shutdown.
+//!   for Redis to come back, the task that samples every upstream once a
+//!   second for the dashboard's history ([`admin::keep_history`]), and
+//!   shutdown.
 //!
 //! So work that belongs to one connection is spawned from it and stays on its
 //! worker; work that serves every worker (an upstream's dispatcher, Redis)
@@ -147,6 +151,7 @@ pub mod error;
 pub mod fds;
 pub mod fuzz;
 pub mod headers;
+pub mod history;
 pub mod limit;
 pub mod llm;
 pub mod metrics;

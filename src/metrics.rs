@@ -24,7 +24,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::collections::HashSet;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use crate::error::RefusalReason;
@@ -156,8 +156,13 @@ impl std::fmt::Debug for Metrics {
 
 /// Queue waits: from "went straight out" to a minute.
 fn queue_wait_histogram() -> Histogram {
-    Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
+    Histogram::new(QUEUE_WAIT_BOUNDS)
 }
+
+/// Bucket bounds of queue waits, in seconds: the histogram's and the
+/// dashboard history's.
+pub const QUEUE_WAIT_BOUNDS: [f64; 13] =
+    [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 /// Upstream answer times, connect to response head.
 fn duration_histogram() -> Histogram {
@@ -443,6 +448,9 @@ pub struct UpstreamMetrics {
     attempts: [OnceLock<Counter>; AttemptOutcome::ALL.len()],
     /// `pacegate_requests_total` for each of [`KEPT_CODES`].
     codes: [OnceLock<Counter>; KEPT_CODES.len()],
+    /// Queue waits by bucket of [`QUEUE_WAIT_BOUNDS`] (the last one above),
+    /// which the histogram does not let us read, for the dashboard history.
+    waits: [AtomicU64; QUEUE_WAIT_BOUNDS.len() + 1],
     /// Set once [`Self::export_fixed`] has created the fixed-label series.
     exported: OnceLock<()>,
     /// Plain CONNECT tunnels to this upstream's hosts, which pacing cannot
@@ -469,6 +477,7 @@ impl UpstreamMetrics {
             answered: OnceLock::new(),
             attempts: Default::default(),
             codes: Default::default(),
+            waits: Default::default(),
             exported: OnceLock::new(),
             unpaced: Mutex::default(),
         }
@@ -550,7 +559,15 @@ impl UpstreamMetrics {
     /// Records how long an attempt waited for its ticket.
     pub fn observe_queue_wait(&self, waited: std::time::Duration) {
         let series = self.queue_wait.get_or_init(|| self.all.queue_wait.get_or_create(&self.label()).clone());
-        series.observe(waited.as_secs_f64());
+        let seconds = waited.as_secs_f64();
+        series.observe(seconds);
+        let bucket = QUEUE_WAIT_BOUNDS.iter().position(|&bound| seconds <= bound);
+        self.waits[bucket.unwrap_or(QUEUE_WAIT_BOUNDS.len())].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Queue waits so far by bucket of [`QUEUE_WAIT_BOUNDS`], the last one above.
+    pub fn queue_waits(&self) -> [u64; QUEUE_WAIT_BOUNDS.len() + 1] {
+        std::array::from_fn(|bucket| self.waits[bucket].load(Ordering::Relaxed))
     }
 
     /// Records the time from sending an attempt to its response head.

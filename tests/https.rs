@@ -119,6 +119,64 @@ async fn intercepted_https_reaches_the_upstream_and_is_paced() {
     assert_eq!(pg.metric(NONE_200).await, None, "a CONNECT to api.test counted under no upstream");
 }
 
+/// Sends one plain HTTP/1.1 request (`Connection: close`) on `tunnel` and
+/// reads the whole answer, lowercased.
+async fn plain_request(mut tunnel: TcpStream, path: &str, host: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    tunnel.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, tunnel.read_to_end(&mut answer)).await.expect("answer in time").unwrap();
+    String::from_utf8_lossy(&answer).to_ascii_lowercase()
+}
+
+#[tokio::test]
+async fn plain_http_inside_a_tunnel_is_paced_and_retried() {
+    let (ca_dir, _ca_pem) = new_ca();
+    let mock = MockUpstream::start(Behaviour::new().fail_first(1, 503)).await;
+    let authority = mock.addr().to_string();
+    // `hosts` left out: the upstream claims its base_url's host, 127.0.0.1.
+    let config =
+        mitm_config(ca_dir.path(), &mock.url(), "rate = \"50/s\"\n[upstream.retry]\nbase_delay = \"10ms\"")
+            .replace("hosts = [\"api.test\"]\n", "");
+    let pg = Pacegate::start_config(&config).await;
+    // What undici's EnvHttpProxyAgent does for an http:// URL.
+    let (tunnel, head) = connect(pg.proxy, &authority, "").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let answer = plain_request(tunnel, "/x?q=1", &authority).await;
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.contains("x-pacegate-attempts: 2\r\n"), "the 503 was retried: {answer}");
+    assert_eq!(mock.count(), 2);
+    assert_eq!(mock.arrivals()[1].path_and_query, "/x?q=1");
+}
+
+#[tokio::test]
+async fn plain_http_tunnelled_to_port_80_goes_to_an_https_base_url() {
+    let (ca_dir, _pem) = new_ca();
+    let server = private_tls_server(ca_dir.path()).await;
+    let base = format!("https://localhost:{}", server.port());
+    let ca_file = format!("rate = \"50/s\"\nca_file = \"{}\"", ca_dir.path().join("ca.pem").display());
+    let pg = Pacegate::start_config(&mitm_config(ca_dir.path(), &base, &ca_file)).await;
+    let (tunnel, head) = connect(pg.proxy, "api.test:80", "").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let answer = plain_request(tunnel, "/x", "api.test").await;
+    assert!(answer.starts_with("http/1.1 200"), "base_url's scheme and port decide: {answer}");
+    assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_tunnel_that_carries_neither_tls_nor_http_is_closed() {
+    let (ca_dir, _ca_pem) = new_ca();
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let pg = Pacegate::start_config(&mitm_config(ca_dir.path(), &mock.url(), "rate = \"50/s\"")).await;
+    let (mut tunnel, head) = connect(pg.proxy, "api.test:443", "").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    tunnel.write_all(b"\x00\x01 not a protocol\r\n\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, tunnel.read_to_end(&mut rest)).await.expect("closed in time");
+    assert!(read.is_err() || rest.is_empty(), "nothing comes back: {rest:?}");
+    assert_eq!(mock.count(), 0);
+}
+
 /// CONNECTs to the echo server at `echo` through `pg`: answered 200, and
 /// bytes sent come back through the tunnel.
 async fn assert_tunnel_reaches(pg: &Pacegate, echo: SocketAddr) {

@@ -759,3 +759,55 @@ async fn the_admin_listener_refuses_requests_from_foreign_pages() {
     let reloads = pg.metric(r#"pacegate_config_reloads_total{result="ok"}"#).await;
     assert_eq!(reloads, Some(0.0), "the refused reload did not run");
 }
+
+/// `GET /status/history` as JSON.
+async fn history(pg: &Pacegate) -> Value {
+    let response = client().get(pg.admin_url("/status/history")).send().await.expect("history");
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("history json")
+}
+
+#[tokio::test]
+async fn status_history_has_samples_after_traffic() {
+    let mock = MockUpstream::start(Behaviour::new().fail_first(1, 429)).await;
+    let extra = "rate = \"100/s\"\n[upstream.retry]\nbase_delay = \"10ms\"";
+    let pg = Pacegate::start(&upstream("api", &mock.url(), extra)).await;
+    // The sampler takes a sample a second: the first one after the start
+    // (bounded wait), so that the traffic falls into samples.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while history(&pg).await["upstreams"][0]["samples"].as_array().is_none_or(Vec::is_empty) {
+        assert!(tokio::time::Instant::now() < deadline, "no sample within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..3 {
+        let response = client().get(pg.url("/api/x")).send().await.expect("request");
+        assert_eq!(response.status(), 200);
+    }
+    // Bounded wait for the sample after the traffic.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let api = loop {
+        let history = history(&pg).await;
+        assert_eq!(history["interval_ms"], 1000);
+        let api = history["upstreams"][0].clone();
+        if api["last_minute"]["requests"] == 3 || tokio::time::Instant::now() >= deadline {
+            break api;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(api["name"], "api");
+    assert_eq!(api["route"], "/api");
+    let minute = &api["last_minute"];
+    assert_eq!(minute["requests"], 3, "{api}");
+    assert_eq!(minute["attempts"], 4, "{api}");
+    assert_eq!(minute["rate_limited"], 1, "{api}");
+    assert_eq!(minute["retries"], 1, "{api}");
+    assert_eq!(minute["rejected"], serde_json::json!({ "queue_full": 0, "queue_timeout": 0 }));
+    assert_eq!(minute["errors"], serde_json::json!({ "502": 0, "504": 0 }));
+    assert!(minute["queue_wait_ms"]["p50"].is_number(), "{api}");
+    assert!(minute["queue_wait_ms"]["p99"].is_number(), "{api}");
+    let samples = api["samples"].as_array().expect("samples");
+    let requests: u64 = samples.iter().map(|s| s["requests"].as_u64().unwrap()).sum();
+    assert_eq!(requests, 3, "the samples add up to the traffic: {api}");
+    let times: Vec<u64> = samples.iter().map(|s| s["at_unix_ms"].as_u64().unwrap()).collect();
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "oldest first: {times:?}");
+}

@@ -3,7 +3,11 @@
 //! A host of a configured upstream with `[mitm]` enabled is intercepted: the
 //! TLS session is terminated with our leaf for that host and each request
 //! inside goes through the same path as a forward request to
-//! `https://host/...`, so it is paced, queued and retried. Anything else is a
+//! `https://host/...`, so it is paced, queued and retried. Clients that
+//! tunnel `http://` URLs too (Node's undici) send plain HTTP instead of a
+//! ClientHello: the first byte tells which, and those requests take the same
+//! path as `http://host/...`. Either way the upstream's base_url decides the
+//! scheme and port they are sent to, as in forward mode. Anything else is a
 //! plain byte tunnel, which pacing cannot see into: to a configured upstream
 //! when interception is off (only for the host and port it claims, and to
 //! the address of its base_url; counted under that upstream, and warned
@@ -20,7 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::Authority;
+use http::uri::{Authority, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -33,12 +37,13 @@ use crate::config::UnknownHosts;
 use crate::error::ProxyError;
 use crate::route;
 use crate::runtime::Runtime;
-use crate::server::{self, Scope};
+use crate::server::{self, Peeked, Scope};
 use crate::upstream::guard::{self, GuardError};
 
 /// Connecting to a tunnel's target must succeed within this time.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The client's TLS handshake inside an intercepted tunnel.
+/// The first byte inside an intercepted tunnel, and the client's TLS
+/// handshake when it is one.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a CONNECT goes, known before anything is connected.
@@ -157,8 +162,31 @@ fn tunnel(scope: &Scope, upgrade: OnUpgrade, target: TcpStream) {
     });
 }
 
-/// Terminates TLS with our leaf and serves the requests inside (h1 or h2) as
-/// a connection of the client connection's `scope`.
+/// What an intercepted tunnel carries, told by its first byte.
+#[derive(Debug, PartialEq, Eq)]
+enum Inside {
+    /// A TLS record of type handshake: the ClientHello.
+    Tls,
+    /// A letter: the method of a plain HTTP request (`http://` URLs tunnelled
+    /// by clients such as Node's undici).
+    Http,
+    /// Anything else, or nothing: the tunnel is closed.
+    Other,
+}
+
+impl Inside {
+    fn of(first: Option<u8>) -> Self {
+        match first {
+            Some(0x16) => Self::Tls,
+            Some(byte) if byte.is_ascii_alphabetic() => Self::Http,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// Serves the requests inside an intercepted tunnel (h1 or h2) as a
+/// connection of the client connection's `scope`: TLS terminated with our
+/// leaf, or plain HTTP as it comes; anything else closes the tunnel.
 async fn intercept(
     proxy: Arc<Proxy>,
     peer: SocketAddr,
@@ -171,18 +199,55 @@ async fn intercept(
         Ok(upgraded) => TokioIo::new(upgraded),
         Err(error) => return tracing::debug!(%error, "CONNECT upgrade failed"),
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io));
-    let stream = tokio::select! {
-        handshake = handshake => match handshake {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => {
-                return tracing::debug!(%error, host = authority.host(), "intercepted handshake failed");
-            }
-            Err(_) => return tracing::debug!(host = authority.host(), "intercepted handshake timed out"),
+    let host = authority.host().to_string();
+    // The first byte and the handshake after it share one timeout.
+    let started = tokio::time::Instant::now();
+    let peeked = tokio::select! {
+        peeked = tokio::time::timeout(HANDSHAKE_TIMEOUT, Peeked::first_byte_of(io)) => match peeked {
+            Ok(Ok(peeked)) => peeked,
+            Ok(Err(error)) => return tracing::debug!(%error, host, "intercepted tunnel failed"),
+            Err(_) => return tracing::debug!(host, "intercepted tunnel sent nothing in time"),
         },
         () = scope.draining() => return,
     };
-    let handler = move |request| proxy.clone().handle_intercepted(peer, authority.clone(), request);
+    let inside = Inside::of(peeked.first());
+    let scheme = match inside {
+        Inside::Tls => Scheme::HTTPS,
+        Inside::Http => Scheme::HTTP,
+        Inside::Other => {
+            return tracing::debug!(host, first = ?peeked.first(), "closing a tunnel that is neither TLS nor HTTP");
+        }
+    };
+    let handler =
+        move |request| proxy.clone().handle_intercepted(peer, scheme.clone(), authority.clone(), request);
+    if inside == Inside::Http {
+        return server::serve_connection(peeked, scope, handler).await;
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let handshake = tokio::time::timeout_at(started + HANDSHAKE_TIMEOUT, acceptor.accept(peeked));
+    let stream = tokio::select! {
+        handshake = handshake => match handshake {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => return tracing::debug!(%error, host, "intercepted handshake failed"),
+            Err(_) => return tracing::debug!(host, "intercepted handshake timed out"),
+        },
+        () = scope.draining() => return,
+    };
     server::serve_connection(stream, scope, handler).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Inside;
+
+    #[test]
+    fn the_first_byte_tells_tls_from_http() {
+        assert_eq!(Inside::of(Some(0x16)), Inside::Tls);
+        for method in ["GET", "POST", "PRI", "delete"] {
+            assert_eq!(Inside::of(method.bytes().next()), Inside::Http, "{method}");
+        }
+        for other in [None, Some(0), Some(b' '), Some(b'\r'), Some(0x80), Some(0x17)] {
+            assert_eq!(Inside::of(other), Inside::Other, "{other:?}");
+        }
+    }
 }

@@ -137,16 +137,19 @@ impl Proxy {
     }
 
     /// Answers one request from inside an intercepted CONNECT tunnel to
-    /// `authority`, as if it were a forward request to `https://authority/...`.
-    /// The tunnel was authenticated when it was opened.
+    /// `authority`, as if it were a forward request to
+    /// `scheme://authority/...` (`https` when the tunnel carried TLS, `http`
+    /// when it carried plain HTTP). The tunnel was authenticated when it was
+    /// opened.
     pub fn handle_intercepted(
         self: Arc<Self>,
         peer: SocketAddr,
+        scheme: Scheme,
         authority: Authority,
         request: Request<Incoming>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         let runtime = self.runtime.load_full();
-        self.routed(runtime, peer, request, Some(&authority))
+        self.routed(runtime, peer, request, Some((&scheme, &authority)))
     }
 
     /// The interceptor for these `[mitm]` paths, loading the CA on first use.
@@ -187,14 +190,14 @@ impl Proxy {
         Box::pin(std::future::ready(self.answer(Err(error), None)))
     }
 
-    /// Routes and forwards one request. `tunnel` is the authority of the
-    /// intercepted CONNECT it came through.
+    /// Routes and forwards one request. `tunnel` is the scheme and authority
+    /// of the intercepted CONNECT it came through.
     fn routed(
         self: Arc<Self>,
         runtime: Arc<Runtime>,
         peer: SocketAddr,
         request: Request<Incoming>,
-        tunnel: Option<&Authority>,
+        tunnel: Option<(&Scheme, &Authority)>,
     ) -> Either<Answering, impl Future<Output = Response<ProxyBody>> + Send + use<>> {
         let version = request.version();
         match prepare(&runtime, peer, request, tunnel) {
@@ -415,14 +418,14 @@ fn prepare(
     runtime: &Runtime,
     peer: SocketAddr,
     request: Request<Incoming>,
-    tunnel: Option<&Authority>,
+    tunnel: Option<(&Scheme, &Authority)>,
 ) -> Result<Prepared, ProxyError> {
     // Bound what we keep per request before doing any work for it.
     check_header_size(request.headers(), runtime.config.server.max_header_bytes)?;
     let target = match tunnel {
         // Whatever the inner request names, the tunnel decides the host.
-        Some(authority) => {
-            let uri = intercepted_uri(authority, request.uri())?;
+        Some((scheme, authority)) => {
+            let uri = intercepted_uri(scheme, authority, request.uri())?;
             runtime.router.route(&uri, http::Version::HTTP_11)?
         }
         None => runtime.router.route(request.uri(), request.version())?,
@@ -464,11 +467,11 @@ async fn check_pass_through(uri: &Uri) -> Result<(), ProxyError> {
     }
 }
 
-/// `https://authority/path?query` for a request inside an intercepted tunnel.
-fn intercepted_uri(authority: &Authority, inner: &Uri) -> Result<Uri, ProxyError> {
+/// `scheme://authority/path?query` for a request inside an intercepted tunnel.
+fn intercepted_uri(scheme: &Scheme, authority: &Authority, inner: &Uri) -> Result<Uri, ProxyError> {
     let path_and_query = inner.path_and_query().map_or("/", PathAndQuery::as_str);
     Uri::builder()
-        .scheme(Scheme::HTTPS)
+        .scheme(scheme.clone())
         .authority(authority.clone())
         .path_and_query(path_and_query)
         .build()

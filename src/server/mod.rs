@@ -15,7 +15,8 @@
 //! - [`connection`]: serving HTTP on one connection (timeouts, panics).
 //! - [`guard`], [`framing`], [`head`]: HTTP/1 request heads are checked before
 //!   hyper sees them, so every malformed head gets the documented answer.
-//! - [`tunnel`]: byte relays for CONNECT, with an idle timeout.
+//! - [`tunnel`]: byte relays for CONNECT, with an idle timeout, and the
+//!   first byte of a tunnel, peeked at.
 //!
 //! [`serve`] hands each connection to [`Workers`] (the threads, one per
 //! core, that serve the proxy listener), or serves it where it was accepted.
@@ -45,7 +46,7 @@ use crate::body::ProxyBody;
 use crate::metrics::Metrics;
 use crate::workers::Workers;
 pub use connection::serve_connection;
-pub use tunnel::relay;
+pub use tunnel::{Peeked, relay};
 
 /// Pause after a failed accept (e.g. out of file descriptors) before retrying.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
