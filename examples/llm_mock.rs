@@ -81,10 +81,7 @@ async fn main() {
     let summary = serde_json::json!({
         "addr": mock.addr().to_string(),
         "count": arrivals.len(),
-        "arrivals_ms": arrivals
-            .iter()
-            .map(|a| a.at.duration_since(started).as_micros() as f64 / 1000.0)
-            .collect::<Vec<_>>(),
+        "arrivals_ms": process::millis_since(started, arrivals.iter().map(|a| a.at)),
         "statuses": arrivals.iter().map(|a| a.status).collect::<Vec<_>>(),
         "charged": arrivals.iter().map(LlmArrival::charged).collect::<Vec<_>>(),
         "streams": arrivals.iter().map(|a| a.stream).collect::<Vec<_>>(),

@@ -148,10 +148,7 @@ async fn main() {
     let summary = serde_json::json!({
         "addr": mock.addr().to_string(),
         "count": arrivals.len(),
-        "arrivals_ms": arrivals
-            .iter()
-            .map(|a| a.at.duration_since(started).as_micros() as f64 / 1000.0)
-            .collect::<Vec<_>>(),
+        "arrivals_ms": process::millis_since(started, arrivals.iter().map(|a| a.at)),
         "statuses": arrivals.iter().map(|a| a.status).collect::<Vec<_>>(),
         "methods": arrivals.iter().map(|a| a.method.as_str()).collect::<Vec<_>>(),
         "status_counts": status_counts,

@@ -52,3 +52,11 @@ async fn stdin_eof() {
     let mut buf = [0u8; 1024];
     while let Ok(1..) = stdin.read(&mut buf).await {}
 }
+
+/// Times as milliseconds since `started`, for the summary line (`arrivals_ms`).
+pub fn millis_since(
+    started: tokio::time::Instant,
+    times: impl Iterator<Item = tokio::time::Instant>,
+) -> Vec<f64> {
+    times.map(|at| at.duration_since(started).as_micros() as f64 / 1000.0).collect()
+}

@@ -178,6 +178,12 @@ impl Flight {
         let state = self.state();
         let whole = state.ended == Some(true) && state.dropped == 0;
         whole.then(|| {
+            // One chunk (most small answers) is stored as it is, uncopied.
+            if let [only] = state.chunks.as_slices().0
+                && state.chunks.len() == 1
+            {
+                return only.clone();
+            }
             let mut body = Vec::with_capacity(state.buffered);
             state.chunks.iter().for_each(|chunk| body.extend_from_slice(chunk));
             body.into()

@@ -43,12 +43,12 @@ impl Proxy {
         let has_body = prepared.incoming.as_ref().is_some_and(|incoming| !incoming.is_end_stream());
         let head = &mut prepared.head;
         if !conditional::cacheable(&head.method, &head.headers, has_body) {
-            let (method, entry) = (head.method.clone(), cache.keyer.entry(head));
             let result = self.send(&runtime, prepared).await;
+            // Keyed only when a write succeeded: most bypasses change nothing.
             if let Ok(response) = &result
-                && conditional::invalidates(&method, response.status())
+                && conditional::invalidates(&prepared.head.method, response.status())
             {
-                cache.store().invalidate(&entry);
+                cache.store().invalidate(&cache.keyer.entry(&prepared.head));
             }
             cache.count(Outcome::Bypass);
             return (result, Outcome::Bypass);
