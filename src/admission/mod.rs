@@ -46,6 +46,8 @@
 //! Waiters are opaque to the core ([`Waiter`]): the dispatcher keeps a
 //! channel there, tests keep a number.
 
+#[cfg(test)]
+mod adaptive_sim;
 pub mod breaker;
 mod closing;
 pub mod needs;

@@ -99,7 +99,7 @@ impl Pacing {
         let pacer = Pacer::new(&quotas.rate, quotas.burst, now);
         Self {
             quotas: quotas.clone(),
-            adaptive: quotas.adaptive.then(|| Adaptive::new(pacer.rate_per_second())),
+            adaptive: quotas.adaptive.then(|| Adaptive::new(pacer.rate_per_second(), quotas.pacing_window())),
             pacer,
             cooldown_until: None,
             shared_wait: None,
@@ -124,7 +124,8 @@ impl Pacing {
         let rate = self.pacer.rate_per_second();
         self.pacer.requota(&quotas.rate, quotas.burst);
         if self.pacer.rate_per_second() != rate || quotas.adaptive != self.quotas.adaptive {
-            self.adaptive = quotas.adaptive.then(|| Adaptive::new(self.pacer.rate_per_second()));
+            self.adaptive =
+                quotas.adaptive.then(|| Adaptive::new(self.pacer.rate_per_second(), quotas.pacing_window()));
             self.hint_cap = None;
         }
         self.window = quotas.pacing_window();
@@ -178,10 +179,29 @@ impl Pacing {
 
     pub fn record_grant(&mut self, now: Instant) {
         self.last_grant = Some(now);
+        if self.adaptive.is_none() {
+            return;
+        }
         self.grants.push_back(now);
-        while self.grants.front().is_some_and(|at| now.duration_since(*at) > self.window) {
+        // A 429 speaks of the window before its attempt left, which may be
+        // up to an attempt's whole life ago.
+        let kept = self.window + self.window.min(ANSWER_HORIZON);
+        while self.grants.front().is_some_and(|at| now.duration_since(*at) > kept) {
             self.grants.pop_front();
         }
+    }
+
+    /// Attempts that left in the quota window before the one sent at
+    /// `sent_at`: what the upstream had accepted when it refused that one.
+    /// The refused attempt is not counted (at 10/s counting it makes 11, a
+    /// limit 10 % too high), nor those sent after it (refused too, or saying
+    /// nothing about the limit). `sent_at` is read when the attempt starts,
+    /// a little after its grant: the last grant up to it is its own.
+    fn accepted_before(&self, sent_at: Instant) -> usize {
+        let since = sent_at.checked_sub(self.window);
+        let granted =
+            self.grants.iter().filter(|at| **at <= sent_at && since.is_none_or(|since| **at > since));
+        granted.count().saturating_sub(1)
     }
 
     /// The shared quotas admit nobody before `until`.
@@ -201,15 +221,17 @@ impl Pacing {
             learned.cooled += self.cool_down(name, now, pause, reason);
         }
         learned.pause = feedback.cooldown;
-        if feedback.rate_limited
-            && let Some(adaptive) = &mut self.adaptive
-        {
+        if feedback.rate_limited && self.adaptive.is_some() {
             // With shared quotas, this replica's grants are only its share of
             // what the upstream accepted; the shared pace is the better measure.
-            let accepted = self.grants.iter().filter(|at| now.duration_since(**at) <= self.window).count();
-            let own_rate = accepted as f64 / self.window.as_secs_f64();
-            let accepted_rate = if shared { self.pacer.effective_rate() } else { own_rate };
-            if let Some(rate) = adaptive.on_rate_limited(now, feedback.sent_at, accepted_rate) {
+            let accepted_rate = if shared {
+                self.pacer.effective_rate()
+            } else {
+                self.accepted_before(feedback.sent_at) as f64 / self.window.as_secs_f64()
+            };
+            if let Some(adaptive) = &mut self.adaptive
+                && let Some(rate) = adaptive.on_rate_limited(now, feedback.sent_at, accepted_rate)
+            {
                 tracing::info!(upstream = %name, rate, reason = PauseReason::RateLimited.as_str(), "adaptive rate lowered");
             }
         }
@@ -289,6 +311,11 @@ impl Pacing {
 pub fn later(now: Instant, wait: Duration) -> Instant {
     now.checked_add(wait).unwrap_or_else(|| now + FAR_FUTURE)
 }
+
+/// How long after leaving an attempt's 429 may still come back (an
+/// attempt's life is bounded by the upstream's `timeout`): grants are kept
+/// this much longer than the quota window.
+const ANSWER_HORIZON: Duration = Duration::from_secs(30);
 
 /// Far enough to mean "not in this process's life", near enough to add to any `now`.
 const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
