@@ -295,6 +295,49 @@ async fn interception_is_on_by_default_with_a_ca_created_beside_the_config() {
     assert_eq!(unpaced_tunnels(&pg).await, 0);
 }
 
+/// GET https://api.test/x through `pg`, trusting only `ca_pem`.
+async fn get_trusting(pg: &Pacegate, ca_pem: &str) -> reqwest::Result<reqwest::Response> {
+    https_client(pg, Some(ca_pem)).get("https://api.test/x").send().await
+}
+
+#[tokio::test]
+async fn a_reload_intercepts_with_a_changed_ca_and_refuses_an_unusable_one() {
+    let (ca_dir, first_pem) = new_ca();
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let config = mitm_config(ca_dir.path(), &mock.url(), "rate = \"100/s\"");
+    let pg = Pacegate::start_config(&config).await;
+    assert_eq!(get_trusting(&pg, &first_pem).await.expect("the first CA").status(), 200);
+
+    // The CA files deleted, then a reload of the same config: a new CA is
+    // created there, and new tunnels get certificates from it at once.
+    std::fs::remove_file(ca_dir.path().join("ca.pem")).unwrap();
+    std::fs::remove_file(ca_dir.path().join("ca-key.pem")).unwrap();
+    pg.reload_with(&config).await;
+    let created_pem = std::fs::read_to_string(ca_dir.path().join("ca.pem")).expect("a new ca.pem");
+    assert_ne!(created_pem, first_pem);
+    let response = get_trusting(&pg, &created_pem).await;
+    assert_eq!(response.expect("a client trusting only the new CA").status(), 200);
+    assert!(get_trusting(&pg, &first_pem).await.is_err(), "the old CA still signs");
+
+    // [mitm] pointed at another CA.
+    let (other_dir, other_pem) = new_ca();
+    pg.reload_with(&mitm_config(other_dir.path(), &mock.url(), "rate = \"100/s\"")).await;
+    assert_eq!(get_trusting(&pg, &other_pem).await.expect("the other CA").status(), 200);
+    assert!(get_trusting(&pg, &created_pem).await.is_err(), "the replaced CA still signs");
+
+    // A CA that cannot be loaded: the reload is refused, saying why, and
+    // the running CA stays.
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::write(broken.path().join("ca.pem"), "not a certificate").unwrap();
+    std::fs::write(broken.path().join("ca-key.pem"), "not a key").unwrap();
+    std::fs::write(&pg.config_path, mitm_config(broken.path(), &mock.url(), "rate = \"100/s\"")).unwrap();
+    let reload = support::client().post(pg.admin_url("/reload")).send().await.expect("POST /reload");
+    assert_eq!(reload.status(), 400);
+    let error = reload.text().await.unwrap();
+    assert!(error.contains("ca-key.pem") && error.contains("[mitm]"), "{error}");
+    assert_eq!(get_trusting(&pg, &other_pem).await.expect("the running CA, kept").status(), 200);
+}
+
 #[tokio::test]
 async fn a_ca_that_cannot_be_written_leaves_interception_off() {
     let echo = echo_server().await;

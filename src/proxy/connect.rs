@@ -90,9 +90,11 @@ pub async fn connect(
     let upgrade = hyper::upgrade::on(&mut request);
     match upstream {
         Some(_) if runtime.config.mitm.enabled => {
-            let interceptor = proxy.interceptor(&runtime.config.mitm).map_err(|e| {
-                ProxyError::UpstreamUnreachable { upstream: None, reason: format!("interception: {e}") }
-            })?;
+            // The generation's CA: loaded with it, replaced by a reload.
+            let interceptor = runtime
+                .interceptor
+                .as_ref()
+                .ok_or_else(|| ProxyError::Internal("interception is on without an interceptor".into()))?;
             let tls = interceptor.server_config(&host).map_err(|e| ProxyError::UpstreamUnreachable {
                 upstream: None,
                 reason: format!("interception: {e}"),
