@@ -62,8 +62,9 @@ pub fn provision(mitm: &mut Mitm) -> Provision {
                 %error,
                 "cannot create the CA for HTTPS interception: interception is off, so HTTPS \
                  through CONNECT is not paced; create one with `pacegate ca init --out DIR` \
-                 in a writable DIR and set [mitm] ca_cert and ca_key to its files, or set \
-                 [mitm] enabled = false to go without"
+                 in a writable DIR and set [mitm] ca_cert and ca_key to its files (in a \
+                 container: mount a directory you own holding the config on its directory \
+                 and run as yourself), or set [mitm] enabled = false to go without"
             );
             mitm.enabled = false;
             Provision::Unwritable(error)
