@@ -132,11 +132,11 @@ impl Proxy {
         self.routed(runtime, peer, request, None)
     }
 
-    /// Answers one request from inside an intercepted CONNECT tunnel to
-    /// `authority`, as if it were a forward request to
-    /// `scheme://authority/...` (`https` when the tunnel carried TLS, `http`
-    /// when it carried plain HTTP). The tunnel was authenticated when it was
-    /// opened.
+    /// Answers one request from inside a CONNECT tunnel to `authority` that
+    /// pacegate serves itself, as if it were a forward request to
+    /// `scheme://authority/...` (`https` when the tunnel carried TLS it
+    /// intercepts, `http` when it carried plain HTTP, interception on or
+    /// off). The tunnel was authenticated when it was opened.
     pub fn handle_intercepted(
         self: Arc<Self>,
         peer: SocketAddr,
