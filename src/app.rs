@@ -21,6 +21,7 @@ use crate::proxy::Proxy;
 use crate::reload::{self, Reloader};
 use crate::runtime::{Runtime, Version};
 use crate::server::{self, ConnectionSettings};
+use crate::tls::TlsError;
 use crate::workers::{self, Workers};
 
 /// The two bound listeners pacegate serves.
@@ -51,14 +52,15 @@ pub struct App {
 }
 
 impl App {
-    /// Builds the first config generation (dispatchers start here).
-    pub fn new(config: Config, path: PathBuf) -> Self {
+    /// Builds the first config generation (dispatchers start here); fails
+    /// when `[mitm]` names a CA that cannot be loaded.
+    pub fn new(config: Config, path: PathBuf) -> Result<Self, TlsError> {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let metrics = Arc::new(Metrics::new());
-        let runtime = Runtime::start(config, Version::new(1, &text), &metrics);
+        let runtime = Runtime::start(config, Version::new(1, &text), &metrics)?;
         let proxy = Arc::new(Proxy::new(Arc::new(runtime), metrics.clone()));
         let reloader = Arc::new(Reloader::new(path, proxy.clone(), metrics.clone()));
-        Self { proxy, metrics, reloader, started: tokio::time::Instant::now() }
+        Ok(Self { proxy, metrics, reloader, started: tokio::time::Instant::now() })
     }
 
     /// Runs pacegate on bound listeners until `shutdown` resolves, then drains.

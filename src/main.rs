@@ -143,7 +143,8 @@ fn run(path: &Path) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let listeners = app::Listeners::bind(&config).await?;
-        app::App::new(config, path.to_path_buf()).run(listeners, shutdown_signal()).await
+        let app = app::App::new(config, path.to_path_buf()).map_err(std::io::Error::other)?;
+        app.run(listeners, shutdown_signal()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,7 +9,9 @@
 //! else. Bursts of events are debounced, and the watcher loads neither the
 //! text in force nor the text it last rejected again: a broken file is
 //! rejected (logged, counted) once per content, however often it is touched,
-//! until it changes. SIGHUP and `POST /reload` always load the file.
+//! until it changes. SIGHUP and `POST /reload` always load the file, and
+//! the `[mitm]` CA files with it: a CA replaced on disk (or deleted, to be
+//! created again) is put in force by either.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -25,9 +27,21 @@ use crate::config::{self, ConfigError};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::runtime::Version;
+use crate::tls::TlsError;
 
 /// Quiet time after a file event before reloading: editors write in steps.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Why a reload was refused; the running generation keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The file is valid, but the CA `[mitm]` needs cannot be created or
+    /// loaded (not a fault of the text: the next reload reads it again).
+    #[error("[mitm]: {0}; the running CA stays in use")]
+    Ca(#[from] TlsError),
+}
 
 /// What a reload needs, handed to each trigger instead of the whole app.
 #[derive(Debug)]
@@ -56,7 +70,7 @@ impl Reloader {
     }
 
     /// Reloads the config file; on error the old config keeps serving.
-    pub async fn reload(&self, trigger: &'static str) -> Result<Version, ConfigError> {
+    pub async fn reload(&self, trigger: &'static str) -> Result<Version, ReloadError> {
         let _one_at_a_time = self.reloading.lock().await;
         let text = std::fs::read_to_string(&self.path).map_err(|e| ConfigError::io(&self.path, &e));
         let loaded = text.and_then(|text| match config::parse(&self.path, &text) {
@@ -68,24 +82,31 @@ impl Reloader {
         });
         let (config, text) = match loaded {
             Ok(loaded) => loaded,
-            Err(error) => {
-                self.metrics.count_reload(false);
-                tracing::error!(trigger, error = %error, "config_rejected");
-                return Err(error);
-            }
+            Err(error) => return Err(self.rejected(trigger, error.into())),
         };
         let current = self.proxy.runtime.load_full();
         let (old, new) = (&current.config.server, &config.server);
         if old.listen != new.listen || old.admin_listen != new.admin_listen || old.workers != new.workers {
             tracing::warn!(trigger, "listener addresses or workers changed: restart pacegate to apply them");
         }
-        let version = Version::new(self.generation.fetch_add(1, Ordering::AcqRel) + 1, &text);
-        let next = current.reload(config, version.clone(), &self.metrics);
+        // Numbered once it is built: a refused generation takes no number.
+        let version = Version::new(self.generation.load(Ordering::Acquire) + 1, &text);
+        let next = match current.reload(config, version.clone(), &self.metrics) {
+            Ok(next) => next,
+            Err(error) => return Err(self.rejected(trigger, error.into())),
+        };
+        self.generation.store(version.generation, Ordering::Release);
         self.proxy.install(Arc::new(next));
         *self.last_rejected() = None;
         self.metrics.count_reload(true);
         tracing::info!(trigger, version = %version, "config_reloaded");
         Ok(version)
+    }
+
+    fn rejected(&self, trigger: &'static str, error: ReloadError) -> ReloadError {
+        self.metrics.count_reload(false);
+        tracing::error!(trigger, error = %error, "config_rejected");
+        error
     }
 
     /// Whether the file holds a text the watcher has not judged yet: neither

@@ -7,6 +7,11 @@
 //! new settings. An upstream that is gone
 //! from the file is simply not carried over: requests that hold it finish,
 //! and its dispatcher stops once its queue is empty.
+//!
+//! The interception CA belongs to the generation too: a reload that changes
+//! it (other files, or new ones where the old were) intercepts new tunnels
+//! with the new CA from the moment it is installed; one whose CA cannot be
+//! used builds no generation at all.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -16,7 +21,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::route::Router;
 use crate::store::Store;
-use crate::tls;
+use crate::tls::{self, Interceptor, TlsError};
 use crate::upstream::{Upstream, UpstreamClient};
 use crate::workers;
 
@@ -31,6 +36,9 @@ pub struct Runtime {
     pub ca_clients: HashMap<PathBuf, UpstreamClient>,
     /// The shared limiter, with `[redis]`.
     pub store: Option<Arc<Store>>,
+    /// What intercepts CONNECT tunnels, signing with the CA `[mitm]` names;
+    /// `None` when interception is off (in the file, or for want of a CA).
+    pub interceptor: Option<Arc<Interceptor>>,
     /// Identifies this generation in logs, `/status` and `/reload`.
     pub version: Version,
 }
@@ -58,25 +66,35 @@ impl std::fmt::Display for Version {
 }
 
 impl Runtime {
-    /// The first generation: every upstream starts empty.
-    pub fn start(config: Config, version: Version, metrics: &Arc<Metrics>) -> Self {
-        Self::inherit(config, version, metrics, &HashMap::new(), None)
+    /// The first generation: every upstream starts empty. Fails when
+    /// interception is on and its CA exists but cannot be loaded.
+    pub fn start(mut config: Config, version: Version, metrics: &Arc<Metrics>) -> Result<Self, TlsError> {
+        let interceptor = tls::interception(&mut config.mitm, None)?;
+        Ok(Self::inherit(config, interceptor, version, metrics, &HashMap::new(), None))
     }
 
-    /// The next generation, keeping the dispatchers of upstreams that stay.
-    pub fn reload(&self, config: Config, version: Version, metrics: &Arc<Metrics>) -> Self {
+    /// The next generation, keeping the dispatchers of upstreams that stay,
+    /// and the interceptor while its CA has not changed. Fails, before
+    /// anything starts, when the CA it needs cannot be created or loaded.
+    pub fn reload(
+        &self,
+        mut config: Config,
+        version: Version,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Self, TlsError> {
+        let interceptor = tls::interception(&mut config.mitm, self.interceptor.as_ref())?;
         let previous = self.upstreams.iter().map(|u| (u.config.name.as_str(), u)).collect();
-        Self::inherit(config, version, metrics, &previous, self.store.as_ref())
+        Ok(Self::inherit(config, interceptor, version, metrics, &previous, self.store.as_ref()))
     }
 
     fn inherit(
-        mut config: Config,
+        config: Config,
+        interceptor: Option<Arc<Interceptor>>,
         version: Version,
         metrics: &Arc<Metrics>,
         previous: &HashMap<&str, &Arc<Upstream>>,
         previous_store: Option<&Arc<Store>>,
     ) -> Self {
-        tls::provision(&mut config.mitm);
         let router = Router::new(&config);
         let store = config.redis.as_ref().and_then(|redis| match previous_store {
             Some(store) if store.serves(redis) => Some(store.clone()),
@@ -93,7 +111,7 @@ impl Runtime {
             })
             .collect();
         let ca_clients = ca_clients(&config);
-        Self { config: Arc::new(config), router, upstreams, version, ca_clients, store }
+        Self { config: Arc::new(config), router, upstreams, version, ca_clients, store, interceptor }
     }
 
     /// The client an upstream's attempts use: its `ca_file` one, if any.

@@ -129,38 +129,82 @@ async fn plain_request(mut tunnel: TcpStream, path: &str, host: &str) -> String 
     String::from_utf8_lossy(&answer).to_ascii_lowercase()
 }
 
+/// `[mitm]` of [`mitm_config`] turned on or off.
+fn with_mitm(config: &str, on: bool) -> String {
+    config.replace("[mitm]\nenabled = true\n", &format!("[mitm]\nenabled = {on}\n"))
+}
+
+/// Plain HTTP needs no CA: it is served the same with interception off.
 #[tokio::test]
 async fn plain_http_inside_a_tunnel_is_paced_and_retried() {
-    let (ca_dir, _ca_pem) = new_ca();
-    let mock = MockUpstream::start(Behaviour::new().fail_first(1, 503)).await;
-    let authority = mock.addr().to_string();
-    // `hosts` left out: the upstream claims its base_url's host, 127.0.0.1.
-    let config =
-        mitm_config(ca_dir.path(), &mock.url(), "rate = \"50/s\"\n[upstream.retry]\nbase_delay = \"10ms\"")
-            .replace("hosts = [\"api.test\"]\n", "");
-    let pg = Pacegate::start_config(&config).await;
-    // What undici's EnvHttpProxyAgent does for an http:// URL.
-    let (tunnel, head) = connect(pg.proxy, &authority, "").await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    let answer = plain_request(tunnel, "/x?q=1", &authority).await;
-    assert!(answer.starts_with("http/1.1 200"), "{answer}");
-    assert!(answer.contains("x-pacegate-attempts: 2\r\n"), "the 503 was retried: {answer}");
-    assert_eq!(mock.count(), 2);
-    assert_eq!(mock.arrivals()[1].path_and_query, "/x?q=1");
+    for mitm in [true, false] {
+        let (ca_dir, _ca_pem) = new_ca();
+        let mock = MockUpstream::start(Behaviour::new().fail_first(1, 503)).await;
+        let authority = mock.addr().to_string();
+        // `hosts` left out: the upstream claims its base_url's host, 127.0.0.1.
+        let config = mitm_config(
+            ca_dir.path(),
+            &mock.url(),
+            "rate = \"50/s\"\n[upstream.retry]\nbase_delay = \"10ms\"",
+        )
+        .replace("hosts = [\"api.test\"]\n", "");
+        let pg = Pacegate::start_config(&with_mitm(&config, mitm)).await;
+        // What undici's EnvHttpProxyAgent does for an http:// URL.
+        let (tunnel, head) = connect(pg.proxy, &authority, "").await;
+        assert!(head.starts_with("http/1.1 200"), "mitm {mitm}: {head}");
+        let answer = plain_request(tunnel, "/x?q=1", &authority).await;
+        assert!(answer.starts_with("http/1.1 200"), "mitm {mitm}: {answer}");
+        assert!(answer.contains("x-pacegate-attempts: 2\r\n"), "mitm {mitm}: the 503 was retried: {answer}");
+        assert_eq!(mock.count(), 2, "mitm {mitm}");
+        assert_eq!(mock.arrivals()[1].path_and_query, "/x?q=1");
+        assert_eq!(unpaced_tunnels(&pg).await, 0, "mitm {mitm}: the tunnel was paced");
+    }
 }
 
 #[tokio::test]
 async fn plain_http_tunnelled_to_port_80_goes_to_an_https_base_url() {
-    let (ca_dir, _pem) = new_ca();
+    for mitm in [true, false] {
+        let (ca_dir, _pem) = new_ca();
+        let server = private_tls_server(ca_dir.path()).await;
+        let base = format!("https://localhost:{}", server.port());
+        let ca_file = format!("rate = \"50/s\"\nca_file = \"{}\"", ca_dir.path().join("ca.pem").display());
+        let pg = Pacegate::start_config(&with_mitm(&mitm_config(ca_dir.path(), &base, &ca_file), mitm)).await;
+        let (tunnel, head) = connect(pg.proxy, "api.test:80", "").await;
+        assert!(head.starts_with("http/1.1 200"), "mitm {mitm}: {head}");
+        let answer = plain_request(tunnel, "/x", "api.test").await;
+        assert!(
+            answer.starts_with("http/1.1 200"),
+            "mitm {mitm}: base_url's scheme and port decide: {answer}"
+        );
+        assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+    }
+}
+
+/// With interception off, TLS to the port an upstream claims is relayed as
+/// it comes to the upstream's base_url: the client's handshake is with the
+/// upstream's own certificate.
+#[tokio::test]
+async fn tls_in_a_tunnel_without_mitm_reaches_the_upstream_untouched() {
+    let (ca_dir, ca_pem) = new_ca();
     let server = private_tls_server(ca_dir.path()).await;
-    let base = format!("https://localhost:{}", server.port());
-    let ca_file = format!("rate = \"50/s\"\nca_file = \"{}\"", ca_dir.path().join("ca.pem").display());
-    let pg = Pacegate::start_config(&mitm_config(ca_dir.path(), &base, &ca_file)).await;
-    let (tunnel, head) = connect(pg.proxy, "api.test:80", "").await;
+    let config = format!(
+        "{NO_MITM}[[upstream]]\nname = \"api\"\nbase_url = \"https://localhost:{port}\"\n\
+         hosts = [\"api.test\"]\nrate = \"10/s\"\n",
+        port = server.port()
+    );
+    let pg = Pacegate::start(&config).await;
+    let (stream, head) = connect(pg.proxy, &format!("api.test:{}", server.port()), "").await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
-    let answer = plain_request(tunnel, "/x", "api.test").await;
-    assert!(answer.starts_with("http/1.1 200"), "base_url's scheme and port decide: {answer}");
-    assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut session = tokio::time::timeout(WAIT, rustls_client(&ca_pem).connect(name, stream))
+        .await
+        .unwrap()
+        .expect("a handshake with the upstream itself");
+    session.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, session.read_to_end(&mut answer)).await.unwrap().ok();
+    assert!(answer.ends_with(b"\r\n\r\nok"), "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(unpaced_tunnels(&pg).await, 1, "counted as an unpaced tunnel");
 }
 
 #[tokio::test]
@@ -177,15 +221,19 @@ async fn a_tunnel_that_carries_neither_tls_nor_http_is_closed() {
     assert_eq!(mock.count(), 0);
 }
 
+/// What a plain tunnel carries in these tests: neither TLS nor HTTP to
+/// pacegate (HTTP would be served, not relayed), relayed as it is.
+const OPAQUE: &[u8] = b"\x00\x01ping";
+
 /// CONNECTs to the echo server at `echo` through `pg`: answered 200, and
 /// bytes sent come back through the tunnel.
 async fn assert_tunnel_reaches(pg: &Pacegate, echo: SocketAddr) {
     let (mut stream, head) = connect(pg.proxy, &echo.to_string(), "").await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
-    stream.write_all(b"ping").await.unwrap();
-    let mut buf = [0u8; 4];
+    stream.write_all(OPAQUE).await.unwrap();
+    let mut buf = [0u8; OPAQUE.len()];
     tokio::time::timeout(WAIT, stream.read_exact(&mut buf)).await.unwrap().unwrap();
-    assert_eq!(&buf, b"ping", "the tunnel reaches {echo}");
+    assert_eq!(&buf, OPAQUE, "the tunnel reaches {echo}");
 }
 
 /// `pacegate_requests_total` of 200s answered for no configured upstream.
@@ -295,6 +343,49 @@ async fn interception_is_on_by_default_with_a_ca_created_beside_the_config() {
     assert_eq!(unpaced_tunnels(&pg).await, 0);
 }
 
+/// GET https://api.test/x through `pg`, trusting only `ca_pem`.
+async fn get_trusting(pg: &Pacegate, ca_pem: &str) -> reqwest::Result<reqwest::Response> {
+    https_client(pg, Some(ca_pem)).get("https://api.test/x").send().await
+}
+
+#[tokio::test]
+async fn a_reload_intercepts_with_a_changed_ca_and_refuses_an_unusable_one() {
+    let (ca_dir, first_pem) = new_ca();
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let config = mitm_config(ca_dir.path(), &mock.url(), "rate = \"100/s\"");
+    let pg = Pacegate::start_config(&config).await;
+    assert_eq!(get_trusting(&pg, &first_pem).await.expect("the first CA").status(), 200);
+
+    // The CA files deleted, then a reload of the same config: a new CA is
+    // created there, and new tunnels get certificates from it at once.
+    std::fs::remove_file(ca_dir.path().join("ca.pem")).unwrap();
+    std::fs::remove_file(ca_dir.path().join("ca-key.pem")).unwrap();
+    pg.reload_with(&config).await;
+    let created_pem = std::fs::read_to_string(ca_dir.path().join("ca.pem")).expect("a new ca.pem");
+    assert_ne!(created_pem, first_pem);
+    let response = get_trusting(&pg, &created_pem).await;
+    assert_eq!(response.expect("a client trusting only the new CA").status(), 200);
+    assert!(get_trusting(&pg, &first_pem).await.is_err(), "the old CA still signs");
+
+    // [mitm] pointed at another CA.
+    let (other_dir, other_pem) = new_ca();
+    pg.reload_with(&mitm_config(other_dir.path(), &mock.url(), "rate = \"100/s\"")).await;
+    assert_eq!(get_trusting(&pg, &other_pem).await.expect("the other CA").status(), 200);
+    assert!(get_trusting(&pg, &created_pem).await.is_err(), "the replaced CA still signs");
+
+    // A CA that cannot be loaded: the reload is refused, saying why, and
+    // the running CA stays.
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::write(broken.path().join("ca.pem"), "not a certificate").unwrap();
+    std::fs::write(broken.path().join("ca-key.pem"), "not a key").unwrap();
+    std::fs::write(&pg.config_path, mitm_config(broken.path(), &mock.url(), "rate = \"100/s\"")).unwrap();
+    let reload = support::client().post(pg.admin_url("/reload")).send().await.expect("POST /reload");
+    assert_eq!(reload.status(), 400);
+    let error = reload.text().await.unwrap();
+    assert!(error.contains("ca-key.pem") && error.contains("[mitm]"), "{error}");
+    assert_eq!(get_trusting(&pg, &other_pem).await.expect("the running CA, kept").status(), 200);
+}
+
 #[tokio::test]
 async fn a_ca_that_cannot_be_written_leaves_interception_off() {
     let echo = echo_server().await;
@@ -311,7 +402,9 @@ async fn a_ca_that_cannot_be_written_leaves_interception_off() {
 }
 
 /// An upstream claims a host and a port: a plain tunnel cannot reach the
-/// admin listener, or any other port, of an upstream's host.
+/// admin listener, or any other port, of an upstream's host. A CONNECT to
+/// another port of it is the upstream's (plain HTTP inside goes to its
+/// base_url, as in forward mode), but anything else inside is closed.
 #[tokio::test]
 async fn a_plain_tunnel_is_only_for_the_port_its_upstream_claims() {
     let echo = echo_server().await;
@@ -321,10 +414,14 @@ async fn a_plain_tunnel_is_only_for_the_port_its_upstream_claims() {
     let pg = Pacegate::start(&config).await;
     assert_tunnel_reaches(&pg, echo).await;
     for other in [pg.admin, pg.proxy] {
-        let (_stream, head) = connect(pg.proxy, &format!("127.0.0.1:{}", other.port()), "").await;
-        assert!(head.starts_with("http/1.1 403"), "CONNECT to port {}: {head}", other.port());
-        assert!(head.contains("x-pacegate-error: unknown_host"), "{head}");
+        let (mut stream, head) = connect(pg.proxy, &format!("127.0.0.1:{}", other.port()), "").await;
+        assert!(head.starts_with("http/1.1 200"), "CONNECT to port {}: {head}", other.port());
+        stream.write_all(b"\x16\x03\x01\x00\x05hello").await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await.expect("closed in time");
+        assert!(read.is_err() || rest.is_empty(), "port {}: nothing comes back: {rest:?}", other.port());
     }
+    assert_eq!(unpaced_tunnels(&pg).await, 1, "only the tunnel to the claimed port was relayed");
 }
 
 #[tokio::test]

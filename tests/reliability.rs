@@ -6,6 +6,7 @@
 mod support;
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -141,24 +142,49 @@ fn get(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: pacegate\r\n\r\n").into_bytes()
 }
 
-/// pacegate with `server_keys`, in front of a mock that it also claims as
-/// `host:port`, so CONNECT to the mock is a plain tunnel.
-async fn tunnel_setup(server_keys: &str) -> (MockUpstream, Pacegate) {
-    let mock = MockUpstream::start(Behaviour::new()).await;
-    let claimed = api_for(&mock.url(), &mock.addr().to_string());
-    let config = format!("{}[mitm]\nenabled = false\n{claimed}", server(server_keys));
-    let pg = Pacegate::start_config(&config).await;
-    (mock, pg)
+/// A TCP echo server on loopback.
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
 }
 
-/// A CONNECT tunnel to `mock` through `pg`, checked with one request.
-async fn open_tunnel(pg: &Pacegate, mock: &MockUpstream) -> TcpStream {
+/// pacegate with `server_keys`: `api` in front of a mock (reverse mode at
+/// `/api`), and `echo`, a TCP echo server it claims as `host:port`, with
+/// interception off. What a CONNECT to it carries is not HTTP (which
+/// pacegate would serve itself), so it is a plain tunnel.
+async fn tunnel_setup(server_keys: &str) -> (MockUpstream, SocketAddr, Pacegate) {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let echo = echo_server().await;
+    let echo_upstream = format!(
+        "[[upstream]]\nname = \"echo\"\nbase_url = \"http://{echo}\"\nhosts = [\"{echo}\"]\nrate = \"1000/s\"\n"
+    );
+    let config =
+        format!("{}[mitm]\nenabled = false\n{}{echo_upstream}", server(server_keys), api(&mock.url(), ""));
+    let pg = Pacegate::start_config(&config).await;
+    (mock, echo, pg)
+}
+
+/// A CONNECT tunnel to `echo` through `pg`, checked with one round trip of
+/// bytes that are neither TLS nor HTTP.
+async fn open_tunnel(pg: &Pacegate, echo: SocketAddr) -> TcpStream {
+    const OPAQUE: &[u8] = b"\x00\x01ping";
     let mut tunnel = open(pg).await;
-    let connect = format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", mock.addr());
+    let connect = format!("CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n\r\n");
     tunnel.write_all(connect.as_bytes()).await.unwrap();
     assert_eq!(read_answer(&mut tunnel).await.status, 200);
-    tunnel.write_all(b"GET /through HTTP/1.1\r\nHost: mock\r\n\r\n").await.unwrap();
-    assert_eq!(read_answer(&mut tunnel).await.status, 200, "the tunnel reaches the mock");
+    tunnel.write_all(OPAQUE).await.unwrap();
+    let mut back = [0u8; OPAQUE.len()];
+    tokio::time::timeout(WAIT, tunnel.read_exact(&mut back)).await.expect("echoed in time").unwrap();
+    assert_eq!(back, OPAQUE, "the tunnel reaches the echo server");
     tunnel
 }
 
@@ -369,7 +395,7 @@ async fn idle_keep_alive_connections_close_after_idle_timeout() {
 /// until the first closes, and so does one behind an open CONNECT tunnel.
 #[tokio::test]
 async fn max_connections_caps_connections_and_tunnels() {
-    let (mock, pg) = tunnel_setup("max_connections = 1").await;
+    let (_mock, echo, pg) = tunnel_setup("max_connections = 1").await;
 
     let mut first = open(&pg).await;
     first.write_all(&get("/api/a")).await.unwrap();
@@ -381,7 +407,7 @@ async fn max_connections_caps_connections_and_tunnels() {
     assert_eq!(read_answer(&mut second).await.status, 200);
     drop(second);
 
-    let tunnel = open_tunnel(&pg, &mock).await;
+    let tunnel = open_tunnel(&pg, echo).await;
     let mut behind = open(&pg).await;
     behind.write_all(&get("/api/c")).await.unwrap();
     assert!(silent(&mut behind).await, "an open tunnel did not count against max_connections");
@@ -436,8 +462,8 @@ async fn max_connections_is_shared_by_the_worker_threads() {
 /// A CONNECT tunnel with no byte either way for `idle_timeout` is closed.
 #[tokio::test]
 async fn idle_tunnels_are_closed() {
-    let (mock, pg) = tunnel_setup("idle_timeout = \"300ms\"").await;
-    let mut tunnel = open_tunnel(&pg, &mock).await;
+    let (_mock, echo, pg) = tunnel_setup("idle_timeout = \"300ms\"").await;
+    let mut tunnel = open_tunnel(&pg, echo).await;
     let quiet_since = Instant::now();
     read_until_closed(&mut tunnel, WAIT).await;
     let quiet = quiet_since.elapsed();
@@ -755,8 +781,8 @@ async fn shutdown_answers_every_queued_request() {
 /// `shutdown_grace`, then closes it.
 #[tokio::test]
 async fn shutdown_closes_tunnels_after_the_grace() {
-    let (mock, mut pg) = tunnel_setup("shutdown_grace = \"500ms\"").await;
-    let mut tunnel = open_tunnel(&pg, &mock).await;
+    let (_mock, echo, mut pg) = tunnel_setup("shutdown_grace = \"500ms\"").await;
+    let mut tunnel = open_tunnel(&pg, echo).await;
     let started = Instant::now();
     let run = pg.begin_shutdown();
     tokio::time::timeout(WAIT, run).await.expect("shutdown finished").unwrap().unwrap();

@@ -1,18 +1,23 @@
 //! CONNECT (`HTTPS_PROXY`): intercept, tunnel, or refuse.
 //!
-//! A host of a configured upstream with `[mitm]` enabled is intercepted: the
-//! TLS session is terminated with our leaf for that host and each request
-//! inside goes through the same path as a forward request to
-//! `https://host/...`, so it is paced, queued and retried. Clients that
-//! tunnel `http://` URLs too (Node's undici) send plain HTTP instead of a
-//! ClientHello: the first byte tells which, and those requests take the same
-//! path as `http://host/...`. Either way the upstream's base_url decides the
-//! scheme and port they are sent to, as in forward mode. Anything else is a
-//! plain byte tunnel, which pacing cannot see into: to a configured upstream
-//! when interception is off (only for the host and port it claims, and to
-//! the address of its base_url; counted under that upstream, and warned
-//! about once per host as `unpaced_tunnel`), or to an unknown host when
-//! `unknown_hosts = "pass"` (then through the private-address guard).
+//! A tunnel to a host of a configured upstream is looked into: its first
+//! byte tells a TLS ClientHello from plain HTTP, which clients that tunnel
+//! `http://` URLs too (Node's undici) send. Plain HTTP needs no CA, so with
+//! interception on or off its requests take the same path as a forward
+//! request to `http://host/...`: paced, queued and retried. A ClientHello,
+//! with `[mitm]` enabled, is answered with our leaf for that host, and each
+//! request inside takes the path of `https://host/...`. Either way the
+//! upstream's base_url decides the scheme and port they are sent to, as in
+//! forward mode, whatever port the CONNECT named.
+//!
+//! With interception off, what is not plain HTTP goes through a plain byte
+//! tunnel, which pacing cannot see into, as it comes (the peeked byte
+//! first): only when the CONNECT named the host and port the upstream
+//! claims, and only to the address of its base_url; counted under that
+//! upstream, and warned about once per host as `unpaced_tunnel`. On another
+//! port it is closed. A tunnel to an unknown host is a plain byte tunnel
+//! when `unknown_hosts = "pass"` (then through the private-address guard),
+//! never looked into.
 //!
 //! The target is connected to (or the leaf made) before the 200 goes out, so
 //! every refusal is a proper error answer; the upgrade resolves after it.
@@ -29,6 +34,7 @@ use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use super::Proxy;
@@ -38,12 +44,14 @@ use crate::error::ProxyError;
 use crate::route;
 use crate::runtime::Runtime;
 use crate::server::{self, Peeked, Scope};
+use crate::upstream::Upstream;
 use crate::upstream::guard::{self, GuardError};
 
 /// Connecting to a tunnel's target must succeed within this time.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The first byte inside an intercepted tunnel, and the client's TLS
-/// handshake when it is one.
+/// The first byte inside a tunnel to an upstream, and the client's TLS
+/// handshake when it is intercepted. (Where a plain tunnel may follow, the
+/// first byte may take as long as the tunnel may idle.)
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a CONNECT goes, known before anything is connected.
@@ -54,23 +62,34 @@ pub struct Tunnel {
     /// The configured upstream that claims the host: the answer to the
     /// CONNECT is counted under it, intercepted or not.
     pub upstream: Option<usize>,
+    /// Whether the port named is the one the upstream claims, the only one
+    /// a plain tunnel is for ([`route::Router::tunnel_upstream`]).
+    claimed: bool,
 }
 
 impl Tunnel {
     /// The target of a CONNECT request (`host:port`) and its upstream.
-    /// Intercepted, the requests inside go to the upstream's base_url
-    /// whatever port was named; a plain tunnel is only for the host and port
-    /// the upstream claims ([`route::Router::tunnel_upstream`]).
+    /// Requests inside go to the upstream's base_url whatever port was
+    /// named, so any port of its host is the upstream's.
     pub fn of(runtime: &Runtime, uri: &Uri) -> Result<Self, ProxyError> {
         let (authority, port) = route::tunnel_target(uri)?;
         let router = &runtime.router;
-        let upstream = if runtime.config.mitm.enabled {
-            router.upstream_for_host(&authority)
-        } else {
-            router.tunnel_upstream(&authority, port)
-        };
-        Ok(Self { authority, port, upstream })
+        let upstream = router.upstream_for_host(&authority);
+        let claimed = upstream.is_some() && router.tunnel_upstream(&authority, port) == upstream;
+        Ok(Self { authority, port, upstream, claimed })
     }
+}
+
+/// What a tunnel to a configured upstream does with what is not plain HTTP.
+enum Otherwise {
+    /// Interception is on: a ClientHello is answered with this config (our
+    /// leaf for the host); anything else closes the tunnel.
+    Intercept(Arc<rustls::ServerConfig>),
+    /// Interception is off and the port is the upstream's: relayed as it
+    /// comes, to this connection to the upstream's base_url address.
+    Relay { target: TcpStream, upstream: Arc<Upstream> },
+    /// Interception is off and the port is another: closed.
+    Close { upstream: Arc<Upstream>, port: u16 },
 }
 
 /// Answers a CONNECT: 200 and a tunnel or interception, or an error.
@@ -78,7 +97,7 @@ pub async fn connect(
     proxy: &Arc<Proxy>,
     runtime: &Runtime,
     peer: SocketAddr,
-    Tunnel { authority, port, upstream }: Tunnel,
+    Tunnel { authority, port, upstream, claimed }: Tunnel,
     mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let scope = request
@@ -89,28 +108,25 @@ pub async fn connect(
     let host = authority.host().to_string();
     let upgrade = hyper::upgrade::on(&mut request);
     match upstream {
-        Some(_) if runtime.config.mitm.enabled => {
-            let interceptor = proxy.interceptor(&runtime.config.mitm).map_err(|e| {
-                ProxyError::UpstreamUnreachable { upstream: None, reason: format!("interception: {e}") }
-            })?;
-            let tls = interceptor.server_config(&host).map_err(|e| ProxyError::UpstreamUnreachable {
-                upstream: None,
-                reason: format!("interception: {e}"),
-            })?;
-            scope.spawn(intercept(proxy.clone(), peer, authority, tls, upgrade, scope.clone()));
-        }
         Some(index) => {
             let upstream = &runtime.upstreams[index];
-            if upstream.metrics.unpaced_tunnel(&host) {
-                let hint = "[mitm] interception is off: requests in this tunnel are not paced";
-                tracing::warn!(upstream = %upstream.config.name, host, hint, "unpaced_tunnel");
-            }
-            // The address connected to is the upstream's own, from its
-            // base_url: configured upstreams may point anywhere (loopback
-            // included), so that is what the tunnel may reach, no more.
-            let base = &upstream.config.base_url;
-            let addrs = guard::resolve(&base.host, base.port).await.map_err(unreachable)?;
-            tunnel(&scope, upgrade, open(&base.host, &addrs).await?);
+            let otherwise = match &runtime.interceptor {
+                Some(interceptor) => Otherwise::Intercept(interceptor.server_config(&host).map_err(|e| {
+                    ProxyError::UpstreamUnreachable { upstream: None, reason: format!("interception: {e}") }
+                })?),
+                // Connected before the 200 as any plain tunnel, though plain
+                // HTTP inside will not use it. The address is the upstream's
+                // own, from its base_url: configured upstreams may point
+                // anywhere (loopback included), so that is what the tunnel
+                // may reach, no more.
+                None if claimed => {
+                    let base = &upstream.config.base_url;
+                    let addrs = guard::resolve(&base.host, base.port).await.map_err(unreachable)?;
+                    Otherwise::Relay { target: open(&base.host, &addrs).await?, upstream: upstream.clone() }
+                }
+                None => Otherwise::Close { upstream: upstream.clone(), port },
+            };
+            scope.spawn(inside(proxy.clone(), peer, authority, otherwise, upgrade, scope.clone()));
         }
         None if runtime.config.forward.unknown_hosts == UnknownHosts::Pass => {
             let addrs = if runtime.config.forward.allow_private {
@@ -162,7 +178,7 @@ fn tunnel(scope: &Scope, upgrade: OnUpgrade, target: TcpStream) {
     });
 }
 
-/// What an intercepted tunnel carries, told by its first byte.
+/// What a tunnel to an upstream carries, told by its first byte.
 #[derive(Debug, PartialEq, Eq)]
 enum Inside {
     /// A TLS record of type handshake: the ClientHello.
@@ -170,7 +186,7 @@ enum Inside {
     /// A letter: the method of a plain HTTP request (`http://` URLs tunnelled
     /// by clients such as Node's undici).
     Http,
-    /// Anything else, or nothing: the tunnel is closed.
+    /// Anything else, or nothing (the target of a plain tunnel spoke first).
     Other,
 }
 
@@ -184,47 +200,75 @@ impl Inside {
     }
 }
 
-/// Serves the requests inside an intercepted tunnel (h1 or h2) as a
-/// connection of the client connection's `scope`: TLS terminated with our
-/// leaf, or plain HTTP as it comes; anything else closes the tunnel.
-async fn intercept(
+/// Serves a tunnel to a configured upstream as a connection of the client
+/// connection's `scope`: plain HTTP as it comes (h1 or h2), the rest as
+/// `otherwise` says.
+async fn inside(
     proxy: Arc<Proxy>,
     peer: SocketAddr,
     authority: Authority,
-    tls: Arc<rustls::ServerConfig>,
+    otherwise: Otherwise,
     upgrade: OnUpgrade,
     scope: Scope,
 ) {
-    let io = match upgrade.await {
+    let mut io = match upgrade.await {
         Ok(upgraded) => TokioIo::new(upgraded),
         Err(error) => return tracing::debug!(%error, "CONNECT upgrade failed"),
     };
     let host = authority.host().to_string();
-    // The first byte and the handshake after it share one timeout.
+    // The first byte and the handshake after it share one timeout. The
+    // target of a plain tunnel may speak first: its bytes are relayed then,
+    // and the client's may take as long as the tunnel may idle.
     let started = tokio::time::Instant::now();
-    let peeked = tokio::select! {
-        peeked = tokio::time::timeout(HANDSHAKE_TIMEOUT, Peeked::first_byte_of(io)) => match peeked {
-            Ok(Ok(peeked)) => peeked,
-            Ok(Err(error)) => return tracing::debug!(%error, host, "intercepted tunnel failed"),
-            Err(_) => return tracing::debug!(host, "intercepted tunnel sent nothing in time"),
-        },
+    let wait = match otherwise {
+        Otherwise::Relay { .. } => scope.settings().idle_timeout,
+        _ => HANDSHAKE_TIMEOUT,
+    };
+    let mut byte = [0u8; 1];
+    let read = tokio::select! {
+        // `read` is cancel safe: if the target speaks first, no byte is lost.
+        read = tokio::time::timeout(wait, io.read(&mut byte)) => Some(read),
+        () = target_speaks(&otherwise) => None,
         () = scope.draining() => return,
     };
-    let inside = Inside::of(peeked.first());
-    let scheme = match inside {
-        Inside::Tls => Scheme::HTTPS,
-        Inside::Http => Scheme::HTTP,
-        Inside::Other => {
-            return tracing::debug!(host, first = ?peeked.first(), "closing a tunnel that is neither TLS nor HTTP");
+    let first = match read {
+        Some(Ok(Ok(0))) => return tracing::debug!(host, "tunnel closed before sending anything"),
+        Some(Ok(Ok(_))) => Some(byte[0]),
+        Some(Ok(Err(error))) => return tracing::debug!(%error, host, "tunnel failed"),
+        Some(Err(_)) => return tracing::debug!(host, "tunnel sent nothing in time"),
+        None => None,
+    };
+    let io = Peeked::new(first, io);
+    let inside = Inside::of(first);
+    let serve = |scheme: Scheme| {
+        move |request| proxy.clone().handle_intercepted(peer, scheme.clone(), authority.clone(), request)
+    };
+    let tls = match (inside, otherwise) {
+        (Inside::Http, _) => return server::serve_connection(io, scope, serve(Scheme::HTTP)).await,
+        (Inside::Tls, Otherwise::Intercept(tls)) => tls,
+        (_, Otherwise::Relay { target, upstream }) => {
+            if upstream.metrics.unpaced_tunnel(&host) {
+                let hint = "[mitm] interception is off: HTTPS in this tunnel is not paced";
+                tracing::warn!(upstream = %upstream.config.name, host, hint, "unpaced_tunnel");
+            }
+            return server::relay(&scope, io, target).await;
+        }
+        (_, Otherwise::Close { upstream, port }) => {
+            return tracing::warn!(
+                upstream = %upstream.config.name,
+                host,
+                port,
+                "closing a tunnel that is not plain HTTP: with [mitm] interception off, such a \
+                 tunnel is relayed only to the port the upstream claims (its base_url's, or \
+                 one its hosts name)"
+            );
+        }
+        (Inside::Other, Otherwise::Intercept(_)) => {
+            return tracing::debug!(host, first = ?first, "closing a tunnel that is neither TLS nor HTTP");
         }
     };
-    let handler =
-        move |request| proxy.clone().handle_intercepted(peer, scheme.clone(), authority.clone(), request);
-    if inside == Inside::Http {
-        return server::serve_connection(peeked, scope, handler).await;
-    }
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let handshake = tokio::time::timeout_at(started + HANDSHAKE_TIMEOUT, acceptor.accept(peeked));
+    let handshake = tokio::time::timeout_at(started + HANDSHAKE_TIMEOUT, acceptor.accept(io));
     let stream = tokio::select! {
         handshake = handshake => match handshake {
             Ok(Ok(stream)) => stream,
@@ -233,7 +277,16 @@ async fn intercept(
         },
         () = scope.draining() => return,
     };
-    server::serve_connection(stream, scope, handler).await;
+    server::serve_connection(stream, scope, serve(Scheme::HTTPS)).await;
+}
+
+/// Resolves when the target of a plain tunnel has something to say (or
+/// closed); never for the other tunnels, which the client speaks first in.
+async fn target_speaks(otherwise: &Otherwise) {
+    match otherwise {
+        Otherwise::Relay { target, .. } => drop(target.readable().await),
+        _ => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]

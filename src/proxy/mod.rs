@@ -16,7 +16,7 @@ pub mod connect;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -33,7 +33,6 @@ use crate::headers;
 use crate::metrics::{ClientTimeout, Metrics, NO_UPSTREAM};
 use crate::route::Target;
 use crate::runtime::Runtime;
-use crate::tls::{Interceptor, TlsError};
 use crate::upstream::Priority;
 use crate::upstream::guard::{self, GuardError};
 use crate::upstream::{ATTEMPTS_HEADER, Place, Upstream, UpstreamClient, inbound_response, outbound_request};
@@ -54,8 +53,6 @@ pub struct Proxy {
     client: UpstreamClient,
     /// Pass-through when `allow_private = false`: its DNS drops guarded addresses.
     guarded_client: UpstreamClient,
-    /// The CA interception signs with, loaded for the `[mitm]` paths it names.
-    interceptor: Mutex<Option<(config::Mitm, Arc<Interceptor>)>>,
     metrics: Arc<Metrics>,
     /// Set when shutdown starts: when its grace ends, and the margin at its
     /// end kept for answering. Kept so that upstreams a reload brings in
@@ -72,7 +69,6 @@ impl Proxy {
             runtime: ArcSwap::new(runtime),
             client: UpstreamClient::new(workers),
             guarded_client: UpstreamClient::guarded(workers),
-            interceptor: Mutex::new(None),
             metrics,
             closing: OnceLock::new(),
             buffers: Arc::default(),
@@ -136,11 +132,11 @@ impl Proxy {
         self.routed(runtime, peer, request, None)
     }
 
-    /// Answers one request from inside an intercepted CONNECT tunnel to
-    /// `authority`, as if it were a forward request to
-    /// `scheme://authority/...` (`https` when the tunnel carried TLS, `http`
-    /// when it carried plain HTTP). The tunnel was authenticated when it was
-    /// opened.
+    /// Answers one request from inside a CONNECT tunnel to `authority` that
+    /// pacegate serves itself, as if it were a forward request to
+    /// `scheme://authority/...` (`https` when the tunnel carried TLS it
+    /// intercepts, `http` when it carried plain HTTP, interception on or
+    /// off). The tunnel was authenticated when it was opened.
     pub fn handle_intercepted(
         self: Arc<Self>,
         peer: SocketAddr,
@@ -150,19 +146,6 @@ impl Proxy {
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         let runtime = self.runtime.load_full();
         self.routed(runtime, peer, request, Some((&scheme, &authority)))
-    }
-
-    /// The interceptor for these `[mitm]` paths, loading the CA on first use.
-    pub fn interceptor(&self, mitm: &config::Mitm) -> Result<Arc<Interceptor>, TlsError> {
-        let mut slot = self.interceptor.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((loaded_for, interceptor)) = slot.as_ref()
-            && loaded_for == mitm
-        {
-            return Ok(interceptor.clone());
-        }
-        let interceptor = Arc::new(Interceptor::load(mitm)?);
-        *slot = Some((mitm.clone(), interceptor.clone()));
-        Ok(interceptor)
     }
 
     fn answer(

@@ -102,17 +102,24 @@ pub struct Peeked<T> {
     inner: T,
 }
 
-impl<T: AsyncRead + Unpin> Peeked<T> {
-    /// Waits for the first byte of `inner`.
-    pub async fn first_byte_of(mut inner: T) -> io::Result<Self> {
-        let mut byte = [0u8; 1];
-        let read = inner.read(&mut byte).await?;
-        Ok(Self { first: (read == 1).then_some(byte[0]), inner })
+impl<T> Peeked<T> {
+    /// `inner`, whose byte `first` (if any) was read already.
+    pub fn new(first: Option<u8>, inner: T) -> Self {
+        Self { first, inner }
     }
 
     /// The first byte, or `None` when the tunnel closed before sending one.
     pub fn first(&self) -> Option<u8> {
         self.first
+    }
+}
+
+impl<T: AsyncRead + Unpin> Peeked<T> {
+    /// Waits for the first byte of `inner`.
+    pub async fn first_byte_of(mut inner: T) -> io::Result<Self> {
+        let mut byte = [0u8; 1];
+        let read = inner.read(&mut byte).await?;
+        Ok(Self::new((read == 1).then_some(byte[0]), inner))
     }
 }
 

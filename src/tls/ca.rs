@@ -32,6 +32,31 @@ pub struct Ca {
     pub issuer: Issuer<'static, KeyPair>,
     /// Sent after the leaf so clients can build the chain.
     pub cert: CertificateDer<'static>,
+    /// The files it came from: a reload that finds the same keeps this CA.
+    pub source: Source,
+}
+
+/// Where a CA was loaded from and what its files held (a SHA-256 of both,
+/// not the key itself): files deleted and created again, or rewritten in
+/// place, are a different CA at the same paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    digest: Vec<u8>,
+}
+
+impl Source {
+    fn of(cert: &Path, cert_pem: &str, key: &Path, key_pem: &str) -> Self {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        for text in [cert_pem, key_pem] {
+            // Lengths first, so no two different pairs hash the same bytes.
+            context.update(&(text.len() as u64).to_be_bytes());
+            context.update(text.as_bytes());
+        }
+        let digest = context.finish().as_ref().to_vec();
+        Self { cert: cert.to_path_buf(), key: key.to_path_buf(), digest }
+    }
 }
 
 impl std::fmt::Debug for Ca {
@@ -51,7 +76,8 @@ impl Ca {
         let cert =
             CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| bad(cert_path, e.to_string()))?;
         let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(|e| bad(cert_path, e.to_string()))?;
-        Ok(Self { issuer, cert })
+        let source = Source::of(cert_path, &cert_pem, key_path, &key_pem);
+        Ok(Self { issuer, cert, source })
     }
 }
 
@@ -122,6 +148,18 @@ mod tests {
         let (cert, key) = write_new_ca(dir.path()).unwrap();
         assert!(Ca::load(&cert, &key).is_ok());
         assert!(matches!(write_new_ca(dir.path()), Err(TlsError::Exists { .. })));
+    }
+
+    #[test]
+    fn a_ca_written_again_at_the_same_paths_is_another_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = write_new_ca(dir.path()).unwrap();
+        let first = Ca::load(&cert, &key).unwrap().source;
+        assert_eq!(Ca::load(&cert, &key).unwrap().source, first, "the same files, the same CA");
+        std::fs::remove_file(&cert).unwrap();
+        std::fs::remove_file(&key).unwrap();
+        write_new_ca(dir.path()).unwrap();
+        assert_ne!(Ca::load(&cert, &key).unwrap().source, first);
     }
 
     #[test]

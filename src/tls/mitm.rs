@@ -17,6 +17,7 @@ use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
+use super::ca::Source;
 use super::{Ca, TlsError};
 
 /// Leaf certificates stay within what browsers accept (398 days).
@@ -25,7 +26,9 @@ const LEAF_VALIDITY: time::Duration = time::Duration::days(397);
 /// a safety net, not a working limit.
 const MAX_CACHED: usize = 4096;
 
-/// Makes and caches the TLS server side of intercepted tunnels.
+/// Makes and caches the TLS server side of intercepted tunnels. One per
+/// CA: a CA that changes is a new interceptor, so the leaves the old one
+/// signed go with it.
 #[derive(Debug)]
 pub struct Interceptor {
     ca: Ca,
@@ -37,12 +40,21 @@ pub struct Interceptor {
 impl Interceptor {
     /// An interceptor signing with the CA at these paths.
     pub fn load(mitm: &crate::config::Mitm) -> Result<Self, TlsError> {
-        let ca = Ca::load(&mitm.ca_cert, &mitm.ca_key)?;
-        Ok(Self {
+        Ok(Self::new(Ca::load(&mitm.ca_cert, &mitm.ca_key)?))
+    }
+
+    /// An interceptor signing with `ca`, with no leaf made yet.
+    pub fn new(ca: Ca) -> Self {
+        Self {
             ca,
             provider: Arc::new(rustls::crypto::ring::default_provider()),
             configs: Mutex::new(HashMap::new()),
-        })
+        }
+    }
+
+    /// The files its CA was loaded from, and what they held.
+    pub fn source(&self) -> &Source {
+        &self.ca.source
     }
 
     /// The server config for `host` (ALPN h2 and http/1.1), made on first use.

@@ -6,13 +6,19 @@
 //! default, and a config generation that finds neither CA file creates them
 //! ([`provision`]); where they cannot be written (a read-only mount),
 //! interception is off, with one warning saying what to do.
+//!
+//! Each config generation carries its [`Interceptor`] ([`interception`]), so
+//! a reload puts a changed CA in force with the rest of the config, at once;
+//! a reload whose CA cannot be made or loaded is refused, and the running
+//! CA stays.
 
 pub mod ca;
 pub mod mitm;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-pub use ca::{Ca, write_new_ca, write_new_pair};
+pub use ca::{Ca, Source, write_new_ca, write_new_pair};
 pub use mitm::Interceptor;
 
 use crate::config::Mitm;
@@ -46,16 +52,9 @@ pub fn provision(mitm: &mut Mitm) -> Provision {
     if !ca_missing(mitm) {
         return Provision::Found;
     }
-    let cert = mitm.ca_cert.display().to_string();
     match write_new_pair(&mitm.ca_cert, &mitm.ca_key) {
         Ok(()) => {
-            tracing::info!(
-                ca_cert = %cert,
-                ca_key = %mitm.ca_key.display(),
-                "created a CA for HTTPS interception; trust {cert} in the programs that use \
-                 pacegate as HTTPS_PROXY (curl --cacert {cert}, SSL_CERT_FILE, \
-                 REQUESTS_CA_BUNDLE, NODE_EXTRA_CA_CERTS); the key never leaves its file"
-            );
+            log_created(mitm);
             Provision::Created
         }
         Err(error) => {
@@ -63,13 +62,65 @@ pub fn provision(mitm: &mut Mitm) -> Provision {
                 %error,
                 "cannot create the CA for HTTPS interception: interception is off, so HTTPS \
                  through CONNECT is not paced; create one with `pacegate ca init --out DIR` \
-                 in a writable DIR and set [mitm] ca_cert and ca_key to its files, or set \
-                 [mitm] enabled = false to go without"
+                 in a writable DIR and set [mitm] ca_cert and ca_key to its files (in a \
+                 container: mount a directory you own holding the config on its directory \
+                 and run as yourself), or set [mitm] enabled = false to go without"
             );
             mitm.enabled = false;
             Provision::Unwritable(error)
         }
     }
+}
+
+fn log_created(mitm: &Mitm) {
+    let cert = mitm.ca_cert.display().to_string();
+    tracing::info!(
+        ca_cert = %cert,
+        ca_key = %mitm.ca_key.display(),
+        "created a CA for HTTPS interception; trust {cert} in the programs that use \
+         pacegate as HTTPS_PROXY (curl --cacert {cert}, SSL_CERT_FILE, \
+         REQUESTS_CA_BUNDLE, NODE_EXTRA_CA_CERTS); the key never leaves its file"
+    );
+}
+
+/// The interceptor of a new config generation: `None` with interception
+/// off, else one for the CA `[mitm]` names, provisioned first.
+///
+/// `running` is the interceptor of the generation in force, if it has one.
+/// It is kept while its files hold the same CA (the leaf certificates it
+/// made stay valid); a CA at other paths, or other content at the same
+/// ones (files deleted and created again by this reload), is loaded anew.
+/// With one running, a CA that cannot be created or loaded is an error, so
+/// that the reload is refused and the running CA stays, rather than HTTPS
+/// going unpaced; at start, an unwritable place turns interception off
+/// ([`provision`]).
+pub fn interception(
+    mitm: &mut Mitm,
+    running: Option<&Arc<Interceptor>>,
+) -> Result<Option<Arc<Interceptor>>, TlsError> {
+    if running.is_some() && mitm.enabled && ca_missing(mitm) {
+        write_new_pair(&mitm.ca_cert, &mitm.ca_key)?;
+        log_created(mitm);
+    } else {
+        provision(mitm);
+    }
+    if !mitm.enabled {
+        return Ok(None);
+    }
+    let ca = Ca::load(&mitm.ca_cert, &mitm.ca_key)?;
+    if let Some(running) = running {
+        if running.source() == &ca.source {
+            return Ok(Some(running.clone()));
+        }
+        let cert = mitm.ca_cert.display().to_string();
+        tracing::info!(
+            ca_cert = %cert,
+            ca_key = %mitm.ca_key.display(),
+            "interception CA changed: new tunnels get certificates signed by {cert}, which \
+             clients must trust; the certificates of the old CA are dropped"
+        );
+    }
+    Ok(Some(Arc::new(Interceptor::new(ca))))
 }
 
 #[cfg(test)]
@@ -114,6 +165,36 @@ mod tests {
         assert!(matches!(provision(&mut mitm), Provision::Unwritable(_)));
         assert!(!mitm.enabled);
         assert!(matches!(provision(&mut mitm), Provision::Off), "off stays off");
+    }
+
+    #[test]
+    fn a_reload_keeps_the_same_ca_and_loads_a_changed_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut mitm = mitm_in(dir.path());
+        let first = interception(&mut mitm, None).unwrap().expect("created and loaded");
+        let same = interception(&mut mitm, Some(&first)).unwrap().unwrap();
+        assert!(Arc::ptr_eq(&first, &same), "the same files keep the interceptor and its leaves");
+        std::fs::remove_file(&mitm.ca_cert).unwrap();
+        std::fs::remove_file(&mitm.ca_key).unwrap();
+        let created = interception(&mut mitm, Some(&first)).unwrap().unwrap();
+        assert!(!Arc::ptr_eq(&first, &created), "a CA created again is loaded");
+        assert!(mitm.ca_key.exists());
+    }
+
+    #[test]
+    fn a_reload_refuses_what_would_drop_a_running_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = interception(&mut mitm_in(dir.path()), None).unwrap();
+        let blocker = tempfile::NamedTempFile::new().unwrap();
+        let mut unwritable = mitm_in(blocker.path());
+        assert!(interception(&mut unwritable, running.as_ref()).is_err(), "not silently off");
+        let mut half = mitm_in(dir.path());
+        std::fs::remove_file(&half.ca_key).unwrap();
+        assert!(interception(&mut half, running.as_ref()).is_err());
+        let mut off = Mitm { enabled: false, ..mitm_in(dir.path()) };
+        assert!(interception(&mut off, running.as_ref()).unwrap().is_none(), "turned off on purpose");
+        // Off since the start (a read-only place): a reload stays off, as the start did.
+        assert!(interception(&mut mitm_in(blocker.path()), None).unwrap().is_none());
     }
 
     #[test]

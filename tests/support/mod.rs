@@ -57,7 +57,8 @@ impl Pacegate {
         let (proxy_addr, admin_addr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let listeners = pacegate::app::Listeners { proxy, admin };
-        let app = pacegate::app::App::new(config, config_path.clone());
+        let app =
+            pacegate::app::App::new(config, config_path.clone()).unwrap_or_else(|e| panic!("start: {e}"));
         let task = tokio::spawn(app.run(listeners, async move {
             let _ = stopped.await;
         }));
