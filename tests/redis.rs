@@ -281,6 +281,86 @@ async fn the_script_takes_from_all_quotas_or_none() {
     assert_eq!(state(), before, "a refused call takes nothing from the 10/s quota");
 }
 
+/// A changed rate keeps the shared schedule, as the local pacer's
+/// `requota` does (issue 21, point 4): what the last grant owes is paid at
+/// the new interval, counted from that grant. Lowered, the next slot waits
+/// the new interval, not the old one; raised, it comes sooner, without a
+/// burst.
+#[tokio::test]
+async fn the_script_carries_the_schedule_over_to_a_new_rate() {
+    use pacegate::config::{Redis, RedisNodes, RedisOnError, parse_rate};
+    use pacegate::limit::pacer::paced_quotas;
+    use pacegate::store::{Keys, SharedQuotas, Store, Verdict};
+
+    let redis = RedisServer::start().await;
+    let config = Redis { nodes: RedisNodes::Server(redis.url()), on_error: RedisOnError::Local };
+    let store = Store::new(&config, std::sync::Arc::new(pacegate::metrics::Metrics::new())).unwrap();
+    let at = |rate: &str| {
+        SharedQuotas::new(&paced_quotas(&[parse_rate(rate).unwrap()], std::num::NonZeroU32::MIN))
+    };
+    let (ten, two, hundred) = (at("10/s"), at("2/s"), at("100/s"));
+    let keys = Keys::new("api", 0);
+
+    assert_eq!(store.acquire(&keys, &[(None, &ten, 1)], 1, None).await, Ok(Verdict::Go(1)));
+    let Ok(Verdict::Wait(wait, None)) = store.acquire(&keys, &[(None, &two, 1)], 1, None).await else {
+        panic!("lowered to 2/s right after a grant: the next slot waits")
+    };
+    assert!(
+        (Duration::from_millis(480)..=Duration::from_millis(510)).contains(&wait),
+        "lowered from 10/s to 2/s, the next slot comes {wait:?} after the last grant, not 100 ms"
+    );
+
+    // Raised from 2/s (the last grant owing 500 ms) to 100/s: 10 ms.
+    let keys = Keys::new("api", 1);
+    assert_eq!(store.acquire(&keys, &[(None, &two, 1)], 1, None).await, Ok(Verdict::Go(1)));
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    assert_eq!(
+        store.acquire(&keys, &[(None, &hundred, 1)], 5, None).await,
+        Ok(Verdict::Go(1)),
+        "raised to 100/s: one slot at once, no burst"
+    );
+    let Ok(Verdict::Wait(wait, None)) = store.acquire(&keys, &[(None, &hundred, 1)], 1, None).await else {
+        panic!("the one after waits its 100/s interval")
+    };
+    assert!(wait <= Duration::from_millis(11), "{wait:?}");
+}
+
+/// Issue 21, point 4, through Redis: two replicas under steady load at a
+/// shared 10/s are reloaded to 2/s. The first arrival after the reload
+/// comes the new interval (about 503 ms) after the last one, and so does
+/// every one after it: the schedule Redis keeps is not paid at the old rate
+/// once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_rate_takes_effect_from_the_next_shared_slot() {
+    let redis = RedisServer::start().await;
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let at = |rate: &str| {
+        let extra = format!("rate = \"{rate}\"\nqueue_timeout = \"30s\"");
+        config(&redis.url(), "local", &upstream("api", &mock.url(), &extra))
+    };
+    let replicas =
+        Arc::new([Pacegate::start_config(&at("10/s")).await, Pacegate::start_config(&at("10/s")).await]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers = load(&replicas, 2, &stop);
+    assert!(mock.wait_for_arrivals(8, Duration::from_secs(5)).await);
+
+    let slower = at("2/s");
+    tokio::join!(replicas[0].reload_with(&slower), replicas[1].reload_with(&slower));
+    let reloaded = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    stopped(callers, &stop).await;
+
+    let times: Vec<_> = mock.arrivals().iter().map(|a| a.at).collect();
+    let gaps: Vec<Duration> =
+        times.windows(2).filter(|pair| pair[1] > reloaded).map(|pair| pair[1] - pair[0]).collect();
+    println!("lowered from 10/s to 2/s under load: gaps after the reload {gaps:?}");
+    assert!(gaps.len() >= 3, "arrivals after the reload: {gaps:?}");
+    assert!(
+        gaps.iter().all(|gap| *gap >= Duration::from_millis(460)),
+        "spacing right after 10/s became 2/s (503 ms expected): {gaps:?}"
+    );
+}
+
 /// Endpoint limits in the script: a cost spaces attempts by units, a wait
 /// names the limit it is about, and attempts that do not need the limit
 /// still go.
