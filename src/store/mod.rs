@@ -22,9 +22,11 @@
 //! marked down: the transition is logged once and counted, and from then on
 //! no dispatcher waits on Redis. They fall back to their in-process pacer
 //! (`on_error = "local"`) or refuse (`"deny"`), while one background probe
-//! connects anew every [`PROBE_EVERY`] (asking the sentinels for the master
-//! again, or a cluster for its slots) and brings shared mode back once the
-//! new connection answers.
+//! connects anew (after [`PROBE_FIRST`], then twice as long each time up to
+//! [`PROBE_EVERY`]), asking the sentinels for the master again or a cluster
+//! for its slots, and brings shared mode back once the new connection
+//! answers. A cluster's probe pings every master of the new slot map, so
+//! shared mode resumes only once every slot has a master that answers.
 
 mod nodes;
 
@@ -42,8 +44,16 @@ use nodes::{Link, Nodes};
 
 /// Longest a dispatcher waits for one Redis answer before falling back.
 const CALL_TIMEOUT: Duration = Duration::from_millis(250);
-/// How often a down store checks whether Redis is back.
+/// How often a down store checks whether Redis is back, at most.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// The first check after a failure: a slow answer on a busy machine often
+/// passes, and every moment in fallback lets this replica pace alone next
+/// to the others (the quota's overshoot grows with it). Not shorter than
+/// [`CALL_TIMEOUT`], so that every call made through the failed connection
+/// has ended before a new one is made: a late failure of one cannot drop
+/// the probe's new connection or count a second fallback. Each check after
+/// it waits twice as long, up to [`PROBE_EVERY`].
+const PROBE_FIRST: Duration = CALL_TIMEOUT;
 /// How long making a connection and one check of the probe may take: a
 /// connection made anew (asking the sentinels, checking the master they
 /// name, connecting to it; or reaching every cluster node and reading the
@@ -386,8 +396,10 @@ impl Store {
 /// it answers, then brings shared mode back. Ends early if the store is
 /// dropped (a reload changed `[redis]`).
 async fn probe(store: Weak<Store>) {
+    let mut pause = PROBE_FIRST;
     loop {
-        tokio::time::sleep(PROBE_EVERY).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(PROBE_EVERY);
         let Some(store) = store.upgrade() else { return };
         let ping = async { redis::cmd("PING").query_async::<String>(&mut store.link().await?).await };
         match store.timed(PROBE_PATIENCE, ping).await {

@@ -27,6 +27,8 @@ pub struct RedisServer {
     program: &'static str,
     /// Options after the common ones (cluster mode, replicaof, sentinel lines).
     options: Vec<String>,
+    /// `requirepass` (and `masterauth`, for a replica), when set.
+    password: Option<String>,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -38,8 +40,17 @@ impl RedisServer {
     }
 
     async fn spawn(program: &'static str, options: Vec<String>) -> Self {
+        Self::spawn_with_password(program, options, None).await
+    }
+
+    async fn spawn_with_password(
+        program: &'static str,
+        options: Vec<String>,
+        password: Option<&str>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = Self { port: free_port(), program, options, child: None, dir };
+        let password = password.map(str::to_owned);
+        let mut server = Self { port: free_port(), program, options, password, child: None, dir };
         server.launch().await;
         server
     }
@@ -53,9 +64,12 @@ impl RedisServer {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT`, with `:PASSWORD@` when the server wants one.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// A URL on a port where no Redis listens (bound, then released).
@@ -109,6 +123,7 @@ impl RedisServer {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--loglevel", "warning", "--dir"])
             .arg(self.dir.path())
             .args(&self.options)
+            .args(self.password.iter().flat_map(|p| ["--requirepass", p, "--masterauth", p]))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -126,10 +141,14 @@ impl RedisServer {
 
     async fn pong(&self) -> bool {
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)).await else { return false };
-        let mut reply = [0; 7];
-        stream.write_all(b"PING\r\n").await.is_ok()
+        let (auth, expected): (String, &[u8]) = match &self.password {
+            Some(password) => (format!("AUTH {password}\r\n"), b"+OK\r\n+PONG\r\n"),
+            None => (String::new(), b"+PONG\r\n"),
+        };
+        let mut reply = vec![0; expected.len()];
+        stream.write_all(format!("{auth}PING\r\n").as_bytes()).await.is_ok()
             && stream.read_exact(&mut reply).await.is_ok()
-            && &reply == b"+PONG\r\n"
+            && reply == expected
     }
 }
 
@@ -316,18 +335,25 @@ impl RedisSentinels {
     /// and every sentinel knows the replica and the two other sentinels;
     /// `None` (skipped) without redis-server or redis-sentinel.
     pub async fn start() -> Option<Self> {
+        Self::start_with_password(None).await
+    }
+
+    /// The same, with the master and the replica wanting `password` (the
+    /// sentinels themselves want none, and know it as `auth-pass`).
+    pub async fn start_with_password(password: Option<&str>) -> Option<Self> {
         if missing(&["redis-server", "redis-sentinel"]) {
             return None;
         }
-        let master = RedisServer::spawn("redis-server", Vec::new()).await;
+        let master = RedisServer::spawn_with_password("redis-server", Vec::new(), password).await;
         let replicaof = vec!["--replicaof".to_owned(), "127.0.0.1".to_owned(), master.port().to_string()];
-        let replica = RedisServer::spawn("redis-server", replicaof).await;
+        let replica = RedisServer::spawn_with_password("redis-server", replicaof, password).await;
         let name = Self::MASTER;
-        let lines = [
+        let mut lines = vec![
             format!("monitor {name} 127.0.0.1 {} 2", master.port()),
             format!("down-after-milliseconds {name} 1000"),
             format!("failover-timeout {name} 10000"),
         ];
+        lines.extend(password.map(|password| format!("auth-pass {name} {password}")));
         // Each line as `--sentinel WORD...`, one argument per word.
         let options: Vec<String> = lines
             .iter()
