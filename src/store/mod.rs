@@ -161,6 +161,12 @@ pub struct Store {
     adjust: Script,
     /// False from a failed call until the probe reaches Redis again.
     up: AtomicBool,
+    /// A key of the call that marked the store down. The probe reads it
+    /// through the new connection: in a cluster, every master of the slot
+    /// map may answer `PING` while that key's slot still has none (its
+    /// master died and no replica took over yet), and resuming then would
+    /// only fall back again at the next call.
+    failed: std::sync::Mutex<Option<String>>,
     metrics: Arc<Metrics>,
     /// The runtime the store was made on (the main one): its background
     /// calls run there, even when a worker thread's request asks for them.
@@ -200,6 +206,7 @@ impl Store {
             cool_down: Script::new(include_str!("cool_down.lua")),
             adjust: Script::new(include_str!("adjust.lua")),
             up: AtomicBool::new(true),
+            failed: std::sync::Mutex::new(None),
             metrics,
             runtime: tokio::runtime::Handle::current(),
         }))
@@ -271,7 +278,7 @@ impl Store {
             invocation.key(&keys.probes);
             invocation.arg(probes).arg(u64::try_from(window.as_micros()).unwrap_or(u64::MAX));
         }
-        let (status, value, set): (u8, u64, usize) = self.call(&invocation).await?;
+        let (status, value, set): (u8, u64, usize) = self.call(&keys.quotas(), &invocation).await?;
         // The set the script names (1-based; 0 for none), as the caller knows it.
         let on = set.checked_sub(1).and_then(|j| demand.get(j)).and_then(|(on, _, _)| *on);
         Ok(match status {
@@ -310,7 +317,7 @@ impl Store {
                 invocation.key(clear);
             }
             invocation.arg(pause);
-            let _: Result<u8, _> = store.call(&invocation).await;
+            let _: Result<u8, _> = store.call(&key, &invocation).await;
         });
     }
 
@@ -333,12 +340,14 @@ impl Store {
         for (field, interval, _) in &quotas.quotas {
             invocation.arg(field).arg(*interval);
         }
-        self.call::<u8>(&invocation).await.map(drop)
+        self.call::<u8>(&keys.quotas(), &invocation).await.map(drop)
     }
 
-    /// Runs one script under [`CALL_TIMEOUT`]; a failure marks the store down.
+    /// Runs one script, whose first key is `key`, under [`CALL_TIMEOUT`]; a
+    /// failure marks the store down.
     async fn call<T: FromRedisValue>(
         self: &Arc<Self>,
+        key: &str,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, Unavailable> {
         let call = async { invocation.invoke_async(&mut self.link().await?).await };
@@ -348,6 +357,9 @@ impl Store {
         };
         self.metrics.redis_errors.inc();
         if self.up.swap(false, Ordering::AcqRel) {
+            if let Ok(mut failed) = self.failed.lock() {
+                *failed = Some(key.to_owned());
+            }
             self.metrics.redis_up.set(0);
             self.metrics.redis_fallbacks.inc();
             let fallback = match self.on_error() {
@@ -401,7 +413,16 @@ async fn probe(store: Weak<Store>) {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(PROBE_EVERY);
         let Some(store) = store.upgrade() else { return };
-        let ping = async { redis::cmd("PING").query_async::<String>(&mut store.link().await?).await };
+        let failed = store.failed.lock().ok().and_then(|failed| failed.clone());
+        let ping = async {
+            let mut link = store.link().await?;
+            redis::cmd("PING").query_async::<String>(&mut link).await?;
+            // Routed to the failed key's slot (in a cluster, its master now).
+            match failed {
+                Some(key) => redis::cmd("EXISTS").arg(key).query_async::<u8>(&mut link).await.map(drop),
+                None => Ok(()),
+            }
+        };
         match store.timed(PROBE_PATIENCE, ping).await {
             Ok(_) => {
                 store.up.store(true, Ordering::Release);

@@ -184,8 +184,9 @@ async fn settle(what: &str, mut ready: impl FnMut() -> bool) {
 
 // === impl RedisCluster ===
 
-/// A Redis Cluster of masters only, on free loopback ports (each node's
-/// cluster bus on another free port), made by `redis-cli --cluster create`.
+/// A Redis Cluster on free loopback ports (each node's cluster bus on
+/// another free port), made by `redis-cli --cluster create`: masters only,
+/// or each master with a replica.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
@@ -194,11 +195,17 @@ impl RedisCluster {
     /// Starts `masters` nodes, joins them and waits until every node says
     /// the cluster is ok; `None` (skipped) without redis-server or redis-cli.
     pub async fn start(masters: usize) -> Option<Self> {
+        Self::start_with_replicas(masters, 0).await
+    }
+
+    /// The same with `replicas` replicas per master (`--cluster-replicas`),
+    /// which take over a master's slots when it fails.
+    pub async fn start_with_replicas(masters: usize, replicas: usize) -> Option<Self> {
         if missing(&["redis-server", "redis-cli"]) {
             return None;
         }
-        let mut nodes = Vec::with_capacity(masters);
-        for _ in 0..masters {
+        let mut nodes = Vec::with_capacity(masters * (1 + replicas));
+        for _ in 0..masters * (1 + replicas) {
             let options = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
                 .into_iter()
                 .map(str::to_owned)
@@ -210,7 +217,7 @@ impl RedisCluster {
         let create = tokio::process::Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(nodes.iter().map(RedisServer::address))
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output();
@@ -227,7 +234,42 @@ impl RedisCluster {
             cluster.nodes.iter().all(|node| node.info_cluster().contains("cluster_state:ok"))
         })
         .await;
+        if replicas > 0 {
+            settle("every replica in sync", || {
+                let links = cluster.nodes.iter().map(|node| node.info("replication"));
+                links.filter(|info| info.contains("master_link_status:up")).count() == masters * replicas
+            })
+            .await;
+        }
         Some(cluster)
+    }
+
+    /// A node that still runs, to ask about the cluster.
+    fn alive(&self) -> &RedisServer {
+        self.nodes.iter().find(|node| node.child.is_some()).expect("a live node")
+    }
+
+    /// The addresses of the masters that serve slots now, sorted.
+    pub fn masters(&self) -> Vec<String> {
+        let nodes: String =
+            redis::cmd("CLUSTER").arg("NODES").query(&mut self.alive().connection()).expect("CLUSTER NODES");
+        let mut masters: Vec<String> = nodes
+            .lines()
+            .filter(|line| {
+                line.contains("master") && !line.contains("fail") && line.split_whitespace().count() > 8
+            })
+            .map(|line| {
+                line.split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .split('@')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect();
+        masters.sort();
+        masters
     }
 
     /// Every node's `redis://` URL.
@@ -291,15 +333,23 @@ impl RedisCluster {
     }
 
     fn slot(&self, key: &str) -> u16 {
-        redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut self.nodes[0].connection()).expect("KEYSLOT")
+        redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut self.alive().connection()).expect("KEYSLOT")
     }
 
     /// The node that serves `key`'s slot now.
     pub fn owner(&self, key: &str) -> &RedisServer {
+        let owner = self.serving(key).unwrap_or_else(|| panic!("no live node serves {key}'s slot"));
+        self.nodes.iter().find(|node| node.address() == owner).expect("the owner is one of ours")
+    }
+
+    /// The address of the node that serves `key`'s slot and is not known
+    /// to fail; `None` while nobody does (a master died, no replica took
+    /// over yet).
+    pub fn serving(&self, key: &str) -> Option<String> {
         let slot = self.slot(key);
         let nodes: String =
-            redis::cmd("CLUSTER").arg("NODES").query(&mut self.nodes[0].connection()).expect("CLUSTER NODES");
-        let owner = nodes.lines().find_map(|line| {
+            redis::cmd("CLUSTER").arg("NODES").query(&mut self.alive().connection()).expect("CLUSTER NODES");
+        let owner = nodes.lines().filter(|line| !line.contains("fail")).find_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let serves = fields.iter().skip(8).any(|range| {
                 let (low, high) = range.split_once('-').unwrap_or((range, range));
@@ -307,8 +357,7 @@ impl RedisCluster {
             });
             serves.then(|| fields[1].split('@').next().unwrap_or_default().to_owned())
         });
-        let owner = owner.unwrap_or_else(|| panic!("no node serves slot {slot}"));
-        self.nodes.iter().find(|node| node.address() == owner).expect("the owner is one of ours")
+        owner
     }
 }
 
