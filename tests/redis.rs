@@ -726,6 +726,39 @@ async fn a_cluster_master_failover_under_load_answers_everything_and_sharing_res
     );
 }
 
+/// `rediss://` with Sentinel: master, replica and sentinels speak TLS only
+/// (a self-signed certificate, hence `#insecure`). pacegate asks the
+/// sentinels over TLS, reaches the master over TLS as well, and after the
+/// master is killed finds the promoted replica the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_over_tls_finds_the_master_and_its_successor() {
+    let _alone = UNDER_LOAD.lock().await;
+    let tls = support::redis_server::Tls::new();
+    let Some(mut set) = RedisSentinels::start_with(None, Some(tls)).await else { return };
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let nodes = format!("sentinels = {}\nmaster = \"{}\"", toml_list(&set.urls()), RedisSentinels::MASTER);
+    assert!(nodes.contains("rediss://"), "{nodes}");
+    let text = config_of(&nodes, "local", &upstream("api", &mock.url(), "rate = \"100/s\""));
+    let pg = Pacegate::start_config(&text).await;
+    assert_eq!(get(pg.url("/api/before")).await, 200);
+    assert_eq!(pg.status().await["redis"]["master"], set.master.address());
+    assert_eq!(set.master.keys("pacegate:{api}:*:quotas").len(), 1, "paced through the master, over TLS");
+
+    set.master.kill();
+    assert_eq!(get(pg.url("/api/during")).await, 200, "served while the master is away");
+    let promoted = eventually(Duration::from_secs(30), async || {
+        let redis = &pg.status().await["redis"];
+        redis["up"] == true && redis["master"] == set.replica.address()
+    });
+    assert!(promoted.await, "not shared through the promoted replica: {}", pg.status().await["redis"]);
+    assert_eq!(get(pg.url("/api/after")).await, 200);
+    assert_eq!(
+        set.replica.keys("pacegate:{api}:*:quotas").len(),
+        1,
+        "paced through the new master, over TLS"
+    );
+}
+
 /// One answer a caller of [`load`] got.
 #[derive(Debug)]
 struct Answer {

@@ -29,6 +29,8 @@ pub struct RedisServer {
     options: Vec<String>,
     /// `requirepass` (and `masterauth`, for a replica), when set.
     password: Option<String>,
+    /// TLS only (`tls-port`, no plain port), with this certificate.
+    tls: Option<std::sync::Arc<Tls>>,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -40,17 +42,18 @@ impl RedisServer {
     }
 
     async fn spawn(program: &'static str, options: Vec<String>) -> Self {
-        Self::spawn_with_password(program, options, None).await
+        Self::spawn_with(program, options, None, None).await
     }
 
-    async fn spawn_with_password(
+    async fn spawn_with(
         program: &'static str,
         options: Vec<String>,
         password: Option<&str>,
+        tls: Option<std::sync::Arc<Tls>>,
     ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let password = password.map(str::to_owned);
-        let mut server = Self { port: free_port(), program, options, password, child: None, dir };
+        let mut server = Self { port: free_port(), program, options, password, tls, child: None, dir };
         server.launch().await;
         server
     }
@@ -64,11 +67,13 @@ impl RedisServer {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// `redis://127.0.0.1:PORT`, with `:PASSWORD@` when the server wants one.
+    /// `redis://127.0.0.1:PORT`, with `:PASSWORD@` when the server wants
+    /// one; over TLS `rediss://…/#insecure` (a self-signed certificate).
     pub fn url(&self) -> String {
-        match &self.password {
-            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
-            None => format!("redis://127.0.0.1:{}", self.port),
+        let auth = self.password.as_ref().map(|password| format!(":{password}@")).unwrap_or_default();
+        match self.tls {
+            Some(_) => format!("rediss://{auth}127.0.0.1:{}/#insecure", self.port),
+            None => format!("redis://{auth}127.0.0.1:{}", self.port),
         }
     }
 
@@ -119,8 +124,36 @@ impl RedisServer {
         } else {
             command.args(["--save", "", "--appendonly", "no"]);
         }
+        let port = self.port.to_string();
+        match &self.tls {
+            Some(tls) => {
+                let (cert, key) =
+                    (tls.cert.to_str().expect("utf-8 path"), tls.key.to_str().expect("utf-8 path"));
+                command.args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-cert-file",
+                    cert,
+                    "--tls-key-file",
+                    key,
+                ]);
+                command.args([
+                    "--tls-ca-cert-file",
+                    cert,
+                    "--tls-auth-clients",
+                    "no",
+                    "--tls-replication",
+                    "yes",
+                ]);
+            }
+            None => {
+                command.args(["--port", &port]);
+            }
+        }
         let child = command
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--loglevel", "warning", "--dir"])
+            .args(["--bind", "127.0.0.1", "--loglevel", "warning", "--dir"])
             .arg(self.dir.path())
             .args(&self.options)
             .args(self.password.iter().flat_map(|p| ["--requirepass", p, "--masterauth", p]))
@@ -140,6 +173,13 @@ impl RedisServer {
     }
 
     async fn pong(&self) -> bool {
+        if self.tls.is_some() {
+            let mut cli = tokio::process::Command::new("redis-cli");
+            cli.args(["--tls", "--insecure", "-p", &self.port.to_string()]);
+            cli.args(self.password.iter().flat_map(|p| ["--no-auth-warning", "-a", p]));
+            let out = cli.arg("PING").stdin(Stdio::null()).stderr(Stdio::null()).output().await;
+            return out.is_ok_and(|out| out.stdout.starts_with(b"PONG"));
+        }
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)).await else { return false };
         let (auth, expected): (String, &[u8]) = match &self.password {
             Some(password) => (format!("AUTH {password}\r\n"), b"+OK\r\n+PONG\r\n"),
@@ -155,6 +195,26 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A self-signed certificate for 127.0.0.1, in files a server can read.
+pub struct Tls {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tls {
+    pub fn new() -> std::sync::Arc<Self> {
+        // The test's own connections take rustls' process default.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("certificate");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, made.cert.pem()).expect("write cert.pem");
+        std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key.pem");
+        std::sync::Arc::new(Self { cert, key, _dir: dir })
     }
 }
 
@@ -390,12 +450,18 @@ impl RedisSentinels {
     /// The same, with the master and the replica wanting `password` (the
     /// sentinels themselves want none, and know it as `auth-pass`).
     pub async fn start_with_password(password: Option<&str>) -> Option<Self> {
+        Self::start_with(password, None).await
+    }
+
+    /// The same, every process over TLS only (`rediss://`) with `tls`'s
+    /// certificate, sentinels included.
+    pub async fn start_with(password: Option<&str>, tls: Option<std::sync::Arc<Tls>>) -> Option<Self> {
         if missing(&["redis-server", "redis-sentinel"]) {
             return None;
         }
-        let master = RedisServer::spawn_with_password("redis-server", Vec::new(), password).await;
+        let master = RedisServer::spawn_with("redis-server", Vec::new(), password, tls.clone()).await;
         let replicaof = vec!["--replicaof".to_owned(), "127.0.0.1".to_owned(), master.port().to_string()];
-        let replica = RedisServer::spawn_with_password("redis-server", replicaof, password).await;
+        let replica = RedisServer::spawn_with("redis-server", replicaof, password, tls.clone()).await;
         let name = Self::MASTER;
         let mut lines = vec![
             format!("monitor {name} 127.0.0.1 {} 2", master.port()),
@@ -410,7 +476,8 @@ impl RedisSentinels {
             .collect();
         let mut sentinels = Vec::with_capacity(3);
         for _ in 0..3 {
-            sentinels.push(RedisServer::spawn("redis-sentinel", options.clone()).await);
+            sentinels
+                .push(RedisServer::spawn_with("redis-sentinel", options.clone(), None, tls.clone()).await);
         }
         let set = Self { master, replica, sentinels };
         settle("replica in sync", || set.replica.info("replication").contains("master_link_status:up")).await;
