@@ -24,10 +24,13 @@ fn config_of(nodes: &str, on_error: &str, upstreams: &str) -> String {
     format!("{TEST_SERVER}\n[redis]\n{nodes}\non_error = \"{on_error}\"\n\n{upstreams}")
 }
 
-/// Held by the tests that put two replicas under load (and start up to
-/// five Redis processes): one at a time, their timing stays honest on a
-/// small machine, and a failover or migration is not starved by the others.
-static UNDER_LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Held by the tests that put two replicas under load. Those that assert
+/// the quota to the request (busiest second, makespan) hold it alone
+/// (`write`), so that their timing stays honest on a small machine. The
+/// failover tests share it (`read`): each holds its seconds to an
+/// allowance computed from the fallbacks it observed, which a busy machine
+/// does not make wrong, so they overlap one another to keep the file short.
+static UNDER_LOAD: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// `urls` as a TOML array.
 fn toml_list(urls: &[String]) -> String {
@@ -56,7 +59,7 @@ async fn eventually(limit: Duration, mut ready: impl AsyncFnMut() -> bool) -> bo
 /// upstream in about (500-1)/50 s with (almost) no 429.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_stay_inside_one_shared_quota() {
-    let _alone = UNDER_LOAD.lock().await;
+    let _alone = UNDER_LOAD.write().await;
     let redis = RedisServer::start().await;
     let mock = MockUpstream::start(Behaviour::new().limit(50, Duration::from_secs(1))).await;
     let extra = "rate = \"50/s\"\nqueue_size = 1000\nqueue_timeout = \"60s\"";
@@ -301,13 +304,16 @@ async fn the_script_carries_the_schedule_over_to_a_new_rate() {
     let (ten, two, hundred) = (at("10/s"), at("2/s"), at("100/s"));
     let keys = Keys::new("api", 0);
 
+    let asked = Instant::now();
     assert_eq!(store.acquire(&keys, &[(None, &ten, 1)], 1, None).await, Ok(Verdict::Go(1)));
     let Ok(Verdict::Wait(wait, None)) = store.acquire(&keys, &[(None, &two, 1)], 1, None).await else {
         panic!("lowered to 2/s right after a grant: the next slot waits")
     };
+    // From the grant: the wait, plus the time the second call took.
+    let after_grant = wait + asked.elapsed();
     assert!(
-        (Duration::from_millis(480)..=Duration::from_millis(510)).contains(&wait),
-        "lowered from 10/s to 2/s, the next slot comes {wait:?} after the last grant, not 100 ms"
+        after_grant >= Duration::from_millis(480) && wait <= Duration::from_millis(510),
+        "lowered from 10/s to 2/s, the next slot comes {after_grant:?} after the last grant, not 100 ms"
     );
 
     // Raised from 2/s (the last grant owing 500 ms) to 100/s: 10 ms.
@@ -533,7 +539,7 @@ async fn the_adjust_script_gives_back_never_before_now_and_takes_on_top() {
 /// there on `NOSCRIPT`), and no call falls back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_quotas_through_a_cluster() {
-    let _alone = UNDER_LOAD.lock().await;
+    let _alone = UNDER_LOAD.write().await;
     const QUOTA: usize = 20;
     const PER_UPSTREAM: usize = 30;
     let Some(cluster) = RedisCluster::start(3).await else { return };
@@ -567,6 +573,10 @@ async fn two_replicas_share_quotas_through_a_cluster() {
     }
 
     let arrivals = mock.arrivals();
+    for replica in replicas.iter() {
+        let fallbacks = replica.metric("pacegate_redis_fallbacks_total").await;
+        assert_eq!(fallbacks, Some(0.0), "a replica fell back: its seconds are not the shared quota's");
+    }
     for (name, owner) in &names {
         let prefix = format!("/{name}/");
         let times: Vec<_> =
@@ -583,7 +593,6 @@ async fn two_replicas_share_quotas_through_a_cluster() {
         );
     }
     for replica in replicas.iter() {
-        assert_eq!(replica.metric("pacegate_redis_fallbacks_total").await, Some(0.0));
         let redis = &replica.status().await["redis"];
         assert_eq!(redis["form"], "cluster");
         let masters: Vec<String> = cluster.nodes.iter().map(RedisServer::address).collect();
@@ -602,7 +611,7 @@ async fn two_replicas_share_quotas_through_a_cluster() {
 /// shared quota, and no replica is left in fallback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_migration_under_load_loses_nothing() {
-    let _alone = UNDER_LOAD.lock().await;
+    let _alone = UNDER_LOAD.write().await;
     const QUOTA: usize = 20;
     let Some(cluster) = RedisCluster::start(3).await else { return };
     let mock = MockUpstream::start(Behaviour::new()).await;
@@ -664,7 +673,7 @@ type At = tokio::time::Instant;
 /// allowance, as in a Sentinel failover.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_master_failover_under_load_answers_everything_and_sharing_resumes() {
-    let _alone = UNDER_LOAD.lock().await;
+    let _shared = UNDER_LOAD.read().await;
     const QUOTA: usize = 10;
     let Some(mut cluster) = RedisCluster::start_with_replicas(3, 1).await else { return };
     let mock = MockUpstream::start(Behaviour::new()).await;
@@ -732,7 +741,6 @@ async fn a_cluster_master_failover_under_load_answers_everything_and_sharing_res
 /// master is killed finds the promoted replica the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_over_tls_finds_the_master_and_its_successor() {
-    let _alone = UNDER_LOAD.lock().await;
     let tls = support::redis_server::Tls::new();
     let Some(mut set) = RedisSentinels::start_with(None, Some(tls)).await else { return };
     let mock = MockUpstream::start(Behaviour::new()).await;
@@ -1012,7 +1020,7 @@ async fn sentinel_failover(
 /// the quota, plus what each replica sent pacing alone while it fell back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_under_load_answers_everything_and_sharing_resumes() {
-    let _alone = UNDER_LOAD.lock().await;
+    let _shared = UNDER_LOAD.read().await;
     // Low enough that the quota, not a busy machine, paces the load.
     const QUOTA: usize = 10;
     let Some(mut set) = RedisSentinels::start().await else { return };
@@ -1053,7 +1061,7 @@ async fn a_sentinel_failover_under_load_answers_everything_and_sharing_resumes()
 /// again by themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_with_deny_refuses_at_once_and_never_overshoots() {
-    let _alone = UNDER_LOAD.lock().await;
+    let _shared = UNDER_LOAD.read().await;
     const QUOTA: usize = 10;
     let Some(mut set) = RedisSentinels::start_with_password(Some("m4ster")).await else { return };
     let auth = "master_password = \"m4ster\"";
