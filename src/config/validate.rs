@@ -113,12 +113,11 @@ fn redis(cx: &Cx<'_>, raw: RawRedis) -> Result<Redis, ConfigError> {
         return Err(cx.err(master.span(), "master names a Sentinel master: it needs sentinels = [...]"));
     }
     let auth = [("master_username", &raw.master_username), ("master_password", &raw.master_password)];
-    if let Some((key, value)) = auth.iter().find_map(|(k, v)| v.as_ref().map(|v| (k, v))) {
-        if raw.sentinels.is_none() {
-            return Err(
-                cx.err(value.span(), format!("{key} is the Sentinel master's: it needs sentinels = [...]"))
-            );
-        }
+    let stray = auth.iter().filter(|_| raw.sentinels.is_none()).find_map(|(k, v)| v.as_ref().map(|v| (k, v)));
+    if let Some((key, value)) = stray {
+        return Err(
+            cx.err(value.span(), format!("{key} is the Sentinel master's: it needs sentinels = [...]"))
+        );
     }
     let auth = (raw.master_username.is_some() || raw.master_password.is_some()).then(|| MasterAuth {
         username: raw.master_username.map(Spanned::into_inner),

@@ -180,8 +180,8 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// A store for `[redis]`; connects on first use, so a Redis that is down
-    /// at start-up is handled like one that goes away later. Made on the main
+    /// A store for `[redis]`; connects in the background, so a Redis that
+    /// is down at start-up is handled like one that goes away later. Made on the main
     /// runtime (with each config generation), where its background calls run.
     pub fn new(config: &config::Redis, metrics: Arc<Metrics>) -> Result<Arc<Self>, RedisError> {
         let urls = config.nodes.urls();
@@ -196,7 +196,7 @@ impl Store {
         let address = addresses?.join(",");
         let nodes = Nodes::new(&config.nodes, CALL_TIMEOUT, PROBE_PATIENCE)?;
         metrics.redis_up.set(1);
-        Ok(Arc::new(Self {
+        let store = Arc::new(Self {
             nodes,
             link: tokio::sync::Mutex::new(None),
             master: std::sync::Mutex::new(None),
@@ -209,7 +209,35 @@ impl Store {
             failed: std::sync::Mutex::new(None),
             metrics,
             runtime: tokio::runtime::Handle::current(),
-        }))
+        });
+        // Connected in the background from the start, so that the first
+        // attempts need not make the connection within their
+        // CALL_TIMEOUT (asking the sentinels, or reading a cluster's slot
+        // map, may not fit in it on a busy machine, and that would count
+        // as a fallback). Nothing waits on it: a Redis that is down now is
+        // found so by the first call, as one that goes away later.
+        let warm = Arc::downgrade(&store);
+        store.runtime.spawn(async move {
+            let Some(store) = warm.upgrade() else { return };
+            store.warm_up().await;
+        });
+        Ok(store)
+    }
+
+    /// Makes the first connection without holding the connection's lock
+    /// (a call that comes meanwhile makes its own, within its timeout, and
+    /// never waits for this one), and keeps it unless a call was quicker.
+    async fn warm_up(&self) {
+        let Ok(Ok((link, master))) = tokio::time::timeout(PROBE_PATIENCE, self.nodes.connect()).await else {
+            return;
+        };
+        let mut current = self.link.lock().await;
+        if current.is_none() {
+            if let Ok(mut shown) = self.master.lock() {
+                *shown = Some(master);
+            }
+            *current = Some(link);
+        }
     }
 
     /// True when this store was made from the same `[redis]` section.

@@ -409,15 +409,14 @@ impl RedisCluster {
         let slot = self.slot(key);
         let nodes: String =
             redis::cmd("CLUSTER").arg("NODES").query(&mut self.alive().connection()).expect("CLUSTER NODES");
-        let owner = nodes.lines().filter(|line| !line.contains("fail")).find_map(|line| {
+        nodes.lines().filter(|line| !line.contains("fail")).find_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let serves = fields.iter().skip(8).any(|range| {
                 let (low, high) = range.split_once('-').unwrap_or((range, range));
                 matches!((low.parse::<u16>(), high.parse::<u16>()), (Ok(low), Ok(high)) if (low..=high).contains(&slot))
             });
             serves.then(|| fields[1].split('@').next().unwrap_or_default().to_owned())
-        });
-        owner
+        })
     }
 }
 
