@@ -161,12 +161,13 @@ pub struct Store {
     adjust: Script,
     /// False from a failed call until the probe reaches Redis again.
     up: AtomicBool,
-    /// A key of the call that marked the store down. The probe reads it
-    /// through the new connection: in a cluster, every master of the slot
-    /// map may answer `PING` while that key's slot still has none (its
-    /// master died and no replica took over yet), and resuming then would
-    /// only fall back again at the next call.
-    failed: std::sync::Mutex<Option<String>>,
+    /// The keys of the call that marked the store down. The probe reads
+    /// them together through the new connection: in a cluster, every
+    /// master of the slot map may answer `PING` while their slot still has
+    /// none (its master died, no replica took over yet), or is half moved
+    /// (`TRYAGAIN` for a call whose keys sit on both sides); resuming then
+    /// would only fall back again at the next call.
+    failed: std::sync::Mutex<Vec<String>>,
     metrics: Arc<Metrics>,
     /// The runtime the store was made on (the main one): its background
     /// calls run there, even when a worker thread's request asks for them.
@@ -206,7 +207,7 @@ impl Store {
             cool_down: Script::new(include_str!("cool_down.lua")),
             adjust: Script::new(include_str!("adjust.lua")),
             up: AtomicBool::new(true),
-            failed: std::sync::Mutex::new(None),
+            failed: std::sync::Mutex::new(Vec::new()),
             metrics,
             runtime: tokio::runtime::Handle::current(),
         });
@@ -306,7 +307,12 @@ impl Store {
             invocation.key(&keys.probes);
             invocation.arg(probes).arg(u64::try_from(window.as_micros()).unwrap_or(u64::MAX));
         }
-        let (status, value, set): (u8, u64, usize) = self.call(&keys.quotas(), &invocation).await?;
+        let touched = || {
+            let cooldowns = demand.iter().map(|(_, quotas, _)| keys.cooldown(quotas.limit.as_deref()));
+            let shared = [keys.quotas()].into_iter().chain(cooldowns).chain([keys.breaker.clone()]);
+            shared.chain(probe.map(|_| keys.probes.clone())).collect()
+        };
+        let (status, value, set): (u8, u64, usize) = self.call(touched, &invocation).await?;
         // The set the script names (1-based; 0 for none), as the caller knows it.
         let on = set.checked_sub(1).and_then(|j| demand.get(j)).and_then(|(on, _, _)| *on);
         Ok(match status {
@@ -345,7 +351,8 @@ impl Store {
                 invocation.key(clear);
             }
             invocation.arg(pause);
-            let _: Result<u8, _> = store.call(&key, &invocation).await;
+            let _: Result<u8, _> =
+                store.call(|| [key.clone()].into_iter().chain(clear.clone()).collect(), &invocation).await;
         });
     }
 
@@ -368,14 +375,14 @@ impl Store {
         for (field, interval, _) in &quotas.quotas {
             invocation.arg(field).arg(*interval);
         }
-        self.call::<u8>(&keys.quotas(), &invocation).await.map(drop)
+        self.call::<u8>(|| vec![keys.quotas()], &invocation).await.map(drop)
     }
 
-    /// Runs one script, whose first key is `key`, under [`CALL_TIMEOUT`]; a
-    /// failure marks the store down.
+    /// Runs one script under [`CALL_TIMEOUT`]; a failure marks the store
+    /// down, and the probe then checks the `keys` the script touches.
     async fn call<T: FromRedisValue>(
         self: &Arc<Self>,
-        key: &str,
+        keys: impl FnOnce() -> Vec<String>,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, Unavailable> {
         let call = async { invocation.invoke_async(&mut self.link().await?).await };
@@ -386,7 +393,7 @@ impl Store {
         self.metrics.redis_errors.inc();
         if self.up.swap(false, Ordering::AcqRel) {
             if let Ok(mut failed) = self.failed.lock() {
-                *failed = Some(key.to_owned());
+                *failed = keys();
             }
             self.metrics.redis_up.set(0);
             self.metrics.redis_fallbacks.inc();
@@ -441,15 +448,15 @@ async fn probe(store: Weak<Store>) {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(PROBE_EVERY);
         let Some(store) = store.upgrade() else { return };
-        let failed = store.failed.lock().ok().and_then(|failed| failed.clone());
+        let failed = store.failed.lock().map(|failed| failed.clone()).unwrap_or_default();
         let ping = async {
             let mut link = store.link().await?;
             redis::cmd("PING").query_async::<String>(&mut link).await?;
-            // Routed to the failed key's slot (in a cluster, its master now).
-            match failed {
-                Some(key) => redis::cmd("EXISTS").arg(key).query_async::<u8>(&mut link).await.map(drop),
-                None => Ok(()),
+            // Routed to the failed keys' slot (in a cluster, its master now).
+            if !failed.is_empty() {
+                redis::cmd("EXISTS").arg(&failed).query_async::<u64>(&mut link).await?;
             }
+            Ok(())
         };
         match store.timed(PROBE_PATIENCE, ping).await {
             Ok(_) => {
