@@ -751,6 +751,8 @@ async fn a_cluster_master_failover_under_load_answers_everything_and_sharing_res
 /// master is killed finds the promoted replica the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_over_tls_finds_the_master_and_its_successor() {
+    // Five processes and a failover: not beside a test that counts seconds.
+    let _shared = UNDER_LOAD.read().await;
     let tls = support::redis_server::Tls::new();
     let Some(mut set) = RedisSentinels::start_with(None, Some(tls)).await else { return };
     let mock = MockUpstream::start(Behaviour::new()).await;
