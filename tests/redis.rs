@@ -24,10 +24,13 @@ fn config_of(nodes: &str, on_error: &str, upstreams: &str) -> String {
     format!("{TEST_SERVER}\n[redis]\n{nodes}\non_error = \"{on_error}\"\n\n{upstreams}")
 }
 
-/// Held by the tests that put two replicas under load (and start up to
-/// five Redis processes): one at a time, their timing stays honest on a
-/// small machine, and a failover or migration is not starved by the others.
-static UNDER_LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Held by the tests that put two replicas under load. Those that assert
+/// the quota to the request (busiest second, makespan) hold it alone
+/// (`write`), so that their timing stays honest on a small machine. The
+/// failover tests share it (`read`): each holds its seconds to an
+/// allowance computed from the fallbacks it observed, which a busy machine
+/// does not make wrong, so they overlap one another to keep the file short.
+static UNDER_LOAD: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// `urls` as a TOML array.
 fn toml_list(urls: &[String]) -> String {
@@ -56,7 +59,7 @@ async fn eventually(limit: Duration, mut ready: impl AsyncFnMut() -> bool) -> bo
 /// upstream in about (500-1)/50 s with (almost) no 429.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_stay_inside_one_shared_quota() {
-    let _alone = UNDER_LOAD.lock().await;
+    let _alone = UNDER_LOAD.write().await;
     let redis = RedisServer::start().await;
     let mock = MockUpstream::start(Behaviour::new().limit(50, Duration::from_secs(1))).await;
     let extra = "rate = \"50/s\"\nqueue_size = 1000\nqueue_timeout = \"60s\"";
@@ -281,6 +284,89 @@ async fn the_script_takes_from_all_quotas_or_none() {
     assert_eq!(state(), before, "a refused call takes nothing from the 10/s quota");
 }
 
+/// A changed rate keeps the shared schedule, as the local pacer's
+/// `requota` does (issue 21, point 4): what the last grant owes is paid at
+/// the new interval, counted from that grant. Lowered, the next slot waits
+/// the new interval, not the old one; raised, it comes sooner, without a
+/// burst.
+#[tokio::test]
+async fn the_script_carries_the_schedule_over_to_a_new_rate() {
+    use pacegate::config::{Redis, RedisNodes, RedisOnError, parse_rate};
+    use pacegate::limit::pacer::paced_quotas;
+    use pacegate::store::{Keys, SharedQuotas, Store, Verdict};
+
+    let redis = RedisServer::start().await;
+    let config = Redis { nodes: RedisNodes::Server(redis.url()), on_error: RedisOnError::Local };
+    let store = Store::new(&config, std::sync::Arc::new(pacegate::metrics::Metrics::new())).unwrap();
+    let at = |rate: &str| {
+        SharedQuotas::new(&paced_quotas(&[parse_rate(rate).unwrap()], std::num::NonZeroU32::MIN))
+    };
+    let (ten, two, hundred) = (at("10/s"), at("2/s"), at("100/s"));
+    let keys = Keys::new("api", 0);
+
+    let asked = Instant::now();
+    assert_eq!(store.acquire(&keys, &[(None, &ten, 1)], 1, None).await, Ok(Verdict::Go(1)));
+    let Ok(Verdict::Wait(wait, None)) = store.acquire(&keys, &[(None, &two, 1)], 1, None).await else {
+        panic!("lowered to 2/s right after a grant: the next slot waits")
+    };
+    // From the grant: the wait, plus the time the second call took.
+    let after_grant = wait + asked.elapsed();
+    assert!(
+        after_grant >= Duration::from_millis(480) && wait <= Duration::from_millis(510),
+        "lowered from 10/s to 2/s, the next slot comes {after_grant:?} after the last grant, not 100 ms"
+    );
+
+    // Raised from 2/s (the last grant owing 500 ms) to 100/s: 10 ms.
+    let keys = Keys::new("api", 1);
+    assert_eq!(store.acquire(&keys, &[(None, &two, 1)], 1, None).await, Ok(Verdict::Go(1)));
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    assert_eq!(
+        store.acquire(&keys, &[(None, &hundred, 1)], 5, None).await,
+        Ok(Verdict::Go(1)),
+        "raised to 100/s: one slot at once, no burst"
+    );
+    let Ok(Verdict::Wait(wait, None)) = store.acquire(&keys, &[(None, &hundred, 1)], 1, None).await else {
+        panic!("the one after waits its 100/s interval")
+    };
+    assert!(wait <= Duration::from_millis(11), "{wait:?}");
+}
+
+/// Issue 21, point 4, through Redis: two replicas under steady load at a
+/// shared 10/s are reloaded to 2/s. The first arrival after the reload
+/// comes the new interval (about 503 ms) after the last one, and so does
+/// every one after it: the schedule Redis keeps is not paid at the old rate
+/// once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_rate_takes_effect_from_the_next_shared_slot() {
+    let redis = RedisServer::start().await;
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let at = |rate: &str| {
+        let extra = format!("rate = \"{rate}\"\nqueue_timeout = \"30s\"");
+        config(&redis.url(), "local", &upstream("api", &mock.url(), &extra))
+    };
+    let replicas =
+        Arc::new([Pacegate::start_config(&at("10/s")).await, Pacegate::start_config(&at("10/s")).await]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers = load(&replicas, 2, &stop);
+    assert!(mock.wait_for_arrivals(8, Duration::from_secs(5)).await);
+
+    let slower = at("2/s");
+    tokio::join!(replicas[0].reload_with(&slower), replicas[1].reload_with(&slower));
+    let reloaded = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    stopped(callers, &stop).await;
+
+    let times: Vec<_> = mock.arrivals().iter().map(|a| a.at).collect();
+    let gaps: Vec<Duration> =
+        times.windows(2).filter(|pair| pair[1] > reloaded).map(|pair| pair[1] - pair[0]).collect();
+    println!("lowered from 10/s to 2/s under load: gaps after the reload {gaps:?}");
+    assert!(gaps.len() >= 3, "arrivals after the reload: {gaps:?}");
+    assert!(
+        gaps.iter().all(|gap| *gap >= Duration::from_millis(460)),
+        "spacing right after 10/s became 2/s (503 ms expected): {gaps:?}"
+    );
+}
+
 /// Endpoint limits in the script: a cost spaces attempts by units, a wait
 /// names the limit it is about, and attempts that do not need the limit
 /// still go.
@@ -453,7 +539,7 @@ async fn the_adjust_script_gives_back_never_before_now_and_takes_on_top() {
 /// there on `NOSCRIPT`), and no call falls back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_quotas_through_a_cluster() {
-    let _alone = UNDER_LOAD.lock().await;
+    let _alone = UNDER_LOAD.write().await;
     const QUOTA: usize = 20;
     const PER_UPSTREAM: usize = 30;
     let Some(cluster) = RedisCluster::start(3).await else { return };
@@ -487,6 +573,10 @@ async fn two_replicas_share_quotas_through_a_cluster() {
     }
 
     let arrivals = mock.arrivals();
+    for replica in replicas.iter() {
+        let fallbacks = replica.metric("pacegate_redis_fallbacks_total").await;
+        assert_eq!(fallbacks, Some(0.0), "a replica fell back: its seconds are not the shared quota's");
+    }
     for (name, owner) in &names {
         let prefix = format!("/{name}/");
         let times: Vec<_> =
@@ -503,7 +593,6 @@ async fn two_replicas_share_quotas_through_a_cluster() {
         );
     }
     for replica in replicas.iter() {
-        assert_eq!(replica.metric("pacegate_redis_fallbacks_total").await, Some(0.0));
         let redis = &replica.status().await["redis"];
         assert_eq!(redis["form"], "cluster");
         let masters: Vec<String> = cluster.nodes.iter().map(RedisServer::address).collect();
@@ -522,7 +611,7 @@ async fn two_replicas_share_quotas_through_a_cluster() {
 /// shared quota, and no replica is left in fallback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_migration_under_load_loses_nothing() {
-    let _alone = UNDER_LOAD.lock().await;
+    let _alone = UNDER_LOAD.write().await;
     const QUOTA: usize = 20;
     let Some(cluster) = RedisCluster::start(3).await else { return };
     let mock = MockUpstream::start(Behaviour::new()).await;
@@ -536,6 +625,7 @@ async fn a_slot_migration_under_load_loses_nothing() {
     let from = cluster.owner("{api}").address();
     let to = cluster.nodes.iter().find(|node| node.address() != from).expect("another master");
 
+    let watch = Fallbacks::watch(&replicas);
     let stop = Arc::new(AtomicBool::new(false));
     let callers = load(&replicas, 8, &stop);
     // Shared pacing first, so that the slot has keys to move.
@@ -554,6 +644,7 @@ async fn a_slot_migration_under_load_loses_nothing() {
     let resumed = tokio::time::Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let answered = stopped(callers, &stop).await;
+    let seen = watch.end().await;
 
     assert_eq!(to.keys("pacegate:{api}:*:quotas").len(), 1, "the bucket moved to the new owner");
     let times: Vec<_> = mock.arrivals().iter().map(|a| a.at).collect();
@@ -570,73 +661,339 @@ async fn a_slot_migration_under_load_loses_nothing() {
         (moved - moving).as_secs_f64()
     );
     assert!(after <= QUOTA + 1, "{after} in one second once the slot moved");
-    assert!(busiest <= 2 * QUOTA + 1, "{busiest} in one second: above the allowance");
+    for replica in &seen {
+        let through = replica.iter().filter(|f| f.outer.0 < resumed).count();
+        // One; a busy machine may add a second (an answer over 250 ms right
+        // after resuming). Resuming too early fell back once per probe.
+        assert!((1..=2).contains(&through), "one fallback per replica while the slot moved: {seen:?}");
+    }
+    let (worst, allowance) = within_allowance(&times, QUOTA, &seen, true);
+    println!("slot migration: worst second {worst} of its allowance {allowance}");
+}
+
+/// The mock's clock for arrivals, and ours for the moments they are held against.
+type At = tokio::time::Instant;
+
+/// A cluster master that owns the upstream's slot is killed (SIGKILL)
+/// under load, its replica configured: each replica falls back (logged
+/// and counted once), every request is answered 200, and once the cluster
+/// has promoted the replica, shared pacing resumes by itself there, with
+/// `/status` naming the new masters. Every second stays within the stated
+/// allowance, as in a Sentinel failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_master_failover_under_load_answers_everything_and_sharing_resumes() {
+    let _shared = UNDER_LOAD.read().await;
+    const QUOTA: usize = 10;
+    let Some(mut cluster) = RedisCluster::start_with_replicas(3, 1).await else { return };
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let extra = format!("rate = \"{QUOTA}/s\"\nqueue_timeout = \"30s\"");
+    let nodes = format!("cluster = {}", toml_list(&cluster.urls()));
+    let text = config_of(&nodes, "local", &upstream("api", &mock.url(), &extra));
+    let replicas = Arc::new([Pacegate::start_config(&text).await, Pacegate::start_config(&text).await]);
+    for replica in replicas.iter() {
+        assert_eq!(get(replica.url("/api/warm-up")).await, 200);
+    }
+    let before = cluster.masters();
+
+    let watch = Fallbacks::watch(&replicas);
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers = load(&replicas, 8, &stop);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let owner = cluster.owner("{api}").address();
+    let killed = At::now();
+    cluster.nodes.iter_mut().find(|node| node.address() == owner).expect("owner").kill();
+    let promoted = eventually(Duration::from_secs(30), async || {
+        cluster.serving("{api}").is_some_and(|new| new != owner)
+    });
+    assert!(promoted.await, "the cluster promoted no replica of {owner}");
+    let masters = cluster.masters();
+    for replica in replicas.iter() {
+        let shared = eventually(Duration::from_secs(30), async || {
+            let redis = &replica.status().await["redis"];
+            redis["up"] == true && redis["master"] == masters.join(",")
+        });
+        assert!(shared.await, "not shared through {masters:?}: {}", replica.status().await["redis"]);
+    }
+    let resumed = At::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let answers = answers(callers, &stop).await;
+    let fallbacks = watch.end().await;
+
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+    assert!(statuses.iter().all(|&s| s == 200), "every request answered 200: {statuses:?}");
+    for (replica, seen) in replicas.iter().zip(&fallbacks) {
+        // One fallback per replica through the failover, not one per probe
+        // of a slot map that still names the dead master; a busy machine
+        // may add a second (an answer over 250 ms right after resuming).
+        let through = seen.iter().filter(|f| f.outer.0 < resumed).count();
+        assert!((1..=2).contains(&through), "one fallback per replica through the failover: {fallbacks:?}");
+        let counted = replica.metric("pacegate_redis_fallbacks_total").await.unwrap_or_default();
+        assert_eq!(counted, seen.len() as f64, "every fallback counted once: {seen:?}");
+    }
+    let new_owner = cluster.owner("{api}");
+    assert_eq!(new_owner.keys("pacegate:{api}:*:quotas").len(), 1, "paced on the promoted replica");
+    let times: Vec<_> =
+        mock.arrivals().iter().filter(|a| !a.path_and_query.contains("warm-up")).map(|a| a.at).collect();
+    let (worst, allowance) = within_allowance(&times, QUOTA, &fallbacks, true);
+    let alone: Vec<Vec<f64>> =
+        fallbacks.iter().map(|r| r.iter().map(|f| (f.outer.1 - f.outer.0).as_secs_f64()).collect()).collect();
+    println!(
+        "cluster master failover under load: {} requests, all 200; masters {before:?} then {masters:?}; shared again \
+         {:.2} s after the kill; fallbacks per replica (s) {alone:.2?}; worst second {worst}/{allowance} (quota {QUOTA}/s)",
+        answers.len(),
+        (resumed - killed).as_secs_f64()
+    );
+}
+
+/// `rediss://` with Sentinel: master, replica and sentinels speak TLS only
+/// (a self-signed certificate, hence `#insecure`). pacegate asks the
+/// sentinels over TLS, reaches the master over TLS as well, and after the
+/// master is killed finds the promoted replica the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_over_tls_finds_the_master_and_its_successor() {
+    // Five processes and a failover: not beside a test that counts seconds.
+    let _shared = UNDER_LOAD.read().await;
+    let tls = support::redis_server::Tls::new();
+    let Some(mut set) = RedisSentinels::start_with(None, Some(tls)).await else { return };
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let nodes = format!("sentinels = {}\nmaster = \"{}\"", toml_list(&set.urls()), RedisSentinels::MASTER);
+    assert!(nodes.contains("rediss://"), "{nodes}");
+    let text = config_of(&nodes, "local", &upstream("api", &mock.url(), "rate = \"100/s\""));
+    let pg = Pacegate::start_config(&text).await;
+    assert_eq!(get(pg.url("/api/before")).await, 200);
+    assert_eq!(pg.status().await["redis"]["master"], set.master.address());
+    assert_eq!(set.master.keys("pacegate:{api}:*:quotas").len(), 1, "paced through the master, over TLS");
+
+    set.master.kill();
+    assert_eq!(get(pg.url("/api/during")).await, 200, "served while the master is away");
+    let promoted = eventually(Duration::from_secs(30), async || {
+        let redis = &pg.status().await["redis"];
+        redis["up"] == true && redis["master"] == set.replica.address()
+    });
+    assert!(promoted.await, "not shared through the promoted replica: {}", pg.status().await["redis"]);
+    assert_eq!(get(pg.url("/api/after")).await, 200);
+    assert_eq!(
+        set.replica.keys("pacegate:{api}:*:quotas").len(),
+        1,
+        "paced through the new master, over TLS"
+    );
+}
+
+/// One answer a caller of [`load`] got.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    /// `x-pacegate-error`, when pacegate answered itself.
+    error: Option<String>,
+    /// From sending the request to the answer's head.
+    took: Duration,
 }
 
 /// `per_replica` callers on each replica, each sending one request after
-/// another to `/api/` until `stop`; each returns the statuses it got.
+/// another to `/api/` until `stop`; each returns the answers it got.
 fn load(
     replicas: &Arc<[Pacegate; 2]>,
     per_replica: usize,
     stop: &Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<Vec<u16>>> {
+) -> Vec<tokio::task::JoinHandle<Vec<Answer>>> {
     (0..2 * per_replica)
         .map(|caller| {
             let (replicas, stop) = (replicas.clone(), stop.clone());
             tokio::spawn(async move {
-                let mut statuses = Vec::new();
+                let (http, mut answers) = (client(), Vec::new());
                 for i in 0.. {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    statuses.push(get(replicas[caller % 2].url(&format!("/api/{caller}-{i}"))).await);
+                    let sent = At::now();
+                    let answer =
+                        http.get(replicas[caller % 2].url(&format!("/api/{caller}-{i}"))).send().await;
+                    let (status, error) = answer.map_or((0, None), |r| {
+                        let error = r.headers().get("x-pacegate-error").and_then(|v| v.to_str().ok());
+                        (r.status().as_u16(), error.map(str::to_owned))
+                    });
+                    answers.push(Answer { status, error, took: sent.elapsed() });
                 }
-                statuses
+                answers
             })
         })
         .collect()
 }
 
-/// Stops the `callers` of [`load`], asserts each request was answered
-/// 200, and returns how many there were.
-async fn stopped(callers: Vec<tokio::task::JoinHandle<Vec<u16>>>, stop: &AtomicBool) -> usize {
+/// Stops the `callers` of [`load`] and returns every answer they got.
+async fn answers(callers: Vec<tokio::task::JoinHandle<Vec<Answer>>>, stop: &AtomicBool) -> Vec<Answer> {
     stop.store(true, Ordering::Relaxed);
-    let mut answered = 0;
+    let mut all = Vec::new();
     for caller in callers {
-        let statuses = caller.await.expect("caller");
-        assert!(statuses.iter().all(|&s| s == 200), "every request answered 200: {statuses:?}");
-        answered += statuses.len();
+        all.extend(caller.await.expect("caller"));
     }
-    answered
+    all
 }
 
-/// Sentinel: the master is killed (SIGKILL) while two replicas serve a
-/// steady load. Every request is answered 200; each replica falls back once
-/// (`on_error = "local"`), finds the promoted replica through the sentinels
-/// and shares the quota again. The upstream sees at most the quota in any
-/// second of shared mode, and at most the documented allowance (each
-/// replica pacing alone: twice the quota) while the master is away.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sentinel_failover_under_load_answers_everything_and_sharing_resumes() {
-    let _alone = UNDER_LOAD.lock().await;
-    const QUOTA: usize = 20;
-    let Some(mut set) = RedisSentinels::start().await else { return };
+/// Stops the `callers` of [`load`], asserts each request was answered
+/// 200, and returns how many there were.
+async fn stopped(callers: Vec<tokio::task::JoinHandle<Vec<Answer>>>, stop: &AtomicBool) -> usize {
+    let answers = answers(callers, stop).await;
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+    assert!(statuses.iter().all(|&s| s == 200), "every request answered 200: {statuses:?}");
+    answers.len()
+}
+
+/// Each replica's `redis.up` in `/status`, polled every 20 ms until the
+/// watch ends: when each one paced alone.
+struct Fallbacks {
+    stop: Arc<AtomicBool>,
+    polls: Vec<tokio::task::JoinHandle<Vec<(At, bool)>>>,
+}
+
+/// One replica's stretch without Redis, as the polls bracket it.
+#[derive(Debug, Clone, Copy)]
+struct Fallback {
+    /// From the last poll that saw it shared to the first that saw it
+    /// shared again: all of the fallback, and a little more.
+    outer: (At, At),
+    /// From the first poll that saw it alone to the last: within it.
+    inner: (At, At),
+}
+
+impl Fallbacks {
+    fn watch(replicas: &Arc<[Pacegate; 2]>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let polls = (0..replicas.len())
+            .map(|i| {
+                let (replicas, stop) = (replicas.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut polls = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let up = replicas[i].status().await["redis"]["up"] == true;
+                        polls.push((At::now(), up));
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    polls
+                })
+            })
+            .collect();
+        Self { stop, polls }
+    }
+
+    /// Per replica, its fallbacks in order.
+    async fn end(self) -> Vec<Vec<Fallback>> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for polls in self.polls {
+            let polls = polls.await.expect("poller");
+            let mut fallbacks = Vec::new();
+            let mut last_up = polls.first().map(|p| p.0).unwrap_or_else(At::now);
+            let mut down: Option<(At, At)> = None;
+            for &(at, up) in &polls {
+                match (up, down) {
+                    (true, Some(inner)) => {
+                        fallbacks.push(Fallback { outer: (last_up, at), inner });
+                        down = None;
+                    }
+                    (true, None) => {}
+                    (false, Some((first, _))) => down = Some((first, at)),
+                    (false, None) => down = Some((at, at)),
+                }
+                if up {
+                    last_up = at;
+                }
+            }
+            if let Some(inner) = down {
+                fallbacks.push(Fallback { outer: (last_up, At::now()), inner });
+            }
+            all.push(fallbacks);
+        }
+        all
+    }
+}
+
+/// How long `spans` overlap `[from, to)`, in seconds.
+fn overlap(spans: &[(At, At)], from: At, to: At) -> f64 {
+    spans.iter().map(|&(a, b)| b.min(to).saturating_duration_since(a.max(from)).as_secs_f64()).sum()
+}
+
+/// The allowance README states for a Redis outage, failover or fallback
+/// (docs/operations.md, "What an outage may cost the quota"), checked on
+/// every 1 s window of `arrivals` at a shared `quota` per second: while
+/// some replica shares, the shared grants (`quota` per second of it, one
+/// more per stretch: the GCRA schedule the promoted master had, clamped
+/// to now); with `local`, each replica that paces alone meanwhile adds
+/// `quota` per second of its fallback (grants made then arrive up to
+/// 50 ms later) plus its first slot; and one more for an arrival late
+/// against its grant. Returns the busiest second and its allowance.
+fn within_allowance(
+    arrivals: &[At],
+    quota: usize,
+    fallbacks: &[Vec<Fallback>],
+    local: bool,
+) -> (usize, usize) {
+    let second = Duration::from_secs(1);
+    let late = Duration::from_millis(50);
+    // Nobody shares while every replica is down (inner bounds: the shorter).
+    let all_down: Vec<(At, At)> = fallbacks[0]
+        .iter()
+        .flat_map(|a| fallbacks[1].iter().map(move |b| (a.inner.0.max(b.inner.0), a.inner.1.min(b.inner.1))))
+        .filter(|(from, to)| from < to)
+        .collect();
+    let mut worst = (0, 0, usize::MAX);
+    for (i, &start) in arrivals.iter().enumerate() {
+        let end = start + second;
+        let count = arrivals[i..].iter().take_while(|&&t| t < end).count();
+        let shared = 1.0 - overlap(&all_down, start, end);
+        let stretches = 1 + all_down.iter().filter(|&&(from, to)| from > start && to < end).count();
+        let mut allowance = (quota as f64 * shared).ceil() as usize + stretches + 1;
+        if local {
+            for replica in fallbacks {
+                let spans: Vec<_> = replica.iter().map(|f| (f.outer.0, f.outer.1 + late)).collect();
+                let alone = overlap(&spans, start, end);
+                if alone > 0.0 {
+                    allowance += (quota as f64 * alone).ceil() as usize + 1;
+                }
+            }
+        }
+        assert!(
+            count <= allowance,
+            "{count} arrivals in the second from {:?} after the first arrival, allowance {allowance}; fallbacks {fallbacks:?}",
+            start - arrivals[0]
+        );
+        if count > worst.0 || (count == worst.0 && allowance < worst.2) {
+            worst = (count, allowance, allowance);
+        }
+    }
+    (worst.0, worst.1)
+}
+
+/// Two replicas at a shared quota through Sentinel, under a steady load;
+/// the master is SIGKILLed after two seconds. Returns what the test
+/// checks: the answers, each replica's fallbacks, the arrivals at the
+/// upstream, the moment of the kill and the moment both were shared again
+/// through the promoted replica.
+async fn sentinel_failover(
+    set: &mut RedisSentinels,
+    on_error: &str,
+    auth: &str,
+    quota: usize,
+) -> (Vec<Answer>, Vec<Vec<Fallback>>, Vec<At>, At, At) {
     let mock = MockUpstream::start(Behaviour::new()).await;
-    let nodes = format!("sentinels = {}\nmaster = \"{}\"", toml_list(&set.urls()), RedisSentinels::MASTER);
-    let extra = format!("rate = \"{QUOTA}/s\"\nqueue_timeout = \"30s\"");
-    let text = config_of(&nodes, "local", &upstream("api", &mock.url(), &extra));
+    let nodes =
+        format!("sentinels = {}\nmaster = \"{}\"\n{auth}", toml_list(&set.urls()), RedisSentinels::MASTER);
+    let extra = format!("rate = \"{quota}/s\"\nqueue_timeout = \"30s\"");
+    let text = config_of(&nodes, on_error, &upstream("api", &mock.url(), &extra));
     let replicas = Arc::new([Pacegate::start_config(&text).await, Pacegate::start_config(&text).await]);
     for replica in replicas.iter() {
         assert_eq!(get(replica.url("/api/warm-up")).await, 200);
-        assert_eq!(replica.status().await["redis"]["master"], set.master.address());
+        let redis = &replica.status().await["redis"];
+        assert_eq!((&redis["form"], &redis["master"]), (&"sentinel".into(), &set.master.address().into()));
     }
 
     // Eight callers per replica, each sending one request after another.
+    let watch = Fallbacks::watch(&replicas);
     let stop = Arc::new(AtomicBool::new(false));
     let callers = load(&replicas, 8, &stop);
     // Shared mode under load, then the master dies.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let killed = tokio::time::Instant::now();
+    let killed = At::now();
     set.master.kill();
     for replica in replicas.iter() {
         let promoted = eventually(Duration::from_secs(30), async || {
@@ -652,45 +1009,96 @@ async fn a_sentinel_failover_under_load_answers_everything_and_sharing_resumes()
             status["redis"]
         );
     }
-    let resumed = tokio::time::Instant::now();
+    let resumed = At::now();
     assert_eq!(set.named_master(), set.replica.address(), "the sentinels promoted the replica");
-    let mut fallbacks = Vec::new();
-    for replica in replicas.iter() {
-        fallbacks.push(replica.metric("pacegate_redis_fallbacks_total").await.unwrap_or_default());
-    }
     // Shared mode again, under the same load.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let answered = stopped(callers, &stop).await;
-    // One fallback per outage, not one per request; a busy machine may add
-    // one when the new master is slow to answer at first.
-    assert!(fallbacks.iter().all(|&n| (1.0..=3.0).contains(&n)), "fallbacks per replica: {fallbacks:?}");
-    let mut later = false;
-    for (replica, before) in replicas.iter().zip(&fallbacks) {
-        later |= replica.metric("pacegate_redis_fallbacks_total").await.unwrap_or_default() > *before;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let answers = answers(callers, &stop).await;
+    let fallbacks = watch.end().await;
+    for (replica, seen) in replicas.iter().zip(&fallbacks) {
+        let counted = replica.metric("pacegate_redis_fallbacks_total").await.unwrap_or_default();
+        assert_eq!(counted, seen.len() as f64, "every fallback counted once: {seen:?}");
     }
-
     let times: Vec<_> =
         mock.arrivals().iter().filter(|a| !a.path_and_query.contains("warm-up")).map(|a| a.at).collect();
+    (answers, fallbacks, times, killed, resumed)
+}
+
+/// Sentinel: the master is killed (SIGKILL) while two replicas serve a
+/// steady load. Every request is answered 200; each replica falls back
+/// (`on_error = "local"`), logged and counted once, finds the promoted
+/// replica through the sentinels and shares the quota again by itself.
+/// Every second at the upstream stays within the allowance README states:
+/// the quota, plus what each replica sent pacing alone while it fell back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_under_load_answers_everything_and_sharing_resumes() {
+    let _shared = UNDER_LOAD.read().await;
+    // Low enough that the quota, not a busy machine, paces the load.
+    const QUOTA: usize = 10;
+    let Some(mut set) = RedisSentinels::start().await else { return };
+    let (answers, fallbacks, times, killed, resumed) = sentinel_failover(&mut set, "local", "", QUOTA).await;
+
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+    assert!(statuses.iter().all(|&s| s == 200), "every request answered 200: {statuses:?}");
+    for replica in &fallbacks {
+        let through = replica.iter().filter(|f| f.outer.0 < resumed).count();
+        // One; a busy machine may add a second (an answer over 250 ms right
+        // after resuming). Resuming too early fell back once per probe.
+        assert!((1..=2).contains(&through), "one fallback per replica through the failover: {fallbacks:?}");
+        assert!(replica[0].outer.1 > killed, "not before the kill: {fallbacks:?}");
+    }
     let second = Duration::from_secs(1);
-    let busiest = |from: tokio::time::Instant, to: tokio::time::Instant| {
+    let busiest = |from: At, to: At| {
         let within: Vec<_> = times.iter().copied().filter(|&t| t >= from && t < to).collect();
         max_in_any_window(&within, second)
     };
-    let far = tokio::time::Instant::now() + second;
-    let (before, during) =
-        (busiest(killed - Duration::from_secs(60), killed), busiest(killed, resumed + second));
-    let after = busiest(resumed + second, far);
+    let (before, during, after) =
+        (busiest(times[0], killed), busiest(killed, resumed + second), busiest(resumed + second, At::now()));
+    let alone: Vec<Vec<f64>> =
+        fallbacks.iter().map(|r| r.iter().map(|f| (f.outer.1 - f.outer.0).as_secs_f64()).collect()).collect();
+    let (worst, allowance) = within_allowance(&times, QUOTA, &fallbacks, true);
     println!(
-        "sentinel failover under load: {answered} requests, all 200; shared again {:.2} s after the kill; \
-         busiest second before {before}, during {during}, after {after} (quota {QUOTA}/s, 2 replicas)",
+        "sentinel failover under load: {} requests, all 200; shared again {:.2} s after the kill; \
+         fallbacks per replica (s) {alone:.2?}; busiest second before {before}, during {during}, after {after}; \
+         worst against its allowance {worst}/{allowance} (quota {QUOTA}/s, 2 replicas)",
+        answers.len(),
         (resumed - killed).as_secs_f64()
     );
     assert!(before <= QUOTA + 1, "{before} in one second before the failover");
-    if later {
-        println!("a replica fell back again after the failover: its second is held to the allowance only");
+}
+
+/// `on_error = "deny"` through a failover, with a master that wants its
+/// own password (`master_password`; the sentinels want none): while the
+/// master is away, callers are answered 503 `rate_limit_store` at once,
+/// never left hanging; nothing above the quota reaches the upstream in any
+/// second; and once the promoted replica answers, requests are served
+/// again by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_with_deny_refuses_at_once_and_never_overshoots() {
+    let _shared = UNDER_LOAD.read().await;
+    const QUOTA: usize = 10;
+    let Some(mut set) = RedisSentinels::start_with_password(Some("m4ster")).await else { return };
+    let auth = "master_password = \"m4ster\"";
+    let (answers, fallbacks, times, killed, resumed) = sentinel_failover(&mut set, "deny", auth, QUOTA).await;
+
+    let refused: Vec<&Answer> = answers.iter().filter(|a| a.status != 200).collect();
+    assert!(!refused.is_empty(), "the master's absence was noticed: {fallbacks:?}");
+    for answer in &refused {
+        assert_eq!((answer.status, answer.error.as_deref()), (503, Some("rate_limit_store")), "{answer:?}");
     }
-    let allowed_after = if later { 2 * QUOTA + 1 } else { QUOTA + 1 };
-    assert!(after <= allowed_after, "{after} in one second once shared again");
-    assert!(during <= 2 * QUOTA + 1, "{during} in one second during the failover: above the allowance");
-    assert!(busiest(killed - Duration::from_secs(60), far) <= 2 * QUOTA + 1);
+    // A refusal comes at once, or after the queue wait a caller had before
+    // the master died (eight callers per replica at 10/s: 1.6 s) and the
+    // one call that found it gone (250 ms).
+    let slowest = refused.iter().map(|a| a.took).max().unwrap_or_default();
+    assert!(slowest < Duration::from_millis(2500), "a refusal took {slowest:?}: never hung");
+    let served_after = times.iter().filter(|&&t| t > resumed).count();
+    assert!(served_after >= QUOTA, "served again after the failover: {served_after} arrivals");
+    let (worst, allowance) = within_allowance(&times, QUOTA, &fallbacks, false);
+    println!(
+        "sentinel failover with deny: {} requests, {} refused with rate_limit_store, slowest answer {slowest:?}; \
+         shared again {:.2} s after the kill; busiest second {worst} (allowance {allowance}, quota {QUOTA}/s)",
+        answers.len(),
+        refused.len(),
+        (resumed - killed).as_secs_f64()
+    );
 }

@@ -152,8 +152,28 @@ pub enum RedisNodes {
     /// `cluster`: seed nodes of a Redis Cluster, which tell the rest.
     Cluster(Vec<String>),
     /// `sentinels` and `master`: the sentinels that know which server is the
-    /// master named `master` now.
-    Sentinel { sentinels: Vec<String>, master: String },
+    /// master named `master` now. `auth`: the master's own credentials
+    /// (`master_username`, `master_password`); `None` takes the first
+    /// sentinel URL's.
+    Sentinel { sentinels: Vec<String>, master: String, auth: Option<MasterAuth> },
+}
+
+/// What the master (and, after a failover, the promoted replica) is
+/// told in `AUTH`, apart from the sentinels' own credentials.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MasterAuth {
+    /// An ACL user; `None` for the default user.
+    pub username: Option<String>,
+    /// `None`: no password (an ACL user without one, or `nopass`).
+    pub password: Option<String>,
+}
+
+/// The password never reaches a log or an error message.
+impl std::fmt::Debug for MasterAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let password = self.password.as_ref().map(|_| "<redacted>");
+        f.debug_struct("MasterAuth").field("username", &self.username).field("password", &password).finish()
+    }
 }
 
 impl RedisNodes {

@@ -169,6 +169,9 @@ pub struct RawRedis {
     pub sentinels: Option<Spanned<Vec<Spanned<String>>>>,
     /// Spanned: it is an error without `sentinels`.
     pub master: Option<Spanned<String>>,
+    /// The master's own `AUTH` (Spanned: an error without `sentinels`).
+    pub master_username: Option<Spanned<String>>,
+    pub master_password: Option<Spanned<String>>,
     pub on_error: RawRedisOnError,
 }
 

@@ -497,8 +497,22 @@ fn redis_takes_one_of_three_forms() {
     );
     assert_eq!(
         nodes("[redis]\nsentinels = [\"rediss://:pw@a:26379\"]\nmaster = \"mymaster\"\n"),
-        Some(RedisNodes::Sentinel { sentinels: urls(&["rediss://:pw@a:26379"]), master: "mymaster".into() })
+        Some(RedisNodes::Sentinel {
+            sentinels: urls(&["rediss://:pw@a:26379"]),
+            master: "mymaster".into(),
+            auth: None
+        })
     );
+    // The master's own credentials, apart from the sentinels'.
+    let own = "[redis]\nsentinels = [\"redis://a:26379\"]\nmaster = \"m\"\nmaster_password = \"s3cret\"\n";
+    let Some(RedisNodes::Sentinel { auth, .. }) = nodes(own) else { panic!("sentinel form") };
+    let auth = auth.expect("master_password given");
+    assert_eq!((auth.username, auth.password.as_deref()), (None, Some("s3cret")));
+    let user = "[redis]\nsentinels = [\"redis://a\"]\nmaster = \"m\"\nmaster_username = \"pg\"\n";
+    let Some(RedisNodes::Sentinel { auth: Some(auth), .. }) = nodes(user) else { panic!("auth") };
+    assert_eq!((auth.username.as_deref(), auth.password), (Some("pg"), None));
+    assert!(!format!("{:?}", nodes(own)).contains("s3cret"), "the password stays out of Debug");
+    assert_error("[redis]\nurl = \"redis://a\"\nmaster_password = \"x\"\n", 3, 19, &["sentinels"]);
     let both = "[redis]\nurl = \"redis://a\"\ncluster = [\"redis://b\"]\n";
     assert_error(both, 3, 11, &["one of url, cluster or sentinels"]);
     let both = "[redis]\nsentinels = [\"redis://b\"]\nmaster = \"m\"\nurl = \"redis://a\"\n";

@@ -18,7 +18,8 @@ use super::error::Cx;
 use super::raw::{Dur, RawBreaker, RawConfig, RawRedis, RawRetry, RawServer, RawUpstream};
 use super::units::format_duration;
 use super::{
-    Breaker, Config, ConfigError, Forward, KeySource, Mitm, Redis, RedisNodes, Retry, Server, Upstream,
+    Breaker, Config, ConfigError, Forward, KeySource, MasterAuth, Mitm, Redis, RedisNodes, Retry, Server,
+    Upstream,
 };
 
 /// Smallest `max_header_bytes` that still fits ordinary API requests.
@@ -111,6 +112,17 @@ fn redis(cx: &Cx<'_>, raw: RawRedis) -> Result<Redis, ConfigError> {
     if let Some(master) = raw.master.as_ref().filter(|_| raw.sentinels.is_none()) {
         return Err(cx.err(master.span(), "master names a Sentinel master: it needs sentinels = [...]"));
     }
+    let auth = [("master_username", &raw.master_username), ("master_password", &raw.master_password)];
+    let stray = auth.iter().filter(|_| raw.sentinels.is_none()).find_map(|(k, v)| v.as_ref().map(|v| (k, v)));
+    if let Some((key, value)) = stray {
+        return Err(
+            cx.err(value.span(), format!("{key} is the Sentinel master's: it needs sentinels = [...]"))
+        );
+    }
+    let auth = (raw.master_username.is_some() || raw.master_password.is_some()).then(|| MasterAuth {
+        username: raw.master_username.map(Spanned::into_inner),
+        password: raw.master_password.map(Spanned::into_inner).filter(|p| !p.is_empty()),
+    });
     // Exactly one form: point at the second one written.
     let mut forms = [raw.url.as_ref().map(Spanned::span), span(&raw.cluster), span(&raw.sentinels)]
         .into_iter()
@@ -138,7 +150,7 @@ fn redis(cx: &Cx<'_>, raw: RawRedis) -> Result<Redis, ConfigError> {
             let master = master.ok_or_else(|| {
                 cx.err(span, "sentinels need master = \"NAME\", the name the sentinels monitor")
             })?;
-            RedisNodes::Sentinel { sentinels, master }
+            RedisNodes::Sentinel { sentinels, master, auth }
         }
         _ => RedisNodes::Server(DEFAULT_REDIS_URL.to_owned()),
     };

@@ -5,7 +5,10 @@
 -- An attempt takes from one or more quota sets: its partition's own quotas
 -- and each endpoint limit it matches, `cost` units of each quota of a set.
 --
--- KEYS[1]    hash: one field per quota = its theoretical arrival time (µs)
+-- KEYS[1]    hash: one field per quota = its theoretical arrival time (µs),
+--            and beside it `FIELD:interval`, the emission interval (µs) that
+--            time was counted in, and `FIELD:granted`, the server time (µs)
+--            of the last grant that took from the quota
 -- KEYS[1+j]  string: end of quota set j's shared cooldown (µs)
 -- ARGV[1]    attempts waiting: at most this many are granted
 -- ARGV[2]    slack (µs): an attempt this late for its slot keeps the schedule
@@ -17,6 +20,12 @@
 -- A cost is paid after the fact (even spacing by cost): an attempt leaves
 -- when every quota admits one unit, then each quota's schedule moves on by
 -- cost intervals. Each attempt takes from all quotas or from none.
+--
+-- A quota whose interval changed (a reload changed the rate) keeps its
+-- schedule as the local pacer's `Pacer::requota` does: what the last grant
+-- still owes is paid at the new interval, counted from that grant. Lowering
+-- 10/s to 2/s puts the next slot 500 ms after the last grant, not 100 ms;
+-- raising it never frees a burst.
 --
 -- KEYS[2+sets], when given: end of the upstream's shared circuit break (µs).
 -- KEYS[3+sets], when given: probes taken by the replicas since a break
@@ -65,10 +74,19 @@ for j = 1, sets do
   end
 end
 
-local stored = redis.call('HMGET', KEYS[1], unpack(fields))
+local names = {}
+for i = 1, #fields do
+  names[3 * i - 2], names[3 * i - 1], names[3 * i] = fields[i], fields[i] .. ':interval', fields[i] .. ':granted'
+end
+local stored = redis.call('HMGET', KEYS[1], unpack(names))
 local tats = {}
 for i = 1, #fields do
-  tats[i] = math.max(tonumber(stored[i]) or 0, now - slack)
+  local tat = tonumber(stored[3 * i - 2]) or 0
+  local was, granted_at = tonumber(stored[3 * i - 1]), tonumber(stored[3 * i])
+  if was and granted_at and was ~= intervals[i] and tat > granted_at then
+    tat = granted_at + math.ceil((tat - granted_at) / was * intervals[i])
+  end
+  tats[i] = math.max(tat, now - slack)
 end
 local granted, wait, wait_set = 0, 0, 0
 while granted < wanted and wait == 0 do
@@ -99,8 +117,9 @@ if #KEYS > 2 + sets then
 end
 local update, keep = {}, 0
 for i = 1, #fields do
-  update[2 * i - 1] = fields[i]
-  update[2 * i] = tats[i]
+  update[6 * i - 5], update[6 * i - 4] = fields[i], tats[i]
+  update[6 * i - 3], update[6 * i - 2] = names[3 * i - 1], intervals[i]
+  update[6 * i - 1], update[6 * i] = names[3 * i], now
   keep = math.max(keep, tats[i] - now)
 end
 redis.call('HSET', KEYS[1], unpack(update))

@@ -22,9 +22,11 @@
 //! marked down: the transition is logged once and counted, and from then on
 //! no dispatcher waits on Redis. They fall back to their in-process pacer
 //! (`on_error = "local"`) or refuse (`"deny"`), while one background probe
-//! connects anew every [`PROBE_EVERY`] (asking the sentinels for the master
-//! again, or a cluster for its slots) and brings shared mode back once the
-//! new connection answers.
+//! connects anew (after [`PROBE_FIRST`], then twice as long each time up to
+//! [`PROBE_EVERY`]), asking the sentinels for the master again or a cluster
+//! for its slots, and brings shared mode back once the new connection
+//! answers. A cluster's probe pings every master of the new slot map, so
+//! shared mode resumes only once every slot has a master that answers.
 
 mod nodes;
 
@@ -42,8 +44,16 @@ use nodes::{Link, Nodes};
 
 /// Longest a dispatcher waits for one Redis answer before falling back.
 const CALL_TIMEOUT: Duration = Duration::from_millis(250);
-/// How often a down store checks whether Redis is back.
+/// How often a down store checks whether Redis is back, at most.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// The first check after a failure: a slow answer on a busy machine often
+/// passes, and every moment in fallback lets this replica pace alone next
+/// to the others (the quota's overshoot grows with it). Not shorter than
+/// [`CALL_TIMEOUT`], so that every call made through the failed connection
+/// has ended before a new one is made: a late failure of one cannot drop
+/// the probe's new connection or count a second fallback. Each check after
+/// it waits twice as long, up to [`PROBE_EVERY`].
+const PROBE_FIRST: Duration = CALL_TIMEOUT;
 /// How long making a connection and one check of the probe may take: a
 /// connection made anew (asking the sentinels, checking the master they
 /// name, connecting to it; or reaching every cluster node and reading the
@@ -151,6 +161,13 @@ pub struct Store {
     adjust: Script,
     /// False from a failed call until the probe reaches Redis again.
     up: AtomicBool,
+    /// The keys of the call that marked the store down. The probe reads
+    /// them together through the new connection: in a cluster, every
+    /// master of the slot map may answer `PING` while their slot still has
+    /// none (its master died, no replica took over yet), or is half moved
+    /// (`TRYAGAIN` for a call whose keys sit on both sides); resuming then
+    /// would only fall back again at the next call.
+    failed: std::sync::Mutex<Vec<String>>,
     metrics: Arc<Metrics>,
     /// The runtime the store was made on (the main one): its background
     /// calls run there, even when a worker thread's request asks for them.
@@ -164,8 +181,8 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// A store for `[redis]`; connects on first use, so a Redis that is down
-    /// at start-up is handled like one that goes away later. Made on the main
+    /// A store for `[redis]`; connects in the background, so a Redis that
+    /// is down at start-up is handled like one that goes away later. Made on the main
     /// runtime (with each config generation), where its background calls run.
     pub fn new(config: &config::Redis, metrics: Arc<Metrics>) -> Result<Arc<Self>, RedisError> {
         let urls = config.nodes.urls();
@@ -180,7 +197,7 @@ impl Store {
         let address = addresses?.join(",");
         let nodes = Nodes::new(&config.nodes, CALL_TIMEOUT, PROBE_PATIENCE)?;
         metrics.redis_up.set(1);
-        Ok(Arc::new(Self {
+        let store = Arc::new(Self {
             nodes,
             link: tokio::sync::Mutex::new(None),
             master: std::sync::Mutex::new(None),
@@ -190,9 +207,38 @@ impl Store {
             cool_down: Script::new(include_str!("cool_down.lua")),
             adjust: Script::new(include_str!("adjust.lua")),
             up: AtomicBool::new(true),
+            failed: std::sync::Mutex::new(Vec::new()),
             metrics,
             runtime: tokio::runtime::Handle::current(),
-        }))
+        });
+        // Connected in the background from the start, so that the first
+        // attempts need not make the connection within their
+        // CALL_TIMEOUT (asking the sentinels, or reading a cluster's slot
+        // map, may not fit in it on a busy machine, and that would count
+        // as a fallback). Nothing waits on it: a Redis that is down now is
+        // found so by the first call, as one that goes away later.
+        let warm = Arc::downgrade(&store);
+        store.runtime.spawn(async move {
+            let Some(store) = warm.upgrade() else { return };
+            store.warm_up().await;
+        });
+        Ok(store)
+    }
+
+    /// Makes the first connection without holding the connection's lock
+    /// (a call that comes meanwhile makes its own, within its timeout, and
+    /// never waits for this one), and keeps it unless a call was quicker.
+    async fn warm_up(&self) {
+        let Ok(Ok((link, master))) = tokio::time::timeout(PROBE_PATIENCE, self.nodes.connect()).await else {
+            return;
+        };
+        let mut current = self.link.lock().await;
+        if current.is_none() {
+            if let Ok(mut shown) = self.master.lock() {
+                *shown = Some(master);
+            }
+            *current = Some(link);
+        }
     }
 
     /// True when this store was made from the same `[redis]` section.
@@ -261,7 +307,12 @@ impl Store {
             invocation.key(&keys.probes);
             invocation.arg(probes).arg(u64::try_from(window.as_micros()).unwrap_or(u64::MAX));
         }
-        let (status, value, set): (u8, u64, usize) = self.call(&invocation).await?;
+        let touched = || {
+            let cooldowns = demand.iter().map(|(_, quotas, _)| keys.cooldown(quotas.limit.as_deref()));
+            let shared = [keys.quotas()].into_iter().chain(cooldowns).chain([keys.breaker.clone()]);
+            shared.chain(probe.map(|_| keys.probes.clone())).collect()
+        };
+        let (status, value, set): (u8, u64, usize) = self.call(touched, &invocation).await?;
         // The set the script names (1-based; 0 for none), as the caller knows it.
         let on = set.checked_sub(1).and_then(|j| demand.get(j)).and_then(|(on, _, _)| *on);
         Ok(match status {
@@ -300,7 +351,8 @@ impl Store {
                 invocation.key(clear);
             }
             invocation.arg(pause);
-            let _: Result<u8, _> = store.call(&invocation).await;
+            let _: Result<u8, _> =
+                store.call(|| [key.clone()].into_iter().chain(clear.clone()).collect(), &invocation).await;
         });
     }
 
@@ -323,12 +375,14 @@ impl Store {
         for (field, interval, _) in &quotas.quotas {
             invocation.arg(field).arg(*interval);
         }
-        self.call::<u8>(&invocation).await.map(drop)
+        self.call::<u8>(|| vec![keys.quotas()], &invocation).await.map(drop)
     }
 
-    /// Runs one script under [`CALL_TIMEOUT`]; a failure marks the store down.
+    /// Runs one script under [`CALL_TIMEOUT`]; a failure marks the store
+    /// down, and the probe then checks the `keys` the script touches.
     async fn call<T: FromRedisValue>(
         self: &Arc<Self>,
+        keys: impl FnOnce() -> Vec<String>,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, Unavailable> {
         let call = async { invocation.invoke_async(&mut self.link().await?).await };
@@ -338,6 +392,9 @@ impl Store {
         };
         self.metrics.redis_errors.inc();
         if self.up.swap(false, Ordering::AcqRel) {
+            if let Ok(mut failed) = self.failed.lock() {
+                *failed = keys();
+            }
             self.metrics.redis_up.set(0);
             self.metrics.redis_fallbacks.inc();
             let fallback = match self.on_error() {
@@ -386,10 +443,21 @@ impl Store {
 /// it answers, then brings shared mode back. Ends early if the store is
 /// dropped (a reload changed `[redis]`).
 async fn probe(store: Weak<Store>) {
+    let mut pause = PROBE_FIRST;
     loop {
-        tokio::time::sleep(PROBE_EVERY).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(PROBE_EVERY);
         let Some(store) = store.upgrade() else { return };
-        let ping = async { redis::cmd("PING").query_async::<String>(&mut store.link().await?).await };
+        let failed = store.failed.lock().map(|failed| failed.clone()).unwrap_or_default();
+        let ping = async {
+            let mut link = store.link().await?;
+            redis::cmd("PING").query_async::<String>(&mut link).await?;
+            // Routed to the failed keys' slot (in a cluster, its master now).
+            if !failed.is_empty() {
+                redis::cmd("EXISTS").arg(&failed).query_async::<u64>(&mut link).await?;
+            }
+            Ok(())
+        };
         match store.timed(PROBE_PATIENCE, ping).await {
             Ok(_) => {
                 store.up.store(true, Ordering::Release);

@@ -23,8 +23,8 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
 use redis::{
-    AsyncConnectionConfig, Cmd, ConnectionAddr, IntoConnectionInfo, Pipeline, RedisFuture, RedisResult,
-    TlsMode, Value,
+    AsyncConnectionConfig, Cmd, ConnectionAddr, IntoConnectionInfo, Pipeline, RedisConnectionInfo,
+    RedisFuture, RedisResult, TlsMode, Value,
 };
 
 use crate::config::RedisNodes;
@@ -42,8 +42,10 @@ pub enum Nodes {
         sentinels: tokio::sync::Mutex<Sentinel>,
         /// The master's name, as the sentinels monitor it.
         master: String,
-        /// Scheme, credentials and database for the master: those of the
-        /// first sentinel URL.
+        /// Scheme (TLS or not), credentials and database for the master:
+        /// the first sentinel URL's scheme and database, and
+        /// `master_username` / `master_password` (or, without them, that
+        /// URL's credentials).
         node: SentinelNodeConnectionInfo,
         /// Timeouts of the connection to the master.
         timeouts: AsyncConnectionConfig,
@@ -80,11 +82,18 @@ impl Nodes {
                     .response_timeout(answer)
                     .build()?,
             ),
-            RedisNodes::Sentinel { sentinels, master } => {
+            RedisNodes::Sentinel { sentinels, master, auth } => {
                 let first =
                     sentinels.first().map(String::as_str).unwrap_or_default().into_connection_info()?;
-                let mut node = SentinelNodeConnectionInfo::default()
-                    .set_redis_connection_info(first.redis_settings().clone());
+                let mut settings = first.redis_settings().clone();
+                if let Some(auth) = auth {
+                    let own = RedisConnectionInfo::default()
+                        .set_db(settings.db())
+                        .set_protocol(settings.protocol());
+                    let own = auth.username.iter().fold(own, |own, user| own.set_username(user));
+                    settings = auth.password.iter().fold(own, |own, password| own.set_password(password));
+                }
+                let mut node = SentinelNodeConnectionInfo::default().set_redis_connection_info(settings);
                 if let ConnectionAddr::TcpTls { insecure, .. } = first.addr() {
                     node = node.set_tls_mode(if *insecure { TlsMode::Insecure } else { TlsMode::Secure });
                 }

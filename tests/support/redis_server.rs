@@ -27,6 +27,10 @@ pub struct RedisServer {
     program: &'static str,
     /// Options after the common ones (cluster mode, replicaof, sentinel lines).
     options: Vec<String>,
+    /// `requirepass` (and `masterauth`, for a replica), when set.
+    password: Option<String>,
+    /// TLS only (`tls-port`, no plain port), with this certificate.
+    tls: Option<std::sync::Arc<Tls>>,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -38,8 +42,18 @@ impl RedisServer {
     }
 
     async fn spawn(program: &'static str, options: Vec<String>) -> Self {
+        Self::spawn_with(program, options, None, None).await
+    }
+
+    async fn spawn_with(
+        program: &'static str,
+        options: Vec<String>,
+        password: Option<&str>,
+        tls: Option<std::sync::Arc<Tls>>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = Self { port: free_port(), program, options, child: None, dir };
+        let password = password.map(str::to_owned);
+        let mut server = Self { port: free_port(), program, options, password, tls, child: None, dir };
         server.launch().await;
         server
     }
@@ -53,9 +67,14 @@ impl RedisServer {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT`, with `:PASSWORD@` when the server wants
+    /// one; over TLS `rediss://…/#insecure` (a self-signed certificate).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let auth = self.password.as_ref().map(|password| format!(":{password}@")).unwrap_or_default();
+        match self.tls {
+            Some(_) => format!("rediss://{auth}127.0.0.1:{}/#insecure", self.port),
+            None => format!("redis://{auth}127.0.0.1:{}", self.port),
+        }
     }
 
     /// A URL on a port where no Redis listens (bound, then released).
@@ -105,10 +124,39 @@ impl RedisServer {
         } else {
             command.args(["--save", "", "--appendonly", "no"]);
         }
+        let port = self.port.to_string();
+        match &self.tls {
+            Some(tls) => {
+                let (cert, key) =
+                    (tls.cert.to_str().expect("utf-8 path"), tls.key.to_str().expect("utf-8 path"));
+                command.args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-cert-file",
+                    cert,
+                    "--tls-key-file",
+                    key,
+                ]);
+                command.args([
+                    "--tls-ca-cert-file",
+                    cert,
+                    "--tls-auth-clients",
+                    "no",
+                    "--tls-replication",
+                    "yes",
+                ]);
+            }
+            None => {
+                command.args(["--port", &port]);
+            }
+        }
         let child = command
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--loglevel", "warning", "--dir"])
+            .args(["--bind", "127.0.0.1", "--loglevel", "warning", "--dir"])
             .arg(self.dir.path())
             .args(&self.options)
+            .args(self.password.iter().flat_map(|p| ["--requirepass", p, "--masterauth", p]))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -125,17 +173,48 @@ impl RedisServer {
     }
 
     async fn pong(&self) -> bool {
+        if self.tls.is_some() {
+            let mut cli = tokio::process::Command::new("redis-cli");
+            cli.args(["--tls", "--insecure", "-p", &self.port.to_string()]);
+            cli.args(self.password.iter().flat_map(|p| ["--no-auth-warning", "-a", p]));
+            let out = cli.arg("PING").stdin(Stdio::null()).stderr(Stdio::null()).output().await;
+            return out.is_ok_and(|out| out.stdout.starts_with(b"PONG"));
+        }
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)).await else { return false };
-        let mut reply = [0; 7];
-        stream.write_all(b"PING\r\n").await.is_ok()
+        let (auth, expected): (String, &[u8]) = match &self.password {
+            Some(password) => (format!("AUTH {password}\r\n"), b"+OK\r\n+PONG\r\n"),
+            None => (String::new(), b"+PONG\r\n"),
+        };
+        let mut reply = vec![0; expected.len()];
+        stream.write_all(format!("{auth}PING\r\n").as_bytes()).await.is_ok()
             && stream.read_exact(&mut reply).await.is_ok()
-            && &reply == b"+PONG\r\n"
+            && reply == expected
     }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A self-signed certificate for 127.0.0.1, in files a server can read.
+pub struct Tls {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tls {
+    pub fn new() -> std::sync::Arc<Self> {
+        // The test's own connections take rustls' process default.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("certificate");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, made.cert.pem()).expect("write cert.pem");
+        std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key.pem");
+        std::sync::Arc::new(Self { cert, key, _dir: dir })
     }
 }
 
@@ -165,8 +244,9 @@ async fn settle(what: &str, mut ready: impl FnMut() -> bool) {
 
 // === impl RedisCluster ===
 
-/// A Redis Cluster of masters only, on free loopback ports (each node's
-/// cluster bus on another free port), made by `redis-cli --cluster create`.
+/// A Redis Cluster on free loopback ports (each node's cluster bus on
+/// another free port), made by `redis-cli --cluster create`: masters only,
+/// or each master with a replica.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
@@ -175,11 +255,17 @@ impl RedisCluster {
     /// Starts `masters` nodes, joins them and waits until every node says
     /// the cluster is ok; `None` (skipped) without redis-server or redis-cli.
     pub async fn start(masters: usize) -> Option<Self> {
+        Self::start_with_replicas(masters, 0).await
+    }
+
+    /// The same with `replicas` replicas per master (`--cluster-replicas`),
+    /// which take over a master's slots when it fails.
+    pub async fn start_with_replicas(masters: usize, replicas: usize) -> Option<Self> {
         if missing(&["redis-server", "redis-cli"]) {
             return None;
         }
-        let mut nodes = Vec::with_capacity(masters);
-        for _ in 0..masters {
+        let mut nodes = Vec::with_capacity(masters * (1 + replicas));
+        for _ in 0..masters * (1 + replicas) {
             let options = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
                 .into_iter()
                 .map(str::to_owned)
@@ -191,7 +277,7 @@ impl RedisCluster {
         let create = tokio::process::Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(nodes.iter().map(RedisServer::address))
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output();
@@ -208,7 +294,42 @@ impl RedisCluster {
             cluster.nodes.iter().all(|node| node.info_cluster().contains("cluster_state:ok"))
         })
         .await;
+        if replicas > 0 {
+            settle("every replica in sync", || {
+                let links = cluster.nodes.iter().map(|node| node.info("replication"));
+                links.filter(|info| info.contains("master_link_status:up")).count() == masters * replicas
+            })
+            .await;
+        }
         Some(cluster)
+    }
+
+    /// A node that still runs, to ask about the cluster.
+    fn alive(&self) -> &RedisServer {
+        self.nodes.iter().find(|node| node.child.is_some()).expect("a live node")
+    }
+
+    /// The addresses of the masters that serve slots now, sorted.
+    pub fn masters(&self) -> Vec<String> {
+        let nodes: String =
+            redis::cmd("CLUSTER").arg("NODES").query(&mut self.alive().connection()).expect("CLUSTER NODES");
+        let mut masters: Vec<String> = nodes
+            .lines()
+            .filter(|line| {
+                line.contains("master") && !line.contains("fail") && line.split_whitespace().count() > 8
+            })
+            .map(|line| {
+                line.split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .split('@')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect();
+        masters.sort();
+        masters
     }
 
     /// Every node's `redis://` URL.
@@ -272,24 +393,30 @@ impl RedisCluster {
     }
 
     fn slot(&self, key: &str) -> u16 {
-        redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut self.nodes[0].connection()).expect("KEYSLOT")
+        redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut self.alive().connection()).expect("KEYSLOT")
     }
 
     /// The node that serves `key`'s slot now.
     pub fn owner(&self, key: &str) -> &RedisServer {
+        let owner = self.serving(key).unwrap_or_else(|| panic!("no live node serves {key}'s slot"));
+        self.nodes.iter().find(|node| node.address() == owner).expect("the owner is one of ours")
+    }
+
+    /// The address of the node that serves `key`'s slot and is not known
+    /// to fail; `None` while nobody does (a master died, no replica took
+    /// over yet).
+    pub fn serving(&self, key: &str) -> Option<String> {
         let slot = self.slot(key);
         let nodes: String =
-            redis::cmd("CLUSTER").arg("NODES").query(&mut self.nodes[0].connection()).expect("CLUSTER NODES");
-        let owner = nodes.lines().find_map(|line| {
+            redis::cmd("CLUSTER").arg("NODES").query(&mut self.alive().connection()).expect("CLUSTER NODES");
+        nodes.lines().filter(|line| !line.contains("fail")).find_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let serves = fields.iter().skip(8).any(|range| {
                 let (low, high) = range.split_once('-').unwrap_or((range, range));
                 matches!((low.parse::<u16>(), high.parse::<u16>()), (Ok(low), Ok(high)) if (low..=high).contains(&slot))
             });
             serves.then(|| fields[1].split('@').next().unwrap_or_default().to_owned())
-        });
-        let owner = owner.unwrap_or_else(|| panic!("no node serves slot {slot}"));
-        self.nodes.iter().find(|node| node.address() == owner).expect("the owner is one of ours")
+        })
     }
 }
 
@@ -316,18 +443,31 @@ impl RedisSentinels {
     /// and every sentinel knows the replica and the two other sentinels;
     /// `None` (skipped) without redis-server or redis-sentinel.
     pub async fn start() -> Option<Self> {
+        Self::start_with_password(None).await
+    }
+
+    /// The same, with the master and the replica wanting `password` (the
+    /// sentinels themselves want none, and know it as `auth-pass`).
+    pub async fn start_with_password(password: Option<&str>) -> Option<Self> {
+        Self::start_with(password, None).await
+    }
+
+    /// The same, every process over TLS only (`rediss://`) with `tls`'s
+    /// certificate, sentinels included.
+    pub async fn start_with(password: Option<&str>, tls: Option<std::sync::Arc<Tls>>) -> Option<Self> {
         if missing(&["redis-server", "redis-sentinel"]) {
             return None;
         }
-        let master = RedisServer::spawn("redis-server", Vec::new()).await;
+        let master = RedisServer::spawn_with("redis-server", Vec::new(), password, tls.clone()).await;
         let replicaof = vec!["--replicaof".to_owned(), "127.0.0.1".to_owned(), master.port().to_string()];
-        let replica = RedisServer::spawn("redis-server", replicaof).await;
+        let replica = RedisServer::spawn_with("redis-server", replicaof, password, tls.clone()).await;
         let name = Self::MASTER;
-        let lines = [
+        let mut lines = vec![
             format!("monitor {name} 127.0.0.1 {} 2", master.port()),
             format!("down-after-milliseconds {name} 1000"),
             format!("failover-timeout {name} 10000"),
         ];
+        lines.extend(password.map(|password| format!("auth-pass {name} {password}")));
         // Each line as `--sentinel WORD...`, one argument per word.
         let options: Vec<String> = lines
             .iter()
@@ -335,7 +475,8 @@ impl RedisSentinels {
             .collect();
         let mut sentinels = Vec::with_capacity(3);
         for _ in 0..3 {
-            sentinels.push(RedisServer::spawn("redis-sentinel", options.clone()).await);
+            sentinels
+                .push(RedisServer::spawn_with("redis-sentinel", options.clone(), None, tls.clone()).await);
         }
         let set = Self { master, replica, sentinels };
         settle("replica in sync", || set.replica.info("replication").contains("master_link_status:up")).await;
