@@ -300,7 +300,14 @@ impl Proxy {
             let head = &mut prepared.head;
             // The target decides the host (RFC 9112 §3.2.2): the client derives
             // Host from the URI, whatever Host (or Hosts) the caller sent.
-            head.headers.remove(header::HOST);
+            // An upstream's own Host is built once: `insert` replaces the
+            // caller's, the client keeps it.
+            let host =
+                prepared.queue.and_then(|queue| runtime.upstreams[queue.upstream as usize].host.clone());
+            match host {
+                Some(host) => head.headers.insert(header::HOST, host),
+                None => head.headers.remove(header::HOST),
+            };
             let answer = match prepared.queue {
                 Some(queue) => {
                     let index = queue.upstream as usize;
