@@ -224,6 +224,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn host_is_what_the_client_would_derive_for_http_only() {
+        let host = |url: &str| {
+            let text =
+                format!("[[upstream]]\nname = \"a\"\nbase_url = \"{url}\"\nroute = \"/a\"\nrate = \"1/s\"\n");
+            let config = config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+            host_header(&config.upstreams[0].base_url)
+        };
+        assert_eq!(host("http://127.0.0.1:8080/v1").unwrap(), "127.0.0.1:8080");
+        assert_eq!(host("http://api.example.com").unwrap(), "api.example.com");
+        assert_eq!(host("http://api.example.com:80").unwrap(), "api.example.com", "default port left out");
+        assert_eq!(host("http://[::1]:9000").unwrap(), "[::1]:9000");
+        assert_eq!(host("https://api.example.com"), None, "h2 may carry it in :authority instead");
+    }
+
+    #[test]
     fn keys_are_hashed_and_distinct() {
         for hash in [partition_key, caller_key] {
             assert_eq!(hash(b"h:Bearer A"), hash(b"h:Bearer A"));
