@@ -19,9 +19,11 @@ done
 python3 - "$out" "$rounds" <<'PY'
 import json, sys, statistics
 out, rounds = sys.argv[1], int(sys.argv[2])
-rows = [("pass-through req/s", lambda r: r["overhead"]["pacegate"]["rps"]),
-        ("pass-through req/s, pacegate / nginx", lambda r: r["overhead"]["pacegate"]["rps"] / r["overhead"]["nginx"]["rps"]),
-        ("pass-through p99 µs", lambda r: r["overhead"]["pacegate"]["p99_us"]),
+pg = lambda r: r["overhead"]["pacegate reverse"]
+rows = [("pass-through req/s", lambda r: pg(r)["rps"]),
+        ("pass-through req/s, pacegate / nginx", lambda r: pg(r)["rps"] / r["overhead"]["nginx"]["rps"]),
+        ("pass-through p99 µs", lambda r: pg(r)["p99_us"]),
+        ("pass-through CPU µs/request (user + system)", lambda r: pg(r)["user_us"] + pg(r)["system_us"]),
         ("bytes per queued request (h2c)", lambda r: r["scale"]["multiplexed"]["bytes_per_queued_request"]),
         ("bytes per queued request (HTTP/1.1 connection each)", lambda r: r["scale"]["per_connection"]["bytes_per_queued_request"]),
         ("10 000-upstream start-up, s", lambda r: r["scale"]["startup_s"])]

@@ -4,8 +4,9 @@
 #
 # Runs every pacegate benchmark scenario on loopback and regenerates
 # bench/results/latest.json, the SVG charts and the tables in BENCHMARKS.md.
-# Installs what it needs when missing (nginx, wrk, redis-server, redis-tools and
-# redis-sentinel from Debian when root, Python packages from PyPI). Whole
+# Installs what it needs when missing (nginx, wrk, haproxy, squid, redis-server,
+# redis-tools and redis-sentinel from Debian when root, Python packages and
+# mitmproxy from PyPI). Whole
 # suite: about ten minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,9 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+# The proxies the overhead scenario compares pacegate with (issue 23).
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+command -v squid >/dev/null 2>&1 || [ -x /usr/sbin/squid ] || missing+=(squid)
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 # Allocators the flood scenario compares with glibc's (preloaded, no rebuild).
 [ -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] || missing+=(libjemalloc2)
@@ -31,6 +35,7 @@ if ((${#missing[@]})); then
 fi
 python3 -c "import aiohttp, aiolimiter, tenacity, matplotlib, h2" 2>/dev/null \
   || python3 -m pip install --quiet aiohttp aiolimiter tenacity matplotlib h2
+command -v mitmdump >/dev/null 2>&1 || python3 -m pip install --quiet mitmproxy
 
 cargo build --release --quiet --bin pacegate --example mock_upstream --example llm_mock
 exec python3 bench/bench.py "$@"

@@ -54,9 +54,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     if let Entry::Occupied(connection) = headers.entry(header::CONNECTION) {
-        let (_, values) = connection.remove_entry_mult();
-        let values: Vec<HeaderValue> = values.collect();
-        let listed = values.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
+        let (_, mut values) = connection.remove_entry_mult();
+        // Nearly every head has one `Connection`: that one needs no Vec.
+        let first = values.next();
+        let rest: Vec<HeaderValue> = values.collect();
+        let listed = first.iter().chain(&rest).filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
         for name in listed {
             // A name that is not a valid header name matches nothing.
             headers.remove(name.trim());

@@ -281,9 +281,7 @@ impl Proxy {
                 BodyError::Stalled(_) => self.body_timeout(runtime, prepared.queue),
             })?;
             let head = &mut prepared.head;
-            // The target decides the host (RFC 9112 §3.2.2): the client derives
-            // Host from the URI, whatever Host (or Hosts) the caller sent.
-            head.headers.remove(header::HOST);
+            set_host(runtime, prepared.queue, &mut head.headers);
             let answer = match prepared.queue {
                 Some(queue) => {
                     let index = queue.upstream as usize;
@@ -431,6 +429,18 @@ fn prepare(
     headers::strip_hop_by_hop(&mut head.headers);
     headers::add_via(&mut head.headers);
     Ok(Prepared { head, incoming: Some(incoming), queue })
+}
+
+/// The target decides the host (RFC 9112 §3.2.2): the client derives Host
+/// from the URI, whatever Host (or Hosts) the caller sent. An upstream's own
+/// is built once (`Upstream::host`): `insert` replaces the caller's and the
+/// client keeps it. A plain function, not inline in `send`'s async block,
+/// whose state would keep room for the value in every queued request.
+fn set_host(runtime: &Runtime, queue: Option<Queue>, headers: &mut HeaderMap) {
+    match queue.and_then(|queue| runtime.upstreams[queue.upstream as usize].host.clone()) {
+        Some(host) => headers.insert(header::HOST, host),
+        None => headers.remove(header::HOST),
+    };
 }
 
 /// The name of the upstream that paces `queue`, for error answers.

@@ -18,7 +18,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 use super::parse::{parse_decimal, parse_go_duration, parse_u64};
 
@@ -38,12 +38,26 @@ pub struct RateLimitHint {
     pub reset_after: Duration,
 }
 
+// The names read on every answer, built once: looking a header up by a
+// `&str` parses and lower-cases the name on each call.
+const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+const RETRY_AFTER: HeaderName = HeaderName::from_static("retry-after");
+const X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+const X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+const LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const X_REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+const X_RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+const X_LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+
 /// How long the upstream asks us to wait, if it says so in a form we read.
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let millis =
-        header_str(headers, "retry-after-ms").and_then(|v| parse_decimal(v, Duration::from_millis(1)));
+        header_str(headers, &RETRY_AFTER_MS).and_then(|v| parse_decimal(v, Duration::from_millis(1)));
     millis.or_else(|| {
-        let v = header_str(headers, "retry-after")?;
+        let v = header_str(headers, &RETRY_AFTER)?;
         parse_decimal(v, Duration::from_secs(1)).or_else(|| {
             let at = httpdate::parse_http_date(v).ok()?;
             Some(until(at, now))
@@ -58,40 +72,36 @@ pub fn rate_limit(headers: &HeaderMap, now: SystemTime) -> Option<RateLimitHint>
 
 /// `X-RateLimit-*`; `Reset` is epoch seconds or delta (see [`EPOCH_THRESHOLD_SECS`]).
 fn github(headers: &HeaderMap, now: SystemTime) -> Option<RateLimitHint> {
-    let remaining = parse_u64(header_str(headers, "x-ratelimit-remaining")?)?;
-    let reset = parse_decimal(header_str(headers, "x-ratelimit-reset")?, Duration::from_secs(1))?;
+    let remaining = parse_u64(header_str(headers, &X_REMAINING)?)?;
+    let reset = parse_decimal(header_str(headers, &X_RESET)?, Duration::from_secs(1))?;
     let reset_after = if reset.as_secs() > EPOCH_THRESHOLD_SECS {
         UNIX_EPOCH.checked_add(reset).map_or(Duration::MAX, |at| until(at, now))
     } else {
         reset
     };
-    Some(RateLimitHint {
-        limit: header_str(headers, "x-ratelimit-limit").and_then(parse_u64),
-        remaining,
-        reset_after,
-    })
+    Some(RateLimitHint { limit: header_str(headers, &X_LIMIT).and_then(parse_u64), remaining, reset_after })
 }
 
 /// `RateLimit-*` of draft-ietf-httpapi-ratelimit-headers; `Reset` is delta seconds.
 fn ietf_draft(headers: &HeaderMap) -> Option<RateLimitHint> {
     Some(RateLimitHint {
-        remaining: parse_u64(header_str(headers, "ratelimit-remaining")?)?,
-        reset_after: parse_decimal(header_str(headers, "ratelimit-reset")?, Duration::from_secs(1))?,
-        limit: header_str(headers, "ratelimit-limit").and_then(parse_u64),
+        remaining: parse_u64(header_str(headers, &REMAINING)?)?,
+        reset_after: parse_decimal(header_str(headers, &RESET)?, Duration::from_secs(1))?,
+        limit: header_str(headers, &LIMIT).and_then(parse_u64),
     })
 }
 
 /// OpenAI's request quota; its token quota is not what we pace.
 fn openai(headers: &HeaderMap) -> Option<RateLimitHint> {
     Some(RateLimitHint {
-        remaining: parse_u64(header_str(headers, "x-ratelimit-remaining-requests")?)?,
-        reset_after: parse_go_duration(header_str(headers, "x-ratelimit-reset-requests")?)?,
-        limit: header_str(headers, "x-ratelimit-limit-requests").and_then(parse_u64),
+        remaining: parse_u64(header_str(headers, &X_REMAINING_REQUESTS)?)?,
+        reset_after: parse_go_duration(header_str(headers, &X_RESET_REQUESTS)?)?,
+        limit: header_str(headers, &X_LIMIT_REQUESTS).and_then(parse_u64),
     })
 }
 
 /// The first value of `name` as trimmed text; non-ASCII values count as absent.
-fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+fn header_str<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> {
     headers.get(name)?.to_str().ok().map(str::trim)
 }
 

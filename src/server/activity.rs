@@ -53,6 +53,10 @@ struct State {
     served: bool,
     /// Answers being sent: since when each waits for the caller (see [`Answering`]).
     answers: Vec<Arc<AtomicU64>>,
+    /// When the timer of [`Activity::expired`] fires, if it is set: a change
+    /// that leaves the deadline at or after it need not wake anyone, the
+    /// timer will (then the deadline is computed again).
+    armed: Option<Instant>,
 }
 
 /// A request in flight; dropping it (answer sent, or abandoned) ends it.
@@ -79,8 +83,14 @@ pub(super) enum Expired {
 impl Activity {
     pub(super) fn new(header_read_timeout: Duration, idle_timeout: Duration, send_timeout: Duration) -> Self {
         let now = Instant::now();
-        let state =
-            State { inflight: 0, idle_since: now, head_since: None, served: false, answers: Vec::new() };
+        let state = State {
+            inflight: 0,
+            idle_since: now,
+            head_since: None,
+            served: false,
+            answers: Vec::new(),
+            armed: None,
+        };
         Self {
             header_read_timeout,
             idle_timeout,
@@ -102,8 +112,7 @@ impl Activity {
         let mut state = self.lock();
         state.inflight += 1;
         state.served = true;
-        drop(state);
-        self.changed.notify_waiters();
+        self.changed(state);
         Busy(self.clone())
     }
 
@@ -115,8 +124,25 @@ impl Activity {
             (Some(_), false) => state.head_since = None,
             _ => return,
         }
+        self.changed(state);
+    }
+
+    /// Wakes [`Activity::expired`] after a change, unless its timer fires
+    /// no later than the new deadline anyway. Most changes move the
+    /// deadline later (an answer ends, the next request begins), so a busy
+    /// keep-alive connection is not woken for each, and its timer is not
+    /// moved on every request.
+    fn changed(&self, state: MutexGuard<'_, State>) {
+        let wake = match (self.deadline(&state), state.armed) {
+            (Some((at, _)), Some(armed)) => at < armed,
+            (Some(_), None) => true,
+            // No deadline any more: a timer still set only fires early.
+            (None, _) => false,
+        };
         drop(state);
-        self.changed.notify_waiters();
+        if wake {
+            self.changed.notify_waiters();
+        }
     }
 
     /// True when nothing is in flight; otherwise `waker` is woken when that
@@ -127,8 +153,7 @@ impl Activity {
     }
 
     /// When the connection should be closed, if nothing happens until then.
-    fn deadline(&self) -> Option<(Instant, Expired)> {
-        let state = self.lock();
+    fn deadline(&self, state: &State) -> Option<(Instant, Expired)> {
         if state.inflight > 0 {
             let waiting = state.answers.iter().map(|since| since.load(Ordering::Acquire));
             let oldest = waiting.filter(|since| *since != 0).min()?;
@@ -146,18 +171,40 @@ impl Activity {
     }
 
     /// Resolves once the connection is past its deadline, saying which.
+    ///
+    /// One timer for as long as this is polled, set only when the deadline
+    /// comes before it (or it has fired): when it fires before the
+    /// deadline, the deadline is computed again.
     pub(super) async fn expired(&self) -> Expired {
+        let timer = tokio::time::sleep_until(self.epoch);
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             // Registered before the state is read, so no change is missed.
             changed.as_mut().enable();
-            match self.deadline() {
+            {
+                let mut state = self.lock();
+                let now = Instant::now();
+                armed = armed.filter(|at| *at > now);
+                match self.deadline(&state) {
+                    Some((at, why)) if at <= now => return why,
+                    Some((at, _)) if armed.is_none_or(|armed| at < armed) => {
+                        timer.as_mut().reset(at);
+                        armed = Some(at);
+                    }
+                    _ => {}
+                }
+                // Read by `changed`, under the same lock as the state.
+                state.armed = armed;
+            }
+            match armed {
                 None => changed.await,
-                Some((at, why)) if at <= Instant::now() => return why,
-                Some((at, _)) => tokio::select! {
-                    () = tokio::time::sleep_until(at) => {}
+                Some(_) => tokio::select! {
+                    biased;
                     () = changed => {}
+                    () = timer.as_mut() => {}
                 },
             }
         }
@@ -170,9 +217,10 @@ impl Busy {
     pub(super) fn answering(self) -> Answering {
         let activity = &self.0;
         let waiting = Arc::new(AtomicU64::new(activity.since_epoch()));
-        activity.lock().answers.push(waiting.clone());
+        let mut state = activity.lock();
+        state.answers.push(waiting.clone());
         // A deadline may start where there was none.
-        activity.changed.notify_waiters();
+        activity.changed(state);
         Answering { waiting, busy: self }
     }
 }
@@ -217,8 +265,7 @@ impl Drop for Busy {
         if state.inflight == 0 {
             state.idle_since = Instant::now();
         }
-        drop(state);
-        activity.changed.notify_waiters();
+        activity.changed(state);
         activity.reader.wake();
     }
 }

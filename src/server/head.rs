@@ -11,6 +11,8 @@
 //! - a missing or repeated `Host` in HTTP/1.1;
 //! - a body on CONNECT.
 
+use std::mem::MaybeUninit;
+
 use http::Uri;
 
 use crate::error::ProxyError;
@@ -37,9 +39,11 @@ pub enum Body {
 /// Checks one complete head (ending with its empty line) and says how its
 /// body is framed.
 pub fn check(bytes: &[u8]) -> Result<Body, ProxyError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut headers);
-    match request.parse(bytes) {
+    // Uninitialised: httparse fills only the lines the head has, instead
+    // of every request zeroing 100 slots (3.2 KiB) first.
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    match request.parse_with_uninit_headers(bytes, &mut headers) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err(bad("incomplete request head")),
         Err(httparse::Error::TooManyHeaders) => {

@@ -209,6 +209,15 @@ impl Scope {
         self.reached(Phase::Stopped).await;
     }
 
+    /// Resolves with the phase once it is past `seen`: one watch for a
+    /// connection that reacts to both phases, instead of two polled on
+    /// every wake of its task.
+    async fn past(&self, seen: Phase) -> Phase {
+        let mut phases = self.0.phase.clone();
+        // An error means the server is gone: as good as stopped.
+        phases.wait_for(|now| *now > seen).await.map_or(Phase::Stopped, |now| *now)
+    }
+
     async fn reached(&self, phase: Phase) {
         let mut phases = self.0.phase.clone();
         // An error means the server is gone: as good as stopped.

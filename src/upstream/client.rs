@@ -88,26 +88,33 @@ impl UpstreamClient {
     }
 
     fn build(roots: RootCertStore, resolver: Resolver, workers: usize) -> Self {
-        let mut http = HttpConnector::new_with_resolver(resolver);
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(10)));
-        let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            // One buffer, one write per request, as on the server side
-            // (see `server::Shared::new`).
-            .http1_writev(false);
-        Self { pools: (0..workers.max(1)).map(|_| builder.build(https.clone())).collect() }
+        let tls =
+            Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth());
+        // Each worker's pool gets its own connector, TLS config and builder
+        // (timers, executor): the client clones them on every request, and
+        // reference counts shared by two threads bounce a cache line between
+        // their cores on each of those clones.
+        let pool = |_| {
+            let mut http = HttpConnector::new_with_resolver(resolver);
+            http.enforce_http(false);
+            http.set_nodelay(true);
+            http.set_connect_timeout(Some(Duration::from_secs(10)));
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(rustls::ClientConfig::clone(&tls))
+                .https_or_http()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(http);
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                // One buffer, one write per request, as on the server side
+                // (see `server::Shared::new`).
+                .http1_writev(false)
+                .build(https)
+        };
+        Self { pools: (0..workers.max(1)).map(pool).collect() }
     }
 
     /// Sends one attempt; `timeout` covers connect to the last byte of the head.

@@ -16,7 +16,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
-use http::{HeaderMap, HeaderName, Request, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 
 use crate::admission::{Needs, SINGLE, TokenQuotas};
 pub use crate::admission::{Place, Priority, Refusal};
@@ -52,6 +52,9 @@ pub struct Upstream {
     pub metrics: Arc<UpstreamMetrics>,
     /// `[upstream.cache]`: kept across reloads while the table stays.
     pub cache: Option<Arc<Cache>>,
+    /// The `Host` of every request to a plain `http` base_url, built once
+    /// (see [`host_header`]).
+    pub host: Option<HeaderValue>,
 }
 
 impl Upstream {
@@ -60,7 +63,8 @@ impl Upstream {
         let dispatcher = Dispatcher::spawn(&config, metrics.clone(), store);
         let metrics = Arc::new(UpstreamMetrics::new(metrics, &config.name));
         let cache = config.cache.map(|settings| Arc::new(Cache::new(&config, settings, metrics.clone())));
-        Self { config, dispatcher, metrics, cache }
+        let host = host_header(&config.base_url);
+        Self { config, dispatcher, metrics, cache, host }
     }
 
     /// Where a request queues: its partition (`partition_by`), its caller
@@ -143,8 +147,27 @@ impl Upstream {
             (_, Some(settings)) => Some(Arc::new(Cache::new(&config, settings, self.metrics.clone()))),
             (_, None) => None,
         };
-        Self { config, dispatcher: self.dispatcher.clone(), metrics: self.metrics.clone(), cache }
+        let host = host_header(&config.base_url);
+        Self { config, dispatcher: self.dispatcher.clone(), metrics: self.metrics.clone(), cache, host }
     }
+}
+
+/// The `Host` the pooled client would derive from base_url's URI on an
+/// HTTP/1 connection (host, and the port unless the scheme's default),
+/// built once instead of formatted on every request. Only for `http`: a
+/// plain connection is always HTTP/1, where an `https` one may negotiate h2,
+/// which carries the authority in `:authority` and gets no `Host` from the
+/// client; those keep the client's own.
+fn host_header(base: &config::BaseUrl) -> Option<HeaderValue> {
+    if base.scheme != http::uri::Scheme::HTTP {
+        return None;
+    }
+    let authority = &base.authority;
+    let value = match authority.port() {
+        Some(port) if port.as_u16() != 80 => format!("{}:{port}", authority.host()),
+        _ => authority.host().to_string(),
+    };
+    HeaderValue::from_str(&value).ok()
 }
 
 /// Hashes a partition key the same way on every replica, because with
@@ -199,6 +222,21 @@ pub(crate) fn clean_head(parts: &mut http::response::Parts) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_is_what_the_client_would_derive_for_http_only() {
+        let host = |url: &str| {
+            let text =
+                format!("[[upstream]]\nname = \"a\"\nbase_url = \"{url}\"\nroute = \"/a\"\nrate = \"1/s\"\n");
+            let config = config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+            host_header(&config.upstreams[0].base_url)
+        };
+        assert_eq!(host("http://127.0.0.1:8080/v1").unwrap(), "127.0.0.1:8080");
+        assert_eq!(host("http://api.example.com").unwrap(), "api.example.com");
+        assert_eq!(host("http://api.example.com:80").unwrap(), "api.example.com", "default port left out");
+        assert_eq!(host("http://[::1]:9000").unwrap(), "[::1]:9000");
+        assert_eq!(host("https://api.example.com"), None, "h2 may carry it in :authority instead");
+    }
 
     #[test]
     fn keys_are_hashed_and_distinct() {
