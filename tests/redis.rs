@@ -242,12 +242,16 @@ async fn partitions_share_their_own_buckets_without_the_key_in_clear() {
 /// leaves every quota untouched.
 #[tokio::test]
 async fn the_script_takes_from_all_quotas_or_none() {
-    use pacegate::config::{Redis, RedisNodes, RedisOnError, parse_rate};
+    use pacegate::config::{DEFAULT_REDIS_TIMEOUT, Redis, RedisNodes, RedisOnError, parse_rate};
     use pacegate::limit::pacer::paced_quotas;
     use pacegate::store::{Keys, SharedQuotas, Store, Verdict};
 
     let redis = RedisServer::start().await;
-    let config = Redis { nodes: RedisNodes::Server(redis.url()), on_error: RedisOnError::Local };
+    let config = Redis {
+        nodes: RedisNodes::Server(redis.url()),
+        on_error: RedisOnError::Local,
+        timeout: DEFAULT_REDIS_TIMEOUT,
+    };
     let store = Store::new(&config, std::sync::Arc::new(pacegate::metrics::Metrics::new())).unwrap();
     // 10/s admitting 5 back to back, and at most 6 per minute.
     let rates = [parse_rate("10/s").unwrap(), parse_rate("6/min").unwrap()];
@@ -286,12 +290,16 @@ async fn the_script_takes_from_all_quotas_or_none() {
 /// still go.
 #[tokio::test]
 async fn the_script_weighs_costs_and_names_the_limit_that_waits() {
-    use pacegate::config::{Redis, RedisNodes, RedisOnError, parse_rate};
+    use pacegate::config::{DEFAULT_REDIS_TIMEOUT, Redis, RedisNodes, RedisOnError, parse_rate};
     use pacegate::limit::pacer::paced_quotas;
     use pacegate::store::{Keys, SharedQuotas, Store, Verdict};
 
     let redis = RedisServer::start().await;
-    let config = Redis { nodes: RedisNodes::Server(redis.url()), on_error: RedisOnError::Local };
+    let config = Redis {
+        nodes: RedisNodes::Server(redis.url()),
+        on_error: RedisOnError::Local,
+        timeout: DEFAULT_REDIS_TIMEOUT,
+    };
     let store = Store::new(&config, std::sync::Arc::new(pacegate::metrics::Metrics::new())).unwrap();
     let one = std::num::NonZeroU32::MIN;
     let own = SharedQuotas::new(&paced_quotas(&[parse_rate("100/s").unwrap()], one));
@@ -411,12 +419,16 @@ max_open_for = "2s"
 /// sooner, never before now (no burst); units taken on top make it wait.
 #[tokio::test]
 async fn the_adjust_script_gives_back_never_before_now_and_takes_on_top() {
-    use pacegate::config::{Redis, RedisNodes, RedisOnError, parse_rate};
+    use pacegate::config::{DEFAULT_REDIS_TIMEOUT, Redis, RedisNodes, RedisOnError, parse_rate};
     use pacegate::limit::pacer::paced_quotas;
     use pacegate::store::{Keys, SharedQuotas, Store, Verdict};
 
     let redis = RedisServer::start().await;
-    let config = Redis { nodes: RedisNodes::Server(redis.url()), on_error: RedisOnError::Local };
+    let config = Redis {
+        nodes: RedisNodes::Server(redis.url()),
+        on_error: RedisOnError::Local,
+        timeout: DEFAULT_REDIS_TIMEOUT,
+    };
     let store = Store::new(&config, std::sync::Arc::new(pacegate::metrics::Metrics::new())).unwrap();
     let one = std::num::NonZeroU32::MIN;
     let own = SharedQuotas::new(&paced_quotas(&[parse_rate("1000/s").unwrap()], one));

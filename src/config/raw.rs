@@ -170,6 +170,8 @@ pub struct RawRedis {
     /// Spanned: it is an error without `sentinels`.
     pub master: Option<Spanned<String>>,
     pub on_error: RawRedisOnError,
+    /// Spanned: `validate` refuses 0s there.
+    pub timeout: Option<Spanned<Dur>>,
 }
 
 /// One `[[upstream]]`.

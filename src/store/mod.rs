@@ -40,15 +40,13 @@ use crate::limit::pacer::{GUARD, PacedQuota};
 use crate::metrics::Metrics;
 use nodes::{Link, Nodes};
 
-/// Longest a dispatcher waits for one Redis answer before falling back.
-const CALL_TIMEOUT: Duration = Duration::from_millis(250);
 /// How often a down store checks whether Redis is back.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// How long making a connection and one check of the probe may take: a
 /// connection made anew (asking the sentinels, checking the master they
 /// name, connecting to it; or reaching every cluster node and reading the
 /// slots) takes several round trips, which a busy replica may not fit in
-/// [`CALL_TIMEOUT`], and no request waits on it.
+/// one call's `[redis] timeout`, and no request waits on it.
 const PROBE_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Redis could not be asked; the store is down until the probe succeeds.
@@ -178,7 +176,7 @@ impl Store {
             .map(|url| url.as_str().into_connection_info().map(|info| info.addr().to_string()))
             .collect();
         let address = addresses?.join(",");
-        let nodes = Nodes::new(&config.nodes, CALL_TIMEOUT, PROBE_PATIENCE)?;
+        let nodes = Nodes::new(&config.nodes, config.timeout, PROBE_PATIENCE.max(config.timeout))?;
         metrics.redis_up.set(1);
         Ok(Arc::new(Self {
             nodes,
@@ -326,13 +324,13 @@ impl Store {
         self.call::<u8>(&invocation).await.map(drop)
     }
 
-    /// Runs one script under [`CALL_TIMEOUT`]; a failure marks the store down.
+    /// Runs one script under `[redis] timeout`; a failure marks the store down.
     async fn call<T: FromRedisValue>(
         self: &Arc<Self>,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, Unavailable> {
         let call = async { invocation.invoke_async(&mut self.link().await?).await };
-        let error = match self.timed(CALL_TIMEOUT, call).await {
+        let error = match self.timed(self.config.timeout, call).await {
             Ok(value) => return Ok(value),
             Err(error) => error,
         };
@@ -390,7 +388,7 @@ async fn probe(store: Weak<Store>) {
         tokio::time::sleep(PROBE_EVERY).await;
         let Some(store) = store.upgrade() else { return };
         let ping = async { redis::cmd("PING").query_async::<String>(&mut store.link().await?).await };
-        match store.timed(PROBE_PATIENCE, ping).await {
+        match store.timed(PROBE_PATIENCE.max(store.config.timeout), ping).await {
             Ok(_) => {
                 store.up.store(true, Ordering::Release);
                 store.metrics.redis_up.set(1);
