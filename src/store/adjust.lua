@@ -1,6 +1,8 @@
 -- pacegate: correct what earlier attempts took from one quota set, once
 -- their answers said what they used (settling an LLM call's tokens). The
--- same rule as the local pacer's `Pacer::adjust`, on the Redis server's clock.
+-- local pacer's `Pacer::adjust` rule for a schedule, on the Redis server's
+-- clock, without the credit and ledger a local token quota keeps (so what
+-- cannot go back before now is lost here; docs/tokens.md).
 --
 -- KEYS[1]  hash: one field per quota = its theoretical arrival time (µs)
 -- ARGV[1]  units: positive takes more, negative gives back
