@@ -152,7 +152,7 @@ impl Upstream {
             && needs_tokens
             && small
             && llm::token_hints(headers, now).is_empty()
-            && !crate::retry::rate_limit(headers, now).is_some_and(|hint| hint.remaining == 0)
+            && crate::retry::rate_limit(headers, now).is_none_or(|hint| hint.remaining != 0)
     }
 
     /// The token quotas `kind` stands for, among those this call needs: a
