@@ -104,13 +104,15 @@ impl Endpoint {
         }
     }
 
-    /// A token quota: paced evenly by tokens (burst 1), never adaptive,
-    /// settled once answers say what was used.
+    /// A token quota: paced evenly by tokens (burst 1), never adaptive.
+    /// Its pacer keeps no ledger yet (`settles: false`): with one, two
+    /// tests in tests/tokens.rs fail (a "reserved" follow-up leaves early,
+    /// mixed calls run slower), not understood yet.
     pub fn tokens(kind: config::TokenKind, rate: &[config::Rate]) -> Self {
         let burst = std::num::NonZeroU32::MIN;
         Self {
             name: kind.name().to_string(),
-            quotas: Quotas { rate: rate.to_vec(), burst, adaptive: false, settles: true },
+            quotas: Quotas { rate: rate.to_vec(), burst, adaptive: false, settles: false },
             capacity: capacity(rate),
         }
     }

@@ -7,8 +7,8 @@
 //! cost) on the Redis server's clock (`TIME`), consumes from all or none,
 //! checks the shared cooldowns, and answers go, wait, or cooling. Once an
 //! LLM call's answer says what it used, `adjust.lua` corrects its token
-//! quotas' shared schedule (back as far as Redis' now; the local pacer's
-//! credit and ledger are not shared). Replicas never compare clocks,
+//! quotas' shared schedule as the local pacer's is (back as far as Redis'
+//! now, no further). Replicas never compare clocks,
 //! and no lock is held across the network. Keys carry a hash tag per upstream
 //! (`pacegate:{name}:…`), so both keys a script touches live in one Redis
 //! Cluster slot; they expire once idle.
