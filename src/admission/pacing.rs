@@ -26,18 +26,11 @@ pub struct Quotas {
     pub rate: Vec<config::Rate>,
     pub burst: NonZeroU32,
     pub adaptive: bool,
-    /// Costs are corrected after the fact (token quotas): the pacer keeps ledgers.
-    pub settles: bool,
 }
 
 impl Quotas {
     pub fn of(upstream: &config::Upstream) -> Self {
-        Self {
-            rate: upstream.rate.clone(),
-            burst: upstream.burst,
-            adaptive: upstream.adaptive,
-            settles: false,
-        }
+        Self { rate: upstream.rate.clone(), burst: upstream.burst, adaptive: upstream.adaptive }
     }
 
     /// Window of the quota that paces (shortest interval), for measuring what
@@ -103,10 +96,7 @@ pub struct Pacing {
 
 impl Pacing {
     pub fn new(quotas: &Quotas, now: Instant) -> Self {
-        let mut pacer = Pacer::new(&quotas.rate, quotas.burst, now);
-        if quotas.settles {
-            pacer = pacer.settled(&quotas.rate, quotas.burst);
-        }
+        let pacer = Pacer::new(&quotas.rate, quotas.burst, now);
         Self {
             quotas: quotas.clone(),
             adaptive: quotas.adaptive.then(|| Adaptive::new(pacer.rate_per_second())),
@@ -180,10 +170,10 @@ impl Pacing {
         }
     }
 
-    /// Corrects the units the grant made at `granted` took by `delta`:
-    /// positive takes more, negative gives back (settling an LLM call's tokens).
-    pub fn adjust(&mut self, now: Instant, delta: i64, granted: Instant) {
-        self.pacer.adjust(now, delta, granted);
+    /// Corrects the units the last grants took by `delta`: positive takes
+    /// more, negative gives back (settling an LLM call's tokens).
+    pub fn adjust(&mut self, now: Instant, delta: i64) {
+        self.pacer.adjust(now, delta);
     }
 
     pub fn record_grant(&mut self, now: Instant) {
@@ -320,7 +310,7 @@ mod tests {
 
     fn quotas(rates: &[&str]) -> Quotas {
         let rate = rates.iter().map(|r| parse_rate(r).expect("rate")).collect();
-        Quotas { rate, burst: NonZeroU32::MIN, adaptive: false, settles: false }
+        Quotas { rate, burst: NonZeroU32::MIN, adaptive: false }
     }
 
     #[test]

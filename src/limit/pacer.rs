@@ -39,24 +39,7 @@
 //! schedule back by `cost` intervals. Each quota checks one unit as usual,
 //! then the other `cost - 1` intervals are added to its state cell, so no
 //! window `W` of a quota `N/W` holds more than `N` units plus one request's.
-//!
-//! **Settling.** A cost may be corrected once the request's answer says what
-//! it used (LLM tokens, [`Pacer::adjust`]). Units given back move the
-//! schedule back, but an answer often comes after the schedule has moved
-//! past the units it gives back, and moving the schedule before now would
-//! let the next requests leave in a burst that, followed by even spacing,
-//! puts more than `N` in the window starting now. So a quota built
-//! [`Pacer::settled`] keeps a ledger of its last window: the units of each
-//! recent grant, corrected as grants settle. What a refund cannot take off
-//! the schedule becomes credit that lets the waiting head leave at once,
-//! and every grant of such a quota must also pass the ledger: the units
-//! granted in the last `N` intervals (less [`GUARD`]) must be fewer than
-//! `N + burst - 1`, so no such window ever holds more than that plus the
-//! last request's units, as settled. Even spacing alone never reaches that
-//! bound, so the ledger only ever holds back grants that credit (or a
-//! refund of a grant older than the window) would let through.
 
-use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,9 +66,6 @@ pub const WIRE_MARGIN: f64 = 0.005;
 /// The slowest a cap paces: one request a year. Caps come from what an
 /// upstream reports, which may be absurd.
 const LONGEST_CAP_PERIOD: Duration = Duration::from_secs(365 * 24 * 3600);
-
-/// Grants closer together than this share (of the window) share one ledger entry.
-const LEDGER_GRAIN: u64 = 256;
 
 /// A GCRA state cell we can read back and restore (governor's own is opaque).
 #[derive(Debug, Default, Clone)]
@@ -134,8 +114,6 @@ pub struct Taken {
     cells: Vec<u64>,
     /// The last grant before this one.
     last_grant: Option<Duration>,
-    /// Units this slot wrote in the ledgers, and when (ns); 0 when refused.
-    recorded: (u64, u64),
 }
 
 /// Paces one upstream: every attempt needs a slot from each of its quotas.
@@ -162,92 +140,6 @@ pub struct Pacer {
     last_grant: Option<Duration>,
     /// Emission interval of the cap's limiter (ns).
     cap_interval: u64,
-    /// Costs of these quotas are corrected after the fact: keep ledgers.
-    settles: bool,
-    /// Per quota, its ledger when `settles` (see "Settling" above).
-    ledgers: Vec<Option<Ledger>>,
-}
-
-/// What a settled quota remembers of its last window (see "Settling").
-#[derive(Debug, Clone, Default)]
-struct Ledger {
-    /// Recent grants, oldest first, as (first, last, units): instants in ns
-    /// from the pacer's origin; grants close together share one entry.
-    grants: VecDeque<(u64, u64, u64)>,
-    /// Sum of `grants`' units.
-    sum: u64,
-    /// Length of the window the ledger guards (ns).
-    window: u64,
-    /// Units a window may hold before one more grant: `N + burst - 1`.
-    limit: u64,
-    /// Schedule (ns) given back that could not move it back, spent by the
-    /// next grants ...
-    credit: u64,
-    /// ... until then (ns), when its refund is one window old.
-    credit_until: u64,
-}
-
-impl Ledger {
-    fn new(quota: &PacedQuota, count: NonZeroU32) -> Self {
-        let window =
-            nanos(quota.interval).saturating_mul(u64::from(count.get())).saturating_sub(nanos(GUARD));
-        let limit = u64::from(count.get()) + u64::from(quota.burst.get()) - 1;
-        Self { window, limit, ..Self::default() }
-    }
-
-    /// Forgets grants that left the window ending at `now`.
-    fn prune(&mut self, now: u64) {
-        while let Some(&(_, last, units)) = self.grants.front() {
-            if last.saturating_add(self.window) > now {
-                break;
-            }
-            self.grants.pop_front();
-            self.sum -= units;
-        }
-    }
-
-    /// `None` if one more grant fits at `now`; else the first instant (ns) it would.
-    fn refuses(&mut self, now: u64) -> Option<u64> {
-        self.prune(now);
-        let mut sum = self.sum;
-        if sum < self.limit {
-            return None;
-        }
-        for &(_, last, units) in &self.grants {
-            sum -= units;
-            if sum < self.limit {
-                return Some(last.saturating_add(self.window).saturating_add(1));
-            }
-        }
-        None
-    }
-
-    fn record(&mut self, at: u64, units: u64) {
-        let grain = self.window / LEDGER_GRAIN;
-        match self.grants.back_mut() {
-            Some((first, last, sum)) if at.saturating_sub(*first) < grain && at >= *last => {
-                *last = at;
-                *sum += units;
-            }
-            _ => self.grants.push_back((at, at, units)),
-        }
-        self.sum += units;
-    }
-
-    /// Corrects the entry holding the grant made at `at` by `delta` units.
-    fn correct(&mut self, at: u64, delta: i64) {
-        let Some(entry) = self.grants.iter_mut().rev().find(|(first, last, _)| *first <= at && at <= *last)
-        else {
-            return;
-        };
-        let before = entry.2;
-        entry.2 = if delta < 0 {
-            before.saturating_sub(delta.unsigned_abs())
-        } else {
-            before.saturating_add(delta.unsigned_abs())
-        };
-        self.sum = self.sum - before + entry.2;
-    }
 }
 
 impl Pacer {
@@ -267,19 +159,9 @@ impl Pacer {
             windows: Vec::new(),
             last_grant: None,
             cap_interval: 0,
-            settles: false,
-            ledgers: Vec::new(),
         };
         pacer.install(rates, burst, vec![0; rates.len()]);
         pacer
-    }
-
-    /// The same pacer, keeping ledgers: its costs are corrected after the
-    /// fact (see "Settling" above).
-    pub fn settled(mut self, rates: &[Rate], burst: NonZeroU32) -> Self {
-        self.settles = true;
-        self.ledgers = new_ledgers(rates, burst);
-        self
     }
 
     /// Paces by `rates` from now on, keeping the schedule (see "New quotas"
@@ -291,31 +173,16 @@ impl Pacer {
         let paced = paced_quotas(rates, burst);
         let tightest = paced.iter().map(|q| q.interval).min();
         let anchor = nanos(self.last_grant.unwrap_or_default());
-        let olds: Vec<Option<usize>> = rates
+        let states = rates
             .iter()
             .zip(&paced)
             .map(|(rate, quota)| {
                 let same_window = self.windows.iter().position(|w| *w == rate.per);
                 let pacing = (Some(quota.interval) == tightest).then(|| self.pacing_index()).flatten();
-                same_window.or(pacing)
+                same_window.or(pacing).map_or(0, |old| self.owed_at(old, anchor, nanos(quota.interval)))
             })
             .collect();
-        let states = olds
-            .iter()
-            .zip(&paced)
-            .map(|(old, quota)| old.map_or(0, |old| self.owed_at(old, anchor, nanos(quota.interval))))
-            .collect();
-        // What a ledger counted still counts; credit does not carry over.
-        let mut ledgers = if self.settles { new_ledgers(rates, burst) } else { Vec::new() };
-        for (ledger, old) in ledgers.iter_mut().zip(&olds) {
-            let kept = old.and_then(|old| self.ledgers.get(old)).and_then(Option::as_ref);
-            if let (Some(ledger), Some(kept)) = (ledger.as_mut(), kept) {
-                ledger.grants = kept.grants.clone();
-                ledger.sum = kept.sum;
-            }
-        }
         self.install(rates, burst, states);
-        self.ledgers = ledgers;
     }
 
     /// The state of old quota `old` with what it owes past `anchor`
@@ -383,21 +250,13 @@ impl Pacer {
             Some(promised) if promised <= real => promised.max(real.saturating_sub(GUARD)),
             _ => real,
         };
-        self.spend_credit(nanos(presented), nanos(real));
         self.clock.present(presented);
         let cells = self.all_cells().map(|c| c.0.load(Ordering::Acquire)).collect();
-        let mut saved = Taken { cells, last_grant: self.last_grant, recorded: (0, 0) };
+        let saved = Taken { cells, last_grant: self.last_grant };
         let mut earliest: Option<Duration> = None;
         for limiter in self.limiters.iter().chain(self.cap.as_ref().map(|(_, l)| l)) {
             if let Err(not_until) = limiter.check() {
                 let at = not_until.earliest_possible();
-                earliest = Some(earliest.map_or(at, |e| e.max(at)));
-            }
-        }
-        // Ledgers count real instants: a presented one may be earlier.
-        for ledger in self.ledgers.iter_mut().flatten() {
-            if let Some(at) = ledger.refuses(nanos(real)) {
-                let at = Duration::from_nanos(at);
                 earliest = Some(earliest.map_or(at, |e| e.max(at)));
             }
         }
@@ -406,34 +265,12 @@ impl Pacer {
                 self.promised = None;
                 self.last_grant = Some(presented);
                 self.charge(units.get() - 1);
-                saved.recorded = (nanos(real), u64::from(units.get()));
-                for ledger in self.ledgers.iter_mut().flatten() {
-                    ledger.record(nanos(real), u64::from(units.get()));
-                }
                 Ok(saved)
             }
             Some(at) => {
                 self.undo(saved);
                 self.promised = Some(at);
                 Err(self.origin + at)
-            }
-        }
-    }
-
-    /// Moves each settled quota's schedule back by its credit, as far as
-    /// `presented`; credit past its refund's window is dropped.
-    fn spend_credit(&mut self, presented: u64, real: u64) {
-        for (cell, ledger) in self.cells.iter().zip(&mut self.ledgers) {
-            let Some(ledger) = ledger.as_mut().filter(|l| l.credit > 0) else { continue };
-            if real > ledger.credit_until {
-                ledger.credit = 0;
-                continue;
-            }
-            let tat = cell.0.load(Ordering::Acquire);
-            let back = ledger.credit.min(tat.saturating_sub(presented));
-            if back > 0 {
-                cell.0.store((tat - back).max(1), Ordering::Release);
-                ledger.credit -= back;
             }
         }
     }
@@ -445,45 +282,28 @@ impl Pacer {
             cell.0.store(tat, Ordering::Release);
         }
         self.last_grant = taken.last_grant;
-        let (at, units) = taken.recorded;
-        if units > 0 {
-            for ledger in self.ledgers.iter_mut().flatten() {
-                ledger.correct(at, -i64::try_from(units).unwrap_or(i64::MAX));
-            }
-        }
     }
 
-    /// Corrects what the grant made at `granted` took by `delta` units: a
-    /// positive delta is charged like a cost; a negative one moves every
-    /// quota's schedule back by that many intervals, but never before
-    /// `now`. A settled quota keeps what could not go back as credit for
-    /// the next grants, within what its ledger allows (see "Settling").
-    pub fn adjust(&mut self, now: Instant, delta: i64, granted: Instant) {
+    /// Corrects what earlier grants took by `delta` units: a positive delta
+    /// is charged like a cost; a negative one moves every quota's schedule
+    /// back by that many intervals, but never before `now`, so nothing given
+    /// back becomes a burst the quotas do not allow.
+    pub fn adjust(&mut self, now: Instant, delta: i64) {
         let units = u32::try_from(delta.unsigned_abs()).unwrap_or(u32::MAX);
-        let now = nanos(now.saturating_duration_since(self.origin));
-        let granted = nanos(granted.saturating_duration_since(self.origin));
-        for ledger in self.ledgers.iter_mut().flatten() {
-            ledger.correct(granted, delta);
-        }
         if delta >= 0 {
             return self.charge(units);
         }
-        let cap = self.cap.as_ref().map(|_| (&self.cap_cell, self.cap_interval, None));
-        let ledgers = self.ledgers.iter_mut().map(Option::as_mut).chain(std::iter::repeat_with(|| None));
-        let cells = self.cells.iter().zip(self.intervals.iter().copied()).zip(ledgers);
-        let cells = cells.map(|((cell, interval), ledger)| (cell, interval, ledger)).chain(cap);
-        for (cell, interval, ledger) in cells {
-            let back = interval.saturating_mul(u64::from(units));
+        let now = nanos(now.saturating_duration_since(self.origin));
+        let cap = self.cap.as_ref().map(|_| (&self.cap_cell, self.cap_interval));
+        let cells = self.cells.iter().zip(self.intervals.iter().copied()).chain(cap);
+        for (cell, interval) in cells {
             let tat = cell.0.load(Ordering::Acquire);
             // 0 is a fresh cell; a schedule already behind now owes nothing.
-            let moved = if tat > now { back.min(tat - now) } else { 0 };
-            if moved > 0 {
-                cell.0.store((tat - moved).max(1), Ordering::Release);
+            if tat <= now {
+                continue;
             }
-            if let Some(ledger) = ledger {
-                ledger.credit = ledger.credit.saturating_add(back - moved).min(ledger.window);
-                ledger.credit_until = now.saturating_add(ledger.window);
-            }
+            let back = tat.saturating_sub(interval.saturating_mul(u64::from(units)));
+            cell.0.store(back.max(now).max(1), Ordering::Release);
         }
     }
 
@@ -503,15 +323,6 @@ impl Pacer {
     fn all_cells(&self) -> impl Iterator<Item = &TatCell> {
         self.cells.iter().chain(std::iter::once(&self.cap_cell))
     }
-}
-
-/// An empty ledger per quota of `rates`.
-fn new_ledgers(rates: &[Rate], burst: NonZeroU32) -> Vec<Option<Ledger>> {
-    paced_quotas(rates, burst)
-        .iter()
-        .zip(rates)
-        .map(|(quota, rate)| Some(Ledger::new(quota, rate.count)))
-        .collect()
 }
 
 /// Builds a limiter whose start instant is our origin, whatever time it is.
@@ -798,132 +609,5 @@ mod tests {
         let taken = pacer.try_acquire(now, ONE).unwrap();
         pacer.undo(taken);
         assert!(pacer.try_acquire(now, ONE).is_ok());
-    }
-
-    /// A settled pacer for `rate`, as token quotas build theirs.
-    fn settled(rate: Rate) -> Pacer {
-        Pacer::new(&[rate], ONE, Instant::now()).settled(&[rate], ONE)
-    }
-
-    #[test]
-    fn tokens_given_back_after_the_schedule_moved_on_are_not_lost() {
-        // 1000 units a second: a call reserving 500 owes 500 ms; it used 100,
-        // and says so 450 ms later, when 50 ms of its schedule are left.
-        let mut pacer = settled(rate(1000, 1000));
-        let start = Instant::now();
-        let at = |ms: u64| start + Duration::from_millis(ms);
-        let ms = |t: Instant| (t - start).as_millis();
-        let granted = at(0);
-        assert!(pacer.try_acquire(granted, NonZeroU32::new(500).unwrap()).is_ok());
-        pacer.adjust(at(450), -400, granted);
-        // The 350 units the schedule could not take back pay for the next call's.
-        assert!(pacer.try_acquire(at(450), NonZeroU32::new(400).unwrap()).is_ok());
-        let next = pacer.try_acquire(at(450), ONE).unwrap_err();
-        assert!((500..=510).contains(&ms(next)), "100 + 400 units in all: {} ms", ms(next));
-        // A pacer that is not settled keeps the old rule: back to now, no further.
-        let mut plain = Pacer::new(&[rate(1000, 1000)], ONE, start);
-        assert!(plain.try_acquire(granted, NonZeroU32::new(500).unwrap()).is_ok());
-        plain.adjust(at(450), -400, granted);
-        assert!(plain.try_acquire(at(450), NonZeroU32::new(400).unwrap()).is_ok());
-        let next = plain.try_acquire(at(450), ONE).unwrap_err();
-        assert!(ms(next) >= 850, "{} ms", ms(next));
-    }
-
-    #[test]
-    fn credit_never_lets_a_window_hold_more_than_the_quota() {
-        // 1000 a second: A (500 units) at 0, B (400) when A is paid; A's
-        // answer gives 499 back just before B is paid, mostly as credit.
-        let mut pacer = settled(rate(1000, 1000));
-        let start = Instant::now();
-        let units = |n: u32| NonZeroU32::new(n).unwrap();
-        let ms = |t: Instant| (t - start).as_millis();
-        assert!(pacer.try_acquire(start, units(500)).is_ok());
-        let b = pacer.try_acquire(start, ONE).unwrap_err();
-        assert!(pacer.try_acquire(b, units(400)).is_ok());
-        let refund = start + Duration::from_millis(900);
-        pacer.adjust(refund, -499, start);
-        // C (500) and D (200) leave on credit: 1 + 400 + 500 before D.
-        assert!(pacer.try_acquire(refund, units(500)).is_ok(), "credit pays for C");
-        let d = pacer.try_acquire(refund, ONE).unwrap_err();
-        assert!(pacer.try_acquire(d, units(200)).is_ok(), "{} ms", ms(d));
-        // The schedule alone would let E go at ~1.1 s: B, C and D would then
-        // put 1100 units and E into one window. The ledger waits for B to leave it.
-        let e = pacer.try_acquire(d, ONE).unwrap_err();
-        assert!(ms(e) >= ms(b) + 1000, "E at {} ms, B left at {} ms", ms(e), ms(b));
-    }
-
-    #[test]
-    fn a_refund_of_a_grant_older_than_the_window_frees_nothing_in_it() {
-        // The schedule alone would let this through: a grant before the
-        // window gives back units the window's own grants then spend.
-        let mut pacer = settled(rate(1000, 1000));
-        let start = Instant::now();
-        let at = |ms: u64| start + Duration::from_millis(ms);
-        let units = |n: u32| NonZeroU32::new(n).unwrap();
-        assert!(pacer.try_acquire(at(0), units(100)).is_ok());
-        let q = pacer.try_acquire(at(0), ONE).unwrap_err();
-        assert!(pacer.try_acquire(q, units(900)).is_ok());
-        pacer.adjust(q + Duration::from_millis(50), -99, at(0));
-        let mut now = q + Duration::from_millis(50);
-        let mut sent = 900;
-        while now < q + Duration::from_millis(1000) {
-            match pacer.try_acquire(now, units(50)) {
-                Ok(_) => sent += 50,
-                Err(next) => now = next,
-            }
-        }
-        assert!(sent <= 1000 - 1 + 50, "{sent} units within a second of {q:?}");
-    }
-
-    proptest::proptest! {
-        /// Random calls, reserving more than they use and settling after a
-        /// random while, never put more than the quota (less one unit) plus
-        /// the last call's units into any window, counted as settled.
-        #[test]
-        fn settling_never_lets_a_window_hold_more_than_the_quota(
-            count in 50u32..2000,
-            calls in proptest::collection::vec((1u32..400, 0u32..400, 0u64..1500, 0u64..30), 1..120),
-        ) {
-            let quota = rate(count, 1000);
-            let mut pacer = settled(quota);
-            let start = Instant::now();
-            let mut now = start;
-            // (granted, used) of every grant; (when, granted, given back) pending.
-            let mut sent: Vec<(Instant, u64)> = Vec::new();
-            let mut pending: Vec<(Instant, Instant, i64)> = Vec::new();
-            for (used, unused, latency, gap) in calls {
-                let used = used.min(count);
-                let reserved = NonZeroU32::new(used + unused).unwrap();
-                now += Duration::from_millis(gap);
-                loop {
-                    pending.sort_by_key(|(at, _, _)| *at);
-                    while pending.first().is_some_and(|(at, _, _)| *at <= now) {
-                        let (at, granted, back) = pending.remove(0);
-                        pacer.adjust(at, back, granted);
-                    }
-                    match pacer.try_acquire(now, reserved) {
-                        Ok(_) => break,
-                        Err(next) => {
-                            let settle = pending.first().map_or(next, |(at, _, _)| (*at).min(next));
-                            now = settle.max(now);
-                        }
-                    }
-                }
-                sent.push((now, u64::from(used)));
-                if unused > 0 {
-                    pending.push((now + Duration::from_millis(latency), now, -i64::from(unused)));
-                }
-            }
-            let window = quota.per;
-            for (j, &(last, units)) in sent.iter().enumerate() {
-                let held: u64 =
-                    sent[..j].iter().filter(|(at, _)| last - *at < window).map(|(_, u)| u).sum();
-                proptest::prop_assert!(
-                    held < u64::from(count),
-                    "{held} units in the window before a grant of {units} at {:?}",
-                    last - start
-                );
-            }
-        }
     }
 }

@@ -96,8 +96,8 @@ impl Dispatcher {
         self.shared().lock().calibrated(input)
     }
 
-    /// Settles one attempt's token reservation, granted at `granted` (see
-    /// `admission::tokens`): the token quotas of `partition` are corrected to what it is charged,
+    /// Settles one attempt's token reservation (see `admission::tokens`):
+    /// the token quotas of `partition` are corrected to what it is charged,
     /// which is counted, and an `estimated` input (uncalibrated, counted by
     /// a tokenizer) learns from the usage reported. With `[redis]` the
     /// shared schedule is corrected alike, for every replica. Tokens given
@@ -107,14 +107,14 @@ impl Dispatcher {
         partition: u64,
         reserved: Reservation,
         settlement: Settlement,
-        (estimated, granted): (Option<u64>, Instant),
+        estimated: Option<u64>,
     ) {
         let shared = self.shared();
         let (charged, quotas) = shared.change(|core| {
             if let (Settlement::Used(usage), Some(estimated)) = (settlement, estimated) {
                 core.calibrate(estimated, usage.input);
             }
-            let charged = core.settle_tokens(partition, reserved, settlement, (granted, Instant::now()));
+            let charged = core.settle_tokens(partition, reserved, settlement, Instant::now());
             (charged, core.limits().tokens)
         });
         // With `[redis]` the driver corrects the shared schedule before it asks again.
@@ -285,7 +285,7 @@ impl Dispatcher {
         let now = Instant::now();
         if core.try_leave(place, &needs, now) {
             drop(core);
-            return Either::Left(future::ready(Ok(Ticket::new(shared, now))));
+            return Either::Left(future::ready(Ok(Ticket::new(shared))));
         }
         // Its costs queued ahead may already say it cannot leave in time.
         if let Some(refusal) = core.hopeless(place, &needs, deadline, now).filter(|_| !retry) {
