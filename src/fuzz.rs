@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::admission::{Feedback, Pacing, Quotas};
 use crate::config;
+use crate::llm;
 use crate::retry;
 use crate::route::{self, Router};
 use crate::server::framing::Framing;
@@ -83,6 +84,8 @@ pub fn upstream_answer(data: &[u8]) {
     }
     let seconds = data.iter().fold(0u64, |acc, b| acc.wrapping_mul(31).wrapping_add(u64::from(*b)));
     let wall = UNIX_EPOCH.checked_add(Duration::from_secs(seconds % (1 << 40))).unwrap_or(UNIX_EPOCH);
+    // The same bytes as a 429's error body.
+    let _ = llm::refusal(data);
     let cooldown = retry::retry_after(&headers, wall);
     let hint = retry::rate_limit(&headers, wall);
     let now = Instant::now();

@@ -83,7 +83,7 @@
 //! llm       request
 //!           image tokenizer
 //!           sse
-//!           calibration endpoint headers usage
+//!           calibration endpoint headers refusal usage
 //! cache     flight store
 //!           conditional key
 //! tls       mitm

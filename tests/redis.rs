@@ -38,6 +38,18 @@ fn toml_list(urls: &[String]) -> String {
 }
 
 /// GET through pacegate; the status, or 0 if the request failed.
+/// A store on one Redis server, falling back to local pacing, as the
+/// script-level tests drive it.
+fn local_store(redis: &RedisServer) -> Arc<pacegate::store::Store> {
+    use pacegate::config::{DEFAULT_REDIS_TIMEOUT, Redis, RedisNodes, RedisOnError};
+    let config = Redis {
+        nodes: RedisNodes::Server(redis.url()),
+        on_error: RedisOnError::Local,
+        timeout: DEFAULT_REDIS_TIMEOUT,
+    };
+    pacegate::store::Store::new(&config, Arc::new(pacegate::metrics::Metrics::new())).expect("store")
+}
+
 async fn get(url: String) -> u16 {
     client().get(url).send().await.map_or(0, |r| r.status().as_u16())
 }
@@ -245,13 +257,12 @@ async fn partitions_share_their_own_buckets_without_the_key_in_clear() {
 /// leaves every quota untouched.
 #[tokio::test]
 async fn the_script_takes_from_all_quotas_or_none() {
-    use pacegate::config::{Redis, RedisNodes, RedisOnError, parse_rate};
+    use pacegate::config::parse_rate;
     use pacegate::limit::pacer::paced_quotas;
-    use pacegate::store::{Keys, SharedQuotas, Store, Verdict};
+    use pacegate::store::{Keys, SharedQuotas, Verdict};
 
     let redis = RedisServer::start().await;
-    let config = Redis { nodes: RedisNodes::Server(redis.url()), on_error: RedisOnError::Local };
-    let store = Store::new(&config, std::sync::Arc::new(pacegate::metrics::Metrics::new())).unwrap();
+    let store = local_store(&redis);
     // 10/s admitting 5 back to back, and at most 6 per minute.
     let rates = [parse_rate("10/s").unwrap(), parse_rate("6/min").unwrap()];
     let quotas = SharedQuotas::new(&paced_quotas(&rates, std::num::NonZeroU32::new(5).unwrap()));
@@ -291,13 +302,12 @@ async fn the_script_takes_from_all_quotas_or_none() {
 /// burst.
 #[tokio::test]
 async fn the_script_carries_the_schedule_over_to_a_new_rate() {
-    use pacegate::config::{Redis, RedisNodes, RedisOnError, parse_rate};
+    use pacegate::config::parse_rate;
     use pacegate::limit::pacer::paced_quotas;
-    use pacegate::store::{Keys, SharedQuotas, Store, Verdict};
+    use pacegate::store::{Keys, SharedQuotas, Verdict};
 
     let redis = RedisServer::start().await;
-    let config = Redis { nodes: RedisNodes::Server(redis.url()), on_error: RedisOnError::Local };
-    let store = Store::new(&config, std::sync::Arc::new(pacegate::metrics::Metrics::new())).unwrap();
+    let store = local_store(&redis);
     let at = |rate: &str| {
         SharedQuotas::new(&paced_quotas(&[parse_rate(rate).unwrap()], std::num::NonZeroU32::MIN))
     };
@@ -372,13 +382,12 @@ async fn a_lowered_rate_takes_effect_from_the_next_shared_slot() {
 /// still go.
 #[tokio::test]
 async fn the_script_weighs_costs_and_names_the_limit_that_waits() {
-    use pacegate::config::{Redis, RedisNodes, RedisOnError, parse_rate};
+    use pacegate::config::parse_rate;
     use pacegate::limit::pacer::paced_quotas;
-    use pacegate::store::{Keys, SharedQuotas, Store, Verdict};
+    use pacegate::store::{Keys, SharedQuotas, Verdict};
 
     let redis = RedisServer::start().await;
-    let config = Redis { nodes: RedisNodes::Server(redis.url()), on_error: RedisOnError::Local };
-    let store = Store::new(&config, std::sync::Arc::new(pacegate::metrics::Metrics::new())).unwrap();
+    let store = local_store(&redis);
     let one = std::num::NonZeroU32::MIN;
     let own = SharedQuotas::new(&paced_quotas(&[parse_rate("100/s").unwrap()], one));
     let writes = SharedQuotas::limit("writes", &paced_quotas(&[parse_rate("10/s").unwrap()], one));
@@ -497,13 +506,12 @@ max_open_for = "2s"
 /// sooner, never before now (no burst); units taken on top make it wait.
 #[tokio::test]
 async fn the_adjust_script_gives_back_never_before_now_and_takes_on_top() {
-    use pacegate::config::{Redis, RedisNodes, RedisOnError, parse_rate};
+    use pacegate::config::parse_rate;
     use pacegate::limit::pacer::paced_quotas;
-    use pacegate::store::{Keys, SharedQuotas, Store, Verdict};
+    use pacegate::store::{Keys, SharedQuotas, Verdict};
 
     let redis = RedisServer::start().await;
-    let config = Redis { nodes: RedisNodes::Server(redis.url()), on_error: RedisOnError::Local };
-    let store = Store::new(&config, std::sync::Arc::new(pacegate::metrics::Metrics::new())).unwrap();
+    let store = local_store(&redis);
     let one = std::num::NonZeroU32::MIN;
     let own = SharedQuotas::new(&paced_quotas(&[parse_rate("1000/s").unwrap()], one));
     let tokens = SharedQuotas::limit("tokens", &paced_quotas(&[parse_rate("100/s").unwrap()], one));

@@ -30,6 +30,7 @@ pub use cache::Cache;
 pub use error::ConfigError;
 pub use limits::{Cost, DEFAULT_MAX_TOKENS, Limit, MAX_LIMITS, PathGlobs};
 pub use units::{MAX_DURATION, format_duration, parse_duration, parse_rate};
+pub use validate::DEFAULT_REDIS_TIMEOUT;
 
 /// Reads, parses and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -142,6 +143,8 @@ pub struct Redis {
     pub nodes: RedisNodes,
     /// What pacing does while Redis cannot be reached.
     pub on_error: RedisOnError,
+    /// Longest one call may take before the store counts Redis as unreachable.
+    pub timeout: std::time::Duration,
 }
 
 /// The three forms of `[redis]`; every URL is `redis://` or `rediss://`.

@@ -173,6 +173,8 @@ pub struct RawRedis {
     pub master_username: Option<Spanned<String>>,
     pub master_password: Option<Spanned<String>>,
     pub on_error: RawRedisOnError,
+    /// Spanned: `validate` refuses 0s there.
+    pub timeout: Option<Spanned<Dur>>,
 }
 
 /// One `[[upstream]]`.

@@ -199,6 +199,7 @@ ca_key = "b.pem"
 
 [redis]
 on_error = "deny"
+timeout = "2s"
 
 [[upstream]]
 name = "x_1-a"
@@ -239,6 +240,7 @@ budget = 0
     let redis = config.redis.unwrap();
     assert_eq!(redis.nodes, RedisNodes::Server("redis://127.0.0.1:6379".to_owned()));
     assert_eq!(redis.on_error, RedisOnError::Deny);
+    assert_eq!(redis.timeout, Duration::from_secs(2));
     let up = &config.upstreams[0];
     assert_eq!(up.route.as_deref(), Some("/x"));
     assert_eq!(up.hosts, ["h.example", "other.example:8080"]);
@@ -521,6 +523,7 @@ fn redis_takes_one_of_three_forms() {
     assert_error("[redis]\nmaster = \"m\"\n", 2, 10, &["sentinels"]);
     assert_error("[redis]\ncluster = []\n", 2, 11, &["at least one"]);
     assert_error("[redis]\ncluster = [\"redis://a\", \"http://b\"]\n", 2, 25, &["redis://"]);
+    assert_error("[redis]\ntimeout = \"0s\"\n", 2, 11, &["timeout must be longer than 0s"]);
     assert_error(
         "[redis]\nsentinels = [\"redis://a\", \"rediss://b\"]\nmaster = \"m\"\n",
         2,

@@ -104,6 +104,9 @@ fn server(cx: &Cx<'_>, raw: RawServer) -> Result<Server, ConfigError> {
     })
 }
 
+/// Longest one Redis call may take when `[redis]` says nothing.
+pub const DEFAULT_REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Where `[redis]` finds its servers when it names none.
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 
@@ -154,7 +157,8 @@ fn redis(cx: &Cx<'_>, raw: RawRedis) -> Result<Redis, ConfigError> {
         }
         _ => RedisNodes::Server(DEFAULT_REDIS_URL.to_owned()),
     };
-    Ok(Redis { nodes, on_error })
+    let timeout = raw.timeout.map_or(Ok(DEFAULT_REDIS_TIMEOUT), |t| positive(cx, "timeout", &t))?;
+    Ok(Redis { nodes, on_error, timeout })
 }
 
 fn span<T>(value: &Option<Spanned<T>>) -> Option<std::ops::Range<usize>> {

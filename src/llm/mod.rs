@@ -12,6 +12,7 @@
 //! - [`sse`]: [`UsageScanner`], the same for a streamed answer, fed the
 //!   body's chunks as they pass through; it only looks at them.
 //! - [`headers`]: the token quotas an answer's headers report.
+//! - [`refusal`]: which quota a 429's error body names, and its wait.
 //! - [`calibration`]: a per-upstream moving ratio of reported to estimated input.
 //!
 //! # Use, one request at a time
@@ -53,6 +54,7 @@ pub mod calibration;
 pub mod endpoint;
 pub mod headers;
 pub mod image;
+pub mod refusal;
 pub mod request;
 pub mod sse;
 pub mod tokenizer;
@@ -61,6 +63,7 @@ pub mod usage;
 pub use calibration::Calibration;
 pub use endpoint::{Endpoint, classify};
 pub use headers::{TokenHints, token_hints};
+pub use refusal::{REFUSAL_BODY_BYTES, Refusal, refusal};
 pub use request::{Basis, Estimate, estimate};
 pub use sse::UsageScanner;
 pub use tokenizer::Encoding;

@@ -7,7 +7,8 @@
 //! cost) on the Redis server's clock (`TIME`), consumes from all or none,
 //! checks the shared cooldowns, and answers go, wait, or cooling. Once an
 //! LLM call's answer says what it used, `adjust.lua` corrects its token
-//! quotas' shared schedule as the local pacer's is. Replicas never compare clocks,
+//! quotas' shared schedule as the local pacer's is (back as far as Redis'
+//! now, no further). Replicas never compare clocks,
 //! and no lock is held across the network. Keys carry a hash tag per upstream
 //! (`pacegate:{name}:…`), so both keys a script touches live in one Redis
 //! Cluster slot; they expire once idle.
@@ -22,8 +23,8 @@
 //! marked down: the transition is logged once and counted, and from then on
 //! no dispatcher waits on Redis. They fall back to their in-process pacer
 //! (`on_error = "local"`) or refuse (`"deny"`), while one background probe
-//! connects anew (after [`PROBE_FIRST`], then twice as long each time up to
-//! [`PROBE_EVERY`]), asking the sentinels for the master again or a cluster
+//! connects anew (after one call's `[redis] timeout`, then twice as long each
+//! time up to [`PROBE_EVERY`]), asking the sentinels for the master again or a cluster
 //! for its slots, and brings shared mode back once the new connection
 //! answers. A cluster's probe pings every master of the new slot map, so
 //! shared mode resumes only once every slot has a master that answers.
@@ -42,23 +43,13 @@ use crate::limit::pacer::{GUARD, PacedQuota};
 use crate::metrics::Metrics;
 use nodes::{Link, Nodes};
 
-/// Longest a dispatcher waits for one Redis answer before falling back.
-const CALL_TIMEOUT: Duration = Duration::from_millis(250);
 /// How often a down store checks whether Redis is back, at most.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
-/// The first check after a failure: a slow answer on a busy machine often
-/// passes, and every moment in fallback lets this replica pace alone next
-/// to the others (the quota's overshoot grows with it). Not shorter than
-/// [`CALL_TIMEOUT`], so that every call made through the failed connection
-/// has ended before a new one is made: a late failure of one cannot drop
-/// the probe's new connection or count a second fallback. Each check after
-/// it waits twice as long, up to [`PROBE_EVERY`].
-const PROBE_FIRST: Duration = CALL_TIMEOUT;
 /// How long making a connection and one check of the probe may take: a
 /// connection made anew (asking the sentinels, checking the master they
 /// name, connecting to it; or reaching every cluster node and reading the
 /// slots) takes several round trips, which a busy replica may not fit in
-/// [`CALL_TIMEOUT`], and no request waits on it.
+/// one call's `[redis] timeout`, and no request waits on it.
 const PROBE_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Redis could not be asked; the store is down until the probe succeeds.
@@ -195,7 +186,7 @@ impl Store {
             .map(|url| url.as_str().into_connection_info().map(|info| info.addr().to_string()))
             .collect();
         let address = addresses?.join(",");
-        let nodes = Nodes::new(&config.nodes, CALL_TIMEOUT, PROBE_PATIENCE)?;
+        let nodes = Nodes::new(&config.nodes, config.timeout, PROBE_PATIENCE.max(config.timeout))?;
         metrics.redis_up.set(1);
         let store = Arc::new(Self {
             nodes,
@@ -213,7 +204,7 @@ impl Store {
         });
         // Connected in the background from the start, so that the first
         // attempts need not make the connection within their
-        // CALL_TIMEOUT (asking the sentinels, or reading a cluster's slot
+        // `[redis] timeout` (asking the sentinels, or reading a cluster's slot
         // map, may not fit in it on a busy machine, and that would count
         // as a fallback). Nothing waits on it: a Redis that is down now is
         // found so by the first call, as one that goes away later.
@@ -378,7 +369,7 @@ impl Store {
         self.call::<u8>(|| vec![keys.quotas()], &invocation).await.map(drop)
     }
 
-    /// Runs one script under [`CALL_TIMEOUT`]; a failure marks the store
+    /// Runs one script under `[redis] timeout`; a failure marks the store
     /// down, and the probe then checks the `keys` the script touches.
     async fn call<T: FromRedisValue>(
         self: &Arc<Self>,
@@ -386,7 +377,7 @@ impl Store {
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, Unavailable> {
         let call = async { invocation.invoke_async(&mut self.link().await?).await };
-        let error = match self.timed(CALL_TIMEOUT, call).await {
+        let error = match self.timed(self.config.timeout, call).await {
             Ok(value) => return Ok(value),
             Err(error) => error,
         };
@@ -443,10 +434,17 @@ impl Store {
 /// it answers, then brings shared mode back. Ends early if the store is
 /// dropped (a reload changed `[redis]`).
 async fn probe(store: Weak<Store>) {
-    let mut pause = PROBE_FIRST;
+    // The first check comes after one call's timeout: a slow answer on a
+    // busy machine often passes, and every moment in fallback lets this
+    // replica pace alone next to the others (the quota's overshoot grows
+    // with it). Not sooner, so that every call made through the failed
+    // connection has ended before a new one is made: a late failure of one
+    // cannot drop the probe's new connection or count a second fallback.
+    let Some(first) = store.upgrade().map(|store| store.config.timeout) else { return };
+    let mut pause = first;
     loop {
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(PROBE_EVERY);
+        pause = (pause * 2).min(PROBE_EVERY.max(first));
         let Some(store) = store.upgrade() else { return };
         let failed = store.failed.lock().map(|failed| failed.clone()).unwrap_or_default();
         let ping = async {
@@ -458,7 +456,7 @@ async fn probe(store: Weak<Store>) {
             }
             Ok(())
         };
-        match store.timed(PROBE_PATIENCE, ping).await {
+        match store.timed(PROBE_PATIENCE.max(store.config.timeout), ping).await {
             Ok(_) => {
                 store.up.store(true, Ordering::Release);
                 store.metrics.redis_up.set(1);

@@ -4,7 +4,9 @@
 //! 1. join the upstream's queue: quotas and `max_concurrency` gate every attempt;
 //! 2. send the attempt, its body replayed from the buffer;
 //! 3. tell the dispatcher what the answer says about the upstream's limits
-//!    (cooldown, adaptive rate, remaining quota);
+//!    (cooldown, adaptive rate, remaining quota); a 429 to an LLM call whose
+//!    headers do not say which quota it is about is read first (a few KiB),
+//!    since its error body may;
 //! 4. decide: classify the outcome (the documented method rules), then attempts left,
 //!    `max_retry_after`, a replayable body, and the retry budget;
 //! 5. to retry: keep the answer (so it can still go back as it came), give
@@ -29,6 +31,7 @@ use crate::admission::{Feedback, Needs, Place, Refusal, Settlement};
 use crate::body::{self, ProxyBody, RequestBody};
 use crate::config;
 use crate::error::{ProxyError, RefusalReason};
+use crate::llm;
 use crate::metrics::{AttemptOutcome, Metrics};
 use crate::retry::{self, Decision, Outcome, RateLimitHint};
 
@@ -43,6 +46,62 @@ type Attempt = Result<Response<Incoming>, SendError>;
 enum Last {
     Answer(Response<Bytes>),
     Failed(SendError),
+}
+
+/// One attempt's answer as the exchange holds it: streaming as it came, or
+/// a 429 already read whole to learn from its error body.
+enum Answered {
+    Live(Attempt),
+    Read(Last),
+}
+
+impl Answered {
+    /// Status and headers of an answer, if there was one.
+    fn head(&self) -> Option<(StatusCode, &http::HeaderMap)> {
+        match self {
+            Self::Live(Ok(response)) => Some((response.status(), response.headers())),
+            Self::Read(Last::Answer(response)) => Some((response.status(), response.headers())),
+            Self::Live(Err(_)) | Self::Read(Last::Failed(_)) => None,
+        }
+    }
+
+    /// The body, when it was read.
+    fn body(&self) -> Option<&Bytes> {
+        match self {
+            Self::Read(Last::Answer(response)) => Some(response.body()),
+            _ => None,
+        }
+    }
+
+    /// The upstream did not process the attempt: a 429, or nothing was sent.
+    fn not_processed(&self) -> bool {
+        match self {
+            Self::Live(Err(error)) | Self::Read(Last::Failed(error)) => {
+                matches!(error, SendError::Connect(_))
+            }
+            _ => self.head().is_some_and(|(status, _)| status == StatusCode::TOO_MANY_REQUESTS),
+        }
+    }
+
+    fn outcome(&self) -> Outcome {
+        match self {
+            Self::Live(Err(error)) | Self::Read(Last::Failed(error)) => match error {
+                SendError::Connect(_) => Outcome::ConnectFailed,
+                SendError::Timeout(_) => Outcome::TimedOut,
+                SendError::Broken(_) => Outcome::BrokenAfterSend,
+            },
+            Self::Live(Ok(response)) => Outcome::Status(response.status()),
+            Self::Read(Last::Answer(response)) => Outcome::Status(response.status()),
+        }
+    }
+
+    /// Reads a retryable answer into memory (bounded), releasing its connection.
+    async fn keep(self) -> Last {
+        match self {
+            Self::Live(result) => keep(result).await,
+            Self::Read(last) => last,
+        }
+    }
 }
 
 impl Upstream {
@@ -114,13 +173,22 @@ impl Upstream {
             if let Some(failed) = self.config.breaker.as_ref().and_then(|b| breaker_outcome(b, &result)) {
                 self.dispatcher.record_outcome(sent_at, failed);
             }
+            // A 429 whose headers do not say which token quota it is about:
+            // its small error body may, so it is read now (bounded) and
+            // replayed to the caller unchanged.
+            let result = match result {
+                Ok(response) if self.reads_refusal(&response, needs) => {
+                    Answered::Read(self.read_refusal(response).await)
+                }
+                result => Answered::Live(result),
+            };
             let retry_after = self.learn(&result, sent_at, attempt, (place.partition, needs));
-            if not_processed(&result)
+            if result.not_processed()
                 && let Some(reserved) = reserved.take()
             {
                 reserved.settle(Settlement::NotProcessed);
             }
-            let outcome = outcome(&result);
+            let outcome = result.outcome();
             let Decision::Retry(reason) = retry::classify(retry, &head.method, idempotency_key, &outcome)
             else {
                 return Ok(self.answer(result, ticket, reserved, attempt, queued));
@@ -134,7 +202,7 @@ impl Upstream {
             }
             // Keep the answer and free the upstream connection and the slot;
             // a kept answer is not read for usage: its reservation stands.
-            let last = keep(result).await;
+            let last = result.keep().await;
             drop(reserved);
             drop(ticket);
             let delay = retry::delay(retry, attempt, retry_after, &mut rand::rng());
@@ -167,6 +235,22 @@ impl Upstream {
         }
     }
 
+    /// Reads a 429's body whole, at most [`llm::REFUSAL_BODY_BYTES`] within
+    /// one attempt's `timeout`; the caller gets these bytes as they came
+    /// (a body cut or longer than announced is dropped, as a kept answer's is).
+    async fn read_refusal(&self, response: Response<Incoming>) -> Last {
+        let (mut parts, incoming) = response.into_parts();
+        clean_head(&mut parts);
+        // Replayed whole: its length is recomputed.
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+        let read = Limited::new(incoming, llm::REFUSAL_BODY_BYTES).collect();
+        let bytes = match tokio::time::timeout(self.config.timeout, read).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(_)) | Err(_) => Bytes::new(),
+        };
+        Last::Answer(Response::from_parts(parts, bytes))
+    }
+
     fn observe_wait(&self, ticket: &Ticket) {
         self.metrics.observe_queue_wait(ticket.waited);
     }
@@ -191,22 +275,27 @@ impl Upstream {
     /// returns the answer's Retry-After.
     fn learn(
         &self,
-        result: &Attempt,
+        result: &Answered,
         sent_at: Instant,
         attempt: u32,
         (partition, needs): (u64, &Needs),
     ) -> Option<Duration> {
-        let Ok(response) = result else { return None };
+        let (status, headers) = result.head()?;
         let now = SystemTime::now();
-        let status = response.status();
+        // The error body read, when the headers did not say enough.
+        let said = result.body().and_then(|body| llm::refusal(body));
         // A success is never retried and never starts a cooldown: its
         // Retry-After would change nothing, so it is not even looked for.
-        let retry_after =
-            if status.is_success() { None } else { retry::retry_after(response.headers(), now) };
+        // Without one, a 429 body's "Please try again in 600ms" serves.
+        let retry_after = if status.is_success() {
+            None
+        } else {
+            retry::retry_after(headers, now).or(said.and_then(|said| said.retry_in))
+        };
         let retry = &self.config.retry;
         // A reset further away than max_retry_after is not believed either:
         // one hostile or broken header must not pause the upstream for years.
-        let hint: Option<RateLimitHint> = retry::rate_limit(response.headers(), now)
+        let hint: Option<RateLimitHint> = retry::rate_limit(headers, now)
             .map(|hint| RateLimitHint { reset_after: hint.reset_after.min(retry.max_retry_after), ..hint });
         let rate_limited = status == StatusCode::TOO_MANY_REQUESTS;
         // An upstream asking for more than max_retry_after is not waited for.
@@ -227,9 +316,13 @@ impl Upstream {
             );
         }
         // A 429 an LLM call drew for its tokens pauses only the token quotas
-        // it names: calls that need no tokens (or other quotas) keep going.
-        let short =
-            if rate_limited { self.short_token_quotas(response.headers(), needs) } else { Vec::new() };
+        // its headers (or else its body) name: calls that need no tokens (or
+        // other quotas) keep going.
+        let short = match (rate_limited, said) {
+            (false, _) => Vec::new(),
+            (true, Some(said)) => self.named_token_quotas(said.tokens, needs),
+            (true, None) => self.short_token_quotas(headers, needs),
+        };
         for &index in &short {
             let limit = Some(index);
             self.dispatcher.report(Feedback {
@@ -247,11 +340,11 @@ impl Upstream {
                 self.dispatcher.report(Feedback { partition, limit, sent_at, rate_limited, cooldown, hint });
             }
         } else if rate_limited || cooldown.is_some() || hint.is_some() {
-            let limit = self.limit_named(response.headers(), needs);
+            let limit = self.limit_named(headers, needs);
             self.dispatcher.report(Feedback { partition, limit, sent_at, rate_limited, cooldown, hint });
         }
         // The server's word on token quotas: one that is spent pauses until its reset.
-        for (index, hint) in self.exhausted_token_quotas(response.headers()) {
+        for (index, hint) in self.exhausted_token_quotas(headers) {
             let hint = RateLimitHint { reset_after: hint.reset_after.min(retry.max_retry_after), ..hint };
             let feedback = Feedback {
                 partition,
@@ -270,16 +363,17 @@ impl Upstream {
     /// reservation is settled from the usage its body reports.
     fn answer(
         &self,
-        result: Attempt,
+        result: Answered,
         ticket: Ticket,
         reserved: Option<Reserved>,
         attempt: u32,
         queued: Duration,
     ) -> Response<ProxyBody> {
         let response = match (result, reserved) {
-            (Ok(response), Some(reserved)) => settling(response, ticket, reserved),
-            (Ok(response), None) => inbound_response(response, ticket),
-            (Err(error), _) => self.failure(error).into_response(),
+            (Answered::Live(Ok(response)), Some(reserved)) => settling(response, ticket, reserved),
+            (Answered::Live(Ok(response)), None) => inbound_response(response, ticket),
+            (Answered::Live(Err(error)), _) => self.failure(error).into_response(),
+            (Answered::Read(last), _) => return self.kept_answer(last, attempt, queued),
         };
         stamp(response, attempt, queued)
     }
@@ -350,14 +444,6 @@ impl Upstream {
     }
 }
 
-/// The upstream did not process the attempt: a 429, or nothing was sent.
-fn not_processed(result: &Attempt) -> bool {
-    match result {
-        Ok(response) => response.status() == StatusCode::TOO_MANY_REQUESTS,
-        Err(error) => matches!(error, SendError::Connect(_)),
-    }
-}
-
 /// The refusal of an attempt cut short by shutdown, whose grace `ends` then.
 fn shutting_down(ends: Instant) -> Refusal {
     Refusal::ShuttingDown {
@@ -373,15 +459,6 @@ fn breaker_outcome(breaker: &config::Breaker, result: &Attempt) -> Option<bool> 
         Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => None,
         Ok(response) => Some(breaker.on_status.contains(&response.status())),
         Err(_) => Some(true),
-    }
-}
-
-fn outcome(result: &Attempt) -> Outcome {
-    match result {
-        Ok(response) => Outcome::Status(response.status()),
-        Err(SendError::Connect(_)) => Outcome::ConnectFailed,
-        Err(SendError::Timeout(_)) => Outcome::TimedOut,
-        Err(SendError::Broken(_)) => Outcome::BrokenAfterSend,
     }
 }
 

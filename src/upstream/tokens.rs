@@ -134,6 +134,43 @@ impl Upstream {
     }
 }
 
+impl Upstream {
+    /// A 429 to an LLM call whose headers say nothing of the token quotas
+    /// (nor that the request quota is spent) has a small error body worth
+    /// reading: it may name the quota ([`llm::refusal`]).
+    pub(super) fn reads_refusal(&self, response: &Response<Incoming>, needs: &Needs) -> bool {
+        let quotas = TokenQuotas::of(&self.config);
+        let needs_tokens = [TokenKind::Total, TokenKind::Input, TokenKind::Output]
+            .into_iter()
+            .filter_map(|kind| quotas.index(kind))
+            .any(|index| needs.iter().any(|(i, _)| i == index));
+        let headers = response.headers();
+        let now = std::time::SystemTime::now();
+        let small = response.body().size_hint().upper().is_none_or(|n| n <= llm::REFUSAL_BODY_BYTES as u64);
+        response.status() == http::StatusCode::TOO_MANY_REQUESTS
+            && needs_tokens
+            && small
+            && llm::token_hints(headers, now).is_empty()
+            && crate::retry::rate_limit(headers, now).is_none_or(|hint| hint.remaining != 0)
+    }
+
+    /// The token quotas `kind` stands for, among those this call needs: a
+    /// kind not configured falls on the quota that counts it (input or
+    /// output tokens on `tokens`, tokens on `input_tokens` and `output_tokens`).
+    pub(super) fn named_token_quotas(&self, kind: Option<TokenKind>, needs: &Needs) -> Vec<usize> {
+        let quotas = TokenQuotas::of(&self.config);
+        let Some(kind) = kind else { return Vec::new() };
+        let named: Vec<usize> = match (kind, quotas.index(kind)) {
+            (_, Some(index)) => vec![index],
+            (TokenKind::Total, None) => {
+                [TokenKind::Input, TokenKind::Output].into_iter().filter_map(|k| quotas.index(k)).collect()
+            }
+            (_, None) => quotas.index(TokenKind::Total).into_iter().collect(),
+        };
+        named.into_iter().filter(|index| needs.iter().any(|(i, _)| i == *index)).collect()
+    }
+}
+
 /// One attempt's token reservation, settled once.
 #[derive(Debug)]
 pub struct Reserved {

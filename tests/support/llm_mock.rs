@@ -39,6 +39,12 @@
 //! 3339, rounded up to the second). The reset is when the window is fully
 //! replenished, as the providers document it.
 //!
+//! With [`LlmBehaviour::bare_429s`], a 429 carries none of those headers
+//! (nor `retry-after`): only its body says why, as the providers word it
+//! (OpenAI: `"type": "tokens"`, "... on tokens per min (TPM): Limit L, Used
+//! U, Requested C. Please try again in Nms."; Anthropic: "This request would
+//! exceed your organization's rate limit of L tokens per minute.").
+//!
 //! Like `mock.rs`, this file depends only on tokio, hyper, hyper-util, http,
 //! http-body-util, bytes, futures-util and serde_json, never on pacegate,
 //! so benchmarks and examples can include it with `#[path]`. Times are
@@ -134,6 +140,8 @@ pub struct LlmBehaviour {
     latency: Duration,
     /// Completion tokens per streamed content delta, and the time between events.
     stream_chunks: (u64, Duration),
+    /// A 429 says why in its body only (see the module doc).
+    bare_429s: bool,
 }
 
 impl Default for LlmBehaviour {
@@ -143,6 +151,7 @@ impl Default for LlmBehaviour {
             output_len: 20,
             latency: Duration::ZERO,
             stream_chunks: (8, Duration::ZERO),
+            bare_429s: false,
         }
     }
 }
@@ -167,6 +176,12 @@ impl LlmBehaviour {
 
     pub fn latency(mut self, latency: Duration) -> Self {
         self.latency = latency;
+        self
+    }
+
+    /// A 429 carries no rate-limit headers, only the provider's error body.
+    pub fn bare_429s(mut self) -> Self {
+        self.bare_429s = true;
         self
     }
 
@@ -352,6 +367,8 @@ fn choices(api: Api, request: &Value) -> u64 {
 struct Verdict {
     allowed: bool,
     headers: HeaderMap,
+    /// A bare 429's error message.
+    said: Option<String>,
 }
 
 impl State {
@@ -359,13 +376,28 @@ impl State {
     fn admit(&mut self, api: Api, now: Instant, cost: u64) -> Verdict {
         let mut headers = HeaderMap::new();
         let Some((limit, window)) = self.behaviour.token_limit else {
-            return Verdict { allowed: true, headers };
+            return Verdict { allowed: true, headers, said: None };
         };
         while self.window.front().is_some_and(|(at, _)| now.duration_since(*at) >= window) {
             self.window.pop_front();
         }
         let used: u64 = self.window.iter().map(|(_, t)| t).sum();
         let allowed = used + cost <= limit;
+        if !allowed && self.behaviour.bare_429s {
+            let wait = round_up_ms(self.wait(now, window, limit, used, cost)).as_millis();
+            let said = if api.anthropic() {
+                format!(
+                    "This request would exceed your organization's rate limit of {limit} tokens per minute."
+                )
+            } else {
+                format!(
+                    "Rate limit reached for gpt-4o in organization org-mock on tokens per min (TPM): \
+                     Limit {limit}, Used {used}, Requested {cost}. Please try again in {wait}ms. \
+                     Visit https://platform.openai.com/account/rate-limits to learn more."
+                )
+            };
+            return Verdict { allowed, headers, said: Some(said) };
+        }
         if allowed {
             self.window.push_back((now, cost));
         } else {
@@ -384,11 +416,17 @@ impl State {
             headers.insert("x-ratelimit-remaining-tokens", HeaderValue::from(remaining));
             headers.insert("x-ratelimit-reset-tokens", header(&go_duration(round_up_ms(reset))));
         }
-        Verdict { allowed, headers }
+        Verdict { allowed, headers, said: None }
     }
 
     /// Whole seconds until `cost` would fit (the window, if it never will).
     fn retry_after(&self, now: Instant, window: Duration, limit: u64, used: u64, cost: u64) -> u64 {
+        let wait = self.wait(now, window, limit, used, cost);
+        (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+    }
+
+    /// How long until `cost` would fit (the window, if it never will).
+    fn wait(&self, now: Instant, window: Duration, limit: u64, used: u64, cost: u64) -> Duration {
         let mut left = used;
         let mut wait = window;
         if cost <= limit {
@@ -400,7 +438,7 @@ impl State {
                 }
             }
         }
-        (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+        wait
     }
 }
 
@@ -554,8 +592,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     }
     let mut headers = verdict.headers;
     headers.insert("x-mock-seq", HeaderValue::from(seq));
-    if !verdict.allowed {
-        return Ok(error(api, 429, "rate_limit_error", "token rate limit reached", headers));
+    match verdict.said {
+        _ if verdict.allowed => {}
+        Some(said) if api.anthropic() => return Ok(error(api, 429, "rate_limit_error", &said, headers)),
+        Some(said) => return Ok(error(api, 429, "tokens", &said, headers)),
+        None => return Ok(error(api, 429, "rate_limit_error", "token rate limit reached", headers)),
     }
     if reply.stream {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
