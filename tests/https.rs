@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::mock::{Behaviour, MockUpstream};
-use support::{Pacegate, TEST_SERVER, builder};
+use support::{Pacegate, TEST_SERVER, builder, echo_server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -58,21 +58,6 @@ async fn connect(proxy: SocketAddr, authority: &str, extra: &str) -> (TcpStream,
         head.push(byte[0]);
     }
     (stream, String::from_utf8(head).unwrap().to_ascii_lowercase())
-}
-
-/// A TCP echo server on loopback.
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = stream.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
 }
 
 #[tokio::test]

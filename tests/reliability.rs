@@ -18,7 +18,8 @@ use pacegate::metrics::Metrics;
 use pacegate::server::{self, ConnectionSettings};
 use support::mock::{Behaviour, MockUpstream, Scripted};
 use support::{
-    Pacegate, assert_error_parts, assert_pacegate_error, attempts_of, builder, client, queue_depth, upstream,
+    Pacegate, assert_error_parts, assert_pacegate_error, attempts_of, builder, client, echo_server,
+    queue_depth, upstream,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -140,21 +141,6 @@ async fn read_answer(stream: &mut TcpStream) -> Raw {
 /// A GET of `path` on a kept-alive connection.
 fn get(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: pacegate\r\n\r\n").into_bytes()
-}
-
-/// A TCP echo server on loopback.
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = stream.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
 }
 
 /// pacegate with `server_keys`: `api` in front of a mock (reverse mode at

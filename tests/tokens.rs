@@ -333,49 +333,16 @@ async fn settling_through_one_replica_lets_the_other_send_earlier() {
     assert_eq!(mock.count(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_429_for_tokens_pauses_only_the_token_quota() {
-    // The mock's window holds the first call and 10 tokens more: the second
-    // call is refused, and the answer says only 10 tokens remain.
+/// A call's answer to come.
+type Pending = tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>;
+
+/// One call that the mock's token window holds with 10 tokens to spare,
+/// then a second that it refuses (429). Returns once pacegate saw the 429:
+/// the mock, pacegate, the upstream's status then, and the second call.
+async fn a_second_call_refused(behaviour: LlmBehaviour, keys: &str) -> (LlmMock, Pacegate, Value, Pending) {
     let first = chat(&prose(40), Some(20), false);
     let cost = prompt_tokens(&first) + 20;
-    let behaviour = LlmBehaviour::new().token_limit(cost + 10, Duration::from_secs(2)).output_len(20);
-    let mock = LlmMock::start(behaviour).await;
-    let pacegate = pacegate(&mock, "tokens = \"100000/s\"\n").await;
-    let answer = post(&pacegate, "/v1/chat/completions", &first).await;
-    assert_eq!(answer.status(), 200);
-    answer.bytes().await.expect("whole answer");
-
-    let url = pacegate.url("/llm/v1/chat/completions");
-    let second = chat(&prose(40), Some(20), false);
-    let second = tokio::spawn(client().post(url).json(&second).timeout(PATIENCE).send());
-    let rate_limited = |s: &Value| !s["upstreams"][0]["last_rate_limited"].is_null();
-    assert!(pacegate.wait_status(PATIENCE, rate_limited).await, "the mock's 429 was not seen");
-    let status = pacegate.status().await;
-    let upstream = &status["upstreams"][0];
-    assert!(upstream["cooldown"].is_null(), "the whole upstream cools down: {upstream}");
-    assert!(!upstream["tokens"]["quotas"][0]["cooldown"].is_null(), "the token quota does not: {upstream}");
-    // Requests that take no tokens are not held up by it.
-    let other = client().get(pacegate.url("/llm/v1/models")).timeout(PATIENCE).send().await.expect("answer");
-    assert_eq!(other.status(), 404, "the mock's own answer");
-    assert!(queued_ms(&other) < 500, "a request without tokens waited {} ms", queued_ms(&other));
-    let second = second.await.expect("task").expect("answer");
-    assert_eq!(second.status(), 200, "retried once the token quota cooled down");
-    assert_eq!(support::attempts_of(&second), 2);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_429_whose_body_alone_names_tokens_pauses_only_the_token_quota() {
-    // As above, but the mock's 429 has no rate-limit header at all: only its
-    // OpenAI error body says `"type": "tokens"` and "Please try again in
-    // Nms". A 429 not known to be about tokens would cool the whole
-    // upstream for base_delay (2 s here).
-    let first = chat(&prose(40), Some(20), false);
-    let cost = prompt_tokens(&first) + 20;
-    let behaviour =
-        LlmBehaviour::new().token_limit(cost + 10, Duration::from_secs(2)).output_len(20).bare_429s();
-    let mock = LlmMock::start(behaviour).await;
-    let keys = "tokens = \"100000/s\"\n[upstream.retry]\nbase_delay = \"2s\"\n";
+    let mock = LlmMock::start(behaviour.token_limit(cost + 10, Duration::from_secs(2)).output_len(20)).await;
     let pacegate = pacegate(&mock, keys).await;
     let answer = post(&pacegate, "/v1/chat/completions", &first).await;
     assert_eq!(answer.status(), 200);
@@ -385,18 +352,43 @@ async fn a_429_whose_body_alone_names_tokens_pauses_only_the_token_quota() {
     let second = tokio::spawn(client().post(url).json(&first).timeout(PATIENCE).send());
     let rate_limited = |s: &Value| !s["upstreams"][0]["last_rate_limited"].is_null();
     assert!(pacegate.wait_status(PATIENCE, rate_limited).await, "the mock's 429 was not seen");
-    let status = pacegate.status().await;
-    let upstream = &status["upstreams"][0];
+    let upstream = pacegate.status().await["upstreams"][0].clone();
     assert!(upstream["cooldown"].is_null(), "the whole upstream cools down: {upstream}");
-    let token_cooldown = &upstream["tokens"]["quotas"][0]["cooldown"];
-    assert!(!token_cooldown.is_null(), "the token quota does not: {upstream}");
-    assert!(token_cooldown["remaining_ms"].as_u64() > Some(500), "the body's wait: {token_cooldown}");
+    assert!(!upstream["tokens"]["quotas"][0]["cooldown"].is_null(), "the token quota does not: {upstream}");
+    (mock, pacegate, upstream, second)
+}
+
+/// Requests that take no tokens are not held up by a token quota's
+/// cooldown, and the refused call is retried once it ends.
+async fn only_the_token_quota_waited(pacegate: &Pacegate, second: Pending) {
     let other = client().get(pacegate.url("/llm/v1/models")).timeout(PATIENCE).send().await.expect("answer");
     assert_eq!(other.status(), 404, "the mock's own answer");
     assert!(queued_ms(&other) < 500, "a request without tokens waited {} ms", queued_ms(&other));
     let second = second.await.expect("task").expect("answer");
     assert_eq!(second.status(), 200, "retried once the token quota cooled down");
     assert_eq!(support::attempts_of(&second), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_for_tokens_pauses_only_the_token_quota() {
+    // The mock's 429 says only 10 tokens remain, in its rate-limit headers.
+    let (_mock, pacegate, _, second) =
+        a_second_call_refused(LlmBehaviour::new(), "tokens = \"100000/s\"\n").await;
+    only_the_token_quota_waited(&pacegate, second).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_whose_body_alone_names_tokens_pauses_only_the_token_quota() {
+    // As above, but the mock's 429 has no rate-limit header at all: only its
+    // OpenAI error body says `"type": "tokens"` and "Please try again in
+    // Nms". A 429 not known to be about tokens would cool the whole
+    // upstream for base_delay (2 s here).
+    let keys = "tokens = \"100000/s\"\n[upstream.retry]\nbase_delay = \"2s\"\n";
+    let (_mock, pacegate, upstream, second) =
+        a_second_call_refused(LlmBehaviour::new().bare_429s(), keys).await;
+    let token_cooldown = &upstream["tokens"]["quotas"][0]["cooldown"];
+    assert!(token_cooldown["remaining_ms"].as_u64() > Some(500), "the body's wait: {token_cooldown}");
+    only_the_token_quota_waited(&pacegate, second).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -235,3 +235,18 @@ pub fn queue_depth(status: &Value, name: &str) -> Option<u64> {
     let upstream = upstreams.iter().find(|u| u["name"] == name)?;
     upstream["queue"]["depth"].as_u64()
 }
+
+/// A TCP echo server on loopback (the far end of plain tunnels).
+pub async fn echo_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
