@@ -435,6 +435,25 @@ async fn the_script_weighs_costs_and_names_the_limit_that_waits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_breaker_opened_by_one_replica_holds_the_other() {
     let redis = RedisServer::start().await;
+    a_breaker_opened_by_one_holds_the_other(&format!("url = \"{}\"", redis.url()), |pattern| {
+        redis.keys(pattern)
+    })
+    .await;
+}
+
+/// The same through a Redis Cluster: the opening is written to the master
+/// of the upstream's slot, and read there by the other replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_opened_by_one_replica_holds_the_other_through_a_cluster() {
+    let Some(cluster) = RedisCluster::start(3).await else { return };
+    let nodes = format!("cluster = {}", toml_list(&cluster.urls()));
+    a_breaker_opened_by_one_holds_the_other(&nodes, |pattern| cluster.owner("{api}").keys(pattern)).await;
+}
+
+/// Replica A sees 4 failures and opens its breaker; replica B, sharing the
+/// `[redis]` named by `nodes` (whose keys `keys` lists), holds its callers
+/// too, though it saw no failure itself.
+async fn a_breaker_opened_by_one_holds_the_other(nodes: &str, keys: impl Fn(&str) -> Vec<String>) {
     let mock = MockUpstream::start(Behaviour::new().fail_for(Duration::from_secs(30), 500)).await;
     let breaker = r#"rate = "100/s"
 [upstream.retry]
@@ -443,13 +462,12 @@ max_attempts = 1
 min_attempts = 4
 open_for = "10s"
 "#;
-    let text = config(&redis.url(), "local", &upstream("api", &mock.url(), breaker));
+    let text = config_of(nodes, "local", &upstream("api", &mock.url(), breaker));
     let (a, b) = (Pacegate::start_config(&text).await, Pacegate::start_config(&text).await);
     for i in 0..4 {
         assert_eq!(get(a.url(&format!("/api/a{i}"))).await, 500);
     }
-    let written =
-        eventually(Duration::from_secs(2), async || !redis.keys("pacegate:{api}:breaker").is_empty());
+    let written = eventually(Duration::from_secs(2), async || !keys("pacegate:{api}:breaker").is_empty());
     assert!(written.await, "replica A shares its opening through Redis");
 
     let hurried = client().get(b.url("/api/b")).header("x-pacegate-max-wait", "1s").send().await.unwrap();
