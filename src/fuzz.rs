@@ -101,6 +101,7 @@ fn quotas() -> &'static Quotas {
         rate: vec![config::parse_rate("10/s").expect("a valid rate")],
         burst: std::num::NonZeroU32::MIN,
         adaptive: true,
+        settles: false,
     })
 }
 

@@ -34,7 +34,8 @@
 //! - [`llm`]: LLM API calls: which requests are ones, their token estimate,
 //!   the usage answers report (JSON or streamed), token quota headers,
 //!   calibration. Pure functions, used by the request path.
-//! - [`limit`]: the governor-based pacer, weighted by cost.
+//! - [`limit`]: the governor-based pacer, weighted by cost; the ledger that
+//!   turns LLM tokens given back late into credit.
 //! - [`retry`]: what is retryable, backoff, Retry-After and rate-limit hints, budget.
 //! - [`error`]: the error table, the one mapping from errors to answers.
 //! - [`body`]: buffered (replayable) and streamed bodies.
@@ -74,6 +75,8 @@
 //!           terms
 //!           pacing schedule tokens
 //!           needs
+//! limit     pacer
+//!           adaptive ledger
 //! retry     backoff budget hints policy
 //!           parse
 //! server    connection tunnel

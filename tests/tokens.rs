@@ -166,6 +166,43 @@ async fn a_streamed_answer_reaches_the_caller_frame_by_frame_and_settles_at_its_
     assert_eq!(tokens["sent_last_minute"], used, "settled to the final usage chunk: {tokens}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_quota_at_the_providers_exact_limit_draws_no_429() {
+    // Even spacing alone lets a window hold 2000 tokens plus one call's:
+    // against a strict sliding second of 2000 that is a 429 in many
+    // windows. The quota's ledger keeps every window within 2000.
+    let window = Duration::from_secs(1);
+    let behaviour = LlmBehaviour::new()
+        .token_limit(2000, window)
+        .output_len(40)
+        .stream_chunks(8, Duration::from_millis(5));
+    let mock = LlmMock::start(behaviour).await;
+    let pacegate = pacegate(&mock, "tokens = \"2000/s\"\n").await;
+    let mut calls = JoinSet::new();
+    let started = Instant::now();
+    for i in 0..40usize {
+        // Anthropic calls: their character estimate is never below the
+        // mock's count, so no answer reports more than was reserved.
+        let body = message(&prose(20 + i * 53 % 250), [16, 64, 128][i % 3], i % 2 == 0);
+        let url = pacegate.url("/llm/v1/messages");
+        calls.spawn(async move {
+            let response = client().post(url).json(&body).timeout(PATIENCE).send().await.expect("answer");
+            (response.status().as_u16(), response.text().await.expect("whole body"))
+        });
+    }
+    while let Some(call) = calls.join_next().await {
+        let (status, text) = call.expect("call");
+        assert_eq!(status, 200, "{text}");
+    }
+    let elapsed = started.elapsed();
+    // One arrival held up on its way for more than the window's margin
+    // (5 ms) may still meet a full window on a loaded machine.
+    let rate_limited = mock.count_status(429);
+    assert!(rate_limited <= 1, "{rate_limited} calls met the mock's 429");
+    let ideal = mock.tokens_charged() as f64 / 2000.0;
+    assert!(elapsed.as_secs_f64() < 2.0 * ideal + 2.0, "{ideal:.1} s of tokens took {elapsed:?}");
+}
+
 /// Sends a call that reserves ~500 output tokens but uses 10, then a small
 /// one right after its answer ended: how long the second one queued (ms).
 async fn follow_up_wait(accounting: &str, stream: bool) -> u64 {

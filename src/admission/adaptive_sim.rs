@@ -62,8 +62,12 @@ struct Run {
 /// Paces `configured` (a rate as the config spells it) with adaptive pacing
 /// in front of an upstream that accepts `limit` per `window`, for `length`.
 fn run(configured: &str, limit: usize, window: Duration, length: Duration) -> Run {
-    let quotas =
-        Quotas { rate: vec![parse_rate(configured).expect("rate")], burst: NonZeroU32::MIN, adaptive: true };
+    let quotas = Quotas {
+        rate: vec![parse_rate(configured).expect("rate")],
+        burst: NonZeroU32::MIN,
+        adaptive: true,
+        settles: false,
+    };
     let t0 = Instant::now();
     let end = t0 + length;
     let mut pacing = Pacing::new(&quotas, t0);

@@ -593,7 +593,7 @@ impl<W: Waiter> Admission<W> {
 
     /// An input estimate corrected by what this upstream's answers reported.
     pub fn calibrated(&self, input: u64) -> u64 {
-        self.tokens.calibration.apply(input)
+        self.tokens.calibration.reserve(input)
     }
 
     /// Learns from one answer: an uncalibrated input estimate and the input reported.
@@ -601,14 +601,16 @@ impl<W: Waiter> Admission<W> {
         self.tokens.calibration.observe(estimated, reported);
     }
 
-    /// Settles an attempt of `partition` that `reserved` tokens: the
-    /// token quotas are corrected to what it is charged (given back, never
-    /// before `now`, or taken on top). Returns what it is charged.
+    /// Settles an attempt of `partition` granted at `granted` that
+    /// `reserved` tokens: the token quotas are corrected to what it is
+    /// charged (given back as the pacer allows, or taken on top). Returns
+    /// what it is charged.
     pub fn settle_tokens(
         &mut self,
         partition: u64,
         reserved: Reservation,
         settlement: Settlement,
+        granted: Instant,
         now: Instant,
     ) -> Reservation {
         let quotas = self.limits.tokens;
@@ -618,7 +620,7 @@ impl<W: Waiter> Admission<W> {
         if let Some(partition) = self.partitions.get_mut(&partition) {
             for (index, delta) in quotas.corrections(reserved, charged) {
                 if let Some(limit) = partition.limits.get_mut(index) {
-                    limit.adjust(now, delta);
+                    limit.adjust(now, delta, granted);
                 }
             }
         }

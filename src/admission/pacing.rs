@@ -26,11 +26,18 @@ pub struct Quotas {
     pub rate: Vec<config::Rate>,
     pub burst: NonZeroU32,
     pub adaptive: bool,
+    /// Costs are corrected after the fact (token quotas): the pacer keeps ledgers.
+    pub settles: bool,
 }
 
 impl Quotas {
     pub fn of(upstream: &config::Upstream) -> Self {
-        Self { rate: upstream.rate.clone(), burst: upstream.burst, adaptive: upstream.adaptive }
+        Self {
+            rate: upstream.rate.clone(),
+            burst: upstream.burst,
+            adaptive: upstream.adaptive,
+            settles: false,
+        }
     }
 
     /// Window of the quota that paces (shortest interval), for measuring what
@@ -96,7 +103,10 @@ pub struct Pacing {
 
 impl Pacing {
     pub fn new(quotas: &Quotas, now: Instant) -> Self {
-        let pacer = Pacer::new(&quotas.rate, quotas.burst, now);
+        let mut pacer = Pacer::new(&quotas.rate, quotas.burst, now);
+        if quotas.settles {
+            pacer = pacer.settled();
+        }
         Self {
             quotas: quotas.clone(),
             adaptive: quotas.adaptive.then(|| Adaptive::new(pacer.rate_per_second(), quotas.pacing_window())),
@@ -171,10 +181,10 @@ impl Pacing {
         }
     }
 
-    /// Corrects the units the last grants took by `delta`: positive takes
-    /// more, negative gives back (settling an LLM call's tokens).
-    pub fn adjust(&mut self, now: Instant, delta: i64) {
-        self.pacer.adjust(now, delta);
+    /// Corrects the units the grant made at `granted` took by `delta`:
+    /// positive takes more, negative gives back (settling an LLM call's tokens).
+    pub fn adjust(&mut self, now: Instant, delta: i64, granted: Instant) {
+        self.pacer.adjust(now, delta, granted);
     }
 
     pub fn record_grant(&mut self, now: Instant) {
@@ -337,7 +347,7 @@ mod tests {
 
     fn quotas(rates: &[&str]) -> Quotas {
         let rate = rates.iter().map(|r| parse_rate(r).expect("rate")).collect();
-        Quotas { rate, burst: NonZeroU32::MIN, adaptive: false }
+        Quotas { rate, burst: NonZeroU32::MIN, adaptive: false, settles: false }
     }
 
     #[test]

@@ -99,16 +99,18 @@ impl Endpoint {
     pub fn of(limit: &config::Limit) -> Self {
         Self {
             name: limit.name.clone(),
-            quotas: Quotas { rate: limit.rate.clone(), burst: limit.burst, adaptive: false },
+            quotas: Quotas { rate: limit.rate.clone(), burst: limit.burst, adaptive: false, settles: false },
             capacity: capacity(&limit.rate),
         }
     }
 
-    /// A token quota: paced evenly by tokens (burst 1), never adaptive.
+    /// A token quota: paced evenly by tokens (burst 1), never adaptive,
+    /// settled once answers say what was used.
     pub fn tokens(kind: config::TokenKind, rate: &[config::Rate]) -> Self {
+        let burst = std::num::NonZeroU32::MIN;
         Self {
             name: kind.name().to_string(),
-            quotas: Quotas { rate: rate.to_vec(), burst: std::num::NonZeroU32::MIN, adaptive: false },
+            quotas: Quotas { rate: rate.to_vec(), burst, adaptive: false, settles: true },
             capacity: capacity(rate),
         }
     }

@@ -35,6 +35,7 @@ fn limits(rate: &str, burst: u32) -> Limits {
             rate: vec![parse_rate(rate).expect("rate")],
             burst: NonZeroU32::new(burst).expect("burst"),
             adaptive: false,
+            settles: false,
         },
         endpoints: Vec::new(),
         breaker: None,

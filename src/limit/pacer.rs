@@ -39,6 +39,13 @@
 //! schedule back by `cost` intervals. Each quota checks one unit as usual,
 //! then the other `cost - 1` intervals are added to its state cell, so no
 //! window `W` of a quota `N/W` holds more than `N` units plus one request's.
+//!
+//! **Settled costs.** An LLM call's tokens are corrected once its answer
+//! says what it used ([`Pacer::adjust`]). A pacer built [`Pacer::settled`]
+//! keeps a [`Ledger`] of its pacing quota's last window: what is given
+//! back after the schedule moved on becomes credit for the next grants
+//! instead of being lost, and no window ever holds more than `N` units as
+//! settled so far (not `N` plus one request's).
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -52,6 +59,7 @@ use governor::state::{NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
 
+use super::ledger::Ledger;
 use crate::config::Rate;
 
 /// Safety margin added to every quota window, and the most timer lateness the
@@ -114,6 +122,8 @@ pub struct Taken {
     cells: Vec<u64>,
     /// The last grant before this one.
     last_grant: Option<Duration>,
+    /// What this slot wrote in the ledger: (instant in ns, units).
+    recorded: Option<(u64, u64)>,
 }
 
 /// Paces one upstream: every attempt needs a slot from each of its quotas.
@@ -136,10 +146,16 @@ pub struct Pacer {
     intervals: Vec<u64>,
     /// Window of each quota, to tell which old quota a new one takes over.
     windows: Vec<Duration>,
+    /// Count of each quota, for its ledger.
+    counts: Vec<u64>,
     /// Instant presented for the last grant: new quotas continue from it.
     last_grant: Option<Duration>,
     /// Emission interval of the cap's limiter (ns).
     cap_interval: u64,
+    /// Costs are corrected after the fact: the pacing quota keeps a ledger.
+    settles: bool,
+    /// The pacing quota's index and ledger, when `settles`.
+    ledger: Option<(usize, Ledger)>,
 }
 
 impl Pacer {
@@ -157,11 +173,32 @@ impl Pacer {
             cap_cell: TatCell::default(),
             intervals: Vec::new(),
             windows: Vec::new(),
+            counts: Vec::new(),
             last_grant: None,
             cap_interval: 0,
+            settles: false,
+            ledger: None,
         };
         pacer.install(rates, burst, vec![0; rates.len()]);
         pacer
+    }
+
+    /// The same pacer for costs corrected after the fact (see "Settled
+    /// costs" above).
+    pub fn settled(mut self) -> Self {
+        self.settles = true;
+        self.ledger = self.new_ledger();
+        self
+    }
+
+    /// An empty ledger for the pacing quota: its window, margins included
+    /// but not the guard (the ledger counts real instants, not presented
+    /// ones), holds its count.
+    fn new_ledger(&self) -> Option<(usize, Ledger)> {
+        let index = self.pacing_index()?;
+        let count = self.counts[index];
+        let window = self.intervals[index].saturating_mul(count).saturating_sub(nanos(GUARD));
+        Some((index, Ledger::new(count, window)))
     }
 
     /// Paces by `rates` from now on, keeping the schedule (see "New quotas"
@@ -208,7 +245,12 @@ impl Pacer {
         self.limiters = build_limiters(rates, burst, &self.cells, &self.clock);
         self.intervals = paced_quotas(rates, burst).iter().map(|q| nanos(q.interval)).collect();
         self.windows = rates.iter().map(|r| r.per).collect();
+        self.counts = rates.iter().map(|r| u64::from(r.count.get())).collect();
         self.rate_per_second = long_run_rate(rates);
+        // Credit and counts of the old quotas mean nothing to the new ones.
+        if self.settles {
+            self.ledger = self.new_ledger();
+        }
     }
 
     /// Paces at most `cap` requests per second on top of the quotas, evenly
@@ -251,8 +293,9 @@ impl Pacer {
             _ => real,
         };
         self.clock.present(presented);
+        self.spend_credit(nanos(presented));
         let cells = self.all_cells().map(|c| c.0.load(Ordering::Acquire)).collect();
-        let saved = Taken { cells, last_grant: self.last_grant };
+        let mut saved = Taken { cells, last_grant: self.last_grant, recorded: None };
         let mut earliest: Option<Duration> = None;
         for limiter in self.limiters.iter().chain(self.cap.as_ref().map(|(_, l)| l)) {
             if let Err(not_until) = limiter.check() {
@@ -260,11 +303,22 @@ impl Pacer {
                 earliest = Some(earliest.map_or(at, |e| e.max(at)));
             }
         }
+        // The ledger counts real instants: a presented one may be earlier.
+        let real = nanos(real);
+        let cost = u64::from(units.get());
+        if let Some(at) = self.ledger.as_mut().and_then(|(_, ledger)| ledger.next_fit(real, cost)) {
+            let at = Duration::from_nanos(at);
+            earliest = Some(earliest.map_or(at, |e| e.max(at)));
+        }
         match earliest {
             None => {
                 self.promised = None;
                 self.last_grant = Some(presented);
                 self.charge(units.get() - 1);
+                if let Some((_, ledger)) = &mut self.ledger {
+                    ledger.record(real, cost);
+                    saved.recorded = Some((real, cost));
+                }
                 Ok(saved)
             }
             Some(at) => {
@@ -282,13 +336,31 @@ impl Pacer {
             cell.0.store(tat, Ordering::Release);
         }
         self.last_grant = taken.last_grant;
+        if let (Some((at, units)), Some((_, ledger))) = (taken.recorded, &mut self.ledger) {
+            ledger.correct(at, -i64::try_from(units).unwrap_or(i64::MAX));
+        }
     }
 
-    /// Corrects what earlier grants took by `delta` units: a positive delta
-    /// is charged like a cost; a negative one moves every quota's schedule
-    /// back by that many intervals, but never before `now`, so nothing given
-    /// back becomes a burst the quotas do not allow.
-    pub fn adjust(&mut self, now: Instant, delta: i64) {
+    /// Moves the pacing quota's schedule back by its ledger's credit, as
+    /// far as `presented` (see [`Ledger::spend_credit`]).
+    fn spend_credit(&mut self, presented: u64) {
+        let Some((index, ledger)) = &mut self.ledger else { return };
+        let cell = &self.cells[*index].0;
+        let tat = cell.load(Ordering::Acquire);
+        if tat != 0 {
+            cell.store(ledger.spend_credit(tat, presented).max(1), Ordering::Release);
+        }
+    }
+
+    /// Corrects what the grant made at `granted` took by `delta` units: a
+    /// positive delta is charged like a cost; a negative one moves every
+    /// quota's schedule back by that many intervals, but never before `now`,
+    /// so nothing given back becomes a burst the quotas do not allow. A
+    /// settled pacer keeps what could not go back as credit, if that grant
+    /// is still in its ledger's window (see "Settled costs" above).
+    pub fn adjust(&mut self, now: Instant, delta: i64, granted: Instant) {
+        let granted = nanos(granted.saturating_duration_since(self.origin));
+        let in_window = self.ledger.as_mut().is_some_and(|(_, ledger)| ledger.correct(granted, delta));
         let units = u32::try_from(delta.unsigned_abs()).unwrap_or(u32::MAX);
         if delta >= 0 {
             return self.charge(units);
@@ -296,14 +368,19 @@ impl Pacer {
         let now = nanos(now.saturating_duration_since(self.origin));
         let cap = self.cap.as_ref().map(|_| (&self.cap_cell, self.cap_interval));
         let cells = self.cells.iter().zip(self.intervals.iter().copied()).chain(cap);
-        for (cell, interval) in cells {
+        for (index, (cell, interval)) in cells.enumerate() {
             let tat = cell.0.load(Ordering::Acquire);
+            let back = interval.saturating_mul(u64::from(units));
             // 0 is a fresh cell; a schedule already behind now owes nothing.
-            if tat <= now {
-                continue;
+            let moved = if tat > now { back.min(tat - now) } else { 0 };
+            if moved > 0 {
+                cell.0.store((tat - moved).max(1), Ordering::Release);
             }
-            let back = tat.saturating_sub(interval.saturating_mul(u64::from(units)));
-            cell.0.store(back.max(now).max(1), Ordering::Release);
+            if let Some((_, ledger)) = self.ledger.as_mut().filter(|(pacing, _)| *pacing == index)
+                && in_window
+            {
+                ledger.keep_credit(back - moved);
+            }
         }
     }
 

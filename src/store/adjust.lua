@@ -1,7 +1,7 @@
 -- pacegate: correct what earlier attempts took from one quota set, once
 -- their answers said what they used (settling an LLM call's tokens). The
 -- local pacer's `Pacer::adjust` rule for a schedule, on the Redis server's
--- clock: what cannot go back before now is lost.
+-- clock, without its credit: what cannot go back before now is lost.
 --
 -- KEYS[1]  hash: one field per quota = its theoretical arrival time (µs)
 -- ARGV[1]  units: positive takes more, negative gives back

@@ -96,25 +96,27 @@ impl Dispatcher {
         self.shared().lock().calibrated(input)
     }
 
-    /// Settles one attempt's token reservation (see `admission::tokens`):
-    /// the token quotas of `partition` are corrected to what it is charged,
-    /// which is counted, and an `estimated` input (uncalibrated, counted by
-    /// a tokenizer) learns from the usage reported. With `[redis]` the
-    /// shared schedule is corrected alike, for every replica. Tokens given
-    /// back may let a waiter leave sooner, so the driver looks again.
+    /// Settles the token reservation of an attempt granted at `granted`
+    /// (see `admission::tokens`): the token quotas of `partition` are
+    /// corrected to what it is charged, which is counted, and an
+    /// `estimated` input (uncalibrated, counted by a tokenizer) learns from
+    /// the usage reported. With `[redis]` the shared schedule is corrected
+    /// alike, for every replica. Tokens given back may let a waiter leave
+    /// sooner, so the driver looks again.
     pub fn settle_tokens(
         &self,
         partition: u64,
         reserved: Reservation,
         settlement: Settlement,
         estimated: Option<u64>,
+        granted: Instant,
     ) {
         let shared = self.shared();
         let (charged, quotas) = shared.change(|core| {
             if let (Settlement::Used(usage), Some(estimated)) = (settlement, estimated) {
                 core.calibrate(estimated, usage.input);
             }
-            let charged = core.settle_tokens(partition, reserved, settlement, Instant::now());
+            let charged = core.settle_tokens(partition, reserved, settlement, granted, Instant::now());
             (charged, core.limits().tokens)
         });
         // With `[redis]` the driver corrects the shared schedule before it asks again.
@@ -285,7 +287,7 @@ impl Dispatcher {
         let now = Instant::now();
         if core.try_leave(place, &needs, now) {
             drop(core);
-            return Either::Left(future::ready(Ok(Ticket::new(shared))));
+            return Either::Left(future::ready(Ok(Ticket::new(shared, now))));
         }
         // Its costs queued ahead may already say it cannot leave in time.
         if let Some(refusal) = core.hopeless(place, &needs, deadline, now).filter(|_| !retry) {

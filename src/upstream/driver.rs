@@ -117,14 +117,14 @@ fn next_step(
 ) -> Step {
     loop {
         match core.next(now, up == Some(true)) {
-            Next::Grant(tickets) => shared.hand(core, tickets),
+            Next::Grant(tickets) => shared.hand(core, tickets, now),
             Next::Confirm(confirm) => match &limiter {
                 Some(limiter) => return Step::Ask(confirm, limiter.clone()),
                 // Only asked for with a limiter in hand; kept local if not.
                 None => {
                     let wanted = confirm.wanted();
                     for tickets in core.settle(confirm, Verdict::Go(wanted), now) {
-                        shared.hand(core, tickets);
+                        shared.hand(core, tickets, now);
                     }
                 }
             },
@@ -158,7 +158,7 @@ async fn ask(shared: &Arc<Shared>, confirm: Confirm, limiter: &Limiter) {
             }
         };
         for tickets in core.settle(confirm, verdict, now) {
-            shared.hand(core, tickets);
+            shared.hand(core, tickets, now);
         }
         // Another replica's breaker opened: who cannot wait is told now.
         if let Verdict::Open(open_for) = verdict {

@@ -159,7 +159,8 @@ impl Upstream {
         loop {
             let sent_at = Instant::now();
             // Every attempt holds its own token reservation, taken with its ticket.
-            let mut reserved = priced.map(|p| Reserved::new(&self.dispatcher, place.partition, p));
+            let granted = ticket.granted;
+            let mut reserved = priced.map(|p| Reserved::new(&self.dispatcher, place.partition, p, granted));
             let attempt_body = body.for_attempt().unwrap_or_else(body::empty);
             let send = client.send(outbound_request(head, attempt_body), self.config.timeout);
             // Shutting down, an attempt still without an answer near the end

@@ -21,11 +21,13 @@ pub struct Ticket {
     shared: Option<Arc<Shared>>,
     /// How long this attempt waited in the queue.
     pub waited: Duration,
+    /// When it was granted: its token reservation's place in the quotas' ledgers.
+    pub granted: Instant,
 }
 
 impl Ticket {
-    pub(super) fn new(shared: &Arc<Shared>) -> Self {
-        Self { shared: Some(shared.clone()), waited: Duration::ZERO }
+    pub(super) fn new(shared: &Arc<Shared>, granted: Instant) -> Self {
+        Self { shared: Some(shared.clone()), waited: Duration::ZERO, granted }
     }
 
     pub(super) fn waited_since(mut self, since: Instant) -> Self {
@@ -147,8 +149,9 @@ impl Shared {
 
     /// Hands a ticket to `tickets`, under the lock so that a caller leaving
     /// at the same moment is counted out exactly once.
-    pub fn hand(self: &Arc<Self>, core: &mut Core, tickets: Tickets) {
-        if let Err(Ok(ticket)) = tickets.send(Ok(Ticket::new(self))) {
+    /// `now` is the instant the core granted it at.
+    pub fn hand(self: &Arc<Self>, core: &mut Core, tickets: Tickets, now: Instant) {
+        if let Err(Ok(ticket)) = tickets.send(Ok(Ticket::new(self, now))) {
             ticket.unused(core);
         }
     }

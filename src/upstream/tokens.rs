@@ -19,6 +19,7 @@ use bytes::Bytes;
 use http::Response;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::Instant;
 
 use super::dispatcher::Dispatcher;
 use super::shared::Ticket;
@@ -177,13 +178,15 @@ pub struct Reserved {
     dispatcher: Dispatcher,
     partition: u64,
     priced: Priced,
+    /// When its ticket was granted (see `Ticket::granted`).
+    granted: Instant,
     /// Settled already: dropping it does nothing more.
     settled: bool,
 }
 
 impl Reserved {
-    pub fn new(dispatcher: &Dispatcher, partition: u64, priced: Priced) -> Self {
-        Self { dispatcher: dispatcher.clone(), partition, priced, settled: false }
+    pub fn new(dispatcher: &Dispatcher, partition: u64, priced: Priced, granted: Instant) -> Self {
+        Self { dispatcher: dispatcher.clone(), partition, priced, granted, settled: false }
     }
 
     pub fn settle(mut self, settlement: Settlement) {
@@ -195,7 +198,7 @@ impl Reserved {
             return;
         }
         let Priced { reservation, counted_input } = self.priced;
-        self.dispatcher.settle_tokens(self.partition, reservation, settlement, counted_input);
+        self.dispatcher.settle_tokens(self.partition, reservation, settlement, counted_input, self.granted);
     }
 }
 

@@ -12,7 +12,7 @@ fn with_endpoints(endpoints: &[(&str, &str)]) -> Limits {
             Endpoint {
                 name: (*name).to_string(),
                 capacity: rate.count.get(),
-                quotas: Quotas { rate: vec![rate], burst: NonZeroU32::MIN, adaptive: false },
+                quotas: Quotas { rate: vec![rate], burst: NonZeroU32::MIN, adaptive: false, settles: false },
             }
         })
         .collect();

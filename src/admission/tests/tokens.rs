@@ -24,7 +24,7 @@ fn next_after(accounting: TokenAccounting, settlement: Settlement) -> u64 {
     b.core.release();
     let small = Needs::new(b.core.limits().tokens.needs(Reservation { input: 100, output: 0 }));
     b.core.enqueue(caller(1), Place::default(), small, (false, None), b.t0).expect("queued");
-    b.core.settle_tokens(SINGLE, reserved, settlement, b.t0);
+    b.core.settle_tokens(SINGLE, reserved, settlement, b.t0, b.t0);
     let mut now = b.t0;
     for _ in 0..10 {
         match b.core.next(now, false) {
