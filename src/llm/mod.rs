@@ -30,7 +30,7 @@
 //! };
 //! // 2. The buffered body: reserve calibrated input plus the output cap.
 //! let estimate = llm::estimate(endpoint, body, 4096);
-//! let reserved_input = calibration.apply(estimate.input);
+//! let reserved_input = calibration.reserve(estimate.input);
 //! assert_eq!(estimate.output, 50);
 //! // 3. The answer's head: resynchronise the token quotas.
 //! let hints = llm::token_hints(&HeaderMap::new(), SystemTime::now());
