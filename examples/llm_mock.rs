@@ -6,7 +6,7 @@
 //!     --output-len 200 --latency-ms 50 --stream-chunks 16/10
 //! ```
 //! Prints `listening ADDR` once bound. On SIGINT or SIGTERM it prints one
-//! JSON line `{"addr","count","arrivals_ms","statuses","charged","streams",
+//! JSON line `{"addr","count","arrivals_ms","statuses","charged","requested","streams",
 //! "tokens_charged","max_tokens_in_window"}` (`charged[i]`: the tokens
 //! arrival `i` was charged, 0 for a 429; `max_tokens_in_window`: over the
 //! `--token-limit` window, null without one) and exits.
@@ -84,6 +84,7 @@ async fn main() {
         "arrivals_ms": process::millis_since(started, arrivals.iter().map(|a| a.at)),
         "statuses": arrivals.iter().map(|a| a.status).collect::<Vec<_>>(),
         "charged": arrivals.iter().map(LlmArrival::charged).collect::<Vec<_>>(),
+        "requested": arrivals.iter().map(|a| a.prompt_tokens + a.completion_tokens).collect::<Vec<_>>(),
         "streams": arrivals.iter().map(|a| a.stream).collect::<Vec<_>>(),
         "tokens_charged": mock.tokens_charged(),
         "max_tokens_in_window": window.map(|w| mock.max_tokens_in_window(w)),
