@@ -93,6 +93,7 @@
 //!           dispatcher
 //!           driver
 //!           client shared
+//!           pool
 //!           guard
 //! ```
 //!
