@@ -96,6 +96,7 @@
 //!           dispatcher
 //!           driver
 //!           client shared
+//!           pool
 //!           guard
 //! ```
 //!

@@ -559,6 +559,85 @@ async fn ca_file_is_trusted_for_its_upstream_only() {
     assert_eq!(response.status(), 502);
 }
 
+/// An h2 server for `localhost` signed by the CA in `ca_dir`: answers each
+/// request with its version, its `:authority` and its `host` header, and
+/// counts the connections it accepted.
+async fn private_h2_server(ca_dir: &Path) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let mitm = pacegate::config::Mitm {
+        enabled: true,
+        ca_cert: ca_dir.join("ca.pem"),
+        ca_key: ca_dir.join("ca-key.pem"),
+    };
+    let interceptor = pacegate::tls::Interceptor::load(&mitm).unwrap();
+    let mut config = (*interceptor.server_config("localhost").unwrap()).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let accepted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else { return };
+                let service = service_fn(|request: http::Request<hyper::body::Incoming>| async move {
+                    let text = format!(
+                        "{:?} {} {:?}",
+                        request.version(),
+                        request.uri().authority().map_or("-", |a| a.as_str()),
+                        request.headers().get("host"),
+                    );
+                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from(text),
+                    )))
+                });
+                let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// An https upstream that offers h2: its requests share one connection,
+/// carry the authority in `:authority` and get no `Host` header.
+#[tokio::test]
+async fn h2_upstreams_share_one_connection_without_host() {
+    let (ca_dir, _pem) = new_ca();
+    let (server, connections) = private_h2_server(ca_dir.path()).await;
+    let ca_file = ca_dir.path().join("ca.pem");
+    let config = support::upstream(
+        "h2",
+        &format!("https://localhost:{}", server.port()),
+        &format!("rate = \"1000/s\"\nca_file = \"{}\"", ca_file.display()),
+    );
+    // One worker, one pool: every request below uses the same one.
+    let pg =
+        Pacegate::start_config(&format!("{}\n{config}", TEST_SERVER.replace("workers = 2", "workers = 1")))
+            .await;
+    let client = support::client();
+    // One request opens the connection; the next ones, some at once, share it.
+    let first = client.get(pg.url("/h2/x")).timeout(WAIT).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let expected = format!("HTTP/2.0 localhost:{} None", server.port());
+    assert_eq!(first.text().await.unwrap(), expected);
+    let answers = futures_util::future::join_all(
+        (0..8)
+            .map(|_| async { client.get(pg.url("/h2/y")).timeout(WAIT).send().await.unwrap().text().await }),
+    )
+    .await;
+    for answer in answers {
+        assert_eq!(answer.unwrap(), expected);
+    }
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1, "one shared h2 connection");
+}
+
 /// Runs the pacegate binary with `args`; bounded.
 fn run_binary(args: &[&str]) -> std::process::Output {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pacegate"))

@@ -1,7 +1,8 @@
 //! The pooled upstream client: keep-alive HTTP/1.1 and h2 over rustls.
 //!
 //! Each worker thread ([`crate::workers`]) has its own pool, so a
-//! request and the upstream connection it uses stay on one thread.
+//! request and the upstream connection it uses stay on one thread; the
+//! pool itself (`super::pool`) is built on `hyper::client::conn`.
 //!
 //! TLS verification is always on (webpki roots, plus an upstream's own
 //! `ca_file` for private APIs). Pass-through traffic gets a client whose DNS
@@ -13,41 +14,23 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
 use super::guard::Resolver;
+use super::pool::Pool;
+pub use super::pool::SendError;
 use crate::body::ProxyBody;
 use crate::workers;
-
-/// How long an idle pooled connection is kept for reuse.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// Why one attempt got no response head.
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    /// Nothing was sent: DNS, TCP connect or TLS handshake failed.
-    #[error("connect failed: {0}")]
-    Connect(String),
-    /// No response head within the attempt's timeout.
-    #[error("no response within {0:?}")]
-    Timeout(Duration),
-    /// The connection broke after (part of) the request may have been sent.
-    #[error("connection broken: {0}")]
-    Broken(String),
-}
 
 /// Sends requests upstream over pooled connections.
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
     /// One per worker thread, by [`workers::current`].
-    pools: Arc<[Client<HttpsConnector<HttpConnector<Resolver>>, ProxyBody>]>,
+    pools: Arc<[Arc<Pool>]>,
 }
 
 /// Why an upstream's `ca_file` cannot be used.
@@ -90,10 +73,9 @@ impl UpstreamClient {
     fn build(roots: RootCertStore, resolver: Resolver, workers: usize) -> Self {
         let tls =
             Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth());
-        // Each worker's pool gets its own connector, TLS config and builder
-        // (timers, executor): the client clones them on every request, and
-        // reference counts shared by two threads bounce a cache line between
-        // their cores on each of those clones.
+        // Each worker's pool gets its own connector and TLS config: it
+        // clones them for each connection, and reference counts shared by
+        // two threads bounce a cache line between their cores.
         let pool = |_| {
             let mut http = HttpConnector::new_with_resolver(resolver);
             http.enforce_http(false);
@@ -105,14 +87,7 @@ impl UpstreamClient {
                 .enable_http1()
                 .enable_http2()
                 .wrap_connector(http);
-            Client::builder(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-                // One buffer, one write per request, as on the server side
-                // (see `server::Shared::new`).
-                .http1_writev(false)
-                .build(https)
+            Arc::new(Pool::new(https))
         };
         Self { pools: (0..workers.max(1)).map(pool).collect() }
     }
@@ -125,11 +100,9 @@ impl UpstreamClient {
     ) -> Result<Response<Incoming>, SendError> {
         // A reload may change `workers` before a restart applies it.
         let pool = &self.pools[workers::current() % self.pools.len()];
-        match tokio::time::timeout(timeout, pool.request(request)).await {
+        match tokio::time::timeout(timeout, pool.send(request)).await {
             Err(_) => Err(SendError::Timeout(timeout)),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) if e.is_connect() => Err(SendError::Connect(error_chain(&e))),
-            Ok(Err(e)) => Err(SendError::Broken(error_chain(&e))),
+            Ok(result) => result,
         }
     }
 }
@@ -139,14 +112,79 @@ fn webpki_roots() -> RootCertStore {
     RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() }
 }
 
-/// The error and its causes on one line, for logs and error bodies.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener};
+    use std::sync::mpsc;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    /// Answers one request per connection, keep-alive, then closes the
+    /// first connection when told to; counts the connections.
+    fn closing_upstream() -> (SocketAddr, mpsc::Sender<()>, mpsc::Receiver<usize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (close, closes) = mpsc::channel::<()>();
+        let (closed, accepted) = mpsc::channel();
+        std::thread::spawn(move || {
+            for (count, stream) in listener.incoming().enumerate() {
+                let Ok(mut stream) = stream else { return };
+                let mut head = Vec::new();
+                let mut byte = [0; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+                    head.push(byte[0]);
+                }
+                let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\nok";
+                let _ = stream.write_all(answer.as_bytes());
+                // Held until told, or until the test ends.
+                let _ = closes.recv();
+                drop(stream);
+                let _ = closed.send(count + 1);
+            }
+        });
+        (addr, close, accepted)
     }
-    text
+
+    fn get(addr: SocketAddr) -> Request<ProxyBody> {
+        let mut request = Request::new(crate::body::empty());
+        *request.uri_mut() = format!("http://{addr}/").parse().expect("uri");
+        request
+    }
+
+    /// The keep-alive race: the upstream closes an idle connection just as
+    /// a request is handed to it. The closing is noticed before the request
+    /// is written, hyper hands the request back, and it goes on a new
+    /// connection instead of failing (the legacy client's
+    /// `retry_canceled_requests`).
+    #[tokio::test]
+    async fn a_request_handed_back_by_a_closed_pooled_connection_goes_on_a_new_one() {
+        let (addr, close, closed) = closing_upstream();
+        let client = UpstreamClient::new(1);
+        let first = client.send(get(addr), Duration::from_secs(5)).await.expect("first answer");
+        assert_eq!(first.into_body().collect().await.expect("body").to_bytes(), "ok");
+        // Lets the connection go back to the pool, ready for the next request.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        // While this runtime's thread is blocked, nothing runs: the trigger
+        // becomes readable, then the upstream's FIN arrives. One poll of the
+        // driver sees both; this test's future runs first and hands its
+        // request to the pooled connection, whose task then reads the FIN
+        // before it writes anything.
+        let (trigger, mut pull) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        trigger.set_nonblocking(true).expect("non-blocking");
+        let trigger = tokio::net::UnixStream::from_std(trigger).expect("trigger");
+        pull.write_all(b"x").expect("trigger");
+        close.send(()).expect("upstream alive");
+        assert_eq!(closed.recv().expect("closed"), 1);
+        std::thread::sleep(Duration::from_millis(20));
+        trigger.readable().await.expect("readable");
+
+        let second = client.send(get(addr), Duration::from_secs(5)).await.expect("second answer");
+        assert_eq!(second.status(), 200);
+        drop(close);
+        assert_eq!(closed.recv_timeout(Duration::from_secs(5)), Ok(2), "a second connection");
+    }
 }

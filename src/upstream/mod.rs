@@ -9,6 +9,7 @@ pub mod dispatcher;
 mod driver;
 mod exchange;
 pub mod guard;
+mod pool;
 mod shared;
 mod tokens;
 
