@@ -23,7 +23,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -91,12 +90,10 @@ struct Origin {
     http2: Option<(http2::SendRequest<ProxyBody>, Instant)>,
 }
 
-/// FNV-1a: `Authority` hashes itself one byte at a time, which SipHash does
-/// slowly. The keys are origins this worker already connected to: base_urls
-/// from the config and the pass-through hosts callers asked for.
-struct Fnv(u64);
-
-type Origins = HashMap<Authority, Origin, BuildHasherDefault<Fnv>>;
+/// Origins by authority, hashed with foldhash: `Authority` hashes itself
+/// one byte at a time, which the default SipHash does slowly. Its seed is
+/// random per map, as SipHash's is: pass-through hosts are chosen by callers.
+type Origins = HashMap<Authority, Origin, foldhash::fast::RandomState>;
 
 /// The idle connections, by scheme then authority.
 #[derive(Default)]
@@ -432,24 +429,4 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-// === impl Fnv ===
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
 }
