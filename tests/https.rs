@@ -498,9 +498,9 @@ async fn proxy_auth_is_required_everywhere() {
     assert_eq!(&buf, b"ok");
 }
 
-/// A one-answer-per-connection HTTPS server on loopback whose certificate for
-/// `localhost` is signed by the CA in `ca_dir` (not a public root).
-async fn private_tls_server(ca_dir: &Path) -> SocketAddr {
+/// A TLS acceptor for `localhost`, its certificate signed by the CA in
+/// `ca_dir` (not a public root), offering one ALPN protocol.
+fn localhost_acceptor(ca_dir: &Path, alpn: &[u8]) -> tokio_rustls::TlsAcceptor {
     let mitm = pacegate::config::Mitm {
         enabled: true,
         ca_cert: ca_dir.join("ca.pem"),
@@ -508,8 +508,14 @@ async fn private_tls_server(ca_dir: &Path) -> SocketAddr {
     };
     let interceptor = pacegate::tls::Interceptor::load(&mitm).unwrap();
     let mut config = (*interceptor.server_config("localhost").unwrap()).clone();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    config.alpn_protocols = vec![alpn.to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// A one-answer-per-connection HTTPS server on loopback whose certificate for
+/// `localhost` is signed by the CA in `ca_dir` (not a public root).
+async fn private_tls_server(ca_dir: &Path) -> SocketAddr {
+    let acceptor = localhost_acceptor(ca_dir, b"http/1.1");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -567,15 +573,7 @@ async fn private_h2_server(ca_dir: &Path) -> (SocketAddr, Arc<std::sync::atomic:
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    let mitm = pacegate::config::Mitm {
-        enabled: true,
-        ca_cert: ca_dir.join("ca.pem"),
-        ca_key: ca_dir.join("ca-key.pem"),
-    };
-    let interceptor = pacegate::tls::Interceptor::load(&mitm).unwrap();
-    let mut config = (*interceptor.server_config("localhost").unwrap()).clone();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = localhost_acceptor(ca_dir, b"h2");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));

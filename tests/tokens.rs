@@ -78,41 +78,61 @@ async fn settled(pacegate: &Pacegate) -> Value {
     tokens_status(&pacegate.status().await)
 }
 
+/// The mock with a strict sliding second of `limit` tokens, answers of 40
+/// tokens, streamed in events of 8 tokens 5 ms apart.
+async fn strict_second(limit: u64) -> LlmMock {
+    let second = Duration::from_secs(1);
+    let behaviour = LlmBehaviour::new()
+        .token_limit(limit, second)
+        .output_len(40)
+        .stream_chunks(8, Duration::from_millis(5));
+    LlmMock::start(behaviour).await
+}
+
+/// Sends every `(path, body)` through `pacegate` at once; each answer's
+/// status and whole body, in the order of `calls`.
+async fn send_all(
+    pacegate: &Pacegate,
+    calls: impl Iterator<Item = (&'static str, Value)>,
+) -> Vec<(u16, String)> {
+    let mut sent = JoinSet::new();
+    for (i, (path, body)) in calls.enumerate() {
+        let url = pacegate.url(&format!("/llm{path}"));
+        sent.spawn(async move {
+            let response = client().post(url).json(&body).timeout(PATIENCE).send().await.expect("answer");
+            (i, response.status().as_u16(), response.text().await.expect("whole body"))
+        });
+    }
+    let mut answers = Vec::new();
+    while let Some(answer) = sent.join_next().await {
+        answers.push(answer.expect("call"));
+    }
+    answers.sort_by_key(|(i, _, _)| *i);
+    answers.into_iter().map(|(_, status, text)| (status, text)).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_calls_keep_inside_a_strict_token_window() {
     // pacegate paces at 2000 tokens/s; the mock allows 2300 in any sliding
     // second: a post-paid quota lets one request's cost past N in a window.
     let window = Duration::from_secs(1);
-    let behaviour = LlmBehaviour::new()
-        .token_limit(2300, window)
-        .output_len(40)
-        .stream_chunks(8, Duration::from_millis(5));
-    let mock = LlmMock::start(behaviour).await;
+    let mock = strict_second(2300).await;
     let pacegate = pacegate(&mock, "tokens = \"2000/s\"\ndefault_max_tokens = 256\n").await;
 
-    let mut calls = JoinSet::new();
     let started = Instant::now();
-    for i in 0..60usize {
+    let calls = (0..60usize).map(|i| {
         let prompt = prose(10 + i * 37 % 150);
         let max_tokens = [Some(16), Some(64), Some(200), None][i % 4];
         let stream = i % 2 == 0;
-        let (path, body) = if i % 3 == 0 {
+        if i % 3 == 0 {
             ("/v1/messages", message(&prompt, max_tokens.unwrap_or(100), stream))
         } else {
             ("/v1/chat/completions", chat(&prompt, max_tokens, stream))
-        };
-        let url = pacegate.url(&format!("/llm{path}"));
-        calls.spawn(async move {
-            let response = client().post(url).json(&body).timeout(PATIENCE).send().await.expect("answer");
-            let status = response.status().as_u16();
-            let text = response.text().await.expect("whole body");
-            (status, stream, text)
-        });
-    }
-    while let Some(call) = calls.join_next().await {
-        let (status, stream, text) = call.expect("call");
+        }
+    });
+    for (i, (status, text)) in send_all(&pacegate, calls).await.into_iter().enumerate() {
         assert_eq!(status, 200, "{text}");
-        if stream {
+        if i % 2 == 0 {
             assert!(
                 text.ends_with("data: [DONE]\n\n") || text.contains("message_stop"),
                 "whole stream: {text}"
@@ -171,27 +191,14 @@ async fn a_token_quota_at_the_providers_exact_limit_draws_no_429() {
     // Even spacing alone lets a window hold 2000 tokens plus one call's:
     // against a strict sliding second of 2000 that is a 429 in many
     // windows. The quota's ledger keeps every window within 2000.
-    let window = Duration::from_secs(1);
-    let behaviour = LlmBehaviour::new()
-        .token_limit(2000, window)
-        .output_len(40)
-        .stream_chunks(8, Duration::from_millis(5));
-    let mock = LlmMock::start(behaviour).await;
+    let mock = strict_second(2000).await;
     let pacegate = pacegate(&mock, "tokens = \"2000/s\"\n").await;
-    let mut calls = JoinSet::new();
     let started = Instant::now();
-    for i in 0..40usize {
-        // Anthropic calls: their character estimate is never below the
-        // mock's count, so no answer reports more than was reserved.
-        let body = message(&prose(20 + i * 53 % 250), [16, 64, 128][i % 3], i % 2 == 0);
-        let url = pacegate.url("/llm/v1/messages");
-        calls.spawn(async move {
-            let response = client().post(url).json(&body).timeout(PATIENCE).send().await.expect("answer");
-            (response.status().as_u16(), response.text().await.expect("whole body"))
-        });
-    }
-    while let Some(call) = calls.join_next().await {
-        let (status, text) = call.expect("call");
+    // Anthropic calls: their character estimate is never below the mock's
+    // count, so no answer reports more than was reserved.
+    let calls = (0..40usize)
+        .map(|i| ("/v1/messages", message(&prose(20 + i * 53 % 250), [16, 64, 128][i % 3], i % 2 == 0)));
+    for (status, text) in send_all(&pacegate, calls).await {
         assert_eq!(status, 200, "{text}");
     }
     let elapsed = started.elapsed();
