@@ -143,10 +143,14 @@ async fn mixed_calls_keep_inside_a_strict_token_window() {
     let rate_limited = mock.count_status(429);
     assert!(rate_limited <= 3, "{rate_limited} calls met the mock's 429");
     assert!(mock.max_tokens_in_window(window) <= 2300);
-    // Settled usage, not reservations, paces: ~2000 tokens a second.
+    // No stall: the whole mix within three times what its tokens take at
+    // 2000 a second, plus 3 s. Unloaded it takes 1.9 times; with two other
+    // processes busy on both cores and another test beside it, up to 2.8
+    // (2x + 2 s failed there, with and without the window's ledger). That
+    // settled usage paces, not reservations, `follow_up_wait` measures.
     let charged = mock.tokens_charged();
     let ideal = charged as f64 / 2000.0;
-    assert!(elapsed.as_secs_f64() < 2.0 * ideal + 2.0, "{charged} tokens took {elapsed:?}");
+    assert!(elapsed.as_secs_f64() < 3.0 * ideal + 3.0, "{charged} tokens took {elapsed:?}");
 
     let tokens = settled(&pacegate).await;
     assert!(tokens["calibration"]["samples"].as_u64().is_some_and(|n| n > 0), "{tokens}");
