@@ -153,22 +153,15 @@ impl Upstream {
     }
 }
 
-/// The `Host` the pooled client would derive from base_url's URI on an
-/// HTTP/1 connection (host, and the port unless the scheme's default),
+/// The `Host` the pool would derive from base_url on an HTTP/1 connection,
 /// built once instead of formatted on every request. Only for `http`: a
 /// plain connection is always HTTP/1, where an `https` one may negotiate h2,
 /// which carries the authority in `:authority` and gets no `Host` from the
-/// client; those keep the client's own.
+/// pool; those keep the pool's own.
 fn host_header(base: &config::BaseUrl) -> Option<HeaderValue> {
-    if base.scheme != http::uri::Scheme::HTTP {
-        return None;
-    }
-    let authority = &base.authority;
-    let value = match authority.port() {
-        Some(port) if port.as_u16() != 80 => format!("{}:{port}", authority.host()),
-        _ => authority.host().to_string(),
-    };
-    HeaderValue::from_str(&value).ok()
+    (base.scheme == http::uri::Scheme::HTTP)
+        .then(|| pool::host_header(&base.scheme, &base.authority))
+        .flatten()
 }
 
 /// Hashes a partition key the same way on every replica, because with

@@ -391,7 +391,8 @@ fn for_http1(request: &mut Request<ProxyBody>) -> Result<(), SendError> {
         return Err(SendError::Broken("an HTTP/2 request on an HTTP/1 connection".into()));
     }
     if !request.headers().contains_key(HOST)
-        && let Some(host) = host_of(request.uri())
+        && let (Some(scheme), Some(authority)) = (request.uri().scheme(), request.uri().authority())
+        && let Some(host) = host_header(scheme, authority)
     {
         request.headers_mut().insert(HOST, host);
     }
@@ -409,18 +410,19 @@ fn for_http1(request: &mut Request<ProxyBody>) -> Result<(), SendError> {
     Ok(())
 }
 
-/// `host[:port]`, the port left out when it is the scheme's default.
-fn host_of(uri: &Uri) -> Option<HeaderValue> {
-    let host = uri.host()?;
-    let default = if uri.scheme() == Some(&Scheme::HTTPS) { 443 } else { 80 };
-    match uri.port_u16() {
+/// The `Host` of an HTTP/1.1 request to `authority`: `host[:port]`, the
+/// port left out when it is the scheme's default.
+pub fn host_header(scheme: &Scheme, authority: &Authority) -> Option<HeaderValue> {
+    let host = authority.host();
+    let default = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+    match authority.port_u16() {
         Some(port) if port != default => HeaderValue::from_str(&format!("{host}:{port}")).ok(),
         _ => HeaderValue::from_str(host).ok(),
     }
 }
 
 /// The error and its causes on one line, for logs and error bodies.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
+fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
