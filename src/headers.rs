@@ -17,8 +17,13 @@ use http::{HeaderMap, HeaderValue};
 /// of a `const` array cost a thousand instructions per request once the
 /// compiler stopped inlining it (callgrind, see BENCHMARKS.md).
 fn is_hop_by_hop(name: &HeaderName) -> bool {
+    is_fixed(name.as_str())
+}
+
+/// Whether `name`, in lower case, is one of the fixed names.
+fn is_fixed(name: &str) -> bool {
     matches!(
-        name.as_str(),
+        name,
         "connection"
             | "proxy-authenticate"
             | "proxy-authorization"
@@ -59,9 +64,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         let first = values.next();
         let rest: Vec<HeaderValue> = values.collect();
         let listed = first.iter().chain(&rest).filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
-        for name in listed {
-            // A name that is not a valid header name matches nothing.
-            headers.remove(name.trim());
+        for name in listed.map(str::trim) {
+            // "keep-alive" and the like go below with the other fixed names
+            // anyway: removing each here too cost a parse and a hash (a
+            // name in upper case is still removed here). A name that is
+            // not a valid header name matches nothing.
+            if !is_fixed(name) {
+                headers.remove(name);
+            }
         }
     }
     while let Some(name) = headers.keys().find(|name| is_hop_by_hop(name)).cloned() {
@@ -93,6 +103,19 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key(header::AUTHORIZATION));
+    }
+
+    #[test]
+    fn listed_names_go_in_any_case_even_when_fixed_too() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive, close, upgrade, X-Trace"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("close", HeaderValue::from_static("a header named as the option"));
+        headers.insert("upgrade", HeaderValue::from_static("websocket"));
+        headers.insert("x-trace", HeaderValue::from_static("1"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), [header::CONTENT_LENGTH]);
     }
 
     #[test]

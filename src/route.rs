@@ -229,13 +229,13 @@ fn strip_route<'a>(path_and_query: &'a str, route: &str) -> Option<&'a str> {
 /// Built in one buffer that the URI then owns, since every request pays
 /// for it (no formatting, no copy into the URI).
 pub fn join(base: &BaseUrl, rest: &str) -> Result<Uri, ProxyError> {
-    let mut path_and_query = String::with_capacity(base.path.len() + rest.len() + 1);
     // "/github?q" keeps base_url's path as is: "/v1?q", not "/v1/?q".
-    if base.path.is_empty() && (rest.is_empty() || rest.starts_with('?')) {
-        path_and_query.push('/');
-    } else {
-        path_and_query.push_str(&base.path);
-    }
+    let path =
+        if base.path.is_empty() && (rest.is_empty() || rest.starts_with('?')) { "/" } else { &base.path };
+    // Exactly as long as it needs: `Bytes` takes a full buffer as it is,
+    // where spare capacity costs it an allocation of its own.
+    let mut path_and_query = String::with_capacity(path.len() + rest.len());
+    path_and_query.push_str(path);
     path_and_query.push_str(rest);
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(base.scheme.clone());

@@ -67,6 +67,11 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 
 /// The upstream's remaining quota and reset time, when it reports both.
 pub fn rate_limit(headers: &HeaderMap, now: SystemTime) -> Option<RateLimitHint> {
+    // Every answer is asked, and most report no quota: one pass over their
+    // few names is cheaper than hashing the three that each scheme needs.
+    if !headers.keys().any(|name| name.as_str().contains("ratelimit-remaining")) {
+        return None;
+    }
     github(headers, now).or_else(|| ietf_draft(headers)).or_else(|| openai(headers))
 }
 

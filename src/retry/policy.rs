@@ -13,12 +13,13 @@
 //! Counting attempts (`max_attempts`), the budget and `max_retry_after` are the
 //! caller's business: this module answers one question and stays pure.
 
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, HeaderName, Method, StatusCode};
 
 use crate::config::Retry;
 
 /// Request header that makes a non-idempotent request safe to replay.
-pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// A `HeaderName`, not a `&str`: a lookup by `&str` parses the name first.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// How one attempt ended, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

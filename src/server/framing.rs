@@ -121,10 +121,14 @@ impl Framing {
         let take = (PREFACE.len() - self.held.len()).min(input.len());
         self.held.extend_from_slice(&input[..take]);
         if !PREFACE.starts_with(&self.held) {
-            // HTTP/1: the sniffed bytes start a head (the state is no longer
-            // Sniff, so this recursion is one level deep).
+            // HTTP/1: the sniffed bytes start a head.
             self.state = State::Head;
-            let sniffed = self.held.split();
+            let sniffed = std::mem::take(&mut self.held);
+            if sniffed.len() == take {
+                // All of them are in `input`: read it again, as a head.
+                return Ok(0);
+            }
+            // The state is no longer Sniff, so this recursion is one level deep.
             self.push(&sniffed, out)?;
         } else if self.held.len() == PREFACE.len() {
             out.extend_from_slice(&self.held.split());
@@ -161,11 +165,18 @@ impl Framing {
         if end > room {
             return Err(self.refuse_too_large(&rest[..room]));
         }
-        self.held.extend_from_slice(&rest[..end]);
-        let head = self.held.split();
-        match head::check(&head) {
+        let checked = if self.held.is_empty() {
+            // The whole head came in one read, as nearly every head does:
+            // checked where it is, copied once.
+            let head = &rest[..end];
+            head::check(head).inspect(|_| out.extend_from_slice(head))
+        } else {
+            self.held.extend_from_slice(&rest[..end]);
+            let head = std::mem::take(&mut self.held);
+            head::check(&head).inspect(|_| out.extend_from_slice(&head))
+        };
+        match checked {
             Ok(body) => {
-                out.extend_from_slice(&head);
                 self.state = match body {
                     Body::Empty => State::Head,
                     Body::Length(n) => State::Body(n),

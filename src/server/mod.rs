@@ -174,7 +174,10 @@ impl Shared {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(None)
-            .max_headers(head::MAX_HEADERS)
+            // No `max_headers`: `guard` refuses more than `head::MAX_HEADERS`
+            // (hyper's default, 100) first, and setting it makes hyper fill
+            // two 100-slot arrays per request instead of leaving them
+            // uninitialised (about 1 700 instructions, BENCHMARKS.md).
             .max_buf_size(max_buf)
             // One buffer and one plain write per message: most answers
             // through a proxy are small, and a queue of buffers for writev

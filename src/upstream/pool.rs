@@ -23,6 +23,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -90,10 +91,31 @@ struct Origin {
     http2: Option<(http2::SendRequest<ProxyBody>, Instant)>,
 }
 
-/// Origins by authority, hashed with foldhash: `Authority` hashes itself
-/// one byte at a time, which the default SipHash does slowly. Its seed is
-/// random per map, as SipHash's is: pass-through hosts are chosen by callers.
-type Origins = HashMap<Authority, Origin, foldhash::fast::RandomState>;
+/// Origins by authority, hashed with foldhash. Its seed is random per map,
+/// as SipHash's is: pass-through hosts are chosen by callers.
+type Origins = HashMap<Key, Origin, foldhash::fast::RandomState>;
+
+/// An origin's authority as the map's key, hashed and compared as the
+/// bytes it came with. `Authority`'s own `Hash` and `Eq` ignore ASCII case
+/// one byte at a time: about 1 200 instructions a request for a checkout
+/// and a return (callgrind, BENCHMARKS.md). A host spelled in two cases
+/// only gets two idle lists.
+#[derive(Clone)]
+struct Key(Authority);
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl Eq for Key {}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.as_str().hash(state);
+    }
+}
 
 /// The idle connections, by scheme then authority.
 #[derive(Default)]
@@ -113,7 +135,7 @@ enum Sender {
 /// Where a request goes: the key of its connections.
 struct Target {
     https: bool,
-    authority: Authority,
+    authority: Key,
 }
 
 impl Pool {
@@ -357,7 +379,7 @@ impl Target {
             None => return Err(SendError::Broken(format!("not an absolute URI: {uri}"))),
         };
         let authority = uri.authority().ok_or_else(|| SendError::Broken(format!("no authority in {uri}")))?;
-        Ok(Self { https, authority: authority.clone() })
+        Ok(Self { https, authority: Key(authority.clone()) })
     }
 
     fn scheme(&self) -> Scheme {
@@ -366,7 +388,8 @@ impl Target {
 
     /// The URI the connector dials.
     fn uri(&self) -> Result<Uri, SendError> {
-        let uri = Uri::builder().scheme(self.scheme()).authority(self.authority.clone()).path_and_query("/");
+        let uri =
+            Uri::builder().scheme(self.scheme()).authority(self.authority.0.clone()).path_and_query("/");
         uri.build().map_err(|e| SendError::Connect(e.to_string()))
     }
 
@@ -375,7 +398,7 @@ impl Target {
     fn restore(&self, mut request: Request<ProxyBody>) -> Request<ProxyBody> {
         let mut parts = Parts::default();
         parts.scheme = Some(self.scheme());
-        parts.authority = Some(self.authority.clone());
+        parts.authority = Some(self.authority.0.clone());
         parts.path_and_query = request.uri().path_and_query().cloned();
         if let Ok(uri) = Uri::from_parts(parts) {
             *request.uri_mut() = uri;
