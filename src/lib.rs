@@ -80,7 +80,7 @@
 //! retry     backoff budget hints policy
 //!           parse
 //! server    connection tunnel
-//!           guard
+//!           guard woken
 //!           activity framing
 //!           head
 //! llm       request

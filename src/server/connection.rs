@@ -32,6 +32,7 @@ use hyper::body::{Body, Frame, SizeHint};
 
 use super::activity::{Activity, Answering, Busy, Expired};
 use super::guard::Guard;
+use super::woken::Woken;
 use super::{Phase, Scope};
 use crate::body::{BoxError, ProxyBody};
 use crate::error::ProxyError;
@@ -77,6 +78,17 @@ where
     // Shutdown as last seen: draining closes gracefully, stopped at once.
     let mut phase = Phase::Serving;
     loop {
+        let (activity, scope) = (&activity, &scope);
+        // Behind a waker of their own (see `woken`): hyper's wakes of this
+        // task do not poll them.
+        let timers = Woken::new(async move {
+            tokio::select! {
+                biased;
+                expired = activity.expired(), if !closing => Timers::Expired(expired),
+                () = tokio::time::sleep(settings.header_read_timeout), if timed_out => Timers::GraceOver,
+                now = scope.past(phase) => Timers::Phase(now),
+            }
+        });
         tokio::select! {
             // The connection first: it is what wakes this task nearly
             // every time (and no random start to draw per poll).
@@ -87,33 +99,43 @@ where
                 }
                 return;
             }
-            expired = activity.expired(), if !closing => match expired {
-                Expired::HeadOrIdle => {
+            timers = timers => match timers {
+                Timers::Expired(Expired::HeadOrIdle) => {
                     tracing::debug!("closing a connection past its header or idle timeout");
                     (closing, timed_out) = (true, true);
                     connection.as_mut().graceful_shutdown();
                 }
                 // Nothing more can be sent: every request on it ends now,
                 // giving back its slots.
-                Expired::Send => {
+                Timers::Expired(Expired::Send) => {
                     tracing::debug!("closing a connection whose caller took nothing for send_timeout");
                     shared.metrics.timed_out(ClientTimeout::Send);
                     return;
                 }
-            },
-            () = tokio::time::sleep(settings.header_read_timeout), if timed_out => return,
-            now = scope.past(phase) => {
-                phase = now;
-                if phase == Phase::Stopped {
-                    return;
-                }
-                if !closing {
-                    closing = true;
-                    connection.as_mut().graceful_shutdown();
+                Timers::GraceOver => return,
+                Timers::Phase(now) => {
+                    phase = now;
+                    if phase == Phase::Stopped {
+                        return;
+                    }
+                    if !closing {
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
                 }
             }
         }
     }
+}
+
+/// What ended a connection's wait on its timers.
+enum Timers {
+    /// Its head, idle or send timeout (see [`Activity::expired`]).
+    Expired(Expired),
+    /// The time a connection closed for its timeout has to go is over.
+    GraceOver,
+    /// Shutdown moved on.
+    Phase(Phase),
 }
 
 pin_project_lite::pin_project! {

@@ -27,6 +27,7 @@ pub(crate) mod framing;
 mod guard;
 pub(crate) mod head;
 mod tunnel;
+mod woken;
 
 use std::future::Future;
 use std::net::SocketAddr;
