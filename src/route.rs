@@ -14,7 +14,9 @@
 //! generation ([`crate::runtime`]) builds its own and [`crate::proxy`] looks
 //! requests up in it: below both, it needs neither.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::net::Ipv6Addr;
 
 use bytes::Bytes;
 
@@ -87,13 +89,26 @@ impl Router {
 
     /// The upstream claiming a host, as `host:port` first, then as `host`.
     pub fn upstream_for_host(&self, authority: &Authority) -> Option<usize> {
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
-        if let Some(port) = authority.port_u16()
-            && let Some(index) = self.hosts.get(&format!("{host}:{port}"))
-        {
-            return Some(*index);
+        let host = host_key(authority.host());
+        if let Some(port) = authority.port() {
+            // Every forwarded request asks: an authority written as its key
+            // is (no user info, no leading zeros) is looked up as it is,
+            // without building the key.
+            let written = authority.as_str();
+            let key = match &host {
+                Cow::Borrowed(host)
+                    if written.len() == host.len() + 1 + port.as_str().len()
+                        && !port.as_str().starts_with('0') =>
+                {
+                    Cow::Borrowed(written)
+                }
+                _ => Cow::Owned(format!("{host}:{}", port.as_u16())),
+            };
+            if let Some(index) = self.hosts.get(key.as_ref()) {
+                return Some(*index);
+            }
         }
-        self.hosts.get(&host).copied()
+        self.hosts.get(host.as_ref()).copied()
     }
 
     /// The upstream a plain CONNECT tunnel to `authority` (port `port`)
@@ -102,11 +117,11 @@ impl Router {
     /// is not the upstream's, so a tunnel cannot reach, say, the admin
     /// listener or another service on an upstream's machine.
     pub fn tunnel_upstream(&self, authority: &Authority, port: u16) -> Option<usize> {
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        let host = host_key(authority.host());
         if let Some(index) = self.hosts.get(&format!("{host}:{port}")) {
             return Some(*index);
         }
-        let index = *self.hosts.get(&host)?;
+        let index = *self.hosts.get(host.as_ref())?;
         (self.bases[index].port == port).then_some(index)
     }
 
@@ -224,6 +239,21 @@ fn strip_route<'a>(path_and_query: &'a str, route: &str) -> Option<&'a str> {
     }
 }
 
+/// A request's host as `hosts` keys write it (see `config::authority`):
+/// lower case, an IPv6 literal in brackets and in its canonical form.
+fn host_key(host: &str) -> Cow<'_, str> {
+    if let Some(literal) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return match literal.parse::<Ipv6Addr>() {
+            Ok(address) => Cow::Owned(format!("[{address}]")),
+            Err(_) => Cow::Borrowed(host),
+        };
+    }
+    match host.bytes().any(|b| b.is_ascii_uppercase()) {
+        true => Cow::Owned(host.to_ascii_lowercase()),
+        false => Cow::Borrowed(host),
+    }
+}
+
 /// base_url + the caller's path and query.
 ///
 /// Built in one buffer that the URI then owns, since every request pays
@@ -275,6 +305,36 @@ mod tests {
             })
             .collect();
         crate::config::parse(std::path::Path::new("routes.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn hosts_match_in_any_spelling_of_their_canonical_form() {
+        let text = "[[upstream]]\nname = \"a\"\nbase_url = \"https://api.example.com\"\nrate = \"1/s\"\n\
+                    hosts = [\"Api.Example.com\", \"other.test:8443\", \"[::1]:9000\", \"[2001:db8::7]\"]\n";
+        let router = Router::new(&crate::config::parse(std::path::Path::new("hosts.toml"), text).unwrap());
+        let found = |authority: &str| router.upstream_for_host(&Authority::try_from(authority).unwrap());
+        for claimed in [
+            "api.example.com",
+            "API.example.com:443",
+            "api.example.com:8080",
+            "other.test:8443",
+            "OTHER.test:8443",
+            "other.test:08443",
+            "user@other.test:8443",
+            "[::1]:9000",
+            "[0:0::1]:9000",
+            "[2001:DB8::7]:443",
+        ] {
+            assert_eq!(found(claimed), Some(0), "{claimed}");
+        }
+        for unclaimed in ["other.test", "other.test:8444", "[::1]", "[::2]:9000", "example.com"] {
+            assert_eq!(found(unclaimed), None, "{unclaimed}");
+        }
+        let tunnel =
+            |authority: &str, port| router.tunnel_upstream(&Authority::try_from(authority).unwrap(), port);
+        assert_eq!(tunnel("[::1]:9000", 9000), Some(0));
+        assert_eq!(tunnel("[::1]:9001", 9001), None);
+        assert_eq!(tunnel("API.example.com:443", 443), Some(0), "the base_url's port");
     }
 
     #[test]
