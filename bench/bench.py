@@ -40,6 +40,8 @@ RESULTS = ROOT / "bench" / "results"
 PACEGATE = Path(os.environ.get("PACEGATE_BIN", ROOT / "target" / "release" / "pacegate"))
 MOCK = ROOT / "target" / "release" / "examples" / "mock_upstream"
 LLM_MOCK = ROOT / "target" / "release" / "examples" / "llm_mock"
+# hyper 1 on both sides and nothing else: the floor under pacegate's pass-through.
+FLOOR = ROOT / "target" / "release" / "examples" / "hyper_floor"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WORK = Path(tempfile.mkdtemp(prefix="pacegate-bench-"))
 
@@ -438,6 +440,10 @@ backend be
                                 lambda: answers(f"http://127.0.0.1:{port}/"), "haproxy")
         targets["haproxy"] = ("reverse", "haproxy", f"http://127.0.0.1:{port}/")
         port = free_port()
+        peers["hyper floor"] = Peer([str(FLOOR), f"127.0.0.1:{port}", f"127.0.0.1:{static}", str(cores)],
+                                    lambda: answers(f"http://127.0.0.1:{port}/"), "hyper floor")
+        targets["hyper floor"] = ("reverse", "hyper floor", f"http://127.0.0.1:{port}/")
+        port = free_port()
         squid = WORK / "squid"
         squid.mkdir(exist_ok=True)
         if os.geteuid() == 0:  # squid drops to its own user, which must reach its folder
@@ -501,7 +507,7 @@ shutdown_lifetime 1 seconds
             return lambda: wrk(url, seconds, threads=1, connections=connections, script=script)
 
         targets = {"direct": ("reverse", None, f"http://127.0.0.1:{static}/"), **targets}
-        order = ["direct", "nginx", "haproxy", "pacegate reverse", "squid", "pacegate forward",
+        order = ["direct", "nginx", "haproxy", "hyper floor", "pacegate reverse", "squid", "pacegate forward",
                  "mitmproxy", "pacegate interception"]
         for name in order:  # warm connections, pools and TLS sessions
             load(name, 1)()
@@ -512,7 +518,7 @@ shutdown_lifetime 1 seconds
                 run = load(name, seconds)
                 runs[name].append(measured(pids[proxy], run) if proxy else run())
         # Added latency at one connection: a closed loop, nothing queues.
-        single = {name: [] for name in order[:4]}
+        single = {name: [] for name in order[:5]}
         for _ in range(rounds):
             for name in single:
                 single[name].append(load(name, 2, connections=1)())
@@ -1498,8 +1504,8 @@ def charts(results, names):
 def overhead_chart(o, plt):
     """req/s, latency and CPU per request of every target, by mode."""
     names = list(o)
-    colours = ["tab:orange" if n.startswith("pacegate") else "tab:grey" if n == "direct" else "tab:blue"
-               for n in names]
+    colours = ["tab:orange" if n.startswith("pacegate") else "tab:grey" if n == "direct"
+               else "tab:green" if n == "hyper floor" else "tab:blue" for n in names]
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 4))
     a.bar(names, [o[n]["rps"] for n in names], color=colours)
     a.set_title("requests/s")
@@ -1539,7 +1545,8 @@ def overhead_table(o):
              "|---|---|---|---|---|---|---|---|---|---|"]
     peer = {"reverse": "nginx", "forward": "squid", "interception": "mitmproxy"}
     for name, v in o.items():
-        ratio = f"{v['rps'] / o[peer[v['mode']]]['rps']:.2f}×" if name.startswith("pacegate") else ""
+        measured = name.startswith("pacegate") or name == "hyper floor"
+        ratio = f"{v['rps'] / o[peer[v['mode']]]['rps']:.2f}×" if measured else ""
         cpu = (f"{v['user_us']:.1f} | {v['system_us']:.1f}") if "user_us" in v else "- | -"
         lines.append(f"| {v['mode']} | {name} | {v['rps']:.0f} | {ratio} | {v['p50_us']/1000:.2f} ms | "
                      f"{v['p99_us']/1000:.2f} ms | {v['p999_us']/1000:.2f} ms | {cpu} | {v['errors']} |")

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 before=$1 after=$2 rounds=${3:-2}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-cargo build --release --quiet --example mock_upstream
+cargo build --release --quiet --example mock_upstream --example hyper_floor
 for round in $(seq "$rounds"); do
   for side in before after; do
     echo "== round $round: $side" >&2

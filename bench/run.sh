@@ -37,5 +37,5 @@ python3 -c "import aiohttp, aiolimiter, tenacity, matplotlib, h2" 2>/dev/null \
   || python3 -m pip install --quiet aiohttp aiolimiter tenacity matplotlib h2
 command -v mitmdump >/dev/null 2>&1 || python3 -m pip install --quiet mitmproxy
 
-cargo build --release --quiet --bin pacegate --example mock_upstream --example llm_mock
+cargo build --release --quiet --bin pacegate --example mock_upstream --example llm_mock --example hyper_floor
 exec python3 bench/bench.py "$@"

@@ -1,0 +1,90 @@
+//! The floor under any proxy built on hyper 1: the least a request can cost
+//! when both sides are hyper, measured next to pacegate and nginx by
+//! `bench/bench.py overhead` ("hyper floor").
+//!
+//! ```text
+//! cargo run --release --example hyper_floor -- 127.0.0.1:8080 127.0.0.1:9000 2
+//! ```
+//! Listens on the first address (a port other than 0) with one
+//! single-threaded runtime per worker (the last argument; each its own
+//! `SO_REUSEPORT` listener, as pacegate's workers), and sends every request as it came to the second address, on
+//! one upstream HTTP/1.1 connection per client connection: no routing, no
+//! header rewriting, no admission, no pool, no timeouts. Prints `listening
+//! ADDR` once bound. Not a proxy to use: it exists to say how much of
+//! pacegate's cost per request is hyper's and tokio's own.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1 as client;
+use hyper::server::conn::http1 as server;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [listen, upstream, workers] = args.as_slice() else {
+        return Err("usage: hyper_floor LISTEN UPSTREAM WORKERS (LISTEN with a port other than 0)".into());
+    };
+    let (listen, upstream): (SocketAddr, SocketAddr) = (listen.parse()?, upstream.parse()?);
+    let workers: usize = workers.parse()?;
+    let (bound, bindings) = std::sync::mpsc::channel();
+    let threads: Vec<_> = (0..workers)
+        .map(|_| {
+            let bound = bound.clone();
+            std::thread::spawn(move || -> Result<(), Error> {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                runtime.block_on(async move {
+                    let socket = TcpSocket::new_v4()?;
+                    socket.set_reuseport(true)?;
+                    socket.bind(listen)?;
+                    let listener = socket.listen(1024)?;
+                    let _ = bound.send(());
+                    serve(listener, upstream).await
+                })
+            })
+        })
+        .collect();
+    drop(bound);
+    if bindings.iter().take(workers).count() == workers {
+        println!("listening {listen}");
+    }
+    for thread in threads {
+        thread.join().map_err(|_| "a worker panicked")??;
+    }
+    Ok(())
+}
+
+async fn serve(listener: TcpListener, upstream: SocketAddr) -> Result<(), Error> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            if let Err(error) = relay(stream, upstream).await {
+                eprintln!("connection ended: {error}");
+            }
+        });
+    }
+}
+
+/// Serves one client connection over its own upstream connection.
+async fn relay(stream: TcpStream, upstream: SocketAddr) -> Result<(), Error> {
+    stream.set_nodelay(true)?;
+    let to_upstream = TcpStream::connect(upstream).await?;
+    to_upstream.set_nodelay(true)?;
+    let (sender, connection) =
+        client::Builder::new().writev(false).handshake(TokioIo::new(to_upstream)).await?;
+    tokio::spawn(connection);
+    let sender = Arc::new(Mutex::new(sender));
+    let service = service_fn(move |request: Request<Incoming>| {
+        // One request at a time on an HTTP/1.1 connection: never contended.
+        let answer = sender.lock().unwrap_or_else(PoisonError::into_inner).send_request(request);
+        async move { answer.await.map(|response: Response<Incoming>| response) }
+    });
+    server::Builder::new().writev(false).serve_connection(TokioIo::new(stream), service).await?;
+    Ok(())
+}
