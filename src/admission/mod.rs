@@ -202,7 +202,9 @@ pub struct Admission<W> {
     /// Upstream name, for logs.
     name: String,
     limits: Limits,
-    partitions: HashMap<u64, Partition<W>>,
+    /// foldhash, randomly seeded: every request looks its partition up
+    /// twice, and SipHash of a `u64` cost more than the rest of the lookup.
+    partitions: HashMap<u64, Partition<W>, foldhash::fast::RandomState>,
     /// Queues with waiters, in round-robin order; each at most once.
     ready: VecDeque<QueueKey>,
     /// Waiters held over all partitions, departed ones included until reached.
@@ -239,7 +241,7 @@ impl<W: Waiter> Admission<W> {
     /// `partition_by` its single partition is there from the start.
     pub fn new(name: &str, limits: Limits, partitioned: bool, shared: bool, now: Instant) -> Self {
         let breaker = limits.breaker.clone().map(Breaker::new);
-        let mut partitions = HashMap::new();
+        let mut partitions = HashMap::default();
         if !partitioned {
             partitions.insert(SINGLE, Partition::new(&limits, now));
         }
