@@ -16,11 +16,11 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use hyper::Request;
 use hyper::body::Incoming;
 use hyper::client::conn::http1 as client;
 use hyper::server::conn::http1 as server;
 use hyper::service::service_fn;
-use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -80,10 +80,9 @@ async fn relay(stream: TcpStream, upstream: SocketAddr) -> Result<(), Error> {
         client::Builder::new().writev(false).handshake(TokioIo::new(to_upstream)).await?;
     tokio::spawn(connection);
     let sender = Arc::new(Mutex::new(sender));
+    // One request at a time on an HTTP/1.1 connection: never contended.
     let service = service_fn(move |request: Request<Incoming>| {
-        // One request at a time on an HTTP/1.1 connection: never contended.
-        let answer = sender.lock().unwrap_or_else(PoisonError::into_inner).send_request(request);
-        async move { answer.await.map(|response: Response<Incoming>| response) }
+        sender.lock().unwrap_or_else(PoisonError::into_inner).send_request(request)
     });
     server::Builder::new().writev(false).serve_connection(TokioIo::new(stream), service).await?;
     Ok(())

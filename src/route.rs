@@ -16,14 +16,13 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::net::Ipv6Addr;
 
 use bytes::Bytes;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Uri, Version};
 
-use crate::config::{BaseUrl, Config, UnknownHosts};
+use crate::config::{self, BaseUrl, Config, UnknownHosts};
 use crate::error::ProxyError;
 
 /// Where a request goes.
@@ -89,7 +88,7 @@ impl Router {
 
     /// The upstream claiming a host, as `host:port` first, then as `host`.
     pub fn upstream_for_host(&self, authority: &Authority) -> Option<usize> {
-        let host = host_key(authority.host());
+        let host = config::canonical_host(authority.host());
         if let Some(port) = authority.port() {
             // Every forwarded request asks: an authority written as its key
             // is (no user info, no leading zeros) is looked up as it is,
@@ -117,7 +116,7 @@ impl Router {
     /// is not the upstream's, so a tunnel cannot reach, say, the admin
     /// listener or another service on an upstream's machine.
     pub fn tunnel_upstream(&self, authority: &Authority, port: u16) -> Option<usize> {
-        let host = host_key(authority.host());
+        let host = config::canonical_host(authority.host());
         if let Some(index) = self.hosts.get(&format!("{host}:{port}")) {
             return Some(*index);
         }
@@ -236,21 +235,6 @@ fn strip_route<'a>(path_and_query: &'a str, route: &str) -> Option<&'a str> {
     match rest.as_bytes().first() {
         None | Some(b'/') | Some(b'?') => Some(rest),
         Some(_) => None,
-    }
-}
-
-/// A request's host as `hosts` keys write it (see `config::authority`):
-/// lower case, an IPv6 literal in brackets and in its canonical form.
-fn host_key(host: &str) -> Cow<'_, str> {
-    if let Some(literal) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        return match literal.parse::<Ipv6Addr>() {
-            Ok(address) => Cow::Owned(format!("[{address}]")),
-            Err(_) => Cow::Borrowed(host),
-        };
-    }
-    match host.bytes().any(|b| b.is_ascii_uppercase()) {
-        true => Cow::Owned(host.to_ascii_lowercase()),
-        false => Cow::Borrowed(host),
     }
 }
 

@@ -5,6 +5,7 @@
 //! brackets (as in a `Host` header), and an optional port. An entry without a
 //! port matches that host on any port, which is why `"api.example.com"` and
 //! `"api.example.com:443"` in two upstreams are a conflict.
+use std::borrow::Cow;
 use std::net::Ipv6Addr;
 
 use http::Uri;
@@ -40,6 +41,21 @@ impl HostPort {
                 (Some(a), Some(b)) => a == b,
                 _ => true,
             }
+    }
+}
+
+/// A request's host (as `Authority::host` gives it) in the canonical form of
+/// [`HostPort::canonical`], so that it can be looked up among the entries.
+pub fn canonical_host(host: &str) -> Cow<'_, str> {
+    if let Some(literal) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return match literal.parse::<Ipv6Addr>() {
+            Ok(address) => Cow::Owned(format!("[{address}]")),
+            Err(_) => Cow::Borrowed(host),
+        };
+    }
+    match host.bytes().any(|b| b.is_ascii_uppercase()) {
+        true => Cow::Owned(host.to_ascii_lowercase()),
+        false => Cow::Borrowed(host),
     }
 }
 
