@@ -51,14 +51,19 @@ pub fn add_via(headers: &mut HeaderMap) {
 /// Removes hop-by-hop headers, including those named by `Connection`.
 ///
 /// Runs on every request and every answer, so it looks before it removes:
-/// scanning the few names a head carries is a handful of comparisons, where
-/// removing each of the nine names blindly is a hash lookup apiece; most
-/// heads carry none of them, or only `Connection`.
+/// one pass over the few names a head carries, where removing each of the
+/// nine names blindly is a hash lookup apiece; most heads carry none of
+/// them, or only `Connection`, and then nothing else is looked for.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
+    let (mut connection, mut others) = (false, false);
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            connection = true;
+        } else if is_hop_by_hop(name) {
+            others = true;
+        }
     }
-    if let Entry::Occupied(connection) = headers.entry(header::CONNECTION) {
+    if connection && let Entry::Occupied(connection) = headers.entry(header::CONNECTION) {
         let (_, mut values) = connection.remove_entry_mult();
         // Nearly every head has one `Connection`: that one needs no Vec.
         let first = values.next();
@@ -74,14 +79,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             }
         }
     }
+    if !others {
+        return;
+    }
     while let Some(name) = headers.keys().find(|name| is_hop_by_hop(name)).cloned() {
         headers.remove(name);
     }
 }
 
+/// Whether a head carries any of pacegate's own request headers.
+pub fn has_own(headers: &HeaderMap) -> bool {
+    headers.keys().any(is_own)
+}
+
+fn is_own(name: &HeaderName) -> bool {
+    name.as_str().starts_with(OWN_PREFIX)
+}
+
 /// Removes pacegate's own request headers so they never reach an upstream.
 pub fn strip_own(headers: &mut HeaderMap) {
-    while let Some(name) = headers.keys().find(|name| name.as_str().starts_with(OWN_PREFIX)).cloned() {
+    while let Some(name) = headers.keys().find(|name| is_own(name)).cloned() {
         headers.remove(name);
     }
 }
@@ -124,8 +141,10 @@ mod tests {
         headers.insert("x-pacegate-max-wait", HeaderValue::from_static("5s"));
         headers.insert("x-pacegate-priority", HeaderValue::from_static("high"));
         headers.insert("x-other", HeaderValue::from_static("1"));
+        assert!(has_own(&headers));
         strip_own(&mut headers);
         assert_eq!(headers.len(), 1);
+        assert!(!has_own(&headers));
     }
 
     proptest! {

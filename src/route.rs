@@ -138,13 +138,12 @@ impl Router {
     }
 
     fn reverse(&self, path_and_query: &str) -> Result<Target, ProxyError> {
-        let path = path_and_query.split('?').next().unwrap_or("/");
         for (route, index) in &self.routes {
             if let Some(rest) = strip_route(path_and_query, route) {
                 return self.upstream(*index, rest);
             }
         }
-        Err(ProxyError::NoRoute { path: path.to_string() })
+        Err(ProxyError::NoRoute { path: path_of(path_and_query).to_string() })
     }
 }
 
@@ -199,12 +198,15 @@ fn port_of(authority: &Authority) -> Result<Option<u16>, ProxyError> {
 /// out of base_url's path prefix, and upstreams disagree on how to resolve
 /// them, so no request pacegate forwards carries one.
 fn has_dot_segment(path_and_query: &str) -> bool {
-    let path = path_and_query.split('?').next().unwrap_or_default();
-    // Most paths have neither: one scan, no allocation, on every request.
-    if !path.contains('.') && !path.contains('%') {
-        return false;
-    }
-    path.split('/').any(is_dot_segment)
+    // Most paths have neither a dot nor a `%`: one scan, up to the query,
+    // on every request.
+    let suspect = path_and_query.bytes().take_while(|b| *b != b'?').any(|b| b == b'.' || b == b'%');
+    suspect && path_of(path_and_query).split('/').any(is_dot_segment)
+}
+
+/// The path of a path-and-query.
+fn path_of(path_and_query: &str) -> &str {
+    path_and_query.split_once('?').map_or(path_and_query, |(path, _)| path)
 }
 
 /// `.` or `..`, each dot written as `.` or `%2e` (either case).

@@ -33,9 +33,10 @@ use crate::headers;
 use crate::metrics::{ClientTimeout, Metrics, NO_UPSTREAM};
 use crate::route::Target;
 use crate::runtime::Runtime;
-use crate::upstream::Priority;
 use crate::upstream::guard::{self, GuardError};
-use crate::upstream::{ATTEMPTS_HEADER, Place, Upstream, UpstreamClient, inbound_response, outbound_request};
+use crate::upstream::{
+    self, ATTEMPTS_HEADER, Place, Priority, Upstream, UpstreamClient, inbound_response, outbound_request,
+};
 use crate::workers;
 
 /// Request header with which a caller shortens its own queue wait.
@@ -324,7 +325,7 @@ impl Proxy {
     async fn pass_through(
         &self,
         client: &UpstreamClient,
-        head: &http::request::Parts,
+        head: &mut http::request::Parts,
         body: &mut body::RequestBody,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let request = outbound_request(head, body.for_attempt().unwrap_or_else(body::empty));
@@ -412,7 +413,10 @@ fn prepare(
         None => runtime.router.route(request.uri(), request.version())?,
     };
     let (mut head, incoming) = request.into_parts();
-    let max_wait = max_wait(&head.headers)?;
+    // pacegate's own headers are read, then stripped; one pass over the
+    // names says whether there are any (nearly no request has one).
+    let own = headers::has_own(&head.headers);
+    let max_wait = if own { max_wait(&head.headers)? } else { None };
     let (upstream, uri) = match target {
         Target::Upstream { index, uri } => (Some(index), uri),
         Target::PassThrough { uri } => (None, uri),
@@ -420,12 +424,16 @@ fn prepare(
     head.uri = uri;
     let queue = match upstream {
         Some(index) => {
-            Some(Queue::new(index, runtime.upstreams[index].place(&head.headers, peer.ip())?, max_wait)?)
+            let priority = if own { upstream::priority(&head.headers)? } else { Priority::Normal };
+            let place = runtime.upstreams[index].place(&head.headers, peer.ip(), priority);
+            Some(Queue::new(index, place, max_wait)?)
         }
         None => None,
     };
     // Our own headers and connection-level ones never travel on.
-    headers::strip_own(&mut head.headers);
+    if own {
+        headers::strip_own(&mut head.headers);
+    }
     headers::strip_hop_by_hop(&mut head.headers);
     headers::add_via(&mut head.headers);
     Ok(Prepared { head, incoming: Some(incoming), queue })

@@ -103,7 +103,8 @@ pub fn has_idempotency_key(headers: &HeaderMap) -> bool {
 
 /// Decides whether an attempt that ended in `outcome` may be retried.
 ///
-/// `has_idempotency_key` is [`has_idempotency_key`] of the original request.
+/// `has_idempotency_key` is [`has_idempotency_key`] of the original request
+/// (it need not be asked of an idempotent method: that is replay-safe anyway).
 /// Attempts left, budget and `max_retry_after` are checked by the caller.
 pub fn classify(cfg: &Retry, method: &Method, has_idempotency_key: bool, outcome: &Outcome) -> Decision {
     // Replaying is harmless when the method says so or the upstream dedupes.

@@ -53,6 +53,9 @@ struct State {
     served: bool,
     /// Answers being sent: since when each waits for the caller (see [`Answering`]).
     answers: Vec<Arc<AtomicU64>>,
+    /// The slots of answers that ended, for the next ones: a keep-alive
+    /// connection allocates one for its first answer only.
+    spare: Vec<Arc<AtomicU64>>,
     /// When the timer of [`Activity::expired`] fires, if it is set: a change
     /// that leaves the deadline at or after it need not wake anyone, the
     /// timer will (then the deadline is computed again).
@@ -89,6 +92,7 @@ impl Activity {
             head_since: None,
             served: false,
             answers: Vec::new(),
+            spare: Vec::new(),
             armed: None,
         };
         Self {
@@ -216,8 +220,10 @@ impl Busy {
     /// the caller to take it.
     pub(super) fn answering(self) -> Answering {
         let activity = &self.0;
-        let waiting = Arc::new(AtomicU64::new(activity.since_epoch()));
+        let since = activity.since_epoch();
         let mut state = activity.lock();
+        let waiting = state.spare.pop().unwrap_or_default();
+        waiting.store(since, Ordering::Release);
         state.answers.push(waiting.clone());
         // A deadline may start where there was none.
         activity.changed(state);
@@ -251,8 +257,11 @@ impl Answering {
 
 impl Drop for Answering {
     fn drop(&mut self) {
-        let waiting = &self.waiting;
-        self.busy.0.lock().answers.retain(|other| !Arc::ptr_eq(other, waiting));
+        let mut state = self.busy.0.lock();
+        if let Some(at) = state.answers.iter().position(|other| Arc::ptr_eq(other, &self.waiting)) {
+            let slot = state.answers.swap_remove(at);
+            state.spare.push(slot);
+        }
         // `busy` drops next: the request is no longer in flight.
     }
 }
@@ -328,5 +337,14 @@ mod send_tests {
         assert_eq!(start.elapsed(), SEND, "counted from the last frame taken");
         drop(answering);
         assert!(activity.lock().answers.is_empty(), "a finished answer is no longer watched");
+        // The next answer reuses its slot, and starts waiting afresh.
+        let next = activity.begin().answering();
+        assert_eq!(activity.lock().spare.len(), 0);
+        tokio::time::sleep(SEND / 2).await;
+        let start = Instant::now();
+        assert_eq!(activity.expired().await, Expired::Send);
+        assert_eq!(start.elapsed(), SEND / 2, "counted from when the next answer started");
+        drop(next);
+        assert_eq!(activity.lock().spare.len(), 1);
     }
 }

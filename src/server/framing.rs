@@ -147,13 +147,18 @@ impl Framing {
         let rest = &input[start..];
         let room = self.limit.saturating_sub(self.held.len());
         // The head ends at its first empty line: it starts with a non-empty
-        // request line, so "\n\n" or "\n\r\n" can only be that.
-        let len = self.held.len();
-        let (mut last, mut before) = (self.held.last().copied(), len.checked_sub(2).map(|i| self.held[i]));
-        let end = rest.iter().position(|&b| {
-            let ends = b == b'\n' && (last == Some(b'\n') || (last == Some(b'\r') && before == Some(b'\n')));
-            (before, last) = (last, Some(b));
-            ends
+        // request line, so "\n\n" or "\n\r\n" can only be that. Only the
+        // line ends are looked at, found many bytes at a time.
+        let held = &self.held;
+        // The byte `back` places before `rest[i]`, held bytes included.
+        let before = |i: usize, back: usize| match i.checked_sub(back) {
+            Some(j) => Some(rest[j]),
+            None => (held.len() + i).checked_sub(back).map(|j| held[j]),
+        };
+        let end = memchr::memchr_iter(b'\n', rest).find(|&i| match before(i, 1) {
+            Some(b'\n') => true,
+            Some(b'\r') => before(i, 2) == Some(b'\n'),
+            _ => false,
         });
         let Some(end) = end.map(|i| i + 1) else {
             if rest.len() > room {

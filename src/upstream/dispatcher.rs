@@ -183,8 +183,8 @@ impl Dispatcher {
     }
 
     /// Counts a first attempt towards the retry budget.
-    pub fn record_first_attempt(&self) {
-        self.budget().record_request(Instant::now());
+    pub fn record_first_attempt(&self, granted: Instant) {
+        self.budget().record_request(granted);
     }
 
     /// Takes one retry from the budget; false when the budget is spent.

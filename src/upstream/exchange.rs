@@ -124,7 +124,6 @@ impl Upstream {
         // An LLM call is priced once, before it queues; the price is kept
         // in its head, where every attempt finds it.
         self.price(head, body);
-        let head: &'a http::request::Parts = head;
         let wait = max_wait.map_or(self.config.queue_timeout, |w| w.min(self.config.queue_timeout));
         let deadline = Instant::now() + wait;
         async move {
@@ -133,7 +132,7 @@ impl Upstream {
             // request's future (see proxy::budget).
             let joined = self.dispatcher.join(place, self.needs(head), deadline).await;
             let ticket = joined.map_err(|r| self.refused(r, head))?;
-            self.dispatcher.record_first_attempt();
+            self.dispatcher.record_first_attempt(ticket.granted);
             Box::pin(self.attempts(client, head, body, place, deadline, ticket)).await
         }
     }
@@ -143,7 +142,7 @@ impl Upstream {
     async fn attempts(
         &self,
         client: &UpstreamClient,
-        head: &http::request::Parts,
+        head: &mut http::request::Parts,
         body: &mut RequestBody,
         place: Place,
         mut deadline: Instant,
@@ -152,7 +151,8 @@ impl Upstream {
         let needs = &self.needs(head);
         let priced = Priced::of(head);
         let retry = &self.config.retry;
-        let idempotency_key = retry::has_idempotency_key(&head.headers);
+        // Asked only where it matters: an idempotent method may be replayed anyway.
+        let idempotency_key = !head.method.is_idempotent() && retry::has_idempotency_key(&head.headers);
         self.observe_wait(&ticket);
         let mut queued = ticket.waited;
         let mut attempt: u32 = 1;

@@ -68,17 +68,9 @@ impl Upstream {
         Self { config, dispatcher, metrics, cache, host }
     }
 
-    /// Where a request queues: its partition (`partition_by`), its caller
-    /// (`fair_by`) and its priority. Read before pacegate's own headers are
-    /// stripped; an invalid priority is a 400, not silently normal, so a
-    /// caller's typo does not go unnoticed.
-    pub fn place(&self, headers: &HeaderMap, peer: IpAddr) -> Result<Place, ProxyError> {
-        let priority = match headers.get(PRIORITY_HEADER) {
-            None => Priority::Normal,
-            Some(value) => value.to_str().ok().and_then(Priority::parse).ok_or_else(|| {
-                ProxyError::BadRequest(format!("{PRIORITY_HEADER} must be high, normal or low"))
-            })?,
-        };
+    /// Where a request with `priority` queues: its partition
+    /// (`partition_by`) and its caller (`fair_by`).
+    pub fn place(&self, headers: &HeaderMap, peer: IpAddr, priority: Priority) -> Place {
         let key = |source: &KeySource, hash: fn(&[u8]) -> u64| match source {
             // Tagged so that a missing header and an empty one differ.
             KeySource::Header(name) => match headers.get(name) {
@@ -87,12 +79,12 @@ impl Upstream {
             },
             KeySource::ClientIp => hash(peer.to_string().as_bytes()),
         };
-        Ok(Place {
+        Place {
             partition: (self.config.partition_by.as_ref())
                 .map_or(SINGLE, |source| key(source, partition_key)),
             caller: self.config.fair_by.as_ref().map_or(0, |source| key(source, caller_key)),
             priority,
-        })
+        }
     }
 
     /// What a request takes from the endpoint limits it matches, by method
@@ -182,16 +174,36 @@ fn caller_key(bytes: &[u8]) -> u64 {
     SEED.get_or_init(RandomState::new).hash_one(bytes)
 }
 
+/// The priority a request asks for with [`PRIORITY_HEADER`]. An invalid one
+/// is a 400, not silently normal, so a caller's typo does not go unnoticed.
+pub fn priority(headers: &HeaderMap) -> Result<Priority, ProxyError> {
+    match headers.get(PRIORITY_HEADER) {
+        None => Ok(Priority::Normal),
+        Some(value) => {
+            value.to_str().ok().and_then(Priority::parse).ok_or_else(|| {
+                ProxyError::BadRequest(format!("{PRIORITY_HEADER} must be high, normal or low"))
+            })
+        }
+    }
+}
+
 /// The request one attempt sends: the caller's head, cleaned and already
 /// aimed at its upstream's URI.
-pub fn outbound_request(head: &http::request::Parts, body: ProxyBody) -> Request<ProxyBody> {
+///
+/// The attempt takes the caller's header map and leaves a copy in `head`
+/// for the next one: hyper parses the answer's head into the map its
+/// request's head leaves behind, and the caller's map has room for it (its
+/// connection parsed the request into the map of the answer before), where
+/// a copy has none and would grow twice for every answer.
+pub fn outbound_request(head: &mut http::request::Parts, body: ProxyBody) -> Request<ProxyBody> {
     let mut request = Request::new(body);
     *request.method_mut() = head.method.clone();
     *request.uri_mut() = head.uri.clone();
     // The pooled client negotiates h2 itself; it refuses HTTP/2-versioned
     // requests on HTTP/1 connections.
     *request.version_mut() = http::Version::HTTP_11;
-    *request.headers_mut() = head.headers.clone();
+    let copy = head.headers.clone();
+    *request.headers_mut() = std::mem::replace(&mut head.headers, copy);
     request
 }
 
@@ -230,6 +242,24 @@ mod tests {
         assert_eq!(host("http://api.example.com:80").unwrap(), "api.example.com", "default port left out");
         assert_eq!(host("http://[::1]:9000").unwrap(), "[::1]:9000");
         assert_eq!(host("https://api.example.com"), None, "h2 may carry it in :authority instead");
+    }
+
+    #[test]
+    fn every_attempt_sends_the_callers_head_and_leaves_it_for_the_next() {
+        let (mut head, ()) = Request::post("http://127.0.0.1:1/v1/x")
+            .header("authorization", "Bearer A")
+            .header("accept", "a")
+            .header("accept", "b")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let original = head.headers.clone();
+        for _ in 0..2 {
+            let request = outbound_request(&mut head, crate::body::empty());
+            assert_eq!(request.headers(), &original);
+            assert_eq!((request.method(), request.uri()), (&head.method, &head.uri));
+            assert_eq!(head.headers, original, "kept for the next attempt");
+        }
     }
 
     #[test]

@@ -140,6 +140,10 @@ impl Upstream {
     /// (nor that the request quota is spent) has a small error body worth
     /// reading: it may name the quota ([`llm::refusal`]).
     pub(super) fn reads_refusal(&self, response: &Response<Incoming>, needs: &Needs) -> bool {
+        // Cheapest first: nearly every answer is not a 429.
+        if response.status() != http::StatusCode::TOO_MANY_REQUESTS {
+            return false;
+        }
         let quotas = TokenQuotas::of(&self.config);
         let needs_tokens = [TokenKind::Total, TokenKind::Input, TokenKind::Output]
             .into_iter()
@@ -148,8 +152,7 @@ impl Upstream {
         let headers = response.headers();
         let now = std::time::SystemTime::now();
         let small = response.body().size_hint().upper().is_none_or(|n| n <= llm::REFUSAL_BODY_BYTES as u64);
-        response.status() == http::StatusCode::TOO_MANY_REQUESTS
-            && needs_tokens
+        needs_tokens
             && small
             && llm::token_hints(headers, now).is_empty()
             && crate::retry::rate_limit(headers, now).is_none_or(|hint| hint.remaining != 0)
