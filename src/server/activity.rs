@@ -51,11 +51,11 @@ struct State {
     head_since: Option<Instant>,
     /// Whether a request has been received (a new connection owes one).
     served: bool,
-    /// Answers being sent: since when each waits for the caller (see [`Answering`]).
+    /// Answers being sent: since when each waits for the caller (see
+    /// [`Answering`]). A slot no answer holds any more reads 0 (no
+    /// deadline) and serves the next answer: a keep-alive connection
+    /// allocates one for its first answer only.
     answers: Vec<Arc<AtomicU64>>,
-    /// The slots of answers that ended, for the next ones: a keep-alive
-    /// connection allocates one for its first answer only.
-    spare: Vec<Arc<AtomicU64>>,
     /// When the timer of [`Activity::expired`] fires, if it is set: a change
     /// that leaves the deadline at or after it need not wake anyone, the
     /// timer will (then the deadline is computed again).
@@ -92,7 +92,6 @@ impl Activity {
             head_since: None,
             served: false,
             answers: Vec::new(),
-            spare: Vec::new(),
             armed: None,
         };
         Self {
@@ -222,9 +221,18 @@ impl Busy {
         let activity = &self.0;
         let since = activity.since_epoch();
         let mut state = activity.lock();
-        let waiting = state.spare.pop().unwrap_or_default();
+        // A slot only the state holds is free (`get_mut` also orders this
+        // after its last holder's stores).
+        let waiting =
+            match state.answers.iter_mut().find_map(|slot| Arc::get_mut(slot).is_some().then_some(slot)) {
+                Some(free) => Arc::clone(free),
+                None => {
+                    let slot = Arc::<AtomicU64>::default();
+                    state.answers.push(slot.clone());
+                    slot
+                }
+            };
         waiting.store(since, Ordering::Release);
-        state.answers.push(waiting.clone());
         // A deadline may start where there was none.
         activity.changed(state);
         Answering { waiting, busy: self }
@@ -257,12 +265,9 @@ impl Answering {
 
 impl Drop for Answering {
     fn drop(&mut self) {
-        let mut state = self.busy.0.lock();
-        if let Some(at) = state.answers.iter().position(|other| Arc::ptr_eq(other, &self.waiting)) {
-            let slot = state.answers.swap_remove(at);
-            state.spare.push(slot);
-        }
-        // `busy` drops next: the request is no longer in flight.
+        // Its slot no longer counts, and is free once `waiting` drops. `busy`
+        // drops next: the request is no longer in flight.
+        self.waiting.store(0, Ordering::Release);
     }
 }
 
@@ -335,16 +340,19 @@ mod send_tests {
         let start = Instant::now();
         assert_eq!(activity.expired().await, Expired::Send);
         assert_eq!(start.elapsed(), SEND, "counted from the last frame taken");
+        // A finished answer no longer counts, though another is in flight.
+        let other = activity.begin();
         drop(answering);
-        assert!(activity.lock().answers.is_empty(), "a finished answer is no longer watched");
-        // The next answer reuses its slot, and starts waiting afresh.
+        let waited = tokio::time::timeout(SEND * 3, activity.expired()).await;
+        assert!(waited.is_err(), "a finished answer is no longer watched");
+        drop(other);
+        // The next answer takes its slot, and starts waiting afresh.
         let next = activity.begin().answering();
-        assert_eq!(activity.lock().spare.len(), 0);
         tokio::time::sleep(SEND / 2).await;
         let start = Instant::now();
         assert_eq!(activity.expired().await, Expired::Send);
         assert_eq!(start.elapsed(), SEND / 2, "counted from when the next answer started");
+        assert_eq!(activity.lock().answers.len(), 1, "one slot serves answer after answer");
         drop(next);
-        assert_eq!(activity.lock().spare.len(), 1);
     }
 }
