@@ -223,15 +223,14 @@ impl Busy {
         let mut state = activity.lock();
         // A slot only the state holds is free (`get_mut` also orders this
         // after its last holder's stores).
-        let waiting =
-            match state.answers.iter_mut().find_map(|slot| Arc::get_mut(slot).is_some().then_some(slot)) {
-                Some(free) => Arc::clone(free),
-                None => {
-                    let slot = Arc::<AtomicU64>::default();
-                    state.answers.push(slot.clone());
-                    slot
-                }
-            };
+        let waiting = match state.answers.iter_mut().position(|slot| Arc::get_mut(slot).is_some()) {
+            Some(free) => Arc::clone(&state.answers[free]),
+            None => {
+                let slot = Arc::<AtomicU64>::default();
+                state.answers.push(Arc::clone(&slot));
+                slot
+            }
+        };
         waiting.store(since, Ordering::Release);
         // A deadline may start where there was none.
         activity.changed(state);
