@@ -215,12 +215,14 @@ async fn queue_full_answers_503_at_once() {
 
     let first = client.get(pg.url("/api/a")).timeout(PATIENCE).send().await.unwrap();
     assert_eq!(first.status(), 200);
-    // The next slot is a second away: two callers fill the queue.
-    let queued: Vec<_> = ["/api/b", "/api/c"]
-        .into_iter()
-        .map(|path| tokio::spawn(client.get(pg.url(path)).timeout(PATIENCE).send()))
-        .collect();
-    assert!(pg.wait_status(PATIENCE, |s| queue_depth(s, "api") == Some(2)).await, "queue never reached 2");
+    // The next slot is a second away: two callers fill the queue, one
+    // after the other (sent at once, either could arrive first).
+    let mut queued = Vec::new();
+    for (path, depth) in [("/api/b", 1), ("/api/c", 2)] {
+        queued.push(tokio::spawn(client.get(pg.url(path)).timeout(PATIENCE).send()));
+        let reached = pg.wait_status(PATIENCE, |s| queue_depth(s, "api") == Some(depth)).await;
+        assert!(reached, "queue never reached {depth}");
+    }
 
     let started = Instant::now();
     let full = client.get(pg.url("/api/d")).timeout(PATIENCE).send().await.unwrap();
