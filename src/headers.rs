@@ -68,7 +68,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         // Nearly every head has one `Connection`: that one needs no Vec.
         let first = values.next();
         let rest: Vec<HeaderValue> = values.collect();
-        let listed = first.iter().chain(&rest).filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
+        // And it says `keep-alive`, a fixed name (see below): nothing to split.
+        let listing = first.iter().chain(&rest).filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"keep-alive"));
+        let listed = listing.filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
         for name in listed.map(str::trim) {
             // "keep-alive" and the like go below with the other fixed names
             // anyway: removing each here too cost a parse and a hash (a
@@ -143,6 +145,15 @@ mod tests {
         ]);
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.keys().collect::<Vec<_>>(), [header::CONTENT_LENGTH]);
+    }
+
+    #[test]
+    fn a_connection_line_of_keep_alive_alone_leaves_the_others_listed() {
+        let mut headers = head(&[("keep-alive", "timeout=5"), ("x-trace", "1"), ("x-kept", "1")]);
+        headers.append(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        headers.append(header::CONNECTION, HeaderValue::from_static("x-trace"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-kept"]);
     }
 
     #[test]

@@ -763,6 +763,27 @@ async fn shutdown_answers_every_queued_request() {
     assert!(started.elapsed() < Duration::from_secs(6), "shutdown took {:?}", started.elapsed());
 }
 
+/// An attempt still without an answer near the end of the grace gives up:
+/// its caller hears 503 `shutting_down` before its connection closes,
+/// instead of a cut connection after the attempt's own 60 s timeout.
+#[tokio::test]
+async fn shutdown_answers_an_attempt_the_upstream_never_answers() {
+    let mock = MockUpstream::start(Behaviour::new().script([Scripted::Stall])).await;
+    let config = format!("{}{}", server("shutdown_grace = \"2s\""), api(&mock.url(), "timeout = \"60s\""));
+    let mut pg = Pacegate::start_config(&config).await;
+    let request = tokio::spawn(builder().timeout(WAIT).build().unwrap().get(pg.url("/api/stalled")).send());
+    assert!(mock.wait_for_arrivals(1, WAIT).await, "the request never reached the upstream");
+    let started = Instant::now();
+    let run = pg.begin_shutdown();
+    let response = request.await.unwrap().expect("answered before the connection closed");
+    // The grace's last tenth is for answering; attempts give up half-way
+    // through it, 1.9 s in.
+    let answered = started.elapsed();
+    assert!(answered >= Duration::from_millis(1500), "gave up {answered:?} into a 2 s grace");
+    assert_pacegate_error(response, 503, "shutting_down", Some("api")).await;
+    tokio::time::timeout(WAIT, run).await.expect("shutdown finished").unwrap().unwrap();
+}
+
 /// A plain tunnel cannot be drained: shutdown waits for it up to
 /// `shutdown_grace`, then closes it.
 #[tokio::test]

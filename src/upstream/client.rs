@@ -8,10 +8,12 @@
 //! `ca_file` for private APIs). Pass-through traffic gets a client whose DNS
 //! drops guarded addresses ([`super::guard`]).
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -93,17 +95,18 @@ impl UpstreamClient {
     }
 
     /// Sends one attempt; `timeout` covers connect to the last byte of the head.
-    pub async fn send(
+    ///
+    /// Not an `async fn`, which would keep `request` in its state next to
+    /// the pool's future that took it (see [`Pool::send`]).
+    pub fn send(
         &self,
         request: Request<ProxyBody>,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send + '_ {
         // A reload may change `workers` before a restart applies it.
         let pool = &self.pools[workers::current() % self.pools.len()];
-        match tokio::time::timeout(timeout, pool.send(request)).await {
-            Err(_) => Err(SendError::Timeout(timeout)),
-            Ok(result) => result,
-        }
+        tokio::time::timeout(timeout, pool.send(request))
+            .map(move |answer| answer.unwrap_or(Err(SendError::Timeout(timeout))))
     }
 }
 

@@ -18,12 +18,12 @@
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use futures_util::future::{self, Either, Ready};
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use super::shared::{Limiter, Shared, Ticket};
@@ -73,7 +73,8 @@ impl Dispatcher {
             wake: Notify::new(),
             limiter: ArcSwapOption::new(limiter(upstream, store)),
             closed: AtomicBool::new(false),
-            closing: watch::Sender::new(None),
+            closing: OnceLock::new(),
+            closing_started: Notify::new(),
             budget: Mutex::new(RetryBudget::from_config(&upstream.retry)),
             owed: Mutex::new(Vec::new()),
         });
@@ -219,7 +220,9 @@ impl Dispatcher {
         let shared = self.shared();
         let cutoff = ends.checked_sub(margin).unwrap_or(ends);
         let last_call = ends.checked_sub(margin / 2).unwrap_or(ends);
-        shared.closing.send_replace(Some((last_call, ends)));
+        // The first close counts: a later one (a reload while closing) is the same.
+        let _ = shared.closing.set((last_call, ends));
+        shared.closing_started.notify_waiters();
         shared.change(|core| {
             let now = Instant::now();
             let refused = core.close(cutoff, ends, now);
@@ -234,10 +237,16 @@ impl Dispatcher {
     /// Resolves once shutdown started and an attempt without an answer
     /// must give up (see [`Self::close`]), with the grace's end.
     pub async fn last_call(&self) -> Instant {
-        let mut closing = self.shared().closing.subscribe();
-        let Ok(Some((last_call, ends))) = closing.wait_for(Option::is_some).await.map(|at| *at) else {
-            // The sender lives as long as `self`: never.
-            return std::future::pending().await;
+        let shared = self.shared();
+        let (last_call, ends) = loop {
+            // A plain `Notify`: every attempt waits on this, and a `watch`
+            // subscription cost more (callgrind, BENCHMARKS.md). Made
+            // before the look, it is woken by a close in between.
+            let started = shared.closing_started.notified();
+            if let Some(at) = shared.closing.get() {
+                break *at;
+            }
+            started.await;
         };
         tokio::time::sleep_until(last_call).await;
         ends

@@ -23,10 +23,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
+use futures_util::future::Either;
 use http::uri::{Authority, Parts, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version, header::HOST};
 use hyper::body::Incoming;
@@ -148,39 +150,46 @@ impl Pool {
     }
 
     /// Sends `request` on an idle connection to its origin, or a new one.
-    pub async fn send(
+    ///
+    /// Not an `async fn`: one keeps its arguments where they came in for as
+    /// long as it lives, and the request (240 bytes) would be there twice,
+    /// in every attempt's future (BENCHMARKS.md, issue 23).
+    #[allow(clippy::manual_async_fn)] // see above
+    pub fn send(
         self: &Arc<Self>,
         mut request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, SendError> {
-        let target = Target::of(request.uri())?;
-        loop {
-            let (mut sender, reused) = match self.checkout(&target) {
-                Some(sender) => (sender, true),
-                // Boxed: connecting (TLS, an h2 handshake) holds kilobytes
-                // that every request's future would otherwise carry and copy.
-                None => (Box::pin(self.connect(&target)).await?, false),
-            };
-            if let Sender::Http1(_) = sender {
-                for_http1(&mut request)?;
-            }
-            match sender.try_send(request).await {
-                Ok(response) => {
-                    self.release(target, sender);
-                    return Ok(response);
+    ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send + '_ {
+        async move {
+            let target = Target::of(request.uri())?;
+            loop {
+                let (mut sender, reused) = match self.checkout(&target) {
+                    Some(sender) => (sender, true),
+                    // Boxed: connecting (TLS, an h2 handshake) holds kilobytes
+                    // that every request's future would otherwise carry and copy.
+                    None => (Box::pin(self.connect(&target)).await?, false),
+                };
+                if let Sender::Http1(_) = sender {
+                    for_http1(&mut request)?;
                 }
-                // Closed before the request was written: legacy's
-                // `retry_canceled_requests`, on the next connection. Each
-                // turn drops the connection it tried (an h2 one from the
-                // pool too), so this ends at the latest on a new connection.
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if reused => {
-                        if let Sender::Http2(_) = sender {
-                            self.forget_http2(&target);
-                        }
-                        request = target.restore(unsent);
+                match sender.try_send(request).await {
+                    Ok(response) => {
+                        self.release(target, sender);
+                        return Ok(response);
                     }
-                    _ => return Err(SendError::Broken(error_chain(&error.into_error()))),
-                },
+                    // Closed before the request was written: legacy's
+                    // `retry_canceled_requests`, on the next connection. Each
+                    // turn drops the connection it tried (an h2 one from the
+                    // pool too), so this ends at the latest on a new connection.
+                    Err(mut error) => match error.take_message() {
+                        Some(unsent) if reused => {
+                            if let Sender::Http2(_) = sender {
+                                self.forget_http2(&target);
+                            }
+                            request = target.restore(unsent);
+                        }
+                        _ => return Err(SendError::Broken(error_chain(&error.into_error()))),
+                    },
+                }
             }
         }
     }
@@ -358,13 +367,15 @@ impl Origin {
 // === impl Sender, Target ===
 
 impl Sender {
-    async fn try_send(
+    /// Hands `request` to the connection now; the future waits for the answer.
+    fn try_send(
         &mut self,
         request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<ProxyBody>>> {
+    ) -> impl Future<Output = Result<Response<Incoming>, TrySendError<Request<ProxyBody>>>> + Send + use<>
+    {
         match self {
-            Self::Http1(sender) => sender.try_send_request(request).await,
-            Self::Http2(sender) => sender.try_send_request(request).await,
+            Self::Http1(sender) => Either::Left(sender.try_send_request(request)),
+            Self::Http2(sender) => Either::Right(sender.try_send_request(request)),
         }
     }
 }

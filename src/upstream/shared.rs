@@ -2,11 +2,11 @@
 //! admission core behind its lock, the driver's wake-up, the shared limiter.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::admission::{Admission, Confirm, Refusal, Waiter};
@@ -105,7 +105,9 @@ pub(super) struct Shared {
     pub budget: Mutex<RetryBudget>,
     /// Set when shutdown starts: (when attempts still without an answer
     /// give up, when the grace ends).
-    pub closing: watch::Sender<Option<(Instant, Instant)>>,
+    pub closing: OnceLock<(Instant, Instant)>,
+    /// Wakes the attempts waiting for `closing`.
+    pub closing_started: Notify,
     /// With `[redis]`: settled token corrections the shared schedule still
     /// owes, as (partition, limit index, units), one entry per pair.
     pub owed: Mutex<Vec<(u64, usize, i64)>>,
