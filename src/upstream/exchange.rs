@@ -161,49 +161,58 @@ impl Upstream {
             // Every attempt holds its own token reservation, taken with its ticket.
             let granted = ticket.granted;
             let mut reserved = priced.map(|p| Reserved::new(&self.dispatcher, place.partition, p, granted));
-            let attempt_body = body.for_attempt().unwrap_or_else(body::empty);
-            let send = client.send(outbound_request(head, attempt_body), self.config.timeout);
-            // Shutting down, an attempt still without an answer near the end
-            // of the grace gives up, so that the caller hears why.
-            let result = tokio::select! {
-                biased;
-                result = send => result,
-                ends = self.dispatcher.last_call() => return Err(self.refused(shutting_down(ends), head)),
-            };
-            self.observe_attempt(&result, sent_at);
-            if let Some(failed) = self.config.breaker.as_ref().and_then(|b| breaker_outcome(b, &result)) {
-                self.dispatcher.record_outcome(sent_at, failed);
-            }
-            // A 429 whose headers do not say which token quota it is about:
-            // its small error body may, so it is read now (bounded) and
-            // replayed to the caller unchanged.
-            let result = match result {
-                Ok(response) if self.reads_refusal(&response, needs) => {
-                    Answered::Read(self.read_refusal(response).await)
+            // Scoped: a local once borrowed stays in this future until its
+            // scope ends, and the attempt's answer is not to be kept there
+            // across the waits for a retry below.
+            let (result, reason, retry_after) = {
+                let attempt_body = body.for_attempt().unwrap_or_else(body::empty);
+                // Boxed on its own, as is every wait on the way to a retry below:
+                // held inline, they made this future 1.9 KB, more than glibc's
+                // per-thread cache serves (1 KB), and both boxes now fit in it.
+                let send = Box::pin(client.send(outbound_request(head, attempt_body), self.config.timeout));
+                // Shutting down, an attempt still without an answer near the end
+                // of the grace gives up, so that the caller hears why.
+                let result = tokio::select! {
+                    biased;
+                    result = send => result,
+                    ends = self.dispatcher.last_call() => return Err(self.refused(shutting_down(ends), head)),
+                };
+                self.observe_attempt(&result, sent_at);
+                if let Some(failed) = self.config.breaker.as_ref().and_then(|b| breaker_outcome(b, &result)) {
+                    self.dispatcher.record_outcome(sent_at, failed);
                 }
-                result => Answered::Live(result),
+                // A 429 whose headers do not say which token quota it is about:
+                // its small error body may, so it is read now (bounded) and
+                // replayed to the caller unchanged.
+                let result = match result {
+                    Ok(response) if self.reads_refusal(&response, needs) => {
+                        Answered::Read(Box::pin(self.read_refusal(response)).await)
+                    }
+                    result => Answered::Live(result),
+                };
+                let retry_after = self.learn(&result, sent_at, attempt, (place.partition, needs));
+                if result.not_processed()
+                    && let Some(reserved) = reserved.take()
+                {
+                    reserved.settle(Settlement::NotProcessed);
+                }
+                let outcome = result.outcome();
+                let Decision::Retry(reason) = retry::classify(retry, &head.method, idempotency_key, &outcome)
+                else {
+                    return Ok(self.answer(result, ticket, reserved, attempt, queued));
+                };
+                let give_up = attempt >= retry.max_attempts.get()
+                    || retry::retry_after_too_long(retry, retry_after)
+                    || !body.replayable()
+                    || !self.dispatcher.withdraw_retry();
+                if give_up {
+                    return Ok(self.answer(result, ticket, reserved, attempt, queued));
+                }
+                (result, reason, retry_after)
             };
-            let retry_after = self.learn(&result, sent_at, attempt, (place.partition, needs));
-            if result.not_processed()
-                && let Some(reserved) = reserved.take()
-            {
-                reserved.settle(Settlement::NotProcessed);
-            }
-            let outcome = result.outcome();
-            let Decision::Retry(reason) = retry::classify(retry, &head.method, idempotency_key, &outcome)
-            else {
-                return Ok(self.answer(result, ticket, reserved, attempt, queued));
-            };
-            let give_up = attempt >= retry.max_attempts.get()
-                || retry::retry_after_too_long(retry, retry_after)
-                || !body.replayable()
-                || !self.dispatcher.withdraw_retry();
-            if give_up {
-                return Ok(self.answer(result, ticket, reserved, attempt, queued));
-            }
             // Keep the answer and free the upstream connection and the slot;
             // a kept answer is not read for usage: its reservation stands.
-            let last = result.keep().await;
+            let last = Box::pin(result.keep()).await;
             drop(reserved);
             drop(ticket);
             let delay = retry::delay(retry, attempt, retry_after, &mut rand::rng());
@@ -217,23 +226,35 @@ impl Upstream {
                 reason = reason.as_str(),
                 "retry"
             );
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                // Shutting down: no time for another attempt.
-                _ = self.dispatcher.last_call() => return Ok(self.kept_answer(last, attempt, queued)),
-            }
             // Waiting out a backoff is not waiting in the queue.
             deadline += delay;
-            ticket = match self.dispatcher.rejoin(place, needs.clone(), deadline).await {
+            ticket = match Box::pin(self.backoff(delay, place, needs, deadline)).await {
                 Ok(ticket) => ticket,
                 // The breaker opened meanwhile and this retry cannot wait for it.
                 Err(refusal @ Refusal::CircuitOpen { .. }) => return Err(self.refused(refusal, head)),
+                // Shutting down (no time for another attempt), or no turn in time.
                 Err(_) => return Ok(self.kept_answer(last, attempt, queued)),
             };
             self.observe_wait(&ticket);
             queued += ticket.waited;
             attempt += 1;
         }
+    }
+
+    /// Sleeps a retry's `delay`, then queues again at the head of `place`
+    /// until `deadline`; shutdown's last call cuts the sleep short.
+    async fn backoff(
+        &self,
+        delay: Duration,
+        place: Place,
+        needs: &Needs,
+        deadline: Instant,
+    ) -> Result<Ticket, Refusal> {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            ends = self.dispatcher.last_call() => return Err(shutting_down(ends)),
+        }
+        self.dispatcher.rejoin(place, needs.clone(), deadline).await
     }
 
     /// Reads a 429's body whole, at most [`llm::REFUSAL_BODY_BYTES`] within
