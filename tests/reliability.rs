@@ -769,19 +769,11 @@ async fn shutdown_answers_every_queued_request() {
 #[tokio::test]
 async fn shutdown_answers_an_attempt_the_upstream_never_answers() {
     let mock = MockUpstream::start(Behaviour::new().script([Scripted::Stall])).await;
-    let config = format!("{}{}", server("shutdown_grace = \"2s\""), api(&mock.url(), "timeout = \"60s\""));
-    let mut pg = Pacegate::start_config(&config).await;
-    let request = tokio::spawn(builder().timeout(WAIT).build().unwrap().get(pg.url("/api/stalled")).send());
-    assert!(mock.wait_for_arrivals(1, WAIT).await, "the request never reached the upstream");
-    let started = Instant::now();
-    let run = pg.begin_shutdown();
-    let response = request.await.unwrap().expect("answered before the connection closed");
+    let (response, answered) = shut_down_with_one_request_out(&mock, "timeout = \"60s\"").await;
     // The grace's last tenth is for answering; attempts give up half-way
     // through it, 1.9 s in.
-    let answered = started.elapsed();
     assert!(answered >= Duration::from_millis(1500), "gave up {answered:?} into a 2 s grace");
     assert_pacegate_error(response, 503, "shutting_down", Some("api")).await;
-    tokio::time::timeout(WAIT, run).await.expect("shutdown finished").unwrap().unwrap();
 }
 
 /// Shutting down while a retry waits out its backoff: the caller gets the
@@ -792,22 +784,31 @@ async fn shutdown_answers_a_retry_in_its_backoff_with_the_answer_kept() {
     let busy = Scripted::Status { status: 503, headers: vec![("retry-after".into(), "30".into())] };
     let mock = MockUpstream::start(Behaviour::new().script([busy])).await;
     let retry = "[upstream.retry]\nmax_attempts = 3\nmax_retry_after = \"60s\"\n";
-    let config = format!("{}{}", server("shutdown_grace = \"2s\""), api(&mock.url(), retry));
-    let mut pg = Pacegate::start_config(&config).await;
-    let request = tokio::spawn(builder().timeout(WAIT).build().unwrap().get(pg.url("/api/busy")).send());
-    assert!(mock.wait_for_arrivals(1, WAIT).await, "the request never reached the upstream");
-    let started = Instant::now();
-    let run = pg.begin_shutdown();
-    let response = request.await.unwrap().expect("answered before the connection closed");
+    let (response, answered) = shut_down_with_one_request_out(&mock, retry).await;
     // Its backoff would last 30 s; the grace's last call comes 1.9 s in.
-    let answered = started.elapsed();
     assert!(answered < Duration::from_secs(5), "answered {answered:?} into a 2 s grace");
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["x-pacegate-attempts"], "1");
     assert_eq!(response.headers()["retry-after"], "30", "the upstream's answer, not pacegate's");
     assert!(response.headers().get("x-pacegate-error").is_none(), "{:?}", response.headers());
     assert_eq!(mock.arrivals().len(), 1, "no second attempt");
+}
+
+/// Sends one request to `api` (with `extra` config) in front of `mock`,
+/// shuts down with a 2 s grace once it reached the mock, and returns its
+/// answer and how long after the start of shutdown it came; shutdown must
+/// then finish.
+async fn shut_down_with_one_request_out(mock: &MockUpstream, extra: &str) -> (reqwest::Response, Duration) {
+    let config = format!("{}{}", server("shutdown_grace = \"2s\""), api(&mock.url(), extra));
+    let mut pg = Pacegate::start_config(&config).await;
+    let request = tokio::spawn(builder().timeout(WAIT).build().unwrap().get(pg.url("/api/out")).send());
+    assert!(mock.wait_for_arrivals(1, WAIT).await, "the request never reached the upstream");
+    let started = Instant::now();
+    let run = pg.begin_shutdown();
+    let response = request.await.unwrap().expect("answered before the connection closed");
+    let answered = started.elapsed();
     tokio::time::timeout(WAIT, run).await.expect("shutdown finished").unwrap().unwrap();
+    (response, answered)
 }
 
 /// A plain tunnel cannot be drained: shutdown waits for it up to
