@@ -111,8 +111,8 @@ impl Upstream {
     /// A queue may hold many thousands of requests, each holding this
     /// future's state while it waits: hence the request borrowed from the
     /// caller's step that owns it, and the attempt loop boxed once a ticket
-    /// is in hand (answers kept for a retry, the client's future and backoff
-    /// timers are more than half of the state).
+    /// is in hand: a queued request does not carry what its attempts will
+    /// hold (the client's future, answers kept for a retry, timers).
     pub fn exchange<'a>(
         &'a self,
         client: &'a UpstreamClient,
