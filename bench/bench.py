@@ -38,6 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 # PACEGATE_BIN: another build to measure (bench/compare.sh sets it).
 PACEGATE = Path(os.environ.get("PACEGATE_BIN", ROOT / "target" / "release" / "pacegate"))
+# The profile-guided build the image ships (scripts/build-pgo.sh), measured
+# beside the plain one in the overhead scenario; not when PACEGATE_BIN
+# names another build to measure.
+PACEGATE_PGO = None if "PACEGATE_BIN" in os.environ else ROOT / "target" / "pgo" / "pacegate"
 MOCK = ROOT / "target" / "release" / "examples" / "mock_upstream"
 LLM_MOCK = ROOT / "target" / "release" / "examples" / "llm_mock"
 # hyper 1 on both sides and nothing else: the floor under pacegate's pass-through.
@@ -93,7 +97,7 @@ class Mock:
 
 
 class Pacegate:
-    def __init__(self, upstreams, server="", preload=None):
+    def __init__(self, upstreams, server="", preload=None, binary=PACEGATE):
         self.config = WORK / f"pacegate-{time.monotonic_ns()}.toml"
         self.config.write_text(
             f'[server]\nlisten = "127.0.0.1:0"\nadmin_listen = "127.0.0.1:0"\n{server}\n{upstreams}')
@@ -101,7 +105,7 @@ class Pacegate:
         env = {**os.environ, "PACEGATE_LOG": "warn,pacegate=info"}
         if preload:  # another allocator, e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2
             env["LD_PRELOAD"] = preload
-        self.proc = subprocess.Popen([str(PACEGATE), "--config", str(self.config), "--log-format", "json"],
+        self.proc = subprocess.Popen([str(binary), "--config", str(self.config), "--log-format", "json"],
                                      stderr=subprocess.PIPE, text=True, env=env)
         m = await_line(self.proc.stderr, r"listening proxy=(\S+) admin=([0-9.:]+)", timeout=60)
         self.startup = time.monotonic() - started
@@ -494,17 +498,23 @@ shutdown_lifetime 1 seconds
         targets["mitmproxy"] = ("interception", "mitmproxy", f"127.0.0.1:{port}")
         # pacegate: one upstream claims the route (reverse), 127.0.0.1:static
         # (forward) and bench.test (interception).
-        pg = Pacegate(upstream("static", f"http://127.0.0.1:{static}", "1000000/s",
-                               "burst = 100000\nmax_concurrency = 1024").replace(
-                                   "hosts = []", f'hosts = ["127.0.0.1:{static}", "bench.test"]'),
+        unlimited = upstream("static", f"http://127.0.0.1:{static}", "1000000/s",
+                             "burst = 100000\nmax_concurrency = 1024")
+        pg = Pacegate(unlimited.replace("hosts = []", f'hosts = ["127.0.0.1:{static}", "bench.test"]'),
                       server=f"workers = {cores}")
         targets["pacegate reverse"] = ("reverse", "pacegate", f"http://{pg.proxy}/static/")
+        pgo = None
+        if PACEGATE_PGO and PACEGATE_PGO.exists():  # reverse only: the issue-23 target
+            pgo = Pacegate(unlimited, server=f"workers = {cores}", binary=PACEGATE_PGO)
+            targets["pacegate reverse, PGO"] = ("reverse", "pacegate PGO", f"http://{pgo.proxy}/static/")
         targets["pacegate forward"] = ("forward", "pacegate", f"http://{pg.proxy}/")
         targets["pacegate interception"] = ("interception", "pacegate", pg.proxy)
         forward_lua = WORK / "forward.lua"
         forward_lua.write_text(f'wrk.path = "http://127.0.0.1:{static}/"\n'
                                + (ROOT / "bench" / "wrk_report.lua").read_text())
         pids = {name: peer.proc.pid for name, peer in peers.items()} | {"pacegate": pg.proc.pid}
+        if pgo:
+            pids["pacegate PGO"] = pgo.proc.pid
         cas = {"mitmproxy": confdir / "mitmproxy-ca-cert.pem", "pacegate": pg.config.parent / "ca.pem"}
 
         def load(name, seconds, connections=64):
@@ -517,8 +527,8 @@ shutdown_lifetime 1 seconds
             return lambda: wrk(url, seconds, threads=1, connections=connections, script=script)
 
         targets = {"direct": ("reverse", None, f"http://127.0.0.1:{static}/"), **targets}
-        order = ["direct", "nginx", "haproxy", "hyper floor", "pacegate reverse", "squid", "pacegate forward",
-                 "mitmproxy", "pacegate interception"]
+        reverse = [name for name in targets if targets[name][0] == "reverse"]
+        order = reverse + ["squid", "pacegate forward", "mitmproxy", "pacegate interception"]
         for name in order:  # warm connections, pools and TLS sessions
             load(name, 1)()
         runs = {name: [] for name in order}
@@ -528,11 +538,13 @@ shutdown_lifetime 1 seconds
                 run = load(name, seconds)
                 runs[name].append(measured(pids[proxy], run) if proxy else run())
         # Added latency at one connection: a closed loop, nothing queues.
-        single = {name: [] for name in order[:5]}
+        single = {name: [] for name in reverse}
         for _ in range(rounds):
             for name in single:
                 single[name].append(load(name, 2, connections=1)())
         pg.stop()
+        if pgo:
+            pgo.stop()
     finally:
         for peer in peers.values():
             peer.stop()
