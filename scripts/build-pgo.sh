@@ -14,8 +14,8 @@
 #
 # Installs what it needs when missing: rustup's llvm-tools, and wrk and curl
 # from Debian when root. Up to date (nothing under src/, Cargo.toml,
-# Cargo.lock or this script newer than target/pgo/pacegate): does nothing. About 20 minutes
-# on 2 cores from nothing, most of it the two builds.
+# Cargo.lock or this script newer than target/pgo/pacegate): does nothing.
+# About 20 minutes on 2 cores from nothing, most of it the two builds.
 # Usage: scripts/build-pgo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,13 +36,15 @@ source scripts/packages.sh
 need_packages "${missing[@]}"
 
 echo "== instrumented build"
-rm -rf "$out/raw"
 RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$PWD/$out/raw" \
   cargo build --release --locked --quiet --bin pacegate --target-dir "$out/gen"
 # The upstream is not profiled: its plain build, in the usual place.
 cargo build --release --locked --quiet --example mock_upstream --example llm_mock
 
 echo "== training run"
+# Only this run's counts: a fresh build's build scripts and proc macros are
+# instrumented too, and wrote theirs while it compiled.
+rm -rf "$out/raw"
 serve() {  # serve NAME EXAMPLE ARGS...: starts a mock upstream; $NAME is its address
   local name=$1 example=$2 line
   shift 2
