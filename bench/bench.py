@@ -46,6 +46,8 @@ MOCK = ROOT / "target" / "release" / "examples" / "mock_upstream"
 LLM_MOCK = ROOT / "target" / "release" / "examples" / "llm_mock"
 # hyper 1 on both sides and nothing else: the floor under pacegate's pass-through.
 FLOOR = ROOT / "target" / "release" / "examples" / "hyper_floor"
+# The floor built as PACEGATE_PGO is (scripts/build-pgo.sh --floor), measured beside it.
+FLOOR_PGO = ROOT / "target" / "pgo" / "hyper_floor"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WORK = Path(tempfile.mkdtemp(prefix="pacegate-bench-"))
 
@@ -457,6 +459,12 @@ backend be
         peers["hyper floor"] = Peer([str(FLOOR), f"127.0.0.1:{port}", f"127.0.0.1:{static}", str(cores)],
                                     lambda: answers(f"http://127.0.0.1:{port}/"), "hyper floor")
         targets["hyper floor"] = ("reverse", "hyper floor", f"http://127.0.0.1:{port}/")
+        if PACEGATE_PGO and FLOOR_PGO.exists():
+            port = free_port()
+            peers["hyper floor, PGO"] = Peer([str(FLOOR_PGO), f"127.0.0.1:{port}", f"127.0.0.1:{static}",
+                                              str(cores)],
+                                             lambda: answers(f"http://127.0.0.1:{port}/"), "hyper floor, PGO")
+            targets["hyper floor, PGO"] = ("reverse", "hyper floor, PGO", f"http://127.0.0.1:{port}/")
         port = free_port()
         squid = WORK / "squid"
         squid.mkdir(exist_ok=True)
@@ -1527,7 +1535,7 @@ def overhead_chart(o, plt):
     """req/s, latency and CPU per request of every target, by mode."""
     names = list(o)
     colours = ["tab:orange" if n.startswith("pacegate") else "tab:grey" if n == "direct"
-               else "tab:green" if n == "hyper floor" else "tab:blue" for n in names]
+               else "tab:green" if n.startswith("hyper floor") else "tab:blue" for n in names]
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 4))
     a.bar(names, [o[n]["rps"] for n in names], color=colours)
     a.set_title("requests/s")
@@ -1567,7 +1575,7 @@ def overhead_table(o):
              "|---|---|---|---|---|---|---|---|---|---|"]
     peer = {"reverse": "nginx", "forward": "squid", "interception": "mitmproxy"}
     for name, v in o.items():
-        measured = name.startswith("pacegate") or name == "hyper floor"
+        measured = name.startswith(("pacegate", "hyper floor"))
         ratio = f"{v['rps'] / o[peer[v['mode']]]['rps']:.2f}×" if measured else ""
         cpu = (f"{v['user_us']:.1f} | {v['system_us']:.1f}") if "user_us" in v else "- | -"
         lines.append(f"| {v['mode']} | {name} | {v['rps']:.0f} | {ratio} | {v['p50_us']/1000:.2f} ms | "

@@ -4,24 +4,51 @@
 # image ships this build; BENCHMARKS.md measures it next to the plain one
 # (about a fifth less CPU per proxied request on 2 cores).
 #
-# 1. builds pacegate instrumented (every crate again, in target/pgo/gen);
+# 1. builds pacegate instrumented (every crate again, in target/pgo/pacegate-gen);
 # 2. runs it for about 30 s against the mock upstreams: pass-through (many
 #    connections and one), forward, HTTPS interception, uploads, a paced
 #    and cached upstream that keeps a queue, an upstream answering 429
 #    (retries), chat completions under a token quota;
 # 3. merges the profile with llvm-profdata of rustc's own LLVM;
-# 4. builds again with the profile (target/pgo/use) and copies the binary.
+# 4. builds again with the profile (target/pgo/pacegate-use) and copies the
+#    binary.
+#
+# With --floor it also builds target/pgo/hyper_floor the same way (trained
+# for 5 s of pass-through), so that the bench compares a profile-guided
+# pacegate with a profile-guided floor. The floor has builds of its own
+# (target/pgo/floor-gen, floor-use): an example brings in the
+# dev-dependencies' features (tokio's test-util among them), which must not
+# reach pacegate's binary, and they change every crate's symbols, which a
+# profile is matched by.
 #
 # Installs what it needs when missing: rustup's llvm-tools, and wrk and curl
-# from Debian when root. Up to date (nothing under src/, Cargo.toml,
-# Cargo.lock or this script newer than target/pgo/pacegate): does nothing.
-# About 20 minutes on 2 cores from nothing, most of it the two builds.
-# Usage: scripts/build-pgo.sh
+# from Debian when root. Does nothing for a binary that is up to date (none
+# of src/, Cargo.toml, Cargo.lock, this script, and for the floor its
+# source, newer than it). About 20 minutes on 2 cores from nothing, most of
+# it the two builds; the floor's take as long again.
+# Usage: scripts/build-pgo.sh [--floor]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=target/pgo
-if [ -x "$out/pacegate" ] && [ -z "$(find src Cargo.toml Cargo.lock scripts/build-pgo.sh -newer "$out/pacegate" -print -quit)" ]; then
+fresh() {  # fresh BINARY SOURCES...: BINARY exists and no source is newer
+  local binary=$1
+  shift
+  [ -x "$binary" ] && [ -z "$(find "$@" -newer "$binary" -print -quit)" ]
+}
+sources=(src Cargo.toml Cargo.lock scripts/build-pgo.sh)
+build_pacegate=true build_floor=false
+if fresh "$out/pacegate" "${sources[@]}"; then
   echo "$out/pacegate is up to date"
+  build_pacegate=false
+fi
+if [ "${1:-}" = --floor ]; then
+  if fresh "$out/hyper_floor" "${sources[@]}" examples/hyper_floor.rs; then
+    echo "$out/hyper_floor is up to date"
+  else
+    build_floor=true
+  fi
+fi
+if ! $build_pacegate && ! $build_floor; then
   exit 0
 fi
 source scripts/common.sh
@@ -35,16 +62,8 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 source scripts/packages.sh
 need_packages "${missing[@]}"
 
-echo "== instrumented build"
-RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$PWD/$out/raw" \
-  cargo build --release --locked --quiet --bin pacegate --target-dir "$out/gen"
-# The upstream is not profiled: its plain build, in the usual place.
+# The upstreams are not profiled: their plain build, in the usual place.
 cargo build --release --locked --quiet --example mock_upstream --example llm_mock
-
-echo "== training run"
-# Only this run's counts: a fresh build's build scripts and proc macros are
-# instrumented too, and wrote theirs while it compiled.
-rm -rf "$out/raw"
 serve() {  # serve NAME EXAMPLE ARGS...: starts a mock upstream; $NAME is its address
   local name=$1 example=$2 line
   shift 2
@@ -53,6 +72,35 @@ serve() {  # serve NAME EXAMPLE ARGS...: starts a mock upstream; $NAME is its ad
   line=$(await_line "$work/$name.log" 'listening [0-9.:]*')
   printf -v "$name" '%s' "${line#listening }"
 }
+load() { wrk -t1 "$@" | awk '/Requests\/sec/ {print "   ", $2, "req/s"} /Non-2xx/ {print "   ", $0}'; }
+# build_pgo NAME TARGET... -- TRAINING...: builds the cargo TARGETs
+# instrumented in $out/NAME-gen, runs the TRAINING command, merges the
+# profiles its run wrote into $out/NAME.profdata and builds again with them
+# in $out/NAME-use.
+build_pgo() {
+  local name=$1 targets=()
+  shift
+  while [ "$1" != -- ]; do
+    targets+=("$1")
+    shift
+  done
+  shift
+  echo "== $name: instrumented build"
+  RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$PWD/$out/$name-raw" \
+    cargo build --release --locked --quiet "${targets[@]}" --target-dir "$out/$name-gen"
+  echo "== $name: training run"
+  # Only this run's counts: a fresh build's build scripts and proc macros are
+  # instrumented too, and wrote theirs while it compiled.
+  rm -rf "$out/$name-raw"
+  "$@"
+  echo "== $name: optimised build"
+  "$profdata" merge -o "$out/$name.profdata" "$out/$name-raw"
+  RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$PWD/$out/$name.profdata" \
+    cargo build --release --locked --quiet "${targets[@]}" --target-dir "$out/$name-use"
+}
+
+# Not indented: it writes files from here-documents.
+train_pacegate() {
 serve open mock_upstream --ignore-stdin
 serve paced mock_upstream --ignore-stdin
 serve limited mock_upstream --ignore-stdin --limit 200/1000
@@ -100,7 +148,7 @@ tokens = "100000000/min"
 default_max_tokens = 256
 token_accounting = "usage"
 EOF
-"$out/gen/release/pacegate" --config "$work/pacegate.toml" > "$work/pacegate.log" 2>&1 &
+"$out/pacegate-gen/release/pacegate" --config "$work/pacegate.toml" > "$work/pacegate.log" 2>&1 &
 pacegate=$!
 pids+=("$pacegate")
 proxy=$(await_line "$work/pacegate.log" 'listening proxy=[0-9.:]*' | cut -d= -f2)
@@ -112,7 +160,6 @@ wrk.method = "POST"
 wrk.body = '{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user","content":"Say in two sentences how this API counts its rate limits."}]}'
 wrk.headers["Content-Type"] = "application/json"
 EOF
-load() { wrk -t1 "$@" | awk '/Requests\/sec/ {print "   ", $2, "req/s"} /Non-2xx/ {print "   ", $0}'; }
 load -c64 -d6s "http://$proxy/open/a?b=c"
 load -c1 -d3s "http://$proxy/open/a"
 load -c64 -d3s -s "$work/forward.lua" "http://$proxy/"
@@ -126,10 +173,27 @@ intercepted=$(timeout 20 curl -s --no-progress-meter --http1.1 -x "http://$proxy
 echo "    $intercepted intercepted HTTPS requests answered 200"
 kill -TERM "$pacegate"
 wait "$pacegate"  # the profile is written as it exits
+}
 
-echo "== optimised build"
-"$profdata" merge -o "$out/pacegate.profdata" "$out/raw"
-RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$PWD/$out/pacegate.profdata" \
-  cargo build --release --locked --quiet --bin pacegate --target-dir "$out/use"
-cp "$out/use/release/pacegate" "$out/pacegate"
-echo "built $out/pacegate"
+train_floor() {
+  serve static mock_upstream --ignore-stdin
+  "$out/floor-gen/release/examples/hyper_floor" 127.0.0.1:0 "$static" 2 > "$work/floor.log" 2>&1 &
+  local floor=$! line
+  pids+=("$floor")
+  line=$(await_line "$work/floor.log" 'listening [0-9.:]*')
+  load -c64 -d3s "http://${line#listening }/"
+  load -c1 -d2s "http://${line#listening }/"
+  kill -TERM "$floor"
+  wait "$floor"  # as pacegate's, its profile is written as it exits
+}
+
+if $build_pacegate; then
+  build_pgo pacegate --bin pacegate -- train_pacegate
+  cp "$out/pacegate-use/release/pacegate" "$out/pacegate"
+  echo "built $out/pacegate"
+fi
+if $build_floor; then
+  build_pgo floor --example hyper_floor -- train_floor
+  cp "$out/floor-use/release/examples/hyper_floor" "$out/hyper_floor"
+  echo "built $out/hyper_floor"
+fi
