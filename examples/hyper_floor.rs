@@ -18,6 +18,7 @@
 //! and tokio's own.
 
 use std::net::SocketAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -59,7 +60,8 @@ fn main() -> Result<(), Error> {
     for socket in sockets {
         let (listening, ended) = (listening.clone(), ended.clone());
         std::thread::spawn(move || {
-            let _ = ended.send(worker(socket, upstream, listening));
+            let run = AssertUnwindSafe(|| worker(socket, upstream, listening));
+            let _ = ended.send(catch_unwind(run).unwrap_or_else(|_| Err("a worker panicked".into())));
         });
     }
     drop(listening);
