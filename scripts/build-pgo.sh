@@ -73,30 +73,24 @@ serve() {  # serve NAME EXAMPLE ARGS...: starts a mock upstream; $NAME is its ad
   printf -v "$name" '%s' "${line#listening }"
 }
 load() { wrk -t1 "$@" | awk '/Requests\/sec/ {print "   ", $2, "req/s"} /Non-2xx/ {print "   ", $0}'; }
-# build_pgo NAME TARGET... -- TRAINING...: builds the cargo TARGETs
-# instrumented in $out/NAME-gen, runs the TRAINING command, merges the
-# profiles its run wrote into $out/NAME.profdata and builds again with them
-# in $out/NAME-use.
+# build_pgo NAME TRAINING CARGO_TARGET...: builds the target instrumented in
+# $out/NAME-gen, runs the TRAINING function, merges the profiles its run
+# wrote into $out/NAME.profdata and builds again with them in $out/NAME-use.
 build_pgo() {
-  local name=$1 targets=()
-  shift
-  while [ "$1" != -- ]; do
-    targets+=("$1")
-    shift
-  done
-  shift
+  local name=$1 training=$2
+  shift 2
   echo "== $name: instrumented build"
   RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$PWD/$out/$name-raw" \
-    cargo build --release --locked --quiet "${targets[@]}" --target-dir "$out/$name-gen"
+    cargo build --release --locked --quiet "$@" --target-dir "$out/$name-gen"
   echo "== $name: training run"
   # Only this run's counts: a fresh build's build scripts and proc macros are
   # instrumented too, and wrote theirs while it compiled.
   rm -rf "$out/$name-raw"
-  "$@"
+  "$training"
   echo "== $name: optimised build"
   "$profdata" merge -o "$out/$name.profdata" "$out/$name-raw"
   RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$PWD/$out/$name.profdata" \
-    cargo build --release --locked --quiet "${targets[@]}" --target-dir "$out/$name-use"
+    cargo build --release --locked --quiet "$@" --target-dir "$out/$name-use"
 }
 
 # Not indented: it writes files from here-documents.
@@ -188,12 +182,12 @@ train_floor() {
 }
 
 if $build_pacegate; then
-  build_pgo pacegate --bin pacegate -- train_pacegate
+  build_pgo pacegate train_pacegate --bin pacegate
   cp "$out/pacegate-use/release/pacegate" "$out/pacegate"
   echo "built $out/pacegate"
 fi
 if $build_floor; then
-  build_pgo floor --example hyper_floor -- train_floor
+  build_pgo floor train_floor --example hyper_floor
   cp "$out/floor-use/release/examples/hyper_floor" "$out/hyper_floor"
   echo "built $out/hyper_floor"
 fi
