@@ -455,16 +455,16 @@ backend be
         peers["haproxy"] = Peer([shutil.which("haproxy") or "/usr/sbin/haproxy", "-W", "-db", "-f", str(WORK / "haproxy.cfg")],
                                 lambda: answers(f"http://127.0.0.1:{port}/"), "haproxy")
         targets["haproxy"] = ("reverse", "haproxy", f"http://127.0.0.1:{port}/")
-        port = free_port()
-        peers["hyper floor"] = Peer([str(FLOOR), f"127.0.0.1:{port}", f"127.0.0.1:{static}", str(cores)],
-                                    lambda: answers(f"http://127.0.0.1:{port}/"), "hyper floor")
-        targets["hyper floor"] = ("reverse", "hyper floor", f"http://127.0.0.1:{port}/")
+
+        def floor(name, binary):
+            listen = f"127.0.0.1:{free_port()}"
+            url = f"http://{listen}/"
+            peers[name] = Peer([str(binary), listen, f"127.0.0.1:{static}", str(cores)], lambda: answers(url), name)
+            targets[name] = ("reverse", name, url)
+
+        floor("hyper floor", FLOOR)
         if PACEGATE_PGO and FLOOR_PGO.exists():
-            port = free_port()
-            peers["hyper floor, PGO"] = Peer([str(FLOOR_PGO), f"127.0.0.1:{port}", f"127.0.0.1:{static}",
-                                              str(cores)],
-                                             lambda: answers(f"http://127.0.0.1:{port}/"), "hyper floor, PGO")
-            targets["hyper floor, PGO"] = ("reverse", "hyper floor, PGO", f"http://127.0.0.1:{port}/")
+            floor("hyper floor, PGO", FLOOR_PGO)
         port = free_port()
         squid = WORK / "squid"
         squid.mkdir(exist_ok=True)
