@@ -1,9 +1,10 @@
 //! Shutdown: which waiters can still leave before the grace is over.
 //!
 //! When pacegate stops, every queued request must get an answer while its
-//! connection is still open (SPEC: 503 `shutting_down` for what cannot be
-//! served within `shutdown_grace`). The core is told a *cutoff*, the last
-//! instant an attempt may leave, and the instant the grace ends. Then:
+//! connection is still open (docs/operations.md, "Shutdown": 503
+//! `shutting_down` for what cannot be served within `shutdown_grace`). The
+//! core is told a *cutoff*, the last instant an attempt may leave, and the
+//! instant the grace ends. Then:
 //! - at once, each partition keeps the waiters its pacing could possibly
 //!   let go before the cutoff (its burst plus its rate over the time left
 //!   after any cooldown), in serving order within each of its queues, and

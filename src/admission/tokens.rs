@@ -1,4 +1,4 @@
-//! LLM token quotas in the admission core (SPEC: "Costs: LLM tokens").
+//! LLM token quotas in the admission core (docs/tokens.md).
 //!
 //! A token quota (`tokens`, `input_tokens`, `output_tokens`) is an endpoint
 //! limit like any other: it comes after the upstream's `[[upstream.limit]]`s,

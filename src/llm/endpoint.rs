@@ -1,4 +1,4 @@
-//! Which requests are LLM calls (SPEC: "Which requests are LLM calls").
+//! Which requests are LLM calls (docs/tokens.md: "Which calls take tokens").
 //!
 //! Decided from the head alone, before the body is read, so the proxy knows
 //! whether to buffer and estimate at all.

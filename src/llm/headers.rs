@@ -1,5 +1,5 @@
 //! What an LLM API says about its token quotas, read from answer headers
-//! (SPEC: "The server's word wins").
+//! (docs/tokens.md: "The server's word wins").
 //!
 //! - OpenAI: `x-ratelimit-remaining-tokens` and `x-ratelimit-reset-tokens`,
 //!   a Go duration (`6m0s`, `1.5s`, `20ms`, `1h2m3.5s`, `500us`), with

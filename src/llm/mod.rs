@@ -1,5 +1,5 @@
 //! LLM API calls: what a request will cost in tokens, what the answer says
-//! it cost, and what the provider says is left (SPEC: "Costs: LLM tokens").
+//! it cost, and what the provider says is left (docs/tokens.md).
 //!
 //! Pure functions and plain structs: no I/O, no clock reads, no locks, so
 //! the request path decides where each step runs and every rule is tested

@@ -15,7 +15,7 @@ fn tokens_of(keys: &str) -> Option<Tokens> {
 fn token_quotas_parse_as_documented() {
     let tokens = tokens_of("tokens = \"30000/min\"\n").expect("a token quota");
     assert_eq!(tokens.quotas, [(TokenKind::Total, vec![parse_rate("30000/min").unwrap()])]);
-    assert_eq!(tokens.default_max_tokens, 4096, "SPEC's example");
+    assert_eq!(tokens.default_max_tokens, 4096, "the documented default");
     assert_eq!(tokens.accounting, TokenAccounting::Usage);
 
     let tokens = tokens_of(
