@@ -22,7 +22,7 @@ use super::error::Cx;
 use super::raw::{Rates, RawLimit, RawUpstream};
 use super::{ConfigError, Rate, TokenAccounting, TokenKind, Tokens};
 
-/// Output reserved for an LLM call that names no `max_tokens` (the documented default, docs/tokens.md).
+/// Output reserved for an LLM call that names no `max_tokens` (docs/tokens.md).
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
 /// Most endpoint limits per upstream: a request's set of limits is a bit set.
