@@ -241,20 +241,22 @@ async fn queue_full_answers_503_at_once() {
     assert_eq!(paths, ["/a", "/b", "/c"]);
 }
 
+/// A request that waits its whole `queue_timeout` (or `x-pacegate-max-wait`)
+/// without being served gets 503: here the one attempt allowed in flight
+/// holds the queue, which no quota can foresee.
 #[tokio::test]
 async fn queue_timeout_answers_503() {
-    let mock = MockUpstream::start(Behaviour::new()).await;
-    let extra = "rate = \"1/s\"\nqueue_timeout = \"300ms\"";
+    let mock = MockUpstream::start(Behaviour::new().latency(Duration::from_secs(2))).await;
+    let extra = "rate = \"100/s\"\nmax_concurrency = 1\nqueue_timeout = \"300ms\"";
     let pg = Pacegate::start(&upstream("api", &mock.url(), extra)).await;
     let client = client();
 
-    // The first request gets through (and shows x-pacegate-max-wait is not forwarded).
-    let first = client.get(pg.url("/api/echo")).header("x-pacegate-max-wait", "5s").send().await.unwrap();
-    assert_eq!(first.status(), 200);
-    let echo: Value = first.json().await.unwrap();
-    assert!(echo["headers"].get("x-pacegate-max-wait").is_none(), "forwarded: {echo}");
+    // The first request takes the one attempt in flight for 2 s (and shows
+    // x-pacegate-max-wait is not forwarded).
+    let first = client.get(pg.url("/api/echo")).header("x-pacegate-max-wait", "5s").send();
+    let first = tokio::spawn(first);
+    assert!(mock.wait_for_arrivals(1, PATIENCE).await, "the first request reaches the upstream");
 
-    // The next slot is a second away: both callers time out in the queue.
     let timed = |request: reqwest::RequestBuilder| async move {
         let started = Instant::now();
         let response = request.timeout(PATIENCE).send().await.unwrap();
@@ -277,7 +279,58 @@ async fn queue_timeout_answers_503() {
         assert!(retry_after(&response) >= 1);
         assert_pacegate_error(response, 503, "queue_timeout", Some("api")).await;
     }
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), 200);
+    let echo: Value = first.json().await.unwrap();
+    assert!(echo["headers"].get("x-pacegate-max-wait").is_none(), "forwarded: {echo}");
     assert_eq!(mock.count(), 1, "timed-out callers reached the upstream");
+}
+
+/// Honest waits: a request the quota cannot serve within its wait, counting
+/// the requests queued ahead of it, is told so at once, with a
+/// `Retry-After` that covers the wait, instead of holding a place in the
+/// queue it cannot use.
+#[tokio::test]
+async fn a_request_the_quota_cannot_serve_in_time_is_answered_at_once() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let extra = "rate = \"1/4s\"\nqueue_timeout = \"10s\"";
+    let pg = Pacegate::start(&upstream("api", &mock.url(), extra)).await;
+    let client = client();
+    assert_eq!(client.get(pg.url("/api/first")).send().await.unwrap().status(), 200);
+
+    let at_once = |request: reqwest::RequestBuilder| async move {
+        let started = Instant::now();
+        let response = request.timeout(PATIENCE).send().await.unwrap();
+        let took = started.elapsed();
+        println!("answered after {took:?}, Retry-After {}", retry_after(&response));
+        assert!(took < Duration::from_millis(1500), "answered at once, not at its deadline: {took:?}");
+        response
+    };
+    // The next slot is 4 s away: beyond a 3 s wait.
+    let hasty = at_once(client.get(pg.url("/api/hasty")).header("x-pacegate-max-wait", "3s")).await;
+    assert!(retry_after(&hasty) >= 4, "Retry-After covers the 4 s: {:?}", hasty.headers());
+    assert_pacegate_error(hasty, 503, "queue_timeout", Some("api")).await;
+
+    // Two callers fit in 10 s (slots at 4 s and 8 s) and queue; a third
+    // would leave at 12 s.
+    let queued: Vec<_> = ["/api/two", "/api/three"]
+        .into_iter()
+        .map(|path| tokio::spawn(client.get(pg.url(path)).timeout(3 * PATIENCE).send()))
+        .collect();
+    let both_queued = pg.wait_status(PATIENCE, |s| queue_depth(s, "api") == Some(2)).await;
+    assert!(both_queued, "two callers queue");
+    let late = at_once(client.get(pg.url("/api/four"))).await;
+    assert!(retry_after(&late) >= 11, "Retry-After covers the 12 s: {:?}", late.headers());
+    assert_pacegate_error(late, 503, "queue_timeout", Some("api")).await;
+    for response in queued {
+        assert_eq!(response.await.unwrap().unwrap().status(), 200, "served in their slots");
+    }
+    let paths: Vec<String> = mock.arrivals().into_iter().map(|a| a.path_and_query).collect();
+    assert_eq!(
+        paths,
+        ["/api/first", "/api/two", "/api/three"].map(|p| p.trim_start_matches("/api")),
+        "refused callers never reached the upstream"
+    );
 }
 
 // === disconnects ===

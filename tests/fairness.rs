@@ -218,8 +218,10 @@ async fn two_partitions_for(keys: &[&str], quotas: &str) -> (MockUpstream, Paceg
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_partition_bound_answers_503_too_many_partitions() {
-    // 1/min: each key's second request waits a minute, keeping its partition busy.
-    let (mock, pg) = two_partitions_for(&["one", "two"], "rate = \"1/min\"").await;
+    // 1/min: each key's second request waits a minute (within its
+    // queue_timeout), keeping its partition busy.
+    let quotas = "rate = \"1/min\"\nqueue_timeout = \"2m\"";
+    let (mock, pg) = two_partitions_for(&["one", "two"], quotas).await;
     let (url, http) = (pg.url("/api/x"), client());
     let waiting = spawn_requests(&url, 1, &[("x-api-key", "one")])
         .into_iter()

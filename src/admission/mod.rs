@@ -355,10 +355,12 @@ impl<W: Waiter> Admission<W> {
     }
 
     /// Queues a waiter: at the back, or at the head of its caller's lane for
-    /// a `retry`. New waiters are refused when `queue_size` wait already;
-    /// a retry is not (it held its place once). A cost no limit can hold
-    /// is refused either way, and so is a caller whose `deadline` (`None`:
-    /// it waits as long as it takes) comes before an open breaker's end.
+    /// a `retry`. New waiters are refused when `queue_size` wait already,
+    /// or when the queue ahead already outlasts their `deadline` (see
+    /// [`Self::hopeless`]); a retry is not (it held its place once). A cost
+    /// no limit can hold is refused either way, and so is a caller whose
+    /// `deadline` (`None`: it waits as long as it takes) comes before an
+    /// open breaker's end.
     pub fn enqueue(
         &mut self,
         waiter: W,
@@ -382,20 +384,23 @@ impl<W: Waiter> Admission<W> {
         if self.closed(now) {
             return Err(self.shutting_down(now));
         }
-        let partition = if self.make_room_for(key.partition, now) {
-            self.partitions.get_mut(&key.partition)
-        } else {
-            None
-        };
-        let Some(partition) = partition else {
+        if !self.make_room_for(key.partition, now) {
             tracing::warn!(upstream = %self.name, max = self.limits.max_partitions, "too_many_partitions");
             return Err(Refusal::TooManyPartitions);
-        };
-        if let Some(closing) = &self.closing
+        }
+        if let (Some(closing), Some(partition)) = (&self.closing, self.partitions.get(&key.partition))
             && partition.len() >= closing.servable(&partition.pacing, &self.limits, now)
         {
             return Err(self.shutting_down(now));
         }
+        if let Some(refusal) =
+            deadline.filter(|_| !retry).and_then(|at| self.hopeless(place, &needs, at, now))
+        {
+            return Err(refusal);
+        }
+        let Some(partition) = self.partitions.get_mut(&key.partition) else {
+            return Err(Refusal::TooManyPartitions);
+        };
         let deadline = deadline.map_or(u32::MAX, |at| since(self.epoch, at));
         let entry = partition::Entry { waiter, needs, deadline };
         let was_empty = partition.push((place.caller, place.priority), entry, retry);
@@ -729,30 +734,29 @@ impl<W: Waiter> Admission<W> {
         drain.saturating_add(cooldown)
     }
 
-    /// The least a new caller at `place` needing `needs` will wait: for
-    /// each endpoint limit it needs, the units the callers certainly served
-    /// before it (its own FIFO) take, paid at the limit's long-run rate,
-    /// after the limit's cooldown. Reservations count as reserved: what
-    /// settling gives back later is not known yet. Zero without limits.
-    pub fn queued_wait(&self, place: Place, needs: &Needs, now: Instant) -> Duration {
+    /// The least a new caller at `place` needing `needs` will wait: until
+    /// the callers certainly served before it (its own FIFO) have left,
+    /// each taking one unit of the partition's own quotas and its costs of
+    /// the endpoint limits and token quotas, and it may leave itself, at
+    /// the pace each of those quotas keeps, after any cooldown.
+    /// Reservations count as reserved: what settling gives back later is
+    /// not known yet. What holds it back that no quota counts (the
+    /// concurrency bound, answers not in yet) is not counted.
+    fn queued_wait(&self, place: Place, needs: &Needs, now: Instant) -> Duration {
         let Some(partition) = self.partitions.get(&place.partition) else { return Duration::ZERO };
-        let set = needs.set();
-        let waits = needs.iter().filter_map(|(index, _)| {
-            let rate = long_run_rate(&self.limits.endpoints.get(index)?.quotas.rate);
-            let ahead = partition.units_ahead(set, place.caller, place.priority, index);
-            let paid = Duration::try_from_secs_f64(ahead as f64 / rate).unwrap_or(Duration::MAX);
-            let cooldown = partition.limits.get(index).and_then(Pacing::cooldown_until);
-            Some(paid.saturating_add(
-                cooldown.map_or(Duration::ZERO, |until| until.saturating_duration_since(now)),
-            ))
+        let ahead = || partition.needs_ahead(needs.set(), place.caller, place.priority);
+        let own = partition.pacing.earliest(now, ahead().count() as u64);
+        let limits = needs.iter().filter_map(|(index, _)| {
+            let units = ahead().map(|needs| needs.units_of(index)).sum();
+            Some(partition.limits.get(index)?.earliest(now, units))
         });
-        waits.max().unwrap_or(Duration::ZERO)
+        limits.fold(own, Instant::max).saturating_duration_since(now)
     }
 
     /// A new caller whose [`Self::queued_wait`] already exceeds what it may
     /// wait (until `deadline`) is answered at once, with that wait as its
     /// `Retry-After`, instead of holding a place it cannot use.
-    pub fn hopeless(&self, place: Place, needs: &Needs, deadline: Instant, now: Instant) -> Option<Refusal> {
+    fn hopeless(&self, place: Place, needs: &Needs, deadline: Instant, now: Instant) -> Option<Refusal> {
         let wait = self.queued_wait(place, needs, now);
         (wait > deadline.saturating_duration_since(now))
             .then_some(Refusal::Timeout { waited: Duration::ZERO, retry_after: wait })

@@ -42,6 +42,11 @@ impl Needs {
         self.0.iter().map(|(index, units)| (usize::from(*index), *units))
     }
 
+    /// Units needed of limit `index` (0 when it is not needed).
+    pub fn units_of(&self, index: usize) -> u64 {
+        self.iter().find(|(i, _)| *i == index).map_or(0, |(_, units)| u64::from(units.get()))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -158,6 +158,22 @@ impl Pacing {
         [self.cooldown_until, self.shared_wait].into_iter().flatten().filter(|at| *at > now).max()
     }
 
+    /// The earliest a request may leave once `ahead` units of these quotas
+    /// have left before it: after any cooldown or shared wait, at the pace
+    /// the quotas keep (see [`Pacer::earliest`]), an adaptive rate and a
+    /// hint's cap included.
+    pub fn earliest(&self, now: Instant, ahead: u64) -> Instant {
+        let start = self.blocked_until(now).unwrap_or(now);
+        let capped = self.pacer.earliest(start, ahead, true);
+        match self.hint_cap {
+            // A hint's cap ends at the reset it named: a request it would
+            // hold past then leaves no sooner than that, nor than the
+            // quotas alone allow.
+            Some((_, until)) if capped > until => self.pacer.earliest(start, ahead, false).max(until),
+            _ => capped,
+        }
+    }
+
     /// Takes `units` for an attempt leaving now, if the quotas are neither
     /// paused nor owed; otherwise says when it may try again.
     pub fn admit(&mut self, name: &str, now: Instant, units: NonZeroU32) -> Result<Taken, Instant> {
@@ -405,6 +421,31 @@ mod tests {
         pacing.requota(&adaptive(&["5/s"]));
         pacing.refresh_cap("u", now);
         assert_eq!(pacing.effective_rate(), 5.0, "a new rate starts from its own quota");
+    }
+
+    /// A hint spreads what remains until its reset; past the reset only
+    /// the quotas pace, and the honest wait says so.
+    #[test]
+    fn a_hints_cap_counts_in_the_honest_wait_only_until_its_reset() {
+        let t0 = Instant::now();
+        let ms = |at: Instant| at.duration_since(t0).as_millis();
+        let mut pacing = Pacing::new(&quotas(&["10/s"]), t0);
+        let hint = RateLimitHint { limit: None, remaining: 2, reset_after: Duration::from_secs(2) };
+        let feedback = Feedback {
+            partition: 0,
+            limit: None,
+            sent_at: t0,
+            rate_limited: false,
+            cooldown: None,
+            hint: Some(hint),
+        };
+        pacing.learn("u", &feedback, false, t0);
+        assert_eq!(ms(pacing.earliest(t0, 1)), 1_000, "two left in 2 s: one a second");
+        // Five ahead would take 5 s at the hint's pace, which ends at 2 s:
+        // no sooner than then, nor than 10/s allows (thirty take 3 s).
+        assert_eq!(ms(pacing.earliest(t0, 5)), 2_000);
+        let thirty = ms(pacing.earliest(t0, 30));
+        assert!((3_000..=3_030).contains(&thirty), "{thirty}");
     }
 
     #[test]

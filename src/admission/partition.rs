@@ -108,15 +108,18 @@ impl<W: Waiter> Partition<W> {
         self.queues.iter_mut().find(|(s, _)| *s == set).map(|(_, queue)| queue)
     }
 
-    /// Units of endpoint limit `index` that the live waiters a new one at
-    /// (`caller`, `priority`) in queue `set` would certainly follow take.
-    pub fn units_ahead(&self, set: LimitSet, caller: u64, priority: Priority, index: usize) -> u64 {
-        let Some((_, queue)) = self.queues.iter().find(|(s, _)| *s == set) else { return 0 };
-        let units = |entry: &Entry<W>| {
-            let needed = entry.needs.iter().find(|(i, _)| *i == index);
-            needed.map_or(0, |(_, units)| u64::from(units.get()))
-        };
-        queue.ahead(caller, priority).filter(|entry| !entry.waiter.gone()).map(units).sum()
+    /// What each live waiter a new one at (`caller`, `priority`) in queue
+    /// `set` would certainly follow needs: its own FIFO, served before it
+    /// whatever else happens.
+    pub fn needs_ahead(
+        &self,
+        set: LimitSet,
+        caller: u64,
+        priority: Priority,
+    ) -> impl Iterator<Item = &Needs> {
+        let queue = self.queues.iter().find(|(s, _)| *s == set).map(|(_, queue)| queue);
+        let ahead = queue.into_iter().flat_map(move |queue| queue.ahead(caller, priority));
+        ahead.filter(|entry| !entry.waiter.gone()).map(|entry| &entry.needs)
     }
 
     /// Waiters in queue `set`.

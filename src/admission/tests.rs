@@ -93,6 +93,11 @@ impl Bench {
     }
 }
 
+/// A 429 for partition `partition`, sent at `sent_at`, that pauses it for `pause`.
+fn a_429(sent_at: Instant, partition: u64, pause: Duration) -> Feedback {
+    Feedback { limit: None, partition, sent_at, rate_limited: true, cooldown: Some(pause), hint: None }
+}
+
 fn ids(served: &[(u32, u64)]) -> Vec<u32> {
     served.iter().map(|(id, _)| *id).collect()
 }
@@ -159,14 +164,7 @@ fn high_priority_goes_first_and_low_is_never_starved() {
 #[test]
 fn a_partition_in_cooldown_is_skipped_without_holding_others() {
     let mut b = Bench::with(limits("10/s", 1), true, false);
-    let feedback = Feedback {
-        limit: None,
-        partition: 1,
-        sent_at: b.t0,
-        rate_limited: true,
-        cooldown: Some(Duration::from_secs(5)),
-        hint: None,
-    };
+    let feedback = a_429(b.t0, 1, Duration::from_secs(5));
     assert_eq!(b.core.feedback(&feedback, false, b.t0), Some(Duration::from_secs(5)), "shared with replicas");
     assert_eq!(b.core.take_cooled(), Duration::from_secs(5), "counted for the cooldown metric");
     for id in 0..3 {
@@ -249,14 +247,7 @@ fn partitions_make_room_for_new_keys_least_recently_used_first() {
 fn a_new_key_is_refused_while_every_partition_is_busy() {
     let mut b = Bench::with(Limits { max_partitions: 2, ..limits("10/s", 1) }, true, false);
     b.join(1, place(1, 0, Priority::Normal));
-    let feedback = Feedback {
-        limit: None,
-        partition: 2,
-        sent_at: b.t0,
-        rate_limited: true,
-        cooldown: Some(Duration::from_secs(5)),
-        hint: None,
-    };
+    let feedback = a_429(b.t0, 2, Duration::from_secs(5));
     b.core.feedback(&feedback, false, b.t0);
     let refused =
         b.core.enqueue(caller(3), place(3, 0, Priority::Normal), Needs::default(), (false, None), b.t0);
@@ -304,6 +295,71 @@ fn retry_after_is_the_time_the_queue_takes_to_drain() {
     assert!((estimate - 3.0).abs() < 1e-9, "2 s of cooldown left, then 1 s to drain: {estimate}");
 }
 
+/// The honest wait of a new caller: each request served before it in its
+/// own FIFO takes a slot, and the pacer's schedule and a cooldown count.
+#[test]
+fn a_caller_whose_queue_ahead_outlasts_its_deadline_is_answered_at_once() {
+    let mut b = Bench::new(limits("10/s", 1));
+    assert!(b.core.try_leave(Place::default(), &Needs::default(), b.t0), "the first leaves");
+    b.core.release();
+    // Its slot is taken: the next one is 100 ms away, with nobody queued.
+    let next = b.core.queued_wait(Place::default(), &Needs::default(), b.t0);
+    assert!((Duration::from_millis(100)..=Duration::from_millis(101)).contains(&next), "{next:?}");
+    for id in 1..=4 {
+        b.join(id, Place::default());
+    }
+    // Four ahead: the fifth slot after the first's, 500 ms (margins included).
+    let wait = b.core.queued_wait(Place::default(), &Needs::default(), b.t0);
+    assert!((Duration::from_millis(500)..=Duration::from_millis(505)).contains(&wait), "{wait:?}");
+    assert_eq!(b.core.hopeless(Place::default(), &Needs::default(), b.at(600), b.t0), None, "it fits");
+    let refused = b.core.hopeless(Place::default(), &Needs::default(), b.at(400), b.t0);
+    assert_eq!(refused, Some(Refusal::Timeout { waited: Duration::ZERO, retry_after: wait }));
+    // A caller who left is not ahead.
+    let leaver = caller(9);
+    let gone = leaver.gone.clone();
+    b.core.enqueue(leaver, Place::default(), Needs::default(), (false, None), b.t0).expect("queued");
+    assert!(b.core.queued_wait(Place::default(), &Needs::default(), b.t0) > wait + Duration::from_millis(99));
+    gone.set(true);
+    b.core.depart();
+    assert_eq!(b.core.queued_wait(Place::default(), &Needs::default(), b.t0), wait);
+    // Another caller's FIFO (fair_by) may go first.
+    b.core.enqueue(caller(5), Place::default(), Needs::default(), (false, None), b.t0).expect("queued");
+    let other = Place { caller: 7, ..Place::default() };
+    assert!(b.core.queued_wait(other, &Needs::default(), b.t0) < Duration::from_millis(102));
+    // The estimate is what happens: the fifth left when it said.
+    let served = b.serve(0, 2_000);
+    assert_eq!(served.get(4), Some(&(5, wait.as_millis() as u64)), "{served:?}");
+}
+
+#[test]
+fn enqueue_refuses_a_hopeless_caller_but_never_a_retry() {
+    let mut b = Bench::new(limits("10/s", 1));
+    for id in 0..5 {
+        b.join(id, Place::default());
+    }
+    let (hasty, patient) = (Some(b.at(400)), Some(b.at(600)));
+    let refused = b.core.enqueue(caller(5), Place::default(), Needs::default(), (false, hasty), b.t0);
+    assert!(matches!(refused, Err(Refusal::Timeout { .. })), "{refused:?}");
+    assert_eq!(b.core.enqueue(caller(6), Place::default(), Needs::default(), (false, patient), b.t0), Ok(()));
+    assert_eq!(b.core.enqueue(caller(7), Place::default(), Needs::default(), (true, hasty), b.t0), Ok(()));
+    assert_eq!(ids(&b.serve(0, 2_000)), [7, 0, 1, 2, 3, 4, 6], "the retry kept its place at the head");
+}
+
+#[test]
+fn a_cooldown_and_a_burst_count_in_the_honest_wait() {
+    let mut b = Bench::new(limits("10/s", 3));
+    for id in 0..4 {
+        b.join(id, Place::default());
+    }
+    // Three leave back to back, the fourth 100 ms on; a fifth 100 ms later.
+    let wait = b.core.queued_wait(Place::default(), &Needs::default(), b.t0);
+    assert!((Duration::from_millis(200)..=Duration::from_millis(203)).contains(&wait), "{wait:?}");
+    let paused = a_429(b.t0, SINGLE, Duration::from_secs(2));
+    b.core.feedback(&paused, false, b.t0);
+    let cooled = b.core.queued_wait(Place::default(), &Needs::default(), b.t0);
+    assert!((Duration::from_millis(2_200)..=Duration::from_millis(2_203)).contains(&cooled), "{cooled:?}");
+}
+
 #[test]
 fn the_shared_limiter_confirms_a_batch_and_unused_slots_go_back() {
     let mut b = Bench::with(limits("10/s", 5), false, true);
@@ -326,14 +382,7 @@ fn the_shared_limiter_confirms_a_batch_and_unused_slots_go_back() {
 #[test]
 fn a_reload_changes_bounds_at_once_and_keeps_a_cooldown() {
     let mut b = Bench::new(limits("10/s", 1));
-    let feedback = Feedback {
-        limit: None,
-        partition: SINGLE,
-        sent_at: b.t0,
-        rate_limited: true,
-        cooldown: Some(Duration::from_secs(2)),
-        hint: None,
-    };
+    let feedback = a_429(b.t0, SINGLE, Duration::from_secs(2));
     b.core.feedback(&feedback, false, b.t0);
     b.core.reconfigure(Limits { max_concurrency: 1, ..limits("100/s", 1) }, false, b.at(10));
     assert_eq!(b.core.limits().max_concurrency, 1);

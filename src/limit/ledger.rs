@@ -103,6 +103,11 @@ impl Ledger {
         true
     }
 
+    /// Schedule (ns) held as credit for the next grants.
+    pub fn credit(&self) -> u64 {
+        self.credit
+    }
+
     /// Keeps `ns` of schedule as credit, at most one window's worth.
     pub fn keep_credit(&mut self, ns: u64) {
         self.credit = self.credit.saturating_add(ns).min(self.window);

@@ -147,6 +147,8 @@ pub struct Pacer {
     cap_cell: TatCell,
     /// Emission interval of each limiter (ns), to charge costs above one.
     intervals: Vec<u64>,
+    /// Units each limiter admits back to back.
+    bursts: Vec<u64>,
     /// Window of each quota, to tell which old quota a new one takes over.
     windows: Vec<Duration>,
     /// Count of each quota, for its ledger.
@@ -175,6 +177,7 @@ impl Pacer {
             cap: None,
             cap_cell: TatCell::default(),
             intervals: Vec::new(),
+            bursts: Vec::new(),
             windows: Vec::new(),
             counts: Vec::new(),
             last_grant: None,
@@ -246,7 +249,9 @@ impl Pacer {
     fn install(&mut self, rates: &[Rate], burst: NonZeroU32, states: Vec<u64>) {
         self.cells = states.into_iter().map(|tat| TatCell(Arc::new(AtomicU64::new(tat)))).collect();
         self.limiters = build_limiters(rates, burst, &self.cells, &self.clock);
-        self.intervals = paced_quotas(rates, burst).iter().map(|q| nanos(q.interval)).collect();
+        let paced = paced_quotas(rates, burst);
+        self.intervals = paced.iter().map(|q| nanos(q.interval)).collect();
+        self.bursts = paced.iter().map(|q| u64::from(q.burst.get())).collect();
         self.windows = rates.iter().map(|r| r.per).collect();
         self.counts = rates.iter().map(|r| u64::from(r.count.get())).collect();
         self.rate_per_second = long_run_rate(rates);
@@ -330,6 +335,31 @@ impl Pacer {
                 Err(self.origin + at)
             }
         }
+    }
+
+    /// The earliest instant, from `start` on, at which a unit may leave
+    /// once `ahead` units have left before it, if nothing else takes any:
+    /// GCRA with each quota's current schedule, the cap's (when `capped`),
+    /// and the credit a settled pacer holds. A lower bound (a ledger's
+    /// window, a cap set later or other takers only delay), for honest waits.
+    pub fn earliest(&self, start: Instant, ahead: u64, capped: bool) -> Instant {
+        let start_ns = nanos(start.saturating_duration_since(self.origin));
+        let credit = self.ledger.as_ref().map(|(index, ledger)| (*index, ledger.credit()));
+        let cap = self.cap.as_ref().filter(|_| capped).map(|_| (&self.cap_cell, self.cap_interval, 1));
+        let quotas = self.cells.iter().zip(self.intervals.iter().copied()).zip(self.bursts.iter().copied());
+        let quotas = quotas.map(|((cell, interval), burst)| (cell, interval, burst)).chain(cap);
+        let earliest = quotas.enumerate().map(|(index, (cell, interval, burst))| {
+            let mut tat = cell.0.load(Ordering::Acquire).max(start_ns);
+            if let Some((_, credit)) = credit.filter(|(pacing, _)| *pacing == index) {
+                tat -= credit.min(tat - start_ns);
+            }
+            // GCRA: a unit conforms once the schedule is within `burst - 1`
+            // intervals of it; each unit before it moves the schedule one on.
+            let (ahead, back) = (ahead.saturating_mul(interval), (burst - 1).saturating_mul(interval));
+            tat.saturating_add(ahead).saturating_sub(back)
+        });
+        let at = earliest.fold(start_ns, u64::max);
+        self.origin + Duration::from_nanos(at)
     }
 
     /// Gives back a slot that was taken but not used.
@@ -602,6 +632,59 @@ mod tests {
         let taken = pacer.try_acquire(start, NonZeroU32::new(8).unwrap()).unwrap();
         pacer.undo(taken);
         assert!(pacer.try_acquire(start, ONE).is_ok());
+    }
+
+    /// The instant `earliest` names for `ahead` units is the one at which
+    /// the pacer, asked again and again, admits the unit after them.
+    #[test]
+    fn earliest_is_when_the_unit_after_those_ahead_leaves() {
+        let start = Instant::now();
+        let cases: [(&[&str], u32, u64); 4] =
+            [(&["10/s"], 1, 4), (&["10/s"], 3, 6), (&["10/s", "5/2s"], 1, 7), (&["100/s", "3/h"], 2, 5)];
+        for (rates, burst, ahead) in cases {
+            let mut pacer = Pacer::new(&parsed(rates), NonZeroU32::new(burst).unwrap(), start);
+            let _first = pacer.try_acquire(start, ONE).expect("nothing owed yet");
+            let now = start + Duration::from_millis(30);
+            let predicted = pacer.earliest(now, ahead, true);
+            let times = admissions(&mut pacer, now, ahead as usize + 1, Duration::ZERO);
+            let actual = times.last().map(|t| now + *t);
+            assert_eq!(actual, Some(predicted), "{rates:?} burst {burst}, {ahead} ahead: {times:?}");
+        }
+        // A cap paces too.
+        let mut pacer = Pacer::new(&parsed(&["10/s"]), ONE, start);
+        pacer.set_cap(Some(2.0));
+        let _first = pacer.try_acquire(start, ONE).expect("nothing owed yet");
+        assert_eq!(pacer.earliest(start, 1, true), start + Duration::from_secs(1), "two at 2/s");
+        let uncapped = pacer.earliest(start, 1, false) - start;
+        assert!(
+            (Duration::from_millis(200)..Duration::from_millis(205)).contains(&uncapped),
+            "10/s: {uncapped:?}"
+        );
+    }
+
+    /// Credit a settled pacer holds moves its schedule back, and the
+    /// honest wait with it.
+    #[test]
+    fn earliest_counts_a_settled_pacers_credit() {
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let units = |n| NonZeroU32::new(n).unwrap();
+        let mut pacer = Pacer::new(&[rate(1000, 1000)], ONE, start).settled();
+        let _a = pacer.try_acquire(start, units(500)).expect("nothing owed yet");
+        let b = pacer.try_acquire(start, ONE).unwrap_err();
+        let _b = pacer.try_acquire(b, units(500)).expect("paid for");
+        // The first grant used 100 of its 500: the schedule moves back to
+        // now (900 ms), and the rest of the 400 stays as credit.
+        pacer.adjust(at(900), -400, start);
+        let _c = pacer.try_acquire(at(900), units(300)).expect("the schedule is back at now");
+        let predicted = pacer.earliest(at(900), 0, true);
+        assert!(
+            predicted < at(1_150),
+            "300 units paid from 900 ms, less the credit: {:?}",
+            predicted - start
+        );
+        assert!(pacer.try_acquire(predicted - Duration::from_millis(1), ONE).is_err(), "not before");
+        assert!(pacer.try_acquire(predicted, ONE).is_ok(), "{:?}", predicted - start);
     }
 
     /// Milliseconds from `start` until `pacer` admits a request asked at `now`.

@@ -298,10 +298,6 @@ impl Dispatcher {
             drop(core);
             return Either::Left(future::ready(Ok(Ticket::new(shared, now))));
         }
-        // Its costs queued ahead may already say it cannot leave in time.
-        if let Some(refusal) = core.hopeless(place, &needs, deadline, now).filter(|_| !retry) {
-            return Either::Left(future::ready(Err(refusal)));
-        }
         let (tickets, receiver) = oneshot::channel();
         let queued = core.enqueue(tickets, place, needs, (retry, Some(deadline)), now);
         let since = now;

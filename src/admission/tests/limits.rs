@@ -159,3 +159,22 @@ fn shared_quotas_confirm_a_limits_queue_one_at_a_time_and_its_wait_holds_only_it
         "writes wait for Redis's word"
     );
 }
+
+/// An hourly cap beside a per-second quota is a volume cap, not a pace:
+/// the honest wait counts the per-second pace while the cap has room.
+/// (Paid at the cap's long-run rate, five writes ahead once cost 18 s.)
+#[test]
+fn a_volume_cap_beside_a_pace_does_not_stretch_the_honest_wait() {
+    let mut limits = with_endpoints(&[("writes", "10/s")]);
+    limits.endpoints[0].quotas.rate.push(parse_rate("1000/h").expect("rate"));
+    let mut b = Bench::new(limits);
+    for id in 0..5 {
+        b.join_needing(id, needs(0, 1));
+    }
+    let wait = b.core.queued_wait(Place::default(), &needs(0, 1), b.t0);
+    assert!((Duration::from_millis(500)..=Duration::from_millis(505)).contains(&wait), "{wait:?}");
+    assert_eq!(b.core.hopeless(Place::default(), &needs(0, 1), b.at(1_000), b.t0), None);
+    b.join_needing(5, needs(0, 1));
+    let served = b.serve(0, 2_000);
+    assert_eq!(served.last(), Some(&(5, wait.as_millis() as u64)), "{served:?}");
+}
