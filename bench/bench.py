@@ -672,11 +672,23 @@ def client_side_vs_pacegate(workers=4, k=1000, real=100):
     return results
 
 
+# Where the scale figures park requests: behind one attempt the upstream holds
+# for ten minutes (`max_concurrency = 1`). A slow quota would not do: pacegate
+# answers at once a request that its quota cannot serve within its wait.
+PARKED = 'max_concurrency = 1\ntimeout = "10m"\n'
+
+
+def parking():
+    """A mock upstream that holds every request ten minutes, and the upstream entry parking behind it."""
+    mock = Mock(latency_ms=600_000)
+    return mock, upstream("slow", mock.url, "1000/s", PARKED)
+
+
 def queued_per_connection(queued):
-    """Memory growth (anonymous RSS) per request parked in a "1/h" queue, each request on its
+    """Memory growth (anonymous RSS) per request parked in a queue, each request on its
     own HTTP/1.1 client connection (so the figure includes a connection)."""
-    mock = Mock()
-    pg = Pacegate(upstream("slow", mock.url, "1/h"), server="max_connections = 100000")
+    mock, parked = parking()
+    pg = Pacegate(parked, server="max_connections = 100000")
     before = pg.anon_kib()
 
     async def hold():
@@ -719,7 +731,7 @@ async def await_depth(pg, wanted):
 
 
 def queued_multiplexed(connections=50, streams=200):
-    """Memory growth (anonymous RSS) per request parked in a "1/h" queue, the requests
+    """Memory growth (anonymous RSS) per request parked in a queue, the requests
     multiplexed as h2c streams over a few connections (200 each, hyper's
     default stream limit). Memory is read once the connections are open and
     again once every stream is queued, so the figure is the cost of a
@@ -727,8 +739,8 @@ def queued_multiplexed(connections=50, streams=200):
     import h2.config
     import h2.connection
     import h2.events
-    mock = Mock()
-    pg = Pacegate(upstream("slow", mock.url, "1/h"))
+    mock, parked = parking()
+    pg = Pacegate(parked)
     host, port = pg.proxy.rsplit(":", 1)
 
     async def open_h2():
@@ -759,7 +771,7 @@ def queued_multiplexed(connections=50, streams=200):
         for n, (_, writer, conn) in enumerate(opened):
             send_streams(writer, conn, n * streams)
             await writer.drain()
-        # Burst 1: the first request leaves at once, the others wait.
+        # The first request takes the one attempt in flight, the others wait.
         depth = await await_depth(pg, connections * streams - 1)
         after = pg.anon_kib()
         pg.proc.send_signal(signal.SIGKILL)
