@@ -313,12 +313,13 @@ async fn a_request_the_quota_cannot_serve_in_time_is_answered_at_once() {
 
     // Two callers fit in 10 s (slots at 4 s and 8 s) and queue; a third
     // would leave at 12 s.
-    let queued: Vec<_> = ["/api/two", "/api/three"]
-        .into_iter()
-        .map(|path| tokio::spawn(client.get(pg.url(path)).timeout(3 * PATIENCE).send()))
-        .collect();
-    let both_queued = pg.wait_status(PATIENCE, |s| queue_depth(s, "api") == Some(2)).await;
-    assert!(both_queued, "two callers queue");
+    // One after the other, so that they reach the upstream in this order.
+    let mut queued = Vec::new();
+    for (depth, path) in [(1, "/api/two"), (2, "/api/three")] {
+        queued.push(tokio::spawn(client.get(pg.url(path)).timeout(3 * PATIENCE).send()));
+        let waiting = pg.wait_status(PATIENCE, |s| queue_depth(s, "api") == Some(depth)).await;
+        assert!(waiting, "{path} queues");
+    }
     let late = at_once(client.get(pg.url("/api/four"))).await;
     assert!(retry_after(&late) >= 11, "Retry-After covers the 12 s: {:?}", late.headers());
     assert_pacegate_error(late, 503, "queue_timeout", Some("api")).await;

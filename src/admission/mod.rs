@@ -63,11 +63,12 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use crate::retry::RateLimitHint;
 
-use crate::limit::pacer::long_run_rate;
+use crate::limit::pacer::{Floor, long_run_rate};
 pub use breaker::{Breaker, BreakerStatus, Transition};
 pub use needs::{LimitSet, Needs, QueueKey};
 pub use pacing::{Pacing, PauseReason, Quotas};
@@ -226,6 +227,9 @@ pub struct Admission<W> {
     /// The queue whose [`Confirm`] is out: out of the ring until settled,
     /// and its partition never evicted meanwhile (its slots go back there).
     confirming: Option<QueueKey>,
+    /// What that [`Confirm`] took, which may yet go back: slots of its
+    /// partition's own quotas, and the needs of its head.
+    unconfirmed: (u64, Needs),
     /// Tokens in flight and sent, and the input calibration.
     tokens: TokenBook,
     /// Shutdown started: nobody leaves after its cutoff ([`closing`]).
@@ -259,6 +263,7 @@ impl<W: Waiter> Admission<W> {
             cooled: Duration::ZERO,
             quota_changes: 0,
             confirming: None,
+            unconfirmed: (0, Needs::default()),
             tokens: TokenBook::default(),
             closing: None,
             breaker,
@@ -497,6 +502,7 @@ impl<W: Waiter> Admission<W> {
                     slots.push(Slots::own(next));
                 }
                 self.confirming = Some(key);
+                self.unconfirmed = (slots.len() as u64, needs.clone());
                 Served::Confirm(Confirm { key, needs, slots, quotas: self.quota_changes, probing })
             }
             Ok(_taken) => {
@@ -734,23 +740,44 @@ impl<W: Waiter> Admission<W> {
         drain.saturating_add(cooldown)
     }
 
-    /// The least a new caller at `place` needing `needs` will wait: until
-    /// the callers certainly served before it (its own FIFO) have left,
-    /// each taking one unit of the partition's own quotas and its costs of
-    /// the endpoint limits and token quotas, and it may leave itself, at
-    /// the pace each of those quotas keeps, after any cooldown.
-    /// Reservations count as reserved: what settling gives back later is
-    /// not known yet. What holds it back that no quota counts (the
-    /// concurrency bound, answers not in yet) is not counted.
+    /// The least a new caller at `place` needing `needs` will wait, at the
+    /// pace of the moment: the callers certainly served before it (its own
+    /// FIFO) leave in turn, each taking a unit of the partition's own
+    /// quotas and its costs of the endpoint limits and token quotas, on
+    /// each quota's schedule as it stands ([`Pacing::floor`]); one whose
+    /// deadline comes before its turn would time out and takes nothing.
+    /// Slots out for the shared limiter's verdict may come back: not
+    /// counted. Reservations count as reserved: what settling gives back
+    /// later is not known yet. What no quota counts (the concurrency bound,
+    /// other FIFOs, answers not in yet) is not counted either.
     fn queued_wait(&self, place: Place, needs: &Needs, now: Instant) -> Duration {
         let Some(partition) = self.partitions.get(&place.partition) else { return Duration::ZERO };
-        let ahead = || partition.needs_ahead(needs.set(), place.caller, place.priority);
-        let own = partition.pacing.earliest(now, ahead().count() as u64);
+        let (slots, taken) = match self.confirming {
+            Some(key) if key.partition == place.partition => (self.unconfirmed.0, &self.unconfirmed.1),
+            _ => (0, &Needs::default()),
+        };
+        // Every time in ns since the core's epoch, as deadlines are kept.
+        let own = partition.pacing.floor(now).without(slots).rebased(self.epoch);
         let limits = needs.iter().filter_map(|(index, _)| {
-            let units = ahead().map(|needs| needs.units_of(index)).sum();
-            Some(partition.limits.get(index)?.earliest(now, units))
+            let floor = partition.limits.get(index)?.floor(now).without(taken.units_of(index));
+            Some((index, floor.rebased(self.epoch), 0))
         });
-        limits.fold(own, Instant::max).saturating_duration_since(now)
+        let mut limits: SmallVec<[(usize, Floor, u64); 2]> = limits.collect();
+        let leaves = |count: u64, limits: &[(usize, Floor, u64)]| {
+            limits.iter().map(|(_, floor, units)| floor.ns(*units)).fold(own.ns(count), i128::max)
+        };
+        let mut count = 0;
+        for entry in partition.ahead(needs.set(), place.caller, place.priority) {
+            if leaves(count, &limits) > i128::from(entry.deadline) * 1_000_000 {
+                continue;
+            }
+            count += 1;
+            for (index, _, units) in &mut limits {
+                *units += entry.needs.units_of(*index);
+            }
+        }
+        let at = Duration::from_nanos(u64::try_from(leaves(count, &limits).max(0)).unwrap_or(u64::MAX));
+        (self.epoch + at).saturating_duration_since(now)
     }
 
     /// A new caller whose [`Self::queued_wait`] already exceeds what it may

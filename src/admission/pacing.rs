@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::Feedback;
 use crate::config;
-use crate::limit::pacer::{GUARD, Taken};
+use crate::limit::pacer::{Floor, GUARD, Taken};
 use crate::limit::{Adaptive, Pacer};
 
 /// Quotas a partition's pacer is built from.
@@ -158,20 +158,12 @@ impl Pacing {
         [self.cooldown_until, self.shared_wait].into_iter().flatten().filter(|at| *at > now).max()
     }
 
-    /// The earliest a request may leave once `ahead` units of these quotas
-    /// have left before it: after any cooldown or shared wait, at the pace
-    /// the quotas keep (see [`Pacer::earliest`]), an adaptive rate and a
-    /// hint's cap included.
-    pub fn earliest(&self, now: Instant, ahead: u64) -> Instant {
-        let start = self.blocked_until(now).unwrap_or(now);
-        let capped = self.pacer.earliest(start, ahead, true);
-        match self.hint_cap {
-            // A hint's cap ends at the reset it named: a request it would
-            // hold past then leaves no sooner than that, nor than the
-            // quotas alone allow.
-            Some((_, until)) if capped > until => self.pacer.earliest(start, ahead, false).max(until),
-            _ => capped,
-        }
+    /// When a request may leave at the earliest, once others have taken
+    /// their units of these quotas: after any cooldown or shared wait, at
+    /// the pace the quotas keep (see [`Floor`]), an adaptive rate and a
+    /// hint's cap included, the hint's only until the reset it named.
+    pub fn floor(&self, now: Instant) -> Floor {
+        self.pacer.floor(self.blocked_until(now).unwrap_or(now), self.hint_cap.map(|(_, until)| until))
     }
 
     /// Takes `units` for an attempt leaving now, if the quotas are neither
@@ -440,11 +432,12 @@ mod tests {
             hint: Some(hint),
         };
         pacing.learn("u", &feedback, false, t0);
-        assert_eq!(ms(pacing.earliest(t0, 1)), 1_000, "two left in 2 s: one a second");
+        let floor = pacing.floor(t0);
+        assert_eq!(ms(floor.at(1)), 1_000, "two left in 2 s: one a second");
         // Five ahead would take 5 s at the hint's pace, which ends at 2 s:
         // no sooner than then, nor than 10/s allows (thirty take 3 s).
-        assert_eq!(ms(pacing.earliest(t0, 5)), 2_000);
-        let thirty = ms(pacing.earliest(t0, 30));
+        assert_eq!(ms(floor.at(5)), 2_000);
+        let thirty = ms(floor.at(30));
         assert!((3_000..=3_030).contains(&thirty), "{thirty}");
     }
 

@@ -108,18 +108,13 @@ impl<W: Waiter> Partition<W> {
         self.queues.iter_mut().find(|(s, _)| *s == set).map(|(_, queue)| queue)
     }
 
-    /// What each live waiter a new one at (`caller`, `priority`) in queue
-    /// `set` would certainly follow needs: its own FIFO, served before it
-    /// whatever else happens.
-    pub fn needs_ahead(
-        &self,
-        set: LimitSet,
-        caller: u64,
-        priority: Priority,
-    ) -> impl Iterator<Item = &Needs> {
+    /// The live waiters a new one at (`caller`, `priority`) in queue `set`
+    /// would certainly follow: its own FIFO, served before it whatever
+    /// else happens.
+    pub fn ahead(&self, set: LimitSet, caller: u64, priority: Priority) -> impl Iterator<Item = &Entry<W>> {
         let queue = self.queues.iter().find(|(s, _)| *s == set).map(|(_, queue)| queue);
         let ahead = queue.into_iter().flat_map(move |queue| queue.ahead(caller, priority));
-        ahead.filter(|entry| !entry.waiter.gone()).map(|entry| &entry.needs)
+        ahead.filter(|entry| !entry.waiter.gone())
     }
 
     /// Waiters in queue `set`.

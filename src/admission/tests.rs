@@ -345,6 +345,44 @@ fn enqueue_refuses_a_hopeless_caller_but_never_a_retry() {
     assert_eq!(ids(&b.serve(0, 2_000)), [7, 0, 1, 2, 3, 4, 6], "the retry kept its place at the head");
 }
 
+/// Callers ahead whose deadline comes before their turn time out and take
+/// nothing: they do not make a newcomer's wait look longer than it is.
+#[test]
+fn callers_ahead_who_will_time_out_are_not_counted() {
+    let mut b = Bench::new(limits("10/s", 1));
+    for id in 0..5 {
+        let deadline = Some(b.at(500));
+        b.core
+            .enqueue(caller(id), Place::default(), Needs::default(), (false, deadline), b.t0)
+            .expect("fits");
+    }
+    b.core.feedback(&a_429(b.t0, SINGLE, Duration::from_secs(2)), false, b.t0);
+    // All five give up at 500 ms, during the cooldown: the sixth leaves at 2 s.
+    let wait = b.core.queued_wait(Place::default(), &Needs::default(), b.t0);
+    assert!((Duration::from_millis(1_998)..=Duration::from_secs(2)).contains(&wait), "{wait:?}");
+    let patient = (false, Some(b.at(2_300)));
+    assert_eq!(b.core.enqueue(caller(5), Place::default(), Needs::default(), patient, b.t0), Ok(()));
+}
+
+/// Slots taken for the shared limiter's verdict are not counted twice:
+/// their callers still queue until the verdict comes.
+#[test]
+fn slots_awaiting_the_shared_limiter_are_not_counted_twice() {
+    let mut b = Bench::with(limits("10/s", 1), false, true);
+    for id in 0..3 {
+        b.join(id, Place::default());
+    }
+    let Next::Confirm(confirm) = b.core.next(b.t0, true) else { panic!("the shared limiter decides") };
+    // The head's slot is taken and the head still queues: the fourth caller
+    // follows three, the first of them at once.
+    let wait = b.core.queued_wait(Place::default(), &Needs::default(), b.t0);
+    assert!((Duration::from_millis(300)..=Duration::from_millis(303)).contains(&wait), "{wait:?}");
+    assert_eq!(b.core.settle(confirm, Verdict::Go(1), b.t0).len(), 1);
+    b.join(3, Place::default());
+    let served = b.serve(0, 2_000);
+    assert_eq!(served.last(), Some(&(3, wait.as_millis() as u64)), "{served:?}");
+}
+
 #[test]
 fn a_cooldown_and_a_burst_count_in_the_honest_wait() {
     let mut b = Bench::new(limits("10/s", 3));
@@ -356,8 +394,13 @@ fn a_cooldown_and_a_burst_count_in_the_honest_wait() {
     assert!((Duration::from_millis(200)..=Duration::from_millis(203)).contains(&wait), "{wait:?}");
     let paused = a_429(b.t0, SINGLE, Duration::from_secs(2));
     b.core.feedback(&paused, false, b.t0);
+    // From the cooldown's end; a slot with room may be presented up to 2 ms early.
     let cooled = b.core.queued_wait(Place::default(), &Needs::default(), b.t0);
-    assert!((Duration::from_millis(2_200)..=Duration::from_millis(2_203)).contains(&cooled), "{cooled:?}");
+    assert!((Duration::from_millis(2_198)..=Duration::from_millis(2_203)).contains(&cooled), "{cooled:?}");
+    b.join(4, Place::default());
+    let served = b.serve(0, 5_000);
+    let fifth = served.iter().find(|(id, _)| *id == 4).map(|(_, at)| *at).expect("served");
+    assert!((cooled.as_millis() as u64..=cooled.as_millis() as u64 + 2).contains(&fifth), "{served:?}");
 }
 
 #[test]

@@ -129,6 +129,69 @@ pub struct Taken {
     recorded: Option<(u64, u64)>,
 }
 
+/// When a unit may leave at the earliest once others have left before it,
+/// as a pacer's schedule stood when [`Pacer::floor`] read it: a lower
+/// bound of the real instant at the pace of that moment (a window's room,
+/// other takers and caps set later only delay; credit and a hint's cap
+/// that ends are counted, an adaptive rate that probes up sooner is not),
+/// for honest waits. Times are ns since the pacer's origin,
+/// signed: a schedule with room reaches back before `start`.
+#[derive(Debug, Clone)]
+pub struct Floor {
+    origin: Instant,
+    start: i128,
+    /// Per quota: the instant its first unit may leave, and its interval.
+    quotas: SmallVec<[(i128, i128); 4]>,
+    /// The cap's, if any, which paces until `cap_ends` only.
+    cap: Option<(i128, i128)>,
+    cap_ends: Option<i128>,
+}
+
+impl Floor {
+    /// When the unit after `ahead` others may leave.
+    pub fn at(&self, ahead: u64) -> Instant {
+        self.origin + Duration::from_nanos(u64::try_from(self.ns(ahead).max(0)).unwrap_or(u64::MAX))
+    }
+
+    /// [`Self::at`] in ns since the origin ([`Self::rebased`]): cheap
+    /// enough to ask for every caller of a long queue.
+    pub fn ns(&self, ahead: u64) -> i128 {
+        let ahead = i128::from(ahead);
+        let quotas =
+            self.quotas.iter().map(|(base, interval)| base + ahead * interval).fold(self.start, i128::max);
+        let Some((base, interval)) = self.cap else { return quotas };
+        let capped = quotas.max(base + ahead * interval);
+        // Held past the cap's end, it leaves no sooner than then.
+        self.cap_ends.filter(|end| capped > *end).map_or(capped, |end| quotas.max(end))
+    }
+
+    /// The same schedule, its times counted from `origin`.
+    pub fn rebased(mut self, origin: Instant) -> Self {
+        let shift = if self.origin >= origin {
+            i128::from(nanos(self.origin.duration_since(origin)))
+        } else {
+            -i128::from(nanos(origin.duration_since(self.origin)))
+        };
+        self.start += shift;
+        for (base, _) in self.quotas.iter_mut().chain(self.cap.as_mut()) {
+            *base += shift;
+        }
+        self.cap_ends = self.cap_ends.map(|end| end + shift);
+        self.origin = origin;
+        self
+    }
+
+    /// The same schedule without `units` that were taken but may be given
+    /// back (slots awaiting the shared limiter's verdict).
+    pub fn without(mut self, units: u64) -> Self {
+        let units = i128::from(units);
+        for (base, interval) in self.quotas.iter_mut().chain(self.cap.as_mut()) {
+            *base -= units * *interval;
+        }
+        self
+    }
+}
+
 /// Paces one upstream: every attempt needs a slot from each of its quotas.
 #[derive(Debug)]
 pub struct Pacer {
@@ -337,29 +400,35 @@ impl Pacer {
         }
     }
 
-    /// The earliest instant, from `start` on, at which a unit may leave
-    /// once `ahead` units have left before it, if nothing else takes any:
-    /// GCRA with each quota's current schedule, the cap's (when `capped`),
-    /// and the credit a settled pacer holds. A lower bound (a ledger's
-    /// window, a cap set later or other takers only delay), for honest waits.
-    pub fn earliest(&self, start: Instant, ahead: u64, capped: bool) -> Instant {
-        let start_ns = nanos(start.saturating_duration_since(self.origin));
-        let credit = self.ledger.as_ref().map(|(index, ledger)| (*index, ledger.credit()));
-        let cap = self.cap.as_ref().filter(|_| capped).map(|_| (&self.cap_cell, self.cap_interval, 1));
-        let quotas = self.cells.iter().zip(self.intervals.iter().copied()).zip(self.bursts.iter().copied());
-        let quotas = quotas.map(|((cell, interval), burst)| (cell, interval, burst)).chain(cap);
-        let earliest = quotas.enumerate().map(|(index, (cell, interval, burst))| {
-            let mut tat = cell.0.load(Ordering::Acquire).max(start_ns);
-            if let Some((_, credit)) = credit.filter(|(pacing, _)| *pacing == index) {
-                tat -= credit.min(tat - start_ns);
-            }
-            // GCRA: a unit conforms once the schedule is within `burst - 1`
-            // intervals of it; each unit before it moves the schedule one on.
-            let (ahead, back) = (ahead.saturating_mul(interval), (burst - 1).saturating_mul(interval));
-            tat.saturating_add(ahead).saturating_sub(back)
+    /// The least schedule this pacer keeps from `start` on, if nothing
+    /// else takes a unit (see [`Floor`]): each quota's schedule as it
+    /// stands, its `burst`, the cap's until `cap_ends` (for ever with
+    /// `None`), and the credit a settled pacer holds.
+    pub fn floor(&self, start: Instant, cap_ends: Option<Instant>) -> Floor {
+        let at = |instant: Instant| i128::from(nanos(instant.saturating_duration_since(self.origin)));
+        let start_ns = at(start);
+        // Waking for a promised slot, a grant is presented up to GUARD early.
+        let earliest_presented = start_ns - i128::from(nanos(GUARD));
+        let credit = self.ledger.as_ref().map(|(index, ledger)| (*index, i128::from(ledger.credit())));
+        // GCRA: a unit conforms once the schedule is within `burst - 1`
+        // intervals of it, and each unit moves the schedule one interval on.
+        let base = |cell: &TatCell, interval: u64, burst: u64| {
+            let tat = i128::from(cell.0.load(Ordering::Acquire)).max(earliest_presented);
+            (tat - i128::from(burst - 1) * i128::from(interval), i128::from(interval))
+        };
+        let quotas = self.cells.iter().zip(&self.intervals).zip(&self.bursts).enumerate();
+        let quotas = quotas.map(|(index, ((cell, interval), burst))| {
+            let (base, interval) = base(cell, *interval, *burst);
+            let spent = credit.filter(|(pacing, _)| *pacing == index).map_or(0, |(_, credit)| credit);
+            (base - spent, interval)
         });
-        let at = earliest.fold(start_ns, u64::max);
-        self.origin + Duration::from_nanos(at)
+        Floor {
+            origin: self.origin,
+            start: start_ns,
+            quotas: quotas.collect(),
+            cap: self.cap.as_ref().map(|_| base(&self.cap_cell, self.cap_interval, 1)),
+            cap_ends: cap_ends.map(at),
+        }
     }
 
     /// Gives back a slot that was taken but not used.
@@ -645,17 +714,22 @@ mod tests {
             let mut pacer = Pacer::new(&parsed(rates), NonZeroU32::new(burst).unwrap(), start);
             let _first = pacer.try_acquire(start, ONE).expect("nothing owed yet");
             let now = start + Duration::from_millis(30);
-            let predicted = pacer.earliest(now, ahead, true);
+            let predicted = pacer.floor(now, None).at(ahead);
             let times = admissions(&mut pacer, now, ahead as usize + 1, Duration::ZERO);
-            let actual = times.last().map(|t| now + *t);
-            assert_eq!(actual, Some(predicted), "{rates:?} burst {burst}, {ahead} ahead: {times:?}");
+            let actual = times.last().map(|t| now + *t).expect("admitted");
+            // A schedule with room may be presented up to GUARD early.
+            let early = actual.saturating_duration_since(predicted);
+            assert!(
+                predicted <= actual && early <= GUARD,
+                "{rates:?} burst {burst}, {ahead} ahead: {early:?}"
+            );
         }
         // A cap paces too.
         let mut pacer = Pacer::new(&parsed(&["10/s"]), ONE, start);
         pacer.set_cap(Some(2.0));
         let _first = pacer.try_acquire(start, ONE).expect("nothing owed yet");
-        assert_eq!(pacer.earliest(start, 1, true), start + Duration::from_secs(1), "two at 2/s");
-        let uncapped = pacer.earliest(start, 1, false) - start;
+        assert_eq!(pacer.floor(start, None).at(1), start + Duration::from_secs(1), "two at 2/s");
+        let uncapped = pacer.floor(start, Some(start)).at(1) - start;
         assert!(
             (Duration::from_millis(200)..Duration::from_millis(205)).contains(&uncapped),
             "10/s: {uncapped:?}"
@@ -677,7 +751,7 @@ mod tests {
         // now (900 ms), and the rest of the 400 stays as credit.
         pacer.adjust(at(900), -400, start);
         let _c = pacer.try_acquire(at(900), units(300)).expect("the schedule is back at now");
-        let predicted = pacer.earliest(at(900), 0, true);
+        let predicted = pacer.floor(at(900), None).at(0);
         assert!(
             predicted < at(1_150),
             "300 units paid from 900 ms, less the credit: {:?}",
@@ -685,6 +759,23 @@ mod tests {
         );
         assert!(pacer.try_acquire(predicted - Duration::from_millis(1), ONE).is_err(), "not before");
         assert!(pacer.try_acquire(predicted, ONE).is_ok(), "{:?}", predicted - start);
+    }
+
+    /// Credit larger than what the schedule owes now still pulls the units
+    /// ahead forward, as each of their grants spends it.
+    #[test]
+    fn credit_beyond_the_debt_pulls_the_units_ahead_forward() {
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let mut pacer = Pacer::new(&[rate(1000, 1000)], ONE, start).settled();
+        let _a = pacer.try_acquire(start, NonZeroU32::new(500).unwrap()).expect("nothing owed yet");
+        // 400 of its 500 given back at 400 ms: ~100 ms of schedule back, ~300 as credit.
+        pacer.adjust(at(400), -400, start);
+        let predicted = pacer.floor(at(400), None).at(200);
+        let times = admissions(&mut pacer, at(400), 201, Duration::ZERO);
+        let actual = at(400) + times[200];
+        assert_eq!(actual, at(400), "the credit pays for all 200");
+        assert!(predicted <= actual && actual - predicted <= GUARD, "{:?}", actual - predicted);
     }
 
     /// Milliseconds from `start` until `pacer` admits a request asked at `now`.
