@@ -21,9 +21,10 @@ use crate::limit::pacer::Taken;
 pub struct Entry<W> {
     pub waiter: W,
     pub needs: Needs,
-    /// When its caller stops waiting, in ms since the core's epoch (compact:
-    /// a queue may hold many thousands).
-    pub deadline: u32,
+    /// When its caller stops waiting, in ms since the core's epoch;
+    /// `u64::MAX`: never. (A u32 would save nothing, the entry being padded
+    /// to 8 bytes, and would run out after 49 days of uptime.)
+    pub deadline: u64,
 }
 
 /// Units taken for one attempt: one of the partition's own quotas, and its
@@ -108,13 +109,18 @@ impl<W: Waiter> Partition<W> {
         self.queues.iter_mut().find(|(s, _)| *s == set).map(|(_, queue)| queue)
     }
 
-    /// The live waiters a new one at (`caller`, `priority`) in queue `set`
-    /// would certainly follow: its own FIFO, served before it whatever
-    /// else happens.
-    pub fn ahead(&self, set: LimitSet, caller: u64, priority: Priority) -> impl Iterator<Item = &Entry<W>> {
+    /// The live waiters among the first `at_most` that a new one at
+    /// (`caller`, `priority`) in queue `set` would certainly follow: its
+    /// own FIFO, served before it whatever else happens.
+    pub fn ahead(
+        &self,
+        set: LimitSet,
+        (caller, priority): (u64, Priority),
+        at_most: usize,
+    ) -> impl Iterator<Item = &Entry<W>> {
         let queue = self.queues.iter().find(|(s, _)| *s == set).map(|(_, queue)| queue);
         let ahead = queue.into_iter().flat_map(move |queue| queue.ahead(caller, priority));
-        ahead.filter(|entry| !entry.waiter.gone())
+        ahead.take(at_most).filter(|entry| !entry.waiter.gone())
     }
 
     /// Waiters in queue `set`.
@@ -209,7 +215,7 @@ impl<W: Waiter> Partition<W> {
 
     /// Returns the live waiters whose deadline is before `deadline` (ms
     /// since the core's epoch), with the number of departed entries dropped.
-    pub fn due_before(&mut self, deadline: u32) -> (Vec<W>, usize) {
+    pub fn due_before(&mut self, deadline: u64) -> (Vec<W>, usize) {
         self.sift(|entry| entry.deadline >= deadline)
     }
 

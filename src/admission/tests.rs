@@ -383,6 +383,21 @@ fn slots_awaiting_the_shared_limiter_are_not_counted_twice() {
     assert_eq!(served.last(), Some(&(3, wait.as_millis() as u64)), "{served:?}");
 }
 
+/// The walk is bounded: beyond the first callers ahead, the honest wait
+/// counts nobody (a floor still: it can only be too short).
+#[test]
+fn the_honest_wait_looks_at_a_bounded_number_of_callers_ahead() {
+    let mut b = Bench::new(Limits { queue_size: WALK_LIMIT + 100, ..limits("1000/s", 1) });
+    let queued = WALK_LIMIT as u32 + 100;
+    for id in 0..queued {
+        b.join(id, Place::default());
+    }
+    let wait = b.core.queued_wait(Place::default(), &Needs::default(), b.t0).as_secs_f64();
+    let interval = 1.007e-3;
+    let walked = WALK_LIMIT as f64 * interval;
+    assert!((walked - 1e-3..=walked + 1e-3).contains(&wait), "{wait} s for {queued} ahead");
+}
+
 #[test]
 fn a_cooldown_and_a_burst_count_in_the_honest_wait() {
     let mut b = Bench::new(limits("10/s", 3));

@@ -412,21 +412,26 @@ impl Pacer {
         let credit = self.ledger.as_ref().map(|(index, ledger)| (*index, i128::from(ledger.credit())));
         // GCRA: a unit conforms once the schedule is within `burst - 1`
         // intervals of it, and each unit moves the schedule one interval on.
-        let base = |cell: &TatCell, interval: u64, burst: u64| {
-            let tat = i128::from(cell.0.load(Ordering::Acquire)).max(earliest_presented);
-            (tat - i128::from(burst - 1) * i128::from(interval), i128::from(interval))
+        let base = |tat: i128, interval: u64, burst: u64| {
+            (tat.max(earliest_presented) - i128::from(burst - 1) * i128::from(interval), i128::from(interval))
         };
         let quotas = self.cells.iter().zip(&self.intervals).zip(&self.bursts).enumerate();
         let quotas = quotas.map(|(index, ((cell, interval), burst))| {
-            let (base, interval) = base(cell, *interval, *burst);
-            let spent = credit.filter(|(pacing, _)| *pacing == index).map_or(0, |(_, credit)| credit);
-            (base - spent, interval)
+            let tat = i128::from(cell.0.load(Ordering::Acquire));
+            let (base, interval) = base(tat, *interval, *burst);
+            // A schedule behind the next grant drops its credit (see
+            // `Ledger::spend_credit`).
+            let credit = credit.filter(|(pacing, _)| *pacing == index && tat >= earliest_presented);
+            (base - credit.map_or(0, |(_, credit)| credit), interval)
         });
         Floor {
             origin: self.origin,
             start: start_ns,
             quotas: quotas.collect(),
-            cap: self.cap.as_ref().map(|_| base(&self.cap_cell, self.cap_interval, 1)),
+            cap: self
+                .cap
+                .as_ref()
+                .map(|_| base(i128::from(self.cap_cell.0.load(Ordering::Acquire)), self.cap_interval, 1)),
             cap_ends: cap_ends.map(at),
         }
     }
@@ -776,6 +781,21 @@ mod tests {
         let actual = at(400) + times[200];
         assert_eq!(actual, at(400), "the credit pays for all 200");
         assert!(predicted <= actual && actual - predicted <= GUARD, "{:?}", actual - predicted);
+    }
+
+    /// Woken for its promised slot a little late, a grant is presented at
+    /// the promise: the floor reaches back as far as the pacer does.
+    #[test]
+    fn the_floor_keeps_the_schedule_not_the_lateness() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new(&[rate(10, 1000)], ONE, start);
+        let _first = pacer.try_acquire(start, ONE).expect("nothing owed yet");
+        let promised = pacer.try_acquire(start, ONE).unwrap_err();
+        let woke = promised + Duration::from_micros(1_500);
+        let predicted = pacer.floor(woke, None).at(1);
+        let _second = pacer.try_acquire(woke, ONE).expect("its slot");
+        let third = pacer.try_acquire(woke, ONE).unwrap_err();
+        assert_eq!(predicted, third, "one interval after the promise, not after the wake-up");
     }
 
     /// Milliseconds from `start` until `pacer` admits a request asked at `now`.

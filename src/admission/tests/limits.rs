@@ -160,6 +160,23 @@ fn shared_quotas_confirm_a_limits_queue_one_at_a_time_and_its_wait_holds_only_it
     );
 }
 
+/// With the shared limiter, the head's cost taken for the verdict that is
+/// out is not counted again for the head, which still queues.
+#[test]
+fn a_cost_awaiting_the_shared_limiter_is_not_counted_twice() {
+    let mut b = Bench::with(with_endpoints(&[("writes", "10/s")]), false, true);
+    for id in 0..3 {
+        b.join_needing(id, needs(0, 1));
+    }
+    let Next::Confirm(confirm) = b.core.next(b.t0, true) else { panic!("the shared limiter decides") };
+    let wait = b.core.queued_wait(Place::default(), &needs(0, 1), b.t0);
+    assert!((Duration::from_millis(300)..=Duration::from_millis(303)).contains(&wait), "{wait:?}");
+    assert_eq!(b.core.settle(confirm, Verdict::Go(1), b.t0).len(), 1);
+    b.join_needing(3, needs(0, 1));
+    let served = b.serve(0, 2_000);
+    assert_eq!(served.last(), Some(&(3, wait.as_millis() as u64)), "{served:?}");
+}
+
 /// An hourly cap beside a per-second quota is a volume cap, not a pace:
 /// the honest wait counts the per-second pace while the cap has room.
 /// (Paid at the cap's long-run rate, five writes ahead once cost 18 s.)
