@@ -773,8 +773,8 @@ impl<W: Waiter> Admission<W> {
                 *units += entry.needs.units_of(*index);
             }
         }
-        let at = Duration::from_nanos(u64::try_from(leaves(count, &limits).max(0)).unwrap_or(u64::MAX));
-        (self.epoch + at).saturating_duration_since(now)
+        let at = limits.iter().map(|(_, floor, units)| floor.at(*units)).fold(own.at(count), Instant::max);
+        at.saturating_duration_since(now)
     }
 
     /// A new caller whose [`Self::queued_wait`] already exceeds what it may
