@@ -70,6 +70,17 @@ impl Bench {
         at.duration_since(self.t0).as_millis() as u64
     }
 
+    /// A core deciding with the shared limiter, `n` callers queued, and the
+    /// confirmation it asks for first.
+    fn shared_confirming(limits: Limits, n: u32) -> (Self, Confirm) {
+        let mut b = Self::with(limits, false, true);
+        for id in 0..n {
+            b.join(id, Place::default());
+        }
+        let Next::Confirm(confirm) = b.core.next(b.t0, true) else { panic!("the shared limiter decides") };
+        (b, confirm)
+    }
+
     fn join(&mut self, id: u32, place: Place) {
         self.core.enqueue(caller(id), place, Needs::default(), (false, None), self.t0).expect("queued");
     }
@@ -368,11 +379,7 @@ fn callers_ahead_who_will_time_out_are_not_counted() {
 /// their callers still queue until the verdict comes.
 #[test]
 fn slots_awaiting_the_shared_limiter_are_not_counted_twice() {
-    let mut b = Bench::with(limits("10/s", 1), false, true);
-    for id in 0..3 {
-        b.join(id, Place::default());
-    }
-    let Next::Confirm(confirm) = b.core.next(b.t0, true) else { panic!("the shared limiter decides") };
+    let (mut b, confirm) = Bench::shared_confirming(limits("10/s", 1), 3);
     // The head's slot is taken and the head still queues: the fourth caller
     // follows three, the first of them at once.
     let wait = b.core.queued_wait(Place::default(), &Needs::default(), b.t0);
@@ -420,11 +427,7 @@ fn a_cooldown_and_a_burst_count_in_the_honest_wait() {
 
 #[test]
 fn the_shared_limiter_confirms_a_batch_and_unused_slots_go_back() {
-    let mut b = Bench::with(limits("10/s", 5), false, true);
-    for id in 0..3 {
-        b.join(id, Place::default());
-    }
-    let Next::Confirm(confirm) = b.core.next(b.t0, true) else { panic!("the shared limiter decides") };
+    let (mut b, confirm) = Bench::shared_confirming(limits("10/s", 5), 3);
     assert_eq!(confirm.wanted(), 3, "one round trip for every caller a slot is free for");
     let granted = b.core.settle(confirm, Verdict::Go(2), b.t0);
     assert_eq!(granted.iter().map(|c| c.id).collect::<Vec<_>>(), [0, 1]);
