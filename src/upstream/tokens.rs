@@ -118,7 +118,6 @@ impl Upstream {
             return Vec::new();
         }
         let hints = llm::token_hints(headers, now);
-        let needed = |index: usize| needs.iter().find(|(i, _)| *i == index).map(|(_, units)| units.get());
         let by_kind = [
             (TokenKind::Total, hints.tokens),
             (TokenKind::Input, hints.input),
@@ -127,7 +126,7 @@ impl Upstream {
         let mut short: Vec<usize> = by_kind
             .into_iter()
             .filter_map(|(kind, hint)| Some((quotas.index(kind)?, hint?)))
-            .filter(|(index, hint)| needed(*index).is_some_and(|need| hint.remaining < u64::from(need)))
+            .filter(|(index, hint)| hint.remaining < needs.units_of(*index))
             .map(|(index, _)| index)
             .collect();
         short.dedup();
