@@ -255,6 +255,33 @@ async fn request_smuggling_is_refused() {
     assert_eq!(paths, ["/first"]);
 }
 
+/// A bare LF after the last chunk starts a trailer line for hyper, so the
+/// "head" it seems to start is part of the trailers, and the bytes after them
+/// are the next head: checked, and this one refused (two `Host`s). Read the
+/// other way, the trailer's `Content-Length` would hide that head from the
+/// check while hyper served it.
+#[tokio::test]
+async fn a_bare_lf_after_the_last_chunk_hides_no_head() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let pg = Pacegate::start(&api(&mock.url(), "")).await;
+    let smuggled: &[u8] = b"GET /api/smuggled HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n";
+    let cover =
+        format!("\nPOST /api/cover HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n", smuggled.len());
+    let stream = [
+        b"POST /api/first HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+            .as_slice(),
+        cover.as_bytes(),
+        smuggled,
+    ]
+    .concat();
+    let got = send_raw(&pg, &stream).await;
+    let found = answers(&got);
+    assert_eq!(found.len(), 2, "one answer per request: {:?}", String::from_utf8_lossy(&got));
+    found[1].assert_error(400, "bad_request");
+    let paths: Vec<String> = mock.arrivals().into_iter().map(|a| a.path_and_query).collect();
+    assert!(paths.iter().all(|p| p == "/first"), "{paths:?}");
+}
+
 /// A chunk-size line longer than 4 096 bytes cannot be followed, so what
 /// comes after it could not be checked: the request is answered 400 and its
 /// connection closed, nothing reaches the upstream, and the smuggling head

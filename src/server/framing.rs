@@ -30,6 +30,8 @@ pub struct Framing {
     held: BytesMut,
     /// Request heads (request line and headers) larger than this are refused.
     limit: usize,
+    /// A CR before a request line went on; the next byte must be its LF.
+    cr_pending: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,9 +47,16 @@ enum State {
         digits: u8,
         size: u64,
     },
-    /// Chunk extensions (or whitespace) up to the end of the size line.
+    /// Spaces or tabs after the size, or a chunk extension after `;`, up to
+    /// the CR that ends the size line; `len` bytes of it so far.
     ChunkExt {
         len: usize,
+        size: u64,
+        /// After a `;`: anything but CR or LF; before it, only spaces and tabs.
+        extension: bool,
+    },
+    /// The LF after the size line's CR.
+    SizeLf {
         size: u64,
     },
     ChunkData(u64),
@@ -55,9 +64,12 @@ enum State {
     ChunkEnd {
         cr: bool,
     },
-    /// Trailer lines after the last chunk, up to an empty line.
+    /// The trailer section after the last chunk: lines ending in CRLF, up
+    /// to an empty one. `fresh` at the start of a line, `cr` once a CR was
+    /// seen (the next byte must be LF), `total` bytes in all.
     Trailer {
-        line: usize,
+        fresh: bool,
+        cr: bool,
         total: usize,
     },
     /// No more checks (see the module doc).
@@ -70,7 +82,7 @@ enum State {
 
 impl Framing {
     pub fn new(limit: usize) -> Self {
-        Self { state: State::Sniff, held: BytesMut::new(), limit }
+        Self { state: State::Sniff, held: BytesMut::new(), limit, cr_pending: false }
     }
 
     /// Whether the last refusal was of a body whose head hyper already has
@@ -140,8 +152,11 @@ impl Framing {
     fn head(&mut self, input: &[u8], out: &mut BytesMut) -> Result<usize, ProxyError> {
         let mut start = 0;
         if self.held.is_empty() {
-            // Line ends before a request line are skipped by hyper (RFC 9112 §2.2).
-            start = input.iter().position(|b| !matches!(b, b'\r' | b'\n')).unwrap_or(input.len());
+            let Some(skipped) = self.empty_lines(input) else {
+                let error = ProxyError::BadRequest("a CR without its LF before the request line".into());
+                return Err(self.refuse(error));
+            };
+            start = skipped;
             out.extend_from_slice(&input[..start]);
         }
         let rest = &input[start..];
@@ -194,6 +209,25 @@ impl Framing {
         }
     }
 
+    /// How many bytes at the start of `input` are empty lines, which hyper
+    /// skips before a request line (RFC 9112 §2.2) as httparse does: CRLF or
+    /// a bare LF. `None` for a CR followed by anything but LF, which hyper
+    /// would answer with a bare 400 of its own.
+    fn empty_lines(&mut self, input: &[u8]) -> Option<usize> {
+        let mut skipped = 0;
+        for &byte in input {
+            match (self.cr_pending, byte) {
+                (true, b'\n') => self.cr_pending = false,
+                (true, _) => return None,
+                (false, b'\r') => self.cr_pending = true,
+                (false, b'\n') => {}
+                (false, _) => break,
+            }
+            skipped += 1;
+        }
+        Some(skipped)
+    }
+
     fn refuse_too_large(&mut self, more: &[u8]) -> ProxyError {
         self.held.extend_from_slice(more);
         let error = head::too_large(&self.held, self.limit);
@@ -238,8 +272,10 @@ impl Framing {
     /// Why the chunked framing cannot be followed in the current state.
     fn why_broken(&self) -> String {
         match self.state {
-            State::ChunkExt { .. } => format!("a chunk-size line is longer than {MAX_CHUNK_LINE} bytes"),
-            State::Trailer { .. } => {
+            State::ChunkExt { len, .. } if len >= MAX_CHUNK_LINE => {
+                format!("a chunk-size line is longer than {MAX_CHUNK_LINE} bytes")
+            }
+            State::Trailer { total, .. } if total >= self.limit => {
                 format!("the chunked trailer section is larger than {} bytes", self.limit)
             }
             _ => "malformed chunked framing".to_string(),
@@ -248,10 +284,20 @@ impl Framing {
 
     /// The state after one byte of chunked framing (outside chunk data);
     /// [`State::Broken`] when it cannot be followed.
+    ///
+    /// The grammar is hyper's own, byte for byte (its `ChunkedState`): every
+    /// line ends in CRLF, a bare LF is refused, and the trailer section ends
+    /// only at CRLF CRLF. Whatever hyper would take as body, this takes as
+    /// body too, so the two can never disagree on where the next head starts;
+    /// where this is stricter (a line over 4 096 bytes), it refuses.
     fn chunk_byte(&self, byte: u8) -> State {
-        let after_size = |size| match size {
-            0 => State::Trailer { line: 0, total: 0 },
-            size => State::ChunkData(size),
+        let size_line = |len: usize, size: u64, extension: bool| match byte {
+            b'\r' => State::SizeLf { size },
+            b'\t' | b' ' if !extension => State::ChunkExt { len: len + 1, size, extension },
+            b';' if !extension => State::ChunkExt { len: len + 1, size, extension: true },
+            b'\n' => State::Broken,
+            _ if extension => State::ChunkExt { len: len + 1, size, extension },
+            _ => State::Broken,
         };
         match self.state {
             State::ChunkSize { digits, size } => match char::from(byte).to_digit(16) {
@@ -260,19 +306,27 @@ impl Framing {
                     State::ChunkSize { digits: digits + 1, size: (size << 4) | u64::from(digit) }
                 }
                 _ if digits == 0 => State::Broken,
-                None if byte == b'\n' => after_size(size),
-                None if matches!(byte, b'\r' | b';' | b' ' | b'\t') => State::ChunkExt { len: 1, size },
-                _ => State::Broken,
+                None => size_line(usize::from(digits), size, false),
+                Some(_) => State::Broken,
             },
-            State::ChunkExt { size, .. } if byte == b'\n' => after_size(size),
-            State::ChunkExt { len, size } if len < MAX_CHUNK_LINE => State::ChunkExt { len: len + 1, size },
+            State::ChunkExt { len, .. } if len >= MAX_CHUNK_LINE => State::Broken,
+            State::ChunkExt { len, size, extension } => size_line(len, size, extension),
+            State::SizeLf { size: 0 } if byte == b'\n' => State::Trailer { fresh: true, cr: false, total: 0 },
+            State::SizeLf { size } if byte == b'\n' => State::ChunkData(size),
             State::ChunkEnd { cr: false } if byte == b'\r' => State::ChunkEnd { cr: true },
-            State::ChunkEnd { .. } if byte == b'\n' => State::ChunkSize { digits: 0, size: 0 },
+            State::ChunkEnd { cr: true } if byte == b'\n' => State::ChunkSize { digits: 0, size: 0 },
             State::Trailer { total, .. } if total >= self.limit => State::Broken,
-            State::Trailer { line: 0, .. } if byte == b'\n' => State::Head,
-            State::Trailer { total, .. } if byte == b'\n' => State::Trailer { line: 0, total: total + 1 },
-            State::Trailer { line, total } if byte == b'\r' => State::Trailer { line, total: total + 1 },
-            State::Trailer { line, total } => State::Trailer { line: line + 1, total: total + 1 },
+            State::Trailer { fresh: true, cr: true, .. } if byte == b'\n' => State::Head,
+            State::Trailer { cr: true, total, .. } if byte == b'\n' => {
+                State::Trailer { fresh: true, cr: false, total: total + 1 }
+            }
+            State::Trailer { fresh, cr: false, total } if byte == b'\r' => {
+                State::Trailer { fresh, cr: true, total: total + 1 }
+            }
+            // Even a bare LF: hyper takes it as part of a trailer line.
+            State::Trailer { cr: false, total, .. } => {
+                State::Trailer { fresh: false, cr: false, total: total + 1 }
+            }
             _ => State::Broken,
         }
     }
@@ -341,6 +395,60 @@ mod tests {
         }
         let (_, refused) = feed(&long_line, &[100, 3000, 5000]);
         assert_eq!(refused, Some("bad_request"), "however the bytes arrive");
+    }
+
+    /// hyper ends a chunked body only where every line ends in CRLF and the
+    /// trailers end at CRLF CRLF; following a bare LF as a line end would let
+    /// a head hyper reads as trailers (or body) hide one hyper serves.
+    #[test]
+    fn chunked_line_ends_are_hypers() {
+        let head: &[u8] = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let smuggled: &[u8] = b"GET /smuggled HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n";
+        let cover =
+            format!("\nPOST /cover HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n", smuggled.len());
+        // A bare LF after the last chunk starts a trailer line, as for hyper:
+        // the cover head is trailers, the smuggled head after them is checked.
+        let trailer_lf = [head, b"5\r\nhello\r\n0\r\n", cover.as_bytes(), smuggled].concat();
+        let (out, refused) = feed(&trailer_lf, &[]);
+        assert_eq!(refused, Some("bad_request"), "the head after the trailers was checked");
+        assert_eq!(out.len(), trailer_lf.len() - smuggled.len(), "everything up to it went on");
+        for cuts in [&[70, 71, 72][..], &[head.len() + 13, head.len() + 14]] {
+            assert_eq!(feed(&trailer_lf, cuts), (out.clone(), refused), "cut at {cuts:?}");
+        }
+        // Bare LFs that hyper refuses are refused as the body's.
+        for body in [
+            &b"5\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhello\n0\r\n\r\n",
+            b"5;x\nhello\r\n0\r\n\r\n",
+            b"5 \nhello\r\n0\r\n\r\n",
+            b"0\n\r\n",
+            b"0\r\n\r\r",
+            b"0\r\nX: 1\r\r\n\r\n",
+            b"5\rx",
+        ] {
+            let input = [head, body].concat();
+            let mut framing = Framing::new(LIMIT);
+            let mut out = BytesMut::new();
+            let error = framing.push(&input, &mut out).expect_err(&String::from_utf8_lossy(body));
+            assert_eq!(error.code(), "bad_request");
+            assert!(framing.broken(), "the refusal is the body's");
+        }
+        // CRLF everywhere, spaces and an extension after the size: followed.
+        let good =
+            [head, b"5 \t;a=b c\r\nhello\r\n0\r\nX: 1\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"].concat();
+        assert_eq!(feed(&good, &[]), (good.clone(), None));
+    }
+
+    #[test]
+    fn empty_lines_before_a_head_are_skipped_as_hyper_does() {
+        let get: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let crlf_and_lf = [b"\r\n\n\r\n".as_slice(), get].concat();
+        assert_eq!(feed(&crlf_and_lf, &[]), (crlf_and_lf.clone(), None));
+        assert_eq!(feed(&crlf_and_lf, &[1, 3]), (crlf_and_lf.clone(), None), "a CRLF split between reads");
+        // A CR alone: hyper would answer it with a bare 400; this is pacegate's.
+        let lone_cr = [b"\r".as_slice(), get].concat();
+        assert_eq!(feed(&lone_cr, &[]).1, Some("bad_request"));
+        assert_eq!(feed(&lone_cr, &[1]).1, Some("bad_request"), "the CR in a read of its own");
     }
 
     #[test]
