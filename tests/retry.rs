@@ -208,6 +208,24 @@ async fn retry_after_above_max_is_returned_at_once() {
     assert_eq!(mock.count(), 1);
 }
 
+/// Retries that ignore `Retry-After` still never cool the upstream down
+/// for longer than `max_retry_after`: an absurd hint costs `base_delay`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ignored_retry_after_never_pauses_the_upstream_for_years() {
+    let mock = MockUpstream::start(Behaviour::new().respond_429_once("3000000000")).await;
+    let retry = "respect_retry_after = false\nmax_retry_after = \"1s\"";
+    let pg = Pacegate::start(&api(&mock.url(), "rate = \"100/s\"", retry)).await;
+    let started = Instant::now();
+    let response = client().get(pg.url("/api/item")).send().await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(response.status(), 200, "{:?}", response.headers());
+    assert_eq!(attempts_of(&response), 2);
+    assert!(took < Duration::from_secs(3), "the retry waited {took:?}");
+    let status = pg.status().await;
+    let cooldown = &api_status(&status)["cooldown"];
+    assert!(cooldown.is_null() || cooldown["remaining_ms"].as_u64() <= Some(1000), "{cooldown}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misconfigured_quota_converges() {
     let mock = MockUpstream::start(Behaviour::new().limit(100, Duration::from_secs(1))).await;

@@ -320,8 +320,10 @@ impl Upstream {
         let hint: Option<RateLimitHint> = retry::rate_limit(headers, now)
             .map(|hint| RateLimitHint { reset_after: hint.reset_after.min(retry.max_retry_after), ..hint });
         let rate_limited = status == StatusCode::TOO_MANY_REQUESTS;
-        // An upstream asking for more than max_retry_after is not waited for.
-        let honoured = retry_after.filter(|_| !retry::retry_after_too_long(retry, retry_after));
+        // An upstream asking for more than max_retry_after is not waited
+        // for, whether or not retries respect its hint: a cooldown is never
+        // longer than max_retry_after.
+        let honoured = retry_after.filter(|hint| *hint <= retry.max_retry_after);
         let cooldown = match status {
             StatusCode::TOO_MANY_REQUESTS => Some(honoured.unwrap_or(retry.base_delay)),
             StatusCode::SERVICE_UNAVAILABLE => honoured,
