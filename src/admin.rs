@@ -128,7 +128,7 @@ pub async fn handle(admin: Admin, request: Request<Incoming>) -> Response<ProxyB
     }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/") => text(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD.into()),
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain; charset=utf-8", "ok".into()),
         (&Method::GET, "/metrics") => metrics(&admin),
         (&Method::GET, "/status") => json_answer(StatusCode::OK, &status(&admin)),
         (&Method::GET, "/status/history") => json_answer(StatusCode::OK, &history(&admin)),

@@ -75,7 +75,7 @@ impl App {
         let (stop, stopped) = watch::channel(false);
 
         let watcher = reload::watch(self.reloader.clone(), wait_for(stopped.clone()));
-        tracing::info!("listening proxy={proxy_addr} admin={admin_addr} workers={worker_count}");
+        tracing::info!(workers = worker_count, "listening proxy={proxy_addr} admin={admin_addr}");
         let admin = Admin::new(self.proxy.clone(), self.metrics.clone(), self.reloader, self.started);
         let history_task = tokio::spawn(admin::keep_history(admin.clone(), wait_for(stopped.clone())));
         let admin_task = tokio::spawn(server::serve(

@@ -66,8 +66,8 @@ fn check(path: &Path) -> ExitCode {
             if config.mitm.enabled && tls::ca_missing(&config.mitm) {
                 let (cert, key) = (config.mitm.ca_cert.display(), config.mitm.ca_key.display());
                 eprintln!("[mitm]: no CA yet; pacegate creates {cert} and {key} when it starts");
-            } else if let Err(error) = interception_ready(&config.mitm) {
-                eprintln!("{}: {error}", path.display());
+            } else if let Err(error) = interception_ready(path, &config.mitm) {
+                eprintln!("{error}");
                 return ExitCode::FAILURE;
             }
             for upstream in &config.upstreams {
@@ -105,14 +105,22 @@ fn ca_init(out: &Path) -> ExitCode {
     }
 }
 
-/// Interception, when on, has a CA it can load.
-fn interception_ready(mitm: &config::Mitm) -> Result<(), String> {
-    match mitm.enabled {
-        true => tls::Interceptor::load(mitm)
-            .map(drop)
-            .map_err(|error| format!("[mitm] is enabled but its CA cannot be loaded: {error}")),
-        false => Ok(()),
+/// Interception, when on, has a CA it can load; if not, the error points at
+/// the key in the config file (`path`) that names the file at fault.
+fn interception_ready(path: &Path, mitm: &config::Mitm) -> Result<(), config::ConfigError> {
+    if !mitm.enabled {
+        return Ok(());
     }
+    tls::Interceptor::load(mitm).map(drop).map_err(|error| {
+        let written_at = mitm.written_at;
+        let location =
+            if error.path() == Some(mitm.ca_key.as_path()) { written_at.ca_key } else { written_at.ca_cert };
+        config::ConfigError::located(
+            path,
+            location,
+            format!("[mitm] is enabled but its CA cannot be loaded: {error}"),
+        )
+    })
 }
 
 fn run(path: &Path) -> ExitCode {
@@ -130,7 +138,7 @@ fn run(path: &Path) -> ExitCode {
     // Creates the CA on first start (or turns interception off), so that
     // a CA that exists but cannot be used stops pacegate here.
     tls::provision(&mut config.mitm);
-    if let Err(error) = interception_ready(&config.mitm) {
+    if let Err(error) = interception_ready(path, &config.mitm) {
         tracing::error!("{error}");
         return ExitCode::FAILURE;
     }
@@ -180,16 +188,22 @@ fn init_logging(format: Option<LogFormat>) {
     }
 }
 
-/// One line for `pacegate check`: name, where requests come from, quotas.
+/// One line for `pacegate check`: name, where requests come from, every
+/// quota (requests, tokens, endpoint limits), concurrency and queue, target.
 fn describe(upstream: &config::Upstream) -> String {
     let route = upstream.route.as_deref().unwrap_or("-");
     let hosts = if upstream.hosts.is_empty() { "-".to_string() } else { upstream.hosts.join(",") };
-    let rates: Vec<String> = upstream.rate.iter().map(ToString::to_string).collect();
+    let rates = |rates: &[config::Rate]| rates.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    let mut quotas = format!("rate={} burst={}", rates(&upstream.rate), upstream.burst);
+    for (kind, quota) in upstream.tokens.iter().flat_map(|tokens| &tokens.quotas) {
+        quotas += &format!(" {}={}", kind.name(), rates(quota));
+    }
+    for limit in &upstream.limits {
+        quotas += &format!(" limit.{}={}", limit.name, rates(&limit.rate));
+    }
     format!(
-        "{} route={route} hosts={hosts} rate={} burst={} max_concurrency={} queue_size={} -> {}://{}{}",
+        "{} route={route} hosts={hosts} {quotas} max_concurrency={} queue_size={} -> {}://{}{}",
         upstream.name,
-        rates.join(","),
-        upstream.burst,
         upstream.max_concurrency,
         upstream.queue_size,
         upstream.base_url.scheme,

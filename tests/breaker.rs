@@ -88,8 +88,12 @@ async fn a_failing_upstream_is_spared_and_the_queue_is_held_until_it_recovers() 
 
     let s = pg.status().await;
     assert_eq!(breaker(&s)["state"], "closed", "{s:#}");
-    assert!(breaker(&s)["opened"].as_u64().is_some_and(|n| n >= 1), "{s:#}");
+    let opened = breaker(&s)["opened"].as_u64().filter(|n| *n >= 1);
+    assert!(opened.is_some(), "{s:#}");
     assert_eq!(pg.metric("pacegate_breaker_state{upstream=\"api\"}").await, Some(0.0));
+    // The metric counts the same openings as /status.
+    let opened_total = pg.metric("pacegate_breaker_opened_total{upstream=\"api\"}").await;
+    assert_eq!(opened_total, opened.map(|n| n as f64));
     pg.stop().await.unwrap();
 }
 

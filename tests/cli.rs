@@ -13,10 +13,20 @@ use support::process::{BIN, PATIENCE, Process};
 
 /// Runs `pacegate ARGS` in `dir` to completion, without inheriting `$PACEGATE_CONFIG`.
 fn pacegate(dir: &Path, args: &[&str]) -> Output {
-    let child = Command::new(BIN)
+    pacegate_with_config_env(dir, args, None)
+}
+
+/// Runs `pacegate ARGS` in `dir` to completion with `$PACEGATE_CONFIG` set
+/// to `config_env`, or unset.
+fn pacegate_with_config_env(dir: &Path, args: &[&str], config_env: Option<&Path>) -> Output {
+    let mut command = Command::new(BIN);
+    match config_env {
+        Some(config) => command.env("PACEGATE_CONFIG", config),
+        None => command.env_remove("PACEGATE_CONFIG"),
+    };
+    let child = command
         .args(args)
         .current_dir(dir)
-        .env_remove("PACEGATE_CONFIG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -47,6 +57,10 @@ fn check_prints_one_line_per_upstream_of_the_shipped_config() {
     assert!(lines[1].contains("500/min") && lines[1].contains("api.openai.com"), "{}", lines[1]);
     assert!(lines[2].contains("50/min") && lines[2].contains("/anthropic"), "{}", lines[2]);
     assert!(lines[3].contains("25/s") && lines[3].contains("/stripe"), "{}", lines[3]);
+    // Token quotas and endpoint limits are quotas too.
+    assert!(lines[0].contains(" limit.writes=80/min,500/h "), "{}", lines[0]);
+    assert!(lines[1].contains(" tokens=30000/min "), "{}", lines[1]);
+    assert!(lines[2].contains(" input_tokens=30000/min output_tokens=8000/min "), "{}", lines[2]);
 }
 
 #[test]
@@ -92,6 +106,56 @@ fn check_reports_file_line_and_column() {
 }
 
 #[test]
+fn the_config_is_pacegate_config_unless_config_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |file: &str, name: &str| {
+        let text = format!(
+            "[mitm]\nenabled = false\n[[upstream]]\nname = \"{name}\"\nbase_url = \"http://127.0.0.1:1\"\nroute = \"/{name}\"\nhosts = []\nrate = \"1/s\"\n"
+        );
+        let path = dir.path().join(file);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (from_env, from_flag) = (write("env.toml", "from_env"), write("flag.toml", "from_flag"));
+    let first_word = |output: Output| {
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap().split_whitespace().next().unwrap_or_default().to_string()
+    };
+    let env_only = pacegate_with_config_env(dir.path(), &["check"], Some(&from_env));
+    assert_eq!(first_word(env_only), "from_env");
+    let flag = ["check", "--config", from_flag.to_str().unwrap()];
+    assert_eq!(first_word(pacegate_with_config_env(dir.path(), &flag, Some(&from_env))), "from_flag");
+}
+
+#[test]
+fn ca_init_writes_into_config_by_default_with_a_private_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let init = pacegate(dir.path(), &["ca", "init"]);
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let (cert, key) = (dir.path().join("config/ca.pem"), dir.path().join("config/ca-key.pem"));
+    assert!(std::fs::read_to_string(&cert).unwrap().starts_with("-----BEGIN CERTIFICATE-----"));
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    let again = pacegate(dir.path(), &["ca", "init"]);
+    assert_eq!(again.status.code(), Some(1), "a second init must not overwrite the CA");
+}
+
+#[test]
+fn version_and_help() {
+    let dir = tempfile::tempdir().unwrap();
+    let version = pacegate(dir.path(), &["--version"]);
+    assert!(version.status.success());
+    let version = String::from_utf8(version.stdout).unwrap();
+    assert_eq!(version.trim(), format!("pacegate {}", env!("CARGO_PKG_VERSION")));
+    let help = pacegate(dir.path(), &["--help"]);
+    assert!(help.status.success());
+    let help = String::from_utf8(help.stdout).unwrap();
+    for word in ["check", "ca", "--config", "--log-format"] {
+        assert!(help.contains(word), "--help should mention {word}: {help}");
+    }
+}
+
+#[test]
 fn check_finds_the_ca_beside_the_config_from_any_directory() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("conf");
@@ -121,7 +185,7 @@ async fn binary_logs_bound_addresses_and_exits_0_on_sigterm() {
     let client = support::builder().timeout(PATIENCE).build().unwrap();
     let health = client.get(format!("http://{admin}/healthz")).send().await.expect("admin answers");
     assert_eq!(health.status(), 200);
-    assert_eq!(health.text().await.unwrap().trim(), "ok");
+    assert_eq!(health.text().await.unwrap(), "ok");
     // The proxy listener is the other address: an unrouted path gets pacegate's 404.
     let missing = client.get(format!("http://{proxy}/nothing")).send().await.expect("proxy answers");
     assert_eq!(missing.status(), 404);

@@ -505,6 +505,7 @@ fn localhost_acceptor(ca_dir: &Path, alpn: &[u8]) -> tokio_rustls::TlsAcceptor {
         enabled: true,
         ca_cert: ca_dir.join("ca.pem"),
         ca_key: ca_dir.join("ca-key.pem"),
+        written_at: Default::default(),
     };
     let interceptor = pacegate::tls::Interceptor::load(&mitm).unwrap();
     let mut config = (*interceptor.server_config("localhost").unwrap()).clone();
@@ -689,7 +690,10 @@ fn ca_init_writes_a_private_key_and_never_overwrites() {
 fn mitm_with_half_a_ca_is_a_startup_and_check_error() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("pacegate.toml");
-    std::fs::write(&config, format!("{TEST_SERVER}\n[mitm]\nenabled = true\n")).unwrap();
+    // The key's path is written on the config's last line.
+    let text = format!("{TEST_SERVER}\n[mitm]\nenabled = true\nca_key = \"ca-key.pem\"\n");
+    let key_line = text.lines().count();
+    std::fs::write(&config, text).unwrap();
     let config = config.to_str().unwrap();
     // Neither file: a start creates them, so the check passes and says so.
     let check = run_binary(&["check", "--config", config]);
@@ -703,5 +707,7 @@ fn mitm_with_half_a_ca_is_a_startup_and_check_error() {
         assert!(!output.status.success(), "{args:?} succeeded");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains("pacegate ca init") && stderr.contains("ca-key.pem"), "{args:?}: {stderr}");
+        // Pointed at where the config names the missing key.
+        assert!(stderr.contains(&format!("pacegate.toml:{key_line}:10: [mitm]")), "{args:?}: {stderr}");
     }
 }

@@ -470,9 +470,14 @@ impl Binary {
             let Ok(event) = serde_json::from_str::<Value>(&line) else { continue };
             let Some(message) = event["message"].as_str() else { continue };
             if let Some(addrs) = message.strip_prefix("listening proxy=") {
+                // Exactly `listening proxy=ADDR admin=ADDR`: scripts parse it;
+                // the worker count is a field of its own.
                 let (proxy, admin) = addrs.split_once(" admin=").expect("`proxy=ADDR admin=ADDR`");
-                let admin = admin.split_whitespace().next().unwrap_or_default();
-                break (proxy.parse().expect("proxy address"), admin.parse().expect("admin address"));
+                assert!(event["workers"].is_u64(), "{line}");
+                break (
+                    proxy.parse().expect("proxy address"),
+                    admin.parse().expect("admin address, nothing after"),
+                );
             }
         };
         Binary { child, proxy, admin, config_path, early, reader, _dir: dir }

@@ -24,8 +24,33 @@ impl ConfigError {
 
     /// A problem with the value found at byte range `span` of `text`.
     pub fn at(path: &Path, text: &str, span: Range<usize>, message: impl Into<String>) -> Self {
+        Self::located(path, Location::of(text, span), message)
+    }
+
+    /// A problem found after loading, with a value written at `location`.
+    pub fn located(path: &Path, location: Location, message: impl Into<String>) -> Self {
+        Self { path: path.to_path_buf(), line: location.line, col: location.col, message: message.into() }
+    }
+}
+
+/// Where a value is written in the file, kept past loading for the checks
+/// that only later steps can make (a CA that will not load). A default value,
+/// not written at all, is at 1:1, as is an unreadable file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column, in characters.
+    pub col: usize,
+}
+
+impl Location {
+    pub const START: Self = Self { line: 1, col: 1 };
+
+    /// The location of byte range `span` of `text`.
+    pub fn of(text: &str, span: Range<usize>) -> Self {
         let (line, col) = line_col(text, span.start);
-        Self { path: path.to_path_buf(), line, col, message: message.into() }
+        Self { line, col }
     }
 }
 
@@ -54,6 +79,11 @@ impl<'a> Cx<'a> {
     /// 1-based line of a span's start, to name the other half of a conflict.
     pub fn line(&self, span: &Range<usize>) -> usize {
         line_col(self.text, span.start).0
+    }
+
+    /// Where the value at `span` is written.
+    pub fn location(&self, span: Range<usize>) -> Location {
+        Location::of(self.text, span)
     }
 }
 

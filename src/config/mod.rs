@@ -28,7 +28,7 @@ use http::uri::{Authority, Scheme};
 
 pub use authority::canonical_host;
 pub use cache::Cache;
-pub use error::ConfigError;
+pub use error::{ConfigError, Location};
 pub use limits::{Cost, DEFAULT_MAX_TOKENS, Limit, MAX_LIMITS, PathGlobs};
 pub use units::{MAX_DURATION, format_duration, parse_duration, parse_rate};
 pub use validate::DEFAULT_REDIS_TIMEOUT;
@@ -125,6 +125,30 @@ pub struct Mitm {
     pub ca_cert: PathBuf,
     /// PEM private key of that CA, found the same way.
     pub ca_key: PathBuf,
+    /// Where the file names `ca_cert` and `ca_key`, for a CA that will not
+    /// load, which only the TLS layer can tell.
+    pub written_at: CaLocations,
+}
+
+/// Where `[mitm]`'s two paths are written ([`Location::START`] when defaulted).
+#[derive(Debug, Clone, Copy)]
+pub struct CaLocations {
+    pub ca_cert: Location,
+    pub ca_key: Location,
+}
+
+/// Where a value is written is not what the config says: two files that
+/// say the same (one with a comment more) are equal configs.
+impl PartialEq for CaLocations {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Default for CaLocations {
+    fn default() -> Self {
+        Self { ca_cert: Location::START, ca_key: Location::START }
+    }
 }
 
 /// `redis.on_error`.

@@ -147,13 +147,18 @@ impl Default for RawForward {
 #[serde(deny_unknown_fields, default)]
 pub struct RawMitm {
     pub enabled: bool,
-    pub ca_cert: PathBuf,
-    pub ca_key: PathBuf,
+    /// Spanned, both: a CA that will not load is reported where it is named.
+    pub ca_cert: Spanned<PathBuf>,
+    pub ca_key: Spanned<PathBuf>,
 }
 
 impl Default for RawMitm {
     fn default() -> Self {
-        Self { enabled: true, ca_cert: PathBuf::from("ca.pem"), ca_key: PathBuf::from("ca-key.pem") }
+        Self {
+            enabled: true,
+            ca_cert: Spanned::new(0..0, PathBuf::from("ca.pem")),
+            ca_key: Spanned::new(0..0, PathBuf::from("ca-key.pem")),
+        }
     }
 }
 

@@ -18,8 +18,8 @@ use super::error::Cx;
 use super::raw::{Dur, RawBreaker, RawConfig, RawRedis, RawRetry, RawServer, RawUpstream};
 use super::units::format_duration;
 use super::{
-    Breaker, Config, ConfigError, Forward, KeySource, MasterAuth, Mitm, Redis, RedisNodes, Retry, Server,
-    Upstream,
+    Breaker, CaLocations, Config, ConfigError, Forward, KeySource, MasterAuth, Mitm, Redis, RedisNodes,
+    Retry, Server, Upstream,
 };
 
 /// Smallest `max_header_bytes` that still fits ordinary API requests.
@@ -35,10 +35,15 @@ pub fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, Confi
     let server = server(&cx, raw.server)?;
     let forward =
         Forward { unknown_hosts: raw.forward.unknown_hosts.into(), allow_private: raw.forward.allow_private };
+    let written_at = CaLocations {
+        ca_cert: cx.location(raw.mitm.ca_cert.span()),
+        ca_key: cx.location(raw.mitm.ca_key.span()),
+    };
     let mitm = Mitm {
         enabled: raw.mitm.enabled,
-        ca_cert: cx.beside(raw.mitm.ca_cert),
-        ca_key: cx.beside(raw.mitm.ca_key),
+        ca_cert: cx.beside(raw.mitm.ca_cert.into_inner()),
+        ca_key: cx.beside(raw.mitm.ca_key.into_inner()),
+        written_at,
     };
     let redis = raw.redis.map(|r| redis(&cx, r)).transpose()?;
 

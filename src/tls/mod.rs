@@ -15,7 +15,7 @@
 pub mod ca;
 pub mod mitm;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use ca::{Ca, Source, write_new_ca, write_new_pair};
@@ -126,12 +126,16 @@ pub fn interception(
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
-    use std::path::Path;
 
     use super::*;
 
     fn mitm_in(dir: &Path) -> Mitm {
-        Mitm { enabled: true, ca_cert: dir.join("ca.pem"), ca_key: dir.join("ca-key.pem") }
+        Mitm {
+            enabled: true,
+            ca_cert: dir.join("ca.pem"),
+            ca_key: dir.join("ca-key.pem"),
+            written_at: Default::default(),
+        }
     }
 
     #[test]
@@ -220,4 +224,14 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
     #[error("TLS setup failed: {0}")]
     Rustls(#[from] rustls::Error),
+}
+
+impl TlsError {
+    /// The file the error is about, if it is about one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Self::Io { path, .. } | Self::Exists { path } | Self::BadCa { path, .. } => Some(path),
+            Self::Generate(_) | Self::Rustls(_) => None,
+        }
+    }
 }
