@@ -22,31 +22,43 @@ use super::{ConfigError, Jitter, Rate, RedisOnError, TokenAccounting, UnknownHos
 /// Parses config text into the raw structs; `path` only names the file in errors.
 pub fn from_str(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
     toml::from_str(text).map_err(|err| {
-        let message = without_string_values(&one_line(err.message()));
+        let message = without_values(&one_line(err.message()));
         ConfigError::at(path, text, err.span().unwrap_or(0..0), message)
     })
 }
 
 /// serde's type errors quote the value they found (`invalid type: string
-/// "alice:s3cret", expected a sequence`); that value may be a password or a
-/// Redis URL with one, and the error is logged and shown. The position
-/// already says which value is meant, so the quoted string is dropped.
-fn without_string_values(message: &str) -> String {
-    const QUOTED: &str = "string \"";
+/// "alice:s3cret", expected a sequence`, `invalid type: integer `98765432`,
+/// expected a string`); that value may be a password or a Redis URL with
+/// one, and the error is logged and shown. The position already says which
+/// value is meant, so every quoted value is dropped. Field names, which serde
+/// also quotes (`unknown field `lisen``), stay.
+fn without_values(message: &str) -> String {
+    /// How serde names a value it found, what stands in for it, and the
+    /// quote that ends it.
+    const QUOTED: [(&str, &str, char); 4] = [
+        ("string \"", "a string", '"'),
+        ("integer `", "an integer", '`'),
+        ("floating point `", "a number", '`'),
+        ("character `", "a character", '`'),
+    ];
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
-    while let Some(start) = rest.find(QUOTED) {
+    loop {
+        let found =
+            QUOTED.iter().filter_map(|&(open, name, close)| Some((rest.find(open)?, open, name, close)));
+        let Some((start, open, name, close)) = found.min_by_key(|&(start, ..)| start) else { break };
         out.push_str(&rest[..start]);
-        out.push_str("a string");
-        let value = &rest[start + QUOTED.len()..];
-        // The value is Debug-escaped: it ends at the first quote not escaped.
+        out.push_str(name);
+        let value = &rest[start + open.len()..];
+        // A string is Debug-escaped: it ends at the first quote not escaped.
         let mut escaped = false;
         let end = value.char_indices().find_map(|(i, c)| match c {
             '\\' if !escaped => {
                 escaped = true;
                 None
             }
-            '"' if !escaped => Some(i + 1),
+            c if c == close && !escaped => Some(i + 1),
             _ => {
                 escaped = false;
                 None
