@@ -146,6 +146,31 @@ async fn plain_http_inside_a_tunnel_is_paced_and_retried() {
     }
 }
 
+/// A CONNECT inside a tunnel is refused and its connection closed: the
+/// upstream is no proxy, and nothing pipelined behind it goes unanswered.
+#[tokio::test]
+async fn a_connect_inside_a_tunnel_is_refused() {
+    let (ca_dir, _ca_pem) = new_ca();
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let authority = mock.addr().to_string();
+    let config =
+        mitm_config(ca_dir.path(), &mock.url(), "rate = \"50/s\"").replace("hosts = [\"api.test\"]\n", "");
+    let pg = Pacegate::start_config(&config).await;
+    let (mut tunnel, head) = connect(pg.proxy, &authority, "").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let inner = format!(
+        "CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\nGET /x HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+    );
+    tunnel.write_all(inner.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, tunnel.read_to_end(&mut answer)).await.expect("closed in time").unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 400"), "{answer}");
+    assert!(answer.contains("x-pacegate-error: bad_request"), "{answer}");
+    assert_eq!(answer.matches("http/1.1 ").count(), 1, "one answer, then the connection closes: {answer}");
+    assert_eq!(mock.count(), 0, "nothing reached the upstream");
+}
+
 #[tokio::test]
 async fn plain_http_tunnelled_to_port_80_goes_to_an_https_base_url() {
     for mitm in [true, false] {

@@ -137,7 +137,9 @@ impl Proxy {
     /// pacegate serves itself, as if it were a forward request to
     /// `scheme://authority/...` (`https` when the tunnel carried TLS it
     /// intercepts, `http` when it carried plain HTTP, interception on or
-    /// off). The tunnel was authenticated when it was opened.
+    /// off). The tunnel was authenticated when it was opened. A CONNECT in
+    /// it is refused (400, and its connection closed): the tunnel already
+    /// reaches its host, and the upstream is no proxy.
     pub fn handle_intercepted(
         self: Arc<Self>,
         peer: SocketAddr,
@@ -145,6 +147,11 @@ impl Proxy {
         authority: Authority,
         request: Request<Incoming>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
+        if request.method() == http::Method::CONNECT {
+            let error =
+                ProxyError::BadRequest("CONNECT inside a tunnel: the tunnel already reaches its host".into());
+            return Either::Left(self.refused(error));
+        }
         let runtime = self.runtime.load_full();
         self.routed(runtime, peer, request, Some((&scheme, &authority)))
     }
