@@ -41,28 +41,40 @@ fn v4_guarded(ip: Ipv4Addr) -> bool {
         || ip.is_broadcast()
         || ip.is_multicast()
         || a == 0 // "this network"
+        || a >= 240 // reserved for future use (240/4, the broadcast address included)
         || (a == 100 && (64..128).contains(&b)) // shared address space, Alibaba metadata
         || (a == 192 && b == 0 && ip.octets()[2] == 0) // IETF protocol assignments
+        || (a == 198 && (b == 18 || b == 19)) // benchmarking 198.18/15, used for lab networks
 }
 
 fn v6_guarded(ip: Ipv6Addr) -> bool {
     if let Some(v4) = ip.to_ipv4_mapped() {
         return v4_guarded(v4);
     }
-    let first = ip.segments()[0];
+    let segments = ip.segments();
+    let first = segments[0];
     // NAT64 (64:ff9b::/96) reaches IPv4 through a translator.
-    if ip.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+    if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
         let [.., a, b, c, d] = ip.octets();
         return v4_guarded(Ipv4Addr::new(a, b, c, d));
     }
+    // 6to4 (2002:a.b.c.d::/48) reaches the IPv4 address it embeds.
+    if first == 0x2002 {
+        let [_, _, a, b, c, d, ..] = ip.octets();
+        return v4_guarded(Ipv4Addr::new(a, b, c, d));
+    }
     ip.is_loopback()
+        // Tunnels and translators whose IPv4 end cannot be told from the
+        // address alone: Teredo (2001::/32), local-use NAT64 (64:ff9b:1::/48).
+        || segments[..2] == [0x2001, 0]
+        || segments[..3] == [0x64, 0xff9b, 1]
         || ip.is_unspecified()
         || ip.is_multicast()
         || (first & 0xffc0) == 0xfe80 // link-local fe80::/10
         || (first & 0xfe00) == 0xfc00 // unique-local fc00::/7, AWS fd00:ec2::254 included
         || (first & 0xffc0) == 0xfec0 // deprecated site-local
         // IPv4-compatible (::a.b.c.d), deprecated but still routable by some stacks.
-        || (ip.segments()[..6] == [0; 6] && v4_guarded(Ipv4Addr::from_bits(ip.to_bits() as u32)))
+        || (segments[..6] == [0; 6] && v4_guarded(Ipv4Addr::from_bits(ip.to_bits() as u32)))
 }
 
 /// Resolves `host` (a name or an IP literal, brackets allowed).
@@ -137,10 +149,26 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
             "64:ff9b::a9fe:a9fe",
+            "198.18.0.1",
+            "198.19.255.255",
+            "240.0.0.1",
+            "255.255.255.255",
+            "2002:7f00:1::",
+            "2002:a00:1::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "64:ff9b:1::a00:1",
         ] {
             assert!(is_guarded(ip.parse().unwrap()), "{ip} should be guarded");
         }
-        for ip in ["1.1.1.1", "8.8.8.8", "2606:4700::1111", "::ffff:1.1.1.1", "172.32.0.1"] {
+        for ip in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "2606:4700::1111",
+            "::ffff:1.1.1.1",
+            "172.32.0.1",
+            "198.20.0.1",
+            "2002:101:101::",
+        ] {
             assert!(!is_guarded(ip.parse().unwrap()), "{ip} should be allowed");
         }
     }
