@@ -147,13 +147,15 @@ mod tests {
             });
         });
         let mut found = Vec::new();
+        let patience = std::time::Duration::from_secs(10);
         for _ in 0..4 {
-            found.push(ran.recv().await.expect("a job ran"));
+            let job = tokio::time::timeout(patience, ran.recv()).await.expect("a job ran in time");
+            found.push(job.expect("a job ran"));
         }
         found.sort();
         let on = |i: usize| (i, Some(format!("pacegate-w{i}")));
         assert_eq!(found, [on(0), on(0), on(1), on(1)]);
-        workers.join().await;
+        tokio::time::timeout(patience, workers.join()).await.expect("joined in time");
         assert!(cancelled.await.is_err(), "a worker's task outlived join");
     }
 

@@ -128,13 +128,8 @@ async fn a_reload_keeps_an_open_breaker_open() {
     assert!(pg.wait_status(Duration::from_secs(2), open).await, "{:#}", pg.status().await);
     // Another setting changes (the queue size); the breaker's do not.
     let config = std::fs::read_to_string(&pg.config_path).unwrap();
-    std::fs::write(
-        &pg.config_path,
-        config.replace("queue_timeout = \"30s\"", "queue_timeout = \"30s\"\nqueue_size = 50"),
-    )
-    .unwrap();
-    let reload = http.post(pg.admin_url("/reload")).send().await.unwrap();
-    assert_eq!(reload.status(), 200);
+    pg.reload_with(&config.replace("queue_timeout = \"30s\"", "queue_timeout = \"30s\"\nqueue_size = 50"))
+        .await;
     let s = pg.status().await;
     assert_eq!(breaker(&s)["state"], "open", "kept across the reload: {s:#}");
     let hurried = get(http.clone(), pg.url("/api/hurried"), "100ms").await;

@@ -9,35 +9,11 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 
-use support::process::{BIN, PATIENCE, Process};
+use support::process::{self, BIN, PATIENCE, Process};
 
 /// Runs `pacegate ARGS` in `dir` to completion, without inheriting `$PACEGATE_CONFIG`.
 fn pacegate(dir: &Path, args: &[&str]) -> Output {
-    pacegate_with_config_env(dir, args, None)
-}
-
-/// Runs `pacegate ARGS` in `dir` to completion with `$PACEGATE_CONFIG` set
-/// to `config_env`, or unset.
-fn pacegate_with_config_env(dir: &Path, args: &[&str], config_env: Option<&Path>) -> Output {
-    let mut command = Command::new(BIN);
-    match config_env {
-        Some(config) => command.env("PACEGATE_CONFIG", config),
-        None => command.env_remove("PACEGATE_CONFIG"),
-    };
-    let child = command
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn pacegate");
-    // `check` only reads a file: it ends at once, PATIENCE is a safety net.
-    let (done, finished) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = done.send(child.wait_with_output());
-    });
-    finished.recv_timeout(PATIENCE).expect("pacegate check did not finish").expect("pacegate output")
+    process::run(dir, args, None)
 }
 
 #[test]
@@ -121,10 +97,10 @@ fn the_config_is_pacegate_config_unless_config_is_given() {
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8(output.stdout).unwrap().split_whitespace().next().unwrap_or_default().to_string()
     };
-    let env_only = pacegate_with_config_env(dir.path(), &["check"], Some(&from_env));
+    let env_only = process::run(dir.path(), &["check"], Some(&from_env));
     assert_eq!(first_word(env_only), "from_env");
     let flag = ["check", "--config", from_flag.to_str().unwrap()];
-    assert_eq!(first_word(pacegate_with_config_env(dir.path(), &flag, Some(&from_env))), "from_flag");
+    assert_eq!(first_word(process::run(dir.path(), &flag, Some(&from_env))), "from_flag");
 }
 
 #[test]

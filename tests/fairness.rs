@@ -82,7 +82,6 @@ async fn two_keys_get_two_quotas_concurrently() {
     // One shared 10/s bucket would allow about 21 in total over ~2 s.
     assert!((17..=22).contains(&from_a), "key A got its own ~10/s: {from_a} in 2 s");
     assert!((17..=22).contains(&from_b), "key B got its own ~10/s: {from_b} in 2 s");
-    assert!(from_a + from_b >= 34, "together about 40, not 20: {}", from_a + from_b);
     // Each key keeps its own quota (one more allowed for arrival jitter on a
     // loaded test machine: the first request pays the connection set-up).
     for key in ["Bearer A", "Bearer B"] {
@@ -188,7 +187,6 @@ async fn high_priority_jumps_the_queue_and_low_still_progresses() {
         .map(|a| header(&a, "x-kind").to_string())
         .collect();
     assert!(after.iter().all(|kind| kind == "high" || kind == "low"), "kinds seen: {after:?}");
-    assert!(after.iter().all(|kind| !kind.is_empty()), "pacegate headers never reach the upstream");
     let highs_first = after.iter().take(4).filter(|k| *k == "high").count();
     assert!(highs_first >= 3, "highs go ahead of lows queued earlier: {after:?}");
     let lows = after.iter().filter(|k| *k == "low").count();
@@ -299,9 +297,7 @@ async fn a_reload_keeps_each_partitions_cooldown() {
         support::TEST_SERVER,
         upstream("api", &mock.url(), &format!("{keys}\nqueue_size = 500"))
     );
-    std::fs::write(&pg.config_path, reloaded).expect("rewrite config");
-    let response = client().post(pg.admin_url("/reload")).send().await.expect("POST /reload");
-    assert_eq!(response.status(), 200);
+    pg.reload_with(&reloaded).await;
     let b = spawn_requests(&url, 1, &[("authorization", "Bearer B")]);
     let a = spawn_requests(&url, 1, &[("authorization", "Bearer A")]);
     let (status, b_done) = b.into_iter().next().expect("one task").await.expect("task");

@@ -102,6 +102,9 @@ async fn intercepted_https_reaches_the_upstream_and_is_paced() {
     assert_eq!(response.version(), reqwest::Version::HTTP_11);
     // The CONNECTs were answers for `api` as much as the requests inside.
     assert_eq!(pg.metric(NONE_200).await, None, "a CONNECT to api.test counted under no upstream");
+    // 41 requests and at least one CONNECT for each client.
+    let api_200 = pg.metric(r#"pacegate_requests_total{upstream="api",code="200"}"#).await;
+    assert!(api_200.is_some_and(|n| n >= 43.0), "{api_200:?}");
 }
 
 /// Sends one plain HTTP/1.1 request (`Connection: close`) on `tunnel` and
@@ -448,11 +451,12 @@ async fn private_addresses_are_refused_for_pass_through() {
     let mock = MockUpstream::start(Behaviour::new()).await;
     let port = mock.addr().port();
     let pg = Pacegate::start("[forward]\nunknown_hosts = \"pass\"\nallow_private = false\n").await;
-    // Non-loopback targets are refused before any connection is attempted.
+    // Loopback in every spelling is refused before any connection is
+    // attempted (the other guarded ranges: `upstream::guard`'s unit test).
     let targets = [
         format!("127.0.0.1:{port}"),
-        "10.0.0.1:443".to_string(),
-        "169.254.169.254:80".to_string(),
+        format!("127.1:{port}"),
+        format!("2130706433:{port}"),
         format!("[::1]:{port}"),
         format!("[::ffff:127.0.0.1]:{port}"),
         format!("localhost:{port}"),
@@ -664,21 +668,7 @@ async fn h2_upstreams_share_one_connection_without_host() {
 
 /// Runs the pacegate binary with `args`; bounded.
 fn run_binary(args: &[&str]) -> std::process::Output {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pacegate"))
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn pacegate");
-    let deadline = Instant::now() + WAIT;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("pacegate {args:?} did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("output")
+    support::process::run(Path::new(env!("CARGO_MANIFEST_DIR")), args, None)
 }
 
 #[test]

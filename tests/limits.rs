@@ -299,9 +299,7 @@ async fn a_reload_keeps_the_state_of_a_limit_that_kept_its_name_and_rate() {
     assert_eq!(write("/api/w1").await.status(), 200, "spends the minute's only slot");
     let refused = write("/api/w2").await;
     assert_eq!(refused.headers().get("x-pacegate-error").map(|v| v.to_str().unwrap()), Some("queue_timeout"));
-    std::fs::write(&pg.config_path, format!("{TEST_SERVER}\n{after}")).expect("rewrite config");
-    let reload = http.post(pg.admin_url("/reload")).send().await.expect("POST /reload");
-    assert_eq!(reload.status(), 200, "{}", reload.text().await.unwrap_or_default());
+    pg.reload_with(&format!("{TEST_SERVER}\n{after}")).await;
     assert!(generation(&pg.status().await) > started, "the reload was applied");
 
     let refused = write("/api/w3").await;

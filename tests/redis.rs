@@ -133,7 +133,7 @@ async fn a_429_through_one_replica_pauses_the_other() {
 /// of the upstream's slot, and read there by the other replica.
 #[tokio::test]
 async fn a_429_through_one_replica_pauses_the_other_through_a_cluster() {
-    let Some(cluster) = RedisCluster::start(3).await else { return };
+    let cluster = RedisCluster::start(3).await;
     let nodes = format!("cluster = {}", toml_list(&cluster.urls()));
     a_429_pauses_the_other_replica(&nodes, |pattern| cluster.owner("{api}").keys(pattern)).await;
 }
@@ -226,9 +226,7 @@ async fn a_reload_moves_to_another_redis() {
     assert_eq!(get(pg.url("/api/a")).await, 200);
     assert_eq!(first.keys("pacegate:*").len(), 1);
 
-    std::fs::write(&pg.config_path, config(&second.url(), "local", &api)).unwrap();
-    let reload = client().post(pg.admin_url("/reload")).send().await.unwrap();
-    assert_eq!(reload.status(), 200);
+    pg.reload_with(&config(&second.url(), "local", &api)).await;
     assert_eq!(get(pg.url("/api/b")).await, 200);
     assert_eq!(second.keys("pacegate:*").len(), 1, "the new Redis paces");
 }
@@ -445,7 +443,7 @@ async fn a_breaker_opened_by_one_replica_holds_the_other() {
 /// of the upstream's slot, and read there by the other replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_breaker_opened_by_one_replica_holds_the_other_through_a_cluster() {
-    let Some(cluster) = RedisCluster::start(3).await else { return };
+    let cluster = RedisCluster::start(3).await;
     let nodes = format!("cluster = {}", toml_list(&cluster.urls()));
     a_breaker_opened_by_one_holds_the_other(&nodes, |pattern| cluster.owner("{api}").keys(pattern)).await;
 }
@@ -572,7 +570,7 @@ async fn two_replicas_share_quotas_through_a_cluster() {
     let _alone = UNDER_LOAD.write().await;
     const QUOTA: usize = 20;
     const PER_UPSTREAM: usize = 30;
-    let Some(cluster) = RedisCluster::start(3).await else { return };
+    let cluster = RedisCluster::start(3).await;
     // One upstream name per master, by the slot of its hash tag.
     let mut names: Vec<(String, String)> = Vec::new();
     for candidate in (0..100).map(|i| format!("api{i}")) {
@@ -646,7 +644,7 @@ async fn two_replicas_share_quotas_through_a_cluster() {
 async fn a_slot_migration_under_load_loses_nothing() {
     let _alone = UNDER_LOAD.write().await;
     const QUOTA: usize = 20;
-    let Some(cluster) = RedisCluster::start(3).await else { return };
+    let cluster = RedisCluster::start(3).await;
     let mock = MockUpstream::start(Behaviour::new()).await;
     let extra = format!("rate = \"{QUOTA}/s\"\nqueue_timeout = \"30s\"");
     let text = config_of(
@@ -717,7 +715,7 @@ type At = tokio::time::Instant;
 async fn a_cluster_master_failover_under_load_answers_everything_and_sharing_resumes() {
     let _shared = UNDER_LOAD.read().await;
     const QUOTA: usize = 10;
-    let Some(mut cluster) = RedisCluster::start_with_replicas(3, 1).await else { return };
+    let mut cluster = RedisCluster::start_with_replicas(3, 1).await;
     let mock = MockUpstream::start(Behaviour::new()).await;
     let extra = format!("rate = \"{QUOTA}/s\"\nqueue_timeout = \"30s\"");
     let nodes = format!("cluster = {}", toml_list(&cluster.urls()));
@@ -787,7 +785,7 @@ async fn sentinel_over_tls_finds_the_master_and_its_successor() {
     // Five processes and a failover: not beside a test that counts seconds.
     let _shared = UNDER_LOAD.read().await;
     let tls = support::redis_server::Tls::new();
-    let Some(mut set) = RedisSentinels::start_with(None, Some(tls)).await else { return };
+    let mut set = RedisSentinels::start_with(None, Some(tls)).await;
     let mock = MockUpstream::start(Behaviour::new()).await;
     let nodes = format!("sentinels = {}\nmaster = \"{}\"", toml_list(&set.urls()), RedisSentinels::MASTER);
     assert!(nodes.contains("rediss://"), "{nodes}");
@@ -1068,7 +1066,7 @@ async fn a_sentinel_failover_under_load_answers_everything_and_sharing_resumes()
     let _shared = UNDER_LOAD.read().await;
     // Low enough that the quota, not a busy machine, paces the load.
     const QUOTA: usize = 10;
-    let Some(mut set) = RedisSentinels::start().await else { return };
+    let mut set = RedisSentinels::start().await;
     let (answers, fallbacks, times, killed, resumed) = sentinel_failover(&mut set, "local", "", QUOTA).await;
 
     let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
@@ -1110,7 +1108,7 @@ async fn a_sentinel_failover_under_load_answers_everything_and_sharing_resumes()
 async fn a_sentinel_failover_with_deny_refuses_at_once_and_never_overshoots() {
     let _shared = UNDER_LOAD.read().await;
     const QUOTA: usize = 10;
-    let Some(mut set) = RedisSentinels::start_with_password(Some("m4ster")).await else { return };
+    let mut set = RedisSentinels::start_with_password(Some("m4ster")).await;
     let auth = "master_password = \"m4ster\"";
     let (answers, fallbacks, times, killed, resumed) = sentinel_failover(&mut set, "deny", auth, QUOTA).await;
 

@@ -1,7 +1,6 @@
 //! Soak: steady load through pacegate with scripted upstream faults,
 //! malformed requests and periodic reloads, for `PACEGATE_SOAK_SECS` seconds
-//! (skipped when unset; `scripts/test.sh` runs 30 s, and
-//! `PACEGATE_SOAK_SECS=120 scripts/test.sh` the long run).
+//! (30 by default; `PACEGATE_SOAK_SECS=120 scripts/test.sh` is the long run).
 //!
 //! Asserts that every request got exactly one answer (callers never wait
 //! forever, and pacegate counted one answer per request), that resident
@@ -19,7 +18,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use support::mock::{Behaviour, MockUpstream, Scripted};
-use support::{Pacegate, client, queue_depth};
+use support::{Pacegate, TEST_SERVER, client, queue_depth};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -35,16 +34,17 @@ const RELOAD_EVERY: Duration = Duration::from_secs(2);
 const FD_SLACK: usize = 16;
 const RSS_SLACK_KB: u64 = 8 * 1024;
 
-fn soak_duration() -> Option<Duration> {
-    let secs: u64 = std::env::var("PACEGATE_SOAK_SECS").ok()?.parse().ok()?;
-    (secs > 0).then(|| Duration::from_secs(secs))
+/// `PACEGATE_SOAK_SECS`, else 30 s.
+fn soak_duration() -> Duration {
+    let secs = std::env::var("PACEGATE_SOAK_SECS").ok().and_then(|secs| secs.parse().ok());
+    Duration::from_secs(secs.unwrap_or(30))
 }
 
 /// The config of reload `generation`: the faulty upstream's rate alternates.
 fn config(faulty: &MockUpstream, steady: &MockUpstream, generation: u32) -> String {
     let rate = if generation.is_multiple_of(2) { "400/s" } else { "300/s" };
     format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+        "{TEST_SERVER}\
          [[upstream]]\nname = \"faulty\"\nbase_url = \"{}\"\nroute = \"/faulty\"\nhosts = []\n\
          rate = \"{rate}\"\ntimeout = \"2s\"\n\
          [upstream.retry]\nmax_attempts = 4\nbase_delay = \"10ms\"\nmax_delay = \"100ms\"\nbudget = 1.0\n\
@@ -129,10 +129,7 @@ async fn answers_counted(pg: &Pacegate) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak() {
-    let Some(duration) = soak_duration() else {
-        println!("PACEGATE_SOAK_SECS is not set: soak skipped");
-        return;
-    };
+    let duration = soak_duration();
     let faulty = MockUpstream::start(Behaviour::new()).await;
     let steady = MockUpstream::start(Behaviour::new()).await;
     let pg = Arc::new(Pacegate::start_config(&config(&faulty, &steady, 0)).await);

@@ -319,13 +319,21 @@ mod tests {
         pacer.adjust(q + Duration::from_millis(50), -99, at(0));
         let mut now = q + Duration::from_millis(50);
         let mut sent = 900;
-        while now < q + Duration::from_millis(1000) {
+        // Bounded: each turn grants (at most 2 more fit) or moves `now` on.
+        for _ in 0..100 {
+            if now >= q + Duration::from_millis(1000) {
+                break;
+            }
             match pacer.try_acquire(now, units(50)) {
                 Ok(_) => sent += 50,
-                Err(next) => now = next,
+                Err(next) => {
+                    assert!(next > now, "a refusal names a later instant");
+                    now = next;
+                }
             }
+            assert!(sent <= 1000, "{sent} units within a second of {q:?}");
         }
-        assert!(sent <= 1000, "{sent} units within a second of {q:?}");
+        assert!(now >= q + Duration::from_millis(1000), "the second was walked to its end");
     }
 
     proptest::proptest! {
@@ -348,7 +356,9 @@ mod tests {
                 let used = used.min(count);
                 let reserved = NonZeroU32::new(used + unused).unwrap();
                 now += Duration::from_millis(gap);
-                loop {
+                // Bounded: every turn settles a grant or moves `now` on.
+                for turn in 0.. {
+                    proptest::prop_assert!(turn < 10_000, "no grant at {:?}", now - start);
                     pending.sort_by_key(|(at, _, _)| *at);
                     while pending.first().is_some_and(|(at, _, _)| *at <= now) {
                         let (at, granted, back) = pending.remove(0);

@@ -28,6 +28,11 @@ shutdown_grace = "5s"
 workers = 2
 "#;
 
+/// No test waits this long for one answer, nor for pacegate to stop (the
+/// longest `queue_timeout` in the tests is 2 min, the longest grace 30 s): a
+/// hang fails the test instead of stalling the suite.
+pub const HANG: Duration = Duration::from_secs(300);
+
 /// A pacegate running inside the test process.
 pub struct Pacegate {
     pub proxy: SocketAddr,
@@ -121,7 +126,8 @@ impl Pacegate {
     pub async fn wait_status(&self, timeout: Duration, ready: impl Fn(&serde_json::Value) -> bool) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         while tokio::time::Instant::now() < deadline {
-            if ready(&self.status().await) {
+            let Ok(status) = tokio::time::timeout_at(deadline, self.status()).await else { break };
+            if ready(&status) {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -139,7 +145,10 @@ impl Pacegate {
             let _ = stop.send(());
         }
         match self.task.take() {
-            Some(task) => task.await.expect("pacegate task panicked"),
+            Some(task) => tokio::time::timeout(HANG, task)
+                .await
+                .unwrap_or_else(|_| panic!("pacegate did not stop within {HANG:?}"))
+                .expect("pacegate task panicked"),
             None => Ok(()),
         }
     }
@@ -169,7 +178,7 @@ pub fn client() -> reqwest::Client {
 /// Client builder with the crypto provider installed and no system proxy.
 pub fn builder() -> reqwest::ClientBuilder {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder().no_proxy().pool_max_idle_per_host(256)
+    reqwest::Client::builder().no_proxy().pool_max_idle_per_host(256).timeout(HANG)
 }
 
 /// Logs to the test output when `PACEGATE_LOG` is set.

@@ -5,7 +5,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,34 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_pacegate");
 
 /// Bounds every wait on the child process.
 pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Runs `pacegate ARGS` in `dir` to completion (bounded by [`PATIENCE`]),
+/// with `$PACEGATE_CONFIG` set to `config_env`, or unset.
+pub fn run(dir: &Path, args: &[&str], config_env: Option<&Path>) -> Output {
+    let mut command = Command::new(BIN);
+    match config_env {
+        Some(config) => command.env("PACEGATE_CONFIG", config),
+        None => command.env_remove("PACEGATE_CONFIG"),
+    };
+    let child = command
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pacegate");
+    let id = child.id();
+    let (done, finished) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    let Ok(output) = finished.recv_timeout(PATIENCE) else {
+        let _ = Command::new("kill").args(["-KILL", &id.to_string()]).status();
+        panic!("pacegate {args:?} did not finish within {PATIENCE:?}");
+    };
+    output.expect("pacegate output")
+}
 
 /// A running `pacegate --config FILE --log-format json`.
 pub struct Process {

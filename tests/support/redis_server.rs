@@ -224,12 +224,11 @@ fn free_port() -> u16 {
 }
 
 /// True, after saying why, when one of `programs` cannot be run.
-fn missing(programs: &[&str]) -> bool {
+fn require(programs: &[&str]) {
     let absent = programs.iter().find(|program| Command::new(program).arg("--version").output().is_err());
     if let Some(program) = absent {
-        eprintln!("skipped: {program} is not installed (scripts/test.sh installs it)");
+        panic!("{program} is not installed: scripts/test.sh installs it");
     }
-    absent.is_some()
 }
 
 /// Polls (bounded by [`SETTLE_PATIENCE`]) until `ready` holds; panics
@@ -253,17 +252,15 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     /// Starts `masters` nodes, joins them and waits until every node says
-    /// the cluster is ok; `None` (skipped) without redis-server or redis-cli.
-    pub async fn start(masters: usize) -> Option<Self> {
+    /// the cluster is ok; panics without redis-server or redis-cli.
+    pub async fn start(masters: usize) -> Self {
         Self::start_with_replicas(masters, 0).await
     }
 
     /// The same with `replicas` replicas per master (`--cluster-replicas`),
     /// which take over a master's slots when it fails.
-    pub async fn start_with_replicas(masters: usize, replicas: usize) -> Option<Self> {
-        if missing(&["redis-server", "redis-cli"]) {
-            return None;
-        }
+    pub async fn start_with_replicas(masters: usize, replicas: usize) -> Self {
+        require(&["redis-server", "redis-cli"]);
         let mut nodes = Vec::with_capacity(masters * (1 + replicas));
         for _ in 0..masters * (1 + replicas) {
             let options = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
@@ -301,7 +298,7 @@ impl RedisCluster {
             })
             .await;
         }
-        Some(cluster)
+        cluster
     }
 
     /// A node that still runs, to ask about the cluster.
@@ -441,23 +438,21 @@ impl RedisSentinels {
 
     /// Starts the five processes and waits until the replica is in sync
     /// and every sentinel knows the replica and the two other sentinels;
-    /// `None` (skipped) without redis-server or redis-sentinel.
-    pub async fn start() -> Option<Self> {
+    /// panics without redis-server or redis-sentinel.
+    pub async fn start() -> Self {
         Self::start_with_password(None).await
     }
 
     /// The same, with the master and the replica wanting `password` (the
     /// sentinels themselves want none, and know it as `auth-pass`).
-    pub async fn start_with_password(password: Option<&str>) -> Option<Self> {
+    pub async fn start_with_password(password: Option<&str>) -> Self {
         Self::start_with(password, None).await
     }
 
     /// The same, every process over TLS only (`rediss://`) with `tls`'s
     /// certificate, sentinels included.
-    pub async fn start_with(password: Option<&str>, tls: Option<std::sync::Arc<Tls>>) -> Option<Self> {
-        if missing(&["redis-server", "redis-sentinel"]) {
-            return None;
-        }
+    pub async fn start_with(password: Option<&str>, tls: Option<std::sync::Arc<Tls>>) -> Self {
+        require(&["redis-server", "redis-sentinel"]);
         let master = RedisServer::spawn_with("redis-server", Vec::new(), password, tls.clone()).await;
         let replicaof = vec!["--replicaof".to_owned(), "127.0.0.1".to_owned(), master.port().to_string()];
         let replica = RedisServer::spawn_with("redis-server", replicaof, password, tls.clone()).await;
@@ -492,7 +487,7 @@ impl RedisSentinels {
             })
         })
         .await;
-        Some(set)
+        set
     }
 
     /// Every sentinel's `redis://` URL.
