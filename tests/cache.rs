@@ -117,6 +117,41 @@ async fn stale_entries_revalidate_with_one_conditional_request() {
     assert_eq!(arrivals[1].status, 304);
 }
 
+/// A 304 refreshes the stored answer with what it says, judged as a new
+/// answer would be: a cookie it sets goes to the caller who drew it and is
+/// never served from the store; and a hit carries no attempts header of
+/// the fetch that refreshed it.
+#[tokio::test]
+async fn a_304_is_judged_before_it_refreshes_the_store() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let pacegate = cached_pacegate(&mock, "").await;
+    let http = client();
+    // Stale at once (max-age=0), so the next request revalidates.
+    for (path, cookie) in [
+        ("/api/cached?max_age=0&etag=v1&max_age_304=60", false),
+        ("/api/cached?max_age=0&etag=v2&max_age_304=60&cookie_on_304=1", true),
+    ] {
+        let url = pacegate.url(path);
+        assert_eq!(get(&http, url.clone(), &[]).await.cache, "miss");
+        let drawn = http.get(&url).timeout(PATIENCE).send().await.expect("an answer");
+        assert_eq!(drawn.headers()["x-pacegate-cache"], "revalidated", "{path}");
+        assert_eq!(drawn.headers().contains_key("set-cookie"), cookie, "{path}: the caller who drew it");
+        let next = http.get(&url).timeout(PATIENCE).send().await.expect("an answer");
+        let source = next.headers()["x-pacegate-cache"].to_str().unwrap().to_owned();
+        if cookie {
+            assert_eq!(source, "revalidated", "a cookie's 304 was not stored: {:?}", next.headers());
+        } else {
+            assert_eq!(source, "hit", "refreshed for 60 s: {:?}", next.headers());
+            assert!(
+                !next.headers().contains_key("x-pacegate-attempts"),
+                "a hit made no attempt: {:?}",
+                next.headers()
+            );
+        }
+    }
+    assert_eq!(mock.count(), 5, "2 + 3 upstream requests");
+}
+
 #[tokio::test]
 async fn a_callers_conditional_request_is_answered_from_the_cache() {
     let mock = MockUpstream::start(Behaviour::new()).await;

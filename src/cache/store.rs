@@ -59,37 +59,47 @@ impl Stored {
     }
 
     /// This answer refreshed by a 304 to its revalidation, and whether it
-    /// may be stored again: the 304's headers replace or join the stored
+    /// may be stored again. The 304's headers replace or join the stored
     /// ones (all but those describing a body it does not have), the body
-    /// stays. A 304 that says `no-store`, or that names no validator of
-    /// ours (no ETag in it while we stored one), refreshes nothing: the
-    /// upstream still said our validator matched, so the stored answer is
-    /// served, and not stored again.
+    /// stays, and the result is judged afresh, as a new answer would be
+    /// ([`Store::admit`]): a 304 that sets a cookie, says `no-store` or
+    /// `private` (to a request without credentials), or `Vary: *`, is served
+    /// to the caller who drew it and not stored. A 304 that names no
+    /// validator of ours (no ETag in it while we stored one) refreshes
+    /// nothing: the upstream still said our validator matched, so the stored
+    /// answer is served as it is, and not stored again.
     pub fn refreshed(
         &self,
         seen: &Seen,
-        not_modified: &http::response::Parts,
+        not_modified: &Answer,
+        credentialed: bool,
         now: SystemTime,
     ) -> (Stored, bool) {
-        let (policy, storable) = match self.policy.after_response(seen, not_modified, now) {
-            AfterResponse::NotModified(policy, _) => {
-                let storable = policy.is_storable();
-                (policy, storable)
-            }
-            AfterResponse::Modified(..) => (self.policy.clone(), false),
+        let as_stored = || Stored {
+            policy: self.policy.clone(),
+            status: self.status,
+            headers: self.headers.clone(),
+            body: self.body.clone(),
         };
-        let mut headers = self.headers.clone();
-        if storable {
-            for name in not_modified.headers.keys() {
-                if !NOT_FROM_A_304.contains(name) {
-                    headers.remove(name);
-                    for value in not_modified.headers.get_all(name) {
-                        headers.append(name, value.clone());
-                    }
+        if let AfterResponse::Modified(..) = self.policy.after_response(seen, not_modified, now) {
+            return (as_stored(), false);
+        }
+        let mut merged = Answer::new(());
+        *merged.status_mut() = self.status;
+        *merged.headers_mut() = self.headers.clone();
+        for name in not_modified.headers().keys() {
+            if !NOT_FROM_A_304.contains(name) {
+                merged.headers_mut().remove(name);
+                for value in not_modified.headers().get_all(name) {
+                    merged.headers_mut().append(name, value.clone());
                 }
             }
         }
-        (Stored { policy, status: self.status, headers, body: self.body.clone() }, storable)
+        let judged = judge(seen, &merged, credentialed, now);
+        let storable = judged.is_some();
+        let (head, ()) = merged.into_parts();
+        let policy = judged.unwrap_or_else(|| self.policy.clone());
+        (Stored { policy, status: head.status, headers: head.headers, body: self.body.clone() }, storable)
     }
 
     /// The stored headers, multiple values kept, with `Age` brought up to date.
@@ -104,6 +114,52 @@ impl Stored {
 /// (RFC 9111 §3.2), or the hop it came over.
 static NOT_FROM_A_304: [HeaderName; 4] =
     [header::CONTENT_LENGTH, header::CONTENT_ENCODING, header::TRANSFER_ENCODING, header::CONTENT_RANGE];
+
+/// The policy of an answer to `seen`, if the answer may be stored at all.
+///
+/// A request with a credential is answered for that credential alone (its
+/// key holds it), so its answers are judged as a private cache would:
+/// `private` may be kept. Without one, as a shared cache: not. No heuristic
+/// freshness: only what the upstream states is trusted. Answers setting a
+/// cookie are never kept.
+fn judge(seen: &Seen, head: &Answer, credentialed: bool, now: SystemTime) -> Option<CachePolicy> {
+    // A cookie is someone's; `Vary: *` never matches another request.
+    let vary_all = head.headers().get_all(header::VARY).iter().any(|v| v.as_bytes().trim_ascii() == b"*");
+    if head.headers().contains_key(header::SET_COOKIE) || vary_all {
+        return None;
+    }
+    let options = CacheOptions {
+        shared: !credentialed,
+        cache_heuristic: 0.0,
+        immutable_min_time_to_live: Duration::ZERO,
+        ignore_cargo_cult: false,
+    };
+    let policy = CachePolicy::new_options(seen, head, now, options);
+    // Stored only while it stays useful: fresh for a while, or revalidatable.
+    let useful = !policy.is_stale(now) || has_validator(head.headers());
+    (policy.is_storable() && useful).then_some(policy)
+}
+
+/// The largest `Age` a cache has to believe (RFC 9111 §1.2.2: a larger one
+/// counts as this). `http-cache-semantics` adds the time an answer spent
+/// here to its `Age` without checking, so a larger one would overflow.
+const MAX_AGE_HEADER: &str = "2147483648";
+
+/// Brings an answer's `Age` within [`MAX_AGE_HEADER`] before it is judged
+/// or stored; a number too large even to parse counts as that too.
+pub fn clamp_age(headers: &mut HeaderMap) {
+    let Some(age) = headers.get(header::AGE) else { return };
+    let digits = age.as_bytes();
+    let too_old = !digits.is_empty()
+        && digits.iter().all(u8::is_ascii_digit)
+        && std::str::from_utf8(digits)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .is_none_or(|secs| secs > 1 << 31);
+    if too_old {
+        headers.insert(header::AGE, HeaderValue::from_static(MAX_AGE_HEADER));
+    }
+}
 
 /// What the cache holds for a request.
 pub enum Lookup {
@@ -170,13 +226,8 @@ impl Store {
         Lookup::Miss
     }
 
-    /// The policy of an answer to `seen`, if the answer may be stored at all.
-    ///
-    /// A request with a credential is answered for that credential alone
-    /// (its key holds it), so its answers are judged as a private cache
-    /// would: `private` may be kept. Without one, as a shared cache: not.
-    /// No heuristic freshness: only what the upstream states is trusted.
-    /// Answers setting a cookie are never kept.
+    /// The policy of an answer to `seen`, if the answer may be stored at
+    /// all (see [`judge`]).
     pub fn admit(
         &self,
         seen: &Seen,
@@ -184,21 +235,7 @@ impl Store {
         credentialed: bool,
         now: SystemTime,
     ) -> Option<CachePolicy> {
-        // A cookie is someone's; `Vary: *` never matches another request.
-        let vary_all = head.headers().get_all(header::VARY).iter().any(|v| v.as_bytes().trim_ascii() == b"*");
-        if head.headers().contains_key(header::SET_COOKIE) || vary_all {
-            return None;
-        }
-        let options = CacheOptions {
-            shared: !credentialed,
-            cache_heuristic: 0.0,
-            immutable_min_time_to_live: Duration::ZERO,
-            ignore_cargo_cult: false,
-        };
-        let policy = CachePolicy::new_options(seen, head, now, options);
-        // Stored only while it stays useful: fresh for a while, or revalidatable.
-        let useful = !policy.is_stale(now) || has_validator(head.headers());
-        (policy.is_storable() && useful).then_some(policy)
+        judge(seen, head, credentialed, now)
     }
 
     /// Whether a body of `len` bytes may be stored.
@@ -370,16 +407,90 @@ mod tests {
         let head = answer(&[("cache-control", "max-age=10"), ("etag", "\"v1\"")]);
         assert!(store_one(&store, key(1), &request, head, false));
         let Lookup::Stale(stored, _) = store.lookup(&key(1), &request, at(20_000)) else { panic!("stale") };
-        let (mut not_modified, ()) =
-            answer(&[("cache-control", "max-age=10"), ("etag", "\"v1\"")]).into_parts();
-        not_modified.status = StatusCode::NOT_MODIFIED;
-        not_modified.headers.insert("date", httpdate::fmt_http_date(at(20_000)).parse().expect("a date"));
-        let (refreshed, storable) = stored.refreshed(&request, &not_modified, at(20_000));
+        let not_modified = not_modified_at(20_000, &[("cache-control", "max-age=10"), ("etag", "\"v1\"")]);
+        let (refreshed, storable) = stored.refreshed(&request, &not_modified, false, at(20_000));
         assert!(storable);
         assert_eq!(refreshed.status, StatusCode::OK);
         assert_eq!(refreshed.body, "body");
         store.insert(key(1), &request, refreshed, at(20_000));
         assert!(matches!(store.lookup(&key(1), &request, at(25_000)), Lookup::Fresh(..)));
+    }
+
+    /// A 304 to a revalidation at `ms` with `headers`.
+    fn not_modified_at(ms: u64, headers: &[(&str, &str)]) -> Answer {
+        let mut response = http::Response::builder()
+            .status(StatusCode::NOT_MODIFIED)
+            .header("date", httpdate::fmt_http_date(at(ms)));
+        for (name, value) in headers {
+            response = response.header(*name, *value);
+        }
+        response.body(()).expect("a valid answer")
+    }
+
+    /// The refreshed answer is judged as a new one would be: what a 304
+    /// adds (a cookie, `no-store`, `private` to an anonymous request, `Vary:
+    /// *`) goes to the caller who drew it and is never stored, even where
+    /// the stored answer had no `Cache-Control` for the 304 to update.
+    #[test]
+    fn what_a_304_adds_is_judged_before_it_is_stored() {
+        let store = Store::new(1 << 20, 1 << 16);
+        let request = seen(&[]);
+        let expires = httpdate::fmt_http_date(at(1_000));
+        for stored_headers in [
+            &[("cache-control", "max-age=1"), ("etag", "\"v1\"")][..],
+            &[("expires", expires.as_str()), ("etag", "\"v1\"")],
+        ] {
+            for added in [
+                ("set-cookie", "session=someone-else"),
+                ("cache-control", "private, no-store"),
+                ("cache-control", "private, max-age=60"),
+                ("vary", "*"),
+            ] {
+                assert!(store_one(&store, key(1), &request, answer(stored_headers), false));
+                let Lookup::Stale(stored, _) = store.lookup(&key(1), &request, at(2_000)) else {
+                    panic!("stale")
+                };
+                let not_modified = not_modified_at(2_000, &[("etag", "\"v1\""), added]);
+                let (refreshed, storable) = stored.refreshed(&request, &not_modified, false, at(2_000));
+                assert!(!storable, "{stored_headers:?} then {added:?}");
+                assert_eq!(
+                    refreshed.headers.get(added.0).map(|v| v.as_bytes()),
+                    Some(added.1.as_bytes()),
+                    "the caller who drew it sees it"
+                );
+            }
+        }
+        // Under a credential's own key, `private` may be kept; a cookie never.
+        assert!(store_one(
+            &store,
+            key(1),
+            &request,
+            answer(&[("cache-control", "max-age=1"), ("etag", "\"v1\"")]),
+            true
+        ));
+        let Lookup::Stale(stored, _) = store.lookup(&key(1), &request, at(2_000)) else { panic!("stale") };
+        let private = not_modified_at(2_000, &[("etag", "\"v1\""), ("cache-control", "private, max-age=60")]);
+        assert!(stored.refreshed(&request, &private, true, at(2_000)).1);
+        let cookie = not_modified_at(2_000, &[("etag", "\"v1\""), ("set-cookie", "a=b")]);
+        assert!(!stored.refreshed(&request, &cookie, true, at(2_000)).1);
+    }
+
+    /// An `Age` too large to add to (RFC 9111: believe at most 2^31 s) is
+    /// clamped, so a stored answer can be looked up ever after.
+    #[test]
+    fn an_absurd_age_is_clamped() {
+        for age in ["18446744073709551615", "99999999999999999999999", "2147483649"] {
+            let mut head = answer(&[("cache-control", "max-age=60"), ("etag", "\"v1\""), ("age", age)]);
+            clamp_age(head.headers_mut());
+            assert_eq!(head.headers()["age"], "2147483648", "{age}");
+            let store = Store::new(1 << 20, 1 << 16);
+            let request = seen(&[]);
+            assert!(store_one(&store, key(1), &request, head, false), "stale, but revalidatable");
+            assert!(matches!(store.lookup(&key(1), &request, at(5_000)), Lookup::Stale(..)), "{age}");
+        }
+        let mut ordinary = answer(&[("age", "30")]);
+        clamp_age(ordinary.headers_mut());
+        assert_eq!(ordinary.headers()["age"], "30");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::admission::Refusal;
 use crate::body::{self, ProxyBody, RequestBody};
 use crate::cache::flight::{Flight, Head};
 use crate::cache::key::Key;
-use crate::cache::store::{Answer, Lookup, Seen, Store, Stored};
+use crate::cache::store::{self, Answer, Lookup, Seen, Store, Stored};
 use crate::cache::{Cache, Joined, Outcome, conditional};
 use crate::error::ProxyError;
 use crate::runtime::Runtime;
@@ -193,7 +193,8 @@ impl Fetch {
         let store = self.cache.store();
         let now = SystemTime::now();
         if let Some(stale) = self.stale.as_ref().filter(|_| parts.status == StatusCode::NOT_MODIFIED) {
-            let (refreshed, storable) = stale.refreshed(&self.seen, &parts, now);
+            let not_modified = kept_answer(&parts);
+            let (refreshed, storable) = stale.refreshed(&self.seen, &not_modified, self.credentialed, now);
             let mut headers = refreshed.headers.clone();
             stamp_from(&mut headers, &parts.headers);
             let source = Outcome::Revalidated.as_str();
@@ -267,13 +268,15 @@ impl Drop for Fetch {
 }
 
 /// An answer's head as stored: pacegate's own headers about this fetch
-/// (attempts, queue wait) are not the stored answer's.
+/// (attempts, queue wait) are not the stored answer's, and an absurd
+/// `Age` is brought within what the cache believes.
 fn kept_answer(parts: &http::response::Parts) -> Answer {
     let mut answer = Response::new(());
     *answer.status_mut() = parts.status;
     *answer.headers_mut() = parts.headers.clone();
     answer.headers_mut().remove(ATTEMPTS_HEADER);
     answer.headers_mut().remove(QUEUED_HEADER);
+    store::clamp_age(answer.headers_mut());
     answer
 }
 

@@ -27,8 +27,10 @@
 //!    `{"seq":N}` (its arrival index, padded with spaces to `size` bytes)
 //!    with `Cache-Control: max-age=<max_age>` (`private, ` before it with
 //!    `private=1`; `no-store` instead with `no_store=1`), `ETag: "<etag>"`
-//!    (and 304, no body, to an `If-None-Match` naming it), `Vary: <vary>`
-//!    and, with `cookie=1`, a `Set-Cookie`; anything else answers 200, empty.
+//!    (and 304, no body, to an `If-None-Match` naming it, with `max-age=
+//!    <max_age_304>` and, with `cookie_on_304=1`, a `Set-Cookie` when
+//!    given), `Vary: <vary>` and, with `cookie=1`, a `Set-Cookie`; anything
+//!    else answers 200, empty.
 //!
 //! Only requests that pass step 3 count as accepted; special paths do pass
 //! through steps 1-3, so a limited mock limits `/echo` too. The request body
@@ -670,6 +672,13 @@ fn cached(uri: &Uri, request: &HeaderMap, headers: &mut HeaderMap) -> (u16, Kind
             request.get_all("if-none-match").iter().filter_map(|v| v.to_str().ok()).any(|v| v.contains(&tag));
         add("etag", tag);
         if matched {
+            // What a 304 may say that its 200 did not.
+            if let Some(max_age) = text("max_age_304") {
+                add("cache-control", format!("max-age={max_age}"));
+            }
+            if flag("cookie_on_304") {
+                add("set-cookie", "session=from-the-304".to_owned());
+            }
             return (304, Kind::Empty);
         }
     }
