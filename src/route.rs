@@ -196,12 +196,14 @@ fn port_of(authority: &Authority) -> Result<Option<u16>, ProxyError> {
 /// Whether the path has a `.` or `..` segment, plain or percent-encoded
 /// (`%2e`). Refused rather than normalised: behind a route, `..` would climb
 /// out of base_url's path prefix, and upstreams disagree on how to resolve
-/// them, so no request pacegate forwards carries one.
+/// them, so no request pacegate forwards carries one. Segments end at `/`
+/// and at what an upstream may decode or read as one: `\`, `%2F`, `%5C`
+/// (`/api/..%2fadmin` climbs out of `/api` on a server that decodes first).
 fn has_dot_segment(path_and_query: &str) -> bool {
     // Most paths have neither a dot nor a `%`: one scan, up to the query,
     // on every request.
     let suspect = path_and_query.bytes().take_while(|b| *b != b'?').any(|b| b == b'.' || b == b'%');
-    suspect && path_of(path_and_query).split('/').any(is_dot_segment)
+    suspect && segments(path_of(path_and_query).as_bytes()).any(is_dot_segment)
 }
 
 /// The path of a path-and-query.
@@ -209,9 +211,33 @@ fn path_of(path_and_query: &str) -> &str {
     path_and_query.split_once('?').map_or(path_and_query, |(path, _)| path)
 }
 
+/// `path` split at `/`, `\`, `%2F` and `%5C` (either case).
+fn segments(path: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(path);
+    std::iter::from_fn(move || {
+        let path = rest?;
+        let separator = (0..path.len()).find_map(|i| match path[i..] {
+            [b'/' | b'\\', ..] => Some((i, 1)),
+            [b'%', b'2', f, ..] if f.eq_ignore_ascii_case(&b'f') => Some((i, 3)),
+            [b'%', b'5', c, ..] if c.eq_ignore_ascii_case(&b'c') => Some((i, 3)),
+            _ => None,
+        });
+        match separator {
+            Some((at, len)) => {
+                rest = Some(&path[at + len..]);
+                Some(&path[..at])
+            }
+            None => {
+                rest = None;
+                Some(path)
+            }
+        }
+    })
+}
+
 /// `.` or `..`, each dot written as `.` or `%2e` (either case).
-fn is_dot_segment(segment: &str) -> bool {
-    let (mut rest, mut dots) = (segment.as_bytes(), 0);
+fn is_dot_segment(segment: &[u8]) -> bool {
+    let (mut rest, mut dots) = (segment, 0);
     while !rest.is_empty() && dots < 3 {
         rest = match rest {
             [b'.', tail @ ..] => tail,
@@ -325,10 +351,25 @@ mod tests {
 
     #[test]
     fn dot_segments_are_refused() {
-        for path in ["/api/../admin", "/api/./x", "/api/%2e%2e/x", "/api/.%2E", "/..", "/api/x/..?q"] {
+        for path in [
+            "/api/../admin",
+            "/api/./x",
+            "/api/%2e%2e/x",
+            "/api/.%2E",
+            "/..",
+            "/api/x/..?q",
+            "/api/..%2fadmin/users",
+            "/api/%2e%2e%2Fadmin",
+            "/api/x/..%2f..%2fadmin",
+            "/api/..%5cadmin",
+            "/api/..\\admin",
+            "/api/x%2F..",
+        ] {
             assert!(has_dot_segment(path), "{path}");
         }
-        for path in ["/api/x", "/api/...", "/api/.hidden", "/api/x?q=/../", "/api/a..b"] {
+        for path in
+            ["/api/x", "/api/...", "/api/.hidden", "/api/x?q=/../", "/api/a..b", "/api/a%2Fb", "/api/%2f%2f"]
+        {
             assert!(!has_dot_segment(path), "{path}");
         }
     }

@@ -217,6 +217,7 @@ async fn malformed_heads_get_spec_answers() {
         // Dot segments would climb out of base_url's path: refused, not resolved.
         ("GET /api/../admin HTTP/1.1\r\nHost: a\r\n\r\n".into(), 400, "bad_request"),
         ("GET /api/%2e%2E/admin HTTP/1.1\r\nHost: a\r\n\r\n".into(), 400, "bad_request"),
+        ("GET /api/..%2fadmin/users HTTP/1.1\r\nHost: a\r\n\r\n".into(), 400, "bad_request"),
         ("GET http://api.test/x/./y HTTP/1.1\r\nHost: api.test\r\n\r\n".into(), 400, "bad_request"),
     ];
     for (request, status, code) in &cases {
