@@ -208,6 +208,23 @@ async fn retry_after_above_max_is_returned_at_once() {
     assert_eq!(mock.count(), 1);
 }
 
+/// An answer whose head is too large to read (120 header fields) is the
+/// same on every attempt: answered 502 at once, the upstream asked once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_too_large_to_read_is_not_retried() {
+    let names: Vec<String> = (0..120).map(|i| format!("x-field-{i}")).collect();
+    let fields: Vec<(&str, &str)> = names.iter().map(|name| (name.as_str(), "v")).collect();
+    let mock = MockUpstream::start(Behaviour::new().script([Scripted::status_with(200, &fields)])).await;
+    let pg = Pacegate::start(&api(&mock.url(), "rate = \"100/s\"", "")).await;
+    let response = client().get(pg.url("/api/item")).send().await.unwrap();
+    assert_eq!(response.status(), 502);
+    assert_eq!(response.headers()["x-pacegate-error"], "upstream_unreachable");
+    assert_eq!(attempts_of(&response), 1);
+    let body = response.text().await.unwrap();
+    assert!(body.contains("too large"), "{body}");
+    assert_eq!(mock.count(), 1, "not retried");
+}
+
 /// Retries that ignore `Retry-After` still never cool the upstream down
 /// for longer than `max_retry_after`: an absurd hint costs `base_delay`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,6 +32,9 @@ pub enum Outcome {
     TimedOut,
     /// The connection broke after the request was (partly) sent.
     BrokenAfterSend,
+    /// An answer came that cannot be read (its head too large): it would be
+    /// the same again.
+    Unreadable,
 }
 
 /// Why an attempt is retried; its [`RetryReason::as_str`] is the `reason`
@@ -113,7 +116,7 @@ pub fn classify(cfg: &Retry, method: &Method, has_idempotency_key: bool, outcome
         Outcome::ConnectFailed => Decision::Retry(RetryReason::Connect),
         Outcome::TimedOut if replay_safe => Decision::Retry(RetryReason::Timeout),
         Outcome::BrokenAfterSend if replay_safe => Decision::Retry(RetryReason::Broken),
-        Outcome::TimedOut | Outcome::BrokenAfterSend => Decision::GiveUp,
+        Outcome::TimedOut | Outcome::BrokenAfterSend | Outcome::Unreadable => Decision::GiveUp,
         Outcome::Status(status) => classify_status(cfg, replay_safe, status),
     }
 }

@@ -89,6 +89,7 @@ impl Answered {
                 SendError::Connect(_) => Outcome::ConnectFailed,
                 SendError::Timeout(_) => Outcome::TimedOut,
                 SendError::Broken(_) => Outcome::BrokenAfterSend,
+                SendError::Unreadable(_) => Outcome::Unreadable,
             },
             Self::Live(Ok(response)) => Outcome::Status(response.status()),
             Self::Read(Last::Answer(response)) => Outcome::Status(response.status()),
@@ -285,7 +286,7 @@ impl Upstream {
             Ok(_) => AttemptOutcome::Ok,
             Err(SendError::Connect(_)) => AttemptOutcome::ConnectError,
             Err(SendError::Timeout(_)) => AttemptOutcome::Timeout,
-            Err(SendError::Broken(_)) => AttemptOutcome::Broken,
+            Err(SendError::Broken(_) | SendError::Unreadable(_)) => AttemptOutcome::Broken,
         };
         self.metrics.count_attempt(outcome);
         if result.is_ok() {
@@ -415,7 +416,7 @@ impl Upstream {
         let upstream = Some(self.config.name.clone());
         match error {
             SendError::Timeout(timeout) => ProxyError::UpstreamTimeout { upstream, timeout },
-            SendError::Connect(reason) | SendError::Broken(reason) => {
+            SendError::Connect(reason) | SendError::Broken(reason) | SendError::Unreadable(reason) => {
                 ProxyError::UpstreamUnreachable { upstream, reason }
             }
         }

@@ -64,6 +64,10 @@ pub enum SendError {
     /// The connection broke after (part of) the request may have been sent.
     #[error("connection broken: {0}")]
     Broken(String),
+    /// The answer's head is larger than the client reads (more than 100
+    /// header fields, or 400 KiB): the same again on a retry, so never retried.
+    #[error("the answer's head is too large: {0}")]
+    Unreadable(String),
 }
 
 /// DNS, TCP (nodelay, 10 s connect timeout) and rustls, as before the pool.
@@ -187,7 +191,16 @@ impl Pool {
                             }
                             request = target.restore(unsent);
                         }
-                        _ => return Err(SendError::Broken(error_chain(&error.into_error()))),
+                        _ => {
+                            let error = error.into_error();
+                            let reason = error_chain(&error);
+                            let too_large = error.is_parse_too_large();
+                            return Err(if too_large {
+                                SendError::Unreadable(reason)
+                            } else {
+                                SendError::Broken(reason)
+                            });
+                        }
                     },
                 }
             }
