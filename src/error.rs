@@ -2,10 +2,11 @@
 //!
 //! The error table (docs/http.md) lives here and only here: every other module returns a
 //! [`ProxyError`] and lets [`ProxyError::into_response`] pick the status, the
-//! `x-pacegate-error` code and the JSON body. Three rows go beyond the table users see documented first:
+//! `x-pacegate-error` code and the JSON body. Four rows go beyond the table users see documented first:
 //! 408 `body_timeout` (a body that stopped arriving, nginx's answer to its
 //! `client_body_timeout`), 414 `uri_too_long` (RFC 9112 §3 requires 414 for
-//! a request target longer than we parse) and 500 `internal_error` (a
+//! a request target longer than we parse), 501 `not_implemented` (RFC 9112
+//! §6.1: a transfer coding other than chunked) and 500 `internal_error` (a
 //! request task panicked).
 
 use std::time::Duration;
@@ -70,6 +71,8 @@ impl RefusalReason {
 pub enum ProxyError {
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
+    NotImplemented(String),
     #[error("host {host} is not configured as an upstream")]
     UnknownHost { host: String },
     #[error("{host} resolves to a guarded address")]
@@ -119,6 +122,7 @@ impl ProxyError {
         matches!(
             self,
             Self::BadRequest(_)
+                | Self::NotImplemented(_)
                 | Self::BodyTooLarge { .. }
                 | Self::BodyTimeout { .. }
                 | Self::HeadersTooLarge { .. }
@@ -148,6 +152,7 @@ impl ProxyError {
             | Self::ShuttingDown { .. }
             | Self::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -173,6 +178,7 @@ impl ProxyError {
             Self::ShuttingDown { .. } => RefusalReason::ShuttingDown.as_str(),
             Self::CircuitOpen { .. } => RefusalReason::CircuitOpen.as_str(),
             Self::UpstreamTimeout { .. } => "upstream_timeout",
+            Self::NotImplemented(_) => "not_implemented",
             Self::Internal(_) => "internal_error",
         }
     }

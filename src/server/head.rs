@@ -103,6 +103,7 @@ fn framing(headers: &[httparse::Header<'_>], http_11: bool) -> Result<Body, Prox
     let mut transfer_encoding = false;
     let mut chunked = 0;
     let mut last_chunked = false;
+    let mut other_coding = false;
     for header in headers {
         if header.name.eq_ignore_ascii_case("content-length") {
             let value = content_length(header.value).ok_or_else(|| bad("invalid Content-Length"))?;
@@ -118,6 +119,7 @@ fn framing(headers: &[httparse::Header<'_>], http_11: bool) -> Result<Body, Prox
                 }
                 last_chunked = coding.eq_ignore_ascii_case(b"chunked");
                 chunked += usize::from(last_chunked);
+                other_coding |= !last_chunked;
             }
         }
     }
@@ -132,6 +134,11 @@ fn framing(headers: &[httparse::Header<'_>], http_11: bool) -> Result<Body, Prox
     }
     if !last_chunked || chunked > 1 {
         return Err(bad("Transfer-Encoding must end with chunked, applied once"));
+    }
+    if other_coding {
+        // hyper would undo the chunked coding only, and the body would go on
+        // still coded, with nothing left to say so (RFC 9112 §6.1: 501).
+        return Err(ProxyError::NotImplemented("no transfer coding but chunked is supported".into()));
     }
     Ok(Body::Chunked)
 }
@@ -179,9 +186,13 @@ mod tests {
             Ok(Body::Length(5))
         );
         assert_eq!(
-            code("POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n"),
+            code("POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n"),
             Ok(Body::Chunked)
         );
+        for coding in ["gzip, chunked", "gzip\r\nTransfer-Encoding: chunked", "identity, chunked"] {
+            let head = format!("POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {coding}\r\n\r\n");
+            assert_eq!(code(&head), Err("not_implemented"), "{coding}");
+        }
         assert_eq!(code("CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n"), Ok(Body::Tunnel));
         assert_eq!(code("GET http://a/x HTTP/1.1\nHost: a\n\n"), Ok(Body::Empty));
     }
