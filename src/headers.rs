@@ -3,16 +3,19 @@
 //! A proxy must not forward headers that describe only the connection it
 //! received them on: the fixed list below, plus every name the `Connection`
 //! header lists. Our own `x-pacegate-*` request headers are instructions to
-//! pacegate and are removed too.
+//! pacegate and are removed too; in an upstream's answer, they would pass for
+//! pacegate's word, and are removed as well.
 //!
 //! A module of its own, below both users: [`crate::proxy`] cleans requests
 //! with it and [`crate::upstream`] cleans answers.
 
 use http::header::{self, Entry, HeaderName};
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderValue, Version};
 
 /// Headers that are always connection-specific, with the non-standard
-/// `Proxy-Connection` that clients configured for a proxy send. Matched as
+/// `Proxy-Connection` that clients configured for a proxy send. Not
+/// `Trailer`: it announces the trailer fields of this message end to end,
+/// and an HTTP/1.1 answer sends only the trailers it announces. Matched as
 /// strings: one length check and a compare, where comparing `HeaderName`s
 /// of a `const` array cost a thousand instructions per request once the
 /// compiler stopped inlining it (callgrind, see BENCHMARKS.md).
@@ -28,7 +31,6 @@ fn is_fixed(name: &str) -> bool {
             | "proxy-authenticate"
             | "proxy-authorization"
             | "te"
-            | "trailer"
             | "transfer-encoding"
             | "upgrade"
             | "keep-alive"
@@ -39,13 +41,18 @@ fn is_fixed(name: &str) -> bool {
 /// Prefix of the request headers that steer pacegate itself.
 const OWN_PREFIX: &str = "x-pacegate-";
 
-/// What pacegate adds to `Via` on the requests it forwards (RFC 9110 §7.6.3
-/// asks it of proxies): the protocol it received them with, and its name.
-const VIA: HeaderValue = HeaderValue::from_static("1.1 pacegate");
-
-/// Adds pacegate to the request's `Via`, after any proxies before it.
-pub fn add_via(headers: &mut HeaderMap) {
-    headers.append(header::VIA, VIA);
+/// Adds pacegate to the request's `Via`, after any proxies before it (RFC
+/// 9110 §7.6.3 asks it of proxies): the protocol `version` it received the
+/// request with, and its name.
+pub fn add_via(headers: &mut HeaderMap, version: Version) {
+    let via = match version {
+        Version::HTTP_09 => "0.9 pacegate",
+        Version::HTTP_10 => "1.0 pacegate",
+        Version::HTTP_2 => "2 pacegate",
+        Version::HTTP_3 => "3 pacegate",
+        _ => "1.1 pacegate",
+    };
+    headers.append(header::VIA, HeaderValue::from_static(via));
 }
 
 /// Removes hop-by-hop headers, including those named by `Connection`.
@@ -70,13 +77,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         let rest: Vec<HeaderValue> = values.collect();
         // And it says `keep-alive`, a fixed name (see below): nothing to split.
         let listing = first.iter().chain(&rest).filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"keep-alive"));
-        let listed = listing.filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
-        for name in listed.map(str::trim) {
+        // Read as bytes: one byte that is not text must not keep the other
+        // names the line lists.
+        let listed = listing.flat_map(|v| v.as_bytes().split(|b| *b == b','));
+        for name in listed.map(<[u8]>::trim_ascii) {
             // "keep-alive" and the like go below with the other fixed names
             // anyway: removing each here too cost a parse and a hash (a
             // name in upper case is still removed here). A name that is
             // not a valid header name matches nothing.
-            if !is_fixed(name) {
+            if std::str::from_utf8(name).is_ok_and(is_fixed) {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(name) {
                 headers.remove(name);
             }
         }
@@ -89,6 +101,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Joins several `Cookie` fields into one, with `; ` (RFC 9113 §8.2.3).
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let Entry::Occupied(cookies) = headers.entry(header::COOKIE) else { return };
+    if cookies.iter().nth(1).is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for value in cookies.iter() {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    // Parts of valid values, joined by "; ": valid too.
+    if let Ok(joined) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, joined);
+    }
+}
+
 /// Whether a head carries any of pacegate's own request headers.
 pub fn has_own(headers: &HeaderMap) -> bool {
     headers.keys().any(is_own)
@@ -98,7 +129,8 @@ fn is_own(name: &HeaderName) -> bool {
     name.as_str().starts_with(OWN_PREFIX)
 }
 
-/// Removes pacegate's own request headers so they never reach an upstream.
+/// Removes every `x-pacegate-*` header: pacegate's own request headers so
+/// they never reach an upstream, an upstream's so they never pass for ours.
 pub fn strip_own(headers: &mut HeaderMap) {
     while let Some(name) = headers.keys().find(|name| is_own(name)).cloned() {
         headers.remove(name);
@@ -154,6 +186,41 @@ mod tests {
         headers.append(header::CONNECTION, HeaderValue::from_static("x-trace"));
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn a_name_that_is_not_text_does_not_keep_the_others_listed() {
+        let mut headers = head(&[("x-secret", "hop"), ("x-kept", "1")]);
+        headers.insert(header::CONNECTION, HeaderValue::from_bytes(b"X-Secret, x\xe9").unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn trailer_is_end_to_end_and_via_names_the_version() {
+        let mut headers = head(&[("trailer", "x-checksum"), ("te", "trailers")]);
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), ["trailer"]);
+        for (version, via) in [
+            (Version::HTTP_10, "1.0 pacegate"),
+            (Version::HTTP_11, "1.1 pacegate"),
+            (Version::HTTP_2, "2 pacegate"),
+        ] {
+            let mut headers = head(&[("via", "1.1 earlier")]);
+            add_via(&mut headers, version);
+            assert_eq!(headers.get_all(header::VIA).iter().collect::<Vec<_>>(), ["1.1 earlier", via]);
+        }
+    }
+
+    #[test]
+    fn split_cookies_are_joined() {
+        let mut headers = head(&[("cookie", "a=1")]);
+        headers.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        join_cookies(&mut headers);
+        assert_eq!(headers.get_all(header::COOKIE).iter().collect::<Vec<_>>(), ["a=1; b=2"]);
+        let mut one = head(&[("cookie", "a=1")]);
+        join_cookies(&mut one);
+        assert_eq!(one.get_all(header::COOKIE).iter().collect::<Vec<_>>(), ["a=1"]);
     }
 
     #[test]

@@ -70,6 +70,10 @@ impl Router {
     /// Decides where a request with this target goes.
     pub fn route(&self, uri: &Uri, version: Version) -> Result<Target, ProxyError> {
         let path_and_query = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        if path_and_query == "*" {
+            // OPTIONS * asks about this server, not about an upstream's path.
+            return Err(bad_target("`*` (OPTIONS of the whole server) is not forwarded"));
+        }
         if has_dot_segment(path_and_query) {
             return Err(bad_target("`.` and `..` path segments are refused"));
         }

@@ -218,7 +218,11 @@ async fn malformed_heads_get_spec_answers() {
         ("GET /api/../admin HTTP/1.1\r\nHost: a\r\n\r\n".into(), 400, "bad_request"),
         ("GET /api/%2e%2E/admin HTTP/1.1\r\nHost: a\r\n\r\n".into(), 400, "bad_request"),
         ("GET /api/..%2fadmin/users HTTP/1.1\r\nHost: a\r\n\r\n".into(), 400, "bad_request"),
-        ("POST /api/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n".into(), 501, "not_implemented"),
+        (
+            "POST /api/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n".into(),
+            501,
+            "not_implemented",
+        ),
         ("GET http://api.test/x/./y HTTP/1.1\r\nHost: api.test\r\n\r\n".into(), 400, "bad_request"),
     ];
     for (request, status, code) in &cases {

@@ -442,7 +442,12 @@ fn prepare(
         headers::strip_own(&mut head.headers);
     }
     headers::strip_hop_by_hop(&mut head.headers);
-    headers::add_via(&mut head.headers);
+    headers::add_via(&mut head.headers, head.version);
+    if head.version == http::Version::HTTP_2 {
+        // HTTP/2 may split `Cookie` into several fields; they are one again
+        // before an HTTP/1.1 upstream sees them (RFC 9113 §8.2.3).
+        headers::join_cookies(&mut head.headers);
+    }
     Ok(Prepared { head, incoming: Some(incoming), queue })
 }
 

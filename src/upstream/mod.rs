@@ -219,9 +219,14 @@ pub fn inbound_response<G: Send + Sync + 'static>(
 }
 
 /// An upstream answer's head as the caller may see it: hop-by-hop headers
-/// removed, version left to the caller's own connection.
+/// removed, and any `x-pacegate-*` of the upstream's own (only pacegate
+/// says what it did: `x-pacegate-error` marks the answers it makes), version
+/// left to the caller's own connection.
 pub(crate) fn clean_head(parts: &mut http::response::Parts) {
     headers::strip_hop_by_hop(&mut parts.headers);
+    if headers::has_own(&parts.headers) {
+        headers::strip_own(&mut parts.headers);
+    }
     parts.version = http::Version::default();
 }
 
