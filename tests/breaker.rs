@@ -114,6 +114,28 @@ async fn rate_limited_answers_never_open_the_breaker() {
     pg.stop().await.unwrap();
 }
 
+/// A probe answered 429 says nothing about the failure: its place goes back,
+/// and the next request probes and closes the breaker. (It used to stay
+/// half-open for good, every request answered `queue_timeout`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_answered_429_leaves_the_next_request_to_probe() {
+    let mut script: Vec<Scripted> = (0..4).map(|_| Scripted::status(500)).collect();
+    script.push(Scripted::status_with(429, &[("retry-after-ms", "10")]));
+    let mock = MockUpstream::start(Behaviour::new().script(script)).await;
+    let pg = Pacegate::start(&upstream("api", &mock.url(), BREAKER)).await;
+    let http = client();
+    for i in 0..4 {
+        assert_eq!(get(http.clone(), pg.url(&format!("/api/{i}")), "30s").await.status(), 500);
+    }
+    // Held until the break ends, then the probe: the 429 goes back as it came.
+    assert_eq!(get(http.clone(), pg.url("/api/probe"), "30s").await.status(), 429);
+    let after = get(http.clone(), pg.url("/api/after"), "5s").await;
+    assert_eq!(after.status(), 200, "{:?}", after.headers());
+    let s = pg.status().await;
+    assert_eq!(breaker(&s)["state"], "closed", "{s:#}");
+    pg.stop().await.unwrap();
+}
+
 /// A reload that keeps the breaker keeps its state: an open breaker stays
 /// open (and keeps refusing who cannot wait) across `POST /reload`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

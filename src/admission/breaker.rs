@@ -135,6 +135,20 @@ impl Breaker {
         }
     }
 
+    /// An attempt granted at `granted` ended. If it was a probe of the
+    /// half-open phase still running, its answer gave no verdict (a 429, a
+    /// caller gone, shutdown's last call): its probe goes back, for the next
+    /// waiter to make, or no answer could ever close or reopen the breaker.
+    /// After a verdict the phase is over, and this changes nothing.
+    pub fn released(&mut self, granted: Instant) {
+        if let State::HalfOpen { left, since } = &mut self.state
+            && granted >= *since
+            && *left < self.config.probes.get()
+        {
+            *left += 1;
+        }
+    }
+
     /// Half-open at `now`: attempts are probes.
     pub fn probing(&mut self, now: Instant) -> bool {
         matches!(self.state(now), State::HalfOpen { .. })

@@ -424,11 +424,15 @@ impl<W: Waiter> Admission<W> {
         self.departed += 1;
     }
 
-    /// An attempt ended: its concurrency slot is free. True when entries
-    /// are held (waiters, or departed ones still to clear), so the driver
-    /// should look again.
-    pub fn release(&mut self) -> bool {
+    /// An attempt granted at `granted` ended: its concurrency slot is free,
+    /// and a breaker's probe that ended without a verdict is given back
+    /// ([`Breaker::released`]). True when entries are held (waiters, or
+    /// departed ones still to clear), so the driver should look again.
+    pub fn release(&mut self, granted: Instant) -> bool {
         self.in_flight = self.in_flight.saturating_sub(1);
+        if let Some(breaker) = &mut self.breaker {
+            breaker.released(granted);
+        }
         self.held > 0
     }
 

@@ -94,7 +94,7 @@ impl Bench {
             match self.core.next(now, false) {
                 Next::Grant(caller) => {
                     out.push((caller.id, self.ms(now)));
-                    self.core.release();
+                    self.core.release(now);
                 }
                 Next::At(at) if self.ms(at) <= until => now = at,
                 _ => break,
@@ -200,7 +200,7 @@ fn concurrency_is_bounded() {
     assert!(matches!(b.core.next(now, false), Next::Grant(Caller { id: 0, .. })));
     assert!(matches!(b.core.next(now, false), Next::Grant(Caller { id: 1, .. })));
     assert!(matches!(b.core.next(now, false), Next::Full), "two in flight");
-    assert!(b.core.release(), "waiters wait: the driver must look again");
+    assert!(b.core.release(b.t0), "waiters wait: the driver must look again");
     assert!(matches!(b.core.next(now, false), Next::Grant(Caller { id: 2, .. })));
     assert_eq!(b.core.status(b.t0).in_flight, 2);
 }
@@ -239,7 +239,7 @@ fn partitions_make_room_for_new_keys_least_recently_used_first() {
     let mut b = Bench::with(Limits { max_partitions: 2, ..limits("10/s", 1) }, true, false);
     for (partition, at) in [(1, 0), (2, 10)] {
         assert!(b.core.try_leave(place(partition, 0, Priority::Normal), &Needs::default(), b.at(at)));
-        b.core.release();
+        b.core.release(b.t0);
     }
     b.core
         .enqueue(caller(3), place(3, 0, Priority::Normal), Needs::default(), (false, None), b.at(50))
@@ -312,7 +312,7 @@ fn retry_after_is_the_time_the_queue_takes_to_drain() {
 fn a_caller_whose_queue_ahead_outlasts_its_deadline_is_answered_at_once() {
     let mut b = Bench::new(limits("10/s", 1));
     assert!(b.core.try_leave(Place::default(), &Needs::default(), b.t0), "the first leaves");
-    b.core.release();
+    b.core.release(b.t0);
     // Its slot is taken: the next one is 100 ms away, with nobody queued.
     let next = b.core.queued_wait(Place::default(), &Needs::default(), b.t0);
     assert!((Duration::from_millis(100)..=Duration::from_millis(101)).contains(&next), "{next:?}");
@@ -483,7 +483,7 @@ fn a_release_wakes_the_driver_while_departed_entries_are_held() {
     gone.set(true);
     b.core.depart();
     assert!(matches!(b.core.next(b.t0, false), Next::Full));
-    assert!(b.core.release(), "the driver must clear the departed entry, or sleep forever");
+    assert!(b.core.release(b.t0), "the driver must clear the departed entry, or sleep forever");
     assert!(matches!(b.core.next(b.at(200), false), Next::Idle), "cleared without spending a slot");
     assert!(b.core.try_leave(Place::default(), &Needs::default(), b.at(200)));
 }

@@ -38,14 +38,14 @@ impl Ticket {
     /// A ticket nobody took, under the lock: its slot is released there.
     fn unused(mut self, core: &mut Core) {
         self.shared = None;
-        core.release();
+        core.release(self.granted);
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         let Some(shared) = self.shared.take() else { return };
-        let waiting = shared.lock().release();
+        let waiting = shared.lock().release(self.granted);
         if waiting {
             shared.wake.notify_one();
         }

@@ -72,7 +72,7 @@ fn half_open_lets_one_probe_through_and_a_success_drains_at_the_pace() {
     };
     assert_eq!(probe.id, 0, "from the head of the queue");
     assert!(matches!(b.core.next(b.at(1_001), false), Next::Full), "one probe only, until it answers");
-    b.core.release();
+    b.core.release(b.t0);
     let (closed, _) = b.core.record_outcome(b.at(1_050), b.at(1_000), false, 0.0);
     assert_eq!(closed, Some(Transition::Closed));
     let served = b.serve(1_050, 3_000);
@@ -82,6 +82,31 @@ fn half_open_lets_one_probe_through_and_a_success_drains_at_the_pace() {
     }
 }
 
+/// A probe that ends without a verdict (a 429, its caller gone) gives its
+/// place back: the next waiter probes, or the breaker would stay half-open
+/// for good. An attempt granted before the break is no probe.
+#[test]
+fn a_probe_without_a_verdict_is_given_back() {
+    let mut b = Bench::new(with_breaker());
+    for id in 0..3 {
+        b.join_until(id, 60_000).expect("queued");
+    }
+    b.fail_four(0);
+    let Next::Grant(first) = b.core.next(b.at(1_000), false) else { panic!("a probe") };
+    assert!(matches!(b.core.next(b.at(1_001), false), Next::Full), "one probe out");
+    b.core.release(b.at(0));
+    assert!(matches!(b.core.next(b.at(1_002), false), Next::Full), "granted before the break: no probe");
+    b.core.release(b.at(1_000));
+    let next = b.core.next(b.at(1_200), false);
+    let Next::Grant(second) = next else { panic!("the next waiter probes, paced: {next:?}") };
+    assert_eq!((first.id, second.id), (0, 1));
+    let (closed, _) = b.core.record_outcome(b.at(1_250), b.at(1_200), false, 0.0);
+    assert_eq!(closed, Some(Transition::Closed));
+    b.core.release(b.at(1_200));
+    let state = b.core.status(b.at(1_250)).breaker.map(|s| s.state);
+    assert_eq!(state, Some(super::super::breaker::State::Closed), "a verdict ends it");
+}
+
 #[test]
 fn a_failed_probe_reopens_for_longer() {
     let mut b = Bench::new(with_breaker());
@@ -89,7 +114,7 @@ fn a_failed_probe_reopens_for_longer() {
     b.join_until(1, 60_000).expect("queued");
     b.fail_four(0);
     let Next::Grant(_) = b.core.next(b.at(1_000), false) else { panic!("a probe") };
-    b.core.release();
+    b.core.release(b.t0);
     let (reopened, _) = b.core.record_outcome(b.at(1_100), b.at(1_000), true, 0.0);
     assert_eq!(
         reopened,

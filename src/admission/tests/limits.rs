@@ -127,7 +127,7 @@ fn a_reload_keeps_a_limits_state_by_name_and_queued_needs_follow_it() {
     // The limits swap places and a new one comes: "writes" is now index 1.
     let reloaded = with_endpoints(&[("search", "1/s"), ("writes", "1/s"), ("new", "5/s")]);
     b.core.reconfigure(reloaded, false, b.at(10));
-    b.core.release();
+    b.core.release(b.t0);
     let served = b.serve(10, 2_000);
     assert_eq!(served[0], (1, 10), "the search request kept needing search only: {served:?}");
     assert!(served[1].0 == 2 && served[1].1 >= 1_000, "writes remembered its grant at 0: {served:?}");

@@ -21,7 +21,7 @@ fn next_after(accounting: TokenAccounting, settlement: Settlement) -> u64 {
     let needs = Needs::new(b.core.limits().tokens.needs(reserved));
     assert!(b.core.try_leave(Place::default(), &needs, b.t0), "nothing owed yet");
     assert_eq!(b.core.status(b.t0).tokens.map(|t| t.reserved_in_flight), Some(600));
-    b.core.release();
+    b.core.release(b.t0);
     let small = Needs::new(b.core.limits().tokens.needs(Reservation { input: 100, output: 0 }));
     b.core.enqueue(caller(1), Place::default(), small, (false, None), b.t0).expect("queued");
     b.core.settle_tokens(SINGLE, reserved, settlement, b.t0, b.t0);
