@@ -739,6 +739,35 @@ async fn shutdown_drains_intercepted_sessions() {
     assert_eq!(request.await.unwrap().expect("answered during shutdown").status(), 200);
 }
 
+/// An upstream a reload removed finishes what it holds; if shutdown comes
+/// first, what it cannot serve in time is answered `shutting_down` like any
+/// other upstream's (it used to be left to the connection's close: no answer).
+#[tokio::test]
+async fn shutdown_answers_the_queue_of_an_upstream_a_reload_removed() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let removed = upstream("gone", &mock.url(), "rate = \"1/10s\"\nqueue_timeout = \"60s\"");
+    let kept = upstream("kept", &mock.url(), "rate = \"10/s\"");
+    let server = server("shutdown_grace = \"2s\"");
+    let mut pg = Pacegate::start_config(&format!("{server}{removed}{kept}")).await;
+    let http = builder().timeout(WAIT).build().unwrap();
+    let requests: Vec<_> =
+        (0..3).map(|i| tokio::spawn(http.get(pg.url(&format!("/gone/{i}"))).send())).collect();
+    assert!(pg.wait_status(WAIT, |s| queue_depth(s, "gone") == Some(2)).await, "two never queued");
+    pg.reload_with(&format!("{server}{kept}")).await;
+    let run = pg.begin_shutdown();
+    let mut statuses = Vec::new();
+    for request in requests {
+        let response = request.await.unwrap().expect("every request is answered");
+        statuses.push(response.status().as_u16());
+        if response.status() != 200 {
+            assert_pacegate_error(response, 503, "shutting_down", Some("gone")).await;
+        }
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 503, 503]);
+    tokio::time::timeout(WAIT, run).await.expect("shutdown finished").unwrap().unwrap();
+}
+
 /// SIGTERM with requests in flight and many queued: every request gets
 /// exactly one answer. Those in flight complete; the queued ones are served
 /// (200) or answered 503 `shutting_down` with `Retry-After`, at once for

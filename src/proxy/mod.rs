@@ -16,7 +16,7 @@ pub mod connect;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -61,6 +61,9 @@ pub struct Proxy {
     closing: OnceLock<(tokio::time::Instant, Duration)>,
     /// Request bodies buffered now, against `max_buffered_bytes`.
     buffers: Arc<BufferBudget>,
+    /// Upstreams a reload removed, while requests they hold still run:
+    /// shutdown closes them too, so that those get their answer in time.
+    retired: Mutex<Vec<Weak<Upstream>>>,
 }
 
 impl Proxy {
@@ -73,12 +76,20 @@ impl Proxy {
             metrics,
             closing: OnceLock::new(),
             buffers: Arc::default(),
+            retired: Mutex::default(),
         }
     }
 
     /// Puts a new config generation in force (a reload).
     pub fn install(&self, runtime: Arc<Runtime>) {
-        self.runtime.store(runtime);
+        let previous = self.runtime.swap(runtime.clone());
+        {
+            let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+            retired.retain(|upstream| upstream.strong_count() > 0);
+            let kept = |name: &str| runtime.upstreams.iter().any(|u| u.config.name == name);
+            let removed = previous.upstreams.iter().filter(|u| !kept(&u.config.name));
+            retired.extend(removed.map(Arc::downgrade));
+        }
         self.close_upstreams();
     }
 
@@ -93,6 +104,10 @@ impl Proxy {
     fn close_upstreams(&self) {
         let Some((ends, margin)) = self.closing.get() else { return };
         for upstream in &self.runtime.load().upstreams {
+            upstream.dispatcher.close(*ends, *margin);
+        }
+        let retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+        for upstream in retired.iter().filter_map(Weak::upgrade) {
             upstream.dispatcher.close(*ends, *margin);
         }
     }
