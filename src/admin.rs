@@ -183,10 +183,16 @@ fn metrics(admin: &Admin) -> Response<ProxyBody> {
         admin.metrics.queue_depth.get_or_create(&label).set(state.depth as i64);
         admin.metrics.inflight.get_or_create(&label).set(state.in_flight as i64);
         admin.metrics.effective_rate.get_or_create(&label).set(state.effective_rate);
-        if let Some(breaker) = state.breaker {
-            admin.metrics.breaker_state.get_or_create(&label).set(breaker.state.gauge());
-            // At 0 before the first opening, as every counter here.
-            let _ = admin.metrics.breaker_opened.get_or_create(&label);
+        match state.breaker {
+            Some(breaker) => {
+                admin.metrics.breaker_state.get_or_create(&label).set(breaker.state.gauge());
+                // At 0 before the first opening, as every counter here.
+                let _ = admin.metrics.breaker_opened.get_or_create(&label);
+            }
+            // A reload took the breaker away: no state to show.
+            None => {
+                admin.metrics.breaker_state.remove(&label);
+            }
         }
     }
     let exposition = admin.metrics.encode(runtime.config.redis.is_some());

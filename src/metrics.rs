@@ -340,6 +340,17 @@ impl Metrics {
         UpstreamLabel { upstream: name.into() }
     }
 
+    /// A reload removed upstream `name`: its gauges (queue, in flight, rate,
+    /// breaker) stop being exported, rather than stay at their last value;
+    /// its counters stay, as counters do.
+    pub fn forget_gauges(&self, name: &str) {
+        let label = Self::upstream(name);
+        self.queue_depth.remove(&label);
+        self.inflight.remove(&label);
+        self.effective_rate.remove(&label);
+        self.breaker_state.remove(&label);
+    }
+
     pub fn reason(upstream: &str, reason: &'static str) -> ReasonLabels {
         ReasonLabels { upstream: upstream.into(), reason }
     }

@@ -136,6 +136,20 @@ async fn a_probe_answered_429_leaves_the_next_request_to_probe() {
     pg.stop().await.unwrap();
 }
 
+/// A reload that takes the breaker away takes its state gauge too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_without_the_breaker_stops_its_gauge() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let pg = Pacegate::start(&upstream("api", &mock.url(), BREAKER)).await;
+    let gauge = r#"pacegate_breaker_state{upstream="api"}"#;
+    assert_eq!(pg.metric(gauge).await, Some(0.0));
+    let without =
+        upstream("api", &mock.url(), BREAKER.split("[upstream.breaker]").next().unwrap_or_default());
+    pg.reload_with(&format!("{}\n{without}", support::TEST_SERVER)).await;
+    assert_eq!(pg.metric(gauge).await, None);
+    pg.stop().await.unwrap();
+}
+
 /// A reload that keeps the breaker keeps its state: an open breaker stays
 /// open (and keeps refusing who cannot wait) across `POST /reload`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

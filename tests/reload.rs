@@ -274,10 +274,15 @@ async fn removed_upstream_finishes_what_it_holds() {
         .await;
     assert!(waiting, "10 requests should be held by `slow`, one sent at once and 9 queued");
 
+    let depth = r#"pacegate_queue_depth{upstream="slow"}"#;
+    assert_eq!(pg.metric(depth).await, Some(9.0));
     replace_by_rename(&pg.config_path, &config_file(&fast_block));
     let (status, body) = post_reload(&pg).await;
     assert_eq!(status, 200, "{body}");
     assert!(upstream_of(&pg.status().await, "slow").is_none(), "slow is gone from /status");
+    // Its gauges go with it, rather than stay at their last value for good.
+    assert_eq!(pg.metric(depth).await, None);
+    assert_eq!(pg.metric(r#"pacegate_inflight{upstream="slow"}"#).await, None);
 
     // New requests no longer find the route, while the old ones are still queued.
     let refused = client().get(pg.url("/slow/new")).send().await.unwrap();

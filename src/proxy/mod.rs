@@ -87,8 +87,10 @@ impl Proxy {
             let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
             retired.retain(|upstream| upstream.strong_count() > 0);
             let kept = |name: &str| runtime.upstreams.iter().any(|u| u.config.name == name);
-            let removed = previous.upstreams.iter().filter(|u| !kept(&u.config.name));
-            retired.extend(removed.map(Arc::downgrade));
+            for removed in previous.upstreams.iter().filter(|u| !kept(&u.config.name)) {
+                self.metrics.forget_gauges(&removed.config.name);
+                retired.push(Arc::downgrade(removed));
+            }
         }
         self.close_upstreams();
     }
