@@ -20,7 +20,7 @@
 //! which raw JSON text can only hold as a key (a quote inside a string is
 //! escaped), and parsing the object that follows.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::usage::{Usage, from_usage};
 
@@ -41,6 +41,9 @@ pub struct UsageScanner {
     /// The current event's data.
     data: EventData,
     usage: Option<Usage>,
+    /// Anthropic's usage fields as reported so far: `message_start`'s,
+    /// updated by each `message_delta` field that holds a number.
+    reported: Map<String, Value>,
     /// A usage that ends the stream was seen (not only `message_start`).
     complete: bool,
 }
@@ -156,7 +159,8 @@ impl UsageScanner {
         if data.empty {
             return;
         }
-        let found = if data.truncated { read_truncated(&data) } else { read_whole(&data.head, self.usage) };
+        let found =
+            if data.truncated { read_truncated(&data) } else { read_whole(&data.head, &mut self.reported) };
         if let Some((usage, complete)) = found {
             self.usage = Some(usage);
             self.complete |= complete;
@@ -206,13 +210,18 @@ fn field_value<'l>(line: &'l [u8], name: &[u8]) -> Option<&'l [u8]> {
 }
 
 /// An event kept whole: its usage, and whether that usage is final.
-/// `before` is the usage seen so far, which a `message_delta` updates.
-fn read_whole(data: &[u8], before: Option<Usage>) -> Option<(Usage, bool)> {
+/// `reported` holds Anthropic's usage fields so far, which `message_start`
+/// sets and a `message_delta` updates.
+fn read_whole(data: &[u8], reported: &mut Map<String, Value>) -> Option<(Usage, bool)> {
     let event: Value = serde_json::from_slice(data).ok()?;
     let kind = event.get("type").and_then(Value::as_str).unwrap_or("");
     let (usage, complete) = match kind {
-        "message_start" => (event.get("message")?.get("usage")?, false),
-        "message_delta" => return Some((message_delta(event.get("usage")?, before)?, true)),
+        "message_start" => {
+            let usage = event.get("message")?.get("usage")?;
+            *reported = usage.as_object()?.clone();
+            (usage, false)
+        }
+        "message_delta" => return Some((message_delta(event.get("usage")?, reported)?, true)),
         "response.completed" | "response.incomplete" | "response.failed" => {
             (event.get("response")?.get("usage")?, true)
         }
@@ -223,15 +232,16 @@ fn read_whole(data: &[u8], before: Option<Usage>) -> Option<(Usage, bool)> {
 }
 
 /// Anthropic's `message_delta` usage: a cumulative output count, and input
-/// counts only when it restates them; what it leaves out stands.
-fn message_delta(delta: &Value, before: Option<Usage>) -> Option<Usage> {
-    let reported = from_usage(delta)?;
-    let mut usage = before.unwrap_or_default();
-    usage.output = reported.output;
-    if delta.get("input_tokens").is_some() {
-        (usage.input, usage.cached_input) = (reported.input, reported.cached_input);
+/// and cache counts only when it restates them. Each field that holds a
+/// number replaces the one reported before; one left out, or `null` (the
+/// API declares them nullable), stands.
+fn message_delta(delta: &Value, reported: &mut Map<String, Value>) -> Option<Usage> {
+    for (name, value) in delta.as_object()? {
+        if value.is_number() {
+            reported.insert(name.clone(), value.clone());
+        }
     }
-    Some(usage)
+    from_usage(&Value::Object(reported.clone()))
 }
 
 /// An overlong event: a finished Responses event (its type is usually in

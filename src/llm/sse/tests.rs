@@ -76,6 +76,30 @@ fn anthropic_start_then_cumulative_delta() {
     assert_eq!((scanner.usage(), scanner.is_complete()), (usage(30, 5, 15), true));
 }
 
+/// A delta's `null` fields stand for "unchanged", and one that restates
+/// the input without the cache counts leaves those as they were.
+#[test]
+fn anthropic_delta_fields_that_are_null_or_left_out_stand() {
+    let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":\
+        {\"input_tokens\":2000,\"cache_creation_input_tokens\":1000,\"cache_read_input_tokens\":0,\"output_tokens\":1}}}\n\n";
+    let delta = |usage: &str| {
+        format!("event: message_delta\ndata: {{\"type\":\"message_delta\",\"usage\":{usage}}}\n\n")
+    };
+    let nulls = delta(
+        r#"{"input_tokens":null,"cache_creation_input_tokens":null,"cache_read_input_tokens":null,"output_tokens":7}"#,
+    );
+    let restated = delta(r#"{"input_tokens":2000,"output_tokens":9}"#);
+    let full = delta(
+        r#"{"input_tokens":10,"cache_creation_input_tokens":0,"cache_read_input_tokens":5,"output_tokens":3}"#,
+    );
+    for (delta, expected) in
+        [(nulls, usage(3000, 0, 7)), (restated, usage(3000, 0, 9)), (full, usage(15, 5, 3))]
+    {
+        let scanner = scan(&[start.as_bytes(), delta.as_bytes()]);
+        assert_eq!((scanner.usage(), scanner.is_complete()), (expected, true), "{delta}");
+    }
+}
+
 #[test]
 fn responses_completed_event() {
     let scanner = scan(&[responses("short").as_bytes()]);
