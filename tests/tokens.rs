@@ -255,6 +255,27 @@ async fn a_call_larger_than_a_token_quota_is_refused_and_never_sent() {
     assert_eq!(mock.count(), 1, "only the call that fits was sent");
 }
 
+/// Usage is read from the answer as it passes: an LLM call asks for an
+/// uncompressed answer whatever its caller accepts. A body too large to
+/// buffer (an image in a data URL) is priced from its size, but never
+/// above what the quota can hold: it waits, it is not refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llm_calls_ask_for_identity_and_a_large_body_is_not_refused_on_a_guess() {
+    let mock = LlmMock::start(LlmBehaviour::new()).await;
+    let server = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworkers = 2\nmax_body_bytes = 4096\n";
+    let llm = upstream("llm", &mock.url(), "rate = \"1000/s\"\ntokens = \"100000/min\"");
+    let pacegate = Pacegate::start_config(&format!("{server}{llm}")).await;
+    // 1 MB of text to a 4 KiB buffer: streamed, and 262 144 tokens by size alone.
+    let large = chat(&"a".repeat(1 << 20), Some(50), false);
+    let request =
+        client().post(pacegate.url("/llm/v1/chat/completions")).header("accept-encoding", "gzip, br");
+    let answer = request.json(&large).timeout(PATIENCE).send().await.expect("an answer");
+    assert_eq!(answer.status(), 200, "{:?}", answer.headers());
+    let arrivals = mock.arrivals();
+    assert_eq!(arrivals.len(), 1);
+    assert_eq!(arrivals[0].headers["accept-encoding"], "identity");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spent_token_quota_pauses_sending_until_its_reset() {
     // The first call takes the mock's whole window: its answer says 0 remain.

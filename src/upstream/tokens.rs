@@ -16,8 +16,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::Response;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderValue, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
@@ -26,7 +26,7 @@ use super::shared::Ticket;
 use super::{Upstream, clean_head};
 use crate::admission::{Needs, Reservation, Settlement, TokenQuotas};
 use crate::body::{BoxError, Guarded, ProxyBody, RequestBody};
-use crate::config::TokenKind;
+use crate::config::{self, TokenKind};
 use crate::llm::{self, Basis, UsageScanner};
 use crate::retry::RateLimitHint;
 
@@ -65,7 +65,11 @@ impl Upstream {
                 let length = head.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
                 let bytes = length.unwrap_or(llm::request::MAX_PARSE_BYTES as u64);
                 let mut estimate = llm::estimate(endpoint, b"", tokens.default_max_tokens);
-                estimate.input = bytes.div_ceil(llm::request::FALLBACK_BYTES_PER_TOKEN);
+                // A guess from the size (an image in a data URL is megabytes
+                // and a thousand tokens) must not refuse the call 413: it is
+                // held to what the input quotas can ever hold.
+                let guess = bytes.div_ceil(llm::request::FALLBACK_BYTES_PER_TOKEN);
+                estimate.input = guess.min(input_room(tokens, estimate.output));
                 estimate
             }
         };
@@ -75,6 +79,10 @@ impl Upstream {
             reservation: Reservation { input, output: estimate.output },
             counted_input: counted.then_some(estimate.input),
         });
+        // The usage is read from the answer's bytes as they pass: a
+        // compressed answer would hide it, and the call would keep its whole
+        // reservation. Every client takes identity.
+        head.headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     }
 
     /// The token quota hints an answer carries that pacing must obey, as
@@ -210,6 +218,20 @@ impl Drop for Reserved {
     fn drop(&mut self) {
         self.settle_once(Settlement::Unknown);
     }
+}
+
+/// The most input tokens a call reserving `output` can take of the token
+/// quotas that count input (`tokens`, with the output, and `input_tokens`):
+/// their smallest count. Unlimited without such a quota.
+fn input_room(tokens: &config::Tokens, output: u64) -> u64 {
+    let count =
+        |rates: &[config::Rate]| rates.iter().map(|r| u64::from(r.count.get())).min().unwrap_or(u64::MAX);
+    let room = |(kind, rates): &(TokenKind, Vec<config::Rate>)| match kind {
+        TokenKind::Total => Some(count(rates).saturating_sub(output).max(1)),
+        TokenKind::Input => Some(count(rates)),
+        TokenKind::Output => None,
+    };
+    tokens.quotas.iter().filter_map(room).min().unwrap_or(u64::MAX)
 }
 
 /// The caller's answer: hop-by-hop headers removed, the body streamed as it
