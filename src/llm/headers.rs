@@ -17,11 +17,9 @@
 use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use crate::retry::RateLimitHint;
-use crate::retry::parse::{parse_go_duration, parse_u64};
+use crate::retry::parse::{parse_go_duration, parse_rfc3339, parse_u64};
 
 /// The token quotas an answer reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -66,11 +64,6 @@ fn anthropic(headers: &HeaderMap, kind: &str, now: SystemTime) -> Option<RateLim
         reset_after: reset_at.duration_since(now).unwrap_or(Duration::ZERO),
         limit: field("limit").and_then(parse_u64),
     })
-}
-
-/// An RFC 3339 time (`2025-08-21T12:40:59Z`, offsets and fractions allowed).
-pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
-    OffsetDateTime::parse(text, &Rfc3339).ok().map(SystemTime::from)
 }
 
 /// The first value of `name` as trimmed text. UTF-8, not only ASCII: Go
