@@ -79,7 +79,8 @@ impl Router {
         }
         if let Some(authority) = uri.authority() {
             check_absolute(uri, authority)?;
-            if let Some(index) = self.upstream_for_host(authority) {
+            let default_port = if uri.scheme() == Some(&Scheme::HTTPS) { 443 } else { 80 };
+            if let Some(index) = self.upstream_for_host(authority, Some(default_port)) {
                 return self.upstream(index, path_and_query);
             }
             // HTTP/2 always carries an authority: there it may name the proxy itself.
@@ -91,7 +92,9 @@ impl Router {
     }
 
     /// The upstream claiming a host, as `host:port` first, then as `host`.
-    pub fn upstream_for_host(&self, authority: &Authority) -> Option<usize> {
+    /// An authority without a port is at `default_port` (its scheme's), so
+    /// that `hosts = ["api.example.com:80"]` claims `http://api.example.com/`.
+    pub fn upstream_for_host(&self, authority: &Authority, default_port: Option<u16>) -> Option<usize> {
         let host = config::canonical_host(authority.host());
         if let Some(port) = authority.port() {
             // Every forwarded request asks: an authority written as its key
@@ -111,7 +114,11 @@ impl Router {
                 return Some(*index);
             }
         }
-        self.hosts.get(host.as_ref()).copied()
+        let bare = self.hosts.get(host.as_ref()).copied();
+        match (bare, authority.port(), default_port) {
+            (None, None, Some(port)) => self.hosts.get(&format!("{host}:{port}")).copied(),
+            _ => bare,
+        }
     }
 
     /// The upstream a plain CONNECT tunnel to `authority` (port `port`)
@@ -323,12 +330,32 @@ mod tests {
         crate::config::parse(std::path::Path::new("routes.toml"), &text).unwrap()
     }
 
+    /// A target without a port is at its scheme's default port.
+    #[test]
+    fn a_host_claimed_at_the_default_port_matches_a_target_without_one() {
+        let text = "[[upstream]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:1\"\nrate = \"1/s\"\n\
+                    hosts = [\"plain.test:80\", \"secure.test:443\"]\n";
+        let router = Router::new(&crate::config::parse(std::path::Path::new("hosts.toml"), text).unwrap());
+        let routed = |uri: &str| {
+            router
+                .route(&uri.parse().unwrap(), Version::HTTP_11)
+                .map(|t| matches!(t, Target::Upstream { .. }))
+        };
+        for uri in ["http://plain.test/x", "http://plain.test:80/x", "https://secure.test/x"] {
+            assert_eq!(routed(uri).ok(), Some(true), "{uri}");
+        }
+        for uri in ["http://plain.test:8080/x", "http://secure.test/x"] {
+            assert!(routed(uri).is_err(), "{uri} is not claimed");
+        }
+    }
+
     #[test]
     fn hosts_match_in_any_spelling_of_their_canonical_form() {
         let text = "[[upstream]]\nname = \"a\"\nbase_url = \"https://api.example.com\"\nrate = \"1/s\"\n\
                     hosts = [\"Api.Example.com\", \"other.test:8443\", \"[::1]:9000\", \"[2001:db8::7]\"]\n";
         let router = Router::new(&crate::config::parse(std::path::Path::new("hosts.toml"), text).unwrap());
-        let found = |authority: &str| router.upstream_for_host(&Authority::try_from(authority).unwrap());
+        let found =
+            |authority: &str| router.upstream_for_host(&Authority::try_from(authority).unwrap(), None);
         for claimed in [
             "api.example.com",
             "API.example.com:443",

@@ -74,7 +74,7 @@ impl Tunnel {
     pub fn of(runtime: &Runtime, uri: &Uri) -> Result<Self, ProxyError> {
         let (authority, port) = route::tunnel_target(uri)?;
         let router = &runtime.router;
-        let upstream = router.upstream_for_host(&authority);
+        let upstream = router.upstream_for_host(&authority, None);
         let claimed = upstream.is_some() && router.tunnel_upstream(&authority, port) == upstream;
         Ok(Self { authority, port, upstream, claimed })
     }

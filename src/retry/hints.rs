@@ -255,7 +255,8 @@ mod tests {
             ("anthropic-ratelimit-input-tokens-remaining", "25000"),
             ("anthropic-ratelimit-input-tokens-reset", "2023-11-14T22:14:20Z"),
         ]);
-        let want = RateLimitHint { limit: Some(50), remaining: 0, reset_after: Duration::from_millis(19_750) };
+        let want =
+            RateLimitHint { limit: Some(50), remaining: 0, reset_after: Duration::from_millis(19_750) };
         assert_eq!(rate_limit(&h, now()), Some(want));
     }
 
