@@ -125,8 +125,7 @@ fn limit(cx: &Cx<'_>, names: &mut HashSet<String>, raw: RawLimit) -> Result<Limi
     if rate.is_empty() {
         return Err(cx.err(raw.rate.span(), "rate needs at least one quota, like \"80/min\""));
     }
-    let burst = NonZeroU32::new(*raw.burst.get_ref())
-        .ok_or_else(|| cx.err(raw.burst.span(), "burst must be at least 1"))?;
+    let burst = super::validate::burst(cx, &raw.burst, &rate)?;
     let cost = match &raw.cost {
         None => Cost { default: NonZeroU32::MIN, per_method: Vec::new() },
         Some(value) => cost(cx, value)?,

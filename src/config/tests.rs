@@ -446,6 +446,16 @@ fn base_url_is_split() {
 fn numeric_limits() {
     let up = |key: &str| MINIMAL.replace("rate =", &format!("{key}\nrate ="));
     assert_error(&up("burst = 0"), 5, 9, &["burst must be at least 1"]);
+    let mitm = format!("[mitm]\nca_cert = \"same.pem\"\nca_key = \"same.pem\"\n{MINIMAL}");
+    assert_error(&mitm, 3, 10, &["ca_cert and ca_key must be different files"]);
+    let wildcard =
+        format!("[server]\nlisten = \"0.0.0.0:18090\"\nadmin_listen = \"127.0.0.1:18090\"\n{MINIMAL}");
+    assert_error(&wildcard, 3, 16, &["admin_listen must differ from listen"]);
+    // More than a window holds: the first burst would break the quota (and a
+    // long window's burst would outgrow what pacing time can count).
+    assert_error(&up("burst = 11"), 5, 9, &["burst 11", "more than the 10"]);
+    let long = MINIMAL.replace("rate = \"10/s\"", "rate = [\"10/s\", \"1/365d\"]\nburst = 2");
+    assert_error(&long, 6, 9, &["burst 2", "more than the 1"]);
     assert_error(&up("max_concurrency = 0"), 5, 19, &["max_concurrency"]);
     assert_error(&up("max_partitions = 0"), 5, 18, &["max_partitions"]);
     assert_error(&up("timeout = \"0s\""), 5, 11, &["timeout must be longer than 0s"]);

@@ -18,7 +18,7 @@ use super::error::Cx;
 use super::raw::{Dur, RawBreaker, RawConfig, RawRedis, RawRetry, RawServer, RawUpstream};
 use super::units::format_duration;
 use super::{
-    Breaker, CaLocations, Config, ConfigError, Forward, KeySource, MasterAuth, Mitm, Redis, RedisNodes,
+    Breaker, CaLocations, Config, ConfigError, Forward, KeySource, MasterAuth, Mitm, Rate, Redis, RedisNodes,
     Retry, Server, Upstream,
 };
 
@@ -39,6 +39,11 @@ pub fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, Confi
         ca_cert: cx.location(raw.mitm.ca_cert.span()),
         ca_key: cx.location(raw.mitm.ca_key.span()),
     };
+    if raw.mitm.ca_cert.get_ref() == raw.mitm.ca_key.get_ref() {
+        let span =
+            if raw.mitm.ca_key.span().is_empty() { raw.mitm.ca_cert.span() } else { raw.mitm.ca_key.span() };
+        return Err(cx.err(span, "ca_cert and ca_key must be different files"));
+    }
     let mitm = Mitm {
         enabled: raw.mitm.enabled,
         ca_cert: cx.beside(raw.mitm.ca_cert.into_inner()),
@@ -67,11 +72,17 @@ fn server(cx: &Cx<'_>, raw: RawServer) -> Result<Server, ConfigError> {
              set server.admin_allow_remote = true to expose it",
         ));
     }
-    if admin_listen == listen && listen.port() != 0 {
+    // A wildcard address takes its port on every address (and `[::]` the
+    // IPv4 ones too): on the same port, the second bind would fail.
+    let wildcard = listen.ip().is_unspecified() || admin_listen.ip().is_unspecified();
+    if (admin_listen == listen || wildcard) && admin_listen.port() == listen.port() && listen.port() != 0 {
         // Point at whichever of the two is actually written in the file.
         let span =
             if raw.admin_listen.span().is_empty() { raw.listen.span() } else { raw.admin_listen.span() };
-        return Err(cx.err(span, "admin_listen must differ from listen"));
+        return Err(cx.err(
+            span,
+            "admin_listen must differ from listen (a wildcard address takes the port on every address)",
+        ));
     }
     if let Some(bad) = raw.proxy_auth.iter().find(|e| !e.get_ref().contains(':')) {
         // The entry is a secret: point at it, never echo it.
@@ -274,12 +285,13 @@ fn upstream(cx: &Cx<'_>, claims: &mut Claims, raw: RawUpstream) -> Result<Upstre
     }
 
     let tokens = super::limits::tokens(cx, &raw)?;
+    let burst = burst(cx, &raw.burst, &rates)?;
     Ok(Upstream {
         base_url,
         route,
         hosts,
         rate: rates,
-        burst: at_least_one(cx, "burst", &raw.burst)?,
+        burst,
         adaptive: raw.adaptive,
         max_concurrency: at_least_one(cx, "max_concurrency", &raw.max_concurrency)?,
         queue_size: raw.queue_size,
@@ -301,6 +313,20 @@ fn upstream(cx: &Cx<'_>, claims: &mut Claims, raw: RawUpstream) -> Result<Upstre
 
 fn at_least_one(cx: &Cx<'_>, key: &str, raw: &Spanned<u32>) -> Result<NonZeroU32, ConfigError> {
     NonZeroU32::new(*raw.get_ref()).ok_or_else(|| cx.err(raw.span(), format!("{key} must be at least 1")))
+}
+
+/// `burst`: at least 1, and no more than the smallest count of `rates`. A
+/// larger burst would put more into the quota's first window than it holds
+/// (and, over a long window, more than pacing time can count).
+pub(super) fn burst(cx: &Cx<'_>, raw: &Spanned<u32>, rates: &[Rate]) -> Result<NonZeroU32, ConfigError> {
+    let burst = at_least_one(cx, "burst", raw)?;
+    match rates.iter().map(|rate| rate.count).min() {
+        Some(count) if burst > count => Err(cx.err(
+            raw.span(),
+            format!("burst {burst} is more than the {count} a window of `rate` holds: the first burst would break it"),
+        )),
+        _ => Ok(burst),
+    }
 }
 
 /// `"header:NAME"` or `"client_ip"`.

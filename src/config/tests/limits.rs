@@ -102,6 +102,7 @@ fn bad_limits_are_located() {
         &["\"post\"", "capitals"],
     );
     assert_error(&limit("name = \"w\"\nrate = \"1/s\"\nburst = 0\n"), 10, 9, &["burst"]);
+    assert_error(&limit("name = \"w\"\nrate = \"3/s\"\nburst = 4\n"), 10, 9, &["burst 4", "more than the 3"]);
     assert_error(&limit("name = \"w\"\nrate = []\n"), 9, 8, &["at least one quota"]);
     assert_error(&limit("rate = \"1/s\"\n"), 7, 1, &["missing field", "name"]);
     let twice = limit("name = \"w\"\nrate = \"1/s\"\n\n[[upstream.limit]]\nname = \"w\"\nrate = \"2/s\"\n");
