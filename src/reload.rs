@@ -91,7 +91,7 @@ impl Reloader {
         }
         // Numbered once it is built: a refused generation takes no number.
         let version = Version::new(self.generation.load(Ordering::Acquire) + 1, &text);
-        let next = match current.reload(config, version.clone(), &self.metrics) {
+        let next = match current.reload(config, version.clone(), &self.metrics, &self.proxy.retired()) {
             Ok(next) => next,
             Err(error) => return Err(self.rejected(trigger, error.into())),
         };

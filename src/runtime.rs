@@ -74,16 +74,19 @@ impl Runtime {
     }
 
     /// The next generation, keeping the dispatchers of upstreams that stay,
-    /// and the interceptor while its CA has not changed. Fails, before
-    /// anything starts, when the CA it needs cannot be created or loaded.
+    /// and of `retired` ones (removed earlier, still finishing) that come
+    /// back by name, and the interceptor while its CA has not changed.
+    /// Fails, before anything starts, when the CA it needs cannot be created
+    /// or loaded.
     pub fn reload(
         &self,
         mut config: Config,
         version: Version,
         metrics: &Arc<Metrics>,
+        retired: &[Arc<Upstream>],
     ) -> Result<Self, TlsError> {
         let interceptor = tls::interception(&mut config.mitm, self.interceptor.as_ref())?;
-        let previous = self.upstreams.iter().map(|u| (u.config.name.as_str(), u)).collect();
+        let previous = retired.iter().chain(&self.upstreams).map(|u| (u.config.name.as_str(), u)).collect();
         Ok(Self::inherit(config, interceptor, version, metrics, &previous, self.store.as_ref()))
     }
 

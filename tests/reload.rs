@@ -300,6 +300,30 @@ async fn removed_upstream_finishes_what_it_holds() {
     pg.stop().await.unwrap();
 }
 
+/// An upstream removed while it still holds a queue, then brought back by
+/// name, carries on with that queue and its pace: not a second, fresh
+/// limiter beside the one still draining (which sent twice the rate).
+#[tokio::test]
+async fn an_upstream_brought_back_takes_over_its_queue_and_pace() {
+    let (fast, slow) =
+        (MockUpstream::start(Behaviour::new()).await, MockUpstream::start(Behaviour::new()).await);
+    let fast_block = upstream("fast", &fast.url(), "rate = \"1000/s\"");
+    let slow_block = upstream("slow", &slow.url(), "rate = \"4/s\"\nqueue_timeout = \"30s\"");
+    let pg = Pacegate::start(&format!("{fast_block}\n{slow_block}")).await;
+    let first = send_concurrently(&pg, "/slow/a", 6);
+    let queued = |s: &Value| upstream_of(s, "slow").is_some_and(|u| u["queue"]["depth"] == 5);
+    assert!(pg.wait_status(Duration::from_secs(3), queued).await, "one sent, five queued");
+    pg.reload_with(&config_file(&fast_block)).await;
+    pg.reload_with(&config_file(&format!("{fast_block}\n{slow_block}"))).await;
+    let second = send_concurrently(&pg, "/slow/b", 6);
+    let answered = statuses(Duration::from_secs(10), first.into_iter().chain(second).collect()).await;
+    assert_eq!(answered, vec![200; 12]);
+    let times: Vec<Instant> = slow.arrivals().iter().map(|a| a.at).collect();
+    let most = max_in_any_window(&times, Duration::from_secs(1));
+    assert!(most <= 5, "{most} arrivals in one second at 4/s: two limiters paced side by side");
+    pg.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn unchanged_upstream_keeps_its_limiter() {
     let mock = MockUpstream::start(Behaviour::new()).await;

@@ -85,8 +85,9 @@ impl Proxy {
         let previous = self.runtime.swap(runtime.clone());
         {
             let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
-            retired.retain(|upstream| upstream.strong_count() > 0);
             let kept = |name: &str| runtime.upstreams.iter().any(|u| u.config.name == name);
+            // One that came back carries on in the new generation (see `retired`).
+            retired.retain(|upstream| upstream.upgrade().is_some_and(|u| !kept(&u.config.name)));
             for removed in previous.upstreams.iter().filter(|u| !kept(&u.config.name)) {
                 self.metrics.forget_gauges(&removed.config.name);
                 retired.push(Arc::downgrade(removed));
@@ -101,6 +102,14 @@ impl Proxy {
     pub fn close(&self, ends: tokio::time::Instant, margin: Duration) {
         let _ = self.closing.set((ends, margin));
         self.close_upstreams();
+    }
+
+    /// The upstreams a reload removed that still finish what they hold: a
+    /// reload that brings one back by name takes it over, queue and pacing
+    /// state included, rather than start a second one beside it.
+    pub fn retired(&self) -> Vec<Arc<Upstream>> {
+        let retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+        retired.iter().filter_map(Weak::upgrade).collect()
     }
 
     fn close_upstreams(&self) {
