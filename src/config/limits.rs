@@ -125,7 +125,7 @@ fn limit(cx: &Cx<'_>, names: &mut HashSet<String>, raw: RawLimit) -> Result<Limi
     if rate.is_empty() {
         return Err(cx.err(raw.rate.span(), "rate needs at least one quota, like \"80/min\""));
     }
-    let burst = super::validate::burst(cx, &raw.burst, &rate)?;
+    let burst = burst(cx, &raw.burst, &rate)?;
     let cost = match &raw.cost {
         None => Cost { default: NonZeroU32::MIN, per_method: Vec::new() },
         Some(value) => cost(cx, value)?,
@@ -169,6 +169,21 @@ pub fn tokens(cx: &Cx<'_>, raw: &RawUpstream) -> Result<Option<Tokens>, ConfigEr
     };
     let accounting = raw.token_accounting.as_ref().map_or(TokenAccounting::Usage, |a| (*a.get_ref()).into());
     Ok(Some(Tokens { quotas, default_max_tokens, accounting }))
+}
+
+/// `burst`: at least 1, and no more than the smallest count of `rates`. A
+/// larger burst would put more into the quota's first window than it holds
+/// (and, over a long window, more than pacing time can count).
+pub(super) fn burst(cx: &Cx<'_>, raw: &Spanned<u32>, rates: &[Rate]) -> Result<NonZeroU32, ConfigError> {
+    let burst =
+        NonZeroU32::new(*raw.get_ref()).ok_or_else(|| cx.err(raw.span(), "burst must be at least 1"))?;
+    match rates.iter().map(|rate| rate.count).min() {
+        Some(count) if burst > count => Err(cx.err(
+            raw.span(),
+            format!("burst {burst} is more than the {count} a window of `rate` holds: the first burst would break it"),
+        )),
+        _ => Ok(burst),
+    }
 }
 
 fn method(cx: &Cx<'_>, raw: &Spanned<String>) -> Result<Method, ConfigError> {

@@ -18,7 +18,7 @@ use super::error::Cx;
 use super::raw::{Dur, RawBreaker, RawConfig, RawRedis, RawRetry, RawServer, RawUpstream};
 use super::units::format_duration;
 use super::{
-    Breaker, CaLocations, Config, ConfigError, Forward, KeySource, MasterAuth, Mitm, Rate, Redis, RedisNodes,
+    Breaker, CaLocations, Config, ConfigError, Forward, KeySource, MasterAuth, Mitm, Redis, RedisNodes,
     Retry, Server, Upstream,
 };
 
@@ -285,7 +285,7 @@ fn upstream(cx: &Cx<'_>, claims: &mut Claims, raw: RawUpstream) -> Result<Upstre
     }
 
     let tokens = super::limits::tokens(cx, &raw)?;
-    let burst = burst(cx, &raw.burst, &rates)?;
+    let burst = super::limits::burst(cx, &raw.burst, &rates)?;
     Ok(Upstream {
         base_url,
         route,
@@ -313,20 +313,6 @@ fn upstream(cx: &Cx<'_>, claims: &mut Claims, raw: RawUpstream) -> Result<Upstre
 
 fn at_least_one(cx: &Cx<'_>, key: &str, raw: &Spanned<u32>) -> Result<NonZeroU32, ConfigError> {
     NonZeroU32::new(*raw.get_ref()).ok_or_else(|| cx.err(raw.span(), format!("{key} must be at least 1")))
-}
-
-/// `burst`: at least 1, and no more than the smallest count of `rates`. A
-/// larger burst would put more into the quota's first window than it holds
-/// (and, over a long window, more than pacing time can count).
-pub(super) fn burst(cx: &Cx<'_>, raw: &Spanned<u32>, rates: &[Rate]) -> Result<NonZeroU32, ConfigError> {
-    let burst = at_least_one(cx, "burst", raw)?;
-    match rates.iter().map(|rate| rate.count).min() {
-        Some(count) if burst > count => Err(cx.err(
-            raw.span(),
-            format!("burst {burst} is more than the {count} a window of `rate` holds: the first burst would break it"),
-        )),
-        _ => Ok(burst),
-    }
 }
 
 /// `"header:NAME"` or `"client_ip"`.
