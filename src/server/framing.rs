@@ -152,12 +152,14 @@ impl Framing {
     fn head(&mut self, input: &[u8], out: &mut BytesMut) -> Result<usize, ProxyError> {
         let mut start = 0;
         if self.held.is_empty() {
-            let Some(skipped) = self.empty_lines(input) else {
+            let skipped = self.empty_lines(input);
+            // Whatever was skipped goes on, as it would have in a read of its own.
+            out.extend_from_slice(&input[..skipped.unwrap_or_else(|at| at)]);
+            let Ok(skipped) = skipped else {
                 let error = ProxyError::BadRequest("a CR without its LF before the request line".into());
                 return Err(self.refuse(error));
             };
             start = skipped;
-            out.extend_from_slice(&input[..start]);
         }
         let rest = &input[start..];
         let room = self.limit.saturating_sub(self.held.len());
@@ -211,21 +213,22 @@ impl Framing {
 
     /// How many bytes at the start of `input` are empty lines, which hyper
     /// skips before a request line (RFC 9112 §2.2) as httparse does: CRLF or
-    /// a bare LF. `None` for a CR followed by anything but LF, which hyper
-    /// would answer with a bare 400 of its own.
-    fn empty_lines(&mut self, input: &[u8]) -> Option<usize> {
+    /// a bare LF. `Err` for a CR followed by anything but LF, which hyper
+    /// would answer with a bare 400 of its own, with how many bytes came
+    /// before that byte.
+    fn empty_lines(&mut self, input: &[u8]) -> Result<usize, usize> {
         let mut skipped = 0;
         for &byte in input {
             match (self.cr_pending, byte) {
                 (true, b'\n') => self.cr_pending = false,
-                (true, _) => return None,
+                (true, _) => return Err(skipped),
                 (false, b'\r') => self.cr_pending = true,
                 (false, b'\n') => {}
                 (false, _) => break,
             }
             skipped += 1;
         }
-        Some(skipped)
+        Ok(skipped)
     }
 
     fn refuse_too_large(&mut self, more: &[u8]) -> ProxyError {
