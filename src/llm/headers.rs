@@ -17,9 +17,11 @@
 use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 use crate::retry::RateLimitHint;
-use crate::retry::parse::{parse_go_duration, parse_rfc3339, parse_u64};
+use crate::retry::parse::{parse_go_duration, parse_u64};
 
 /// The token quotas an answer reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -55,6 +57,17 @@ fn openai(headers: &HeaderMap) -> Option<RateLimitHint> {
     })
 }
 
+/// Whether the answer says the request quota (not a token quota) is spent:
+/// OpenAI's `x-ratelimit-remaining-requests: 0` or Anthropic's
+/// `anthropic-ratelimit-requests-remaining: 0`. Then a 429 is about
+/// requests, and cools the whole partition. Only the spent state is read:
+/// both providers' resets are the time to a *full* refill, no pace.
+pub fn requests_spent(headers: &HeaderMap) -> bool {
+    ["x-ratelimit-remaining-requests", "anthropic-ratelimit-requests-remaining"]
+        .into_iter()
+        .any(|name| header_str(headers, name).and_then(parse_u64) == Some(0))
+}
+
 /// `anthropic-ratelimit-{kind}-*`.
 fn anthropic(headers: &HeaderMap, kind: &str, now: SystemTime) -> Option<RateLimitHint> {
     let field = |name: &str| header_str(headers, &format!("anthropic-ratelimit-{kind}-{name}"));
@@ -64,6 +77,11 @@ fn anthropic(headers: &HeaderMap, kind: &str, now: SystemTime) -> Option<RateLim
         reset_after: reset_at.duration_since(now).unwrap_or(Duration::ZERO),
         limit: field("limit").and_then(parse_u64),
     })
+}
+
+/// An RFC 3339 time (`2025-08-21T12:40:59Z`, offsets and fractions allowed).
+pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    OffsetDateTime::parse(text, &Rfc3339).ok().map(SystemTime::from)
 }
 
 /// The first value of `name` as trimmed text. UTF-8, not only ASCII: Go
@@ -99,6 +117,23 @@ mod tests {
 
     fn hint(limit: Option<u64>, remaining: u64, reset_after: Duration) -> Option<RateLimitHint> {
         Some(RateLimitHint { limit, remaining, reset_after })
+    }
+
+    #[test]
+    fn a_spent_request_quota_of_either_provider() {
+        let spent = |name: &'static str, value: &'static str| {
+            requests_spent(
+                &std::iter::once((
+                    http::HeaderName::from_static(name),
+                    http::HeaderValue::from_static(value),
+                ))
+                .collect(),
+            )
+        };
+        assert!(spent("anthropic-ratelimit-requests-remaining", "0"));
+        assert!(spent("x-ratelimit-remaining-requests", "0"));
+        assert!(!spent("anthropic-ratelimit-requests-remaining", "12"));
+        assert!(!spent("anthropic-ratelimit-input-tokens-remaining", "0"));
     }
 
     #[test]

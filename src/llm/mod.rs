@@ -62,7 +62,7 @@ pub mod usage;
 
 pub use calibration::Calibration;
 pub use endpoint::{Endpoint, classify};
-pub use headers::{TokenHints, token_hints};
+pub use headers::{TokenHints, requests_spent, token_hints};
 pub use refusal::{REFUSAL_BODY_BYTES, Refusal, refusal};
 pub use request::{Basis, Estimate, estimate};
 pub use sse::UsageScanner;

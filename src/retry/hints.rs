@@ -11,8 +11,7 @@
 //! - [`rate_limit`]: how much quota is left and when it resets, from the first
 //!   complete family among, in order: GitHub's `X-RateLimit-*`, the IETF
 //!   draft's `RateLimit-*`, OpenAI's `x-ratelimit-*-requests` (Go durations
-//!   such as `6m0s`), Anthropic's `anthropic-ratelimit-requests-*` (an RFC
-//!   3339 reset). The draft's newer single structured `RateLimit:`
+//!   such as `6m0s`). The draft's newer single structured `RateLimit:`
 //!   field is not read yet.
 //!
 //! Time is passed in (`now`) so date arithmetic is testable.
@@ -21,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderName};
 
-use super::parse::{parse_decimal, parse_go_duration, parse_rfc3339, parse_u64};
+use super::parse::{parse_decimal, parse_go_duration, parse_u64};
 
 /// `X-RateLimit-Reset` values above this many seconds are epoch timestamps
 /// (this is September 2001); below, delta seconds. No API announces a reset
@@ -52,9 +51,6 @@ const LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 const X_REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
 const X_RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
 const X_LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
-const ANTHROPIC_REMAINING: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-remaining");
-const ANTHROPIC_RESET: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-reset");
-const ANTHROPIC_LIMIT: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-limit");
 
 /// How long the upstream asks us to wait, if it says so in a form we read.
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
@@ -73,17 +69,10 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 pub fn rate_limit(headers: &HeaderMap, now: SystemTime) -> Option<RateLimitHint> {
     // Every answer is asked, and most report no quota: one pass over their
     // few names is cheaper than hashing the three that each scheme needs.
-    let reports = |name: &HeaderName| {
-        let name = name.as_str();
-        name.contains("ratelimit-remaining") || name == ANTHROPIC_REMAINING.as_str()
-    };
-    if !headers.keys().any(reports) {
+    if !headers.keys().any(|name| name.as_str().contains("ratelimit-remaining")) {
         return None;
     }
-    github(headers, now)
-        .or_else(|| ietf_draft(headers))
-        .or_else(|| openai(headers))
-        .or_else(|| anthropic(headers, now))
+    github(headers, now).or_else(|| ietf_draft(headers)).or_else(|| openai(headers))
 }
 
 /// `X-RateLimit-*`; `Reset` is epoch seconds or delta (see [`EPOCH_THRESHOLD_SECS`]).
@@ -113,17 +102,6 @@ fn openai(headers: &HeaderMap) -> Option<RateLimitHint> {
         remaining: parse_u64(header_str(headers, &X_REMAINING_REQUESTS)?)?,
         reset_after: parse_go_duration(header_str(headers, &X_RESET_REQUESTS)?)?,
         limit: header_str(headers, &X_LIMIT_REQUESTS).and_then(parse_u64),
-    })
-}
-
-/// Anthropic's request quota (`anthropic-ratelimit-requests-*`, the reset an
-/// RFC 3339 time); its token quotas are read by `llm::headers`.
-fn anthropic(headers: &HeaderMap, now: SystemTime) -> Option<RateLimitHint> {
-    let reset_at = parse_rfc3339(header_str(headers, &ANTHROPIC_RESET)?)?;
-    Some(RateLimitHint {
-        remaining: parse_u64(header_str(headers, &ANTHROPIC_REMAINING)?)?,
-        reset_after: until(reset_at, now),
-        limit: header_str(headers, &ANTHROPIC_LIMIT).and_then(parse_u64),
     })
 }
 
@@ -242,21 +220,6 @@ mod tests {
             ("x-ratelimit-reset-tokens", "6m0s"),
         ]);
         let want = RateLimitHint { limit: Some(60), remaining: 59, reset_after: Duration::from_secs(1) };
-        assert_eq!(rate_limit(&h, now()), Some(want));
-    }
-
-    /// `now()` is 2023-11-14T22:13:20.25Z: the reset is 19.75 s away.
-    #[test]
-    fn anthropic_request_quota() {
-        let h = headers(&[
-            ("anthropic-ratelimit-requests-limit", "50"),
-            ("anthropic-ratelimit-requests-remaining", "0"),
-            ("anthropic-ratelimit-requests-reset", "2023-11-14T22:13:40Z"),
-            ("anthropic-ratelimit-input-tokens-remaining", "25000"),
-            ("anthropic-ratelimit-input-tokens-reset", "2023-11-14T22:14:20Z"),
-        ]);
-        let want =
-            RateLimitHint { limit: Some(50), remaining: 0, reset_after: Duration::from_millis(19_750) };
         assert_eq!(rate_limit(&h, now()), Some(want));
     }
 

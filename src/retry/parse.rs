@@ -5,10 +5,7 @@
 //! because integer arithmetic on nanoseconds is exact and saturates instead
 //! of panicking: a huge value means "very long", which the caller caps.
 
-use std::time::{Duration, SystemTime};
-
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
+use std::time::Duration;
 
 const NANOS_PER_SEC: u128 = 1_000_000_000;
 
@@ -96,12 +93,6 @@ fn from_nanos(nanos: u128) -> Duration {
         Ok(secs) => Duration::new(secs, (nanos % NANOS_PER_SEC) as u32),
         Err(_) => Duration::MAX,
     }
-}
-
-/// An RFC 3339 time (`2025-08-21T12:40:59Z`, offsets and fractions allowed),
-/// as Anthropic writes its resets.
-pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
-    OffsetDateTime::parse(text, &Rfc3339).ok().map(SystemTime::from)
 }
 
 #[cfg(test)]

@@ -122,7 +122,9 @@ impl Upstream {
             return Vec::new();
         }
         let now = std::time::SystemTime::now();
-        if crate::retry::rate_limit(headers, now).is_some_and(|hint| hint.remaining == 0) {
+        if llm::requests_spent(headers)
+            || crate::retry::rate_limit(headers, now).is_some_and(|hint| hint.remaining == 0)
+        {
             return Vec::new();
         }
         let hints = llm::token_hints(headers, now);
@@ -162,6 +164,7 @@ impl Upstream {
         needs_tokens
             && small
             && llm::token_hints(headers, now).is_empty()
+            && !llm::requests_spent(headers)
             && crate::retry::rate_limit(headers, now).is_none_or(|hint| hint.remaining != 0)
     }
 
