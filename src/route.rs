@@ -246,8 +246,16 @@ fn segments(path: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// `.` or `..`, each dot written as `.` or `%2e` (either case).
+/// `.` or `..`, each dot written as `.` or `%2e` (either case), with or
+/// without path parameters after a `;` (`%3B`), which servlet containers
+/// drop before they resolve the dots (`/..;/admin`).
 fn is_dot_segment(segment: &[u8]) -> bool {
+    let params = (0..segment.len()).find(|&i| match segment[i..] {
+        [b';', ..] => true,
+        [b'%', b'3', b, ..] => b.eq_ignore_ascii_case(&b'b'),
+        _ => false,
+    });
+    let segment = &segment[..params.unwrap_or(segment.len())];
     let (mut rest, mut dots) = (segment, 0);
     while !rest.is_empty() && dots < 3 {
         rest = match rest {
@@ -395,6 +403,9 @@ mod tests {
             "/api/..%5cadmin",
             "/api/..\\admin",
             "/api/x%2F..",
+            "/api/..;/admin",
+            "/api/%2e%2e;x/admin",
+            "/api/..%3Bx/admin",
         ] {
             assert!(has_dot_segment(path), "{path}");
         }

@@ -149,7 +149,8 @@ const MAX_AGE_HEADER: &str = "2147483648";
 /// or stored; a number too large even to parse counts as that too.
 pub fn clamp_age(headers: &mut HeaderMap) {
     let Some(age) = headers.get(header::AGE) else { return };
-    let digits = age.as_bytes();
+    // Read as the crate reads it: Rust's parser takes a leading `+`.
+    let digits = age.as_bytes().strip_prefix(b"+").unwrap_or(age.as_bytes());
     let too_old = !digits.is_empty()
         && digits.iter().all(u8::is_ascii_digit)
         && std::str::from_utf8(digits)
@@ -479,7 +480,8 @@ mod tests {
     /// clamped, so a stored answer can be looked up ever after.
     #[test]
     fn an_absurd_age_is_clamped() {
-        for age in ["18446744073709551615", "99999999999999999999999", "2147483649"] {
+        for age in ["18446744073709551615", "99999999999999999999999", "2147483649", "+18446744073709551615"]
+        {
             let mut head = answer(&[("cache-control", "max-age=60"), ("etag", "\"v1\""), ("age", age)]);
             clamp_age(head.headers_mut());
             assert_eq!(head.headers()["age"], "2147483648", "{age}");

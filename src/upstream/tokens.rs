@@ -57,7 +57,7 @@ impl Upstream {
     pub fn price(&self, head: &mut http::request::Parts, body: &RequestBody) {
         let Some(tokens) = &self.config.tokens else { return };
         let Some(endpoint) = llm::classify(&head.method, head.uri.path(), &head.headers) else { return };
-        let estimate = match body {
+        let mut estimate = match body {
             RequestBody::Buffered(bytes) => llm::estimate(endpoint, bytes, tokens.default_max_tokens),
             RequestBody::Streaming(..) => {
                 // Too large to buffer: priced by its announced size, or as the
@@ -65,15 +65,18 @@ impl Upstream {
                 let length = head.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
                 let bytes = length.unwrap_or(llm::request::MAX_PARSE_BYTES as u64);
                 let mut estimate = llm::estimate(endpoint, b"", tokens.default_max_tokens);
-                // A guess from the size (an image in a data URL is megabytes
-                // and a thousand tokens) must not refuse the call 413: it is
-                // held to what the input quotas can ever hold.
-                let guess = bytes.div_ceil(llm::request::FALLBACK_BYTES_PER_TOKEN);
-                estimate.input = guess.min(input_room(tokens, estimate.output));
+                estimate.input = bytes.div_ceil(llm::request::FALLBACK_BYTES_PER_TOKEN);
+                estimate.basis = Basis::Fallback;
                 estimate
             }
         };
         let counted = matches!(estimate.basis, Basis::Counted(_));
+        // A guess from the size (an image in a data URL is megabytes and a
+        // thousand tokens) must not refuse the call 413: it is held to what
+        // the input quotas can ever hold.
+        if !counted {
+            estimate.input = estimate.input.min(input_room(tokens, estimate.output));
+        }
         let input = if counted { self.dispatcher.calibrated(estimate.input) } else { estimate.input };
         head.extensions.insert(Priced {
             reservation: Reservation { input, output: estimate.output },
