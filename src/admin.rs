@@ -195,6 +195,15 @@ fn metrics(admin: &Admin) -> Response<ProxyBody> {
             }
         }
     }
+    // A reload that came meanwhile forgot the gauges of the upstreams it
+    // removed: set again above from the generation before it, they go again.
+    let now_in_force = admin.proxy.runtime.load();
+    if !Arc::ptr_eq(&runtime, &now_in_force) {
+        let kept = |name: &str| now_in_force.upstreams.iter().any(|u| u.config.name == name);
+        for upstream in runtime.upstreams.iter().filter(|u| !kept(&u.config.name)) {
+            admin.metrics.forget_gauges(&upstream.config.name);
+        }
+    }
     let exposition = admin.metrics.encode(runtime.config.redis.is_some());
     text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", exposition)
 }

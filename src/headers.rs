@@ -55,18 +55,35 @@ pub fn add_via(headers: &mut HeaderMap, version: Version) {
     headers.append(header::VIA, HeaderValue::from_static(via));
 }
 
-/// Removes hop-by-hop headers, including those named by `Connection`.
+/// Which way a head goes, for what is hop-by-hop on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    /// To the upstream: its `Trailer` goes too, since pacegate forwards no
+    /// request trailer fields.
+    Request,
+    /// To the caller: its trailers pass, `Trailer` announcing them.
+    Answer,
+}
+
+/// Whether `name` goes on no head going `way`: hop-by-hop, or `x-pacegate-*`
+/// (instructions to pacegate on a request, on an answer a claim to be its word).
+fn goes_not(name: &HeaderName, way: Way) -> bool {
+    is_hop_by_hop(name) || is_own(name) || (way == Way::Request && name == header::TRAILER)
+}
+
+/// Removes hop-by-hop headers, including those named by `Connection`, and
+/// `x-pacegate-*` ones ([`goes_not`]).
 ///
 /// Runs on every request and every answer, so it looks before it removes:
 /// one pass over the few names a head carries, where removing each of the
 /// nine names blindly is a hash lookup apiece; most heads carry none of
 /// them, or only `Connection`, and then nothing else is looked for.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, way: Way) {
     let (mut connection, mut others) = (false, false);
     for name in headers.keys() {
         if name == header::CONNECTION {
             connection = true;
-        } else if is_hop_by_hop(name) {
+        } else if goes_not(name, way) {
             others = true;
         }
     }
@@ -78,17 +95,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         // And it says `keep-alive`, a fixed name (see below): nothing to split.
         let listing = first.iter().chain(&rest).filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"keep-alive"));
         // Read as bytes: one byte that is not text must not keep the other
-        // names the line lists.
+        // names the line lists (such a name matches no header anyway).
         let listed = listing.flat_map(|v| v.as_bytes().split(|b| *b == b','));
-        for name in listed.map(<[u8]>::trim_ascii) {
+        for name in listed.filter_map(|name| std::str::from_utf8(name.trim_ascii()).ok()) {
             // "keep-alive" and the like go below with the other fixed names
             // anyway: removing each here too cost a parse and a hash (a
             // name in upper case is still removed here). A name that is
             // not a valid header name matches nothing.
-            if std::str::from_utf8(name).is_ok_and(is_fixed) {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(name) {
+            if !is_fixed(name) {
                 headers.remove(name);
             }
         }
@@ -96,17 +110,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !others {
         return;
     }
-    while let Some(name) = headers.keys().find(|name| is_hop_by_hop(name)).cloned() {
+    while let Some(name) = headers.keys().find(|name| goes_not(name, way)).cloned() {
         headers.remove(name);
     }
 }
 
 /// Joins several `Cookie` fields into one, with `; ` (RFC 9113 §8.2.3).
 pub fn join_cookies(headers: &mut HeaderMap) {
-    let Entry::Occupied(cookies) = headers.entry(header::COOKIE) else { return };
-    if cookies.iter().nth(1).is_none() {
+    // Looked up before the entry: `entry` may grow the map.
+    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
         return;
     }
+    let Entry::Occupied(cookies) = headers.entry(header::COOKIE) else { return };
     let mut joined = Vec::new();
     for value in cookies.iter() {
         if !joined.is_empty() {
@@ -127,14 +142,6 @@ pub fn has_own(headers: &HeaderMap) -> bool {
 
 fn is_own(name: &HeaderName) -> bool {
     name.as_str().starts_with(OWN_PREFIX)
-}
-
-/// Removes every `x-pacegate-*` header: pacegate's own request headers so
-/// they never reach an upstream, an upstream's so they never pass for ours.
-pub fn strip_own(headers: &mut HeaderMap) {
-    while let Some(name) = headers.keys().find(|name| is_own(name)).cloned() {
-        headers.remove(name);
-    }
 }
 
 #[cfg(test)]
@@ -160,7 +167,7 @@ mod tests {
             ("proxy-connection", "keep-alive"),
             ("authorization", "token"),
         ]);
-        strip_hop_by_hop(&mut headers);
+        strip_hop_by_hop(&mut headers, Way::Answer);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key(header::AUTHORIZATION));
     }
@@ -175,7 +182,7 @@ mod tests {
             ("x-trace", "1"),
             ("content-length", "3"),
         ]);
-        strip_hop_by_hop(&mut headers);
+        strip_hop_by_hop(&mut headers, Way::Answer);
         assert_eq!(headers.keys().collect::<Vec<_>>(), [header::CONTENT_LENGTH]);
     }
 
@@ -184,7 +191,7 @@ mod tests {
         let mut headers = head(&[("keep-alive", "timeout=5"), ("x-trace", "1"), ("x-kept", "1")]);
         headers.append(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
         headers.append(header::CONNECTION, HeaderValue::from_static("x-trace"));
-        strip_hop_by_hop(&mut headers);
+        strip_hop_by_hop(&mut headers, Way::Answer);
         assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-kept"]);
     }
 
@@ -192,15 +199,18 @@ mod tests {
     fn a_name_that_is_not_text_does_not_keep_the_others_listed() {
         let mut headers = head(&[("x-secret", "hop"), ("x-kept", "1")]);
         headers.insert(header::CONNECTION, HeaderValue::from_bytes(b"X-Secret, x\xe9").unwrap());
-        strip_hop_by_hop(&mut headers);
+        strip_hop_by_hop(&mut headers, Way::Answer);
         assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-kept"]);
     }
 
     #[test]
     fn trailer_is_end_to_end_and_via_names_the_version() {
         let mut headers = head(&[("trailer", "x-checksum"), ("te", "trailers")]);
-        strip_hop_by_hop(&mut headers);
+        strip_hop_by_hop(&mut headers, Way::Answer);
         assert_eq!(headers.keys().collect::<Vec<_>>(), ["trailer"]);
+        // Request trailer fields are not forwarded: nor is their announcement.
+        strip_hop_by_hop(&mut headers, Way::Request);
+        assert!(headers.is_empty());
         for (version, via) in [
             (Version::HTTP_10, "1.0 pacegate"),
             (Version::HTTP_11, "1.1 pacegate"),
@@ -228,7 +238,7 @@ mod tests {
         let mut headers =
             head(&[("x-pacegate-max-wait", "5s"), ("x-pacegate-priority", "high"), ("x-other", "1")]);
         assert!(has_own(&headers));
-        strip_own(&mut headers);
+        strip_hop_by_hop(&mut headers, Way::Request);
         assert_eq!(headers.len(), 1);
         assert!(!has_own(&headers));
     }
@@ -244,7 +254,7 @@ mod tests {
             if let Ok(value) = HeaderValue::from_str(&listed) {
                 headers.insert(header::CONNECTION, value);
             }
-            strip_hop_by_hop(&mut headers);
+            strip_hop_by_hop(&mut headers, Way::Answer);
             for name in &names {
                 prop_assert!(!headers.contains_key(name.as_str()));
             }
@@ -264,7 +274,7 @@ mod tests {
             }
             let connection = listed.iter().cloned().collect::<Vec<_>>().join(",");
             headers.insert(header::CONNECTION, HeaderValue::from_str(&connection).unwrap());
-            strip_hop_by_hop(&mut headers);
+            strip_hop_by_hop(&mut headers, Way::Answer);
             for name in &names {
                 let kept: Vec<_> = headers.get_all(name.as_str()).iter().cloned().collect();
                 if listed.contains(name) {

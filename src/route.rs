@@ -41,6 +41,9 @@ pub struct Router {
     bases: Vec<BaseUrl>,
     /// `host` and `host:port` (lower case) -> upstream index.
     hosts: HashMap<String, usize>,
+    /// Whether any of `hosts` names a port: only then is a target without
+    /// one looked up again at its default port.
+    ported: bool,
     /// Route prefixes, longest first, with their upstream index.
     routes: Vec<(String, usize)>,
     unknown_hosts: UnknownHosts,
@@ -59,9 +62,11 @@ impl Router {
             }
         }
         routes.sort_by_key(|(route, _)| std::cmp::Reverse(route.len()));
+        let ported = hosts.keys().any(|host| names_a_port(host));
         Self {
             bases: config.upstreams.iter().map(|u| u.base_url.clone()).collect(),
             hosts,
+            ported,
             routes,
             unknown_hosts: config.forward.unknown_hosts,
         }
@@ -116,7 +121,7 @@ impl Router {
         }
         let bare = self.hosts.get(host.as_ref()).copied();
         match (bare, authority.port(), default_port) {
-            (None, None, Some(port)) => self.hosts.get(&format!("{host}:{port}")).copied(),
+            (None, None, Some(port)) if self.ported => self.hosts.get(&format!("{host}:{port}")).copied(),
             _ => bare,
         }
     }
@@ -268,6 +273,15 @@ fn is_dot_segment(segment: &[u8]) -> bool {
     rest.is_empty() && (1..=2).contains(&dots)
 }
 
+/// Whether a `hosts` key (`host`, `host:port`, `[v6]`, `[v6]:port`) names a port.
+fn names_a_port(host: &str) -> bool {
+    host.rsplit_once(':').is_some_and(|(name, port)| {
+        !port.is_empty()
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && (!name.starts_with('[') || name.ends_with(']'))
+    })
+}
+
 fn bad_target(reason: &str) -> ProxyError {
     ProxyError::BadRequest(format!("invalid request target: {reason}"))
 }
@@ -354,6 +368,10 @@ mod tests {
         }
         for uri in ["http://plain.test:8080/x", "http://secure.test/x"] {
             assert!(routed(uri).is_err(), "{uri} is not claimed");
+        }
+        for (host, ported) in [("a.test", false), ("a.test:80", true), ("[::1]", false), ("[::1]:9000", true)]
+        {
+            assert_eq!(names_a_port(host), ported, "{host}");
         }
     }
 

@@ -29,7 +29,7 @@ use crate::body::{self, BodyError, BodyLimits, BufferBudget, Failure, ProxyBody}
 use crate::cache::{CACHE_HEADER, Cache};
 use crate::config;
 use crate::error::ProxyError;
-use crate::headers;
+use crate::headers::{self, Way};
 use crate::metrics::{ClientTimeout, Metrics, NO_UPSTREAM};
 use crate::route::Target;
 use crate::runtime::Runtime;
@@ -464,10 +464,7 @@ fn prepare(
         None => None,
     };
     // Our own headers and connection-level ones never travel on.
-    if own {
-        headers::strip_own(&mut head.headers);
-    }
-    headers::strip_hop_by_hop(&mut head.headers);
+    headers::strip_hop_by_hop(&mut head.headers, Way::Request);
     headers::add_via(&mut head.headers, head.version);
     if head.version == http::Version::HTTP_2 {
         // HTTP/2 may split `Cookie` into several fields; they are one again

@@ -25,7 +25,7 @@ use crate::body::{self, ProxyBody};
 use crate::cache::Cache;
 use crate::config::{self, KeySource};
 use crate::error::ProxyError;
-use crate::headers;
+use crate::headers::{self, Way};
 use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::store::Store;
 pub use client::{CaFileError, SendError, UpstreamClient};
@@ -223,10 +223,7 @@ pub fn inbound_response<G: Send + Sync + 'static>(
 /// says what it did: `x-pacegate-error` marks the answers it makes), version
 /// left to the caller's own connection.
 pub(crate) fn clean_head(parts: &mut http::response::Parts) {
-    headers::strip_hop_by_hop(&mut parts.headers);
-    if headers::has_own(&parts.headers) {
-        headers::strip_own(&mut parts.headers);
-    }
+    headers::strip_hop_by_hop(&mut parts.headers, Way::Answer);
     parts.version = http::Version::default();
 }
 
