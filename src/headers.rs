@@ -18,12 +18,8 @@ use http::{HeaderMap, HeaderValue, Version};
 /// and an HTTP/1.1 answer sends only the trailers it announces. Matched as
 /// strings: one length check and a compare, where comparing `HeaderName`s
 /// of a `const` array cost a thousand instructions per request once the
-/// compiler stopped inlining it (callgrind, see BENCHMARKS.md).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    is_fixed(name.as_str())
-}
-
-/// Whether `name`, in lower case, is one of the fixed names.
+/// compiler stopped inlining it (callgrind, see BENCHMARKS.md). `name` is
+/// in lower case.
 fn is_fixed(name: &str) -> bool {
     matches!(
         name,
@@ -45,14 +41,21 @@ const OWN_PREFIX: &str = "x-pacegate-";
 /// 9110 §7.6.3 asks it of proxies): the protocol `version` it received the
 /// request with, and its name.
 pub fn add_via(headers: &mut HeaderMap, version: Version) {
+    // Constants: `from_static` checks its bytes where it runs, and this runs
+    // on every request.
+    const VIA_09: HeaderValue = HeaderValue::from_static("0.9 pacegate");
+    const VIA_10: HeaderValue = HeaderValue::from_static("1.0 pacegate");
+    const VIA_11: HeaderValue = HeaderValue::from_static("1.1 pacegate");
+    const VIA_2: HeaderValue = HeaderValue::from_static("2 pacegate");
+    const VIA_3: HeaderValue = HeaderValue::from_static("3 pacegate");
     let via = match version {
-        Version::HTTP_09 => "0.9 pacegate",
-        Version::HTTP_10 => "1.0 pacegate",
-        Version::HTTP_2 => "2 pacegate",
-        Version::HTTP_3 => "3 pacegate",
-        _ => "1.1 pacegate",
+        Version::HTTP_09 => VIA_09,
+        Version::HTTP_10 => VIA_10,
+        Version::HTTP_2 => VIA_2,
+        Version::HTTP_3 => VIA_3,
+        _ => VIA_11,
     };
-    headers.append(header::VIA, HeaderValue::from_static(via));
+    headers.append(header::VIA, via);
 }
 
 /// Which way a head goes, for what is hop-by-hop on it.
@@ -68,7 +71,9 @@ pub enum Way {
 /// Whether `name` goes on no head going `way`: hop-by-hop, or `x-pacegate-*`
 /// (instructions to pacegate on a request, on an answer a claim to be its word).
 fn goes_not(name: &HeaderName, way: Way) -> bool {
-    is_hop_by_hop(name) || is_own(name) || (way == Way::Request && name == header::TRAILER)
+    // The name's text once: for a standard name, `as_str` is a table lookup.
+    let name = name.as_str();
+    is_fixed(name) || name.starts_with(OWN_PREFIX) || (way == Way::Request && name == "trailer")
 }
 
 /// Removes hop-by-hop headers, including those named by `Connection`, and
@@ -92,18 +97,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, way: Way) {
         // Nearly every head has one `Connection`: that one needs no Vec.
         let first = values.next();
         let rest: Vec<HeaderValue> = values.collect();
-        // And it says `keep-alive`, a fixed name (see below): nothing to split.
-        let listing = first.iter().chain(&rest).filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"keep-alive"));
-        // Read as bytes: one byte that is not text must not keep the other
-        // names the line lists (such a name matches no header anyway).
-        let listed = listing.flat_map(|v| v.as_bytes().split(|b| *b == b','));
-        for name in listed.filter_map(|name| std::str::from_utf8(name.trim_ascii()).ok()) {
-            // "keep-alive" and the like go below with the other fixed names
-            // anyway: removing each here too cost a parse and a hash (a
-            // name in upper case is still removed here). A name that is
-            // not a valid header name matches nothing.
-            if !is_fixed(name) {
-                headers.remove(name);
+        for value in first.iter().chain(&rest) {
+            // Nearly always `keep-alive`, a fixed name (see below): nothing to split.
+            if value.as_bytes().eq_ignore_ascii_case(b"keep-alive") {
+                continue;
+            }
+            // Read as bytes: one byte that is not text must not keep the
+            // other names the line lists (such a name matches no header).
+            for name in value.as_bytes().split(|b| *b == b',') {
+                // "keep-alive" and the like go below with the other fixed
+                // names anyway: removing each here too cost a parse and a
+                // hash (a name in upper case is still removed here). A name
+                // that is not a valid header name matches nothing.
+                if let Ok(name) = std::str::from_utf8(name.trim_ascii())
+                    && !is_fixed(name)
+                {
+                    headers.remove(name);
+                }
             }
         }
     }

@@ -215,11 +215,24 @@ fn port_of(authority: &Authority) -> Result<Option<u16>, ProxyError> {
 /// them, so no request pacegate forwards carries one. Segments end at `/`
 /// and at what an upstream may decode or read as one: `\`, `%2F`, `%5C`
 /// (`/api/..%2fadmin` climbs out of `/api` on a server that decodes first).
+#[inline]
 fn has_dot_segment(path_and_query: &str) -> bool {
-    // Most paths have neither a dot nor a `%`: one scan, up to the query,
-    // on every request.
-    let suspect = path_and_query.bytes().take_while(|b| *b != b'?').any(|b| b == b'.' || b == b'%');
-    suspect && segments(path_of(path_and_query).as_bytes()).any(is_dot_segment)
+    // Most paths have neither a dot nor a `%` before the query: one scan on
+    // every request, kept inline; the walk of the segments is not.
+    for &byte in path_and_query.as_bytes() {
+        match byte {
+            b'?' => break,
+            b'.' | b'%' => return walk_finds_dot_segment(path_of(path_and_query).as_bytes()),
+            _ => {}
+        }
+    }
+    false
+}
+
+#[cold]
+#[inline(never)]
+fn walk_finds_dot_segment(path: &[u8]) -> bool {
+    segments(path).any(is_dot_segment)
 }
 
 /// The path of a path-and-query.
