@@ -10,7 +10,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -373,16 +373,16 @@ impl Timed<Incoming> {
 pin_project_lite::pin_project! {
     /// The already-read head of a large body followed by the rest, failing with
     /// [`BodyError::TooLarge`] once more than `limit` bytes went through.
-    struct CappedBody {
+    struct CappedBody<B> {
         head: Option<Bytes>,
         #[pin]
-        rest: Timed<Incoming>,
+        rest: B,
         sent: u64,
         limit: Option<u64>,
     }
 }
 
-impl Body for CappedBody {
+impl<B: Body<Data = Bytes, Error = BoxError>> Body for CappedBody<B> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -390,25 +390,26 @@ impl Body for CappedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
+        let mut this = self.project();
         if let Some(head) = this.head.take() {
             return Poll::Ready(Some(Ok(Frame::data(head))));
         }
-        match this.rest.poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
+        loop {
+            return match ready!(this.rest.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    // No request trailer fields go on, streamed or buffered
+                    // alike (a buffered body replays its data only).
+                    let Ok(data) = frame.into_data() else { continue };
                     *this.sent += data.len() as u64;
                     if let Some(limit) = *this.limit
                         && *this.sent > limit
                     {
                         return Poll::Ready(Some(Err(BodyError::TooLarge(limit).into())));
                     }
+                    Poll::Ready(Some(Ok(Frame::data(data))))
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+                other => Poll::Ready(other),
+            };
         }
     }
 
@@ -487,6 +488,20 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A streamed body passes its data, and no trailer field.
+    #[tokio::test]
+    async fn a_streamed_body_forwards_no_trailers() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", http::HeaderValue::from_static("abc"));
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+            vec![Ok(Frame::data(Bytes::from_static(b"rest"))), Ok(Frame::trailers(trailers))];
+        let rest = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let capped = CappedBody { head: Some(Bytes::from_static(b"head ")), rest, sent: 5, limit: None };
+        let collected = capped.collect().await.expect("a body");
+        assert!(collected.trailers().is_none(), "a trailer went on");
+        assert_eq!(collected.to_bytes(), "head rest");
+    }
 
     #[test]
     fn the_budget_is_shared_and_given_back_with_the_last_buffer() {
