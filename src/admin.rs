@@ -199,8 +199,7 @@ fn metrics(admin: &Admin) -> Response<ProxyBody> {
     // removed: set again above from the generation before it, they go again.
     let now_in_force = admin.proxy.runtime.load();
     if !Arc::ptr_eq(&runtime, &now_in_force) {
-        let kept = |name: &str| now_in_force.upstreams.iter().any(|u| u.config.name == name);
-        for upstream in runtime.upstreams.iter().filter(|u| !kept(&u.config.name)) {
+        for upstream in runtime.upstreams.iter().filter(|u| !now_in_force.has_upstream(&u.config.name)) {
             admin.metrics.forget_gauges(&upstream.config.name);
         }
     }

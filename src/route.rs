@@ -84,7 +84,7 @@ impl Router {
         }
         if let Some(authority) = uri.authority() {
             check_absolute(uri, authority)?;
-            let default_port = if uri.scheme() == Some(&Scheme::HTTPS) { 443 } else { 80 };
+            let default_port = uri.scheme().map_or(80, config::default_port);
             if let Some(index) = self.upstream_for_host(authority, Some(default_port)) {
                 return self.upstream(index, path_and_query);
             }

@@ -117,6 +117,11 @@ impl Runtime {
         Self { config: Arc::new(config), router, upstreams, version, ca_clients, store, interceptor }
     }
 
+    /// Whether this generation has an upstream named `name`.
+    pub fn has_upstream(&self, name: &str) -> bool {
+        self.upstreams.iter().any(|u| u.config.name == name)
+    }
+
     /// The client an upstream's attempts use: its `ca_file` one, if any.
     pub fn client_for<'a>(&'a self, index: usize, default: &'a UpstreamClient) -> &'a UpstreamClient {
         self.upstreams[index]

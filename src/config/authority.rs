@@ -109,7 +109,7 @@ pub fn parse_base_url(s: &str) -> Result<BaseUrl, String> {
         return Err("a base_url cannot carry user credentials (user@host)".to_owned());
     }
     let host_port = parse_host_port(authority.as_str())?;
-    let port = host_port.port.unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
+    let port = host_port.port.unwrap_or(default_port(&scheme));
     Ok(BaseUrl {
         scheme,
         authority,
@@ -138,6 +138,12 @@ fn parse_port(s: &str) -> Result<u16, String> {
         Ok(port) if port > 0 && s.bytes().all(|b| b.is_ascii_digit()) => Ok(port),
         _ => Err(format!("{s:?} is not a port (1-65535)")),
     }
+}
+
+/// The port a URL of `scheme` means when it names none: 443 for `https`,
+/// 80 for `http`.
+pub fn default_port(scheme: &Scheme) -> u16 {
+    if *scheme == Scheme::HTTPS { 443 } else { 80 }
 }
 
 #[cfg(test)]

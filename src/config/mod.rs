@@ -26,7 +26,7 @@ use std::time::Duration;
 use http::StatusCode;
 use http::uri::{Authority, Scheme};
 
-pub use authority::canonical_host;
+pub use authority::{canonical_host, default_port};
 pub use cache::Cache;
 pub use error::{ConfigError, Location};
 pub use limits::{Cost, DEFAULT_MAX_TOKENS, Limit, MAX_LIMITS, PathGlobs};

@@ -85,10 +85,10 @@ impl Proxy {
         let previous = self.runtime.swap(runtime.clone());
         {
             let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
-            let kept = |name: &str| runtime.upstreams.iter().any(|u| u.config.name == name);
             // One that came back carries on in the new generation (see `retired`).
-            retired.retain(|upstream| upstream.upgrade().is_some_and(|u| !kept(&u.config.name)));
-            for removed in previous.upstreams.iter().filter(|u| !kept(&u.config.name)) {
+            retired
+                .retain(|upstream| upstream.upgrade().is_some_and(|u| !runtime.has_upstream(&u.config.name)));
+            for removed in previous.upstreams.iter().filter(|u| !runtime.has_upstream(&u.config.name)) {
                 self.metrics.forget_gauges(&removed.config.name);
                 retired.push(Arc::downgrade(removed));
             }

@@ -461,7 +461,7 @@ fn for_http1(request: &mut Request<ProxyBody>) -> Result<(), SendError> {
 /// port left out when it is the scheme's default.
 pub fn host_header(scheme: &Scheme, authority: &Authority) -> Option<HeaderValue> {
     let host = authority.host();
-    let default = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+    let default = crate::config::default_port(scheme);
     match authority.port_u16() {
         Some(port) if port != default => HeaderValue::from_str(&format!("{host}:{port}")).ok(),
         _ => HeaderValue::from_str(host).ok(),

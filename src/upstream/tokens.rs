@@ -125,9 +125,7 @@ impl Upstream {
             return Vec::new();
         }
         let now = std::time::SystemTime::now();
-        if llm::requests_spent(headers)
-            || crate::retry::rate_limit(headers, now).is_some_and(|hint| hint.remaining == 0)
-        {
+        if request_quota_spent(headers, now) {
             return Vec::new();
         }
         let hints = llm::token_hints(headers, now);
@@ -167,8 +165,7 @@ impl Upstream {
         needs_tokens
             && small
             && llm::token_hints(headers, now).is_empty()
-            && !llm::requests_spent(headers)
-            && crate::retry::rate_limit(headers, now).is_none_or(|hint| hint.remaining != 0)
+            && !request_quota_spent(headers, now)
     }
 
     /// The token quotas `kind` stands for, among those this call needs: a
@@ -224,6 +221,14 @@ impl Drop for Reserved {
     fn drop(&mut self) {
         self.settle_once(Settlement::Unknown);
     }
+}
+
+/// Whether an answer says the request quota, not a token quota, is spent:
+/// a rate-limit family with nothing left, or a provider's spent request
+/// quota ([`llm::requests_spent`]). Then a 429 cools the whole partition.
+fn request_quota_spent(headers: &http::HeaderMap, now: std::time::SystemTime) -> bool {
+    llm::requests_spent(headers)
+        || crate::retry::rate_limit(headers, now).is_some_and(|hint| hint.remaining == 0)
 }
 
 /// The most input tokens a call reserving `output` can take of the token
