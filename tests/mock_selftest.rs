@@ -251,6 +251,35 @@ async fn rate_limit_headers_count_down_in_a_fixed_window() {
     mock.shutdown().await;
 }
 
+/// OpenAI's request quota: a bucket of 3 refilled one every 100 s. Three
+/// pass, each answer saying how much is left and when the bucket is full;
+/// the fourth waits for the first to come back.
+#[tokio::test]
+async fn a_bucket_refills_continuously_and_says_so_as_openai_does() {
+    let mock = MockUpstream::start(Behaviour::new().bucket(3, Duration::from_secs(300))).await;
+    let client = client();
+    let ms = |resp: &reqwest::Response, name: &str| -> u64 {
+        let value = header(resp, name);
+        value.strip_suffix("ms").unwrap_or(value).parse().expect("milliseconds")
+    };
+    for (remaining, full_in) in [("2", 100_000), ("1", 200_000), ("0", 300_000)] {
+        let resp = get(&client, mock.url()).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(header(&resp, "x-ratelimit-limit-requests"), "3");
+        assert_eq!(header(&resp, "x-ratelimit-remaining-requests"), remaining);
+        let reset = ms(&resp, "x-ratelimit-reset-requests");
+        assert!((full_in - 1_000..=full_in).contains(&reset), "full again in {reset} ms, not ~{full_in}");
+    }
+    let resp = get(&client, mock.url()).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(header(&resp, "x-ratelimit-remaining-requests"), "0");
+    let wait = ms(&resp, "retry-after-ms");
+    assert!((99_000..=100_001).contains(&wait), "retry-after-ms {wait}");
+    assert_eq!(header(&resp, "retry-after"), "100");
+    assert_eq!(mock.count_status(200), 3, "the refused request took nothing");
+    mock.shutdown().await;
+}
+
 /// GitHub-shaped limits: points where a POST costs 5, and a write limit on
 /// POSTs only. A refusal names its resource and counts in no window.
 #[tokio::test]

@@ -326,6 +326,39 @@ async fn github_style_remaining_quota_is_spread() {
     assert!(peak <= 10, "{peak} requests within one second: the quota was not spread evenly");
 }
 
+/// OpenAI's request quota refills as it is used, and its reset is the time
+/// until it is full again. Another client has just spent it: read as a
+/// fixed window, "nothing left, full in 4 s" paused pacegate for the whole
+/// 4 s, where one request comes back every 100 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_request_quota_is_spent_at_its_refill_rate() {
+    // 40 requests, refilled at 10/s; pacegate is told 100/s.
+    let mock = MockUpstream::start(Behaviour::new().bucket(40, Duration::from_secs(4))).await;
+    let pg = Pacegate::start(&api(&mock.url(), "rate = \"100/s\"", "")).await;
+    let other = client();
+    for _ in 0..40 {
+        let response = other.get(mock.url()).send().await.expect("the mock answers");
+        assert_eq!(response.status(), 200, "the other client spends the bucket");
+    }
+    mock.forget_arrivals();
+
+    let started = Instant::now();
+    let answers = fire(&pg.url("/api/item"), 30, 30).await;
+    let makespan = started.elapsed();
+
+    let arrivals = mock.arrivals();
+    let refused = mock.count_status(429);
+    println!(
+        "30 requests, 429s {refused}, makespan {makespan:?}, arrivals (ms): {:?}",
+        offsets_ms(&arrivals)
+    );
+    assert!(answers.iter().all(|a| a.status == 200), "{answers:?}");
+    // 30 requests at 10/s from an empty bucket: 3 s. Waiting for the bucket
+    // to be full first took 4 s more.
+    assert!(makespan < Duration::from_millis(4_300), "makespan {makespan:?} for 3 s of quota");
+    assert!(refused <= 4, "{refused} 429s: the pace ran ahead of the refill");
+}
+
 // === which methods are retried ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

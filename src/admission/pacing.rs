@@ -253,16 +253,13 @@ impl Pacing {
                 tracing::info!(upstream = %name, rate, reason = PauseReason::RateLimited.as_str(), "adaptive rate lowered");
             }
         }
-        if let Some(hint) = feedback.hint {
-            if hint.remaining == 0 && !hint.reset_after.is_zero() {
-                learned.cooled +=
-                    self.cool_down(name, now, hint.reset_after, PauseReason::RatelimitRemaining);
-                self.hint_cap = None;
-                learned.pause = learned.pause.max(Some(hint.reset_after));
-            } else if !hint.reset_after.is_zero() {
-                let rate = hint.remaining as f64 / hint.reset_after.as_secs_f64();
-                self.hint_cap = Some((rate, later(now, hint.reset_after)));
+        if let Some(hint) = feedback.hint.filter(|hint| !hint.reset_after.is_zero()) {
+            let pace = hint.pace();
+            if let Some(pause) = pace.pause {
+                learned.cooled += self.cool_down(name, now, pause, PauseReason::RatelimitRemaining);
+                learned.pause = learned.pause.max(Some(pause));
             }
+            self.hint_cap = pace.cap.map(|rate| (rate, later(now, hint.reset_after)));
         }
         self.refresh_cap(name, now);
         learned
@@ -351,7 +348,7 @@ pub struct Learned {
 mod tests {
     use super::*;
     use crate::config::parse_rate;
-    use crate::retry::RateLimitHint;
+    use crate::retry::{RateLimitHint, Refill};
 
     fn quotas(rates: &[&str]) -> Quotas {
         let rate = rates.iter().map(|r| parse_rate(r).expect("rate")).collect();
@@ -422,7 +419,12 @@ mod tests {
         let t0 = Instant::now();
         let ms = |at: Instant| at.duration_since(t0).as_millis();
         let mut pacing = Pacing::new(&quotas(&["10/s"]), t0);
-        let hint = RateLimitHint { limit: None, remaining: 2, reset_after: Duration::from_secs(2) };
+        let hint = RateLimitHint {
+            limit: None,
+            remaining: 2,
+            reset_after: Duration::from_secs(2),
+            refill: Refill::AtReset,
+        };
         let feedback = Feedback {
             partition: 0,
             limit: None,
@@ -441,12 +443,38 @@ mod tests {
         assert!((3_000..=3_030).contains(&thirty), "{thirty}");
     }
 
+    /// A refilling bucket with nothing left (OpenAI: 600 a minute, full in
+    /// 60 s) pauses until one unit is back, then paces at its refill rate.
+    #[test]
+    fn a_spent_refilling_bucket_waits_one_unit_then_keeps_its_pace() {
+        let t0 = Instant::now();
+        let ms = |at: Instant| at.duration_since(t0).as_millis();
+        let mut pacing = Pacing::new(&quotas(&["100/s"]), t0);
+        let reset_after = Duration::from_secs(60);
+        let hint = RateLimitHint { limit: Some(600), remaining: 0, reset_after, refill: Refill::Continuous };
+        let feedback = Feedback {
+            partition: 0,
+            limit: None,
+            sent_at: t0,
+            rate_limited: false,
+            cooldown: None,
+            hint: Some(hint),
+        };
+        let learned = pacing.learn("u", &feedback, false, t0);
+        assert_eq!(learned.pause, Some(Duration::from_millis(100)), "the pause other replicas are told");
+        let floor = pacing.floor(t0);
+        assert_eq!(ms(floor.at(0)), 100, "the next unit is back in 100 ms, not 60 s");
+        let fourth = ms(floor.at(3));
+        assert!((390..=400).contains(&fourth), "then about one every 100 ms, not 100/s: {fourth}");
+    }
+
     #[test]
     fn absurd_waits_from_the_network_do_not_overflow() {
         let t0 = Instant::now();
         let mut pacing = Pacing::new(&quotas(&["10/s"]), t0);
         for remaining in [0, 5] {
-            let hint = RateLimitHint { limit: None, remaining, reset_after: Duration::MAX };
+            let hint =
+                RateLimitHint { limit: None, remaining, reset_after: Duration::MAX, refill: Refill::AtReset };
             let feedback = Feedback {
                 partition: 0,
                 limit: None,

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::config::parse_rate;
-use crate::retry::RateLimitHint;
+use crate::retry::{RateLimitHint, Refill};
 
 /// A queued caller: a number, and whether it went away.
 #[derive(Debug)]
@@ -299,7 +299,12 @@ fn retry_after_is_the_time_the_queue_takes_to_drain() {
         sent_at: b.t0,
         rate_limited: false,
         cooldown: None,
-        hint: Some(RateLimitHint { limit: None, remaining: 0, reset_after: Duration::from_secs(3) }),
+        hint: Some(RateLimitHint {
+            limit: None,
+            remaining: 0,
+            reset_after: Duration::from_secs(3),
+            refill: Refill::AtReset,
+        }),
     };
     b.core.feedback(&feedback, false, b.t0);
     let estimate = b.core.estimate_wait(b.at(1_000)).as_secs_f64();

@@ -16,12 +16,9 @@
 
 use std::time::{Duration, SystemTime};
 
+use crate::retry::parse::{parse_go_duration, parse_rfc3339, parse_u64};
+use crate::retry::{RateLimitHint, Refill};
 use http::HeaderMap;
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
-
-use crate::retry::RateLimitHint;
-use crate::retry::parse::{parse_go_duration, parse_u64};
 
 /// The token quotas an answer reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -54,14 +51,15 @@ fn openai(headers: &HeaderMap) -> Option<RateLimitHint> {
         remaining: parse_u64(header_str(headers, "x-ratelimit-remaining-tokens")?)?,
         reset_after: parse_go_duration(header_str(headers, "x-ratelimit-reset-tokens")?)?,
         limit: header_str(headers, "x-ratelimit-limit-tokens").and_then(parse_u64),
+        refill: Refill::Continuous,
     })
 }
 
 /// Whether the answer says the request quota (not a token quota) is spent:
 /// OpenAI's `x-ratelimit-remaining-requests: 0` or Anthropic's
 /// `anthropic-ratelimit-requests-remaining: 0`. Then a 429 is about
-/// requests, and cools the whole partition. Only the spent state is read:
-/// both providers' resets are the time to a *full* refill, no pace.
+/// requests, and cools the whole partition. (The pace these quotas keep is
+/// read with every request quota's, by `retry::rate_limit`.)
 pub fn requests_spent(headers: &HeaderMap) -> bool {
     ["x-ratelimit-remaining-requests", "anthropic-ratelimit-requests-remaining"]
         .into_iter()
@@ -76,12 +74,8 @@ fn anthropic(headers: &HeaderMap, kind: &str, now: SystemTime) -> Option<RateLim
         remaining: parse_u64(field("remaining")?)?,
         reset_after: reset_at.duration_since(now).unwrap_or(Duration::ZERO),
         limit: field("limit").and_then(parse_u64),
+        refill: Refill::Continuous,
     })
-}
-
-/// An RFC 3339 time (`2025-08-21T12:40:59Z`, offsets and fractions allowed).
-pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
-    OffsetDateTime::parse(text, &Rfc3339).ok().map(SystemTime::from)
 }
 
 /// The first value of `name` as trimmed text. UTF-8, not only ASCII: Go
@@ -116,7 +110,7 @@ mod tests {
     }
 
     fn hint(limit: Option<u64>, remaining: u64, reset_after: Duration) -> Option<RateLimitHint> {
-        Some(RateLimitHint { limit, remaining, reset_after })
+        Some(RateLimitHint { limit, remaining, reset_after, refill: Refill::Continuous })
     }
 
     #[test]

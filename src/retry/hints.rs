@@ -11,8 +11,12 @@
 //! - [`rate_limit`]: how much quota is left and when it resets, from the first
 //!   complete family among, in order: GitHub's `X-RateLimit-*`, the IETF
 //!   draft's `RateLimit-*`, OpenAI's `x-ratelimit-*-requests` (Go durations
-//!   such as `6m0s`). The draft's newer single structured `RateLimit:`
-//!   field is not read yet.
+//!   such as `6m0s`), Anthropic's `anthropic-ratelimit-requests-*` (RFC 3339
+//!   times). The draft's newer single structured `RateLimit:` field is not
+//!   read yet.
+//!
+//! The families do not mean the same by "reset" ([`Refill`]), so a hint
+//! says what it asks of pacing itself ([`RateLimitHint::pace`]).
 //!
 //! Time is passed in (`now`) so date arithmetic is testable.
 
@@ -20,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderName};
 
-use super::parse::{parse_decimal, parse_go_duration, parse_u64};
+use super::parse::{parse_decimal, parse_go_duration, parse_rfc3339, parse_u64};
 
 /// `X-RateLimit-Reset` values above this many seconds are epoch timestamps
 /// (this is September 2001); below, delta seconds. No API announces a reset
@@ -30,12 +34,68 @@ pub const EPOCH_THRESHOLD_SECS: u64 = 1_000_000_000;
 /// An upstream's report of its own quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimitHint {
-    /// The quota size, when reported; informational.
+    /// The quota size, when reported.
     pub limit: Option<u64>,
-    /// Requests left before the reset.
+    /// Units left now.
     pub remaining: u64,
-    /// Time from `now` until the quota resets (zero if already past).
+    /// Time from `now` until the reset (zero if already past).
     pub reset_after: Duration,
+    /// What the reset is.
+    pub refill: Refill,
+}
+
+/// How a quota comes back, which decides what its reset means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refill {
+    /// A fixed window (GitHub, the IETF draft): nothing comes back before
+    /// the reset, everything at it.
+    AtReset,
+    /// A bucket that refills as it is used (OpenAI, Anthropic): the reset is
+    /// the time until it is *full* again, so the quota comes back at
+    /// `(limit - remaining) / reset` all along.
+    Continuous,
+}
+
+/// What a hint asks of pacing.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct HintPace {
+    /// Send nothing for this long.
+    pub pause: Option<Duration>,
+    /// Send no faster than this many requests a second until the reset.
+    pub cap: Option<f64>,
+}
+
+impl RateLimitHint {
+    /// The pause and pace that spend the quota evenly until the reset.
+    ///
+    /// - A fixed window spreads what remains, `remaining / reset`; with
+    ///   nothing left it pauses until the reset.
+    /// - A refilling bucket has `remaining` now and gets `limit - remaining`
+    ///   back by the reset: `limit / reset` spends both by then. With
+    ///   nothing left it pauses until one unit is back, `reset / limit`,
+    ///   then keeps that pace. Without `limit` only "nothing left" is read
+    ///   (a pause until the reset): `remaining / reset` would pace far below
+    ///   the quota.
+    ///
+    /// A reset that is already past asks nothing.
+    pub fn pace(&self) -> HintPace {
+        if self.reset_after.is_zero() {
+            return HintPace::default();
+        }
+        let per_second = |units: u64| Some(units as f64 / self.reset_after.as_secs_f64());
+        let spent = self.remaining == 0;
+        match (self.refill, self.limit.filter(|limit| *limit > 0)) {
+            (Refill::AtReset, _) if spent => HintPace { pause: Some(self.reset_after), cap: None },
+            (Refill::AtReset, _) => HintPace { pause: None, cap: per_second(self.remaining) },
+            (Refill::Continuous, Some(limit)) => {
+                let limit = limit.max(self.remaining);
+                let one_unit = Duration::try_from_secs_f64(self.reset_after.as_secs_f64() / limit as f64)
+                    .unwrap_or(self.reset_after);
+                HintPace { pause: spent.then_some(one_unit), cap: per_second(limit) }
+            }
+            (Refill::Continuous, None) => HintPace { pause: spent.then_some(self.reset_after), cap: None },
+        }
+    }
 }
 
 // The names read on every answer, built once: looking a header up by a
@@ -51,6 +111,9 @@ const LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 const X_REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
 const X_RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
 const X_LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+const ANTHROPIC_REMAINING: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-remaining");
+const ANTHROPIC_RESET: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-reset");
+const ANTHROPIC_LIMIT: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-limit");
 
 /// How long the upstream asks us to wait, if it says so in a form we read.
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
@@ -69,10 +132,13 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 pub fn rate_limit(headers: &HeaderMap, now: SystemTime) -> Option<RateLimitHint> {
     // Every answer is asked, and most report no quota: one pass over their
     // few names is cheaper than hashing the three that each scheme needs.
-    if !headers.keys().any(|name| name.as_str().contains("ratelimit-remaining")) {
+    if !headers.keys().any(|name| name.as_str().contains("ratelimit-")) {
         return None;
     }
-    github(headers, now).or_else(|| ietf_draft(headers)).or_else(|| openai(headers))
+    github(headers, now)
+        .or_else(|| ietf_draft(headers))
+        .or_else(|| openai(headers))
+        .or_else(|| anthropic(headers, now))
 }
 
 /// `X-RateLimit-*`; `Reset` is epoch seconds or delta (see [`EPOCH_THRESHOLD_SECS`]).
@@ -84,7 +150,8 @@ fn github(headers: &HeaderMap, now: SystemTime) -> Option<RateLimitHint> {
     } else {
         reset
     };
-    Some(RateLimitHint { limit: header_str(headers, &X_LIMIT).and_then(parse_u64), remaining, reset_after })
+    let limit = header_str(headers, &X_LIMIT).and_then(parse_u64);
+    Some(RateLimitHint { limit, remaining, reset_after, refill: Refill::AtReset })
 }
 
 /// `RateLimit-*` of draft-ietf-httpapi-ratelimit-headers; `Reset` is delta seconds.
@@ -93,15 +160,29 @@ fn ietf_draft(headers: &HeaderMap) -> Option<RateLimitHint> {
         remaining: parse_u64(header_str(headers, &REMAINING)?)?,
         reset_after: parse_decimal(header_str(headers, &RESET)?, Duration::from_secs(1))?,
         limit: header_str(headers, &LIMIT).and_then(parse_u64),
+        refill: Refill::AtReset,
     })
 }
 
-/// OpenAI's request quota; its token quota is not what we pace.
+/// OpenAI's request quota (its token quota is `llm::token_hints`'); the
+/// reset is a Go duration until the quota is full again.
 fn openai(headers: &HeaderMap) -> Option<RateLimitHint> {
     Some(RateLimitHint {
         remaining: parse_u64(header_str(headers, &X_REMAINING_REQUESTS)?)?,
         reset_after: parse_go_duration(header_str(headers, &X_RESET_REQUESTS)?)?,
         limit: header_str(headers, &X_LIMIT_REQUESTS).and_then(parse_u64),
+        refill: Refill::Continuous,
+    })
+}
+
+/// Anthropic's request quota; the reset is the RFC 3339 time at which it
+/// is full again.
+fn anthropic(headers: &HeaderMap, now: SystemTime) -> Option<RateLimitHint> {
+    Some(RateLimitHint {
+        remaining: parse_u64(header_str(headers, &ANTHROPIC_REMAINING)?)?,
+        reset_after: until(parse_rfc3339(header_str(headers, &ANTHROPIC_RESET)?)?, now),
+        limit: header_str(headers, &ANTHROPIC_LIMIT).and_then(parse_u64),
+        refill: Refill::Continuous,
     })
 }
 
@@ -186,8 +267,12 @@ mod tests {
             ("x-ratelimit-remaining", "0"),
             ("x-ratelimit-reset", "1700000060"),
         ]);
-        let want =
-            RateLimitHint { limit: Some(5000), remaining: 0, reset_after: Duration::from_millis(59_750) };
+        let want = RateLimitHint {
+            limit: Some(5000),
+            remaining: 0,
+            reset_after: Duration::from_millis(59_750),
+            refill: Refill::AtReset,
+        };
         assert_eq!(rate_limit(&h, now()), Some(want));
     }
 
@@ -206,7 +291,12 @@ mod tests {
     fn ietf_draft_headers() {
         let h =
             headers(&[("ratelimit-limit", "100"), ("ratelimit-remaining", "7"), ("ratelimit-reset", "30")]);
-        let want = RateLimitHint { limit: Some(100), remaining: 7, reset_after: Duration::from_secs(30) };
+        let want = RateLimitHint {
+            limit: Some(100),
+            remaining: 7,
+            reset_after: Duration::from_secs(30),
+            refill: Refill::AtReset,
+        };
         assert_eq!(rate_limit(&h, now()), Some(want));
     }
 
@@ -219,8 +309,82 @@ mod tests {
             ("x-ratelimit-remaining-tokens", "149984"),
             ("x-ratelimit-reset-tokens", "6m0s"),
         ]);
-        let want = RateLimitHint { limit: Some(60), remaining: 59, reset_after: Duration::from_secs(1) };
+        let want = RateLimitHint {
+            limit: Some(60),
+            remaining: 59,
+            reset_after: Duration::from_secs(1),
+            refill: Refill::Continuous,
+        };
         assert_eq!(rate_limit(&h, now()), Some(want));
+    }
+
+    #[test]
+    fn anthropic_request_headers() {
+        let h = headers(&[
+            ("anthropic-ratelimit-requests-limit", "50"),
+            ("anthropic-ratelimit-requests-remaining", "0"),
+            ("anthropic-ratelimit-requests-reset", "2023-11-14T22:13:50.25Z"),
+            ("anthropic-ratelimit-tokens-remaining", "0"),
+        ]);
+        // `now` is 2023-11-14T22:13:20.25Z.
+        let want = RateLimitHint {
+            limit: Some(50),
+            remaining: 0,
+            reset_after: Duration::from_secs(30),
+            refill: Refill::Continuous,
+        };
+        assert_eq!(rate_limit(&h, now()), Some(want));
+        // An OpenAI family, complete, comes first.
+        let h = headers(&[
+            ("anthropic-ratelimit-requests-remaining", "0"),
+            ("anthropic-ratelimit-requests-reset", "2023-11-14T22:13:50Z"),
+            ("x-ratelimit-remaining-requests", "3"),
+            ("x-ratelimit-reset-requests", "1s"),
+        ]);
+        assert_eq!(rate_limit(&h, now()).map(|hint| hint.remaining), Some(3));
+    }
+
+    fn hint(refill: Refill, limit: Option<u64>, remaining: u64, reset_secs: u64) -> RateLimitHint {
+        RateLimitHint { limit, remaining, reset_after: Duration::from_secs(reset_secs), refill }
+    }
+
+    fn paced(pause_ms: Option<u64>, cap: Option<f64>) -> HintPace {
+        HintPace { pause: pause_ms.map(Duration::from_millis), cap }
+    }
+
+    /// A fixed window spreads what remains until the reset, and with
+    /// nothing left waits for the reset, whatever the limit.
+    #[test]
+    fn a_fixed_window_spreads_what_remains() {
+        assert_eq!(hint(Refill::AtReset, Some(5000), 10, 20).pace(), paced(None, Some(0.5)));
+        assert_eq!(hint(Refill::AtReset, None, 10, 20).pace(), paced(None, Some(0.5)));
+        assert_eq!(hint(Refill::AtReset, Some(5000), 0, 20).pace(), paced(Some(20_000), None));
+    }
+
+    /// OpenAI at 500 requests a minute, 10 left, full again in 58.8 s: the
+    /// quota comes back at 490 / 58.8 s = 8.3/s, so 500 / 58.8 s spends
+    /// what is left and what comes back by the reset (10 / 58.8 s, the
+    /// fixed window's reading, would be 0.17/s). Nothing left: the next
+    /// unit is back in 58.8 s / 500.
+    #[test]
+    fn a_refilling_bucket_paces_at_its_limit_over_the_reset() {
+        let refill = Refill::Continuous;
+        let pace = hint(refill, Some(500), 10, 60).pace();
+        assert_eq!(pace, paced(None, Some(500.0 / 60.0)));
+        assert_eq!(hint(refill, Some(500), 0, 60).pace(), paced(Some(120), Some(500.0 / 60.0)));
+        // A limit below what remains (a quota raised meanwhile) is not believed.
+        assert_eq!(hint(refill, Some(5), 30, 60).pace(), paced(None, Some(0.5)));
+        // Without a limit, only "nothing left" is read, as a pause until full.
+        assert_eq!(hint(refill, None, 10, 60).pace(), paced(None, None));
+        assert_eq!(hint(refill, None, 0, 60).pace(), paced(Some(60_000), None));
+        assert_eq!(hint(refill, Some(0), 0, 60).pace(), paced(Some(60_000), None));
+    }
+
+    #[test]
+    fn a_past_reset_asks_nothing() {
+        for refill in [Refill::AtReset, Refill::Continuous] {
+            assert_eq!(hint(refill, Some(500), 0, 0).pace(), HintPace::default());
+        }
     }
 
     #[test]
@@ -236,7 +400,7 @@ mod tests {
         assert_eq!(rate_limit(&h, now()), None);
     }
 
-    const NAMES: [&str; 11] = [
+    const NAMES: [&str; 14] = [
         "retry-after",
         "retry-after-ms",
         "x-ratelimit-limit",
@@ -248,12 +412,15 @@ mod tests {
         "x-ratelimit-limit-requests",
         "x-ratelimit-remaining-requests",
         "x-ratelimit-reset-requests",
+        "anthropic-ratelimit-requests-limit",
+        "anthropic-ratelimit-requests-remaining",
+        "anthropic-ratelimit-requests-reset",
     ];
 
     proptest! {
         #[test]
         fn arbitrary_values_never_panic(
-            values in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 11),
+            values in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 14),
             secs in any::<u64>(),
         ) {
             let mut h = HeaderMap::new();
@@ -277,6 +444,21 @@ mod tests {
             }
             let _ = retry_after(&h, now());
             let _ = rate_limit(&h, now());
+        }
+
+        #[test]
+        fn any_hint_paces_without_panicking(
+            limit in proptest::option::of(any::<u64>()),
+            remaining in any::<u64>(),
+            secs in any::<u64>(),
+            nanos in 0u32..1_000_000_000,
+            continuous in any::<bool>(),
+        ) {
+            let refill = if continuous { Refill::Continuous } else { Refill::AtReset };
+            let reset_after = Duration::new(secs, nanos);
+            let pace = RateLimitHint { limit, remaining, reset_after, refill }.pace();
+            prop_assert!(pace.pause.is_none_or(|pause| pause <= reset_after));
+            prop_assert!(pace.cap.is_none_or(|cap| cap >= 0.0 && !cap.is_nan()));
         }
 
         #[test]

@@ -27,5 +27,5 @@ mod test_support;
 
 pub use backoff::{HINT_SPREAD_CAP, delay, exponential, retry_after_too_long};
 pub use budget::{DEFAULT_MIN_RETRIES_PER_SEC, DEFAULT_WINDOW, RetryBudget};
-pub use hints::{RateLimitHint, rate_limit, retry_after};
+pub use hints::{HintPace, RateLimitHint, Refill, rate_limit, retry_after};
 pub use policy::{Decision, IDEMPOTENCY_KEY, Outcome, RetryReason, classify, has_idempotency_key};

@@ -5,7 +5,10 @@
 //! because integer arithmetic on nanoseconds is exact and saturates instead
 //! of panicking: a huge value means "very long", which the caller caps.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 const NANOS_PER_SEC: u128 = 1_000_000_000;
 
@@ -57,6 +60,11 @@ pub(crate) fn parse_go_duration(s: &str) -> Option<Duration> {
         rest = &after[unit.len()..];
     }
     Some(from_nanos(total))
+}
+
+/// An RFC 3339 time (`2025-08-21T12:40:59Z`, offsets and fractions allowed).
+pub(crate) fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    OffsetDateTime::parse(text, &Rfc3339).ok().map(SystemTime::from)
 }
 
 /// Reads a leading `DIGITS[.DIGITS]` (Go also allows `.5` and `5.`, so do

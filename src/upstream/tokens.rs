@@ -28,7 +28,7 @@ use crate::admission::{Needs, Reservation, Settlement, TokenQuotas};
 use crate::body::{BoxError, Guarded, ProxyBody, RequestBody};
 use crate::config::{self, TokenKind};
 use crate::llm::{self, Basis, UsageScanner};
-use crate::retry::RateLimitHint;
+use crate::retry::{RateLimitHint, Refill};
 
 /// A JSON answer is kept whole up to this size to read its usage; past it,
 /// only its last [`JSON_TAIL_BYTES`] (where `usage` is) are kept.
@@ -93,6 +93,9 @@ impl Upstream {
     /// until its reset. A quota with tokens left is not a pace: providers
     /// give the time until the quota is *fully* replenished, and it refills
     /// as it is used, so `remaining / reset` would pace far below the quota.
+    /// Nor is a refilling bucket's own reading ([`RateLimitHint::pace`]):
+    /// its unit is one token and the next call needs many, so an exhausted
+    /// quota is read as a window that resets (docs/tokens.md).
     pub fn exhausted_token_quotas(&self, headers: &http::HeaderMap) -> Vec<(usize, RateLimitHint)> {
         let quotas = TokenQuotas::of(&self.config);
         if quotas.is_empty() {
@@ -108,6 +111,7 @@ impl Upstream {
             .into_iter()
             .filter_map(|(kind, hint)| Some((quotas.index(kind)?, hint?)))
             .filter(|(_, hint)| hint.remaining == 0 && !hint.reset_after.is_zero())
+            .map(|(index, hint)| (index, RateLimitHint { refill: Refill::AtReset, ..hint }))
             .collect()
     }
 }

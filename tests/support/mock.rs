@@ -19,7 +19,9 @@
 //!    with `Retry-After` once `n` were accepted within `window`; each
 //!    [`Resource`] (a named limit on some methods, each request costing
 //!    units) likewise, adding `x-ratelimit-resource: <name>` as GitHub does.
-//!    A request refused by one window counts in none;
+//!    A request refused by one window counts in none. `bucket` is OpenAI's
+//!    kind of request quota instead: it refills continuously, and every
+//!    answer says so in `x-ratelimit-{limit,remaining,reset}-requests`;
 //! 4. the path: `/echo…` answers 200 JSON `{"method","path","query",
 //!    "headers","body_len"}`; `/sse?n=5&interval_ms=50` streams `n` events
 //!    `data: i\n\n` `interval_ms` apart; `/status/NNN` answers NNN;
@@ -122,6 +124,9 @@ pub struct Behaviour {
     never_read: bool,
     /// Named limits on some requests, checked after `limit`.
     resources: Vec<Resource>,
+    /// `(limit, window)` of an OpenAI-style request quota: a bucket of
+    /// `limit` requests refilled at `limit / window`.
+    bucket: Option<(u64, Duration)>,
 }
 
 /// A named limit over some requests, as APIs with several limits have
@@ -193,6 +198,8 @@ struct State {
     spent: Vec<VecDeque<(Instant, u64)>>,
     /// `(window index, requests counted)` for `rate_limit_headers`.
     fixed_window: (u64, u64),
+    /// When `bucket` is full again (GCRA's theoretical arrival time).
+    bucket_full_at: Instant,
 }
 
 /// The answer chosen on arrival; the body is produced after latency.
@@ -272,6 +279,19 @@ impl Behaviour {
     /// Add a named limit (see [`Resource`]), checked after `limit`.
     pub fn resource(mut self, resource: Resource) -> Self {
         self.resources.push(resource);
+        self
+    }
+
+    /// An OpenAI-style request quota, checked after `limit`: a bucket of
+    /// `limit` requests refilled continuously at `limit / window`. A request
+    /// takes one request's worth or gets 429 with `retry-after-ms` (and
+    /// `Retry-After`, whole seconds, at least 1) until one is back. Every
+    /// answer carries `x-ratelimit-limit-requests`, `-remaining-requests`
+    /// (whole requests left) and `-reset-requests` (the time until the
+    /// bucket is full, in milliseconds rounded up, as OpenAI documents it).
+    pub fn bucket(mut self, limit: u64, window: Duration) -> Self {
+        assert!(limit > 0 && !window.is_zero(), "bucket needs a limit and a window");
+        self.bucket = Some((limit, window));
         self
     }
 
@@ -473,6 +493,7 @@ impl State {
             accepted: VecDeque::new(),
             spent: vec![VecDeque::new(); behaviour.resources.len()],
             fixed_window: (0, 0),
+            bucket_full_at: Instant::now(),
             behaviour,
         }
     }
@@ -511,6 +532,10 @@ impl State {
         if let Some((wait, resource)) = self.refusal(now, method) {
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            if self.behaviour.bucket.is_some() {
+                headers.insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64 + 1));
+                self.bucket_headers(now, &mut headers);
+            }
             if let Some(name) = resource.and_then(|name| HeaderValue::from_str(&name).ok()) {
                 headers.insert("x-ratelimit-resource", name);
             }
@@ -518,6 +543,10 @@ impl State {
         }
         if self.behaviour.limit.is_some() {
             self.accepted.push_back(now);
+        }
+        if let Some((limit, window)) = self.behaviour.bucket {
+            self.bucket_full_at = self.bucket_full_at.max(now) + window / limit as u32;
+            self.bucket_headers(now, &mut headers);
         }
         for (resource, spent) in self.behaviour.resources.iter().zip(&mut self.spent) {
             if let Some(units) = resource.cost_of(method) {
@@ -542,6 +571,13 @@ impl State {
                 return Some(((oldest + window).duration_since(now), None));
             }
         }
+        if let Some((limit, window)) = self.behaviour.bucket {
+            let per_request = window / limit as u32;
+            let owed = self.bucket_full_at.saturating_duration_since(now);
+            if owed + per_request > window {
+                return Some((owed + per_request - window, None));
+            }
+        }
         for (resource, spent) in self.behaviour.resources.iter().zip(&mut self.spent) {
             let Some(cost) = resource.cost_of(method) else { continue };
             while spent.front().is_some_and(|(t, _)| now.duration_since(*t) >= resource.window) {
@@ -564,6 +600,20 @@ impl State {
             return Some((wait, Some(resource.name.clone())));
         }
         None
+    }
+
+    /// The bucket's state at `now`, OpenAI-style.
+    fn bucket_headers(&self, now: Instant, headers: &mut HeaderMap) {
+        let Some((limit, window)) = self.behaviour.bucket else { return };
+        let owed = self.bucket_full_at.saturating_duration_since(now);
+        let per_request = window / limit as u32;
+        let remaining = (window - owed.min(window)).as_nanos() / per_request.as_nanos();
+        let reset_ms = owed.as_nanos().div_ceil(1_000_000);
+        headers.insert("x-ratelimit-limit-requests", HeaderValue::from(limit));
+        headers.insert("x-ratelimit-remaining-requests", HeaderValue::from(remaining as u64));
+        let reset =
+            HeaderValue::from_str(&format!("{reset_ms}ms")).expect("digits and `ms` are a header value");
+        headers.insert("x-ratelimit-reset-requests", reset);
     }
 
     /// Count this arrival in the fixed window and report it GitHub-style.
