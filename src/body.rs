@@ -444,7 +444,12 @@ pin_project_lite::pin_project! {
 
 /// Streams an upstream's body to the caller; `guard` is released when the
 /// body ends.
-pub fn guarded<G: Send + Sync + 'static>(inner: Incoming, guard: G) -> ProxyBody {
+pub fn guarded<B, G>(inner: B, guard: G) -> ProxyBody
+where
+    B: Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+    G: Send + Sync + 'static,
+{
     Guarded::new(inner, guard).boxed()
 }
 

@@ -476,6 +476,49 @@ async fn hop_by_hop_headers_are_stripped() {
 
 // === bodies and streams ===
 
+/// An answer's trailer fields reach a caller that accepts them, cleaned as
+/// the head is: hop-by-hop names and an upstream's own `x-pacegate-*` stay
+/// behind. The upstream is raw bytes, to send trailers it was not asked
+/// for; it announces them all in `Trailer`, since hyper sends an HTTP/1.1
+/// caller only the fields announced.
+#[tokio::test]
+async fn answer_trailers_pass_without_hop_by_hop_or_pacegate_names() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream_url = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("pacegate connects");
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8];
+            if socket.read(&mut byte).await.expect("a request head") == 0 {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        let answer = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum, x-pacegate-error, keep-alive\r\n\r\n\
+                      2\r\nok\r\n0\r\nx-checksum: abc\r\nx-pacegate-error: forged\r\n\
+                      keep-alive: timeout=5\r\n\r\n";
+        socket.write_all(answer.as_bytes()).await.expect("the answer is sent");
+        let _ = socket.read(&mut [0u8; 1]).await;
+    });
+    let pg = Pacegate::start(&upstream("api", &upstream_url, "rate = \"100/s\"")).await;
+
+    let mut caller =
+        tokio::net::TcpStream::connect(pg.url("").trim_start_matches("http://").trim_end_matches('/'))
+            .await
+            .expect("connect to pacegate");
+    let request = "GET /api/t HTTP/1.1\r\nHost: pacegate\r\nTE: trailers\r\nConnection: close\r\n\r\n";
+    caller.write_all(request.as_bytes()).await.expect("send");
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, caller.read_to_end(&mut answer)).await.expect("answered").expect("read");
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    let trailers = answer.split_once("\r\n0\r\n").map(|(_, rest)| rest).unwrap_or_else(|| panic!("{answer}"));
+    assert!(trailers.contains("x-checksum: abc\r\n"), "the trailer field was lost: {answer}");
+    assert!(!trailers.contains("forged"), "an upstream's x-pacegate-* passed in trailers: {answer}");
+    assert!(!trailers.contains("keep-alive"), "a hop-by-hop trailer field passed: {answer}");
+}
+
 #[tokio::test]
 async fn server_sent_events_stream_through() {
     let mock = MockUpstream::start(Behaviour::new()).await;

@@ -17,7 +17,10 @@ use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Frame;
 
 use crate::admission::{Needs, SINGLE, TokenQuotas};
 pub use crate::admission::{Place, Priority, Refusal};
@@ -215,7 +218,16 @@ pub fn inbound_response<G: Send + Sync + 'static>(
 ) -> Response<ProxyBody> {
     let (mut parts, incoming) = response.into_parts();
     clean_head(&mut parts);
-    Response::from_parts(parts, body::guarded(incoming, guard))
+    Response::from_parts(parts, body::guarded(incoming.map_frame(clean_trailers), guard))
+}
+
+/// An answer's trailer fields, cleaned as its head is: hop-by-hop names
+/// and `x-pacegate-*` do not pass in trailers either.
+pub(crate) fn clean_trailers(mut frame: Frame<Bytes>) -> Frame<Bytes> {
+    if let Some(trailers) = frame.trailers_mut() {
+        headers::strip_hop_by_hop(trailers, Way::Answer);
+    }
+    frame
 }
 
 /// An upstream answer's head as the caller may see it: hop-by-hop headers
