@@ -484,24 +484,11 @@ async fn hop_by_hop_headers_are_stripped() {
 #[tokio::test]
 async fn answer_trailers_pass_without_hop_by_hop_or_pacegate_names() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let upstream_url = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await.expect("pacegate connects");
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut byte = [0u8];
-            if socket.read(&mut byte).await.expect("a request head") == 0 {
-                return;
-            }
-            head.push(byte[0]);
-        }
-        let answer = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum, x-pacegate-error, keep-alive\r\n\r\n\
-                      2\r\nok\r\n0\r\nx-checksum: abc\r\nx-pacegate-error: forged\r\n\
-                      keep-alive: timeout=5\r\n\r\n";
-        socket.write_all(answer.as_bytes()).await.expect("the answer is sent");
-        let _ = socket.read(&mut [0u8; 1]).await;
-    });
+    let upstream_url = support::raw_upstream(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum, x-pacegate-error, keep-alive\r\n\r\n\
+         2\r\nok\r\n0\r\nx-checksum: abc\r\nx-pacegate-error: forged\r\nkeep-alive: timeout=5\r\n\r\n",
+    )
+    .await;
     let pg = Pacegate::start(&upstream("api", &upstream_url, "rate = \"100/s\"")).await;
 
     let mut caller =

@@ -225,6 +225,24 @@ async fn an_answer_too_large_to_read_is_not_retried() {
     assert_eq!(mock.count(), 1, "not retried");
 }
 
+/// An answer with a transfer coding other than `chunked` would reach the
+/// caller still coded, with nothing saying so (`Transfer-Encoding` is
+/// hop-by-hop): it is 502 at once, as nginx answers it, and not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_with_a_transfer_coding_other_than_chunked_is_502() {
+    let upstream_url = support::raw_upstream(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    )
+    .await;
+    let pg = Pacegate::start(&api(&upstream_url, "rate = \"100/s\"", "")).await;
+    let response = client().get(pg.url("/api/item")).send().await.unwrap();
+    assert_eq!(response.status(), 502);
+    assert_eq!(response.headers()["x-pacegate-error"], "upstream_unreachable");
+    assert_eq!(attempts_of(&response), 1, "the same answer again would not help");
+    let body = response.text().await.unwrap();
+    assert!(body.contains("gzip, chunked"), "{body}");
+}
+
 /// Retries that ignore `Retry-After` still never cool the upstream down
 /// for longer than `max_retry_after`: an absurd hint costs `base_delay`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,9 +29,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use futures_util::future::Either;
+use http::header::{HOST, TRANSFER_ENCODING};
 use http::uri::{Authority, Parts, Scheme};
-use http::{HeaderValue, Request, Response, Uri, Version, header::HOST};
-use hyper::body::Incoming;
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use hyper::body::{Body, Incoming};
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
@@ -64,10 +65,27 @@ pub enum SendError {
     /// The connection broke after (part of) the request may have been sent.
     #[error("connection broken: {0}")]
     Broken(String),
-    /// The answer's head is larger than the client reads (more than 100
-    /// header fields, or 400 KiB): the same again on a retry, so never retried.
-    #[error("the answer's head is too large: {0}")]
+    /// An answer that cannot be passed on, the same again on a retry, so
+    /// never retried: its head is larger than the client reads (more than
+    /// 100 header fields, or 400 KiB), or its body has a transfer coding
+    /// other than `chunked`.
+    #[error("the answer cannot be passed on: {0}")]
     Unreadable(String),
+}
+
+/// Why an answer carries a transfer coding other than `chunked` (`gzip,
+/// chunked`), if it does. hyper takes the chunking off and leaves the rest,
+/// and `Transfer-Encoding` is hop-by-hop: the caller would get a coded body
+/// with nothing saying so. nginx answers such an upstream 502 too.
+fn foreign_coding(headers: &HeaderMap) -> Option<String> {
+    let foreign = |value: &HeaderValue| {
+        value
+            .as_bytes()
+            .split(|b| *b == b',')
+            .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+    };
+    let value = headers.get_all(TRANSFER_ENCODING).iter().find(|value| foreign(value))?;
+    Some(format!("its Transfer-Encoding is {value:?}: no coding but chunked is decoded"))
 }
 
 /// DNS, TCP (nodelay, 10 s connect timeout) and rustls, as before the pool.
@@ -178,7 +196,14 @@ impl Pool {
                 match sender.try_send(request).await {
                     Ok(response) => {
                         self.release(target, sender);
-                        return Ok(response);
+                        // A body of known length has no transfer coding:
+                        // most answers are read without a lookup.
+                        let sized = response.body().size_hint().exact().is_some();
+                        let coded = if sized { None } else { foreign_coding(response.headers()) };
+                        return match coded {
+                            None => Ok(response),
+                            Some(coding) => Err(SendError::Unreadable(coding)),
+                        };
                     }
                     // Closed before the request was written: legacy's
                     // `retry_canceled_requests`, on the next connection. Each
@@ -196,7 +221,7 @@ impl Pool {
                             let reason = error_chain(&error);
                             let too_large = error.is_parse_too_large();
                             return Err(if too_large {
-                                SendError::Unreadable(reason)
+                                SendError::Unreadable(format!("its head is too large: {reason}"))
                             } else {
                                 SendError::Broken(reason)
                             });

@@ -259,3 +259,32 @@ pub async fn echo_server() -> std::net::SocketAddr {
     });
     addr
 }
+
+/// An upstream that answers every request with these exact bytes, whatever
+/// hyper would refuse to write itself (trailers nobody asked for, a
+/// transfer coding it does not speak); its URL. Each connection is read up
+/// to the end of the request head, answered, then held until the peer
+/// closes it.
+pub async fn raw_upstream(answer: &'static str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a raw upstream");
+    let url = format!("http://{}", listener.local_addr().expect("its address"));
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match socket.read(&mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                if socket.write_all(answer.as_bytes()).await.is_ok() {
+                    let _ = socket.read(&mut byte).await;
+                }
+            });
+        }
+    });
+    url
+}
