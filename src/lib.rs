@@ -87,7 +87,7 @@
 //!           image tokenizer
 //!           sse
 //!           calibration endpoint headers refusal usage
-//! cache     flight store
+//! cache     flight store writes
 //!           conditional key
 //! tls       mitm
 //!           ca

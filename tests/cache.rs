@@ -311,6 +311,28 @@ async fn a_write_that_succeeded_invalidates_its_uri() {
     assert_eq!(get(&http, url, &[]).await.cache, "miss", "the write made the entry go");
 }
 
+/// A GET under way when a write to its URI goes through may bring back
+/// what was there before the write: it is served to its caller, and not
+/// stored, so the next GET asks the upstream again.
+#[tokio::test]
+async fn a_get_under_way_during_a_write_is_not_stored() {
+    let mock = MockUpstream::start(Behaviour::new().latency(Duration::from_millis(600))).await;
+    let pacegate = cached_pacegate(&mock, "").await;
+    let http = client();
+    let url = pacegate.url("/api/cached?max_age=60");
+    let before = spawn_get(&http, url.clone());
+    assert!(mock.wait_for_arrivals(1, PATIENCE).await, "the GET reached the upstream");
+    mock.set_behaviour(Behaviour::new());
+    let put = http.request(Method::PUT, url.clone()).body("x").timeout(PATIENCE).send().await;
+    assert_eq!(put.expect("an answer").status(), 200, "the write went through first");
+    let before = before.await.expect("request task");
+    assert_eq!((before.status, before.cache.as_str()), (200, "miss"));
+    assert_eq!(mock.count(), 2, "the GET was still under way after the write");
+    let after = get(&http, url, &[]).await;
+    assert_eq!(after.cache, "miss", "the answer fetched across the write was stored");
+    assert_eq!(mock.count(), 3);
+}
+
 #[tokio::test]
 async fn reload_keeps_entries_that_still_fit() {
     let mock = MockUpstream::start(Behaviour::new()).await;

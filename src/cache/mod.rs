@@ -5,13 +5,15 @@
 //! request that APIs such as GitHub do not count when it draws a 304; and
 //! coalescing turns a crowd of identical requests into one queue place.
 //! It keeps one private cache per credential ([`key`]), bounded in bytes
-//! ([`store`]); the fetch that callers share is a [`flight`]. The request
-//! path that uses them is `proxy::cached`.
+//! ([`store`]); the fetch that callers share is a [`flight`]; the writes
+//! that invalidated entries are remembered for the fetches under way
+//! ([`writes`]). The request path that uses them is `proxy::cached`.
 
 pub mod conditional;
 pub mod flight;
 pub mod key;
 pub mod store;
+pub mod writes;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -25,6 +27,7 @@ use crate::metrics::UpstreamMetrics;
 use flight::{Flight, Waiter};
 use key::{Key, Keyer};
 use store::{Seen, Store};
+use writes::{Mark, Writes};
 
 /// Answer header saying what the cache did: `hit`, `miss`, `revalidated`,
 /// `coalesced` or `bypass`.
@@ -92,6 +95,8 @@ pub struct Cache {
     followers: Arc<AtomicUsize>,
     counts: [AtomicU64; 5],
     metrics: Arc<UpstreamMetrics>,
+    /// Writes that invalidated entries, for the fetches under way.
+    writes: Writes,
 }
 
 /// `/status` of a cache.
@@ -128,6 +133,7 @@ impl Cache {
             followers: Arc::default(),
             counts: Default::default(),
             metrics,
+            writes: Writes::default(),
         }
     }
 
@@ -138,6 +144,24 @@ impl Cache {
             self.store.store(Arc::new(store));
             self.settings.store(Arc::new(settings));
         }
+    }
+
+    /// A write to `key` went through: what is stored for it goes, and a
+    /// fetch under way for it will not be stored.
+    pub fn invalidate(&self, key: Key) {
+        self.writes.record(key);
+        self.store().invalidate(&key);
+    }
+
+    /// Taken before a fetch is sent: see [`Self::may_store`].
+    pub fn mark(&self) -> Mark {
+        self.writes.mark()
+    }
+
+    /// Whether an answer to `key` fetched from `mark` on may be stored: no
+    /// write to `key` went through meanwhile.
+    pub fn may_store(&self, key: &Key, mark: Mark) -> bool {
+        !self.writes.since(key, mark)
     }
 
     pub fn store(&self) -> Arc<Store> {

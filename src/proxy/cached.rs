@@ -22,6 +22,7 @@ use crate::body::{self, ProxyBody, RequestBody};
 use crate::cache::flight::{Flight, Head};
 use crate::cache::key::Key;
 use crate::cache::store::{self, Answer, Lookup, Seen, Store, Stored};
+use crate::cache::writes::Mark;
 use crate::cache::{Cache, Joined, Outcome, conditional};
 use crate::error::ProxyError;
 use crate::runtime::Runtime;
@@ -48,7 +49,7 @@ impl Proxy {
             if let Ok(response) = &result
                 && conditional::invalidates(&prepared.head.method, response.status())
             {
-                cache.store().invalidate(&cache.keyer.entry(&prepared.head));
+                cache.invalidate(cache.keyer.entry(&prepared.head));
             }
             cache.count(Outcome::Bypass);
             return (result, Outcome::Bypass);
@@ -81,6 +82,7 @@ impl Proxy {
                 let credentialed = cache.keyer.has_credential(&head.headers);
                 let (stale, validators) = stale.unzip();
                 let fetch = Fetch {
+                    mark: cache.mark(),
                     proxy: self.clone(),
                     runtime: runtime.clone(),
                     queue,
@@ -175,6 +177,8 @@ struct Fetch {
     seen: Seen,
     stale: Option<Arc<Stored>>,
     credentialed: bool,
+    /// The cache's writes before the fetch was sent.
+    mark: Mark,
 }
 
 impl Fetch {
@@ -201,7 +205,7 @@ impl Fetch {
             self.flight.publish_head(Head { status: refreshed.status, headers, source });
             self.flight.push(refreshed.body.clone()).await;
             self.flight.end(true);
-            if storable {
+            if storable && self.cache.may_store(&self.entry, self.mark) {
                 store.insert(self.entry, &self.seen, refreshed, now);
             }
             return;
@@ -235,7 +239,9 @@ impl Fetch {
             self.flight.push(data).await;
         }
         self.flight.end(true);
-        if let (Some(policy), Some(body)) = (policy, self.flight.body()) {
+        if let (Some(policy), Some(body)) = (policy, self.flight.body())
+            && self.cache.may_store(&self.entry, self.mark)
+        {
             store.insert(self.entry, &self.seen, Store::stored(policy, kept, body), now);
         }
     }
