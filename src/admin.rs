@@ -129,7 +129,7 @@ pub async fn handle(admin: Admin, request: Request<Incoming>) -> Response<ProxyB
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/") => text(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD.into()),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain; charset=utf-8", "ok".into()),
-        (&Method::GET, "/metrics") => metrics(&admin),
+        (&Method::GET, "/metrics") => metrics(&admin, request.headers()),
         (&Method::GET, "/status") => json_answer(StatusCode::OK, &status(&admin)),
         (&Method::GET, "/status/history") => json_answer(StatusCode::OK, &history(&admin)),
         (&Method::POST, "/cache/purge") => purge(&admin, request.uri().query()),
@@ -174,7 +174,16 @@ fn from_a_foreign_page(request: &Request<Incoming>, allow_remote: bool) -> Optio
     }
 }
 
-fn metrics(admin: &Admin) -> Response<ProxyBody> {
+/// Whether an `Accept` of the scrape names OpenMetrics (Prometheus's does).
+fn asks_for_openmetrics(headers: &http::HeaderMap) -> bool {
+    const OPENMETRICS: &[u8] = b"application/openmetrics-text";
+    headers.get_all(header::ACCEPT).iter().any(|accept| {
+        accept.as_bytes().windows(OPENMETRICS.len()).any(|type_| type_.eq_ignore_ascii_case(OPENMETRICS))
+    })
+}
+
+/// `/metrics`, in the format the scraper asks for.
+fn metrics(admin: &Admin, request_headers: &http::HeaderMap) -> Response<ProxyBody> {
     let runtime = admin.proxy.runtime.load();
     for upstream in &runtime.upstreams {
         let label = Metrics::upstream(&upstream.config.name);
@@ -204,7 +213,17 @@ fn metrics(admin: &Admin) -> Response<ProxyBody> {
         }
     }
     let exposition = admin.metrics.encode(runtime.config.redis.is_some());
-    text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", exposition)
+    // Prometheus asks for OpenMetrics; curl and older agents get the
+    // Prometheus text format, as exporters answer them.
+    if asks_for_openmetrics(request_headers) {
+        text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", exposition)
+    } else {
+        text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            Metrics::prometheus_text(&exposition),
+        )
+    }
 }
 
 /// `/status`: per upstream its quotas, queue, in-flight, cooldown and counts.

@@ -336,6 +336,36 @@ impl Metrics {
         out
     }
 
+    /// [`Self::encode`] in the Prometheus text format (0.0.4), for a
+    /// scraper that does not ask for OpenMetrics: `# HELP` and `# TYPE` of
+    /// a counter name its samples (`_total`), and the `# EOF` and `# UNIT`
+    /// lines, which that format does not have, are left out. Samples are
+    /// the same in both.
+    pub fn prometheus_text(openmetrics: &str) -> String {
+        let counters: std::collections::HashSet<&str> = openmetrics
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+            .collect();
+        let mut out = String::with_capacity(openmetrics.len());
+        for line in openmetrics.lines() {
+            let meta =
+                ["# HELP ", "# TYPE "].into_iter().find_map(|tag| Some((tag, line.strip_prefix(tag)?)));
+            match meta {
+                Some((tag, rest)) => {
+                    let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                    let total = if counters.contains(name) { "_total" } else { "" };
+                    out.push_str(&format!("{tag}{name}{total} {tail}\n"));
+                }
+                None if line == "# EOF" || line.starts_with("# UNIT ") => {}
+                None => {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
     pub fn upstream(name: &str) -> UpstreamLabel {
         UpstreamLabel { upstream: name.into() }
     }
@@ -593,6 +623,16 @@ impl UpstreamMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prometheus_text_names_counters_by_their_samples_and_has_no_eof() {
+        let openmetrics = "# HELP a_requests Requests.\n# TYPE a_requests counter\n\
+                           a_requests_total{u=\"x\"} 3\n# HELP a_depth Depth.\n# TYPE a_depth gauge\n\
+                           # UNIT a_depth items\na_depth 1\n# EOF\n";
+        let want = "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\n\
+                    a_requests_total{u=\"x\"} 3\n# HELP a_depth Depth.\n# TYPE a_depth gauge\na_depth 1\n";
+        assert_eq!(Metrics::prometheus_text(openmetrics), want);
+    }
 
     #[test]
     fn outcomes_are_listed_in_declaration_order() {

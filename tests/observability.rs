@@ -286,6 +286,39 @@ async fn fixed_label_series_are_exported_at_zero_from_start_up() {
     pg.stop().await.unwrap();
 }
 
+/// A scraper that asks for OpenMetrics (Prometheus does) gets it; any other
+/// gets the Prometheus text format, with the same samples: a counter's
+/// `# TYPE` names its samples, and there is no `# EOF`.
+#[tokio::test]
+async fn metrics_come_in_the_format_the_scraper_asks_for() {
+    let pg = Pacegate::start(&upstream("api", "http://api.test", "rate = \"10/s\"")).await;
+    let scrape = |accept: &'static str| {
+        let request = client().get(pg.admin_url("/metrics")).header("accept", accept);
+        async move {
+            let response = request.send().await.expect("scrape");
+            let content_type = response.headers()["content-type"].to_str().expect("text").to_owned();
+            (content_type, response.text().await.expect("metrics text"))
+        }
+    };
+    let prometheus =
+        "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1";
+    let (content_type, openmetrics) = scrape(prometheus).await;
+    assert_eq!(content_type, "application/openmetrics-text; version=1.0.0; charset=utf-8");
+    assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
+    assert!(openmetrics.contains("# TYPE pacegate_config_reloads counter\n"), "{openmetrics}");
+
+    let (content_type, text) = scrape("*/*").await;
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(!text.contains("# EOF"), "{text}");
+    assert!(text.contains("# TYPE pacegate_config_reloads_total counter\n"), "{text}");
+    assert!(text.contains("# TYPE pacegate_queue_depth gauge\n"), "{text}");
+    let samples = |text: &str| -> Vec<String> {
+        text.lines().filter(|line| !line.starts_with('#')).map(str::to_owned).collect()
+    };
+    assert_eq!(samples(&text), samples(&openmetrics), "the same samples in both");
+    pg.stop().await.unwrap();
+}
+
 // === /status ===
 
 fn unix_ms_now() -> u64 {
