@@ -276,6 +276,28 @@ async fn llm_calls_ask_for_identity_and_a_large_body_is_not_refused_on_a_guess()
     assert_eq!(arrivals[0].headers["accept-encoding"], "identity");
 }
 
+/// The mock counts an image by URL as text (its prompt rule), far from the
+/// default the estimate gives it: that answer must not move calibration,
+/// which is about the count's error. A plain call's does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calibration_learns_from_whole_counts_only() {
+    let mock = LlmMock::start(LlmBehaviour::new().output_len(5)).await;
+    let pacegate = pacegate(&mock, "tokens = \"100000/min\"\n").await;
+    let image = json!({"type": "image_url", "image_url": {"url": "https://x.test/cat.png"}});
+    let with_image = json!({"model": "gpt-4o-mini", "max_tokens": 5,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": prose(20)}, image]}]});
+    let answer = post(&pacegate, "/v1/chat/completions", &with_image).await;
+    assert_eq!(answer.status(), 200);
+    answer.bytes().await.expect("whole answer");
+    let tokens = settled(&pacegate).await;
+    assert_eq!(tokens["calibration"]["samples"], 0, "an estimate with an image of unknown size: {tokens}");
+    let answer = post(&pacegate, "/v1/chat/completions", &chat(&prose(20), Some(5), false)).await;
+    assert_eq!(answer.status(), 200);
+    answer.bytes().await.expect("whole answer");
+    let tokens = settled(&pacegate).await;
+    assert_eq!(tokens["calibration"]["samples"], 1, "a whole count: {tokens}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spent_token_quota_pauses_sending_until_its_reset() {
     // The first call takes the mock's whole window: its answer says 0 remain.

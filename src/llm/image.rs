@@ -32,14 +32,20 @@ pub enum Provider {
     Anthropic,
 }
 
-/// Tokens for one image; `data` is its base64 payload or data URL when
-/// inline, `low` is OpenAI's `detail: "low"`.
-pub fn tokens(provider: Provider, data: Option<&str>, low: bool) -> u64 {
-    let size = data.and_then(base64_payload).and_then(dimensions);
+/// Tokens for one image, and whether they follow from the image itself
+/// (`false`: the default for an image of unknown size); `data` is its
+/// base64 payload or data URL when inline, `low` is OpenAI's `detail: "low"`.
+pub fn tokens(provider: Provider, data: Option<&str>, low: bool) -> (u64, bool) {
+    if provider == Provider::OpenAi && low {
+        return (OPENAI_BASE, true);
+    }
+    let Some((w, h)) = data.and_then(base64_payload).and_then(dimensions) else {
+        let default = if provider == Provider::OpenAi { OPENAI_DEFAULT } else { ANTHROPIC_MAX };
+        return (default, false);
+    };
     match provider {
-        Provider::OpenAi if low => OPENAI_BASE,
-        Provider::OpenAi => size.map_or(OPENAI_DEFAULT, |(w, h)| openai_tiles(w, h)),
-        Provider::Anthropic => size.map_or(ANTHROPIC_MAX, |(w, h)| anthropic(w, h)),
+        Provider::OpenAi => (openai_tiles(w, h), true),
+        Provider::Anthropic => (anthropic(w, h), true),
     }
 }
 
@@ -151,25 +157,28 @@ mod tests {
     #[test]
     fn openai_tile_formula() {
         // OpenAI's published examples.
-        assert_eq!(tokens(Provider::OpenAi, Some(&png_of(1024, 1024)), false), 765);
-        assert_eq!(tokens(Provider::OpenAi, Some(&png_of(2048, 4096)), false), 1105);
-        assert_eq!(tokens(Provider::OpenAi, Some(&png_of(4096, 8192)), true), 85);
-        assert_eq!(tokens(Provider::OpenAi, Some(&png_of(100, 100)), false), 255);
+        assert_eq!(tokens(Provider::OpenAi, Some(&png_of(1024, 1024)), false), (765, true));
+        assert_eq!(tokens(Provider::OpenAi, Some(&png_of(2048, 4096)), false).0, 1105);
+        assert_eq!(tokens(Provider::OpenAi, Some(&png_of(4096, 8192)), true).0, 85);
+        assert_eq!(tokens(Provider::OpenAi, Some(&png_of(100, 100)), false).0, 255);
     }
 
     #[test]
     fn anthropic_formula() {
-        assert_eq!(tokens(Provider::Anthropic, Some(&jpeg_of(1000, 1000)), false), 1334.min(ANTHROPIC_MAX));
-        assert_eq!(tokens(Provider::Anthropic, Some(&jpeg_of(200, 200)), false), 54);
-        assert_eq!(tokens(Provider::Anthropic, Some(&png_of(8000, 8000)), false), ANTHROPIC_MAX);
+        assert_eq!(tokens(Provider::Anthropic, Some(&jpeg_of(1000, 1000)), false).0, 1334.min(ANTHROPIC_MAX));
+        assert_eq!(tokens(Provider::Anthropic, Some(&jpeg_of(200, 200)), false).0, 54);
+        assert_eq!(tokens(Provider::Anthropic, Some(&png_of(8000, 8000)), false).0, ANTHROPIC_MAX);
     }
 
     #[test]
     fn unknown_sizes_cost_the_default() {
-        assert_eq!(tokens(Provider::OpenAi, Some("https://example.com/cat.png"), false), OPENAI_DEFAULT);
-        assert_eq!(tokens(Provider::OpenAi, None, false), OPENAI_DEFAULT);
-        assert_eq!(tokens(Provider::OpenAi, Some("data:image/png;base64,!!!!"), false), OPENAI_DEFAULT);
-        assert_eq!(tokens(Provider::Anthropic, Some("aGVsbG8="), false), ANTHROPIC_MAX);
+        assert_eq!(tokens(Provider::OpenAi, Some("https://example.com/cat.png"), false).0, OPENAI_DEFAULT);
+        assert_eq!(tokens(Provider::OpenAi, None, false), (OPENAI_DEFAULT, false));
+        assert_eq!(
+            tokens(Provider::OpenAi, Some("data:image/png;base64,!!!!"), false),
+            (OPENAI_DEFAULT, false)
+        );
+        assert_eq!(tokens(Provider::Anthropic, Some("aGVsbG8="), false).0, ANTHROPIC_MAX);
         let gif = STANDARD.encode(b"GIF89a\x40\x01\xc8\x00");
         assert_eq!(dimensions(&gif), Some((320, 200)));
     }

@@ -61,6 +61,13 @@ impl Estimate {
 pub enum Basis {
     /// By the model's tokenizer (or a character ratio, [`Encoding::Chars`]).
     Counted(Encoding),
+    /// Counted, but some of the input could not be: an attachment, an
+    /// image of unknown size (each priced at a default), or context the
+    /// provider keeps (`previous_response_id`, `conversation`, a stored
+    /// `prompt`). Calibrated like a count, but what the answer reports
+    /// says nothing of the count's own error, so calibration does not
+    /// learn from it.
+    Partial(Encoding),
     /// The body could not be walked: bytes / [`FALLBACK_BYTES_PER_TOKEN`].
     Fallback,
 }
@@ -82,6 +89,7 @@ pub fn estimate(endpoint: Endpoint, body: &[u8], default_max_tokens: u64) -> Est
         counter: Counter::new(encoding),
         provider: if endpoint == Endpoint::Messages { Provider::Anthropic } else { Provider::OpenAi },
         ints_are_tokens: false,
+        guessed: false,
     };
     let field = |name: &str| request.get(name);
     match endpoint {
@@ -99,7 +107,10 @@ pub fn estimate(endpoint: Endpoint, body: &[u8], default_max_tokens: u64) -> Est
             walk.all(&[field("prompt"), field("suffix"), field("input")]);
         }
         Endpoint::Responses => {
-            walk.all(&[field("instructions"), field("input"), field("tools"), field("text")])
+            walk.all(&[field("instructions"), field("input"), field("tools"), field("text")]);
+            walk.guessed |= ["previous_response_id", "conversation", "prompt"]
+                .into_iter()
+                .any(|name| field(name).is_some_and(|value| !value.is_null()));
         }
         Endpoint::Messages => {
             walk.all(&[field("system"), field("messages"), field("tools")]);
@@ -111,7 +122,7 @@ pub fn estimate(endpoint: Endpoint, body: &[u8], default_max_tokens: u64) -> Est
     Estimate {
         input: walk.counter.tokens(),
         output: output(endpoint, &request, default_max_tokens),
-        basis: Basis::Counted(encoding),
+        basis: if walk.guessed { Basis::Partial(encoding) } else { Basis::Counted(encoding) },
     }
 }
 
@@ -141,6 +152,8 @@ struct Walk {
     provider: Provider,
     /// Completions and embeddings take prompts as token ids: one number, one token.
     ints_are_tokens: bool,
+    /// Some input was priced at a default rather than counted.
+    guessed: bool,
 }
 
 impl Walk {
@@ -167,9 +180,9 @@ impl Walk {
         let kind = object.get("type").and_then(Value::as_str).unwrap_or("");
         match kind {
             "image_url" | "input_image" | "image" => return self.image(object),
-            "input_audio" | "input_file" | "file" | "audio" => return self.counter.add(ATTACHMENT_TOKENS),
+            "input_audio" | "input_file" | "file" | "audio" => return self.attachment(),
             // A document given as text is text; as data, an attachment.
-            "document" if source_kind(object) != Some("text") => return self.counter.add(ATTACHMENT_TOKENS),
+            "document" if source_kind(object) != Some("text") => return self.attachment(),
             _ => {}
         }
         for (key, value) in object {
@@ -199,7 +212,16 @@ impl Walk {
             .and_then(Value::as_str);
         let detail =
             nested.and_then(|u| u.get("detail")).or_else(|| part.get("detail")).and_then(Value::as_str);
-        self.counter.add(image::tokens(self.provider, data, detail == Some("low")));
+        let (tokens, known) = image::tokens(self.provider, data, detail == Some("low"));
+        self.counter.add(tokens);
+        self.guessed |= !known;
+    }
+
+    /// Audio, a file or a document given as data: its size in tokens is
+    /// not known here.
+    fn attachment(&mut self) {
+        self.counter.add(ATTACHMENT_TOKENS);
+        self.guessed = true;
     }
 }
 

@@ -70,7 +70,7 @@ impl Upstream {
                 estimate
             }
         };
-        let counted = matches!(estimate.basis, Basis::Counted(_));
+        let counted = matches!(estimate.basis, Basis::Counted(_) | Basis::Partial(_));
         // A guess from the size (an image in a data URL is megabytes and a
         // thousand tokens) must not refuse the call 413: it is held to what
         // the input quotas can ever hold.
@@ -78,9 +78,12 @@ impl Upstream {
             estimate.input = estimate.input.min(input_room(tokens, estimate.output));
         }
         let input = if counted { self.dispatcher.calibrated(estimate.input) } else { estimate.input };
+        // Only a whole count teaches calibration: input the estimate could
+        // not see (a PDF, a previous response) is no error of the count.
+        let whole = matches!(estimate.basis, Basis::Counted(_));
         head.extensions.insert(Priced {
             reservation: Reservation { input, output: estimate.output },
-            counted_input: counted.then_some(estimate.input),
+            counted_input: whole.then_some(estimate.input),
         });
         // The usage is read from the answer's bytes as they pass: a
         // compressed answer would hide it, and the call would keep its whole

@@ -134,6 +134,36 @@ fn responses_and_embeddings() {
     assert_eq!(cost(Endpoint::Embeddings, &ids).input, 5);
 }
 
+/// Input the estimate cannot see makes it partial: calibrated, but not
+/// taught from. A low-detail image and an inline one of known size are
+/// counted whole.
+#[test]
+fn unseen_input_makes_a_partial_count() {
+    let basis = |endpoint, body: Value| cost(endpoint, &body).basis;
+    let chat = |part: Value| json!({"model": "gpt-4o", "messages": [{"role": "user", "content": [part]}]});
+    let partial = Basis::Partial(Encoding::O200k);
+    let url = json!({"type": "image_url", "image_url": {"url": "https://x.test/a.png"}});
+    assert_eq!(basis(Endpoint::ChatCompletions, chat(url)), partial, "an image of unknown size");
+    let low = json!({"type": "image_url", "image_url": {"url": "https://x.test/a.png", "detail": "low"}});
+    assert_eq!(basis(Endpoint::ChatCompletions, chat(low)), Basis::Counted(Encoding::O200k));
+    let file = json!({"type": "file", "file": {"file_id": "file-1"}});
+    assert_eq!(basis(Endpoint::ChatCompletions, chat(file)), partial, "a file");
+    for (name, value) in [
+        ("previous_response_id", json!("resp_1")),
+        ("conversation", json!("conv_1")),
+        ("prompt", json!({"id": "pmpt_1"})),
+    ] {
+        let mut body = json!({"model": "gpt-4o", "input": "and then?"});
+        body[name] = value;
+        assert_eq!(basis(Endpoint::Responses, body), partial, "{name}");
+    }
+    let plain = json!({"model": "gpt-4o", "input": "and then?", "previous_response_id": null});
+    assert_eq!(basis(Endpoint::Responses, plain), Basis::Counted(Encoding::O200k));
+    let pdf = json!({"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}});
+    let messages = json!({"model": "claude-sonnet-4", "max_tokens": 10, "messages": [{"role": "user", "content": [pdf]}]});
+    assert_eq!(basis(Endpoint::Messages, messages), Basis::Partial(Encoding::Chars), "a PDF");
+}
+
 #[test]
 fn output_reservation_rules() {
     let chat = |extra: Value| {
