@@ -87,7 +87,8 @@ pub fn upstream_answer(data: &[u8]) {
     // The same bytes as a 429's error body.
     let _ = llm::refusal(data);
     let cooldown = retry::retry_after(&headers, wall);
-    let hint = retry::rate_limit(&headers, wall);
+    // Unbounded: the fuzzer looks for what the largest waits do.
+    let hint = retry::rate_limit(&headers, wall).map(|hint| hint.pace(Duration::MAX));
     let now = Instant::now();
     let mut pacing = Pacing::new(quotas(), now);
     let feedback = Feedback { partition: 0, limit: None, sent_at: now, rate_limited: true, cooldown, hint };

@@ -66,7 +66,7 @@ use std::time::Duration;
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
-use crate::retry::RateLimitHint;
+use crate::retry::HintPace;
 
 use crate::limit::pacer::{Floor, long_run_rate};
 pub use breaker::{Breaker, BreakerStatus, Transition};
@@ -97,8 +97,8 @@ pub struct Feedback {
     pub rate_limited: bool,
     /// Pause the partition this long (429, or 503 with Retry-After).
     pub cooldown: Option<Duration>,
-    /// Remaining quota and reset time the upstream reported.
-    pub hint: Option<RateLimitHint>,
+    /// What the remaining quota and reset time the upstream reported ask.
+    pub hint: Option<HintPace>,
 }
 
 /// The driver's next step.

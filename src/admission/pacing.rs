@@ -19,6 +19,7 @@ use super::Feedback;
 use crate::config;
 use crate::limit::pacer::{Floor, GUARD, Taken};
 use crate::limit::{Adaptive, Pacer};
+use crate::retry::HintPace;
 
 /// Quotas a partition's pacer is built from.
 #[derive(Debug, Clone, PartialEq)]
@@ -253,13 +254,13 @@ impl Pacing {
                 tracing::info!(upstream = %name, rate, reason = PauseReason::RateLimited.as_str(), "adaptive rate lowered");
             }
         }
-        if let Some(hint) = feedback.hint.filter(|hint| !hint.reset_after.is_zero()) {
-            let pace = hint.pace();
+        // A hint that asks nothing (its reset is past) leaves the pace as it is.
+        if let Some(pace) = feedback.hint.filter(|pace| *pace != HintPace::default()) {
             if let Some(pause) = pace.pause {
                 learned.cooled += self.cool_down(name, now, pause, PauseReason::RatelimitRemaining);
                 learned.pause = learned.pause.max(Some(pause));
             }
-            self.hint_cap = pace.cap.map(|rate| (rate, later(now, hint.reset_after)));
+            self.hint_cap = pace.cap.map(|(rate, lasts)| (rate, later(now, lasts)));
         }
         self.refresh_cap(name, now);
         learned
@@ -431,7 +432,7 @@ mod tests {
             sent_at: t0,
             rate_limited: false,
             cooldown: None,
-            hint: Some(hint),
+            hint: Some(hint.pace(Duration::MAX)),
         };
         pacing.learn("u", &feedback, false, t0);
         let floor = pacing.floor(t0);
@@ -458,7 +459,7 @@ mod tests {
             sent_at: t0,
             rate_limited: false,
             cooldown: None,
-            hint: Some(hint),
+            hint: Some(hint.pace(Duration::MAX)),
         };
         let learned = pacing.learn("u", &feedback, false, t0);
         assert_eq!(learned.pause, Some(Duration::from_millis(100)), "the pause other replicas are told");
@@ -481,7 +482,7 @@ mod tests {
                 sent_at: t0,
                 rate_limited: true,
                 cooldown: Some(Duration::MAX),
-                hint: Some(hint),
+                hint: Some(hint.pace(Duration::MAX)),
             };
             pacing.learn("u", &feedback, false, t0);
         }

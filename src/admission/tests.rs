@@ -299,12 +299,15 @@ fn retry_after_is_the_time_the_queue_takes_to_drain() {
         sent_at: b.t0,
         rate_limited: false,
         cooldown: None,
-        hint: Some(RateLimitHint {
-            limit: None,
-            remaining: 0,
-            reset_after: Duration::from_secs(3),
-            refill: Refill::AtReset,
-        }),
+        hint: Some(
+            RateLimitHint {
+                limit: None,
+                remaining: 0,
+                reset_after: Duration::from_secs(3),
+                refill: Refill::AtReset,
+            }
+            .pace(Duration::MAX),
+        ),
     };
     b.core.feedback(&feedback, false, b.t0);
     let estimate = b.core.estimate_wait(b.at(1_000)).as_secs_f64();

@@ -61,8 +61,8 @@ pub enum Refill {
 pub struct HintPace {
     /// Send nothing for this long.
     pub pause: Option<Duration>,
-    /// Send no faster than this many requests a second until the reset.
-    pub cap: Option<f64>,
+    /// Send no faster than this many requests a second, for this long.
+    pub cap: Option<(f64, Duration)>,
 }
 
 impl RateLimitHint {
@@ -77,24 +77,30 @@ impl RateLimitHint {
     ///   (a pause until the reset): `remaining / reset` would pace far below
     ///   the quota.
     ///
-    /// A reset that is already past asks nothing.
-    pub fn pace(&self) -> HintPace {
+    /// A reset that is already past asks nothing. Nothing is asked for
+    /// longer than `longest` (`max_retry_after`): one hostile or broken
+    /// header must not pause an upstream for years. The pace is worked out
+    /// from the real reset, so a long one is not read as a short one: 200
+    /// a day, none left, pauses 432 s (or `longest`), not `longest` / 200.
+    pub fn pace(&self, longest: Duration) -> HintPace {
         if self.reset_after.is_zero() {
             return HintPace::default();
         }
-        let per_second = |units: u64| Some(units as f64 / self.reset_after.as_secs_f64());
+        let lasts = self.reset_after.min(longest);
+        let per_second = |units: u64| Some((units as f64 / self.reset_after.as_secs_f64(), lasts));
         let spent = self.remaining == 0;
-        match (self.refill, self.limit.filter(|limit| *limit > 0)) {
-            (Refill::AtReset, _) if spent => HintPace { pause: Some(self.reset_after), cap: None },
-            (Refill::AtReset, _) => HintPace { pause: None, cap: per_second(self.remaining) },
+        let (pause, cap) = match (self.refill, self.limit.filter(|limit| *limit > 0)) {
+            (Refill::AtReset, _) if spent => (Some(self.reset_after), None),
+            (Refill::AtReset, _) => (None, per_second(self.remaining)),
             (Refill::Continuous, Some(limit)) => {
                 let limit = limit.max(self.remaining);
                 let one_unit = Duration::try_from_secs_f64(self.reset_after.as_secs_f64() / limit as f64)
                     .unwrap_or(self.reset_after);
-                HintPace { pause: spent.then_some(one_unit), cap: per_second(limit) }
+                (spent.then_some(one_unit), per_second(limit))
             }
-            (Refill::Continuous, None) => HintPace { pause: spent.then_some(self.reset_after), cap: None },
-        }
+            (Refill::Continuous, None) => (spent.then_some(self.reset_after), None),
+        };
+        HintPace { pause: pause.map(|pause| pause.min(longest)), cap }
     }
 }
 
@@ -176,7 +182,9 @@ fn openai(headers: &HeaderMap) -> Option<RateLimitHint> {
 }
 
 /// Anthropic's request quota; the reset is the RFC 3339 time at which it
-/// is full again.
+/// is full again. Measured on our clock and often in whole seconds, a
+/// nearly full quota's reset may read as past: that asks nothing, the
+/// lenient way to be wrong.
 fn anthropic(headers: &HeaderMap, now: SystemTime) -> Option<RateLimitHint> {
     Some(RateLimitHint {
         remaining: parse_u64(header_str(headers, &ANTHROPIC_REMAINING)?)?,
@@ -348,7 +356,12 @@ mod tests {
         RateLimitHint { limit, remaining, reset_after: Duration::from_secs(reset_secs), refill }
     }
 
-    fn paced(pause_ms: Option<u64>, cap: Option<f64>) -> HintPace {
+    /// Longer than any reset below.
+    const LONGEST: Duration = Duration::from_secs(3600);
+
+    /// What a hint with a reset in `reset_secs` asks, when no cap on waits bites.
+    fn paced(reset_secs: u64, pause_ms: Option<u64>, cap: Option<f64>) -> HintPace {
+        let cap = cap.map(|rate| (rate, Duration::from_secs(reset_secs)));
         HintPace { pause: pause_ms.map(Duration::from_millis), cap }
     }
 
@@ -356,9 +369,9 @@ mod tests {
     /// nothing left waits for the reset, whatever the limit.
     #[test]
     fn a_fixed_window_spreads_what_remains() {
-        assert_eq!(hint(Refill::AtReset, Some(5000), 10, 20).pace(), paced(None, Some(0.5)));
-        assert_eq!(hint(Refill::AtReset, None, 10, 20).pace(), paced(None, Some(0.5)));
-        assert_eq!(hint(Refill::AtReset, Some(5000), 0, 20).pace(), paced(Some(20_000), None));
+        assert_eq!(hint(Refill::AtReset, Some(5000), 10, 20).pace(LONGEST), paced(20, None, Some(0.5)));
+        assert_eq!(hint(Refill::AtReset, None, 10, 20).pace(LONGEST), paced(20, None, Some(0.5)));
+        assert_eq!(hint(Refill::AtReset, Some(5000), 0, 20).pace(LONGEST), paced(20, Some(20_000), None));
     }
 
     /// OpenAI at 500 requests a minute, 10 left, full again in 58.8 s: the
@@ -369,21 +382,38 @@ mod tests {
     #[test]
     fn a_refilling_bucket_paces_at_its_limit_over_the_reset() {
         let refill = Refill::Continuous;
-        let pace = hint(refill, Some(500), 10, 60).pace();
-        assert_eq!(pace, paced(None, Some(500.0 / 60.0)));
-        assert_eq!(hint(refill, Some(500), 0, 60).pace(), paced(Some(120), Some(500.0 / 60.0)));
+        let pace = hint(refill, Some(500), 10, 60).pace(LONGEST);
+        assert_eq!(pace, paced(60, None, Some(500.0 / 60.0)));
+        assert_eq!(hint(refill, Some(500), 0, 60).pace(LONGEST), paced(60, Some(120), Some(500.0 / 60.0)));
         // A limit below what remains (a quota raised meanwhile) is not believed.
-        assert_eq!(hint(refill, Some(5), 30, 60).pace(), paced(None, Some(0.5)));
+        assert_eq!(hint(refill, Some(5), 30, 60).pace(LONGEST), paced(60, None, Some(0.5)));
         // Without a limit, only "nothing left" is read, as a pause until full.
-        assert_eq!(hint(refill, None, 10, 60).pace(), paced(None, None));
-        assert_eq!(hint(refill, None, 0, 60).pace(), paced(Some(60_000), None));
-        assert_eq!(hint(refill, Some(0), 0, 60).pace(), paced(Some(60_000), None));
+        assert_eq!(hint(refill, None, 10, 60).pace(LONGEST), paced(60, None, None));
+        assert_eq!(hint(refill, None, 0, 60).pace(LONGEST), paced(60, Some(60_000), None));
+        assert_eq!(hint(refill, Some(0), 0, 60).pace(LONGEST), paced(60, Some(60_000), None));
+    }
+
+    /// 200 a day, none left: the next request is back in 432 s, and the
+    /// pace is 200 a day. A cap on waits of 120 s shortens the pause and how
+    /// long the pace is kept, never the reset they are worked out from
+    /// (that would read "0.6 s, then 1.7/s").
+    #[test]
+    fn a_long_reset_is_capped_after_the_pace_is_worked_out() {
+        let day = 86_400;
+        let longest = Duration::from_secs(120);
+        let want = HintPace { pause: Some(longest), cap: Some((200.0 / day as f64, longest)) };
+        assert_eq!(hint(Refill::Continuous, Some(200), 0, day).pace(longest), want);
+        let want =
+            HintPace { pause: Some(Duration::from_secs(432)), cap: Some((200.0 / day as f64, LONGEST)) };
+        assert_eq!(hint(Refill::Continuous, Some(200), 0, day).pace(LONGEST), want);
+        let window = hint(Refill::AtReset, Some(5000), 0, day).pace(longest);
+        assert_eq!(window, HintPace { pause: Some(longest), cap: None });
     }
 
     #[test]
     fn a_past_reset_asks_nothing() {
         for refill in [Refill::AtReset, Refill::Continuous] {
-            assert_eq!(hint(refill, Some(500), 0, 0).pace(), HintPace::default());
+            assert_eq!(hint(refill, Some(500), 0, 0).pace(LONGEST), HintPace::default());
         }
     }
 
@@ -456,9 +486,10 @@ mod tests {
         ) {
             let refill = if continuous { Refill::Continuous } else { Refill::AtReset };
             let reset_after = Duration::new(secs, nanos);
-            let pace = RateLimitHint { limit, remaining, reset_after, refill }.pace();
-            prop_assert!(pace.pause.is_none_or(|pause| pause <= reset_after));
-            prop_assert!(pace.cap.is_none_or(|cap| cap >= 0.0 && !cap.is_nan()));
+            let longest = Duration::from_secs(120);
+            let pace = RateLimitHint { limit, remaining, reset_after, refill }.pace(longest);
+            prop_assert!(pace.pause.is_none_or(|pause| pause <= reset_after.min(longest)));
+            prop_assert!(pace.cap.is_none_or(|(rate, lasts)| rate >= 0.0 && !rate.is_nan() && lasts <= longest));
         }
 
         #[test]

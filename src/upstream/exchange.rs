@@ -33,7 +33,7 @@ use crate::config;
 use crate::error::{ProxyError, RefusalReason};
 use crate::llm;
 use crate::metrics::{AttemptOutcome, Metrics};
-use crate::retry::{self, Decision, Outcome, RateLimitHint};
+use crate::retry::{self, Decision, Outcome};
 
 /// Answers kept across a retry are buffered up to this size (they are error
 /// pages and JSON errors; a larger one is cut).
@@ -316,10 +316,9 @@ impl Upstream {
             retry::retry_after(headers, now).or(said.and_then(|said| said.retry_in))
         };
         let retry = &self.config.retry;
-        // A reset further away than max_retry_after is not believed either:
-        // one hostile or broken header must not pause the upstream for years.
-        let hint: Option<RateLimitHint> = retry::rate_limit(headers, now)
-            .map(|hint| RateLimitHint { reset_after: hint.reset_after.min(retry.max_retry_after), ..hint });
+        // Nothing a reset asks lasts longer than max_retry_after: one hostile
+        // or broken header must not pause the upstream for years.
+        let hint = retry::rate_limit(headers, now).map(|hint| hint.pace(retry.max_retry_after));
         let rate_limited = status == StatusCode::TOO_MANY_REQUESTS;
         // An upstream asking for more than max_retry_after is not waited
         // for, whether or not retries respect its hint: a cooldown is never
@@ -370,7 +369,7 @@ impl Upstream {
         }
         // The server's word on token quotas: one that is spent pauses until its reset.
         for (index, hint) in self.exhausted_token_quotas(headers) {
-            let hint = RateLimitHint { reset_after: hint.reset_after.min(retry.max_retry_after), ..hint };
+            let hint = hint.pace(retry.max_retry_after);
             let feedback = Feedback {
                 partition,
                 limit: Some(index),
