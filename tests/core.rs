@@ -489,21 +489,34 @@ async fn answer_trailers_pass_without_hop_by_hop_or_pacegate_names() {
          2\r\nok\r\n0\r\nx-checksum: abc\r\nx-pacegate-error: forged\r\nkeep-alive: timeout=5\r\n\r\n",
     )
     .await;
-    let pg = Pacegate::start(&upstream("api", &upstream_url, "rate = \"100/s\"")).await;
-
-    let mut caller =
-        tokio::net::TcpStream::connect(pg.url("").trim_start_matches("http://").trim_end_matches('/'))
+    // An LLM call's answer is read for its usage on the way: the same holds.
+    let llm = upstream("llm", &upstream_url, "rate = \"100/s\"\ntokens = \"100000/min\"");
+    let pg = Pacegate::start(&format!("{}{llm}", upstream("api", &upstream_url, "rate = \"100/s\""))).await;
+    let call = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    let requests = [
+        "GET /api/t HTTP/1.1\r\nHost: pacegate\r\nTE: trailers\r\nConnection: close\r\n\r\n".to_owned(),
+        format!(
+            "POST /llm/v1/chat/completions HTTP/1.1\r\nHost: pacegate\r\nTE: trailers\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{call}",
+            call.len()
+        ),
+    ];
+    for request in requests {
+        let address = pg.url("").trim_start_matches("http://").to_owned();
+        let mut caller = tokio::net::TcpStream::connect(address).await.expect("connect to pacegate");
+        caller.write_all(request.as_bytes()).await.expect("send");
+        let mut answer = Vec::new();
+        tokio::time::timeout(PATIENCE, caller.read_to_end(&mut answer))
             .await
-            .expect("connect to pacegate");
-    let request = "GET /api/t HTTP/1.1\r\nHost: pacegate\r\nTE: trailers\r\nConnection: close\r\n\r\n";
-    caller.write_all(request.as_bytes()).await.expect("send");
-    let mut answer = Vec::new();
-    tokio::time::timeout(PATIENCE, caller.read_to_end(&mut answer)).await.expect("answered").expect("read");
-    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
-    let trailers = answer.split_once("\r\n0\r\n").map(|(_, rest)| rest).unwrap_or_else(|| panic!("{answer}"));
-    assert!(trailers.contains("x-checksum: abc\r\n"), "the trailer field was lost: {answer}");
-    assert!(!trailers.contains("forged"), "an upstream's x-pacegate-* passed in trailers: {answer}");
-    assert!(!trailers.contains("keep-alive"), "a hop-by-hop trailer field passed: {answer}");
+            .expect("answered")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+        let trailers =
+            answer.split_once("\r\n0\r\n").map(|(_, rest)| rest).unwrap_or_else(|| panic!("{answer}"));
+        assert!(trailers.contains("x-checksum: abc\r\n"), "the trailer field was lost: {answer}");
+        assert!(!trailers.contains("forged"), "an upstream's x-pacegate-* passed in trailers: {answer}");
+        assert!(!trailers.contains("keep-alive"), "a hop-by-hop trailer field passed: {answer}");
+    }
 }
 
 #[tokio::test]

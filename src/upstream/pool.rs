@@ -73,19 +73,23 @@ pub enum SendError {
     Unreadable(String),
 }
 
-/// Why an answer carries a transfer coding other than `chunked` (`gzip,
-/// chunked`), if it does. hyper takes the chunking off and leaves the rest,
-/// and `Transfer-Encoding` is hop-by-hop: the caller would get a coded body
-/// with nothing saying so. nginx answers such an upstream 502 too.
+/// Why an answer's transfer coding is other than `chunked` alone (`gzip,
+/// chunked`, or `chunked` twice, which RFC 9112 forbids), if it is. hyper
+/// takes one chunking off and leaves the rest, and `Transfer-Encoding` is
+/// hop-by-hop: the caller would get a coded body with nothing saying so.
+/// nginx answers such an upstream 502 too.
 fn foreign_coding(headers: &HeaderMap) -> Option<String> {
-    let foreign = |value: &HeaderValue| {
-        value
-            .as_bytes()
-            .split(|b| *b == b',')
-            .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-    };
-    let value = headers.get_all(TRANSFER_ENCODING).iter().find(|value| foreign(value))?;
-    Some(format!("its Transfer-Encoding is {value:?}: no coding but chunked is decoded"))
+    let values = headers.get_all(TRANSFER_ENCODING);
+    let mut codings = values.iter().flat_map(|value| value.as_bytes().split(|b| *b == b','));
+    let chunked = |coding: &[u8]| coding.trim_ascii().eq_ignore_ascii_case(b"chunked");
+    // None at all: a body read to the connection's end, as HTTP/1.0 sends.
+    match codings.next() {
+        None => return None,
+        Some(first) if chunked(first) && codings.next().is_none() => return None,
+        Some(_) => {}
+    }
+    let named: Vec<&str> = values.iter().filter_map(|value| value.to_str().ok()).collect();
+    Some(format!("its Transfer-Encoding is {:?}: no coding but chunked, once, is decoded", named.join(", ")))
 }
 
 /// DNS, TCP (nodelay, 10 s connect timeout) and rustls, as before the pool.
@@ -503,4 +507,33 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn coded(values: &[&'static str]) -> Option<String> {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append(TRANSFER_ENCODING, HeaderValue::from_static(value));
+        }
+        foreign_coding(&headers)
+    }
+
+    #[test]
+    fn only_chunked_once_is_decoded() {
+        assert_eq!(coded(&[]), None, "no coding: read to the end");
+        assert_eq!(coded(&["chunked"]), None);
+        assert_eq!(coded(&[" Chunked "]), None);
+        for foreign in
+            [&["gzip, chunked"][..], &["gzip", "chunked"], &["chunked, chunked"], &["chunked", "chunked"]]
+        {
+            let reason = coded(foreign).unwrap_or_else(|| panic!("{foreign:?} passed"));
+            assert!(reason.contains(&foreign.join(", ")), "{reason}");
+        }
+        for foreign in [&["identity"][..], &["chunked,"], &[""], &["gzip"]] {
+            assert!(coded(foreign).is_some(), "{foreign:?} passed");
+        }
+    }
 }
