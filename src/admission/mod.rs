@@ -346,7 +346,7 @@ impl<W: Waiter> Admission<W> {
         let admitted = partition.take(&self.name, needs, now);
         if admitted.is_ok() {
             partition.record_grant(needs, now);
-            self.tokens.granted(&self.limits.tokens, needs);
+            self.tokens.granted(&self.limits.tokens, needs, now);
             self.in_flight += 1;
             if let Some(breaker) = &mut self.breaker {
                 breaker.granted();
@@ -425,11 +425,12 @@ impl<W: Waiter> Admission<W> {
     }
 
     /// An attempt granted at `granted` ended: its concurrency slot is free,
-    /// and a breaker's probe that ended without a verdict is given back
+    /// its tokens no longer count in flight (settled or not), and a breaker's probe that ended without a verdict is given back
     /// ([`Breaker::released`]). True when entries are held (waiters, or
     /// departed ones still to clear), so the driver should look again.
     pub fn release(&mut self, granted: Instant) -> bool {
         self.in_flight = self.in_flight.saturating_sub(1);
+        self.tokens.released(granted);
         if let Some(breaker) = &mut self.breaker {
             breaker.released(granted);
         }
@@ -628,7 +629,7 @@ impl<W: Waiter> Admission<W> {
     ) -> Reservation {
         let quotas = self.limits.tokens;
         let charged = quotas.charged(reserved, settlement);
-        self.tokens.settled(&quotas, reserved, charged, now);
+        self.tokens.settled(&quotas, (reserved, granted), charged, now);
         // A partition evicted meanwhile has nothing left to correct.
         if let Some(partition) = self.partitions.get_mut(&partition) {
             for (index, delta) in quotas.corrections(reserved, charged) {
@@ -837,7 +838,7 @@ impl<W: Waiter> Admission<W> {
                 continue;
             }
             partition.record_grant(&entry.needs, now);
-            self.tokens.granted(&self.limits.tokens, &entry.needs);
+            self.tokens.granted(&self.limits.tokens, &entry.needs, now);
             self.in_flight += 1;
             if let Some(breaker) = &mut self.breaker {
                 breaker.granted();

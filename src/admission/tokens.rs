@@ -180,8 +180,10 @@ impl TokenQuotas {
 pub struct TokenBook {
     /// Reported per estimated input tokens, learned from answers.
     pub calibration: Calibration,
-    /// Tokens reserved by attempts not yet settled.
-    in_flight: u64,
+    /// Tokens reserved by attempts not yet settled nor ended, by the
+    /// instant of their grant: an attempt whose caller left before it
+    /// could use its ticket ends without settling ([`Self::released`]).
+    in_flight: Vec<(Instant, u64)>,
     /// Tokens charged (settled), with when, over the last [`SENT_WINDOW`].
     sent: VecDeque<(Instant, u64)>,
     sent_sum: u64,
@@ -201,20 +203,38 @@ pub struct TokenStatus {
 }
 
 impl TokenBook {
-    /// A grant with `needs` left: its tokens count in flight.
-    pub fn granted(&mut self, quotas: &TokenQuotas, needs: &Needs) {
-        self.in_flight = self.in_flight.saturating_add(quotas.reserved_in(needs));
+    /// A grant at `now` with `needs` left: its tokens count in flight.
+    pub fn granted(&mut self, quotas: &TokenQuotas, needs: &Needs, now: Instant) {
+        let tokens = quotas.reserved_in(needs);
+        if tokens > 0 {
+            self.in_flight.push((now, tokens));
+        }
     }
 
-    /// An attempt that reserved `reserved` was charged `charged`.
+    /// The attempt granted at `granted` ended, settled or not: its tokens
+    /// are no longer in flight. (The quotas keep what it reserved unless
+    /// it settled: nothing says it was not sent.)
+    pub fn released(&mut self, granted: Instant) {
+        if let Some(index) = self.in_flight.iter().position(|(at, _)| *at == granted) {
+            self.in_flight.swap_remove(index);
+        }
+    }
+
+    /// An attempt granted at `granted` that reserved `reserved` was
+    /// charged `charged`. Several grants may share an instant: the one
+    /// that reserved as much goes first.
     pub fn settled(
         &mut self,
         quotas: &TokenQuotas,
-        reserved: Reservation,
+        (reserved, granted): (Reservation, Instant),
         charged: Reservation,
         now: Instant,
     ) {
-        self.in_flight = self.in_flight.saturating_sub(quotas.reserved_of(reserved));
+        let tokens = quotas.reserved_of(reserved);
+        let same = self.in_flight.iter().position(|entry| *entry == (granted, tokens));
+        if let Some(index) = same.or_else(|| self.in_flight.iter().position(|(at, _)| *at == granted)) {
+            self.in_flight.swap_remove(index);
+        }
         self.forget(now);
         let total = charged.total();
         if total > 0 {
@@ -237,7 +257,7 @@ impl TokenBook {
         let recent = self.sent.iter().filter(|(at, _)| now.saturating_duration_since(*at) < SENT_WINDOW);
         TokenStatus {
             sent_last_minute: recent.map(|(_, tokens)| tokens).sum(),
-            reserved_in_flight: self.in_flight,
+            reserved_in_flight: self.in_flight.iter().map(|(_, tokens)| tokens).sum(),
             calibration: self.calibration.ratio(),
             calibration_samples: self.calibration.samples(),
         }
@@ -306,11 +326,33 @@ mod tests {
         let t0 = Instant::now();
         let mut book = TokenBook::default();
         let reserved = Reservation { input: 100, output: 400 };
-        book.granted(&q, &Needs::new(q.needs(reserved)));
+        book.granted(&q, &Needs::new(q.needs(reserved)), t0);
         assert_eq!(book.status(t0).reserved_in_flight, 500);
-        book.settled(&q, reserved, Reservation { input: 100, output: 20 }, t0);
+        book.settled(&q, (reserved, t0), Reservation { input: 100, output: 20 }, t0);
         let status = book.status(t0 + Duration::from_secs(1));
         assert_eq!((status.reserved_in_flight, status.sent_last_minute), (0, 120));
         assert_eq!(book.status(t0 + SENT_WINDOW).sent_last_minute, 0);
+    }
+
+    /// A grant's tokens are in flight until it settles or ends, whichever
+    /// comes first; of two grants at one instant, a settlement takes the
+    /// one that reserved as much.
+    #[test]
+    fn tokens_in_flight_end_with_their_attempt_settled_or_not() {
+        let q = quotas(true, false, false);
+        let t0 = Instant::now();
+        let mut book = TokenBook::default();
+        let (small, large) = (Reservation { input: 100, output: 0 }, Reservation { input: 100, output: 200 });
+        for reserved in [small, large] {
+            book.granted(&q, &Needs::new(q.needs(reserved)), t0);
+        }
+        assert_eq!(book.status(t0).reserved_in_flight, 400);
+        book.settled(&q, (large, t0), large, t0);
+        assert_eq!(book.status(t0).reserved_in_flight, 100);
+        book.released(t0);
+        assert_eq!(book.status(t0).reserved_in_flight, 0, "the other ended unsettled");
+        book.released(t0);
+        book.settled(&q, (small, t0), small, t0);
+        assert_eq!(book.status(t0).reserved_in_flight, 0, "ended twice, settled late: counted out once");
     }
 }

@@ -36,6 +36,19 @@ fn next_after(accounting: TokenAccounting, settlement: Settlement) -> u64 {
     panic!("never served");
 }
 
+/// An attempt whose caller left before it used its ticket ends without
+/// settling: its tokens no longer show in flight in `/status`.
+#[test]
+fn tokens_of_an_unused_ticket_leave_the_count_in_flight() {
+    let mut b = Bench::new(with_tokens(TokenAccounting::Usage));
+    let in_flight = |b: &Bench| b.core.status(b.t0).tokens.map(|t| t.reserved_in_flight);
+    let needs = Needs::new(b.core.limits().tokens.needs(Reservation { input: 100, output: 200 }));
+    assert!(b.core.try_leave(Place::default(), &needs, b.t0), "nothing owed yet");
+    assert_eq!(in_flight(&b), Some(300));
+    b.core.release(b.t0);
+    assert_eq!(in_flight(&b), Some(0));
+}
+
 #[test]
 fn settling_gives_unused_tokens_back() {
     let used = Settlement::Used(Usage { input: 100, cached_input: 0, output: 50 });
