@@ -75,7 +75,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
         let (unit, after_unit) = split_prefix(after_frac, |c| c.is_ascii_alphabetic());
         if unit.is_empty() {
-            return Err(fail(&format!("missing unit; {DURATION_HINT}")));
+            // "1.5.5s" lacks no unit: it has a character no duration has.
+            return Err(fail(&match after_frac.chars().next() {
+                None => format!("missing unit; {DURATION_HINT}"),
+                Some(c) => format!(
+                    "unexpected {c:?} after {:?}; {DURATION_HINT}",
+                    &rest[..rest.len() - after_frac.len()]
+                ),
+            }));
         }
         let Some(&(_, unit_nanos)) = UNITS.iter().find(|(name, _)| *name == unit) else {
             return Err(fail(DURATION_HINT));
@@ -254,6 +261,10 @@ mod tests {
         );
         assert!(parse_duration("").unwrap_err().contains("empty"));
         assert!(parse_duration("30").unwrap_err().contains("missing unit"));
+        assert_eq!(
+            parse_duration("1.5.5s").unwrap_err(),
+            r#"invalid duration "1.5.5s": unexpected '.' after "1.5"; expected a number followed by ms, s, m, h or d"#
+        );
         assert!(parse_duration("-5s").unwrap_err().contains("negative"));
         assert!(parse_duration("99999999999d").unwrap_err().contains("too large"));
         assert!(parse_duration("1.0000000001s").unwrap_err().contains("decimal"));
