@@ -427,6 +427,34 @@ async fn the_script_weighs_costs_and_names_the_limit_that_waits() {
     );
 }
 
+/// One partition's state, its own quotas' and its limits', lives in one
+/// hash: a request that takes no limit must not cut the hash's expiry to
+/// its own short schedule, or a 1-per-10 s limit forgets its last write a
+/// second later, and every replica may write again at once.
+#[tokio::test]
+async fn a_request_without_a_limit_keeps_the_limits_state() {
+    use pacegate::config::parse_rate;
+    use pacegate::limit::pacer::paced_quotas;
+    use pacegate::store::{Keys, SharedQuotas, Verdict};
+
+    let redis = RedisServer::start().await;
+    let store = local_store(&redis);
+    let one = std::num::NonZeroU32::MIN;
+    let own = SharedQuotas::new(&paced_quotas(&[parse_rate("100/s").unwrap()], one));
+    let slow = SharedQuotas::limit("slow", &paced_quotas(&[parse_rate("1/10s").unwrap()], one));
+    let keys = Keys::new("api", 7);
+    let (write, read) = ([(None, &own, 1), (Some(0), &slow, 1)], [(None, &own, 1)]);
+
+    assert_eq!(store.acquire(&keys, &write, 1, None).await, Ok(Verdict::Go(1)));
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    assert_eq!(store.acquire(&keys, &read, 1, None).await, Ok(Verdict::Go(1)), "a read does not wait");
+    tokio::time::sleep(Duration::from_millis(1_300)).await; // past the read's own schedule and a second
+    let Ok(Verdict::Wait(wait, Some(0))) = store.acquire(&keys, &write, 1, None).await else {
+        panic!("the limit forgot its last write")
+    };
+    assert!(wait > Duration::from_secs(8), "the rest of the 10 s: {wait:?}");
+}
+
 /// An opening seen by one replica opens the others' breakers: replica B
 /// refuses a caller that cannot wait (`circuit_open`) and sends nothing to
 /// the failing upstream, though it saw no failure itself.

@@ -123,6 +123,11 @@ for i = 1, #fields do
   keep = math.max(keep, tats[i] - now)
 end
 redis.call('HSET', KEYS[1], unpack(update))
--- Idle state expires once every quota would admit a full burst anyway.
-redis.call('PEXPIRE', KEYS[1], math.ceil(keep / 1000) + 1000)
+-- Idle state expires once every quota would admit a full burst anyway; the
+-- hash also holds quotas this request did not take (a limit it does not
+-- match, token quotas), so their state is only ever kept longer, never cut.
+local ttl = math.ceil(keep / 1000) + 1000
+if redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
 return {1, granted, 0}
