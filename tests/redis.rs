@@ -550,6 +550,46 @@ max_open_for = "2s"
     }
 }
 
+/// A probe that succeeds on one replica closes the break for the others
+/// too: one that learned of the break, half-open since, probes at once
+/// rather than being told the break holds for the rest of the probe's
+/// window (the upstream's `timeout`, 20 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_that_succeeds_on_one_replica_frees_the_others() {
+    let redis = RedisServer::start().await;
+    let mock = MockUpstream::start(Behaviour::new().fail_for(Duration::from_secs(60), 500)).await;
+    let breaker = r#"rate = "100/s"
+timeout = "20s"
+[upstream.retry]
+max_attempts = 1
+[upstream.breaker]
+min_attempts = 4
+open_for = "3s"
+max_open_for = "3s"
+"#;
+    let text = config(&redis.url(), "local", &upstream("api", &mock.url(), breaker));
+    let (a, b) = (Pacegate::start_config(&text).await, Pacegate::start_config(&text).await);
+    for i in 0..4 {
+        assert_eq!(get(a.url(&format!("/api/a{i}"))).await, 500);
+    }
+    let written =
+        eventually(Duration::from_secs(2), async || !redis.keys("pacegate:{api}:breaker").is_empty());
+    assert!(written.await, "replica A shares its opening through Redis");
+    let hurried = |replica: &Pacegate, path: &str| {
+        client().get(replica.url(path)).header("x-pacegate-max-wait", "1s").send()
+    };
+    let held = hurried(&b, "/api/b0").await.expect("an answer");
+    support::assert_pacegate_error(held, 503, "circuit_open", Some("api")).await;
+    mock.set_behaviour(Behaviour::new());
+    // A's probe, once the break is over (3 s, less its jitter).
+    let probe = client().get(a.url("/api/probe")).header("x-pacegate-max-wait", "5s").send().await;
+    assert_eq!(probe.expect("an answer").status(), 200);
+    let freed = eventually(Duration::from_secs(5), async || {
+        hurried(&b, "/api/b1").await.is_ok_and(|answer| answer.status() == 200)
+    });
+    assert!(freed.await, "replica B was held after A's probe succeeded: {:?}", b.status().await);
+}
+
 /// Settling in the script: units given back let the next attempt leave
 /// sooner, never before now (no burst); units taken on top make it wait.
 #[tokio::test]

@@ -328,6 +328,14 @@ impl Store {
         self.extend(keys.breaker, Some(keys.probes), pause);
     }
 
+    /// The upstream's breaker at `keys` closed here: its probe succeeded.
+    /// The probes counted since the break are forgotten, so that another
+    /// replica, half-open, probes at once instead of being told the break
+    /// holds for the rest of this probe's window (the upstream's `timeout`).
+    pub fn close_breaker(self: &Arc<Self>, keys: Keys) {
+        self.extend(keys.breaker, Some(keys.probes), Duration::ZERO);
+    }
+
     /// Extends the deadline kept at `key` to `pause` from the server's now.
     /// `clear`: a key deleted in the same call (a new break's probe count).
     fn extend(self: &Arc<Self>, key: String, clear: Option<String>, pause: Duration) {

@@ -175,7 +175,12 @@ impl Dispatcher {
                     "breaker_opened"
                 );
             }
-            Some(Transition::Closed) => tracing::info!(upstream = %shared.name, "breaker_closed"),
+            Some(Transition::Closed) => {
+                if let Some(limiter) = shared.limiter.load().as_ref() {
+                    limiter.store.close_breaker(Keys::new(&shared.name, SINGLE));
+                }
+                tracing::info!(upstream = %shared.name, "breaker_closed");
+            }
             None => {}
         }
         // An answer may end a half-open wait, or open the breaker: the
