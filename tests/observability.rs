@@ -276,9 +276,17 @@ async fn fixed_label_series_are_exported_at_zero_from_start_up() {
     pg.reload_with(&format!("{TEST_SERVER}\n{redis}\n{first}\n{second}")).await;
     let (text, m) = scrape(&pg).await;
     assert_fixed_series_at_zero(&m, &text, "second");
-    assert!(value(&m, "pacegate_redis_up", &[]).is_some(), "{text}");
-    assert_eq!(value(&m, "pacegate_redis_errors_total", &[]), Some(0.0), "{text}");
-    assert_eq!(value(&m, "pacegate_redis_fallbacks_total", &[]), Some(0.0), "{text}");
+    for series in ["pacegate_redis_up", "pacegate_redis_errors_total", "pacegate_redis_fallbacks_total"] {
+        assert!(value(&m, series, &[]).is_some(), "{series}: {text}");
+    }
+    // A Redis never reached shows down without a request having to find
+    // out: its first connection failed once, and pacing fell back once.
+    let down = pg.wait_status(Duration::from_secs(10), |status| status["redis"]["up"] == false).await;
+    assert!(down, "{}", pg.status().await);
+    let (text, m) = scrape(&pg).await;
+    assert_eq!(value(&m, "pacegate_redis_up", &[]), Some(0.0), "{text}");
+    assert_eq!(value(&m, "pacegate_redis_errors_total", &[]), Some(1.0), "{text}");
+    assert_eq!(value(&m, "pacegate_redis_fallbacks_total", &[]), Some(1.0), "{text}");
 
     pg.reload_with(&format!("{TEST_SERVER}\n{first}")).await;
     let (text, _) = scrape(&pg).await;

@@ -219,9 +219,20 @@ impl Store {
     /// Makes the first connection without holding the connection's lock
     /// (a call that comes meanwhile makes its own, within its timeout, and
     /// never waits for this one), and keeps it unless a call was quicker.
-    async fn warm_up(&self) {
-        let Ok(Ok((link, master))) = tokio::time::timeout(PROBE_PATIENCE, self.nodes.connect()).await else {
-            return;
+    /// A Redis not reached is down from now, as after a failed call: shown
+    /// so at once (`pacegate_redis_up`, `/status`), not at the first call.
+    async fn warm_up(self: &Arc<Self>) {
+        // Asked, not only connected: a single server's connection is made
+        // when first used.
+        let connect = async {
+            let (mut link, master) = self.nodes.connect().await?;
+            redis::cmd("PING").query_async::<String>(&mut link).await?;
+            Ok::<_, RedisError>((link, master))
+        };
+        let (link, master) = match tokio::time::timeout(PROBE_PATIENCE, connect).await {
+            Ok(Ok(connected)) => connected,
+            Ok(Err(error)) => return self.went_down(Vec::new(), &error.to_string()),
+            Err(_) => return self.went_down(Vec::new(), &format!("no connection within {PROBE_PATIENCE:?}")),
         };
         let mut current = self.link.lock().await;
         if current.is_none() {
@@ -389,10 +400,18 @@ impl Store {
             Ok(value) => return Ok(value),
             Err(error) => error,
         };
+        self.went_down(keys(), &error);
+        Err(Unavailable)
+    }
+
+    /// A call (touching `keys`) or the first connection failed: counted,
+    /// and if the store was up, it is down from now on, logged once, and
+    /// probed until it answers again.
+    fn went_down(self: &Arc<Self>, keys: Vec<String>, error: &str) {
         self.metrics.redis_errors.inc();
         if self.up.swap(false, Ordering::AcqRel) {
             if let Ok(mut failed) = self.failed.lock() {
-                *failed = keys();
+                *failed = keys;
             }
             self.metrics.redis_up.set(0);
             self.metrics.redis_fallbacks.inc();
@@ -403,7 +422,6 @@ impl Store {
             tracing::error!(redis = %self.address, %error, fallback, "redis unreachable");
             self.runtime.spawn(probe(Arc::downgrade(self)));
         }
-        Err(Unavailable)
     }
 
     /// Runs `call` for at most `patience`; on failure the connection is
