@@ -396,10 +396,14 @@ async fn forward_mode_through_http_proxy() {
     let response = pg.forward_client().get("http://api.test/echo/a?b=1").send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-pacegate-attempts"], "1");
+    // A fully qualified name is the same host: paced as it, not unknown.
+    let qualified = pg.forward_client().get("http://API.test./echo/c").send().await.unwrap();
+    assert_eq!(qualified.status(), 200);
     let arrivals = mock.arrivals();
-    assert_eq!(arrivals.len(), 1);
+    assert_eq!(arrivals.len(), 2);
     assert_eq!(arrivals[0].path_and_query, "/v1/echo/a?b=1");
     assert_eq!(arrivals[0].headers["host"], mock.addr().to_string().as_str());
+    assert_eq!(arrivals[1].path_and_query, "/v1/echo/c");
 }
 
 #[tokio::test]

@@ -46,7 +46,10 @@ impl HostPort {
 
 /// A request's host (as `Authority::host` gives it) in the canonical form of
 /// [`HostPort::canonical`], so that it can be looked up among the entries.
+/// A fully qualified name (`api.test.`) is the same host as without its
+/// final dot.
 pub fn canonical_host(host: &str) -> Cow<'_, str> {
+    let host = host.strip_suffix('.').filter(|name| !name.is_empty()).unwrap_or(host);
     if let Some(literal) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
         return match literal.parse::<Ipv6Addr>() {
             Ok(address) => Cow::Owned(format!("[{address}]")),
@@ -164,6 +167,14 @@ mod tests {
         let url = parse_base_url("http://example.com:8081/api/v1/").unwrap();
         assert_eq!(url.authority.as_str(), "example.com:8081");
         assert_eq!((url.port, url.path.as_str()), (8081, "/api/v1"));
+    }
+
+    #[test]
+    fn a_final_dot_names_the_same_host() {
+        assert_eq!(canonical_host("api.test."), "api.test");
+        assert_eq!(canonical_host("API.Test."), "api.test");
+        assert_eq!(canonical_host("[::1]"), "[::1]");
+        assert_eq!(canonical_host("."), ".", "no host left to name");
     }
 
     #[test]
