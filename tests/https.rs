@@ -437,6 +437,26 @@ async fn a_plain_tunnel_is_only_for_the_port_its_upstream_claims() {
     assert_eq!(unpaced_tunnels(&pg).await, 1, "only the tunnel to the claimed port was relayed");
 }
 
+/// A CONNECT to a configured upstream that cannot be reached is 502 naming
+/// the upstream, as a request to it would be.
+#[tokio::test]
+async fn a_connect_to_an_unreachable_upstream_names_it() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address")
+    };
+    let config =
+        format!("{NO_MITM}[[upstream]]\nname = \"down\"\nbase_url = \"http://{closed}\"\nrate = \"10/s\"\n");
+    let pg = Pacegate::start(&config).await;
+    let (mut stream, head) = connect(pg.proxy, &closed.to_string(), "").await;
+    assert!(head.starts_with("http/1.1 502"), "{head}");
+    assert!(head.contains("x-pacegate-error: upstream_unreachable"), "{head}");
+    let mut body = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut body)).await;
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains(r#""upstream":"down""#), "{body}");
+}
+
 #[tokio::test]
 async fn connect_to_unknown_host_is_refused_by_default() {
     let echo = echo_server().await;

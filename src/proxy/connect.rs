@@ -110,9 +110,17 @@ pub async fn connect(
     match upstream {
         Some(index) => {
             let upstream = &runtime.upstreams[index];
+            // A failure to reach a configured upstream names it, as a request's would.
+            let named = |error: ProxyError| match error {
+                ProxyError::UpstreamUnreachable { upstream: None, reason } => {
+                    ProxyError::UpstreamUnreachable { upstream: Some(upstream.config.name.clone()), reason }
+                }
+                other => other,
+            };
             let otherwise = match &runtime.interceptor {
                 Some(interceptor) => Otherwise::Intercept(interceptor.server_config(&host).map_err(|e| {
-                    ProxyError::UpstreamUnreachable { upstream: None, reason: format!("interception: {e}") }
+                    let reason = format!("interception: {e}");
+                    named(ProxyError::UpstreamUnreachable { upstream: None, reason })
                 })?),
                 // Connected before the 200 as any plain tunnel, though plain
                 // HTTP inside will not use it. The address is the upstream's
@@ -121,8 +129,10 @@ pub async fn connect(
                 // may reach, no more.
                 None if claimed => {
                     let base = &upstream.config.base_url;
-                    let addrs = guard::resolve(&base.host, base.port).await.map_err(unreachable)?;
-                    Otherwise::Relay { target: open(&base.host, &addrs).await?, upstream: upstream.clone() }
+                    let addrs =
+                        guard::resolve(&base.host, base.port).await.map_err(|e| named(unreachable(e)))?;
+                    let target = open(&base.host, &addrs).await.map_err(named)?;
+                    Otherwise::Relay { target, upstream: upstream.clone() }
                 }
                 None => Otherwise::Close { upstream: upstream.clone(), port },
             };
@@ -244,7 +254,12 @@ async fn inside(
         move |request| proxy.clone().handle_intercepted(peer, scheme.clone(), authority.clone(), request)
     };
     let tls = match (inside, otherwise) {
-        (Inside::Http, _) => return server::serve_connection(io, scope, serve(Scheme::HTTP)).await,
+        (Inside::Http, otherwise) => {
+            // Plain HTTP goes to the upstream by its own pool: a relay's
+            // connection, made before the 200, is not kept open meanwhile.
+            drop(otherwise);
+            return server::serve_connection(io, scope, serve(Scheme::HTTP)).await;
+        }
         (Inside::Tls, Otherwise::Intercept(tls)) => tls,
         (_, Otherwise::Relay { target, upstream }) => {
             if upstream.metrics.unpaced_tunnel(&host) {
