@@ -180,13 +180,22 @@ impl TokenQuotas {
 pub struct TokenBook {
     /// Reported per estimated input tokens, learned from answers.
     pub calibration: Calibration,
-    /// Tokens reserved by attempts not yet settled nor ended, by the
-    /// instant of their grant: an attempt whose caller left before it
-    /// could use its ticket ends without settling ([`Self::released`]).
-    in_flight: Vec<(Instant, u64)>,
+    /// Tokens reserved by attempts not yet ended: the instant of their
+    /// grant, the tokens, and whether the attempt settled. Every attempt
+    /// ends ([`Self::released`]), after its settlement if it has one; one
+    /// whose caller left before it could use its ticket never settles.
+    in_flight: Vec<InFlight>,
     /// Tokens charged (settled), with when, over the last [`SENT_WINDOW`].
     sent: VecDeque<(Instant, u64)>,
     sent_sum: u64,
+}
+
+/// One attempt's tokens in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct InFlight {
+    granted: Instant,
+    tokens: u64,
+    settled: bool,
 }
 
 /// An upstream's tokens as `/status` shows them.
@@ -207,22 +216,27 @@ impl TokenBook {
     pub fn granted(&mut self, quotas: &TokenQuotas, needs: &Needs, now: Instant) {
         let tokens = quotas.reserved_in(needs);
         if tokens > 0 {
-            self.in_flight.push((now, tokens));
+            self.in_flight.push(InFlight { granted: now, tokens, settled: false });
         }
     }
 
     /// The attempt granted at `granted` ended, settled or not: its tokens
     /// are no longer in flight. (The quotas keep what it reserved unless
-    /// it settled: nothing says it was not sent.)
+    /// it settled: nothing says it was not sent.) Grants share an instant
+    /// when the driver hands out several at once: a settled entry of that
+    /// instant is this attempt's own, if it settled.
     pub fn released(&mut self, granted: Instant) {
-        if let Some(index) = self.in_flight.iter().position(|(at, _)| *at == granted) {
+        let of = |settled: bool| {
+            self.in_flight.iter().position(|entry| entry.granted == granted && entry.settled == settled)
+        };
+        if let Some(index) = of(true).or_else(|| of(false)) {
             self.in_flight.swap_remove(index);
         }
     }
 
     /// An attempt granted at `granted` that reserved `reserved` was
-    /// charged `charged`. Several grants may share an instant: the one
-    /// that reserved as much goes first.
+    /// charged `charged`; it stays in flight until it ends. Of several
+    /// grants at one instant, one that reserved as much is marked.
     pub fn settled(
         &mut self,
         quotas: &TokenQuotas,
@@ -231,9 +245,10 @@ impl TokenBook {
         now: Instant,
     ) {
         let tokens = quotas.reserved_of(reserved);
-        let same = self.in_flight.iter().position(|entry| *entry == (granted, tokens));
-        if let Some(index) = same.or_else(|| self.in_flight.iter().position(|(at, _)| *at == granted)) {
-            self.in_flight.swap_remove(index);
+        let open = |entry: &InFlight| entry.granted == granted && !entry.settled;
+        let same = self.in_flight.iter().position(|entry| open(entry) && entry.tokens == tokens);
+        if let Some(index) = same.or_else(|| self.in_flight.iter().position(open)) {
+            self.in_flight[index].settled = true;
         }
         self.forget(now);
         let total = charged.total();
@@ -257,7 +272,7 @@ impl TokenBook {
         let recent = self.sent.iter().filter(|(at, _)| now.saturating_duration_since(*at) < SENT_WINDOW);
         TokenStatus {
             sent_last_minute: recent.map(|(_, tokens)| tokens).sum(),
-            reserved_in_flight: self.in_flight.iter().map(|(_, tokens)| tokens).sum(),
+            reserved_in_flight: self.in_flight.iter().map(|entry| entry.tokens).sum(),
             calibration: self.calibration.ratio(),
             calibration_samples: self.calibration.samples(),
         }
@@ -329,14 +344,16 @@ mod tests {
         book.granted(&q, &Needs::new(q.needs(reserved)), t0);
         assert_eq!(book.status(t0).reserved_in_flight, 500);
         book.settled(&q, (reserved, t0), Reservation { input: 100, output: 20 }, t0);
+        assert_eq!(book.status(t0).reserved_in_flight, 500, "in flight until the attempt ends");
+        book.released(t0);
         let status = book.status(t0 + Duration::from_secs(1));
         assert_eq!((status.reserved_in_flight, status.sent_last_minute), (0, 120));
         assert_eq!(book.status(t0 + SENT_WINDOW).sent_last_minute, 0);
     }
 
-    /// A grant's tokens are in flight until it settles or ends, whichever
-    /// comes first; of two grants at one instant, a settlement takes the
-    /// one that reserved as much.
+    /// A grant's tokens are in flight until its attempt ends, settled or
+    /// not. Of two grants at one instant, each attempt's end takes its own
+    /// tokens out when it settled first, as every used ticket does.
     #[test]
     fn tokens_in_flight_end_with_their_attempt_settled_or_not() {
         let q = quotas(true, false, false);
@@ -347,12 +364,12 @@ mod tests {
             book.granted(&q, &Needs::new(q.needs(reserved)), t0);
         }
         assert_eq!(book.status(t0).reserved_in_flight, 400);
-        book.settled(&q, (large, t0), large, t0);
-        assert_eq!(book.status(t0).reserved_in_flight, 100);
-        book.released(t0);
-        assert_eq!(book.status(t0).reserved_in_flight, 0, "the other ended unsettled");
-        book.released(t0);
         book.settled(&q, (small, t0), small, t0);
-        assert_eq!(book.status(t0).reserved_in_flight, 0, "ended twice, settled late: counted out once");
+        book.released(t0);
+        assert_eq!(book.status(t0).reserved_in_flight, 300, "the small one ended, the large one streams");
+        book.released(t0);
+        assert_eq!(book.status(t0).reserved_in_flight, 0, "the large one ended unsettled");
+        book.released(t0);
+        assert_eq!(book.status(t0).reserved_in_flight, 0);
     }
 }
