@@ -89,8 +89,9 @@ pub struct Cache {
     pub keyer: Keyer,
     store: ArcSwap<Store>,
     settings: ArcSwap<config::Cache>,
-    /// Fetches under way that more callers may join, by flight key.
-    flights: Mutex<HashMap<Key, Arc<Flight>>>,
+    /// Fetches under way that more callers may join, by flight key, with
+    /// the entry each is for.
+    flights: Mutex<HashMap<Key, (Arc<Flight>, Key)>>,
     /// Callers waiting for someone else's fetch, bounded like the queue.
     followers: Arc<AtomicUsize>,
     counts: [AtomicU64; 5],
@@ -146,11 +147,17 @@ impl Cache {
         }
     }
 
-    /// A write to `key` went through: what is stored for it goes, and a
-    /// fetch under way for it will not be stored.
+    /// A write to `key` went through: what is stored for it goes, a fetch
+    /// under way for it will not be stored, and GETs from now on do not
+    /// join such a fetch: they fetch anew.
     pub fn invalidate(&self, key: Key) {
         self.writes.record(key);
         self.store().invalidate(&key);
+        self.flights().retain(|_, (_, entry)| *entry != key);
+    }
+
+    fn flights(&self) -> std::sync::MutexGuard<'_, HashMap<Key, (Arc<Flight>, Key)>> {
+        self.flights.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Taken before a fetch is sent: see [`Self::may_store`].
@@ -172,17 +179,18 @@ impl Cache {
         self.settings.load().coalesce
     }
 
-    /// Joins the fetch under way for `flight`, or starts one (registered
-    /// for others to join when coalescing). A follower beyond `bound`
-    /// waiting at once gets `None`. A fetch that takes no more waiters
-    /// (closed, or abandoned by all of its own) is replaced by a new one.
-    pub fn join(&self, flight: Option<Key>, bound: usize) -> Option<Joined> {
+    /// Joins the fetch under way for `flight` (a fetch of `entry`), or
+    /// starts one (registered for others to join when coalescing). A
+    /// follower beyond `bound` waiting at once gets `None`. A fetch that
+    /// takes no more waiters (closed, or abandoned by all of its own) is
+    /// replaced by a new one.
+    pub fn join(&self, (flight, entry): (Option<Key>, Key), bound: usize) -> Option<Joined> {
         let Some(key) = flight else {
             let (flight, waiter) = Flight::start();
             return Some(Joined::Leader(flight, waiter));
         };
-        let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(under_way) = flights.get(&key) {
+        let mut flights = self.flights();
+        if let Some((under_way, _)) = flights.get(&key) {
             if self.followers.load(Ordering::Relaxed) >= bound {
                 return None;
             }
@@ -193,14 +201,14 @@ impl Cache {
             }
         }
         let (flight, waiter) = Flight::start();
-        flights.insert(key, flight.clone());
+        flights.insert(key, (flight.clone(), entry));
         Some(Joined::Leader(flight, waiter))
     }
 
     /// Takes `flight` off the map (it ended, or takes no more callers).
     pub fn land(&self, key: Key, flight: &Arc<Flight>) {
-        let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
-        if flights.get(&key).is_some_and(|registered| Arc::ptr_eq(registered, flight)) {
+        let mut flights = self.flights();
+        if flights.get(&key).is_some_and(|(registered, _)| Arc::ptr_eq(registered, flight)) {
             flights.remove(&key);
         }
     }

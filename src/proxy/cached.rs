@@ -71,7 +71,7 @@ impl Proxy {
         };
         let upstream = &runtime.upstreams[queue.upstream as usize];
         let flight_key = cache.coalesces().then(|| cache.keyer.flight(entry, head));
-        let Some(joined) = cache.join(flight_key, upstream.config.queue_size) else {
+        let Some(joined) = cache.join((flight_key, entry), upstream.config.queue_size) else {
             cache.count(Outcome::Coalesced);
             let refusal = Refusal::Full { retry_after: FULL_RETRY_AFTER };
             return (Err(upstream.refused(refusal, head)), Outcome::Coalesced);
@@ -205,8 +205,8 @@ impl Fetch {
             self.flight.publish_head(Head { status: refreshed.status, headers, source });
             self.flight.push(refreshed.body.clone()).await;
             self.flight.end(true);
-            if storable && self.cache.may_store(&self.entry, self.mark) {
-                store.insert(self.entry, &self.seen, refreshed, now);
+            if storable {
+                self.keep(&store, refreshed, now);
             }
             return;
         }
@@ -239,10 +239,20 @@ impl Fetch {
             self.flight.push(data).await;
         }
         self.flight.end(true);
-        if let (Some(policy), Some(body)) = (policy, self.flight.body())
-            && self.cache.may_store(&self.entry, self.mark)
-        {
-            store.insert(self.entry, &self.seen, Store::stored(policy, kept, body), now);
+        if let (Some(policy), Some(body)) = (policy, self.flight.body()) {
+            self.keep(&store, Store::stored(policy, kept, body), now);
+        }
+    }
+
+    /// Stores the answer, unless a write to its entry went through since
+    /// the fetch was sent. A write on another worker between the check and
+    /// the insert would miss what is inserted: checked again after.
+    fn keep(&self, store: &Store, stored: Stored, now: SystemTime) {
+        if self.cache.may_store(&self.entry, self.mark) {
+            store.insert(self.entry, &self.seen, stored, now);
+            if !self.cache.may_store(&self.entry, self.mark) {
+                store.invalidate(&self.entry);
+            }
         }
     }
 
