@@ -413,17 +413,18 @@ async fn the_script_weighs_costs_and_names_the_limit_that_waits() {
     );
 
     // A half-open breaker's probes are shared: the second replica asking
-    // within the window is told to wait it out.
+    // within the window is told to ask again within a second (the probe
+    // may succeed and clear the count), not to hold for the whole window.
     let probe = Some((1, Duration::from_secs(2)));
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert_eq!(store.acquire(&keys, &read, 1, probe).await, Ok(Verdict::Go(1)), "the first probe goes");
     tokio::time::sleep(Duration::from_millis(30)).await; // past the own quota's next slot
-    let Ok(Verdict::Open(left)) = store.acquire(&keys, &read, 1, probe).await else {
+    let Ok(Verdict::Wait(again, None)) = store.acquire(&keys, &read, 1, probe).await else {
         panic!("a second probe within the window waits")
     };
     assert!(
-        (Duration::from_millis(1500)..=Duration::from_secs(2)).contains(&left),
-        "the window's rest: {left:?}"
+        (Duration::from_millis(900)..=Duration::from_secs(1)).contains(&again),
+        "asks again in {again:?}"
     );
 }
 
@@ -575,19 +576,24 @@ max_open_for = "3s"
     let written =
         eventually(Duration::from_secs(2), async || !redis.keys("pacegate:{api}:breaker").is_empty());
     assert!(written.await, "replica A shares its opening through Redis");
-    let hurried = |replica: &Pacegate, path: &str| {
-        client().get(replica.url(path)).header("x-pacegate-max-wait", "1s").send()
-    };
-    let held = hurried(&b, "/api/b0").await.expect("an answer");
+    let held = client().get(b.url("/api/b0")).header("x-pacegate-max-wait", "1s").send();
+    let held = held.await.expect("an answer");
     support::assert_pacegate_error(held, 503, "circuit_open", Some("api")).await;
-    mock.set_behaviour(Behaviour::new());
-    // A's probe, once the break is over (3 s, less its jitter).
-    let probe = client().get(a.url("/api/probe")).header("x-pacegate-max-wait", "5s").send().await;
-    assert_eq!(probe.expect("an answer").status(), 200);
-    let freed = eventually(Duration::from_secs(5), async || {
-        hurried(&b, "/api/b1").await.is_ok_and(|answer| answer.status() == 200)
-    });
-    assert!(freed.await, "replica B was held after A's probe succeeded: {:?}", b.status().await);
+    // The upstream is back, slowly: A's probe, once the break is over (3 s,
+    // less its jitter), takes 1.5 s to answer.
+    mock.set_behaviour(Behaviour::new().latency(Duration::from_millis(1500)));
+    let patient = |replica: &Pacegate, path: &str| {
+        client().get(replica.url(path)).header("x-pacegate-max-wait", "8s").send()
+    };
+    let probe = tokio::spawn(patient(&a, "/api/probe"));
+    assert!(mock.wait_for_arrivals(5, Duration::from_secs(8)).await, "A probes");
+    // B, half-open, asks while A's probe is out: it waits for it, and goes
+    // once A's probe has succeeded, not when A's probe window would end (20 s).
+    let asked = tokio::time::Instant::now();
+    let during = patient(&b, "/api/b1").await.expect("an answer");
+    assert_eq!(during.status(), 200, "replica B was held after A's probe succeeded: {:?}", b.status().await);
+    assert!(asked.elapsed() < Duration::from_secs(6), "B waited {:?}", asked.elapsed());
+    assert_eq!(probe.await.expect("request task").expect("an answer").status(), 200);
 }
 
 /// Settling in the script: units given back let the next attempt leave

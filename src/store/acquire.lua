@@ -32,7 +32,8 @@
 --            ended, with ARGV after the sets: probes allowed, probe window
 --            (µs). The attempt is then a half-open breaker's probe: it goes
 --            only while the replicas together took fewer than allowed in
---            the window; otherwise {3, µs, 0} until the window ends.
+--            the window; otherwise {0, µs, 1}: ask again within a second (a
+--            probe that succeeds clears the count), or when the window ends.
 --
 -- Returns {1, n, 0}: n >= 1 attempts go; {0, µs, j}: the quotas admit nobody
 -- before then, set j being the one that waits longest; {2, µs, j}: set j
@@ -112,7 +113,8 @@ if #KEYS > 2 + sets then
     redis.call('PEXPIRE', KEYS[3 + sets], math.max(1, math.ceil(window / 1000)))
   end
   if taken > probes then
-    return {3, math.max(1, redis.call('PTTL', KEYS[3 + sets])) * 1000, 0}
+    local left = math.max(1, redis.call('PTTL', KEYS[3 + sets])) * 1000
+    return {0, math.min(left, 1000000), 1}
   end
 end
 local update, keep = {}, 0

@@ -279,9 +279,11 @@ impl Store {
     ///
     /// A half-open breaker's probe passes `probe`: how many probes the
     /// replicas share, and how long one takes at most. Whichever replica
-    /// takes one first sends it; the others are told the breaker stays open
-    /// until that window is over (by then the prober either reopened the
-    /// shared break, or the upstream answered and the next one probes too).
+    /// takes one first sends it; the others are told to wait and ask again
+    /// within a second, at the latest when that window is over: by then the
+    /// prober either reopened the shared break, or it succeeded and cleared
+    /// the count ([`Self::close_breaker`]), and the next one probes too. Not
+    /// a break of their own, which would hold them for the whole window.
     pub async fn acquire(
         self: &Arc<Self>,
         keys: &Keys,
