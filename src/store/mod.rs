@@ -152,6 +152,9 @@ pub struct Store {
     adjust: Script,
     /// False from a failed call until the probe reaches Redis again.
     up: AtomicBool,
+    /// Some call or probe got an answer: a first connection that fails
+    /// after that does not say Redis is down.
+    reached: AtomicBool,
     /// The keys of the call that marked the store down. The probe reads
     /// them together through the new connection: in a cluster, every
     /// master of the slot map may answer `PING` while their slot still has
@@ -198,6 +201,7 @@ impl Store {
             cool_down: Script::new(include_str!("cool_down.lua")),
             adjust: Script::new(include_str!("adjust.lua")),
             up: AtomicBool::new(true),
+            reached: AtomicBool::new(false),
             failed: std::sync::Mutex::new(Vec::new()),
             metrics,
             runtime: tokio::runtime::Handle::current(),
@@ -231,6 +235,8 @@ impl Store {
         };
         let (link, master) = match tokio::time::timeout(PROBE_PATIENCE, connect).await {
             Ok(Ok(connected)) => connected,
+            // A call that got its answer meanwhile knows better.
+            Ok(Err(_)) | Err(_) if self.reached.load(Ordering::Relaxed) => return,
             Ok(Err(error)) => return self.went_down(Vec::new(), &error.to_string()),
             Err(_) => return self.went_down(Vec::new(), &format!("no connection within {PROBE_PATIENCE:?}")),
         };
@@ -399,7 +405,10 @@ impl Store {
     ) -> Result<T, Unavailable> {
         let call = async { invocation.invoke_async(&mut self.link().await?).await };
         let error = match self.timed(self.config.timeout, call).await {
-            Ok(value) => return Ok(value),
+            Ok(value) => {
+                self.reached.store(true, Ordering::Relaxed);
+                return Ok(value);
+            }
             Err(error) => error,
         };
         self.went_down(keys(), &error);
@@ -486,6 +495,7 @@ async fn probe(store: Weak<Store>) {
         };
         match store.timed(PROBE_PATIENCE.max(store.config.timeout), ping).await {
             Ok(_) => {
+                store.reached.store(true, Ordering::Relaxed);
                 store.up.store(true, Ordering::Release);
                 store.metrics.redis_up.set(1);
                 let master = store.master().unwrap_or_default();
