@@ -173,7 +173,9 @@ pub fn tokens(cx: &Cx<'_>, raw: &RawUpstream) -> Result<Option<Tokens>, ConfigEr
 
 /// `burst`: at least 1, and no more than the smallest count of `rates`. A
 /// larger burst would put more into the quota's first window than it holds
-/// (and, over a long window, more than pacing time can count).
+/// (and, over a long window, more than pacing time can count). Even within
+/// it, a window may hold up to count + burst − 1: the burst, then the
+/// quota refilling as it is paced (docs/configuration.md says so).
 pub(super) fn burst(cx: &Cx<'_>, raw: &Spanned<u32>, rates: &[Rate]) -> Result<NonZeroU32, ConfigError> {
     let burst =
         NonZeroU32::new(*raw.get_ref()).ok_or_else(|| cx.err(raw.span(), "burst must be at least 1"))?;
