@@ -380,7 +380,10 @@ impl<W: Waiter> Admission<W> {
             return Err(Refusal::CircuitOpen { retry_after: until.saturating_duration_since(now) });
         }
         if !retry && self.depth() >= self.limits.queue_size {
-            return Err(Refusal::Full { retry_after: self.estimate_wait(now) });
+            // The whole queue's drain, or this caller's own queue and the
+            // limits it needs, whichever is longer.
+            let retry_after = self.estimate_wait(now).max(self.queued_wait(place, &needs, now));
+            return Err(Refusal::Full { retry_after });
         }
         let key = QueueKey { partition: place.partition, set: needs.set() };
         if self.closed(now) {

@@ -195,3 +195,21 @@ fn a_volume_cap_beside_a_pace_does_not_stretch_the_honest_wait() {
     let served = b.serve(0, 2_000);
     assert_eq!(served.last(), Some(&(5, wait.as_millis() as u64)), "{served:?}");
 }
+
+/// A full queue's `Retry-After` counts the limits the refused caller needs:
+/// three writes ahead of it at 1 per 20 s take a minute, not the 40 ms the
+/// upstream's own 100/s would drain four requests in.
+#[test]
+fn a_full_queue_s_retry_after_counts_the_limits_the_caller_needs() {
+    let mut b = Bench::new(Limits { queue_size: 3, ..with_endpoints(&[("writes", "1/20s")]) });
+    let write = || needs(0, 1);
+    for id in 0..3 {
+        b.join_needing(id, write());
+    }
+    let refused = b.core.enqueue(caller(3), Place::default(), write(), (false, None), b.t0);
+    let Err(Refusal::Full { retry_after }) = refused else { panic!("{refused:?}") };
+    assert!(retry_after >= Duration::from_secs(40), "{retry_after:?}");
+    let read = b.core.enqueue(caller(4), Place::default(), Needs::default(), (false, None), b.t0);
+    let Err(Refusal::Full { retry_after }) = read else { panic!("{read:?}") };
+    assert!(retry_after < Duration::from_secs(1), "a read needs no write slot: {retry_after:?}");
+}
