@@ -309,6 +309,30 @@ async fn a_reload_keeps_the_state_of_a_limit_that_kept_its_name_and_rate() {
     assert_eq!(sent, ["/w1", "/r"], "the reload gave the writes limit a fresh slot");
 }
 
+/// A reload that puts the limits in another order while a write is out:
+/// its retry still takes the writes limit, by name, not whichever limit
+/// now has the index it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_across_a_reload_that_reorders_the_limits_takes_its_own_limit() {
+    let slow = Behaviour::new().latency(Duration::from_millis(400)).script([Scripted::status(429)]);
+    let mock = MockUpstream::start(slow).await;
+    let writes = "[[upstream.limit]]\nname = \"writes\"\nmethods = [\"POST\"]\nrate = \"1/4s\"\n";
+    let reads = "[[upstream.limit]]\nname = \"reads\"\nmethods = [\"GET\"]\nrate = \"100/s\"\n";
+    let before = upstream("api", &mock.url(), &format!("rate = \"100/s\"\n{writes}{reads}"));
+    let after = upstream("api", &mock.url(), &format!("rate = \"100/s\"\n{reads}{writes}"));
+    let pg = Pacegate::start(&before).await;
+    let http = client();
+    let write = tokio::spawn(http.post(pg.url("/api/w")).timeout(PATIENCE).send());
+    assert!(mock.wait_for_arrivals(1, PATIENCE).await, "the write is out");
+    pg.reload_with(&format!("{TEST_SERVER}\n{after}")).await;
+    let answer = write.await.expect("request task").expect("an answer");
+    assert_eq!(answer.status(), 200);
+    let arrivals = mock.arrivals();
+    assert_eq!(arrivals.iter().map(|a| a.status).collect::<Vec<_>>(), [429, 200]);
+    let apart = arrivals[1].at - arrivals[0].at;
+    assert!(apart >= Duration::from_millis(3_900), "the retry left {apart:?} after the write: 1 per 4 s");
+}
+
 /// Two replicas with `[redis]` share one limit: POSTs through both, together,
 /// keep to the limit's 10/s at the upstream, while reads through both pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

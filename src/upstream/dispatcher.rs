@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use futures_util::future::{self, Either, Ready};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
@@ -68,6 +68,7 @@ impl Dispatcher {
         );
         let shared = Arc::new(Shared {
             name: upstream.name.clone(),
+            config: ArcSwap::from_pointee(upstream.clone()),
             metrics,
             core: Mutex::new(core),
             wake: Notify::new(),
@@ -85,6 +86,11 @@ impl Dispatcher {
 
     fn shared(&self) -> &Arc<Shared> {
         &self.handle.shared
+    }
+
+    /// The config in force: what limit indices mean now.
+    pub fn config(&self) -> arc_swap::Guard<Arc<config::Upstream>> {
+        self.shared().config.load()
     }
 
     /// The admission state now, as `/status` and `/metrics` show it.
@@ -208,7 +214,10 @@ impl Dispatcher {
         let shared = self.shared();
         *self.budget() = RetryBudget::from_config(&upstream.retry);
         let limits = Limits::of(upstream);
-        shared.change(|core| core.reconfigure(limits, store.is_some(), Instant::now()));
+        shared.change(|core| {
+            core.reconfigure(limits, store.is_some(), Instant::now());
+            shared.config.store(Arc::new(upstream.clone()));
+        });
         shared.limiter.store(limiter(upstream, store));
         shared.wake.notify_one();
         export_token_series(&shared.metrics, upstream);

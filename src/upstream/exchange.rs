@@ -149,7 +149,6 @@ impl Upstream {
         mut deadline: Instant,
         mut ticket: Ticket,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let needs = &self.needs(head);
         let priced = Priced::of(head);
         let retry = &self.config.retry;
         // Asked only where it matters: an idempotent method may be replayed anyway.
@@ -159,6 +158,9 @@ impl Upstream {
         let mut attempt: u32 = 1;
         loop {
             let sent_at = Instant::now();
+            // Worked out for each attempt: a reload since the last may have
+            // reordered the limits it counts in.
+            let needs = &self.needs(head);
             // Every attempt holds its own token reservation, taken with its ticket.
             let granted = ticket.granted;
             let mut reserved = priced.map(|p| Reserved::new(&self.dispatcher, place.partition, p, granted));
@@ -229,7 +231,7 @@ impl Upstream {
             );
             // Waiting out a backoff is not waiting in the queue.
             deadline += delay;
-            ticket = match Box::pin(self.backoff(delay, place, needs, deadline)).await {
+            ticket = match Box::pin(self.backoff(delay, place, head, deadline)).await {
                 Ok(ticket) => ticket,
                 // The breaker opened meanwhile and this retry cannot wait for it.
                 Err(refusal @ Refusal::CircuitOpen { .. }) => return Err(self.refused(refusal, head)),
@@ -243,19 +245,20 @@ impl Upstream {
     }
 
     /// Sleeps a retry's `delay`, then queues again at the head of `place`
-    /// until `deadline`; shutdown's last call cuts the sleep short.
+    /// until `deadline`, needing what `head` needs of the limits then in
+    /// force; shutdown's last call cuts the sleep short.
     async fn backoff(
         &self,
         delay: Duration,
         place: Place,
-        needs: &Needs,
+        head: &http::request::Parts,
         deadline: Instant,
     ) -> Result<Ticket, Refusal> {
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             ends = self.dispatcher.last_call() => return Err(shutting_down(ends)),
         }
-        self.dispatcher.rejoin(place, needs.clone(), deadline).await
+        self.dispatcher.rejoin(place, self.needs(head), deadline).await
     }
 
     /// Reads a 429's body whole, at most [`llm::REFUSAL_BODY_BYTES`] within
@@ -451,8 +454,7 @@ impl Upstream {
                     .iter()
                     .find(|(index, _)| *index == limit)
                     .map_or(0, |(_, units)| units.get());
-                let (limit, capacity) = self.limit_capacity(limit).unwrap_or(("", 0));
-                let limit = limit.to_string();
+                let (limit, capacity) = self.limit_capacity(limit).unwrap_or_default();
                 tracing::warn!(upstream = %upstream, limit = %limit, cost, capacity, reason = reason.as_str(), "cost_exceeds_quota");
                 ProxyError::CostExceedsQuota { upstream, limit, cost, capacity }
             }

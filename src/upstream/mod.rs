@@ -101,32 +101,37 @@ impl Upstream {
         if self.config.limits.is_empty() && priced.is_none() {
             return Needs::default();
         }
+        // Numbered as the dispatcher numbers them now: a reload since this
+        // request began may have reordered the limits.
+        let config = self.dispatcher.config();
         let path = head.uri.path();
-        let path = path.strip_prefix(self.config.base_url.path.as_str()).unwrap_or(path);
+        let path = path.strip_prefix(config.base_url.path.as_str()).unwrap_or(path);
         let path = if path.is_empty() { "/" } else { path };
-        let limits = self.config.limits.iter().enumerate();
+        let limits = config.limits.iter().enumerate();
         let limits = limits.filter_map(|(index, limit)| Some((index, limit.cost_of(&head.method, path)?)));
-        let tokens = priced.map(|p| TokenQuotas::of(&self.config).needs(p.reservation));
+        let tokens = priced.map(|p| TokenQuotas::of(&config).needs(p.reservation));
         Needs::new(limits.chain(tokens.into_iter().flatten()))
     }
 
     /// The name and capacity (smallest count) of endpoint limit `index`,
     /// a token quota included.
-    pub fn limit_capacity(&self, index: usize) -> Option<(&str, u32)> {
+    pub fn limit_capacity(&self, index: usize) -> Option<(String, u32)> {
         let capacity = |rate: &[config::Rate]| rate.iter().map(|r| r.count.get()).min().unwrap_or(0);
-        if let Some(limit) = self.config.limits.get(index) {
-            return Some((&limit.name, capacity(&limit.rate)));
+        let config = self.dispatcher.config();
+        if let Some(limit) = config.limits.get(index) {
+            return Some((limit.name.clone(), capacity(&limit.rate)));
         }
-        let tokens = self.config.tokens.as_ref()?;
-        let (kind, rate) = tokens.quotas.get(index - self.config.limits.len())?;
-        Some((kind.name(), capacity(rate)))
+        let tokens = config.tokens.as_ref()?;
+        let (kind, rate) = tokens.quotas.get(index - config.limits.len())?;
+        Some((kind.name().to_owned(), capacity(rate)))
     }
 
     /// The endpoint limit an answer says it is about (GitHub's
     /// `x-ratelimit-resource`), when the request needed that limit.
     pub fn limit_named(&self, headers: &HeaderMap, needs: &Needs) -> Option<usize> {
         let resource = headers.get(RESOURCE_HEADER)?.to_str().ok()?.trim();
-        let index = self.config.limits.iter().position(|limit| limit.name.eq_ignore_ascii_case(resource))?;
+        let limits = &self.dispatcher.config().limits;
+        let index = limits.iter().position(|limit| limit.name.eq_ignore_ascii_case(resource))?;
         needs.iter().any(|(needed, _)| needed == index).then_some(index)
     }
 

@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
@@ -93,6 +93,10 @@ impl Limiter {
 pub(super) struct Shared {
     /// Upstream name, for logs, metrics and Redis keys.
     pub name: String,
+    /// The config in force, whose endpoint limits and token quotas the
+    /// core's limit indices number: a request that began under an earlier
+    /// config works out its needs from this one (a reload may reorder them).
+    pub config: ArcSwap<crate::config::Upstream>,
     pub metrics: Arc<Metrics>,
     pub core: Mutex<Core>,
     /// Wakes the driver: a caller queued, an attempt ended, a reload.

@@ -100,10 +100,11 @@ impl Upstream {
     /// its unit is one token and the next call needs many, so an exhausted
     /// quota is read as a window that resets (docs/tokens.md).
     pub fn exhausted_token_quotas(&self, headers: &http::HeaderMap) -> Vec<(usize, RateLimitHint)> {
-        let quotas = TokenQuotas::of(&self.config);
-        if quotas.is_empty() {
+        // Asked of every answer: most upstreams have no token quota.
+        if self.config.tokens.is_none() {
             return Vec::new();
         }
+        let quotas = TokenQuotas::of(&self.dispatcher.config());
         let hints = llm::token_hints(headers, std::time::SystemTime::now());
         let by_kind = [
             (TokenKind::Total, hints.tokens),
@@ -127,7 +128,7 @@ impl Upstream {
     /// unless it also says the request quota is spent. Empty when the 429
     /// is not known to be about tokens: then it cools the whole partition.
     pub fn short_token_quotas(&self, headers: &http::HeaderMap, needs: &Needs) -> Vec<usize> {
-        let quotas = TokenQuotas::of(&self.config);
+        let quotas = TokenQuotas::of(&self.dispatcher.config());
         if quotas.is_empty() {
             return Vec::new();
         }
@@ -161,7 +162,7 @@ impl Upstream {
         if response.status() != http::StatusCode::TOO_MANY_REQUESTS {
             return false;
         }
-        let quotas = TokenQuotas::of(&self.config);
+        let quotas = TokenQuotas::of(&self.dispatcher.config());
         let needs_tokens = [TokenKind::Total, TokenKind::Input, TokenKind::Output]
             .into_iter()
             .filter_map(|kind| quotas.index(kind))
@@ -179,7 +180,7 @@ impl Upstream {
     /// kind not configured falls on the quota that counts it (input or
     /// output tokens on `tokens`, tokens on `input_tokens` and `output_tokens`).
     pub(super) fn named_token_quotas(&self, kind: Option<TokenKind>, needs: &Needs) -> Vec<usize> {
-        let quotas = TokenQuotas::of(&self.config);
+        let quotas = TokenQuotas::of(&self.dispatcher.config());
         let Some(kind) = kind else { return Vec::new() };
         let named: Vec<usize> = match (kind, quotas.index(kind)) {
             (_, Some(index)) => vec![index],
