@@ -59,7 +59,6 @@ mod terms;
 mod tests;
 pub mod tokens;
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
@@ -590,14 +589,17 @@ impl<W: Waiter> Admission<W> {
         if feedback.rate_limited {
             self.last_rate_limited = Some((now, feedback.cooldown));
         }
-        let live = self.partitions.len();
-        // A partition evicted meanwhile comes back if the bound allows: a
-        // 429 must still cool its key down.
-        let partition = match self.partitions.entry(feedback.partition) {
-            Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(_) if live >= self.limits.max_partitions => return None,
-            Entry::Vacant(entry) => entry.insert(Partition::new(&self.limits, now)),
-        };
+        // A partition evicted while its attempt was out comes back, in the
+        // place of another if the bound is reached: a 429 must still cool
+        // its key down.
+        if !self.partitions.contains_key(&feedback.partition)
+            && self.partitions.len() >= self.limits.max_partitions
+            && !self.evict_least_recent(now)
+        {
+            return None;
+        }
+        let partition =
+            self.partitions.entry(feedback.partition).or_insert_with(|| Partition::new(&self.limits, now));
         let pacing = match feedback.limit.and_then(|index| partition.limits.get_mut(index)) {
             Some(limit) => limit,
             None => &mut partition.pacing,

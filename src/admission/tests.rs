@@ -254,6 +254,23 @@ fn partitions_make_room_for_new_keys_least_recently_used_first() {
     assert_eq!(b.core.partitions(), 2, "a partition with a waiter stays");
 }
 
+/// A key's partition evicted while its attempt was out (two other keys
+/// came meanwhile) still cools down when that attempt draws a 429: it
+/// comes back in the place of an idle one.
+#[test]
+fn a_429_for_an_evicted_key_still_cools_it_down() {
+    let mut b = Bench::with(Limits { max_partitions: 2, ..limits("10/s", 1) }, true, false);
+    let key = |partition| place(partition, 0, Priority::Normal);
+    assert!(b.core.try_leave(key(1), &Needs::default(), b.t0), "key 1's attempt goes out");
+    for (partition, at) in [(2, 10), (3, 20)] {
+        assert!(b.core.try_leave(key(partition), &Needs::default(), b.at(at)));
+    }
+    let feedback = a_429(b.at(30), 1, Duration::from_secs(5));
+    b.core.feedback(&feedback, false, b.at(30));
+    assert_eq!(b.core.partitions(), 2);
+    assert!(!b.core.try_leave(key(1), &Needs::default(), b.at(1_000)), "key 1 cools down after its 429");
+}
+
 #[test]
 fn a_new_key_is_refused_while_every_partition_is_busy() {
     let mut b = Bench::with(Limits { max_partitions: 2, ..limits("10/s", 1) }, true, false);
