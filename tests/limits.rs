@@ -309,6 +309,26 @@ async fn a_reload_keeps_the_state_of_a_limit_that_kept_its_name_and_rate() {
     assert_eq!(sent, ["/w1", "/r"], "the reload gave the writes limit a fresh slot");
 }
 
+/// A limit on `/search/**` counts the spellings an upstream serves as the
+/// same path: a doubled slash, `/./`, an escaped letter or slash.
+#[tokio::test]
+async fn a_limit_counts_every_spelling_of_its_paths() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let search = "[[upstream.limit]]\nname = \"search\"\npaths = [\"/search/**\"]\nrate = \"1/min\"\n";
+    let pg = Pacegate::start(&upstream("api", &mock.url(), &format!("rate = \"100/s\"\n{search}"))).await;
+    let http = client();
+    let hurried = async |path: &str| {
+        let request = http.get(pg.url(path)).header("x-pacegate-max-wait", "1s").timeout(PATIENCE);
+        request.send().await.expect("an answer")
+    };
+    assert_eq!(hurried("/api/search/a").await.status(), 200, "spends the minute's only search");
+    for path in ["/api//search/b", "/api/./search/c", "/api/%73earch/d", "/api/search%2Fe"] {
+        assert_pacegate_error(hurried(path).await, 503, "queue_timeout", Some("api")).await;
+    }
+    assert_eq!(hurried("/api/other").await.status(), 200, "other paths pass");
+    assert_eq!(mock.count(), 2);
+}
+
 /// A reload that puts the limits in another order while a write is out:
 /// its retry still takes the writes limit, by name, not whichever limit
 /// now has the index it had.

@@ -11,6 +11,7 @@
 //! * `/search/{code,issues}` matches either; `?` is one character but `/`;
 //! * the query string is never part of the match.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::num::NonZeroU32;
 
@@ -54,6 +55,54 @@ impl Limit {
         let path_matches = self.paths.as_ref().is_none_or(|globs| globs.set.is_match(path));
         (method_matches && path_matches).then(|| self.cost.of(method))
     }
+}
+
+/// A request path as limits match it: what an upstream such as nginx
+/// serves for it. Repeated slashes are one, `/./` is nothing, and an
+/// escaped unreserved character or slash (`%73`, `%2F`) is itself, so that
+/// `/search/x` cannot skip a `/search/**` limit as `//search/x`,
+/// `/%73earch/x` or `/search%2Fx`. Matching more is the safe way to be
+/// wrong: a request counted in a limit it does not need waits, one not
+/// counted draws the upstream's 429. Paths without any of these are kept
+/// as they are, with no copy.
+pub fn matching_path(path: &str) -> Cow<'_, str> {
+    if !path.contains("//") && !path.contains("/./") && !path.ends_with("/.") && !path.contains('%') {
+        return Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok())
+            .filter(|b| b.is_ascii_alphanumeric() || b"-._~/".contains(b));
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                i += 3;
+            }
+            None => {
+                decoded.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    // Only ASCII was decoded into valid UTF-8 text: still text.
+    let text = String::from_utf8_lossy(&decoded);
+    for segment in text.split('/') {
+        if segment.is_empty() || segment == "." {
+            continue;
+        }
+        out.push('/');
+        out.push_str(segment);
+    }
+    if out.is_empty() || text.ends_with('/') || text.ends_with("/.") {
+        out.push('/');
+    }
+    Cow::Owned(out)
 }
 
 /// `cost`: one number, or a number per method with a default.
@@ -242,5 +291,31 @@ fn cost(cx: &Cx<'_>, raw: &Spanned<toml::Value>) -> Result<Cost, ConfigError> {
             Ok(Cost { default, per_method })
         }
         value => Ok(Cost { default: units(value, "cost")?, per_method: Vec::new() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_matched_as_an_upstream_serves_them() {
+        for (path, want) in [
+            ("/search/code", "/search/code"),
+            ("//search/code", "/search/code"),
+            ("/search//code/", "/search/code/"),
+            ("/./search/./code", "/search/code"),
+            ("/%73earch/code", "/search/code"),
+            ("/search%2Fcode", "/search/code"),
+            ("/search%2fcode", "/search/code"),
+            ("/search/%E2%82%AC", "/search/%E2%82%AC"),
+            ("/search/%zz", "/search/%zz"),
+            ("/search/%", "/search/%"),
+            ("/a/.", "/a/"),
+            ("//", "/"),
+        ] {
+            assert_eq!(matching_path(path), want, "{path:?}");
+        }
+        assert!(matches!(matching_path("/search/code"), Cow::Borrowed(_)), "no copy when nothing changes");
     }
 }

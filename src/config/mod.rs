@@ -29,7 +29,7 @@ use http::uri::{Authority, Scheme};
 pub use authority::{canonical_host, default_port};
 pub use cache::Cache;
 pub use error::{ConfigError, Location};
-pub use limits::{Cost, DEFAULT_MAX_TOKENS, Limit, MAX_LIMITS, PathGlobs};
+pub use limits::{Cost, DEFAULT_MAX_TOKENS, Limit, MAX_LIMITS, PathGlobs, matching_path};
 pub use units::{MAX_DURATION, format_duration, parse_duration, parse_rate};
 pub use validate::DEFAULT_REDIS_TIMEOUT;
 

@@ -106,9 +106,9 @@ impl Upstream {
         let config = self.dispatcher.config();
         let path = head.uri.path();
         let path = path.strip_prefix(config.base_url.path.as_str()).unwrap_or(path);
-        let path = if path.is_empty() { "/" } else { path };
+        let path = config::matching_path(if path.is_empty() { "/" } else { path });
         let limits = config.limits.iter().enumerate();
-        let limits = limits.filter_map(|(index, limit)| Some((index, limit.cost_of(&head.method, path)?)));
+        let limits = limits.filter_map(|(index, limit)| Some((index, limit.cost_of(&head.method, &path)?)));
         let tokens = priced.map(|p| TokenQuotas::of(&config).needs(p.reservation));
         Needs::new(limits.chain(tokens.into_iter().flatten()))
     }
