@@ -419,7 +419,7 @@ async fn the_script_weighs_costs_and_names_the_limit_that_waits() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert_eq!(store.acquire(&keys, &read, 1, probe).await, Ok(Verdict::Go(1)), "the first probe goes");
     tokio::time::sleep(Duration::from_millis(30)).await; // past the own quota's next slot
-    let Ok(Verdict::Wait(again, None)) = store.acquire(&keys, &read, 1, probe).await else {
+    let Ok(Verdict::ProbeOut(again)) = store.acquire(&keys, &read, 1, probe).await else {
         panic!("a second probe within the window waits")
     };
     assert!(

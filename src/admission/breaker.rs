@@ -217,6 +217,16 @@ impl Breaker {
         }
     }
 
+    /// Another replica's probe is out: nothing leaves for `wait`, then this
+    /// breaker is half-open again and asks anew. No new break: its length
+    /// and the outcomes seen stay as they were.
+    pub fn hold(&mut self, now: Instant, wait: Duration) {
+        let until = later(now, wait);
+        if self.open_until().is_none_or(|current| current < until) {
+            self.state = State::Open { until };
+        }
+    }
+
     /// Another replica opened the upstream's breaker for `open_for` more:
     /// open here too, until then (never shortening a break of its own).
     pub fn force_open(&mut self, now: Instant, open_for: Duration) {
@@ -363,6 +373,29 @@ mod tests {
         assert_eq!(b.record(at(5_050), at(5_004), false, 0.0), Some(Transition::Closed));
         assert_eq!(b.admits(at(5_051)), Ok(()));
         assert_eq!(b.counts(at(5_051)), (0, 0), "closed with a clean window");
+    }
+
+    /// Held while another replica's probe is out, the breaker asks again
+    /// after the hold, half-open with its probes, and a failed probe then
+    /// doubles the break it had, not a break the hold made.
+    #[test]
+    fn a_hold_while_another_probe_is_out_is_no_break() {
+        let t0 = Instant::now();
+        let mut b = breaker();
+        for _ in 0..4 {
+            b.record(t0, t0, true, 0.0);
+        }
+        let half_open = b.open_until().expect("open");
+        assert_eq!(b.admits(half_open), Ok(()), "half-open");
+        b.hold(half_open, Duration::from_secs(1));
+        let after = half_open + Duration::from_secs(1);
+        assert_eq!(b.admits(after - Duration::from_millis(1)), Err(Some(after)));
+        assert_eq!(b.admits(after), Ok(()), "half-open again: it asks anew");
+        b.granted();
+        let Some(Transition::Opened { open_for, .. }) = b.record(after, after, true, 0.0) else {
+            panic!("reopens")
+        };
+        assert_eq!(open_for, Duration::from_secs(10), "the 5 s break doubled, as without the hold");
     }
 
     #[test]

@@ -380,8 +380,12 @@ impl<W: Waiter> Admission<W> {
         }
         if !retry && self.depth() >= self.limits.queue_size {
             // The whole queue's drain, or this caller's own queue and the
-            // limits it needs, whichever is longer.
-            let retry_after = self.estimate_wait(now).max(self.queued_wait(place, &needs, now));
+            // limits it needs, whichever is longer. Without limits the drain
+            // says enough: no walk of the queue when it is full.
+            let mut retry_after = self.estimate_wait(now);
+            if !needs.is_empty() {
+                retry_after = retry_after.max(self.queued_wait(place, &needs, now));
+            }
             return Err(Refusal::Full { retry_after });
         }
         let key = QueueKey { partition: place.partition, set: needs.set() };
@@ -565,6 +569,14 @@ impl<W: Waiter> Admission<W> {
                     }
                 }
             }
+            // The whole upstream waits, as for a break, so that only one
+            // of its partitions asks again.
+            Verdict::ProbeOut(wait) => {
+                self.give_back(key.partition, slots);
+                if let Some(breaker) = &mut self.breaker {
+                    breaker.hold(now, wait);
+                }
+            }
         }
         self.requeue(key);
         granted
@@ -592,9 +604,14 @@ impl<W: Waiter> Admission<W> {
         // A partition evicted while its attempt was out comes back, in the
         // place of another if the bound is reached: a 429 must still cool
         // its key down.
+        // Only for what pauses: a success's quota hint for a dropped key is
+        // not worth another key's pacing state.
+        let pauses = feedback.rate_limited
+            || feedback.cooldown.is_some()
+            || feedback.hint.is_some_and(|hint| hint.pause.is_some());
         if !self.partitions.contains_key(&feedback.partition)
             && self.partitions.len() >= self.limits.max_partitions
-            && !self.evict_least_recent(now)
+            && !(pauses && self.evict_least_recent(now))
         {
             return None;
         }

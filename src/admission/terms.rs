@@ -66,6 +66,9 @@ pub enum Verdict {
     Cooling(Duration, Option<usize>),
     /// Another replica opened the upstream's breaker for this much longer.
     Open(Duration),
+    /// The replicas' half-open probes are out: ask again after this long
+    /// (at most a second: a probe that succeeds clears the count).
+    ProbeOut(Duration),
 }
 
 /// An upstream's bounds, as the config states them.

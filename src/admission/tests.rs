@@ -271,6 +271,26 @@ fn a_429_for_an_evicted_key_still_cools_it_down() {
     assert!(!b.core.try_leave(key(1), &Needs::default(), b.at(1_000)), "key 1 cools down after its 429");
 }
 
+/// A success's quota hint for a dropped key pauses nothing: it is not
+/// worth another key's pacing state.
+#[test]
+fn a_hint_that_pauses_nothing_does_not_make_room_for_a_dropped_key() {
+    let mut b = Bench::with(Limits { max_partitions: 2, ..limits("1/s", 1) }, true, false);
+    let key = |partition| place(partition, 0, Priority::Normal);
+    for (partition, at) in [(1, 0), (2, 10), (3, 20)] {
+        assert!(b.core.try_leave(key(partition), &Needs::default(), b.at(at)));
+    }
+    let hint = crate::retry::HintPace { pause: None, cap: Some((100.0, Duration::from_secs(60))) };
+    let feedback = Feedback {
+        hint: Some(hint),
+        rate_limited: false,
+        cooldown: None,
+        ..a_429(b.at(30), 1, Duration::ZERO)
+    };
+    b.core.feedback(&feedback, false, b.at(30));
+    assert!(!b.core.try_leave(key(2), &Needs::default(), b.at(40)), "key 2 kept its pacing: 1/s");
+}
+
 #[test]
 fn a_new_key_is_refused_while_every_partition_is_busy() {
     let mut b = Bench::with(Limits { max_partitions: 2, ..limits("10/s", 1) }, true, false);

@@ -137,14 +137,25 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 /// The upstream's remaining quota and reset time, when it reports both.
 pub fn rate_limit(headers: &HeaderMap, now: SystemTime) -> Option<RateLimitHint> {
     // Every answer is asked, and most report no quota: one pass over their
-    // few names is cheaper than hashing the three that each scheme needs.
-    if !headers.keys().any(|name| name.as_str().contains("ratelimit-")) {
+    // few names is cheaper than hashing the names each family needs, and a
+    // first byte that starts no family's prefix settles most names at once.
+    if !headers.keys().any(|name| names_a_quota(name.as_str())) {
         return None;
     }
     github(headers, now)
         .or_else(|| ietf_draft(headers))
         .or_else(|| openai(headers))
         .or_else(|| anthropic(headers, now))
+}
+
+/// Whether a header name (lower case) belongs to a family [`rate_limit`] reads.
+fn names_a_quota(name: &str) -> bool {
+    match name.as_bytes().first() {
+        Some(b'x') => name.starts_with("x-ratelimit-"),
+        Some(b'r') => name.starts_with("ratelimit-"),
+        Some(b'a') => name.starts_with("anthropic-ratelimit-requests-"),
+        _ => false,
+    }
 }
 
 /// `X-RateLimit-*`; `Reset` is epoch seconds or delta (see [`EPOCH_THRESHOLD_SECS`]).

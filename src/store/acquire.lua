@@ -32,12 +32,13 @@
 --            ended, with ARGV after the sets: probes allowed, probe window
 --            (µs). The attempt is then a half-open breaker's probe: it goes
 --            only while the replicas together took fewer than allowed in
---            the window; otherwise {0, µs, 1}: ask again within a second (a
+--            the window; otherwise {4, µs, 0}: ask again within a second (a
 --            probe that succeeds clears the count), or when the window ends.
 --
 -- Returns {1, n, 0}: n >= 1 attempts go; {0, µs, j}: the quotas admit nobody
 -- before then, set j being the one that waits longest; {2, µs, j}: set j
--- cools down until then; {3, µs, 0}: the upstream's breaker is open until then.
+-- cools down until then; {3, µs, 0}: the upstream's breaker is open until then;
+-- {4, µs, 0}: the replicas' probes are out, ask again then.
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local wanted = tonumber(ARGV[1])
@@ -114,7 +115,7 @@ if #KEYS > 2 + sets then
   end
   if taken > probes then
     local left = math.max(1, redis.call('PTTL', KEYS[3 + sets])) * 1000
-    return {0, math.min(left, 1000000), 1}
+    return {4, math.min(left, 1000000), 0}
   end
 end
 local update, keep = {}, 0

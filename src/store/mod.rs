@@ -329,6 +329,7 @@ impl Store {
             1 => Verdict::Go(usize::try_from(value).unwrap_or(wanted).clamp(1, wanted)),
             2 => Verdict::Cooling(Duration::from_micros(value), on),
             3 => Verdict::Open(Duration::from_micros(value)),
+            4 => Verdict::ProbeOut(Duration::from_micros(value)),
             _ => Verdict::Wait(Duration::from_micros(value), on),
         })
     }

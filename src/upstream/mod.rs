@@ -15,12 +15,13 @@ mod tokens;
 
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
-use http_body_util::BodyExt;
-use hyper::body::Frame;
+use hyper::body::{Body, Frame, SizeHint};
 
 use crate::admission::{Needs, SINGLE, TokenQuotas};
 pub use crate::admission::{Place, Priority, Refusal};
@@ -102,10 +103,11 @@ impl Upstream {
             return Needs::default();
         }
         // Numbered as the dispatcher numbers them now: a reload since this
-        // request began may have reordered the limits.
+        // request began may have reordered the limits. The path is the one
+        // this request goes to, under its own base_url.
         let config = self.dispatcher.config();
         let path = head.uri.path();
-        let path = path.strip_prefix(config.base_url.path.as_str()).unwrap_or(path);
+        let path = path.strip_prefix(self.config.base_url.path.as_str()).unwrap_or(path);
         let path = config::matching_path(if path.is_empty() { "/" } else { path });
         let limits = config.limits.iter().enumerate();
         let limits = limits.filter_map(|(index, limit)| Some((index, limit.cost_of(&head.method, &path)?)));
@@ -223,16 +225,44 @@ pub fn inbound_response<G: Send + Sync + 'static>(
 ) -> Response<ProxyBody> {
     let (mut parts, incoming) = response.into_parts();
     clean_head(&mut parts);
-    Response::from_parts(parts, body::guarded(incoming.map_frame(clean_trailers), guard))
+    Response::from_parts(parts, body::guarded(CleanTrailers { inner: incoming }, guard))
 }
 
-/// An answer's trailer fields, cleaned as its head is: hop-by-hop names
-/// and `x-pacegate-*` do not pass in trailers either.
-pub(crate) fn clean_trailers(mut frame: Frame<Bytes>) -> Frame<Bytes> {
-    if let Some(trailers) = frame.trailers_mut() {
-        headers::strip_hop_by_hop(trailers, Way::Answer);
+pin_project_lite::pin_project! {
+    /// An upstream's answer body with its trailer fields cleaned as its
+    /// head is: hop-by-hop names and `x-pacegate-*` do not pass in
+    /// trailers either. Its size and end pass through as they are, so that
+    /// hyper sends the answer's length as it came (`map_frame` hides both).
+    pub(crate) struct CleanTrailers<B> {
+        #[pin]
+        pub(crate) inner: B,
     }
-    frame
+}
+
+impl<B: Body<Data = Bytes>> Body for CleanTrailers<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut polled = self.project().inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled
+            && let Some(trailers) = frame.trailers_mut()
+        {
+            headers::strip_hop_by_hop(trailers, Way::Answer);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// An upstream answer's head as the caller may see it: hop-by-hop headers

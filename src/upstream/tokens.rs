@@ -265,7 +265,7 @@ pub fn settling(response: Response<Incoming>, ticket: Ticket, reserved: Reserved
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
     let scan = if events { Scan::Events(UsageScanner::new()) } else { Scan::Json(JsonTail::default()) };
-    let inner = http_body_util::BodyExt::map_frame(incoming, super::clean_trailers);
+    let inner = super::CleanTrailers { inner: incoming };
     let body = Settling { inner, scan, reserved: Some(reserved) };
     Response::from_parts(parts, http_body_util::BodyExt::boxed(Guarded::new(body, ticket)))
 }
