@@ -185,6 +185,10 @@ pub struct TokenBook {
     /// ends ([`Self::released`]), after its settlement if it has one; one
     /// whose caller left before it could use its ticket never settles.
     in_flight: Vec<InFlight>,
+    /// Every grant not yet ended, token or not, by its instant: the driver
+    /// grants several at one instant, and an end names only its instant.
+    /// Only for upstreams with token quotas.
+    open: Vec<(Instant, u32)>,
     /// Tokens charged (settled), with when, over the last [`SENT_WINDOW`].
     sent: VecDeque<(Instant, u64)>,
     sent_sum: u64,
@@ -203,7 +207,7 @@ struct InFlight {
 pub struct TokenStatus {
     /// Tokens charged against the quotas over the last minute, as settled.
     pub sent_last_minute: u64,
-    /// Tokens reserved by attempts in flight, not yet settled.
+    /// Tokens reserved by attempts in flight: not yet ended (settled or not).
     pub reserved_in_flight: u64,
     /// The calibration ratio applied to input estimates.
     pub calibration: f64,
@@ -214,23 +218,36 @@ pub struct TokenStatus {
 impl TokenBook {
     /// A grant at `now` with `needs` left: its tokens count in flight.
     pub fn granted(&mut self, quotas: &TokenQuotas, needs: &Needs, now: Instant) {
+        if quotas.is_empty() {
+            return;
+        }
+        match self.open.iter_mut().rev().find(|(at, _)| *at == now) {
+            Some((_, grants)) => *grants += 1,
+            None => self.open.push((now, 1)),
+        }
         let tokens = quotas.reserved_in(needs);
         if tokens > 0 {
             self.in_flight.push(InFlight { granted: now, tokens, settled: false });
         }
     }
 
-    /// The attempt granted at `granted` ended, settled or not: its tokens
-    /// are no longer in flight. (The quotas keep what it reserved unless
-    /// it settled: nothing says it was not sent.) Grants share an instant
-    /// when the driver hands out several at once: a settled entry of that
-    /// instant is this attempt's own, if it settled.
+    /// An attempt granted at `granted` ended, settled or not. One that
+    /// settled takes its own entry out (a settlement comes before its end).
+    /// One that did not may be a grant that reserved no tokens, or one whose
+    /// caller left before it used its ticket: which one is not known from
+    /// the instant, so the unsettled entries of an instant go when the last
+    /// grant of that instant ends. (The quotas keep what an unsettled
+    /// attempt reserved: nothing says it was not sent.)
     pub fn released(&mut self, granted: Instant) {
-        let of = |settled: bool| {
-            self.in_flight.iter().position(|entry| entry.granted == granted && entry.settled == settled)
-        };
-        if let Some(index) = of(true).or_else(|| of(false)) {
+        let Some(open) = self.open.iter().position(|(at, _)| *at == granted) else { return };
+        self.open[open].1 -= 1;
+        let settled = self.in_flight.iter().position(|entry| entry.granted == granted && entry.settled);
+        if let Some(index) = settled {
             self.in_flight.swap_remove(index);
+        }
+        if self.open[open].1 == 0 {
+            self.open.swap_remove(open);
+            self.in_flight.retain(|entry| entry.granted != granted);
         }
     }
 
@@ -352,15 +369,16 @@ mod tests {
     }
 
     /// A grant's tokens are in flight until its attempt ends, settled or
-    /// not. Of two grants at one instant, each attempt's end takes its own
-    /// tokens out when it settled first, as every used ticket does.
+    /// not. Three grants at one instant (the driver hands out several at
+    /// once): an LLM call that settles and ends, a plain request that ends,
+    /// and an LLM call that streams on, shown until it ends.
     #[test]
     fn tokens_in_flight_end_with_their_attempt_settled_or_not() {
         let q = quotas(true, false, false);
         let t0 = Instant::now();
         let mut book = TokenBook::default();
         let (small, large) = (Reservation { input: 100, output: 0 }, Reservation { input: 100, output: 200 });
-        for reserved in [small, large] {
+        for reserved in [small, Reservation::default(), large] {
             book.granted(&q, &Needs::new(q.needs(reserved)), t0);
         }
         assert_eq!(book.status(t0).reserved_in_flight, 400);
@@ -368,7 +386,13 @@ mod tests {
         book.released(t0);
         assert_eq!(book.status(t0).reserved_in_flight, 300, "the small one ended, the large one streams");
         book.released(t0);
-        assert_eq!(book.status(t0).reserved_in_flight, 0, "the large one ended unsettled");
+        assert_eq!(
+            book.status(t0).reserved_in_flight,
+            300,
+            "the plain request ended; the large one streams on"
+        );
+        book.released(t0);
+        assert_eq!(book.status(t0).reserved_in_flight, 0, "the large one ended unsettled: its caller left");
         book.released(t0);
         assert_eq!(book.status(t0).reserved_in_flight, 0);
     }
