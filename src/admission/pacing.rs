@@ -413,6 +413,12 @@ mod tests {
         assert_eq!(pacing.effective_rate(), 5.0, "a new rate starts from its own quota");
     }
 
+    /// An answer at `t0` carrying `hint`, no cap on what it asks.
+    fn hinted(hint: RateLimitHint, t0: Instant) -> Feedback {
+        let hint = Some(hint.pace(Duration::MAX));
+        Feedback { partition: 0, limit: None, sent_at: t0, rate_limited: false, cooldown: None, hint }
+    }
+
     /// A hint spreads what remains until its reset; past the reset only
     /// the quotas pace, and the honest wait says so.
     #[test]
@@ -426,14 +432,7 @@ mod tests {
             reset_after: Duration::from_secs(2),
             refill: Refill::AtReset,
         };
-        let feedback = Feedback {
-            partition: 0,
-            limit: None,
-            sent_at: t0,
-            rate_limited: false,
-            cooldown: None,
-            hint: Some(hint.pace(Duration::MAX)),
-        };
+        let feedback = hinted(hint, t0);
         pacing.learn("u", &feedback, false, t0);
         let floor = pacing.floor(t0);
         assert_eq!(ms(floor.at(1)), 1_000, "two left in 2 s: one a second");
@@ -453,14 +452,7 @@ mod tests {
         let mut pacing = Pacing::new(&quotas(&["100/s"]), t0);
         let reset_after = Duration::from_secs(60);
         let hint = RateLimitHint { limit: Some(600), remaining: 0, reset_after, refill: Refill::Continuous };
-        let feedback = Feedback {
-            partition: 0,
-            limit: None,
-            sent_at: t0,
-            rate_limited: false,
-            cooldown: None,
-            hint: Some(hint.pace(Duration::MAX)),
-        };
+        let feedback = hinted(hint, t0);
         let learned = pacing.learn("u", &feedback, false, t0);
         assert_eq!(learned.pause, Some(Duration::from_millis(100)), "the pause other replicas are told");
         let floor = pacing.floor(t0);
