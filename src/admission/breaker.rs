@@ -89,11 +89,20 @@ pub struct Breaker {
     outcomes: VecDeque<(Instant, bool)>,
     /// The break the last opening used; a reopening doubles it.
     last_break: Duration,
+    /// Half-open, another replica's probe is out: no probe of ours leaves
+    /// before this instant ([`Self::hold`]).
+    held_until: Option<Instant>,
 }
 
 impl Breaker {
     pub fn new(config: config::Breaker) -> Self {
-        Self { last_break: config.open_for, config, state: State::Closed, outcomes: VecDeque::new() }
+        Self {
+            last_break: config.open_for,
+            config,
+            state: State::Closed,
+            outcomes: VecDeque::new(),
+            held_until: None,
+        }
     }
 
     /// New settings; the state is kept (a reload with the same settings
@@ -124,7 +133,10 @@ impl Breaker {
             State::Closed => Ok(()),
             State::Open { until } => Err(Some(until)),
             State::HalfOpen { left: 0, .. } => Err(None),
-            State::HalfOpen { .. } => Ok(()),
+            State::HalfOpen { .. } => match self.held_until.filter(|until| *until > now) {
+                Some(until) => Err(Some(until)),
+                None => Ok(()),
+            },
         }
     }
 
@@ -217,13 +229,13 @@ impl Breaker {
         }
     }
 
-    /// Another replica's probe is out: nothing leaves for `wait`, then this
-    /// breaker is half-open again and asks anew. No new break: its length
-    /// and the outcomes seen stay as they were.
+    /// Half-open, and another replica's probe is out: no probe of ours
+    /// leaves for `wait`, then this breaker asks anew. The half-open phase
+    /// goes on (the answers of probes of ours still out still count) and
+    /// no break is made. In any other state, nothing changes.
     pub fn hold(&mut self, now: Instant, wait: Duration) {
-        let until = later(now, wait);
-        if self.open_until().is_none_or(|current| current < until) {
-            self.state = State::Open { until };
+        if let State::HalfOpen { .. } = self.state {
+            self.held_until = Some(later(now, wait));
         }
     }
 
@@ -396,6 +408,28 @@ mod tests {
             panic!("reopens")
         };
         assert_eq!(open_for, Duration::from_secs(10), "the 5 s break doubled, as without the hold");
+    }
+
+    /// A hold keeps a half-open breaker's next probe back, nothing more: a
+    /// closed breaker is not held, and a probe of ours that was out still
+    /// closes the breaker when it succeeds during the hold.
+    #[test]
+    fn a_hold_keeps_back_a_half_open_breaker_s_next_probe_only() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut b = breaker();
+        b.hold(t0, Duration::from_secs(1));
+        assert_eq!(b.admits(t0), Ok(()), "closed: nothing held");
+        for _ in 0..4 {
+            b.record(t0, t0, true, 0.0);
+        }
+        let half_open = b.open_until().expect("open");
+        assert_eq!(b.admits(half_open), Ok(()));
+        b.granted();
+        b.hold(half_open, Duration::from_secs(1));
+        let closed = b.record(half_open + ms(10), half_open, false, 0.0);
+        assert!(matches!(closed, Some(Transition::Closed)), "{closed:?}");
+        assert_eq!(b.admits(half_open + ms(20)), Ok(()));
     }
 
     #[test]

@@ -380,11 +380,15 @@ impl<W: Waiter> Admission<W> {
         }
         if !retry && self.depth() >= self.limits.queue_size {
             // The whole queue's drain, or this caller's own queue and the
-            // limits it needs, whichever is longer. Without limits the drain
-            // says enough: no walk of the queue when it is full.
+            // limits it needs, whichever is longer. Without limits its own
+            // partition's cooldown is enough: no walk of a full queue.
             let mut retry_after = self.estimate_wait(now);
             if !needs.is_empty() {
                 retry_after = retry_after.max(self.queued_wait(place, &needs, now));
+            } else if let Some(until) =
+                self.partitions.get(&place.partition).and_then(|p| p.pacing.cooldown_until())
+            {
+                retry_after = retry_after.max(until.saturating_duration_since(now));
             }
             return Err(Refusal::Full { retry_after });
         }

@@ -271,6 +271,20 @@ fn a_429_for_an_evicted_key_still_cools_it_down() {
     assert!(!b.core.try_leave(key(1), &Needs::default(), b.at(1_000)), "key 1 cools down after its 429");
 }
 
+/// A full queue's `Retry-After` for a key that cools down counts that
+/// cooldown, whichever key the queue's drain was last measured on.
+#[test]
+fn a_full_queue_s_retry_after_counts_the_caller_s_own_cooldown() {
+    let mut b = Bench::with(Limits { queue_size: 1, ..limits("100/s", 1) }, true, false);
+    let key = |partition| place(partition, 0, Priority::Normal);
+    b.core.feedback(&a_429(b.t0, 2, Duration::from_secs(5)), false, b.t0);
+    assert!(b.core.try_leave(key(1), &Needs::default(), b.t0), "key 1 is measured last");
+    b.join(1, key(1));
+    let refused = b.core.enqueue(caller(3), key(2), Needs::default(), (false, None), b.t0);
+    let Err(Refusal::Full { retry_after }) = refused else { panic!("{refused:?}") };
+    assert!(retry_after >= Duration::from_millis(4_900), "key 2 cools down 5 s: {retry_after:?}");
+}
+
 /// A success's quota hint for a dropped key pauses nothing: it is not
 /// worth another key's pacing state.
 #[test]

@@ -57,14 +57,16 @@ impl Limit {
     }
 }
 
-/// A request path as limits match it: what an upstream such as nginx
-/// serves for it. Repeated slashes are one, `/./` is nothing, and an
-/// escaped unreserved character or slash (`%73`, `%2F`) is itself, so that
-/// `/search/x` cannot skip a `/search/**` limit as `//search/x`,
-/// `/%73earch/x` or `/search%2Fx`. Matching more is the safe way to be
-/// wrong: a request counted in a limit it does not need waits, one not
-/// counted draws the upstream's 429. Paths without any of these are kept
-/// as they are, with no copy.
+/// A request path as an upstream such as nginx serves it, which limits
+/// match besides the path as sent. Repeated slashes are one, `/./` is
+/// nothing, and an escaped unreserved character or slash (`%73`, `%2F`) is
+/// itself, so that `/search/x` cannot skip a `/search/**` limit as
+/// `//search/x`, `/%73earch/x` or `/search%2Fx`. Matching more is the safe
+/// way to be wrong: a request counted in a limit it does not need waits,
+/// one not counted draws the upstream's 429; matching the path as sent
+/// too keeps a glob written for it (`/projects/*/issues` for
+/// `/projects/g%2Fp/issues`). Paths without any of these are kept as they
+/// are, with no copy.
 pub fn matching_path(path: &str) -> Cow<'_, str> {
     if !path.contains("//") && !path.contains("/./") && !path.ends_with("/.") && !path.contains('%') {
         return Cow::Borrowed(path);

@@ -108,9 +108,15 @@ impl Upstream {
         let config = self.dispatcher.config();
         let path = head.uri.path();
         let path = path.strip_prefix(self.config.base_url.path.as_str()).unwrap_or(path);
-        let path = config::matching_path(if path.is_empty() { "/" } else { path });
+        let path = if path.is_empty() { "/" } else { path };
+        // As sent, or as an upstream serves it: a limit counts either.
+        let served = config::matching_path(path);
+        let cost = |limit: &config::Limit| {
+            let as_sent = limit.cost_of(&head.method, path);
+            as_sent.or_else(|| if served == path { None } else { limit.cost_of(&head.method, &served) })
+        };
         let limits = config.limits.iter().enumerate();
-        let limits = limits.filter_map(|(index, limit)| Some((index, limit.cost_of(&head.method, &path)?)));
+        let limits = limits.filter_map(|(index, limit)| Some((index, cost(limit)?)));
         let tokens = priced.map(|p| TokenQuotas::of(&config).needs(p.reservation));
         Needs::new(limits.chain(tokens.into_iter().flatten()))
     }
