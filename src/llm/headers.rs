@@ -14,11 +14,13 @@
 //! both alike. A quota whose remaining or reset does not parse is absent,
 //! never an error: the headers come from a third party.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use crate::retry::parse::{parse_go_duration, parse_rfc3339, parse_u64};
-use crate::retry::{RateLimitHint, Refill};
 use http::HeaderMap;
+
+use crate::retry::RateLimitHint;
+use crate::retry::hints::{anthropic, header_str, openai};
+use crate::retry::parse::parse_u64;
 
 /// The token quotas an answer reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -40,19 +42,10 @@ impl TokenHints {
 /// The token quotas `headers` report, their resets measured from `now`.
 pub fn token_hints(headers: &HeaderMap, now: SystemTime) -> TokenHints {
     TokenHints {
-        tokens: openai(headers).or_else(|| anthropic(headers, "tokens", now)),
+        tokens: openai(headers, "tokens").or_else(|| anthropic(headers, "tokens", now)),
         input: anthropic(headers, "input-tokens", now),
         output: anthropic(headers, "output-tokens", now),
     }
-}
-
-fn openai(headers: &HeaderMap) -> Option<RateLimitHint> {
-    Some(RateLimitHint {
-        remaining: parse_u64(header_str(headers, "x-ratelimit-remaining-tokens")?)?,
-        reset_after: parse_go_duration(header_str(headers, "x-ratelimit-reset-tokens")?)?,
-        limit: header_str(headers, "x-ratelimit-limit-tokens").and_then(parse_u64),
-        refill: Refill::Continuous,
-    })
 }
 
 /// Whether the answer says the request quota (not a token quota) is spent:
@@ -66,32 +59,15 @@ pub fn requests_spent(headers: &HeaderMap) -> bool {
         .any(|name| header_str(headers, name).and_then(parse_u64) == Some(0))
 }
 
-/// `anthropic-ratelimit-{kind}-*`.
-fn anthropic(headers: &HeaderMap, kind: &str, now: SystemTime) -> Option<RateLimitHint> {
-    let field = |name: &str| header_str(headers, &format!("anthropic-ratelimit-{kind}-{name}"));
-    let reset_at = parse_rfc3339(field("reset")?)?;
-    Some(RateLimitHint {
-        remaining: parse_u64(field("remaining")?)?,
-        reset_after: reset_at.duration_since(now).unwrap_or(Duration::ZERO),
-        limit: field("limit").and_then(parse_u64),
-        refill: Refill::Continuous,
-    })
-}
-
-/// The first value of `name` as trimmed text. UTF-8, not only ASCII: Go
-/// writes microseconds as `µs`.
-fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    std::str::from_utf8(headers.get(name)?.as_bytes()).ok().map(str::trim)
-}
-
 #[cfg(test)]
 mod tests {
-    use std::time::UNIX_EPOCH;
+    use std::time::{Duration, UNIX_EPOCH};
 
     use http::{HeaderName, HeaderValue};
     use proptest::prelude::*;
 
     use super::*;
+    use crate::retry::Refill;
 
     /// 2025-08-21T12:40:00.250Z.
     fn now() -> SystemTime {

@@ -22,6 +22,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use http::header::AsHeaderName;
 use http::{HeaderMap, HeaderName};
 
 use super::parse::{parse_decimal, parse_go_duration, parse_rfc3339, parse_u64};
@@ -114,12 +115,6 @@ const X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 const REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 const RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 const LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
-const X_REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
-const X_RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
-const X_LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
-const ANTHROPIC_REMAINING: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-remaining");
-const ANTHROPIC_RESET: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-reset");
-const ANTHROPIC_LIMIT: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-limit");
 
 /// How long the upstream asks us to wait, if it says so in a form we read.
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
@@ -144,8 +139,8 @@ pub fn rate_limit(headers: &HeaderMap, now: SystemTime) -> Option<RateLimitHint>
     }
     github(headers, now)
         .or_else(|| ietf_draft(headers))
-        .or_else(|| openai(headers))
-        .or_else(|| anthropic(headers, now))
+        .or_else(|| openai(headers, "requests"))
+        .or_else(|| anthropic(headers, "requests", now))
 }
 
 /// Whether a header name (lower case) belongs to a family [`rate_limit`] reads.
@@ -181,33 +176,38 @@ fn ietf_draft(headers: &HeaderMap) -> Option<RateLimitHint> {
     })
 }
 
-/// OpenAI's request quota (its token quota is `llm::token_hints`'); the
-/// reset is a Go duration until the quota is full again.
-fn openai(headers: &HeaderMap) -> Option<RateLimitHint> {
+/// One of OpenAI's quotas, `x-ratelimit-{remaining,reset,limit}-{kind}`
+/// (`requests` here, `tokens` for `llm::token_hints`); the reset is a Go
+/// duration until the quota is full again.
+pub(crate) fn openai(headers: &HeaderMap, kind: &str) -> Option<RateLimitHint> {
+    let field = |name: &str| header_str(headers, format!("x-ratelimit-{name}-{kind}"));
     Some(RateLimitHint {
-        remaining: parse_u64(header_str(headers, &X_REMAINING_REQUESTS)?)?,
-        reset_after: parse_go_duration(header_str(headers, &X_RESET_REQUESTS)?)?,
-        limit: header_str(headers, &X_LIMIT_REQUESTS).and_then(parse_u64),
+        remaining: parse_u64(field("remaining")?)?,
+        reset_after: parse_go_duration(field("reset")?)?,
+        limit: field("limit").and_then(parse_u64),
         refill: Refill::Continuous,
     })
 }
 
-/// Anthropic's request quota; the reset is the RFC 3339 time at which it
-/// is full again. Measured on our clock and often in whole seconds, a
-/// nearly full quota's reset may read as past: that asks nothing, the
-/// lenient way to be wrong.
-fn anthropic(headers: &HeaderMap, now: SystemTime) -> Option<RateLimitHint> {
+/// One of Anthropic's quotas, `anthropic-ratelimit-{kind}-*` (`requests`
+/// here; `tokens`, `input-tokens`, `output-tokens` for `llm::token_hints`);
+/// the reset is the RFC 3339 time at which it is full again. Measured on
+/// our clock and often in whole seconds, a nearly full quota's reset may
+/// read as past: that asks nothing, the lenient way to be wrong.
+pub(crate) fn anthropic(headers: &HeaderMap, kind: &str, now: SystemTime) -> Option<RateLimitHint> {
+    let field = |name: &str| header_str(headers, format!("anthropic-ratelimit-{kind}-{name}"));
     Some(RateLimitHint {
-        remaining: parse_u64(header_str(headers, &ANTHROPIC_REMAINING)?)?,
-        reset_after: until(parse_rfc3339(header_str(headers, &ANTHROPIC_RESET)?)?, now),
-        limit: header_str(headers, &ANTHROPIC_LIMIT).and_then(parse_u64),
+        remaining: parse_u64(field("remaining")?)?,
+        reset_after: until(parse_rfc3339(field("reset")?)?, now),
+        limit: field("limit").and_then(parse_u64),
         refill: Refill::Continuous,
     })
 }
 
-/// The first value of `name` as trimmed text; non-ASCII values count as absent.
-fn header_str<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> {
-    headers.get(name)?.to_str().ok().map(str::trim)
+/// The first value of `name` as trimmed text. UTF-8, not only ASCII: Go
+/// writes microseconds as `µs`.
+pub(crate) fn header_str(headers: &HeaderMap, name: impl AsHeaderName) -> Option<&str> {
+    std::str::from_utf8(headers.get(name)?.as_bytes()).ok().map(str::trim)
 }
 
 fn until(at: SystemTime, now: SystemTime) -> Duration {
