@@ -850,6 +850,41 @@ async fn a_cluster_master_failover_under_load_answers_everything_and_sharing_res
     );
 }
 
+/// A cluster failover while nothing is sent breaks no connection of
+/// pacegate's, yet `/status` follows it: it soon names the promoted
+/// replica among the masters instead of the master that died, and nothing
+/// fell back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_follows_a_cluster_failover_that_no_call_saw() {
+    let _shared = UNDER_LOAD.read().await;
+    let mut cluster = RedisCluster::start_with_replicas(3, 1).await;
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let nodes = format!("cluster = {}", toml_list(&cluster.urls()));
+    let pacegate =
+        Pacegate::start_config(&config_of(&nodes, "local", &upstream("api", &mock.url(), "rate = \"10/s\"")))
+            .await;
+    assert_eq!(get(pacegate.url("/api/warm-up")).await, 200);
+    let before = cluster.masters();
+    assert_eq!(pacegate.status().await["redis"]["master"], before.join(","));
+
+    let owner = cluster.owner("{api}").address();
+    cluster.nodes.iter_mut().find(|node| node.address() == owner).expect("owner").kill();
+    let promoted = eventually(Duration::from_secs(30), async || {
+        cluster.serving("{api}").is_some_and(|new| new != owner)
+    });
+    assert!(promoted.await, "the cluster promoted no replica of {owner}");
+    let masters = cluster.masters();
+    let shown = eventually(Duration::from_secs(10), async || {
+        pacegate.status().await["redis"]["master"] == masters.join(",")
+    });
+    assert!(
+        shown.await,
+        "/status still names {}, not {masters:?}",
+        pacegate.status().await["redis"]["master"]
+    );
+    assert_eq!(pacegate.metric("pacegate_redis_fallbacks_total").await, Some(0.0), "nothing was sent");
+}
+
 /// `rediss://` with Sentinel: master, replica and sentinels speak TLS only
 /// (a self-signed certificate, hence `#insecure`). pacegate asks the
 /// sentinels over TLS, reaches the master over TLS as well, and after the

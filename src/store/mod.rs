@@ -140,9 +140,8 @@ pub struct Store {
     /// The connection in use: made on first use, dropped by a failed call,
     /// made anew by the probe.
     link: tokio::sync::Mutex<Option<Link>>,
-    /// The node taking writes through the last connection made (a
-    /// cluster's masters), for `/status`; `None` before the first.
-    master: std::sync::Mutex<Option<String>>,
+    /// The node taking writes (a cluster's masters), for `/status`.
+    master: std::sync::Mutex<Shown>,
     /// The `[redis]` section this store was made from, to keep it on reload.
     config: config::Redis,
     /// Server addresses (seeds, sentinels) for logs, without credentials.
@@ -194,7 +193,7 @@ impl Store {
         let store = Arc::new(Self {
             nodes,
             link: tokio::sync::Mutex::new(None),
-            master: std::sync::Mutex::new(None),
+            master: std::sync::Mutex::new(Shown::default()),
             config: config.clone(),
             address,
             acquire: Script::new(include_str!("acquire.lua")),
@@ -242,9 +241,7 @@ impl Store {
         };
         let mut current = self.link.lock().await;
         if current.is_none() {
-            if let Ok(mut shown) = self.master.lock() {
-                *shown = Some(master);
-            }
+            self.show(Some(master));
             *current = Some(link);
         }
     }
@@ -269,10 +266,37 @@ impl Store {
         self.config.nodes.form()
     }
 
-    /// The node that took writes through the last connection made (the
-    /// master the sentinels named; a cluster's masters, comma-separated).
-    pub fn master(&self) -> Option<String> {
-        self.master.lock().ok().and_then(|master| master.clone())
+    /// The node that takes writes (the master the sentinels named for the
+    /// connection in use; a cluster's masters, comma-separated).
+    ///
+    /// A cluster's may change under a connection that keeps working (a
+    /// failover while nothing was sent), so while the store is up, a look
+    /// at them more than [`PROBE_EVERY`] after the last reading asks the
+    /// cluster again in the background, for the next look: one
+    /// `CLUSTER NODES` a second at most, and only while somebody looks.
+    pub fn master(self: &Arc<Self>) -> Option<String> {
+        let mut shown = self.master.lock().ok()?;
+        let now = tokio::time::Instant::now();
+        let due = shown.read.is_none_or(|read| now.duration_since(read) >= PROBE_EVERY);
+        if due && self.is_up() && matches!(self.config.nodes, config::RedisNodes::Cluster(_)) {
+            shown.read = Some(now);
+            let store = Arc::downgrade(self);
+            self.runtime.spawn(async move {
+                let Some(store) = store.upgrade() else { return };
+                let Some(mut link) = store.link.lock().await.clone() else { return };
+                if let Ok(Ok(masters)) = tokio::time::timeout(store.config.timeout, link.masters()).await {
+                    store.show(masters);
+                }
+            });
+        }
+        shown.master.clone()
+    }
+
+    /// Shows `master` from now on (`None` leaves it as it is).
+    fn show(&self, master: Option<String>) {
+        if let (Some(master), Ok(mut shown)) = (master, self.master.lock()) {
+            *shown = Shown { master: Some(master), read: Some(tokio::time::Instant::now()) };
+        }
     }
 
     /// False while Redis is known to be unreachable.
@@ -460,12 +484,17 @@ impl Store {
             return Ok(link.clone());
         }
         let (link, master) = self.nodes.connect().await?;
-        if let Ok(mut shown) = self.master.lock() {
-            *shown = Some(master);
-        }
+        self.show(Some(master));
         *current = Some(link.clone());
         Ok(link)
     }
+}
+
+/// What `/status` shows of the node taking writes, and when it was read.
+#[derive(Debug, Default)]
+struct Shown {
+    master: Option<String>,
+    read: Option<tokio::time::Instant>,
 }
 
 /// Connects a down store anew and pings through the new connection until
@@ -492,6 +521,9 @@ async fn probe(store: Weak<Store>) {
             if !failed.is_empty() {
                 redis::cmd("EXISTS").arg(&failed).query_async::<u64>(&mut link).await?;
             }
+            // A cluster's, read again: the connection's slot map may have
+            // been read before the failed slot's replica took over.
+            store.show(link.masters().await?);
             Ok(())
         };
         match store.timed(PROBE_PATIENCE.max(store.config.timeout), ping).await {

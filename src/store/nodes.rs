@@ -115,9 +115,9 @@ impl Nodes {
         match self {
             Self::Server { manager, address } => Ok((Link::Server(manager.clone()), address.clone())),
             Self::Cluster(client) => {
-                let mut connection = client.get_async_connection().await?;
-                let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut connection).await?;
-                Ok((Link::Cluster(connection), masters(&nodes)))
+                let mut link = Link::Cluster(client.get_async_connection().await?);
+                let masters = link.masters().await?.unwrap_or_default();
+                Ok((link, masters))
             }
             Self::Sentinel { sentinels, master, node, timeouts } => {
                 let client = sentinels.lock().await.async_master_for(master, Some(node)).await?;
@@ -126,6 +126,19 @@ impl Nodes {
                 Ok((Link::Master(connection), address))
             }
         }
+    }
+}
+
+impl Link {
+    /// A cluster's masters as the node asked sees them now; `None` for
+    /// the other forms, whose master is the one connected to. Asked again
+    /// after the connection is made: a failover that no call noticed
+    /// (nothing was sent meanwhile, or the cluster client followed the
+    /// slot to its new master by itself) leaves the connection as it was.
+    pub async fn masters(&mut self) -> RedisResult<Option<String>> {
+        let Self::Cluster(connection) = self else { return Ok(None) };
+        let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(connection).await?;
+        Ok(Some(masters(&nodes)))
     }
 }
 
