@@ -177,8 +177,21 @@ async fn shutdown_signal() {
     }
 }
 
+/// What the file watcher's crate logs unless `PACEGATE_LOG` names it.
+const QUIET_WATCHER: &str = "notify=info";
+
 fn init_logging(format: Option<LogFormat>) {
-    let filter = EnvFilter::try_from_env("PACEGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let asked = std::env::var("PACEGATE_LOG").unwrap_or_default();
+    let mut filter = EnvFilter::try_new(&asked)
+        .ok()
+        .filter(|_| !asked.trim().is_empty())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    // The config watcher's crate traces every change in the config's
+    // directory: with a log file there, each line would trace the next.
+    // Only when asked for by name.
+    if !asked.contains("notify") {
+        filter = filter.add_directive(QUIET_WATCHER.parse().expect("a valid directive"));
+    }
     let format =
         format.unwrap_or(if std::io::stderr().is_terminal() { LogFormat::Pretty } else { LogFormat::Json });
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);

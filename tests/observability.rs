@@ -715,6 +715,34 @@ async fn authorization_never_reaches_the_logs() {
     }
 }
 
+/// At `trace`, the config watcher's crate stays quiet: with the log file
+/// in the config's directory, each line it traced for a change there was
+/// a change there, and the log grew by itself without end. Reloads still
+/// come: the watcher sees the other file's writes before the config's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logs_do_not_trace_the_config_directory() {
+    let bin = Binary::start("", "trace").await;
+    let dir = bin.config_path.parent().expect("the config's directory").to_owned();
+    for line in 0..20 {
+        let mut log =
+            std::fs::OpenOptions::new().create(true).append(true).open(dir.join("pacegate.log")).unwrap();
+        std::io::Write::write_all(&mut log, format!("line {line}\n").as_bytes()).unwrap();
+    }
+    let config = std::fs::read_to_string(&bin.config_path).unwrap();
+    std::fs::write(&bin.config_path, format!("{config}\n# touched\n")).unwrap();
+    assert!(bin.wait_status(|s| s["generation"] == 2).await, "the edit was reloaded");
+
+    let lines = bin.terminate().await;
+    let watcher: Vec<&String> = lines.iter().filter(|l| l.contains("\"notify::")).collect();
+    assert!(
+        watcher.is_empty(),
+        "{} lines from the watcher's crate: {:#?}",
+        watcher.len(),
+        &watcher[..3.min(watcher.len())]
+    );
+    assert!(lines.iter().any(|l| l.contains("\"level\":\"TRACE\"")), "trace logging is on");
+}
+
 // === answer headers ===
 
 /// A request that waits for the next pacing slot reports that wait in
