@@ -547,6 +547,41 @@ async fn proxy_auth_is_required_everywhere() {
     assert_eq!(&buf, b"ok");
 }
 
+/// A tunnel keeps the credentials of its CONNECT, and its requests must
+/// still pass `proxy_auth` as a reload leaves it: one opened before a
+/// reload that sets it is answered 407 at its next request and closed
+/// (the client then opens a new one and is asked), one whose CONNECT
+/// carried the credentials now required goes on.
+#[tokio::test]
+async fn a_tunnel_opened_before_proxy_auth_was_set_must_pass_it() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let authority = mock.addr().to_string();
+    // No `hosts`: the upstream claims its base_url's host, 127.0.0.1.
+    let upstream = format!("[[upstream]]\nname = \"api\"\nbase_url = \"{}\"\nrate = \"100/s\"\n", mock.url());
+    let pg = Pacegate::start_config(&format!("{TEST_SERVER}\n{upstream}")).await;
+    let right = "Proxy-Authorization: Basic YWxpY2U6czNjcmV0\r\n"; // alice:s3cret
+    let (mut anonymous, head) = connect(pg.proxy, &authority, "").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let (authed, head) = connect(pg.proxy, &authority, right).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+
+    pg.reload_with(&format!("{TEST_SERVER}proxy_auth = [\"alice:s3cret\"]\n\n{upstream}")).await;
+    // Kept alive by the client: closed by pacegate after its answer.
+    let request = format!("GET /after HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    anonymous.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(WAIT, anonymous.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(read.is_ok(), "the tunnel stayed open after: {answer}");
+    assert!(answer.starts_with("http/1.1 407"), "{answer}");
+    assert!(answer.contains("x-pacegate-error: proxy_auth_required\r\n"), "{answer}");
+    assert_eq!(mock.count(), 0, "the request went out");
+    let answer = plain_request(authed, "/authed", &authority).await;
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert_eq!(mock.count(), 1);
+    assert!(mock.arrivals()[0].headers.get("proxy-authorization").is_none(), "credentials forwarded");
+}
+
 /// A TLS acceptor for `localhost`, its certificate signed by the CA in
 /// `ca_dir` (not a public root), offering one ALPN protocol.
 fn localhost_acceptor(ca_dir: &Path, alpn: &[u8]) -> tokio_rustls::TlsAcceptor {

@@ -7,7 +7,7 @@
 //! is hop-by-hop: it is stripped before forwarding and never logged.
 
 use base64::Engine;
-use http::{HeaderMap, header};
+use http::{HeaderMap, HeaderValue, header};
 use subtle::ConstantTimeEq;
 
 use crate::error::ProxyError;
@@ -15,10 +15,16 @@ use crate::error::ProxyError;
 /// Accepts the request when `accepted` is empty or its
 /// `Proxy-Authorization: Basic` credentials match one entry.
 pub fn check(headers: &HeaderMap, accepted: &[String]) -> Result<(), ProxyError> {
+    check_offered(headers.get(header::PROXY_AUTHORIZATION), accepted)
+}
+
+/// [`check`] for the `Proxy-Authorization` value `offered`: a tunnel's
+/// requests are checked again with its CONNECT's.
+pub fn check_offered(offered: Option<&HeaderValue>, accepted: &[String]) -> Result<(), ProxyError> {
     if accepted.is_empty() {
         return Ok(());
     }
-    let offered = headers.get(header::PROXY_AUTHORIZATION).and_then(|v| decode(v.as_bytes()));
+    let offered = offered.and_then(|v| decode(v.as_bytes()));
     let Some(offered) = offered else {
         return Err(ProxyError::ProxyAuthRequired);
     };

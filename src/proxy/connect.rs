@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
-use http::{Request, Response, StatusCode, Uri};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -80,6 +80,16 @@ impl Tunnel {
     }
 }
 
+/// What the requests inside a tunnel keep of its CONNECT.
+pub struct Opened {
+    /// The host and port the CONNECT named.
+    pub authority: Authority,
+    /// Its `Proxy-Authorization` (marked sensitive, never logged), which
+    /// each request inside must still pass: a reload may have set or
+    /// changed `proxy_auth` since.
+    pub credentials: Option<HeaderValue>,
+}
+
 /// What a tunnel to a configured upstream does with what is not plain HTTP.
 enum Otherwise {
     /// Interception is on: a ClientHello is answered with this config (our
@@ -106,6 +116,10 @@ pub async fn connect(
         .cloned()
         .ok_or_else(|| ProxyError::Internal("CONNECT outside a client connection".into()))?;
     let host = authority.host().to_string();
+    let credentials = request.headers().get(header::PROXY_AUTHORIZATION).cloned().map(|mut value| {
+        value.set_sensitive(true);
+        value
+    });
     let upgrade = hyper::upgrade::on(&mut request);
     match upstream {
         Some(index) => {
@@ -136,7 +150,8 @@ pub async fn connect(
                 }
                 None => Otherwise::Close { upstream: upstream.clone(), port },
             };
-            scope.spawn(inside(proxy.clone(), peer, authority, otherwise, upgrade, scope.clone()));
+            let opened = Arc::new(Opened { authority, credentials });
+            scope.spawn(inside(proxy.clone(), peer, opened, otherwise, upgrade, scope.clone()));
         }
         None if runtime.config.forward.unknown_hosts == UnknownHosts::Pass => {
             let addrs = if runtime.config.forward.allow_private {
@@ -216,7 +231,7 @@ impl Inside {
 async fn inside(
     proxy: Arc<Proxy>,
     peer: SocketAddr,
-    authority: Authority,
+    opened: Arc<Opened>,
     otherwise: Otherwise,
     upgrade: OnUpgrade,
     scope: Scope,
@@ -225,7 +240,7 @@ async fn inside(
         Ok(upgraded) => TokioIo::new(upgraded),
         Err(error) => return tracing::debug!(%error, "CONNECT upgrade failed"),
     };
-    let host = authority.host().to_string();
+    let host = opened.authority.host().to_string();
     // The first byte and the handshake after it share one timeout. The
     // target of a plain tunnel may speak first: its bytes are relayed then,
     // and the client's may take as long as the tunnel may idle.
@@ -251,7 +266,7 @@ async fn inside(
     let io = Peeked::new(first, io);
     let inside = Inside::of(first);
     let serve = |scheme: Scheme| {
-        move |request| proxy.clone().handle_intercepted(peer, scheme.clone(), authority.clone(), request)
+        move |request| proxy.clone().handle_intercepted(peer, scheme.clone(), opened.clone(), request)
     };
     let tls = match (inside, otherwise) {
         (Inside::Http, otherwise) => {

@@ -163,23 +163,36 @@ impl Proxy {
     /// pacegate serves itself, as if it were a forward request to
     /// `scheme://authority/...` (`https` when the tunnel carried TLS it
     /// intercepts, `http` when it carried plain HTTP, interception on or
-    /// off). The tunnel was authenticated when it was opened. A CONNECT in
-    /// it is refused (400, and its connection closed): the tunnel already
-    /// reaches its host, and the upstream is no proxy.
+    /// off). The CONNECT's credentials must still pass `proxy_auth` as it
+    /// is now (a reload may have set or changed it): otherwise the answer
+    /// is 407 and the tunnel closes after it, so that the client opens a
+    /// new one and is asked for them. A CONNECT in it is refused (400, and
+    /// its connection closed): the tunnel already reaches its host, and
+    /// the upstream is no proxy.
     pub fn handle_intercepted(
         self: Arc<Self>,
         peer: SocketAddr,
         scheme: Scheme,
-        authority: Authority,
+        opened: Arc<connect::Opened>,
         request: Request<Incoming>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
-        if request.method() == http::Method::CONNECT {
-            let error =
-                ProxyError::BadRequest("CONNECT inside a tunnel: the tunnel already reaches its host".into());
-            return Either::Left(self.refused(error));
-        }
         let runtime = self.runtime.load_full();
-        self.routed(runtime, peer, request, Some((&scheme, &authority)))
+        let version = request.version();
+        let refused =
+            match auth::check_offered(opened.credentials.as_ref(), &runtime.config.server.proxy_auth) {
+                Err(error) => Some((error, true)),
+                Ok(()) if request.method() == http::Method::CONNECT => {
+                    let reason = "CONNECT inside a tunnel: the tunnel already reaches its host";
+                    Some((ProxyError::BadRequest(reason.into()), false))
+                }
+                Ok(()) => None,
+            };
+        if let Some((error, close)) = refused {
+            let answer: Answering =
+                Box::pin(std::future::ready(self.answer_closing(Err(error), None, version, close)));
+            return Either::Left(answer);
+        }
+        self.routed(runtime, peer, request, Some((&scheme, &opened.authority)))
     }
 
     fn answer(
@@ -219,7 +232,7 @@ impl Proxy {
         let version = request.version();
         match prepare(&runtime, peer, request, tunnel) {
             Err(error) => {
-                let response = self.answer_closing(Err(error), None, version);
+                let response = self.answer_closing(Err(error), None, version, false);
                 Either::Left(Box::pin(std::future::ready(response)))
             }
             Ok(prepared) => match prepared.cache(&runtime) {
@@ -268,19 +281,21 @@ impl Proxy {
         prepared: &Prepared,
         result: Result<Response<ProxyBody>, ProxyError>,
     ) -> Response<ProxyBody> {
-        self.answer_closing(result, prepared.upstream(runtime), prepared.head.version)
+        self.answer_closing(result, prepared.upstream(runtime), prepared.head.version, false)
     }
 
     /// [`Self::answer`], closing an HTTP/1 connection that cannot carry
-    /// another request after this refusal ([`ProxyError::closes_connection`]).
+    /// another request after this refusal ([`ProxyError::closes_connection`]),
+    /// or that must not (`close`).
     fn answer_closing(
         &self,
         result: Result<Response<ProxyBody>, ProxyError>,
         upstream: Option<&Upstream>,
         version: http::Version,
+        close: bool,
     ) -> Response<ProxyBody> {
-        let close =
-            version < http::Version::HTTP_2 && result.as_ref().is_err_and(ProxyError::closes_connection);
+        let close = version < http::Version::HTTP_2
+            && (close || result.as_ref().is_err_and(ProxyError::closes_connection));
         let mut response = self.answer(result, upstream);
         if close {
             response.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
