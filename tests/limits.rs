@@ -367,6 +367,37 @@ async fn a_retry_across_a_reload_that_reorders_the_limits_takes_its_own_limit() 
     assert!(apart >= Duration::from_millis(3_900), "the retry left {apart:?} after the write: 1 per 4 s");
 }
 
+/// A reload that adds a limit while a write is out: the write's retry
+/// takes it too (it needed no limit when it began), so it waits behind a
+/// write sent after the reload that took the new limit's only slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_across_a_reload_that_adds_a_limit_takes_it() {
+    let slow = Behaviour::new().latency(Duration::from_millis(400)).script([Scripted::status(429)]);
+    let mock = MockUpstream::start(slow).await;
+    let writes = "[[upstream.limit]]\nname = \"writes\"\nmethods = [\"POST\"]\nrate = \"1/4s\"\n";
+    let pg = Pacegate::start(&upstream("api", &mock.url(), "rate = \"100/s\"")).await;
+    let http = client();
+    let first = tokio::spawn(http.post(pg.url("/api/first")).timeout(PATIENCE).send());
+    assert!(mock.wait_for_arrivals(1, PATIENCE).await, "the first write is out");
+    pg.reload_with(&format!(
+        "{TEST_SERVER}\n{}",
+        upstream("api", &mock.url(), &format!("rate = \"100/s\"\n{writes}"))
+    ))
+    .await;
+    let second = tokio::spawn(http.post(pg.url("/api/second")).timeout(PATIENCE).send());
+    for write in [first, second] {
+        assert_eq!(write.await.expect("request task").expect("an answer").status(), 200);
+    }
+    let arrivals = mock.arrivals();
+    let seen: Vec<_> = arrivals.iter().map(|a| (a.path_and_query.as_str(), a.status)).collect();
+    assert_eq!(seen, [("/first", 429), ("/second", 200), ("/first", 200)]);
+    let apart = arrivals[2].at - arrivals[1].at;
+    assert!(
+        apart >= Duration::from_millis(3_900),
+        "the retry left {apart:?} after the second write: 1 per 4 s"
+    );
+}
+
 /// Two replicas with `[redis]` share one limit: POSTs through both, together,
 /// keep to the limit's 10/s at the upstream, while reads through both pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

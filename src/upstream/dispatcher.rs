@@ -266,8 +266,9 @@ impl Dispatcher {
         ends
     }
 
-    /// Waits for a ticket as a new caller at `place` that `needs` units of
-    /// endpoint limits, until `deadline`.
+    /// Waits for a ticket as a new caller at `place`, until `deadline`.
+    /// `needs` says what the caller takes from the endpoint limits of a
+    /// config (their indices are that config's).
     ///
     /// Admission is decided before the future is made, so that what the
     /// future keeps while it waits is only the wait itself; a caller that
@@ -275,7 +276,7 @@ impl Dispatcher {
     pub fn join(
         &self,
         place: Place,
-        needs: Needs,
+        needs: impl Fn(&config::Upstream) -> Needs,
         deadline: Instant,
     ) -> Either<Ready<Result<Ticket, Refusal>>, impl Future<Output = Result<Ticket, Refusal>> + Send + '_>
     {
@@ -283,11 +284,11 @@ impl Dispatcher {
     }
 
     /// Waits for a ticket for a retry, at the head of its caller's queue in
-    /// `place`, until `deadline`.
+    /// `place`, until `deadline`; `needs` as for [`Self::join`].
     pub fn rejoin(
         &self,
         place: Place,
-        needs: Needs,
+        needs: impl Fn(&config::Upstream) -> Needs,
         deadline: Instant,
     ) -> Either<Ready<Result<Ticket, Refusal>>, impl Future<Output = Result<Ticket, Refusal>> + Send + '_>
     {
@@ -295,16 +296,30 @@ impl Dispatcher {
     }
 
     /// Leaves at once, or queues (a `retry` at the head) and waits.
+    ///
+    /// `needs` is worked out against the config in force before the lock
+    /// is taken (matching paths there would hold up every other caller),
+    /// and again under it in the rare case that a reload, which swaps the
+    /// config under the same lock, came in between: the indices would
+    /// otherwise name another limit.
     fn enter(
         &self,
         place: Place,
-        needs: Needs,
+        needs: impl Fn(&config::Upstream) -> Needs,
         deadline: Instant,
         retry: bool,
     ) -> Either<Ready<Result<Ticket, Refusal>>, impl Future<Output = Result<Ticket, Refusal>> + Send + '_>
     {
         let shared = self.shared();
+        let config = shared.config.load();
+        let mut wanted = needs(&config);
         let mut core = shared.lock();
+        let current = shared.config.load();
+        if !Arc::ptr_eq(&config, &current) {
+            wanted = needs(&current);
+        }
+        drop((config, current));
+        let needs = wanted;
         // Read under the lock: the pacer counts on decisions being presented
         // in order and on time, not as late as the wait for the lock.
         let now = Instant::now();
@@ -402,5 +417,58 @@ impl QueueSlot<'_> {
 impl Drop for QueueSlot<'_> {
     fn drop(&mut self) {
         drop(self.leave());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// An upstream whose limits are `names`, in that order: `slow` takes
+    /// one request a minute, `fast` a thousand a second.
+    fn upstream(names: [&str; 2]) -> config::Upstream {
+        let limit = |name: &str| {
+            let rate = if name == "slow" { "1/min" } else { "1000/s" };
+            format!("[[upstream.limit]]\nname = \"{name}\"\npaths = [\"/{name}/**\"]\nrate = \"{rate}\"\n")
+        };
+        let text = format!(
+            "[[upstream]]\nname = \"api\"\nbase_url = \"http://127.0.0.1:1\"\nroute = \"/api\"\nrate = \"1000/s\"\n{}{}",
+            limit(names[0]),
+            limit(names[1])
+        );
+        let mut config = config::parse(std::path::Path::new("t.toml"), &text).expect("a valid config");
+        config.upstreams.remove(0)
+    }
+
+    /// One unit of the limit `name`, numbered as in `config`.
+    fn one_of(name: &str, config: &config::Upstream) -> Needs {
+        let index = config.limits.iter().position(|limit| limit.name == name).expect("the limit");
+        Needs::new([(index, NonZeroU32::MIN)])
+    }
+
+    /// A reload between working out a request's needs and taking the lock
+    /// renumbers the limits: the request still takes the limit it matched
+    /// (`fast`, free), not the one its old index names now (`slow`, spent
+    /// for a minute).
+    #[tokio::test]
+    async fn needs_follow_a_reload_that_comes_before_the_lock() {
+        let dispatcher = Dispatcher::spawn(&upstream(["slow", "fast"]), Arc::new(Metrics::new()), None);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let spent = dispatcher.join(Place::default(), |config| one_of("slow", config), deadline).await;
+        assert!(spent.is_ok(), "the slow limit's one request of the minute");
+
+        let reloaded = AtomicBool::new(false);
+        let fast_after_a_reload = |config: &config::Upstream| {
+            if !reloaded.swap(true, Ordering::Relaxed) {
+                dispatcher.reconfigure(&upstream(["fast", "slow"]), None);
+            }
+            one_of("fast", config)
+        };
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let joined = dispatcher.join(Place::default(), fast_after_a_reload, deadline).await;
+        assert!(reloaded.load(Ordering::Relaxed), "the reload came between");
+        assert!(joined.is_ok(), "waited for the slow limit: {:?}", joined.err());
     }
 }

@@ -131,7 +131,8 @@ impl Upstream {
             // What the request needs of endpoint limits is worked out again
             // where it is used rather than kept: it would grow every queued
             // request's future (see proxy::budget).
-            let joined = self.dispatcher.join(place, self.needs(head), deadline).await;
+            let needs = |config: &config::Upstream| self.needs(config, head);
+            let joined = self.dispatcher.join(place, needs, deadline).await;
             let ticket = joined.map_err(|r| self.refused(r, head))?;
             self.dispatcher.record_first_attempt(ticket.granted);
             Box::pin(self.attempts(client, head, body, place, deadline, ticket)).await
@@ -160,7 +161,7 @@ impl Upstream {
             let sent_at = Instant::now();
             // Worked out for each attempt: a reload since the last may have
             // reordered the limits it counts in.
-            let needs = &self.needs(head);
+            let needs = &self.needs(&self.dispatcher.config(), head);
             // Every attempt holds its own token reservation, taken with its ticket.
             let granted = ticket.granted;
             let mut reserved = priced.map(|p| Reserved::new(&self.dispatcher, place.partition, p, granted));
@@ -258,7 +259,7 @@ impl Upstream {
             () = tokio::time::sleep(delay) => {}
             ends = self.dispatcher.last_call() => return Err(shutting_down(ends)),
         }
-        self.dispatcher.rejoin(place, self.needs(head), deadline).await
+        self.dispatcher.rejoin(place, |config: &config::Upstream| self.needs(config, head), deadline).await
     }
 
     /// Reads a 429's body whole, at most [`llm::REFUSAL_BODY_BYTES`] within
@@ -450,7 +451,7 @@ impl Upstream {
             Refusal::StoreDown => ProxyError::RateLimitStore { upstream },
             Refusal::CostExceedsQuota { limit } => {
                 let cost = self
-                    .needs(head)
+                    .needs(&self.dispatcher.config(), head)
                     .iter()
                     .find(|(index, _)| *index == limit)
                     .map_or(0, |(_, units)| units.get());

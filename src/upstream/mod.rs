@@ -97,15 +97,15 @@ impl Upstream {
     ///
     /// An LLM call priced by [`Upstream::price`] also takes its token
     /// reservation from the token quotas, numbered after the limits.
-    pub fn needs(&self, head: &http::request::Parts) -> Needs {
+    ///
+    /// Against `config`, the one the dispatcher numbers limits by (a
+    /// reload since this request began may have added or reordered them);
+    /// the path is the one this request goes to, under its own base_url.
+    pub fn needs(&self, config: &config::Upstream, head: &http::request::Parts) -> Needs {
         let priced = tokens::Priced::of(head);
-        if self.config.limits.is_empty() && priced.is_none() {
+        if config.limits.is_empty() && priced.is_none() {
             return Needs::default();
         }
-        // Numbered as the dispatcher numbers them now: a reload since this
-        // request began may have reordered the limits. The path is the one
-        // this request goes to, under its own base_url.
-        let config = self.dispatcher.config();
         let path = head.uri.path();
         let path = path.strip_prefix(self.config.base_url.path.as_str()).unwrap_or(path);
         let path = if path.is_empty() { "/" } else { path };
@@ -117,7 +117,7 @@ impl Upstream {
         };
         let limits = config.limits.iter().enumerate();
         let limits = limits.filter_map(|(index, limit)| Some((index, cost(limit)?)));
-        let tokens = priced.map(|p| TokenQuotas::of(&config).needs(p.reservation));
+        let tokens = priced.map(|p| TokenQuotas::of(config).needs(p.reservation));
         Needs::new(limits.chain(tokens.into_iter().flatten()))
     }
 
