@@ -15,6 +15,9 @@ use crate::error::ProxyError;
 /// Accepts the request when `accepted` is empty or its
 /// `Proxy-Authorization: Basic` credentials match one entry.
 pub fn check(headers: &HeaderMap, accepted: &[String]) -> Result<(), ProxyError> {
+    if accepted.is_empty() {
+        return Ok(());
+    }
     check_offered(headers.get(header::PROXY_AUTHORIZATION), accepted)
 }
 

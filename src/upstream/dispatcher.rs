@@ -21,12 +21,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwapOption;
 use futures_util::future::{self, Either, Ready};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use super::shared::{Limiter, Shared, Ticket};
+use super::shared::{InForce, Limiter, Shared, Ticket};
 use crate::admission::{
     Admission, Feedback, Limits, Needs, Place, Refusal, Reservation, SINGLE, Settlement, Status, Transition,
 };
@@ -68,7 +68,7 @@ impl Dispatcher {
         );
         let shared = Arc::new(Shared {
             name: upstream.name.clone(),
-            config: ArcSwap::from_pointee(upstream.clone()),
+            config: InForce::new(upstream),
             metrics,
             core: Mutex::new(core),
             wake: Notify::new(),
@@ -91,6 +91,12 @@ impl Dispatcher {
     /// The config in force: what limit indices mean now.
     pub fn config(&self) -> arc_swap::Guard<Arc<config::Upstream>> {
         self.shared().config.load()
+    }
+
+    /// What `needs` says a request needs of the config in force (nothing,
+    /// at no cost, when it has no endpoint limits or token quotas).
+    pub fn needs(&self, needs: impl Fn(&config::Upstream) -> Needs) -> Needs {
+        self.shared().config.needs(needs)
     }
 
     /// The admission state now, as `/status` and `/metrics` show it.
@@ -216,7 +222,7 @@ impl Dispatcher {
         let limits = Limits::of(upstream);
         shared.change(|core| {
             core.reconfigure(limits, store.is_some(), Instant::now());
-            shared.config.store(Arc::new(upstream.clone()));
+            shared.config.store(upstream);
         });
         shared.limiter.store(limiter(upstream, store));
         shared.wake.notify_one();
@@ -311,14 +317,12 @@ impl Dispatcher {
     ) -> Either<Ready<Result<Ticket, Refusal>>, impl Future<Output = Result<Ticket, Refusal>> + Send + '_>
     {
         let shared = self.shared();
-        let config = shared.config.load();
-        let mut wanted = needs(&config);
+        let seen = shared.config.generation();
+        let mut wanted = shared.config.needs(&needs);
         let mut core = shared.lock();
-        let current = shared.config.load();
-        if !Arc::ptr_eq(&config, &current) {
-            wanted = needs(&current);
+        if shared.config.generation() != seen {
+            wanted = shared.config.needs(&needs);
         }
-        drop((config, current));
         let needs = wanted;
         // Read under the lock: the pacer counts on decisions being presented
         // in order and on time, not as late as the wait for the lock.

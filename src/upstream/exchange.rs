@@ -161,7 +161,7 @@ impl Upstream {
             let sent_at = Instant::now();
             // Worked out for each attempt: a reload since the last may have
             // reordered the limits it counts in.
-            let needs = &self.needs(&self.dispatcher.config(), head);
+            let needs = &self.dispatcher.needs(|config| self.needs(config, head));
             // Every attempt holds its own token reservation, taken with its ticket.
             let granted = ticket.granted;
             let mut reserved = priced.map(|p| Reserved::new(&self.dispatcher, place.partition, p, granted));
@@ -451,7 +451,8 @@ impl Upstream {
             Refusal::StoreDown => ProxyError::RateLimitStore { upstream },
             Refusal::CostExceedsQuota { limit } => {
                 let cost = self
-                    .needs(&self.dispatcher.config(), head)
+                    .dispatcher
+                    .needs(|config| self.needs(config, head))
                     .iter()
                     .find(|(index, _)| *index == limit)
                     .map_or(0, |(_, units)| units.get());

@@ -1,7 +1,7 @@
 //! What an upstream's callers, their tickets and its driver share: the
 //! admission core behind its lock, the driver's wake-up, the shared limiter.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -9,7 +9,8 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use crate::admission::{Admission, Confirm, Refusal, Waiter};
+use crate::admission::{Admission, Confirm, Needs, Refusal, Waiter};
+use crate::config;
 use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
 use crate::store::{SharedQuotas, Store};
@@ -96,7 +97,7 @@ pub(super) struct Shared {
     /// The config in force, whose endpoint limits and token quotas the
     /// core's limit indices number: a request that began under an earlier
     /// config works out its needs from this one (a reload may reorder them).
-    pub config: ArcSwap<crate::config::Upstream>,
+    pub config: InForce,
     pub metrics: Arc<Metrics>,
     pub core: Mutex<Core>,
     /// Wakes the driver: a caller queued, an attempt ended, a reload.
@@ -115,6 +116,57 @@ pub(super) struct Shared {
     /// With `[redis]`: settled token corrections the shared schedule still
     /// owes, as (partition, limit index, units), one entry per pair.
     pub owed: Mutex<Vec<(u64, usize, i64)>>,
+}
+
+/// An upstream's config in force, and what a request's needs take of it
+/// at little cost: most upstreams have no endpoint limits or token quotas,
+/// and their requests need nothing of any config.
+#[derive(Debug)]
+pub(super) struct InForce {
+    config: ArcSwap<config::Upstream>,
+    /// Changes so far: a reload between two looks is seen without loading
+    /// the config.
+    generation: AtomicU64,
+    /// Whether the config has endpoint limits or token quotas.
+    limited: AtomicBool,
+}
+
+impl InForce {
+    pub fn new(upstream: &config::Upstream) -> Self {
+        Self {
+            config: ArcSwap::from_pointee(upstream.clone()),
+            generation: AtomicU64::new(0),
+            limited: AtomicBool::new(Self::limits(upstream)),
+        }
+    }
+
+    fn limits(upstream: &config::Upstream) -> bool {
+        !upstream.limits.is_empty() || upstream.tokens.is_some()
+    }
+
+    pub fn load(&self) -> arc_swap::Guard<Arc<config::Upstream>> {
+        self.config.load()
+    }
+
+    /// Puts `upstream` in force; under the core's lock, so that a decision
+    /// taken under it sees [`Self::generation`] and the config agree.
+    pub fn store(&self, upstream: &config::Upstream) {
+        self.config.store(Arc::new(upstream.clone()));
+        self.limited.store(Self::limits(upstream), Ordering::Relaxed);
+        // Released after the config: whoever reads this count reads that
+        // config or a later one.
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// What `needs` says a request needs of the config in force: nothing
+    /// when it has no limits, without a look at it.
+    pub fn needs(&self, needs: impl Fn(&config::Upstream) -> Needs) -> Needs {
+        if self.limited.load(Ordering::Relaxed) { needs(&self.config.load()) } else { Needs::default() }
+    }
 }
 
 impl Shared {
