@@ -274,6 +274,36 @@ async fn a_429_naming_a_limit_pauses_that_limit_only() {
     }
 }
 
+/// A write that joined while its limit was free, and whose wait ran out
+/// once a 429 had paused that limit, is told to come back when the pause
+/// ends: its `Retry-After` counts the limit it needs, as `queue_full`'s
+/// does, not only the upstream's own queue (a second, here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_timeout_counts_the_limit_it_waited_for() {
+    let refusal = Scripted::status_with(429, &[("x-ratelimit-resource", "writes"), ("retry-after", "20")]);
+    let slow = Behaviour::new().latency(Duration::from_secs(1)).script([refusal]);
+    let mock = MockUpstream::start(slow).await;
+    let limit = "rate = \"100/s\"\n[upstream.retry]\nmax_attempts = 1\n\
+                 [[upstream.limit]]\nname = \"writes\"\nmethods = [\"POST\"]\nrate = \"1/s\"";
+    let pg = Pacegate::start(&upstream("api", &mock.url(), limit)).await;
+    let http = client();
+    let first = spawn_send(&http, Method::POST, pg.url("/api/w1"));
+    assert!(mock.wait_for_arrivals(1, PATIENCE).await, "the first write is out");
+    // Joins while the first write is out: about a second's wait, in time.
+    let sent = Instant::now();
+    let second = http.post(pg.url("/api/w2")).header("x-pacegate-max-wait", "3s").timeout(PATIENCE).send();
+    let second = second.await.expect("an answer");
+    assert!(sent.elapsed() >= Duration::from_millis(2_900), "refused at once: it had a turn in time");
+    assert_eq!(first.await.unwrap().0, 429, "the 429 reached its caller");
+    let retry_after = second.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    assert_pacegate_error(second, 503, "queue_timeout", Some("api")).await;
+    assert!(
+        retry_after.is_some_and(|s| (15..=21).contains(&s)),
+        "Retry-After {retry_after:?}, the pause 20 s"
+    );
+    assert_eq!(mock.count(), 1, "the second write never went out");
+}
+
 /// A reload that keeps a limit (same name, same rate) keeps its state, even
 /// when a new limit listed before it changes its place: the next write still
 /// waits for the slot the last one left. The limit is one a minute, so the
@@ -372,7 +402,8 @@ async fn a_retry_across_a_reload_that_reorders_the_limits_takes_its_own_limit() 
 /// write sent after the reload that took the new limit's only slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_across_a_reload_that_adds_a_limit_takes_it() {
-    let slow = Behaviour::new().latency(Duration::from_millis(400)).script([Scripted::status(429)]);
+    // Long enough for the reload and the second write to come first.
+    let slow = Behaviour::new().latency(Duration::from_secs(1)).script([Scripted::status(429)]);
     let mock = MockUpstream::start(slow).await;
     let writes = "[[upstream.limit]]\nname = \"writes\"\nmethods = [\"POST\"]\nrate = \"1/4s\"\n";
     let pg = Pacegate::start(&upstream("api", &mock.url(), "rate = \"100/s\"")).await;

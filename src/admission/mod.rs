@@ -379,18 +379,7 @@ impl<W: Waiter> Admission<W> {
             return Err(Refusal::CircuitOpen { retry_after: until.saturating_duration_since(now) });
         }
         if !retry && self.depth() >= self.limits.queue_size {
-            // The whole queue's drain, or this caller's own queue and the
-            // limits it needs, whichever is longer. Without limits its own
-            // partition's cooldown is enough: no walk of a full queue.
-            let mut retry_after = self.estimate_wait(now);
-            if !needs.is_empty() {
-                retry_after = retry_after.max(self.queued_wait(place, &needs, now));
-            } else if let Some(until) =
-                self.partitions.get(&place.partition).and_then(|p| p.pacing.cooldown_until())
-            {
-                retry_after = retry_after.max(until.saturating_duration_since(now));
-            }
-            return Err(Refusal::Full { retry_after });
+            return Err(Refusal::Full { retry_after: self.retry_after(place, &needs, now) });
         }
         let key = QueueKey { partition: place.partition, set: needs.set() };
         if self.closed(now) {
@@ -765,6 +754,20 @@ impl<W: Waiter> Admission<W> {
         let cooldown_until = self.partitions.get(&self.observed).and_then(|p| p.pacing.cooldown_until());
         let cooldown = cooldown_until.map_or(Duration::ZERO, |until| until.saturating_duration_since(now));
         drain.saturating_add(cooldown)
+    }
+
+    /// An honest `Retry-After` for a caller at `place` needing `needs` that
+    /// cannot wait now (the queue is full, or its wait ran out): the whole
+    /// queue's drain, or its own queue and the limits it needs
+    /// ([`Self::queued_wait`]), whichever is longer. Without limits its own
+    /// partition's cooldown is enough: no walk of a full queue.
+    pub fn retry_after(&self, place: Place, needs: &Needs, now: Instant) -> Duration {
+        let drain = self.estimate_wait(now);
+        if !needs.is_empty() {
+            return drain.max(self.queued_wait(place, needs, now));
+        }
+        let cooldown = self.partitions.get(&place.partition).and_then(|p| p.pacing.cooldown_until());
+        drain.max(cooldown.map_or(Duration::ZERO, |until| until.saturating_duration_since(now)))
     }
 
     /// The least a new caller at `place` needing `needs` will wait, at the

@@ -99,6 +99,12 @@ impl Dispatcher {
         self.shared().config.needs(needs)
     }
 
+    /// An honest `Retry-After` for a caller at `place` that needs `needs`
+    /// and cannot wait now ([`Admission::retry_after`]).
+    pub fn retry_after(&self, place: Place, needs: &Needs) -> Duration {
+        self.shared().lock().retry_after(place, needs, Instant::now())
+    }
+
     /// The admission state now, as `/status` and `/metrics` show it.
     pub fn status(&self) -> Status {
         self.shared().lock().status(Instant::now())

@@ -133,7 +133,7 @@ impl Upstream {
             // request's future (see proxy::budget).
             let needs = |config: &config::Upstream| self.needs(config, head);
             let joined = self.dispatcher.join(place, needs, deadline).await;
-            let ticket = joined.map_err(|r| self.refused(r, head))?;
+            let ticket = joined.map_err(|refusal| self.refused(self.honest(refusal, place, head), head))?;
             self.dispatcher.record_first_attempt(ticket.granted);
             Box::pin(self.attempts(client, head, body, place, deadline, ticket)).await
         }
@@ -426,6 +426,15 @@ impl Upstream {
     }
 
     /// Logs, counts and maps a refusal to queue.
+    /// A queue_timeout's `Retry-After` with what the request needs of the
+    /// limits counted too: made where the wait ran out, it could not count
+    /// them (a waiting request keeps no more than its wait).
+    fn honest(&self, refusal: Refusal, place: Place, head: &http::request::Parts) -> Refusal {
+        let Refusal::Timeout { waited, retry_after } = refusal else { return refusal };
+        let needs = self.dispatcher.needs(|config| self.needs(config, head));
+        Refusal::Timeout { waited, retry_after: retry_after.max(self.dispatcher.retry_after(place, &needs)) }
+    }
+
     pub fn refused(&self, refusal: Refusal, head: &http::request::Parts) -> ProxyError {
         let upstream = self.config.name.clone();
         let reason = match refusal {
