@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use pacegate::{app, config, tls};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 
 #[derive(Parser)]
 #[command(version, about = "An HTTP proxy that keeps callers inside third-party API quotas")]
@@ -181,17 +182,7 @@ async fn shutdown_signal() {
 const QUIET_WATCHER: &str = "notify=info";
 
 fn init_logging(format: Option<LogFormat>) {
-    let asked = std::env::var("PACEGATE_LOG").unwrap_or_default();
-    let mut filter = EnvFilter::try_new(&asked)
-        .ok()
-        .filter(|_| !asked.trim().is_empty())
-        .unwrap_or_else(|| EnvFilter::new("info"));
-    // The config watcher's crate traces every change in the config's
-    // directory: with a log file there, each line would trace the next.
-    // Only when asked for by name.
-    if !asked.contains("notify") {
-        filter = filter.add_directive(QUIET_WATCHER.parse().expect("a valid directive"));
-    }
+    let filter = log_filter(&std::env::var("PACEGATE_LOG").unwrap_or_default());
     let format =
         format.unwrap_or(if std::io::stderr().is_terminal() { LogFormat::Pretty } else { LogFormat::Json });
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
@@ -199,6 +190,26 @@ fn init_logging(format: Option<LogFormat>) {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
     }
+}
+
+/// The filter `PACEGATE_LOG` asks for (`info` when empty or unreadable).
+///
+/// The config watcher's crate traces every change in the config's
+/// directory: with a log file there, each line would trace the next. It is
+/// held to info when the filter lets more through, unless the filter names
+/// it; a filter that lets less through is left as it is.
+fn log_filter(asked: &str) -> EnvFilter {
+    let filter = EnvFilter::try_new(asked).ok().filter(|_| !asked.trim().is_empty());
+    let filter = filter.unwrap_or_else(|| EnvFilter::new("info"));
+    let verbose = filter.max_level_hint().is_none_or(|max| max > LevelFilter::INFO);
+    let names_watcher = asked.split(',').any(|directive| {
+        let target = directive.split(['=', '[']).next().unwrap_or_default().trim();
+        target == "notify" || target.starts_with("notify::")
+    });
+    if verbose && !names_watcher {
+        return filter.add_directive(QUIET_WATCHER.parse().expect("a valid directive"));
+    }
+    filter
 }
 
 /// One line for `pacegate check`: name, where requests come from, every
@@ -223,4 +234,23 @@ fn describe(upstream: &config::Upstream) -> String {
         upstream.base_url.authority,
         upstream.base_url.path,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watcher_is_held_to_info_only_where_the_filter_lets_more_through() {
+        let held = |asked: &str| log_filter(asked).to_string().contains(QUIET_WATCHER);
+        for verbose in ["trace", "debug", "info,pacegate=trace", "trace,foo_notify=debug"] {
+            assert!(held(verbose), "{verbose}");
+        }
+        for quiet in
+            ["", "info", "warn", "off", "not a filter[", "trace,notify=trace", "debug,notify::inotify=off"]
+        {
+            assert!(!held(quiet), "{quiet:?}");
+        }
+        assert_eq!(log_filter("").to_string(), "info");
+    }
 }

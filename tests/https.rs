@@ -564,18 +564,31 @@ async fn a_tunnel_opened_before_proxy_auth_was_set_must_pass_it() {
     assert!(head.starts_with("http/1.1 200"), "{head}");
     let (authed, head) = connect(pg.proxy, &authority, right).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
+    let (h2, head) = connect(pg.proxy, &authority, "").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
 
     pg.reload_with(&format!("{TEST_SERVER}proxy_auth = [\"alice:s3cret\"]\n\n{upstream}")).await;
     // Kept alive by the client: closed by pacegate after its answer.
     let request = format!("GET /after HTTP/1.1\r\nHost: {authority}\r\n\r\n");
     anonymous.write_all(request.as_bytes()).await.unwrap();
+    // HTTP/2 has no `Connection: close`: the tunnel says GOAWAY and ends.
+    let io = hyper_util::rt::TokioIo::new(h2);
+    let handshake = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io);
+    let (mut sender, connection) = handshake.await.expect("HTTP/2 inside the tunnel");
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(format!("http://{authority}/h2")).body(String::new()).unwrap();
+    let response = tokio::time::timeout(WAIT, sender.send_request(request)).await.unwrap().unwrap();
+    assert_eq!(response.status(), 407);
+    assert_eq!(response.headers()["x-pacegate-error"], "proxy_auth_required");
+    let ended = tokio::time::timeout(WAIT, connection).await;
+    assert!(ended.is_ok(), "the HTTP/2 tunnel stayed open after its 407");
     let mut answer = Vec::new();
     let read = tokio::time::timeout(WAIT, anonymous.read_to_end(&mut answer)).await;
     let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
     assert!(read.is_ok(), "the tunnel stayed open after: {answer}");
     assert!(answer.starts_with("http/1.1 407"), "{answer}");
     assert!(answer.contains("x-pacegate-error: proxy_auth_required\r\n"), "{answer}");
-    assert_eq!(mock.count(), 0, "the request went out");
+    assert_eq!(mock.count(), 0, "a request went out");
     let answer = plain_request(authed, "/authed", &authority).await;
     assert!(answer.starts_with("http/1.1 200"), "{answer}");
     assert_eq!(mock.count(), 1);

@@ -177,20 +177,18 @@ impl Proxy {
         request: Request<Incoming>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         let runtime = self.runtime.load_full();
-        let version = request.version();
-        let refused =
-            match auth::check_offered(opened.credentials.as_ref(), &runtime.config.server.proxy_auth) {
-                Err(error) => Some((error, true)),
-                Ok(()) if request.method() == http::Method::CONNECT => {
-                    let reason = "CONNECT inside a tunnel: the tunnel already reaches its host";
-                    Some((ProxyError::BadRequest(reason.into()), false))
-                }
-                Ok(()) => None,
-            };
-        if let Some((error, close)) = refused {
-            let answer: Answering =
-                Box::pin(std::future::ready(self.answer_closing(Err(error), None, version, close)));
+        if let Err(error) =
+            auth::check_offered(opened.credentials.as_ref(), &runtime.config.server.proxy_auth)
+        {
+            let mut response = self.answer(Err(error), None);
+            response.extensions_mut().insert(crate::server::CloseConnection);
+            let answer: Answering = Box::pin(std::future::ready(response));
             return Either::Left(answer);
+        }
+        if request.method() == http::Method::CONNECT {
+            let error =
+                ProxyError::BadRequest("CONNECT inside a tunnel: the tunnel already reaches its host".into());
+            return Either::Left(self.refused(error));
         }
         self.routed(runtime, peer, request, Some((&scheme, &opened.authority)))
     }
@@ -232,7 +230,7 @@ impl Proxy {
         let version = request.version();
         match prepare(&runtime, peer, request, tunnel) {
             Err(error) => {
-                let response = self.answer_closing(Err(error), None, version, false);
+                let response = self.answer_closing(Err(error), None, version);
                 Either::Left(Box::pin(std::future::ready(response)))
             }
             Ok(prepared) => match prepared.cache(&runtime) {
@@ -281,21 +279,19 @@ impl Proxy {
         prepared: &Prepared,
         result: Result<Response<ProxyBody>, ProxyError>,
     ) -> Response<ProxyBody> {
-        self.answer_closing(result, prepared.upstream(runtime), prepared.head.version, false)
+        self.answer_closing(result, prepared.upstream(runtime), prepared.head.version)
     }
 
     /// [`Self::answer`], closing an HTTP/1 connection that cannot carry
-    /// another request after this refusal ([`ProxyError::closes_connection`]),
-    /// or that must not (`close`).
+    /// another request after this refusal ([`ProxyError::closes_connection`]).
     fn answer_closing(
         &self,
         result: Result<Response<ProxyBody>, ProxyError>,
         upstream: Option<&Upstream>,
         version: http::Version,
-        close: bool,
     ) -> Response<ProxyBody> {
-        let close = version < http::Version::HTTP_2
-            && (close || result.as_ref().is_err_and(ProxyError::closes_connection));
+        let close =
+            version < http::Version::HTTP_2 && result.as_ref().is_err_and(ProxyError::closes_connection);
         let mut response = self.answer(result, upstream);
         if close {
             response.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));

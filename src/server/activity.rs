@@ -60,6 +60,8 @@ struct State {
     /// that leaves the deadline at or after it need not wake anyone, the
     /// timer will (then the deadline is computed again).
     armed: Option<Instant>,
+    /// An answer asked for the connection to close ([`Activity::close`]).
+    close: bool,
 }
 
 /// A request in flight; dropping it (answer sent, or abandoned) ends it.
@@ -81,6 +83,8 @@ pub(super) enum Expired {
     HeadOrIdle,
     /// The caller took nothing of an answer for `send_timeout`: drop it.
     Send,
+    /// An answer asked for it: close gracefully, no other request after it.
+    Close,
 }
 
 impl Activity {
@@ -93,6 +97,7 @@ impl Activity {
             served: false,
             answers: Vec::new(),
             armed: None,
+            close: false,
         };
         Self {
             header_read_timeout,
@@ -117,6 +122,15 @@ impl Activity {
         state.served = true;
         self.changed(state);
         Busy(self.clone())
+    }
+
+    /// Closes the connection gracefully from now: the answers under way
+    /// are sent, then it ends (an HTTP/2 connection says so with GOAWAY,
+    /// which no `Connection: close` can).
+    pub(super) fn close(&self) {
+        let mut state = self.lock();
+        state.close = true;
+        self.changed(state);
     }
 
     /// Whether part of a request head is held (reported by the guard).
@@ -157,6 +171,9 @@ impl Activity {
 
     /// When the connection should be closed, if nothing happens until then.
     fn deadline(&self, state: &State) -> Option<(Instant, Expired)> {
+        if state.close {
+            return Some((self.epoch, Expired::Close));
+        }
         if state.inflight > 0 {
             let waiting = state.answers.iter().map(|since| since.load(Ordering::Acquire));
             let oldest = waiting.filter(|since| *since != 0).min()?;
@@ -215,6 +232,11 @@ impl Activity {
 }
 
 impl Busy {
+    /// The connection this request came on.
+    pub(super) fn activity(&self) -> &Activity {
+        &self.0
+    }
+
     /// The request's answer is handed to hyper: from now on it waits for
     /// the caller to take it.
     pub(super) fn answering(self) -> Answering {

@@ -112,6 +112,10 @@ where
                     shared.metrics.timed_out(ClientTimeout::Send);
                     return;
                 }
+                Timers::Expired(Expired::Close) => {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
                 Timers::GraceOver => return,
                 Timers::Phase(now) => {
                     phase = now;
@@ -150,6 +154,11 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// Marks an answer after which its connection closes, HTTP/2 included
+/// (GOAWAY): put in the answer's extensions by the handler.
+#[derive(Debug, Clone, Copy)]
+pub struct CloseConnection;
+
 /// What the connection adds to a handler's answer.
 struct Finish {
     scope: Scope,
@@ -183,6 +192,9 @@ impl Finish {
         // follows, nothing else may be read from this connection.
         if self.refused_connect_closes && !response.status().is_success() {
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if response.extensions().get::<CloseConnection>().is_some() {
+            self.busy.activity().close();
         }
         let answering = Some(self.busy.answering());
         response.map(|inner| Watched { inner, answering })

@@ -46,7 +46,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use crate::body::ProxyBody;
 use crate::metrics::Metrics;
 use crate::workers::Workers;
-pub use connection::serve_connection;
+pub use connection::{CloseConnection, serve_connection};
 pub use tunnel::{Peeked, relay};
 
 /// Pause after a failed accept (e.g. out of file descriptors) before retrying.

@@ -284,8 +284,12 @@ impl Store {
             self.runtime.spawn(async move {
                 let Some(store) = store.upgrade() else { return };
                 let Some(mut link) = store.link.lock().await.clone() else { return };
-                if let Ok(Ok(masters)) = tokio::time::timeout(store.config.timeout, link.masters()).await {
-                    store.show(masters);
+                if let Ok(Ok(Some(masters))) = tokio::time::timeout(store.config.timeout, link.masters()).await
+                    && let Ok(mut shown) = store.master.lock()
+                    // Not over a newer reading (a probe's, meanwhile).
+                    && shown.read == Some(now)
+                {
+                    shown.master = Some(masters);
                 }
             });
         }
@@ -522,8 +526,11 @@ async fn probe(store: Weak<Store>) {
                 redis::cmd("EXISTS").arg(&failed).query_async::<u64>(&mut link).await?;
             }
             // A cluster's, read again: the connection's slot map may have
-            // been read before the failed slot's replica took over.
-            store.show(link.masters().await?);
+            // been read before the failed slot's replica took over. Not a
+            // condition of resuming: the node asked may be the dead one.
+            if let Ok(masters) = link.masters().await {
+                store.show(masters);
+            }
             Ok(())
         };
         match store.timed(PROBE_PATIENCE.max(store.config.timeout), ping).await {
