@@ -41,11 +41,12 @@ fn toml_list(urls: &[String]) -> String {
 /// A store on one Redis server, falling back to local pacing, as the
 /// script-level tests drive it.
 fn local_store(redis: &RedisServer) -> Arc<pacegate::store::Store> {
-    use pacegate::config::{DEFAULT_REDIS_TIMEOUT, Redis, RedisNodes, RedisOnError};
+    use pacegate::config::{DEFAULT_KEY_PREFIX, DEFAULT_REDIS_TIMEOUT, Redis, RedisNodes, RedisOnError};
     let config = Redis {
         nodes: RedisNodes::Server(redis.url()),
         on_error: RedisOnError::Local,
         timeout: DEFAULT_REDIS_TIMEOUT,
+        key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
     };
     pacegate::store::Store::new(&config, Arc::new(pacegate::metrics::Metrics::new())).expect("store")
 }
@@ -251,6 +252,29 @@ async fn partitions_share_their_own_buckets_without_the_key_in_clear() {
     assert!(keys.iter().all(|k| !k.contains("secret")), "{keys:?}");
 }
 
+/// Two deployments on one Redis with their own `key_prefix` keep their own
+/// quotas: each takes the one request a minute at once (shared, the
+/// second would be refused at once: it could not wait for its turn).
+#[tokio::test]
+async fn deployments_with_their_own_key_prefix_share_nothing() {
+    let redis = RedisServer::start().await;
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let extra = "rate = \"1/min\"\nqueue_timeout = \"2s\"";
+    let deployment = |prefix: &str| {
+        let nodes = format!("url = \"{}\"\nkey_prefix = \"{prefix}\"", redis.url());
+        config_of(&nodes, "deny", &upstream("api", &mock.url(), extra))
+    };
+    let staging = Pacegate::start_config(&deployment("staging")).await;
+    let production = Pacegate::start_config(&deployment("production")).await;
+    assert_eq!(get(staging.url("/api/x")).await, 200);
+    assert_eq!(get(production.url("/api/x")).await, 200);
+    for prefix in ["staging", "production"] {
+        assert_eq!(redis.keys(&format!("{prefix}:{{api}}:*:quotas")).len(), 1, "{prefix}'s own bucket");
+    }
+    assert!(redis.keys("pacegate:*").is_empty(), "a key outside the prefixes");
+    assert_eq!(get(staging.url("/api/y")).await, 503, "the minute's request of staging is spent");
+}
+
 /// The Lua script itself: burst, a volume cap, batches, and a refusal that
 /// leaves every quota untouched.
 #[tokio::test]
@@ -264,7 +288,7 @@ async fn the_script_takes_from_all_quotas_or_none() {
     // 10/s admitting 5 back to back, and at most 6 per minute.
     let rates = [parse_rate("10/s").unwrap(), parse_rate("6/min").unwrap()];
     let quotas = SharedQuotas::new(&paced_quotas(&rates, std::num::NonZeroU32::new(5).unwrap()));
-    let keys = Keys::new("api", 0);
+    let keys = Keys::new("pacegate", "api", 0);
     let own = [(None, &quotas, 1)];
 
     assert_eq!(store.acquire(&keys, &own, 8, None).await, Ok(Verdict::Go(5)), "the burst, in one batch");
@@ -310,7 +334,7 @@ async fn the_script_carries_the_schedule_over_to_a_new_rate() {
         SharedQuotas::new(&paced_quotas(&[parse_rate(rate).unwrap()], std::num::NonZeroU32::MIN))
     };
     let (ten, two, hundred) = (at("10/s"), at("2/s"), at("100/s"));
-    let keys = Keys::new("api", 0);
+    let keys = Keys::new("pacegate", "api", 0);
 
     let asked = Instant::now();
     assert_eq!(store.acquire(&keys, &[(None, &ten, 1)], 1, None).await, Ok(Verdict::Go(1)));
@@ -325,7 +349,7 @@ async fn the_script_carries_the_schedule_over_to_a_new_rate() {
     );
 
     // Raised from 2/s (the last grant owing 500 ms) to 100/s: 10 ms.
-    let keys = Keys::new("api", 1);
+    let keys = Keys::new("pacegate", "api", 1);
     assert_eq!(store.acquire(&keys, &[(None, &two, 1)], 1, None).await, Ok(Verdict::Go(1)));
     tokio::time::sleep(Duration::from_millis(15)).await;
     assert_eq!(
@@ -393,7 +417,7 @@ async fn the_script_weighs_costs_and_names_the_limit_that_waits() {
     let one = std::num::NonZeroU32::MIN;
     let own = SharedQuotas::new(&paced_quotas(&[parse_rate("100/s").unwrap()], one));
     let writes = SharedQuotas::limit("writes", &paced_quotas(&[parse_rate("10/s").unwrap()], one));
-    let keys = Keys::new("api", 7);
+    let keys = Keys::new("pacegate", "api", 7);
     let write = [(None, &own, 1), (Some(3), &writes, 5)];
 
     assert_eq!(store.acquire(&keys, &write, 4, None).await, Ok(Verdict::Go(1)), "a cost of 5 leaves at once");
@@ -443,7 +467,7 @@ async fn a_request_without_a_limit_keeps_the_limits_state() {
     let one = std::num::NonZeroU32::MIN;
     let own = SharedQuotas::new(&paced_quotas(&[parse_rate("100/s").unwrap()], one));
     let slow = SharedQuotas::limit("slow", &paced_quotas(&[parse_rate("1/10s").unwrap()], one));
-    let keys = Keys::new("api", 7);
+    let keys = Keys::new("pacegate", "api", 7);
     let (write, read) = ([(None, &own, 1), (Some(0), &slow, 1)], [(None, &own, 1)]);
 
     assert_eq!(store.acquire(&keys, &write, 1, None).await, Ok(Verdict::Go(1)));
@@ -609,7 +633,7 @@ async fn the_adjust_script_gives_back_never_before_now_and_takes_on_top() {
     let one = std::num::NonZeroU32::MIN;
     let own = SharedQuotas::new(&paced_quotas(&[parse_rate("1000/s").unwrap()], one));
     let tokens = SharedQuotas::limit("tokens", &paced_quotas(&[parse_rate("100/s").unwrap()], one));
-    let keys = Keys::new("llm", 0);
+    let keys = Keys::new("pacegate", "llm", 0);
     let call = |units| [(None, &own, 1), (Some(0), &tokens, units)];
     let waits = async |units| match store.acquire(&keys, &call(units), 1, None).await {
         Ok(Verdict::Wait(wait, Some(0))) => wait,

@@ -31,7 +31,7 @@ pub use cache::Cache;
 pub use error::{ConfigError, Location};
 pub use limits::{Cost, DEFAULT_MAX_TOKENS, Limit, MAX_LIMITS, PathGlobs, matching_path};
 pub use units::{MAX_DURATION, format_duration, parse_duration, parse_rate};
-pub use validate::DEFAULT_REDIS_TIMEOUT;
+pub use validate::{DEFAULT_KEY_PREFIX, DEFAULT_REDIS_TIMEOUT};
 
 /// Reads, parses and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -170,6 +170,9 @@ pub struct Redis {
     pub on_error: RedisOnError,
     /// Longest one call may take before the store counts Redis as unreachable.
     pub timeout: std::time::Duration,
+    /// What every key starts with: deployments that share one Redis but
+    /// not their quotas set different ones.
+    pub key_prefix: String,
 }
 
 /// The three forms of `[redis]`; every URL is `redis://` or `rediss://`.

@@ -192,6 +192,8 @@ pub struct RawRedis {
     pub on_error: RawRedisOnError,
     /// Spanned: `validate` refuses 0s there.
     pub timeout: Option<Spanned<Dur>>,
+    /// Spanned: `validate` checks its characters.
+    pub key_prefix: Option<Spanned<String>>,
 }
 
 /// One `[[upstream]]`.

@@ -547,6 +547,17 @@ fn redis_takes_one_of_three_forms() {
 }
 
 #[test]
+fn redis_keys_start_with_their_prefix() {
+    let prefix = |text: &str| parse_str(text).unwrap_or_else(|e| panic!("{e}")).redis.map(|r| r.key_prefix);
+    assert_eq!(prefix("[redis]\n").as_deref(), Some("pacegate"));
+    assert_eq!(prefix("[redis]\nkey_prefix = \"prod:eu-1.pg_a\"\n").as_deref(), Some("prod:eu-1.pg_a"));
+    for (bad, col) in [("\"\"", 14), ("\"a{b}\"", 14), ("\"a b\"", 14), ("\"a*\"", 14)] {
+        assert_error(&format!("[redis]\nkey_prefix = {bad}\n"), 2, col, &["key_prefix", "1 to 64 letters"]);
+    }
+    assert_error(&format!("[redis]\nkey_prefix = \"{}\"\n", "a".repeat(65)), 2, 14, &["key_prefix"]);
+}
+
+#[test]
 fn error_display_is_one_line() {
     let err = parse_str("[server]\nlisen = 1\n").unwrap_err();
     let shown = err.to_string();

@@ -174,7 +174,27 @@ fn redis(cx: &Cx<'_>, raw: RawRedis) -> Result<Redis, ConfigError> {
         _ => RedisNodes::Server(DEFAULT_REDIS_URL.to_owned()),
     };
     let timeout = raw.timeout.map_or(Ok(DEFAULT_REDIS_TIMEOUT), |t| positive(cx, "timeout", &t))?;
-    Ok(Redis { nodes, on_error, timeout })
+    let key_prefix = match raw.key_prefix {
+        None => DEFAULT_KEY_PREFIX.to_owned(),
+        Some(prefix) => key_prefix(cx, prefix)?,
+    };
+    Ok(Redis { nodes, on_error, timeout, key_prefix })
+}
+
+/// What Redis keys start with when `[redis]` says nothing.
+pub const DEFAULT_KEY_PREFIX: &str = "pacegate";
+
+/// A key prefix: 1 to 64 letters, digits and `_ - . :`. No braces, which
+/// would move keys out of their upstream's hash tag (one cluster slot per
+/// upstream), and nothing a glob in `KEYS`/`SCAN` reads specially.
+fn key_prefix(cx: &Cx<'_>, raw: Spanned<String>) -> Result<String, ConfigError> {
+    let prefix = raw.get_ref();
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "_-.:".contains(c);
+    if prefix.is_empty() || prefix.len() > 64 || !prefix.chars().all(allowed) {
+        let message = format!("key_prefix {prefix:?}: use 1 to 64 letters, digits, '_', '-', '.' or ':'");
+        return Err(cx.err(raw.span(), message));
+    }
+    Ok(raw.into_inner())
 }
 
 fn span<T>(value: &Option<Spanned<T>>) -> Option<std::ops::Range<usize>> {

@@ -10,7 +10,7 @@
 //! quotas' shared schedule as the local pacer's is (back as far as Redis'
 //! now, no further). Replicas never compare clocks,
 //! and no lock is held across the network. Keys carry a hash tag per upstream
-//! (`pacegate:{name}:…`), so both keys a script touches live in one Redis
+//! (`PREFIX:{name}:…`, `[redis] key_prefix`), so both keys a script touches live in one Redis
 //! Cluster slot; they expire once idle.
 //!
 //! The servers may be one, a Redis Cluster or a master found through
@@ -113,11 +113,12 @@ pub struct Keys {
 }
 
 impl Keys {
-    pub fn new(upstream: &str, partition: u64) -> Self {
+    /// The keys under `key_prefix` (`[redis] key_prefix`).
+    pub fn new(key_prefix: &str, upstream: &str, partition: u64) -> Self {
         Self {
-            prefix: format!("pacegate:{{{upstream}}}:{partition:016x}"),
-            breaker: format!("pacegate:{{{upstream}}}:breaker"),
-            probes: format!("pacegate:{{{upstream}}}:probes"),
+            prefix: format!("{key_prefix}:{{{upstream}}}:{partition:016x}"),
+            breaker: format!("{key_prefix}:{{{upstream}}}:breaker"),
+            probes: format!("{key_prefix}:{{{upstream}}}:probes"),
         }
     }
 
@@ -249,6 +250,11 @@ impl Store {
     /// True when this store was made from the same `[redis]` section.
     pub fn serves(&self, config: &config::Redis) -> bool {
         self.config == *config
+    }
+
+    /// The keys of `upstream`'s `partition` in this store.
+    pub fn keys(&self, upstream: &str, partition: u64) -> Keys {
+        Keys::new(&self.config.key_prefix, upstream, partition)
     }
 
     /// What pacing does while Redis is down.

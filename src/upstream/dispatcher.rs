@@ -34,7 +34,7 @@ use crate::config;
 use crate::limit::pacer::paced_quotas;
 use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
-use crate::store::{Keys, SharedQuotas, Store};
+use crate::store::{SharedQuotas, Store};
 
 /// Handle to an upstream's dispatcher; cheap to share.
 #[derive(Debug, Clone)]
@@ -156,7 +156,7 @@ impl Dispatcher {
         if let (Some(pause), Some(limiter)) = (pause, limiter.as_ref()) {
             let limit =
                 feedback.limit.and_then(|index| limiter.limits.get(index)).and_then(SharedQuotas::name);
-            limiter.store.cool_down(Keys::new(&shared.name, feedback.partition), limit, pause);
+            limiter.store.cool_down(limiter.store.keys(&shared.name, feedback.partition), limit, pause);
         }
     }
 
@@ -182,7 +182,7 @@ impl Dispatcher {
                 shared.metrics.breaker_opened.get_or_create(&label).inc();
                 // The other replicas hold their queues too, through Redis.
                 if let Some(limiter) = shared.limiter.load().as_ref() {
-                    limiter.store.open_breaker(Keys::new(&shared.name, SINGLE), open_for);
+                    limiter.store.open_breaker(limiter.store.keys(&shared.name, SINGLE), open_for);
                 }
                 tracing::warn!(
                     upstream = %shared.name,
@@ -195,7 +195,7 @@ impl Dispatcher {
             }
             Some(Transition::Closed) => {
                 if let Some(limiter) = shared.limiter.load().as_ref() {
-                    limiter.store.close_breaker(Keys::new(&shared.name, SINGLE));
+                    limiter.store.close_breaker(limiter.store.keys(&shared.name, SINGLE));
                 }
                 tracing::info!(upstream = %shared.name, "breaker_closed");
             }

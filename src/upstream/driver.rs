@@ -25,7 +25,6 @@ use tokio::time::Instant;
 use super::shared::{Core, Limiter, Shared};
 use crate::admission::{Confirm, Next, Refusal, Verdict};
 use crate::config::RedisOnError;
-use crate::store::Keys;
 
 /// How often idle partitions are looked for while there are several.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -142,7 +141,7 @@ fn next_step(
 /// Asks the shared limiter to confirm `confirm`'s grants and hands out what
 /// it allows; Redis down means `on_error`: local grants, or refusals.
 async fn ask(shared: &Arc<Shared>, confirm: Confirm, limiter: &Limiter) {
-    let keys = Keys::new(&shared.name, confirm.partition());
+    let keys = limiter.store.keys(&shared.name, confirm.partition());
     let wanted = confirm.wanted();
     let probe = limiter.probes.filter(|_| confirm.probing());
     let answer = limiter.store.acquire(&keys, &limiter.demand(&confirm), wanted, probe).await;
@@ -177,7 +176,11 @@ async fn correct(shared: &Shared) {
     for (partition, index, units) in owed {
         let Some(quotas) = limiter.limits.get(index) else { continue };
         if units != 0
-            && limiter.store.adjust(&Keys::new(&shared.name, partition), quotas, units).await.is_err()
+            && limiter
+                .store
+                .adjust(&limiter.store.keys(&shared.name, partition), quotas, units)
+                .await
+                .is_err()
         {
             return;
         }
