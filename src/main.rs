@@ -1,6 +1,6 @@
 //! The `pacegate` command: CLI, logging and runtime; the work is in the library.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -62,48 +62,60 @@ fn main() -> ExitCode {
 }
 
 fn check(path: &Path) -> ExitCode {
-    match config::load(path) {
-        Ok(config) => {
-            if config.mitm.enabled && tls::ca_missing(&config.mitm) {
-                let (cert, key) = (config.mitm.ca_cert.display(), config.mitm.ca_key.display());
-                eprintln!("[mitm]: no CA yet; pacegate creates {cert} and {key} when it starts");
-            } else if let Err(error) = interception_ready(path, &config.mitm) {
-                eprintln!("{error}");
-                return ExitCode::FAILURE;
-            }
-            for upstream in &config.upstreams {
-                println!("{}", describe(upstream));
-            }
-            ExitCode::SUCCESS
-        }
-        Err(error) => {
-            eprintln!("{error}");
-            ExitCode::FAILURE
-        }
+    let config = match config::load(path) {
+        Ok(config) => config,
+        Err(error) => return fail(&error),
+    };
+    if config.mitm.enabled && tls::ca_missing(&config.mitm) {
+        let (cert, key) = (config.mitm.ca_cert.display(), config.mitm.ca_key.display());
+        warn(&format!("[mitm]: no CA yet; pacegate creates {cert} and {key} when it starts"));
+    } else if let Err(error) = interception_ready(path, &config.mitm) {
+        return fail(&error);
     }
+    let described: String = config.upstreams.iter().map(|upstream| describe(upstream) + "\n").collect();
+    print(&described)
 }
 
 fn ca_init(out: &Path) -> ExitCode {
-    match tls::write_new_ca(out) {
-        Ok((cert, key)) => {
-            let cert = cert.display();
-            println!("wrote {cert} and {} (keep the key private)", key.display());
-            println!();
-            println!("Trust the CA in the programs that use pacegate as HTTPS_PROXY, e.g.:");
-            println!("  export SSL_CERT_FILE={cert}        # OpenSSL-based tools, Go, Ruby");
-            println!("  export REQUESTS_CA_BUNDLE={cert}   # Python requests");
-            println!("  export NODE_EXTRA_CA_CERTS={cert}  # Node.js");
-            println!("  curl --cacert {cert} --proxy http://127.0.0.1:8080 https://api.github.com/zen");
-            println!("SSL_CERT_FILE replaces the system bundle: concatenate both if other hosts are needed.");
-            println!("Interception is on by default and uses ca.pem and ca-key.pem next to the");
-            println!("config file; for a CA elsewhere, set [mitm] ca_cert and ca_key.");
-            ExitCode::SUCCESS
-        }
-        Err(error) => {
-            eprintln!("{error}");
-            ExitCode::FAILURE
-        }
+    let (cert, key) = match tls::write_new_ca(out) {
+        Ok(written) => written,
+        Err(error) => return fail(&error),
+    };
+    let (cert, key) = (cert.display(), key.display());
+    print(&format!(
+        "wrote {cert} and {key} (keep the key private)
+
+Trust the CA in the programs that use pacegate as HTTPS_PROXY, e.g.:
+  export SSL_CERT_FILE={cert}        # OpenSSL-based tools, Go, Ruby
+  export REQUESTS_CA_BUNDLE={cert}   # Python requests
+  export NODE_EXTRA_CA_CERTS={cert}  # Node.js
+  curl --cacert {cert} --proxy http://127.0.0.1:8080 https://api.github.com/zen
+SSL_CERT_FILE replaces the system bundle: concatenate both if other hosts are needed.
+Interception is on by default and uses ca.pem and ca-key.pem next to the
+config file; for a CA elsewhere, set [mitm] ca_cert and ca_key.
+"
+    ))
+}
+
+/// Writes `text` to stdout: success, or failure when it cannot be written
+/// (a closed pipe, where `println!` would panic).
+fn print(text: &str) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
     }
+}
+
+/// A line on stderr, if it can be written.
+fn warn(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Says what went wrong, and fails.
+fn fail(error: &dyn std::fmt::Display) -> ExitCode {
+    warn(&error.to_string());
+    ExitCode::FAILURE
 }
 
 /// Interception, when on, has a CA it can load; if not, the error points at
@@ -151,9 +163,13 @@ fn run(path: &Path) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        // Before anything listens: a signal right after the `listening`
+        // line (a script that reads it, then stops pacegate) is a graceful
+        // shutdown, not the default action that kills it.
+        let shutdown = shutdown_signal();
         let listeners = app::Listeners::bind(&config).await?;
         let app = app::App::new(config, path.to_path_buf()).map_err(std::io::Error::other)?;
-        app.run(listeners, shutdown_signal()).await
+        app.run(listeners, shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -164,17 +180,20 @@ fn run(path: &Path) -> ExitCode {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT; the handlers are in place once this
+/// returns (inside the runtime), before the future is first polled.
+fn shutdown_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
@@ -185,7 +204,13 @@ fn init_logging(format: Option<LogFormat>) {
     let filter = log_filter(&std::env::var("PACEGATE_LOG").unwrap_or_default());
     let format =
         format.unwrap_or(if std::io::stderr().is_terminal() { LogFormat::Pretty } else { LogFormat::Json });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A log line that cannot be written (stderr a closed pipe: the log
+    // shipper went away) is dropped: reporting it would panic, and take
+    // the request or shutdown that logged it along.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),

@@ -139,10 +139,12 @@ pub fn watch(
             tracing::warn!(%error, "cannot watch the config file; reload with SIGHUP or POST /reload");
         })
         .ok();
+    // Before the task, like the watcher: a SIGHUP right after the
+    // `listening` line reloads rather than ends pacegate (its default).
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     tokio::spawn(async move {
         // Kept alive for as long as this task runs.
         let _watcher = watcher;
-        let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         tokio::pin!(stop);
         loop {
             tokio::select! {

@@ -238,3 +238,111 @@ fn the_open_files_limit_is_raised_for_max_connections() {
     assert_eq!(soft, 600.min(hard), "raised as far as the hard limit allows");
     assert!(log.contains("hard open-files limit is lower"), "no warning:\n{log}");
 }
+
+/// SIGTERM right after the `listening` line (a script that reads the
+/// ports, then stops pacegate) is a graceful shutdown with exit 0, not the
+/// signal's default action: the handlers are in place before it is logged.
+/// Likewise SIGHUP reloads rather than kills.
+#[tokio::test]
+async fn signals_right_after_the_listening_line_are_handled() {
+    let text = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n";
+    for _ in 0..5 {
+        let status = Process::start(text).terminate().await;
+        assert!(status.success(), "SIGTERM right after start: {status:?}");
+    }
+    let pacegate = Process::start(text);
+    let hangup = Command::new("kill").args(["-HUP", &pacegate.pid().to_string()]).status();
+    assert!(hangup.expect("run kill").success());
+    let client = support::builder().timeout(PATIENCE).build().unwrap();
+    let status_url = format!("http://{}/status", pacegate.admin);
+    let mut generation = serde_json::Value::Null;
+    for _ in 0..200 {
+        let Ok(answer) = client.get(&status_url).send().await else { break };
+        generation = answer.json::<serde_json::Value>().await.unwrap()["generation"].clone();
+        if generation == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(generation, 2, "SIGHUP right after start did not reload");
+    assert!(pacegate.terminate().await.success());
+}
+
+/// With stderr a closed pipe (the log shipper went away), every request is
+/// still answered, even one whose answer is logged, and SIGTERM still ends
+/// in a graceful exit 0: a log line that cannot be written is dropped.
+#[tokio::test]
+async fn a_closed_stderr_costs_no_answer() {
+    use std::io::BufRead;
+    let mock = support::mock::MockUpstream::start(support::mock::Behaviour::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pacegate.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n{}",
+        support::upstream("api", &mock.url(), "rate = \"1/min\"")
+    );
+    std::fs::write(&config, text).unwrap();
+    let child = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
+        .env("PACEGATE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pacegate");
+    let mut child = Killed(child);
+    let mut stderr = std::io::BufReader::new(child.0.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening proxy=") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "pacegate exited before listening");
+    }
+    let proxy =
+        line.split("proxy=").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap().to_owned();
+    drop(stderr);
+
+    let client = support::builder().timeout(PATIENCE).build().unwrap();
+    let url = format!("http://{proxy}/api/x");
+    assert_eq!(client.get(&url).send().await.expect("an answer").status(), 200);
+    // Refused at once (no turn within a second), and logged as such.
+    let refused = client.get(&url).header("x-pacegate-max-wait", "1s").send().await.expect("an answer");
+    assert_eq!(refused.status(), 503);
+    let killed = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status();
+    assert!(killed.expect("run kill").success());
+    let mut exited = None;
+    for _ in 0..500 {
+        exited = child.0.try_wait().unwrap();
+        if exited.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let exited = exited.expect("pacegate exits within 10 s of SIGTERM");
+    assert!(exited.success(), "exit after SIGTERM with stderr closed: {exited:?}");
+}
+
+/// A child killed (and reaped) when the test ends, passed or not.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `check` with stdout a closed pipe fails (exit 1) instead of panicking.
+#[test]
+fn check_into_a_closed_pipe_fails_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pacegate.toml");
+    let status = Command::new(BIN)
+        .args(["check", "--config", shipped.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::null())
+        .status()
+        .expect("run pacegate check");
+    assert_eq!(status.code(), Some(1), "{status:?}");
+}

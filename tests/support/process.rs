@@ -95,6 +95,11 @@ impl Process {
         Self { proxy: address("proxy="), admin: address("admin="), child, _dir: dir }
     }
 
+    /// The process id, for signals.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// URL of `path` on the proxy listener (reverse mode).
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.proxy)
