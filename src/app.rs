@@ -119,19 +119,24 @@ fn connection_settings(config: &Config) -> ConnectionSettings {
         idle_timeout: server.idle_timeout,
         send_timeout: server.send_timeout,
         max_header_bytes: server.max_header_bytes,
-        shutdown_grace: server.shutdown_grace,
+        shutdown_grace: server.shutdown_grace.max(MIN_ANSWER_MARGIN),
     }
 }
 
 /// The end of the shutdown grace kept for answering what cannot be served
-/// (503 `shutting_down`) before connections are closed: a tenth of it, at
-/// most [`MAX_ANSWER_MARGIN`].
+/// (503 `shutting_down`) before connections are closed: a tenth of it,
+/// between [`MIN_ANSWER_MARGIN`] and [`MAX_ANSWER_MARGIN`] (the grace as
+/// applied is never shorter than the least of them).
 fn answer_margin(grace: Duration) -> Duration {
-    (grace / 10).min(MAX_ANSWER_MARGIN)
+    (grace / 10).clamp(MIN_ANSWER_MARGIN, MAX_ANSWER_MARGIN)
 }
 
 /// Writing a few thousand short answers takes far less.
 const MAX_ANSWER_MARGIN: Duration = Duration::from_secs(1);
+/// The least time kept for those answers, so that even `shutdown_grace =
+/// "0s"` (serve nothing more) answers every request before its connection
+/// closes.
+const MIN_ANSWER_MARGIN: Duration = Duration::from_millis(100);
 
 async fn wait_for(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;

@@ -29,8 +29,11 @@ use crate::proxy::Proxy;
 use crate::runtime::Version;
 use crate::tls::TlsError;
 
-/// Quiet time after a file event before reloading: editors write in steps.
+/// Quiet time after a file event before reloading: editors and scripts
+/// write in steps, and a file half written must not come into force.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+/// The longest a file that keeps changing puts a reload off.
+const DEBOUNCE_AT_MOST: Duration = Duration::from_secs(2);
 
 /// Why a reload was refused; the running generation keeps serving.
 #[derive(Debug, thiserror::Error)]
@@ -59,14 +62,27 @@ pub struct Reloader {
     /// Hash of the text last rejected, until a reload succeeds: the
     /// watcher does not load it again.
     rejected: std::sync::Mutex<Option<String>>,
+    /// The listeners and workers pacegate started with, which only a
+    /// restart changes: a reload is warned about whenever its file differs
+    /// from them, not from the last file.
+    started: Bound,
+}
+
+/// What only a restart changes: (`listen`, `admin_listen`, `workers`).
+type Bound = (std::net::SocketAddr, std::net::SocketAddr, Option<std::num::NonZeroUsize>);
+
+fn bound(server: &config::Server) -> Bound {
+    (server.listen, server.admin_listen, server.workers)
 }
 
 impl Reloader {
     /// Reloads `path` into `proxy`, numbering generations after the one it runs.
     pub fn new(path: PathBuf, proxy: Arc<Proxy>, metrics: Arc<Metrics>) -> Self {
-        let generation = AtomicU64::new(proxy.runtime.load().version.generation);
+        let runtime = proxy.runtime.load();
+        let (generation, started) =
+            (AtomicU64::new(runtime.version.generation), bound(&runtime.config.server));
         let (reloading, rejected) = (tokio::sync::Mutex::new(()), std::sync::Mutex::new(None));
-        Self { path, proxy, metrics, generation, reloading, rejected }
+        Self { path, proxy, metrics, generation, reloading, rejected, started }
     }
 
     /// Reloads the config file; on error the old config keeps serving.
@@ -85,8 +101,7 @@ impl Reloader {
             Err(error) => return Err(self.rejected(trigger, error.into())),
         };
         let current = self.proxy.runtime.load_full();
-        let (old, new) = (&current.config.server, &config.server);
-        if old.listen != new.listen || old.admin_listen != new.admin_listen || old.workers != new.workers {
+        if bound(&config.server) != self.started {
             tracing::warn!(trigger, "listener addresses or workers changed: restart pacegate to apply them");
         }
         // Numbered once it is built: a refused generation takes no number.
@@ -150,8 +165,7 @@ pub fn watch(
             tokio::select! {
                 () = &mut stop => return,
                 Some(()) = changed.recv() => {
-                    tokio::time::sleep(DEBOUNCE).await;
-                    while changed.try_recv().is_ok() {}
+                    quiet(&mut changed).await;
                     if reloader.file_changed() {
                         let _ = reloader.reload("file").await;
                     }
@@ -162,6 +176,20 @@ pub fn watch(
             }
         }
     })
+}
+
+/// Waits until no change came for [`DEBOUNCE`] (each change starts the
+/// wait again), or [`DEBOUNCE_AT_MOST`] passed: one reload for a file
+/// written in steps, once it is whole.
+async fn quiet(changed: &mut mpsc::UnboundedReceiver<()>) {
+    let give_up = tokio::time::Instant::now() + DEBOUNCE_AT_MOST;
+    loop {
+        let until = (tokio::time::Instant::now() + DEBOUNCE).min(give_up);
+        match tokio::time::timeout_at(until, changed.recv()).await {
+            Ok(Some(())) if tokio::time::Instant::now() < give_up => {}
+            _ => return,
+        }
+    }
 }
 
 async fn recv_hangup(hangups: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {

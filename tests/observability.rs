@@ -743,6 +743,33 @@ async fn trace_logs_do_not_trace_the_config_directory() {
     assert!(lines.iter().any(|l| l.contains("\"level\":\"TRACE\"")), "trace logging is on");
 }
 
+/// "Restart to apply" is said of a reload whose listeners or workers
+/// differ from those pacegate runs with, each time, and not of one that
+/// brings back what it runs with: the comparison is with the start, not
+/// with the last file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_warnings_compare_with_what_runs() {
+    let bin = Binary::start("", "info").await;
+    let running = std::fs::read_to_string(&bin.config_path).unwrap();
+    let moved = running.replace("listen = \"127.0.0.1:0\"\nadmin", "listen = \"127.0.0.1:1\"\nadmin");
+    assert_ne!(moved, running, "the proxy listener moved");
+    for (generation, text) in [(2, moved.clone()), (3, format!("{moved}\n# edited\n")), (4, running.clone())]
+    {
+        std::fs::write(&bin.config_path, text).unwrap();
+        assert!(bin.wait_status(|s| s["generation"] == generation).await, "reload {generation}");
+    }
+    let lines = bin.terminate().await;
+    let events: String = parse_json_lines(&lines)
+        .iter()
+        .filter_map(|event| match event["message"].as_str()? {
+            m if m.contains("restart pacegate to apply") => Some('W'),
+            "config_reloaded" => Some('R'),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(events, "WRWRR", "W: restart warning, R: reload");
+}
+
 // === answer headers ===
 
 /// A request that waits for the next pacing slot reports that wait in

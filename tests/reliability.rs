@@ -825,6 +825,31 @@ async fn shutdown_answers_every_queued_request() {
     assert!(started.elapsed() < Duration::from_secs(6), "shutdown took {:?}", started.elapsed());
 }
 
+/// `shutdown_grace = "0s"` serves nothing more, yet answers everything it
+/// holds before the connections close: the attempt out and the queued
+/// requests each get 503 `shutting_down`, none a cut connection.
+#[tokio::test]
+async fn a_zero_grace_still_answers_every_request() {
+    let mock = MockUpstream::start(Behaviour::new().latency(Duration::from_secs(3))).await;
+    let config = format!(
+        "{}{}",
+        server("shutdown_grace = \"0s\""),
+        upstream("api", &mock.url(), "rate = \"100/s\"\nmax_concurrency = 1\nqueue_timeout = \"60s\"")
+    );
+    let mut pg = Pacegate::start_config(&config).await;
+    let http = builder().timeout(WAIT).build().unwrap();
+    let requests: Vec<_> =
+        (0..20).map(|i| tokio::spawn(http.get(pg.url(&format!("/api/r{i}"))).send())).collect();
+    assert!(pg.wait_status(WAIT, |s| queue_depth(s, "api") == Some(19)).await, "the requests never queued");
+    assert!(mock.wait_for_arrivals(1, WAIT).await, "nothing in flight");
+    let run = pg.begin_shutdown();
+    for (i, request) in requests.into_iter().enumerate() {
+        let response = request.await.unwrap().unwrap_or_else(|e| panic!("request {i} got no answer: {e}"));
+        assert_pacegate_error(response, 503, "shutting_down", Some("api")).await;
+    }
+    tokio::time::timeout(WAIT, run).await.expect("shutdown finished").unwrap().unwrap();
+}
+
 /// An attempt still without an answer near the end of the grace gives up:
 /// its caller hears 503 `shutting_down` before its connection closes,
 /// instead of a cut connection after the attempt's own 60 s timeout.

@@ -433,6 +433,27 @@ async fn file_watch_picks_up_changes_within_2s() {
     pg.stop().await.unwrap();
 }
 
+/// A file written in steps (a script appending one upstream at a time,
+/// 50 ms apart, 250 ms in all) is reloaded once, whole: the watcher waits
+/// for 200 ms without a change, not 200 ms after the first.
+#[tokio::test]
+async fn a_file_written_in_steps_is_reloaded_once_whole() {
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let block = |i: usize| upstream(&format!("api{i}"), &mock.url(), "rate = \"10/s\"");
+    let pg = Pacegate::start(&block(0)).await;
+    let start = generation(&pg.status().await);
+    for i in 1..6 {
+        let mut file = std::fs::OpenOptions::new().append(true).open(&pg.config_path).expect("open config");
+        std::io::Write::write_all(&mut file, format!("\n{}", block(i)).as_bytes()).expect("append");
+        drop(file);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let whole = |s: &Value| s["upstreams"].as_array().is_some_and(|u| u.len() == 6);
+    assert!(pg.wait_status(Duration::from_secs(5), whole).await, "{}", pg.status().await);
+    assert_eq!(generation(&pg.status().await), start + 1, "a reload of a half-written file came first");
+    pg.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn queue_size_change_applies_without_dropping_queued() {
     let mock = MockUpstream::start(Behaviour::new()).await;
