@@ -215,19 +215,50 @@ fn file_watcher(
     path: &Path,
     events: mpsc::UnboundedSender<()>,
 ) -> notify::Result<notify::RecommendedWatcher> {
-    let name = path.file_name().map(|n| n.to_os_string());
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-        _ => Path::new(".").to_path_buf(),
-    };
+    let (dirs, names) = watched(path);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        if event.paths.iter().any(|p| p.file_name() == name.as_deref()) && may_change_content(&event.kind) {
+        let ours =
+            event.paths.iter().any(|p| p.file_name().is_some_and(|name| names.iter().any(|n| n == name)));
+        if ours && may_change_content(&event.kind) {
             let _ = events.send(());
         }
     })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    for dir in dirs {
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    }
     Ok(watcher)
+}
+
+/// The directories to watch for changes of the config at `path`, and the
+/// names there that are the config: the file's own directory and name,
+/// and, when the file is a symlink, the link's first step (Kubernetes
+/// mounts a ConfigMap as `NAME -> ..data/NAME` and swaps the `..data`
+/// link) and the file it leads to (a link to a file edited elsewhere).
+/// Events on other files there are ignored; one that names the config
+/// without changing it only makes the watcher read it again.
+fn watched(path: &Path) -> (Vec<PathBuf>, Vec<std::ffi::OsString>) {
+    let dir_of = |path: &Path| match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => Path::new(".").to_path_buf(),
+    };
+    let mut dirs = vec![dir_of(path)];
+    let mut names: Vec<std::ffi::OsString> = path.file_name().into_iter().map(Into::into).collect();
+    if let Ok(link) = std::fs::read_link(path) {
+        if let Some(std::path::Component::Normal(first)) =
+            link.components().next().filter(|_| link.is_relative())
+        {
+            names.push(first.to_os_string());
+        }
+        if let Ok(target) = std::fs::canonicalize(path) {
+            names.extend(target.file_name().map(Into::into));
+            let dir = dir_of(&target);
+            if std::fs::canonicalize(&dirs[0]).ok() != Some(dir.clone()) {
+                dirs.push(dir);
+            }
+        }
+    }
+    (dirs, names)
 }
 
 #[cfg(test)]

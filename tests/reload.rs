@@ -433,6 +433,51 @@ async fn file_watch_picks_up_changes_within_2s() {
     pg.stop().await.unwrap();
 }
 
+/// A config behind symlinks is watched through them: mounted as Kubernetes
+/// mounts a ConfigMap (`pacegate.toml -> ..data/pacegate.toml`, `..data ->
+/// ..v1`), it is reloaded when `..data` is swapped to a new version the way
+/// kubelet does; a link to a file elsewhere is reloaded when that file is
+/// edited in place.
+#[tokio::test]
+async fn a_config_behind_symlinks_is_reloaded() {
+    use std::os::unix::fs::symlink;
+    let mock = MockUpstream::start(Behaviour::new()).await;
+    let text = |queue: u32| {
+        config_file(&upstream("api", &mock.url(), &format!("queue_size = {queue}\nrate = \"10/s\"")))
+    };
+    let capacity = |queue: u32| move |s: &Value| upstream_of(s, "api").unwrap()["queue"]["capacity"] == queue;
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let version = |name: &str, queue: u32| {
+        std::fs::create_dir(root.join(name)).unwrap();
+        std::fs::write(root.join(name).join("pacegate.toml"), text(queue)).unwrap();
+    };
+    version("..v1", 10);
+    symlink("..v1", root.join("..data")).unwrap();
+    symlink("..data/pacegate.toml", root.join("pacegate.toml")).unwrap();
+    let pg = Pacegate::start_file(dir, root.join("pacegate.toml")).await;
+    // The admin answers once the file is watched.
+    assert!(capacity(10)(&pg.status().await));
+    version("..v2", 11);
+    symlink("..v2", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    assert!(pg.wait_status(Duration::from_secs(5), capacity(11)).await, "the swap was not picked up");
+    pg.stop().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (elsewhere, root) = (dir.path().join("elsewhere"), dir.path().join("etc"));
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(elsewhere.join("real.toml"), text(12)).unwrap();
+    symlink(elsewhere.join("real.toml"), root.join("pacegate.toml")).unwrap();
+    let pg = Pacegate::start_file(dir, root.join("pacegate.toml")).await;
+    assert!(capacity(12)(&pg.status().await));
+    overwrite(&elsewhere.join("real.toml"), &text(13));
+    assert!(pg.wait_status(Duration::from_secs(5), capacity(13)).await, "the edit was not picked up");
+    pg.stop().await.unwrap();
+}
+
 /// A file written in steps (a script appending one upstream at a time,
 /// 50 ms apart, 250 ms in all) is reloaded once, whole: the watcher waits
 /// for 200 ms without a change, not 200 ms after the first.

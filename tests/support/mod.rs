@@ -52,10 +52,15 @@ impl Pacegate {
 
     /// Starts pacegate with a complete config file.
     pub async fn start_config(toml: &str) -> Self {
-        init_tracing();
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("pacegate.toml");
         std::fs::write(&config_path, toml).expect("write config");
+        Self::start_file(dir, config_path).await
+    }
+
+    /// Starts pacegate on the config file at `config_path`, kept in `dir`.
+    pub async fn start_file(dir: tempfile::TempDir, config_path: PathBuf) -> Self {
+        init_tracing();
         let config = pacegate::config::load(&config_path).unwrap_or_else(|e| panic!("test config: {e}"));
         let proxy = TcpListener::bind(config.server.listen).await.expect("bind proxy");
         let admin = TcpListener::bind(config.server.admin_listen).await.expect("bind admin");
