@@ -33,9 +33,14 @@ pub struct Listeners {
 
 impl Listeners {
     /// Binds the addresses the config names (port 0 binds an ephemeral port).
+    /// Binds both listeners; an error names the key and the address.
     pub async fn bind(config: &Config) -> std::io::Result<Self> {
-        let proxy = TcpListener::bind(config.server.listen).await?;
-        let admin = TcpListener::bind(config.server.admin_listen).await?;
+        let bind = async |key: &str, address: std::net::SocketAddr| {
+            let bound = TcpListener::bind(address).await;
+            bound.map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind {key} {address}: {e}")))
+        };
+        let proxy = bind("listen", config.server.listen).await?;
+        let admin = bind("admin_listen", config.server.admin_listen).await?;
         Ok(Self { proxy, admin })
     }
 }

@@ -346,3 +346,18 @@ fn check_into_a_closed_pipe_fails_quietly() {
         .expect("run pacegate check");
     assert_eq!(status.code(), Some(1), "{status:?}");
 }
+
+/// A listener that cannot be bound stops pacegate (exit 1) with an error
+/// that names the key and the address.
+#[test]
+fn a_taken_port_is_named_in_the_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("[server]\nlisten = \"{address}\"\nadmin_listen = \"127.0.0.1:0\"\n");
+    std::fs::write(dir.path().join("pacegate.toml"), text).unwrap();
+    let output = pacegate(dir.path(), &["--config", "pacegate.toml", "--log-format", "json"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("cannot bind listen {address}")), "{stderr}");
+}
