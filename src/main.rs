@@ -165,8 +165,12 @@ fn run(path: &Path) -> ExitCode {
     let result = runtime.block_on(async {
         // Before anything listens: a signal right after the `listening`
         // line (a script that reads it, then stops pacegate) is a graceful
-        // shutdown, not the default action that kills it.
+        // shutdown, not the default action that kills it. SIGHUP too: its
+        // handler, once made, stays for the process (tokio keeps it), and
+        // the watcher takes reloads from it; one before the watcher starts
+        // finds the file just read.
         let shutdown = shutdown_signal();
+        drop(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()));
         let listeners = app::Listeners::bind(&config).await?;
         let app = app::App::new(config, path.to_path_buf()).map_err(std::io::Error::other)?;
         app.run(listeners, shutdown).await

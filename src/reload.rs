@@ -149,23 +149,19 @@ pub fn watch(
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     let (events, mut changed) = mpsc::unbounded_channel();
-    let watcher = file_watcher(&reloader.path, events)
-        .inspect_err(|error| {
-            tracing::warn!(%error, "cannot watch the config file; reload with SIGHUP or POST /reload");
-        })
-        .ok();
+    let mut watching = FileWatch::start(&reloader.path, events);
     // Before the task, like the watcher: a SIGHUP right after the
     // `listening` line reloads rather than ends pacegate (its default).
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     tokio::spawn(async move {
-        // Kept alive for as long as this task runs.
-        let _watcher = watcher;
         tokio::pin!(stop);
         loop {
             tokio::select! {
                 () = &mut stop => return,
                 Some(()) = changed.recv() => {
                     quiet(&mut changed).await;
+                    // A link may now lead elsewhere: watch where it leads.
+                    watching.follow(&reloader.path);
                     if reloader.file_changed() {
                         let _ = reloader.reload("file").await;
                     }
@@ -211,11 +207,41 @@ fn may_change_content(kind: &EventKind) -> bool {
     }
 }
 
+/// The watch on the config file, and where it looks.
+struct FileWatch {
+    /// Kept alive for as long as the file is watched; `None` when even the
+    /// config's own directory could not be watched.
+    _watcher: Option<notify::RecommendedWatcher>,
+    watched: Watched,
+    events: mpsc::UnboundedSender<()>,
+}
+
+impl FileWatch {
+    fn start(path: &Path, events: mpsc::UnboundedSender<()>) -> Self {
+        let watched = watched(path);
+        let watcher = file_watcher(&watched, events.clone())
+            .inspect_err(|error| {
+                tracing::warn!(%error, "cannot watch the config file; reload with SIGHUP or POST /reload");
+            })
+            .ok();
+        Self { _watcher: watcher, watched, events }
+    }
+
+    /// Watches anew when the links now lead elsewhere (a link re-pointed,
+    /// a ConfigMap's version swapped): edits there are seen from now on.
+    fn follow(&mut self, path: &Path) {
+        let now = watched(path);
+        if now != self.watched {
+            *self = Self::start(path, self.events.clone());
+        }
+    }
+}
+
 fn file_watcher(
-    path: &Path,
+    watched: &Watched,
     events: mpsc::UnboundedSender<()>,
 ) -> notify::Result<notify::RecommendedWatcher> {
-    let (dirs, names) = watched(path);
+    let names = watched.names.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         let ours =
@@ -224,41 +250,70 @@ fn file_watcher(
             let _ = events.send(());
         }
     })?;
-    for dir in dirs {
-        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    let Some((own, others)) = watched.dirs.split_first() else {
+        return Err(notify::Error::generic("no directory to watch"));
+    };
+    watcher.watch(own, RecursiveMode::NonRecursive)?;
+    // A directory a link leads to that cannot be watched (permissions,
+    // the inotify limit) costs only the edits made there.
+    for dir in others {
+        if let Err(error) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(%error, dir = %dir.display(), "cannot watch where the config's link leads; edits there need SIGHUP or POST /reload");
+        }
     }
     Ok(watcher)
 }
 
-/// The directories to watch for changes of the config at `path`, and the
-/// names there that are the config: the file's own directory and name,
-/// and, when the file is a symlink, the link's first step (Kubernetes
-/// mounts a ConfigMap as `NAME -> ..data/NAME` and swaps the `..data`
-/// link) and the file it leads to (a link to a file edited elsewhere).
-/// Events on other files there are ignored; one that names the config
-/// without changing it only makes the watcher read it again.
-fn watched(path: &Path) -> (Vec<PathBuf>, Vec<std::ffi::OsString>) {
+/// Where the config file is watched: directories (the config's own first)
+/// and the names there that are the config or lead to it.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Watched {
+    dirs: Vec<PathBuf>,
+    names: Vec<std::ffi::OsString>,
+}
+
+/// Links followed at most, as the kernel's own bound on a path's links.
+const MAX_LINKS: usize = 40;
+
+/// The file's own directory and name, and for each symlink on the way to
+/// the file, the link's directory, its name and the first step of where it
+/// leads (Kubernetes mounts a ConfigMap as `NAME -> ..data/NAME` and swaps
+/// the `..data` link), then the directory and name of the file the links
+/// lead to (a link to a file edited elsewhere). Events on other files in
+/// those directories are ignored; one that names the config without
+/// changing it only makes the watcher read it again.
+fn watched(path: &Path) -> Watched {
     let dir_of = |path: &Path| match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => Path::new(".").to_path_buf(),
     };
-    let mut dirs = vec![dir_of(path)];
-    let mut names: Vec<std::ffi::OsString> = path.file_name().into_iter().map(Into::into).collect();
-    if let Ok(link) = std::fs::read_link(path) {
-        if let Some(std::path::Component::Normal(first)) =
-            link.components().next().filter(|_| link.is_relative())
-        {
-            names.push(first.to_os_string());
+    let mut found = Watched::default();
+    let mut add = |dir: PathBuf, name: Option<&std::ffi::OsStr>| {
+        let same = |known: &PathBuf| std::fs::canonicalize(known).ok() == std::fs::canonicalize(&dir).ok();
+        if !found.dirs.iter().any(same) {
+            found.dirs.push(dir);
         }
-        if let Ok(target) = std::fs::canonicalize(path) {
-            names.extend(target.file_name().map(Into::into));
-            let dir = dir_of(&target);
-            if std::fs::canonicalize(&dirs[0]).ok() != Some(dir.clone()) {
-                dirs.push(dir);
+        if let Some(name) = name.filter(|name| !found.names.iter().any(|known| known == name)) {
+            found.names.push(name.to_os_string());
+        }
+    };
+    let mut at = path.to_path_buf();
+    for _ in 0..MAX_LINKS {
+        let dir = dir_of(&at);
+        add(dir.clone(), at.file_name());
+        let Ok(link) = std::fs::read_link(&at) else { break };
+        if link.is_relative() {
+            let first = link.components().find(|step| !matches!(step, std::path::Component::CurDir));
+            if let Some(std::path::Component::Normal(first)) = first {
+                add(dir.clone(), Some(first));
             }
         }
+        at = dir.join(link);
     }
-    (dirs, names)
+    if let Ok(target) = std::fs::canonicalize(path) {
+        add(dir_of(&target), target.file_name());
+    }
+    found
 }
 
 #[cfg(test)]

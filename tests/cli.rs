@@ -250,22 +250,24 @@ async fn signals_right_after_the_listening_line_are_handled() {
         let status = Process::start(text).terminate().await;
         assert!(status.success(), "SIGTERM right after start: {status:?}");
     }
-    let pacegate = Process::start(text);
-    let hangup = Command::new("kill").args(["-HUP", &pacegate.pid().to_string()]).status();
-    assert!(hangup.expect("run kill").success());
     let client = support::builder().timeout(PATIENCE).build().unwrap();
-    let status_url = format!("http://{}/status", pacegate.admin);
-    let mut generation = serde_json::Value::Null;
-    for _ in 0..200 {
-        let Ok(answer) = client.get(&status_url).send().await else { break };
-        generation = answer.json::<serde_json::Value>().await.unwrap()["generation"].clone();
-        if generation == 2 {
-            break;
+    for _ in 0..5 {
+        let pacegate = Process::start(text);
+        let hangup = Command::new("kill").args(["-HUP", &pacegate.pid().to_string()]).status();
+        assert!(hangup.expect("run kill").success());
+        let status_url = format!("http://{}/status", pacegate.admin);
+        let mut generation = serde_json::Value::Null;
+        for _ in 0..200 {
+            let Ok(answer) = client.get(&status_url).send().await else { break };
+            generation = answer.json::<serde_json::Value>().await.unwrap()["generation"].clone();
+            if generation == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        assert_eq!(generation, 2, "SIGHUP right after start did not reload");
+        assert!(pacegate.terminate().await.success());
     }
-    assert_eq!(generation, 2, "SIGHUP right after start did not reload");
-    assert!(pacegate.terminate().await.success());
 }
 
 /// With stderr a closed pipe (the log shipper went away), every request is

@@ -433,11 +433,13 @@ async fn file_watch_picks_up_changes_within_2s() {
     pg.stop().await.unwrap();
 }
 
-/// A config behind symlinks is watched through them: mounted as Kubernetes
-/// mounts a ConfigMap (`pacegate.toml -> ..data/pacegate.toml`, `..data ->
-/// ..v1`), it is reloaded when `..data` is swapped to a new version the way
-/// kubelet does; a link to a file elsewhere is reloaded when that file is
-/// edited in place.
+/// A config behind symlinks is watched through them, every link of the
+/// way: mounted as Kubernetes mounts a ConfigMap, behind one more link
+/// (`pacegate.toml -> current.toml -> ./..data/pacegate.toml`, `..data ->
+/// ..v1`), it is reloaded each time `..data` is swapped to a new version
+/// the way kubelet does (the old version then removed); a link to a file
+/// elsewhere is reloaded when that file is edited in place, and after the
+/// link is re-pointed, when the new file is.
 #[tokio::test]
 async fn a_config_behind_symlinks_is_reloaded() {
     use std::os::unix::fs::symlink;
@@ -453,46 +455,68 @@ async fn a_config_behind_symlinks_is_reloaded() {
         std::fs::create_dir(root.join(name)).unwrap();
         std::fs::write(root.join(name).join("pacegate.toml"), text(queue)).unwrap();
     };
-    version("..v1", 10);
-    symlink("..v1", root.join("..data")).unwrap();
-    symlink("..data/pacegate.toml", root.join("pacegate.toml")).unwrap();
+    version("..v10", 10);
+    symlink("..v10", root.join("..data")).unwrap();
+    symlink("./..data/pacegate.toml", root.join("current.toml")).unwrap();
+    symlink("current.toml", root.join("pacegate.toml")).unwrap();
     let pg = Pacegate::start_file(dir, root.join("pacegate.toml")).await;
     // The admin answers once the file is watched.
     assert!(capacity(10)(&pg.status().await));
-    version("..v2", 11);
-    symlink("..v2", root.join("..data_tmp")).unwrap();
-    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
-    assert!(pg.wait_status(Duration::from_secs(5), capacity(11)).await, "the swap was not picked up");
+    for queue in [11, 12] {
+        version(&format!("..v{queue}"), queue);
+        symlink(format!("..v{queue}"), root.join("..data_tmp")).unwrap();
+        std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+        std::fs::remove_dir_all(root.join(format!("..v{}", queue - 1))).unwrap();
+        let swapped = pg.wait_status(Duration::from_secs(5), capacity(queue)).await;
+        assert!(swapped, "the swap to {queue} was not picked up");
+    }
     pg.stop().await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let (elsewhere, root) = (dir.path().join("elsewhere"), dir.path().join("etc"));
     std::fs::create_dir(&elsewhere).unwrap();
     std::fs::create_dir(&root).unwrap();
-    std::fs::write(elsewhere.join("real.toml"), text(12)).unwrap();
-    symlink(elsewhere.join("real.toml"), root.join("pacegate.toml")).unwrap();
+    std::fs::write(elsewhere.join("one.toml"), text(20)).unwrap();
+    std::fs::write(elsewhere.join("two.toml"), text(30)).unwrap();
+    symlink(elsewhere.join("one.toml"), root.join("pacegate.toml")).unwrap();
     let pg = Pacegate::start_file(dir, root.join("pacegate.toml")).await;
-    assert!(capacity(12)(&pg.status().await));
-    overwrite(&elsewhere.join("real.toml"), &text(13));
-    assert!(pg.wait_status(Duration::from_secs(5), capacity(13)).await, "the edit was not picked up");
+    assert!(capacity(20)(&pg.status().await));
+    overwrite(&elsewhere.join("one.toml"), &text(21));
+    assert!(pg.wait_status(Duration::from_secs(5), capacity(21)).await, "the edit was not picked up");
+    // Re-pointed the way `ln -sfn` does it: a new link renamed over the old.
+    symlink(elsewhere.join("two.toml"), root.join("pacegate.toml.new")).unwrap();
+    std::fs::rename(root.join("pacegate.toml.new"), root.join("pacegate.toml")).unwrap();
+    assert!(pg.wait_status(Duration::from_secs(5), capacity(30)).await, "the new link was not picked up");
+    overwrite(&elsewhere.join("two.toml"), &text(31));
+    assert!(
+        pg.wait_status(Duration::from_secs(5), capacity(31)).await,
+        "the new file's edit was not picked up"
+    );
     pg.stop().await.unwrap();
 }
 
 /// A file written in steps (a script appending one upstream at a time,
 /// 50 ms apart, 250 ms in all) is reloaded once, whole: the watcher waits
 /// for 200 ms without a change, not 200 ms after the first.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_written_in_steps_is_reloaded_once_whole() {
     let mock = MockUpstream::start(Behaviour::new()).await;
-    let block = |i: usize| upstream(&format!("api{i}"), &mock.url(), "rate = \"10/s\"");
+    let url = mock.url();
+    let block = move |i: usize| upstream(&format!("api{i}"), &url, "rate = \"10/s\"");
     let pg = Pacegate::start(&block(0)).await;
     let start = generation(&pg.status().await);
-    for i in 1..6 {
-        let mut file = std::fs::OpenOptions::new().append(true).open(&pg.config_path).expect("open config");
-        std::io::Write::write_all(&mut file, format!("\n{}", block(i)).as_bytes()).expect("append");
-        drop(file);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // On a thread of its own, as a script would: pacegate's work does
+    // not space the steps out.
+    let path = pg.config_path.clone();
+    let writer = std::thread::spawn(move || {
+        for i in 1..6 {
+            let mut file = std::fs::OpenOptions::new().append(true).open(&path).expect("open config");
+            std::io::Write::write_all(&mut file, format!("\n{}", block(i)).as_bytes()).expect("append");
+            drop(file);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    tokio::task::spawn_blocking(move || writer.join()).await.unwrap().expect("the writer");
     let whole = |s: &Value| s["upstreams"].as_array().is_some_and(|u| u.len() == 6);
     assert!(pg.wait_status(Duration::from_secs(5), whole).await, "{}", pg.status().await);
     assert_eq!(generation(&pg.status().await), start + 1, "a reload of a half-written file came first");
