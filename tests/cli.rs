@@ -284,15 +284,7 @@ async fn a_closed_stderr_costs_no_answer() {
         support::upstream("api", &mock.url(), "rate = \"1/min\"")
     );
     std::fs::write(&config, text).unwrap();
-    let child = Command::new(BIN)
-        .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
-        .env("PACEGATE_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn pacegate");
-    let mut child = Killed(child);
+    let mut child = Killed(process::spawn(&config));
     let mut stderr = std::io::BufReader::new(child.0.stderr.take().unwrap());
     let mut line = String::new();
     while !line.contains("listening proxy=") {

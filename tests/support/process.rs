@@ -43,6 +43,19 @@ pub fn run(dir: &Path, args: &[&str], config_env: Option<&Path>) -> Output {
     output.expect("pacegate output")
 }
 
+/// Starts `pacegate --config FILE --log-format json` at `info`, its stderr
+/// piped (read it, or close it), nothing else.
+pub fn spawn(config: &Path) -> Child {
+    Command::new(BIN)
+        .args(["--config", config.to_str().expect("utf-8 path"), "--log-format", "json"])
+        .env("PACEGATE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pacegate")
+}
+
 /// A running `pacegate --config FILE --log-format json`.
 pub struct Process {
     pub proxy: SocketAddr,
@@ -58,14 +71,7 @@ impl Process {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("pacegate.toml");
         std::fs::write(&config, toml).expect("write config");
-        let mut child = Command::new(BIN)
-            .args(["--config", config.to_str().expect("utf-8 path"), "--log-format", "json"])
-            .env("PACEGATE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn pacegate");
+        let mut child = spawn(&config);
         // Read stderr on a thread, and keep draining it so the child never blocks.
         let stderr = child.stderr.take().expect("piped stderr");
         let (lines, logged) = mpsc::channel();
