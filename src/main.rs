@@ -165,10 +165,9 @@ fn run(path: &Path) -> ExitCode {
     let result = runtime.block_on(async {
         // Before anything listens: a signal right after the `listening`
         // line (a script that reads it, then stops pacegate) is a graceful
-        // shutdown, not the default action that kills it. SIGHUP too: its
-        // handler, once made, stays for the process (tokio keeps it), and
-        // the watcher takes reloads from it; one before the watcher starts
-        // finds the file just read.
+        // shutdown, not the default action that kills it. SIGHUP's handler
+        // too (tokio keeps a handler for the process once made): one that
+        // comes before the watcher listens for it is dropped, not fatal.
         let shutdown = shutdown_signal();
         drop(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()));
         let listeners = app::Listeners::bind(&config).await?;

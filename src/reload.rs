@@ -211,7 +211,7 @@ fn may_change_content(kind: &EventKind) -> bool {
 struct FileWatch {
     /// Kept alive for as long as the file is watched; `None` when even the
     /// config's own directory could not be watched.
-    _watcher: Option<notify::RecommendedWatcher>,
+    watcher: Option<notify::RecommendedWatcher>,
     watched: Watched,
     events: mpsc::UnboundedSender<()>,
 }
@@ -224,15 +224,23 @@ impl FileWatch {
                 tracing::warn!(%error, "cannot watch the config file; reload with SIGHUP or POST /reload");
             })
             .ok();
-        Self { _watcher: watcher, watched, events }
+        Self { watcher, watched, events }
     }
 
     /// Watches anew when the links now lead elsewhere (a link re-pointed,
     /// a ConfigMap's version swapped): edits there are seen from now on.
+    /// A new watch that cannot be made (the inotify limit, no file
+    /// descriptor left) leaves the old one, and the next change tries again.
     fn follow(&mut self, path: &Path) {
         let now = watched(path);
-        if now != self.watched {
-            *self = Self::start(path, self.events.clone());
+        if now == self.watched || self.watcher.is_none() {
+            return;
+        }
+        match file_watcher(&now, self.events.clone()) {
+            Ok(watcher) => (self.watcher, self.watched) = (Some(watcher), now),
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch where the config's links lead now; still watching where they led")
+            }
         }
     }
 }
@@ -264,54 +272,75 @@ fn file_watcher(
     Ok(watcher)
 }
 
-/// Where the config file is watched: directories (the config's own first)
-/// and the names there that are the config or lead to it.
+/// Where the config file is watched: directories, resolved (the config's
+/// own first), and the names there that are the config or lead to it.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Watched {
     dirs: Vec<PathBuf>,
     names: Vec<std::ffi::OsString>,
 }
 
+impl Watched {
+    /// Watches `name` in `dir` (resolved, so that a directory reached
+    /// through a link that is re-pointed later reads as another one).
+    fn add(&mut self, dir: &Path, name: &std::ffi::OsStr) {
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        if !self.dirs.contains(&dir) {
+            self.dirs.push(dir);
+        }
+        if !self.names.iter().any(|known| known == name) {
+            self.names.push(name.to_os_string());
+        }
+    }
+}
+
 /// Links followed at most, as the kernel's own bound on a path's links.
 const MAX_LINKS: usize = 40;
 
-/// The file's own directory and name, and for each symlink on the way to
-/// the file, the link's directory, its name and the first step of where it
-/// leads (Kubernetes mounts a ConfigMap as `NAME -> ..data/NAME` and swaps
-/// the `..data` link), then the directory and name of the file the links
-/// lead to (a link to a file edited elsewhere). Events on other files in
-/// those directories are ignored; one that names the config without
-/// changing it only makes the watcher read it again.
+/// The file's own directory and name, and every symlink met on the way to
+/// the file, resolved step by step as the kernel does (a link to the file,
+/// to a directory on the way, from the path as written or from where an
+/// earlier link led): the link's directory and name. Kubernetes mounts a
+/// ConfigMap as `NAME -> ..data/NAME` and swaps the `..data` link; a
+/// release directory `current -> releases/v2` is re-pointed; either is an
+/// event on a link's name there. Last, the directory and name of the file
+/// the links lead to (edits made there). Events on other files in those
+/// directories are ignored; one that names the config without changing
+/// it only makes the watcher read it again.
 fn watched(path: &Path) -> Watched {
+    use std::path::Component;
     let dir_of = |path: &Path| match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => Path::new(".").to_path_buf(),
     };
     let mut found = Watched::default();
-    let mut add = |dir: PathBuf, name: Option<&std::ffi::OsStr>| {
-        let same = |known: &PathBuf| std::fs::canonicalize(known).ok() == std::fs::canonicalize(&dir).ok();
-        if !found.dirs.iter().any(same) {
-            found.dirs.push(dir);
-        }
-        if let Some(name) = name.filter(|name| !found.names.iter().any(|known| known == name)) {
-            found.names.push(name.to_os_string());
-        }
-    };
-    let mut at = path.to_path_buf();
-    for _ in 0..MAX_LINKS {
-        let dir = dir_of(&at);
-        add(dir.clone(), at.file_name());
-        let Ok(link) = std::fs::read_link(&at) else { break };
-        if link.is_relative() {
-            let first = link.components().find(|step| !matches!(step, std::path::Component::CurDir));
-            if let Some(std::path::Component::Normal(first)) = first {
-                add(dir.clone(), Some(first));
-            }
-        }
-        at = dir.join(link);
+    if let Some(name) = path.file_name() {
+        found.add(&dir_of(path), name);
     }
-    if let Ok(target) = std::fs::canonicalize(path) {
-        add(dir_of(&target), target.file_name());
+    // Walks `pending` from its start; at a link, goes on from where the
+    // link leads with the rest of the path, up to MAX_LINKS links.
+    let mut pending = path.to_path_buf();
+    let mut links = 0;
+    'walk: while links < MAX_LINKS {
+        let mut at = PathBuf::new();
+        let steps: Vec<Component> = pending.components().collect();
+        for (index, step) in steps.iter().enumerate() {
+            at.push(step);
+            let Component::Normal(name) = step else { continue };
+            let Ok(link) = std::fs::read_link(&at) else { continue };
+            let dir = dir_of(&at);
+            found.add(&dir, name);
+            links += 1;
+            let rest: PathBuf = steps[index + 1..].iter().collect();
+            pending = dir.join(link).join(rest);
+            continue 'walk;
+        }
+        break;
+    }
+    if let Ok(target) = std::fs::canonicalize(path)
+        && let Some(name) = target.file_name()
+    {
+        found.add(&dir_of(&target), name);
     }
     found
 }
@@ -339,5 +368,31 @@ mod tests {
         ] {
             assert!(may_change_content(&change), "{change:?}");
         }
+    }
+
+    /// Every link on the way is watched by its name in its directory,
+    /// wherever it is met: in the path as written, where a relative or an
+    /// absolute link leads, or as a directory on the way.
+    #[test]
+    fn every_link_on_the_way_to_the_file_is_watched() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        for sub in ["etc", "cm/..v1", "srv/releases/v1"] {
+            std::fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        std::fs::write(root.join("cm/..v1/pacegate.toml"), "").unwrap();
+        symlink("..v1", root.join("cm/..data")).unwrap();
+        symlink(root.join("cm/..data/pacegate.toml"), root.join("srv/releases/v1/pacegate.toml")).unwrap();
+        symlink("releases/v1", root.join("srv/current")).unwrap();
+        symlink(root.join("srv/current/pacegate.toml"), root.join("etc/link.toml")).unwrap();
+        symlink("./link.toml", root.join("etc/pacegate.toml")).unwrap();
+
+        let found = watched(&root.join("etc/pacegate.toml"));
+        let dirs: Vec<PathBuf> =
+            ["etc", "srv", "srv/releases/v1", "cm", "cm/..v1"].map(|d| root.join(d)).into();
+        assert_eq!(found.dirs, dirs);
+        let names: Vec<&str> = found.names.iter().filter_map(|n| n.to_str()).collect();
+        assert_eq!(names, ["pacegate.toml", "link.toml", "current", "..data"]);
     }
 }

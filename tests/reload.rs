@@ -493,6 +493,26 @@ async fn a_config_behind_symlinks_is_reloaded() {
         "the new file's edit was not picked up"
     );
     pg.stop().await.unwrap();
+
+    // A release directory on the way: `pacegate.toml -> /srv/current/pacegate.toml`,
+    // `current -> releases/v1`, re-pointed to v2, then v2 edited in place.
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, root) = (dir.path().join("srv"), dir.path().join("etc"));
+    for (release, queue) in [("v1", 40), ("v2", 41)] {
+        std::fs::create_dir_all(srv.join("releases").join(release)).unwrap();
+        std::fs::write(srv.join("releases").join(release).join("pacegate.toml"), text(queue)).unwrap();
+    }
+    std::fs::create_dir(&root).unwrap();
+    symlink("releases/v1", srv.join("current")).unwrap();
+    symlink(srv.join("current/pacegate.toml"), root.join("pacegate.toml")).unwrap();
+    let pg = Pacegate::start_file(dir, root.join("pacegate.toml")).await;
+    assert!(capacity(40)(&pg.status().await));
+    symlink("releases/v2", srv.join("current.new")).unwrap();
+    std::fs::rename(srv.join("current.new"), srv.join("current")).unwrap();
+    assert!(pg.wait_status(Duration::from_secs(5), capacity(41)).await, "the new release was not picked up");
+    overwrite(&srv.join("releases/v2/pacegate.toml"), &text(42));
+    assert!(pg.wait_status(Duration::from_secs(5), capacity(42)).await, "its edit was not picked up");
+    pg.stop().await.unwrap();
 }
 
 /// A file written in steps (a script appending one upstream at a time,
