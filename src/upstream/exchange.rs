@@ -425,7 +425,6 @@ impl Upstream {
         }
     }
 
-    /// Logs, counts and maps a refusal to queue.
     /// A queue_timeout's `Retry-After` with what the request needs of the
     /// limits counted too: made where the wait ran out, it could not count
     /// them (a waiting request keeps no more than its wait).
@@ -435,6 +434,7 @@ impl Upstream {
         Refusal::Timeout { waited, retry_after: retry_after.max(self.dispatcher.retry_after(place, &needs)) }
     }
 
+    /// Logs, counts and maps a refusal to queue.
     pub fn refused(&self, refusal: Refusal, head: &http::request::Parts) -> ProxyError {
         let upstream = self.config.name.clone();
         let reason = match refusal {
