@@ -12,9 +12,10 @@ use tracing_subscriber::filter::LevelFilter;
 #[derive(Parser)]
 #[command(version, about = "An HTTP proxy that keeps callers inside third-party API quotas")]
 struct Cli {
-    /// Config file.
-    #[arg(long, global = true, env = "PACEGATE_CONFIG", default_value = "config/pacegate.toml")]
-    config: PathBuf,
+    /// Config file [default: $PACEGATE_CONFIG when set and not empty, else
+    /// config/pacegate.toml]
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
     /// Log format (default: pretty on a terminal, json otherwise).
     #[arg(long, global = true, value_enum)]
     log_format: Option<LogFormat>,
@@ -51,12 +52,18 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Not clap's `env`: it takes a variable set but empty for a missing
+    // `--config` value and refuses to start.
+    let config = cli.config.unwrap_or_else(|| {
+        let from_env = std::env::var_os("PACEGATE_CONFIG").filter(|path| !path.is_empty());
+        from_env.map_or_else(|| PathBuf::from("config/pacegate.toml"), PathBuf::from)
+    });
     match cli.command {
-        Some(Command::Check) => check(&cli.config),
+        Some(Command::Check) => check(&config),
         Some(Command::Ca { command: CaCommand::Init { out } }) => ca_init(&out),
         None => {
             init_logging(cli.log_format);
-            run(&cli.config)
+            run(&config)
         }
     }
 }

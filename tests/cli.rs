@@ -101,6 +101,10 @@ fn the_config_is_pacegate_config_unless_config_is_given() {
     assert_eq!(first_word(env_only), "from_env");
     let flag = ["check", "--config", from_flag.to_str().unwrap()];
     assert_eq!(first_word(process::run(dir.path(), &flag, Some(&from_env))), "from_flag");
+    // Set but empty: the default, config/pacegate.toml.
+    std::fs::create_dir(dir.path().join("config")).unwrap();
+    std::fs::copy(&from_flag, dir.path().join("config/pacegate.toml")).unwrap();
+    assert_eq!(first_word(process::run(dir.path(), &["check"], Some(Path::new("")))), "from_flag");
 }
 
 #[test]
