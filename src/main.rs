@@ -75,7 +75,14 @@ fn check(path: &Path) -> ExitCode {
     };
     if config.mitm.enabled && tls::ca_missing(&config.mitm) {
         let (cert, key) = (config.mitm.ca_cert.display(), config.mitm.ca_key.display());
-        warn(&format!("[mitm]: no CA yet; pacegate creates {cert} and {key} when it starts"));
+        match tls::can_create(&config.mitm) {
+            Ok(()) => warn(&format!("[mitm]: no CA yet; pacegate creates {cert} and {key} when it starts")),
+            Err(error) => warn(&format!(
+                "[mitm]: no CA yet, and it cannot be created there ({error}): pacegate would start with \
+                 interception off; create one with `pacegate ca init --out DIR` in a writable DIR and set \
+                 [mitm] ca_cert and ca_key to its files, or set [mitm] enabled = false"
+            )),
+        }
     } else if let Err(error) = interception_ready(path, &config.mitm) {
         return fail(&error);
     }

@@ -359,3 +359,25 @@ fn a_taken_port_is_named_in_the_error() {
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(&format!("cannot bind listen {address}")), "{stderr}");
 }
+
+/// `check` tells a CA that a start would create from one it could not
+/// (its directory missing, or not writable): the start would then turn
+/// interception off, and `check` says so instead of promising the files.
+#[test]
+fn check_says_when_the_ca_could_not_be_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let text =
+        |ca_dir: &str| format!("[mitm]\nca_cert = \"{ca_dir}/ca.pem\"\nca_key = \"{ca_dir}/ca-key.pem\"\n");
+    std::fs::create_dir(dir.path().join("here")).unwrap();
+    std::fs::write(dir.path().join("writable.toml"), text("here")).unwrap();
+    std::fs::write(dir.path().join("missing.toml"), text("nowhere")).unwrap();
+    let said = |config: &str| {
+        let output = pacegate(dir.path(), &["check", "--config", config]);
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stderr).unwrap()
+    };
+    assert!(said("writable.toml").contains("pacegate creates"), "{}", said("writable.toml"));
+    let missing = said("missing.toml");
+    assert!(missing.contains("cannot be created there") && missing.contains("interception off"), "{missing}");
+    assert!(!dir.path().join("nowhere").exists() && !dir.path().join("here/ca.pem").exists(), "check wrote");
+}

@@ -42,6 +42,20 @@ pub fn ca_missing(mitm: &Mitm) -> bool {
     !mitm.ca_cert.exists() && !mitm.ca_key.exists()
 }
 
+/// Whether a start could write a missing CA: both files' directories exist
+/// and this user may create files in them (asked of the kernel, as the
+/// write would be; nothing is written). The directory that fails is named.
+pub fn can_create(mitm: &Mitm) -> Result<(), TlsError> {
+    for file in [&mitm.ca_cert, &mitm.ca_key] {
+        let dir = file.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let access = rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK;
+        if let Err(error) = rustix::fs::access(dir, access) {
+            return Err(TlsError::Io { path: dir.to_path_buf(), source: error.into() });
+        }
+    }
+    Ok(())
+}
+
 /// Readies `[mitm]` for a new config generation. With interception on and
 /// neither CA file there, writes a new CA there and logs how to trust it;
 /// when they cannot be written, turns interception off and warns.
