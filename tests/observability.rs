@@ -391,7 +391,8 @@ budget = 100.0
     assert_eq!(u["requests"], 0, "nobody answered yet: {s:#}");
     assert_eq!(u["attempts"]["rate_limited"], 1, "{s:#}");
     assert_eq!(u["attempts"]["ok"], 0, "{s:#}");
-    assert_eq!(u["retries"]["status_429"], 1, "{s:#}");
+    // Decided, not sent yet: counted once it leaves.
+    assert_eq!(u["retries"]["status_429"], 0, "{s:#}");
     let rejections = u["rejections"].as_object().expect("rejections");
     assert!(rejections.values().all(|v| v == 0) && rejections.len() == 7, "{s:#}");
     assert_eq!(u["limits"], serde_json::json!([]), "no endpoint limits configured: {s:#}");
@@ -406,7 +407,11 @@ budget = 100.0
     }
     let settled = |s: &Value| {
         let u = api(s);
-        u["cooldown"].is_null() && u["requests"] == 2 && u["attempts"]["ok"] == 2 && u["queue"]["depth"] == 0
+        u["cooldown"].is_null()
+            && u["requests"] == 2
+            && u["attempts"]["ok"] == 2
+            && u["queue"]["depth"] == 0
+            && u["retries"]["status_429"] == 1
     };
     assert!(pg.wait_status(Duration::from_secs(5), settled).await, "{:#}", pg.status().await);
     pg.stop().await.unwrap();

@@ -110,6 +110,21 @@ async fn transient_503s_are_absorbed() {
     assert_eq!(mock.count() as u64, 100 + retries_seen(&answers), "every attempt reaches the mock once");
 }
 
+/// A retry that finds no turn before the request's deadline is not sent,
+/// and not counted: the caller gets the 502 it had, after one attempt.
+#[tokio::test]
+async fn a_retry_that_never_leaves_is_not_counted() {
+    let mock = MockUpstream::start(Behaviour::new().fail_first(1, 502)).await;
+    let retry = "on_status = [502]\nbase_delay = \"10ms\"\nmax_delay = \"10ms\"";
+    let pg = Pacegate::start(&api(&mock.url(), "rate = \"1/2s\"\nqueue_timeout = \"1s\"", retry)).await;
+    let response = client().get(pg.url("/api/item")).send().await.unwrap();
+    assert_eq!(response.status(), 502);
+    assert_eq!(response.headers()["x-pacegate-attempts"], "1");
+    assert_eq!(mock.count(), 1);
+    let counted = metric(&pg, "pacegate_retries_total", &["upstream=\"api\"", "reason=\"status_5xx\""]).await;
+    assert_eq!(counted, Some(0.0), "a retry that was never sent was counted");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_retries_by_reason() {
     let mock = MockUpstream::start(Behaviour::new().fail_first(30, 503)).await;

@@ -220,8 +220,6 @@ impl Upstream {
             drop(reserved);
             drop(ticket);
             let delay = retry::delay(retry, attempt, retry_after, &mut rand::rng());
-            let labels = Metrics::reason(&self.config.name, reason.as_str());
-            self.metrics.all().retries.get_or_create(&labels).inc();
             tracing::info!(
                 upstream = %self.config.name,
                 attempt,
@@ -233,7 +231,13 @@ impl Upstream {
             // Waiting out a backoff is not waiting in the queue.
             deadline += delay;
             ticket = match Box::pin(self.backoff(delay, place, head, deadline)).await {
-                Ok(ticket) => ticket,
+                // Counted once it may go: one that finds no turn in time is
+                // no retry, and attempts stay first attempts plus retries.
+                Ok(ticket) => {
+                    let labels = Metrics::reason(&self.config.name, reason.as_str());
+                    self.metrics.all().retries.get_or_create(&labels).inc();
+                    ticket
+                }
                 // The breaker opened meanwhile and this retry cannot wait for it.
                 Err(refusal @ Refusal::CircuitOpen { .. }) => return Err(self.refused(refusal, head)),
                 // Shutting down (no time for another attempt), or no turn in time.
