@@ -356,10 +356,10 @@ impl Dispatcher {
                 }
                 Ok(Err(_)) | Err(_) => match slot.leave() {
                     Some(ticket) => Ok(ticket.waited_since(since)), // served at the very last moment
-                    None => Err(Refusal::Timeout {
-                        waited: since.elapsed(),
-                        retry_after: shared.lock().estimate_wait(Instant::now()),
-                    }),
+                    // Its Retry-After is the caller's to work out: it
+                    // knows what it needs of the limits, this wait does not
+                    // (`Upstream::honest`), and a retry's is not used.
+                    None => Err(Refusal::Timeout { waited: since.elapsed(), retry_after: Duration::ZERO }),
                 },
             }
         })

@@ -429,9 +429,9 @@ impl Upstream {
         }
     }
 
-    /// A queue_timeout's `Retry-After` with what the request needs of the
-    /// limits counted too: made where the wait ran out, it could not count
-    /// them (a waiting request keeps no more than its wait).
+    /// A queue_timeout's `Retry-After`, with what the request needs of the
+    /// limits: the wait that ran out keeps no more than the wait, and
+    /// leaves it to this (a refusal at once already has its own).
     fn honest(&self, refusal: Refusal, place: Place, head: &http::request::Parts) -> Refusal {
         let Refusal::Timeout { waited, retry_after } = refusal else { return refusal };
         let needs = self.dispatcher.needs(|config| self.needs(config, head));
